@@ -1,0 +1,97 @@
+"""Linear blend skinning over a kinematic tree, as pure functions.
+
+The semantics follow SMPL/FLAME (and ``smplx.lbs.lbs``):
+
+1. shaped template  ``v_shaped = v_template + blend(coeffs, shapedirs)``
+2. joints regressed from the shaped template ``J = J_regressor @ v_shaped``
+3. pose correctives from the flattened ``R_j - I`` of every non-root joint
+4. rigid transforms chained along the kinematic tree, made relative to the rest joints
+5. per-vertex blend of the joint transforms by the skinning weights.
+
+All arrays are float32, metres.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax.numpy as jnp
+
+
+def blend_shapes(coeffs, dirs):
+    """Linear blendshape offsets.
+
+    Args:
+      coeffs: [B, K] coefficients.
+      dirs: [V, 3, K] blendshape directions (metres per unit coefficient).
+
+    Returns:
+      [B, V, 3] offsets in metres.
+    """
+    return jnp.einsum("bk,vck->bvc", coeffs, dirs)
+
+
+def batch_rigid_transform(rot_mats, joints, parents: Sequence[int]):
+    """Chains per-joint rotations along a kinematic tree.
+
+    Args:
+      rot_mats: [B, J, 3, 3] local joint rotations.
+      joints: [B, J, 3] rest-pose joint locations (metres).
+      parents: length-J static sequence, parents[0] == -1, parents[j] < j.
+
+    Returns:
+      posed_joints: [B, J, 3] joint locations after posing.
+      rel_transforms: [B, J, 4, 4] transforms that map rest-pose points skinned to joint j into
+        posed space (world transform of j with its rest location removed).
+    """
+    parents = tuple(int(p) for p in parents)
+    n_joints = len(parents)
+    if rot_mats.shape[-3] != n_joints or joints.shape[-2] != n_joints:
+        raise ValueError(
+            f"rot_mats {rot_mats.shape} and joints {joints.shape} must have {n_joints} joints")
+    rel_joints = [joints[:, 0]]
+    for j in range(1, n_joints):
+        rel_joints.append(joints[:, j] - joints[:, parents[j]])
+    rel_joints = jnp.stack(rel_joints, axis=1)  # [B, J, 3]
+
+    def make_tf(rot, trans):
+        top = jnp.concatenate([rot, trans[..., None]], axis=-1)  # [B, 3, 4]
+        bottom = jnp.broadcast_to(
+            jnp.array([0.0, 0.0, 0.0, 1.0], rot.dtype), top.shape[:-2] + (1, 4))
+        return jnp.concatenate([top, bottom], axis=-2)
+
+    chain = [make_tf(rot_mats[:, 0], rel_joints[:, 0])]
+    for j in range(1, n_joints):
+        chain.append(chain[parents[j]] @ make_tf(rot_mats[:, j], rel_joints[:, j]))
+    world = jnp.stack(chain, axis=1)  # [B, J, 4, 4]
+    posed_joints = world[..., :3, 3]
+    # Remove the rest joint location: T_rel = T_world * translate(-J_rest).
+    correction = jnp.einsum("bjik,bjk->bji", world[..., :3, :3], joints)
+    rel = world.at[..., :3, 3].add(-correction)
+    return posed_joints, rel
+
+
+def lbs(v_shaped, rot_mats, posedirs, j_regressor, weights, parents: Sequence[int]):
+    """Poses a shaped template by pose correctives + linear blend skinning.
+
+    Args:
+      v_shaped: [B, V, 3] template with identity/expression blendshapes applied (metres).
+      rot_mats: [B, J, 3, 3] local joint rotations (index 0 is the root).
+      posedirs: [V, 3, 9 * (J - 1)] pose-corrective directions, features ordered as the
+        row-major flattening of (R_j - I) for j = 1..J-1 (the official FLAME/SMPL layout).
+      j_regressor: [J, V] joint regressor applied to the shaped template.
+      weights: [V, J] skinning weights (rows sum to 1).
+      parents: static kinematic tree, parents[0] == -1.
+
+    Returns:
+      verts: [B, V, 3] posed vertices; joints: [B, J, 3] posed joints (metres).
+    """
+    batch = v_shaped.shape[0]
+    joints = jnp.einsum("jv,bvc->bjc", j_regressor, v_shaped)
+    eye = jnp.eye(3, dtype=rot_mats.dtype)
+    pose_feature = (rot_mats[:, 1:] - eye).reshape(batch, -1)  # [B, 9(J-1)]
+    v_posed = v_shaped + jnp.einsum("bp,vcp->bvc", pose_feature, posedirs)
+    posed_joints, rel = batch_rigid_transform(rot_mats, joints, parents)
+    tf = jnp.einsum("vj,bjik->bvik", weights, rel)  # [B, V, 4, 4]
+    verts = jnp.einsum("bvik,bvk->bvi", tf[..., :3, :3], v_posed) + tf[..., :3, 3]
+    return verts, posed_joints

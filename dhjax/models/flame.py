@@ -1,0 +1,297 @@
+"""FLAME as pure functions: a model pytree, loaders, and the forward pass.
+
+    model = flame.load()                      # the embedded procedural default head
+    model = flame.load("FLAME2020/generic_model.pkl",
+                       landmarks="landmark_embedding.npy")   # the official (licensed) model
+    out = flame.forward(model, shape, expression, pose, translation)
+    out.vertices [B, V, 3], out.joints [B, 5, 3], out.landmarks [B, 68, 3]   (metres)
+
+The forward pass has the semantics of ``smplx.lbs.lbs`` for FLAME: shape and expression
+blendshapes on the template, joints regressed from the shaped template, pose correctives from
+the flattened (R_j - I) of joints 1..4 (neck, jaw, left eye, right eye), then linear blend
+skinning along the kinematic tree [-1, 0, 1, 1, 1]. jit, vmap and grad work through it.
+
+The embedded default is NOT FLAME and NOT a statistical model of real people: see
+`dhjax.models.head_default`.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Mapping
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dhjax.geometry import lbs as lbs_lib
+from dhjax.geometry import rotations
+from dhjax.models import head_default
+
+JOINT_NAMES = ("global", "neck", "jaw", "left_eye", "right_eye")
+FLAME_PARENTS = (-1, 0, 1, 1, 1)
+POSE_REPS = ("axis_angle", "6d", "matrix")
+
+
+@flax.struct.dataclass
+class FlameModel:
+    """A FLAME-layout head model (all arrays float32 metres unless stated).
+
+    v_template [V, 3]; faces [F, 3] int32; shapedirs [V, 3, S]; exprdirs [V, 3, E];
+    posedirs [V, 3, 36] (features: row-major (R_j - I) for joints 1..4); j_regressor [5, V];
+    lbs_weights [V, 5]; lmk_faces [L] int32 + lmk_bary [L, 3] (68 iBUG landmarks, or None);
+    mp_lmk_faces [M] + mp_lmk_bary [M, 3] + mp_indices [M] (mediapipe subset, or None);
+    uv_coords [T, 2] + uv_faces [F, 3] (UV layout, or None); regions {name: [V] bool} (or None).
+    parents (static) is the kinematic tree, name (static) says where the model came from.
+    """
+
+    v_template: jax.Array
+    faces: jax.Array
+    shapedirs: jax.Array
+    exprdirs: jax.Array
+    posedirs: jax.Array
+    j_regressor: jax.Array
+    lbs_weights: jax.Array
+    lmk_faces: Any = None
+    lmk_bary: Any = None
+    mp_lmk_faces: Any = None
+    mp_lmk_bary: Any = None
+    mp_indices: Any = None
+    uv_coords: Any = None
+    uv_faces: Any = None
+    regions: Any = None
+    parents: tuple = flax.struct.field(pytree_node=False, default=FLAME_PARENTS)
+    name: str = flax.struct.field(pytree_node=False, default="")
+
+    @property
+    def num_vertices(self) -> int:
+        return self.v_template.shape[0]
+
+    @property
+    def num_shape(self) -> int:
+        return self.shapedirs.shape[-1]
+
+    @property
+    def num_expression(self) -> int:
+        return self.exprdirs.shape[-1]
+
+
+@flax.struct.dataclass
+class FlameOutput:
+    """vertices [B, V, 3], joints [B, 5, 3], landmarks [B, L, 3] (or None),
+    landmarks_mp [B, M, 3] (or None), v_shaped [B, V, 3] (neutral pose, with blendshapes)."""
+
+    vertices: jax.Array
+    joints: jax.Array
+    landmarks: Any = None
+    landmarks_mp: Any = None
+    v_shaped: Any = None
+
+
+def _as_model(arrays: Mapping[str, Any], name: str, n_shape=None, n_expression=None) -> FlameModel:
+    n_shape = arrays["shapedirs"].shape[-1] if n_shape is None else n_shape
+    n_expression = arrays["exprdirs"].shape[-1] if n_expression is None else n_expression
+    for what, n, avail in (("n_shape", n_shape, arrays["shapedirs"].shape[-1]),
+                           ("n_expression", n_expression, arrays["exprdirs"].shape[-1])):
+        if not 0 <= n <= avail:
+            raise ValueError(f"{what}={n} but the model {name!r} has {avail} components")
+    opt = lambda k, dtype=jnp.float32: None if arrays.get(k) is None else jnp.asarray(arrays[k], dtype)
+    regions = arrays.get("regions")
+    return FlameModel(
+        v_template=jnp.asarray(arrays["v_template"], jnp.float32),
+        faces=jnp.asarray(arrays["faces"], jnp.int32),
+        shapedirs=jnp.asarray(arrays["shapedirs"][..., :n_shape], jnp.float32),
+        exprdirs=jnp.asarray(arrays["exprdirs"][..., :n_expression], jnp.float32),
+        posedirs=jnp.asarray(arrays["posedirs"], jnp.float32),
+        j_regressor=jnp.asarray(arrays["j_regressor"], jnp.float32),
+        lbs_weights=jnp.asarray(arrays["lbs_weights"], jnp.float32),
+        lmk_faces=opt("lmk_faces", jnp.int32), lmk_bary=opt("lmk_bary"),
+        mp_lmk_faces=opt("mp_lmk_faces", jnp.int32), mp_lmk_bary=opt("mp_lmk_bary"),
+        mp_indices=opt("mp_indices", jnp.int32),
+        uv_coords=opt("uv_coords"), uv_faces=opt("uv_faces", jnp.int32),
+        regions=None if regions is None else {k: jnp.asarray(v, bool) for k, v in regions.items()},
+        parents=tuple(int(p) for p in arrays.get("parents", FLAME_PARENTS)),
+        name=name,
+    )
+
+
+def load(path: str | os.PathLike | None = None, *, landmarks: str | os.PathLike | None = None,
+         mediapipe: str | os.PathLike | None = None, uv: str | os.PathLike | None = None,
+         n_shape: int | None = None, n_expression: int | None = None) -> FlameModel:
+    """Loads a head model.
+
+    Args:
+      path: None for the embedded procedural default head (`dhjax.models.head_default`), or the
+        official FLAME model file (`generic_model.pkl` / `FLAME2020/*.pkl`, chumpy-free loading)
+        or an `.npz` with the same keys.
+      landmarks: official 68-point (or 51-point static) landmark embedding file
+        (`landmark_embedding.npy` of DECA/MICA or smplx's `flame_static_embedding.pkl`).
+      mediapipe: mediapipe landmark embedding (`mediapipe_landmark_embedding.npz`).
+      uv: FLAME UV layout (`head_template.obj` or `FLAME_texture.npz`).
+      n_shape, n_expression: keep only the leading components (e.g. 100 / 50 to save compute).
+
+    Returns:
+      A FlameModel pytree. The default already carries landmarks, a mediapipe subset, UVs and
+      region masks; for the official model these are present only when their files are given.
+    """
+    if path is None:
+        if any(x is not None for x in (landmarks, mediapipe, uv)):
+            raise ValueError("landmarks/mediapipe/uv files apply to an official FLAME model; the "
+                             "embedded default carries its own (pass path= as well)")
+        arrays = head_default.build_default_head_arrays()
+        return _as_model(arrays, "dhjax-default-head (procedural, not a statistical model)",
+                         n_shape, n_expression)
+
+    from dhjax.io import flame_files  # the I/O floor; imported lazily to keep start-up light
+
+    raw = flame_files.load_flame_arrays(path)
+    ns = int(raw["n_shape"])
+    arrays = dict(v_template=raw["v_template"], faces=raw["f"],
+                  shapedirs=raw["shapedirs"][..., :ns], exprdirs=raw["shapedirs"][..., ns:],
+                  posedirs=raw["posedirs"], j_regressor=raw["J_regressor"],
+                  lbs_weights=raw["weights"], parents=raw["parents"])
+    n_faces = int(raw["f"].shape[0])
+    if landmarks is not None:
+        emb = flame_files.load_landmark_embedding(landmarks, n_faces=n_faces)
+        arrays["lmk_faces"], arrays["lmk_bary"] = emb["faces_idx"], emb["bary"]
+    if mediapipe is not None:
+        emb = flame_files.load_landmark_embedding(mediapipe, n_faces=n_faces)
+        arrays["mp_lmk_faces"], arrays["mp_lmk_bary"] = emb["faces_idx"], emb["bary"]
+        arrays["mp_indices"] = emb.get("indices")
+    if uv is not None:
+        arrays["uv_coords"], arrays["uv_faces"] = flame_files.load_flame_uv(uv)
+        if arrays["uv_faces"].shape[0] != n_faces:
+            raise ValueError(f"{uv}: {arrays['uv_faces'].shape[0]} UV faces but the model "
+                             f"{path} has {n_faces} faces")
+    return _as_model(arrays, os.fspath(path), n_shape, n_expression)
+
+
+def _coeffs(x, n_avail, what, batch):
+    if x is None:
+        return jnp.zeros((batch, n_avail), jnp.float32)
+    x = jnp.asarray(x, jnp.float32)
+    if x.ndim != 2 or x.shape[0] != batch:
+        raise ValueError(f"{what} must be [B={batch}, K], got {x.shape}")
+    if x.shape[1] > n_avail:
+        raise ValueError(f"{what} has {x.shape[1]} coefficients but the model has {n_avail}")
+    return jnp.pad(x, ((0, 0), (0, n_avail - x.shape[1])))
+
+
+def pose_to_matrices(pose, pose_rep: str = "axis_angle", n_joints: int = 5):
+    """Converts a pose in any supported representation to rotation matrices.
+
+    Args:
+      pose: [B, J, 3] axis-angle (radians), [B, J, 6] 6D (first two matrix columns), or
+        [B, J, 3, 3] rotation matrices, per `pose_rep`. [B, J*3] / [B, J*6] are accepted too.
+    Returns:
+      [B, J, 3, 3].
+    """
+    pose = jnp.asarray(pose, jnp.float32)
+    if pose_rep == "axis_angle":
+        if pose.ndim == 2 and pose.shape[1] == 3 * n_joints:
+            pose = pose.reshape(pose.shape[0], n_joints, 3)
+        if pose.ndim != 3 or pose.shape[1:] != (n_joints, 3):
+            raise ValueError(f"axis-angle pose must be [B, {n_joints}, 3], got {pose.shape}")
+        return rotations.axis_angle_to_matrix(pose)
+    if pose_rep == "6d":
+        if pose.ndim == 2 and pose.shape[1] == 6 * n_joints:
+            pose = pose.reshape(pose.shape[0], n_joints, 6)
+        if pose.ndim != 3 or pose.shape[1:] != (n_joints, 6):
+            raise ValueError(f"6D pose must be [B, {n_joints}, 6], got {pose.shape}")
+        return rotations.rotation_6d_to_matrix(pose)
+    if pose_rep == "matrix":
+        if pose.ndim != 4 or pose.shape[1:] != (n_joints, 3, 3):
+            raise ValueError(f"matrix pose must be [B, {n_joints}, 3, 3], got {pose.shape}")
+        return pose
+    raise ValueError(f"pose_rep must be one of {POSE_REPS}, got {pose_rep!r}")
+
+
+def _batch_size(*xs):
+    for x in xs:
+        if x is not None:
+            shape = np.shape(x)
+            if len(shape) == 0:
+                raise ValueError("FLAME parameters need a leading batch dimension")
+            return shape[0]
+    return 1
+
+
+def forward(model: FlameModel, shape=None, expression=None, pose=None, translation=None, *,
+            pose_rep: str = "axis_angle") -> FlameOutput:
+    """FLAME forward pass.
+
+    Args:
+      model: a FlameModel (`load`).
+      shape: [B, S'] identity coefficients, S' <= model.num_shape (missing ones are zero); None = 0.
+      expression: [B, E'] expression coefficients, E' <= model.num_expression; None = 0.
+      pose: per joint (global, neck, jaw, left eye, right eye): [B, 5, 3] axis-angle radians
+        (default), [B, 5, 6] with pose_rep="6d", [B, 5, 3, 3] with pose_rep="matrix"; None = rest.
+      translation: [B, 3] metres, added after skinning; None = 0.
+
+    Returns:
+      FlameOutput with vertices [B, V, 3], joints [B, 5, 3] (posed, translated), landmarks
+      [B, 68, 3] and landmarks_mp [B, M, 3] when the model has embeddings, v_shaped [B, V, 3].
+    """
+    batch = _batch_size(shape, expression, pose, translation)
+    betas = _coeffs(shape, model.num_shape, "shape", batch)
+    psi = _coeffs(expression, model.num_expression, "expression", batch)
+    n_joints = len(model.parents)
+    if pose is None:
+        rot = jnp.broadcast_to(jnp.eye(3, dtype=jnp.float32), (batch, n_joints, 3, 3))
+    else:
+        rot = pose_to_matrices(pose, pose_rep, n_joints)
+        if rot.shape[0] != batch:
+            raise ValueError(f"pose has batch {rot.shape[0]}, other parameters {batch}")
+    v_shaped = (model.v_template[None]
+                + lbs_lib.blend_shapes(betas, model.shapedirs)
+                + lbs_lib.blend_shapes(psi, model.exprdirs))
+    verts, joints = lbs_lib.lbs(v_shaped, rot, model.posedirs, model.j_regressor,
+                                model.lbs_weights, model.parents)
+    if translation is not None:
+        translation = jnp.asarray(translation, jnp.float32)
+        if translation.shape != (batch, 3):
+            raise ValueError(f"translation must be [B={batch}, 3], got {translation.shape}")
+        verts = verts + translation[:, None]
+        joints = joints + translation[:, None]
+    lmk = None if model.lmk_faces is None else embed_landmarks(verts, model.faces, model.lmk_faces,
+                                                                 model.lmk_bary)
+    lmk_mp = None if model.mp_lmk_faces is None else embed_landmarks(
+        verts, model.faces, model.mp_lmk_faces, model.mp_lmk_bary)
+    return FlameOutput(vertices=verts, joints=joints, landmarks=lmk, landmarks_mp=lmk_mp,
+                       v_shaped=v_shaped)
+
+
+def embed_landmarks(vertices, faces, lmk_faces, lmk_bary):
+    """Landmarks from a barycentric embedding.
+
+    Args:
+      vertices: [B, V, 3]; faces: [F, 3] int; lmk_faces: [L] int; lmk_bary: [L, 3].
+    Returns:
+      [B, L, 3].
+    """
+    tri = vertices[:, faces[lmk_faces]]            # [B, L, 3, 3]
+    return jnp.einsum("blkc,lk->blc", tri, lmk_bary)
+
+
+def sample_parameters(key, batch: int, *, n_shape: int = 300, n_expression: int = 100,
+                      shape_std: float = 1.0, expression_std: float = 1.0,
+                      jaw_open_max: float = 0.35, neck_std: float = 0.15, eye_std: float = 0.15,
+                      global_std: float = 0.2):
+    """Random FLAME parameters for demos and synthetic data.
+
+    Returns a dict: shape [B, n_shape] ~ N(0, shape_std), expression [B, n_expression]
+    ~ N(0, expression_std), pose [B, 5, 3] axis-angle with the global and neck rotations
+    ~ N(0, std) per axis, jaw opening uniform in [0, jaw_open_max] rad about +x (mouth opens
+    downwards) with small sideways jitter, both eyes turned together (~N(0, eye_std)).
+    """
+    ks = jax.random.split(key, 6)
+    shape = shape_std * jax.random.normal(ks[0], (batch, n_shape))
+    expr = expression_std * jax.random.normal(ks[1], (batch, n_expression))
+    glob = global_std * jax.random.normal(ks[2], (batch, 3))
+    neck = neck_std * jax.random.normal(ks[3], (batch, 3))
+    jaw_open = jax.random.uniform(ks[4], (batch,), minval=0.0, maxval=jaw_open_max)
+    jaw = jnp.stack([jaw_open, 0.03 * jax.random.normal(ks[5], (batch,)), jnp.zeros(batch)], -1)
+    eyes = eye_std * jax.random.normal(jax.random.fold_in(key, 7), (batch, 3)) * jnp.array([1.0, 1.0, 0.0])
+    pose = jnp.stack([glob, neck, jaw, eyes, eyes], axis=1)
+    return dict(shape=shape, expression=expr, pose=pose)

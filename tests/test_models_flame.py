@@ -1,0 +1,245 @@
+"""FLAME forward pass: equality with smplx.lbs.lbs, representations, transforms, default model."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dhjax.geometry import rotations
+from dhjax.models import flame
+
+
+def random_model_arrays(seed=0, V=60, F=90, S=12, E=7):
+    """Random arrays in dhjax's FLAME layout (not a mesh anyone would want to look at)."""
+    rng = np.random.default_rng(seed)
+    w = rng.uniform(size=(V, 5)) ** 3
+    w /= w.sum(1, keepdims=True)
+    jr = rng.uniform(size=(5, V))
+    jr /= jr.sum(1, keepdims=True)
+    return dict(
+        v_template=rng.normal(scale=0.1, size=(V, 3)).astype(np.float32),
+        faces=rng.integers(0, V, size=(F, 3)).astype(np.int32),
+        shapedirs=rng.normal(scale=0.01, size=(V, 3, S)).astype(np.float32),
+        exprdirs=rng.normal(scale=0.01, size=(V, 3, E)).astype(np.float32),
+        posedirs=rng.normal(scale=0.01, size=(V, 3, 36)).astype(np.float32),
+        j_regressor=jr.astype(np.float32), lbs_weights=w.astype(np.float32),
+        lmk_faces=rng.integers(0, F, size=10).astype(np.int32),
+        lmk_bary=rng.dirichlet(np.ones(3), size=10).astype(np.float32),
+    )
+
+
+def random_params(seed, B, S, E, scale=0.6):
+    rng = np.random.default_rng(seed)
+    return dict(shape=rng.normal(size=(B, S)).astype(np.float32),
+                expression=rng.normal(size=(B, E)).astype(np.float32),
+                pose=rng.normal(scale=scale, size=(B, 5, 3)).astype(np.float32),
+                translation=rng.normal(scale=0.1, size=(B, 3)).astype(np.float32))
+
+
+def smplx_forward(arrays, params):
+    """The peer: smplx.lbs.lbs on the same arrays (FLAME's shapedirs = [shape | expression])."""
+    torch = pytest.importorskip("torch")
+    smplx_lbs = pytest.importorskip("smplx.lbs")
+    t = lambda a: torch.from_numpy(np.asarray(a, np.float32))
+    V = arrays["v_template"].shape[0]
+    betas = torch.cat([t(params["shape"]), t(params["expression"])], 1)
+    shapedirs = torch.cat([t(arrays["shapedirs"]), t(arrays["exprdirs"])], 2)
+    posedirs = t(arrays["posedirs"]).reshape(V * 3, 36).T  # smplx keeps [36, 3V]
+    B = betas.shape[0]
+    verts, joints = smplx_lbs.lbs(
+        betas, t(params["pose"]).reshape(B, 15), t(arrays["v_template"]), shapedirs, posedirs,
+        t(arrays["j_regressor"]), torch.tensor([-1, 0, 1, 1, 1]), t(arrays["lbs_weights"]))
+    trans = t(params["translation"])[:, None]
+    return (verts + trans).numpy(), (joints + trans).numpy()
+
+
+@pytest.mark.peers
+@pytest.mark.parametrize("seed", [0, 1])
+def test_forward_equals_smplx_on_random_arrays(seed):
+    arrays = random_model_arrays(seed)
+    model = flame._as_model(arrays, "random")
+    p = random_params(seed + 10, B=4, S=12, E=7)
+    out = flame.forward(model, **p)
+    ref_v, ref_j = smplx_forward(arrays, p)
+    np.testing.assert_allclose(np.asarray(out.vertices), ref_v, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(np.asarray(out.joints), ref_j, atol=1e-5, rtol=0)
+
+
+@pytest.mark.peers
+def test_forward_equals_smplx_on_default_head():
+    arrays = dict(flame.head_default.build_default_head_arrays())
+    model = flame.load()
+    p = random_params(3, B=3, S=300, E=100, scale=0.3)
+    out = flame.forward(model, **p)
+    ref_v, ref_j = smplx_forward(arrays, p)
+    np.testing.assert_allclose(np.asarray(out.vertices), ref_v, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(np.asarray(out.joints), ref_j, atol=1e-5, rtol=0)
+
+
+def test_pose_representations_agree():
+    arrays = random_model_arrays(2)
+    model = flame._as_model(arrays, "random")
+    p = random_params(4, B=2, S=12, E=7)
+    mats = rotations.axis_angle_to_matrix(jnp.asarray(p["pose"]))
+    d6 = rotations.matrix_to_rotation_6d(mats)
+    a = flame.forward(model, p["shape"], p["expression"], p["pose"]).vertices
+    b = flame.forward(model, p["shape"], p["expression"], mats, pose_rep="matrix").vertices
+    c = flame.forward(model, p["shape"], p["expression"], d6, pose_rep="6d").vertices
+    np.testing.assert_allclose(a, b, atol=1e-6)
+    np.testing.assert_allclose(a, c, atol=1e-5)
+
+
+def test_rest_pose_is_template_plus_blendshapes_and_joints_regressed():
+    arrays = random_model_arrays(5)
+    model = flame._as_model(arrays, "random")
+    p = random_params(6, B=2, S=12, E=7)
+    out = flame.forward(model, p["shape"], p["expression"])
+    expected = (arrays["v_template"][None]
+                + np.einsum("bk,vck->bvc", p["shape"], arrays["shapedirs"])
+                + np.einsum("bk,vck->bvc", p["expression"], arrays["exprdirs"]))
+    np.testing.assert_allclose(out.vertices, expected, atol=1e-6)
+    np.testing.assert_allclose(out.joints, np.einsum("jv,bvc->bjc", arrays["j_regressor"], expected),
+                               atol=1e-6)
+
+
+def test_global_rotation_and_translation_are_rigid():
+    """Rotating the root rotates everything about the root joint; translation shifts all."""
+    model = flame.load()
+    p = random_params(7, B=1, S=20, E=10, scale=0.2)
+    pose0 = np.array(p["pose"])
+    pose0[:, 0] = 0.0
+    pose1 = pose0.copy()
+    pose1[:, 0] = [0.3, -0.5, 0.2]
+    base = flame.forward(model, p["shape"], p["expression"], pose0)
+    rot = flame.forward(model, p["shape"], p["expression"], pose1, p["translation"])
+    R = np.asarray(rotations.axis_angle_to_matrix(jnp.asarray(pose1[0, 0])))
+    root = np.asarray(base.joints[0, 0])
+    expected = (np.asarray(base.vertices[0]) - root) @ R.T + root + p["translation"][0]
+    np.testing.assert_allclose(rot.vertices[0], expected, atol=2e-6)
+    np.testing.assert_allclose(rot.landmarks[0],
+                               (np.asarray(base.landmarks[0]) - root) @ R.T + root + p["translation"][0],
+                               atol=2e-6)
+
+
+def test_jit_vmap_grad():
+    model = flame.load(n_shape=50, n_expression=20)
+    p = random_params(8, B=2, S=50, E=20, scale=0.2)
+    f = jax.jit(lambda m, s, e, q: flame.forward(m, s, e, q).vertices)
+    v = f(model, p["shape"], p["expression"], p["pose"])
+    np.testing.assert_allclose(v, flame.forward(model, p["shape"], p["expression"], p["pose"]).vertices,
+                               atol=1e-6)
+    # vmap over an extra leading axis of parameters.
+    vm = jax.vmap(lambda s, e, q: flame.forward(model, s, e, q).vertices)(
+        p["shape"][:, None], p["expression"][:, None], p["pose"][:, None])
+    np.testing.assert_allclose(vm[:, 0], v, atol=1e-6)
+
+    def loss(s, e, q):
+        return jnp.sum(flame.forward(model, s, e, q).landmarks ** 2)
+
+    grads = jax.grad(loss, argnums=(0, 1, 2))(p["shape"], p["expression"], jnp.zeros((2, 5, 3)))
+    for g in grads:
+        assert np.all(np.isfinite(g)) and np.any(g != 0)
+    # Central differences on one shape coefficient.
+    eps = 1e-2
+    s = np.array(p["shape"])
+    sp, sm = s.copy(), s.copy()
+    sp[0, 0] += eps
+    sm[0, 0] -= eps
+    fd = (loss(sp, p["expression"], jnp.zeros((2, 5, 3))) - loss(sm, p["expression"], jnp.zeros((2, 5, 3)))) / (2 * eps)
+    np.testing.assert_allclose(grads[0][0, 0], fd, rtol=1e-2)
+
+
+def test_bad_inputs_name_the_problem():
+    model = flame.load(n_shape=10, n_expression=5)
+    with pytest.raises(ValueError, match="shape"):
+        flame.forward(model, np.zeros((2, 11)))
+    with pytest.raises(ValueError, match=r"\[B, 5, 3\]"):
+        flame.forward(model, np.zeros((2, 10)), pose=np.zeros((2, 4, 3)))
+    with pytest.raises(ValueError, match="pose_rep"):
+        flame.forward(model, pose=np.zeros((1, 5, 3)), pose_rep="euler")
+    with pytest.raises(ValueError, match="translation"):
+        flame.forward(model, np.zeros((2, 10)), translation=np.zeros((3,)))
+    with pytest.raises(ValueError, match="n_shape"):
+        flame.load(n_shape=301)
+
+
+# ----------------------------------------------------------------------------- default head
+
+def test_default_head_structure():
+    m = flame.load()
+    V, F = m.num_vertices, m.faces.shape[0]
+    assert m.shapedirs.shape == (V, 3, 300) and m.exprdirs.shape == (V, 3, 100)
+    assert m.posedirs.shape == (V, 3, 36) and m.j_regressor.shape == (5, V)
+    assert m.lbs_weights.shape == (V, 5) and m.parents == (-1, 0, 1, 1, 1)
+    np.testing.assert_allclose(m.lbs_weights.sum(1), 1.0, atol=1e-6)
+    np.testing.assert_allclose(m.j_regressor.sum(1), 1.0, atol=1e-6)
+    assert m.lmk_faces.shape == (68,) and m.mp_lmk_faces.shape == m.mp_indices.shape
+    assert m.uv_faces.shape == (F, 3) and float(m.uv_coords.min()) >= 0 and float(m.uv_coords.max()) <= 1
+    assert int(m.faces.max()) < V and int(m.uv_faces.max()) < m.uv_coords.shape[0]
+    assert set(m.regions) >= {"face", "scalp", "back_of_head", "eyes", "ears", "lips", "neck"}
+    for name, mask in m.regions.items():
+        assert mask.shape == (V,) and int(mask.sum()) > 0, name
+    # Deterministic: two builds give identical bytes.
+    a = flame.head_default.build_default_head_arrays.__wrapped__()
+    b = flame.head_default.build_default_head_arrays.__wrapped__()
+    for k in ("v_template", "shapedirs", "exprdirs", "posedirs", "lbs_weights", "lmk_bary"):
+        assert a[k].tobytes() == b[k].tobytes(), k
+
+
+def test_default_head_is_metric_and_oriented():
+    m = flame.load()
+    v = np.asarray(m.v_template)
+    size = v.max(0) - v.min(0)
+    assert 0.14 < size[0] < 0.22 and 0.25 < size[1] < 0.40 and 0.18 < size[2] < 0.26  # metres
+    lmk = np.asarray(flame.forward(m).landmarks[0])
+    # iBUG layout: the nose tip (30) is the most forward landmark, the chin (8) the lowest,
+    # the subject's right eye (36-41) is at -x, the left eye (42-47) at +x.
+    assert np.argmax(lmk[:, 2]) == 30
+    assert np.argmin(lmk[:, 1]) == 8
+    assert lmk[36:42, 0].mean() < 0 < lmk[42:48, 0].mean()
+    iod = np.linalg.norm(lmk[36:42].mean(0) - lmk[42:48].mean(0))
+    assert 0.05 < iod < 0.075
+    # Face normals point outwards: the front of the face looks along +z.
+    from dhjax.geometry import mesh as mesh_lib
+    n = np.asarray(mesh_lib.vertex_normals(m.v_template, m.faces))
+    tip = np.argmax(v[:, 2])
+    assert n[tip, 2] > 0.8
+
+
+def test_default_head_shape_space_is_metric():
+    """Unit shape coefficients change the head by millimetres; +-3 sigma by tens of millimetres."""
+    m = flame.load()
+    v0 = np.asarray(flame.forward(m).vertices[0])
+    s = np.zeros((1, 300), np.float32)
+    s[0, 0] = 3.0
+    v1 = np.asarray(flame.forward(m, s).vertices[0])
+    width0, width1 = np.ptp(v0[:, 0]), np.ptp(v1[:, 0])
+    assert 0.005 < abs(width1 - width0) < 0.05
+    rng = np.random.default_rng(0)
+    heights = [np.ptp(np.asarray(flame.forward(m, rng.normal(size=(1, 300))).vertices[0][:, 1]))
+               for _ in range(6)]
+    assert np.ptp(heights) > 0.003
+
+
+def test_default_head_eyes_rotate_and_jaw_opens():
+    m = flame.load()
+    eyes = np.asarray(m.regions["eyes"])
+    left = np.asarray(m.lbs_weights[:, 3]) > 0.5
+    pose = np.zeros((1, 5, 3), np.float32)
+    pose[0, 3] = [0.0, 0.4, 0.0]  # turn the left eye
+    v0 = np.asarray(flame.forward(m).vertices[0])
+    v1 = np.asarray(flame.forward(m, pose=pose).vertices[0])
+    moved = np.linalg.norm(v1 - v0, axis=1) > 1e-4
+    assert moved[left].mean() > 0.5 and not moved[~eyes].any()
+    # The eyeball keeps its radius about the eye joint.
+    j = np.asarray(flame.forward(m).joints[0, 3])
+    np.testing.assert_allclose(np.linalg.norm(v1[left] - j, axis=1), np.linalg.norm(v0[left] - j, axis=1),
+                               atol=1e-6)
+    # Opening the jaw separates the inner lips (iBUG 62 upper, 66 lower).
+    pose = np.zeros((1, 5, 3), np.float32)
+    lmk0 = np.asarray(flame.forward(m, pose=pose).landmarks[0])
+    pose[0, 2] = [0.3, 0.0, 0.0]
+    lmk1 = np.asarray(flame.forward(m, pose=pose).landmarks[0])
+    assert np.linalg.norm(lmk0[62] - lmk0[66]) < 1e-4
+    assert lmk1[62, 1] - lmk1[66, 1] > 0.01
+    assert np.linalg.norm(lmk1[27] - lmk0[27]) < 1e-6  # the nose bridge does not move
