@@ -360,15 +360,18 @@ def _rigidify_eyes(field, mesh):
     out = field.copy()
     for k in (1, 2):
         sel = mesh["eye_id"] == k
-        # The socket point is the skin vertex closest to the eyeball centre.
+        # The socket moves the eye: mean field over the skin within 2 cm of the eyeball centre.
         skin = mesh["verts"][: mesh["n_skin"]]
-        nearest = np.argmin(np.sum((skin - mesh["eye_centres"][k - 1]) ** 2, -1))
-        out[sel] = field[nearest]
+        near = np.sum((skin - mesh["eye_centres"][k - 1]) ** 2, -1) < 0.02 ** 2
+        out[sel] = field[: mesh["n_skin"]][near].mean(0)
     return out
 
 
-def _orthogonalise(fields, rms):
-    """Gram-Schmidt over [V, 3, K] in order, then rescale column k to RMS displacement rms[k]."""
+def _orthogonalise(fields, peak):
+    """Gram-Schmidt over [V, 3, K] in order, then rescale column k to a peak displacement peak[k].
+
+    The peak (largest vertex displacement per unit coefficient) rather than the RMS over the
+    whole head sets the scale, so that localised fields do not get amplified into folds."""
     V, _, K = fields.shape
     flat = fields.reshape(V * 3, K).astype(np.float64)
     # Cholesky QR, twice for stability (much faster than Householder QR here; R has a positive
@@ -377,8 +380,9 @@ def _orthogonalise(fields, rms):
     for _ in range(2):
         chol = np.linalg.cholesky(q.T @ q)
         q = np.linalg.solve(chol, q.T).T
-    q = q / np.sqrt(np.mean(q.reshape(V, 3, K) ** 2 * 3, axis=(0, 1)))[None]  # unit RMS per vertex
-    return (q * np.asarray(rms)[None]).reshape(V, 3, K)
+    q = q.reshape(V, 3, K)
+    q = q / np.max(np.linalg.norm(q, axis=1), axis=0)[None, None]
+    return q * np.asarray(peak)[None, None]
 
 
 def _semantic_shape_fields(mesh, normals):
@@ -405,7 +409,7 @@ def _semantic_shape_fields(mesh, normals):
     f.append(np.stack([zero, zero, lower * front ** 4], -1))                   # chin protrusion
     f.append(normals * sum(_ang_gauss(phi, theta, s * 0.78, 0.53 * np.pi, 0.25, 0.06 * np.pi)
                            for s in (-1, 1))[:, None])                         # cheekbones
-    f.append(np.stack([np.sign(x) * sum(_ang_gauss(phi, theta, s * PHI_EYE, THETA_EYE, 0.3, 0.08 * np.pi)
+    f.append(np.stack([np.tanh(x / 0.012) * sum(_ang_gauss(phi, theta, s * PHI_EYE, THETA_EYE, 0.3, 0.08 * np.pi)
                                         for s in (-1, 1)), zero, zero], -1))   # eye spacing
     f.append(normals * sum(_ang_gauss(phi, theta, s * 0.4, THETA_BROW, 0.3, 0.03 * np.pi)
                            for s in (-1, 1))[:, None])                         # brow ridge
@@ -429,7 +433,7 @@ def _random_fields(mesh, normals, k, rng, weight=None, centres_from=None, sym_pr
         for _ in range(3):
             c_id = rng.choice(pool)
             c = p[c_id]
-            sig = rng.uniform(0.025, 0.065)
+            sig = rng.uniform(0.03, 0.08)
             vec = normals[c_id] * rng.normal() + 0.4 * rng.normal(size=3)
             field += _gauss3(p, c, sig)[:, None] * vec
             if rng.uniform() < sym_prob:
@@ -456,7 +460,7 @@ def _semantic_expression_fields(mesh, normals):
     lid = {s: _ang_gauss(phi, theta, s * PHI_EYE, THETA_EYE - 0.03 * np.pi, 0.2, 0.03 * np.pi) * skin
            for s in (-1, 1)}
     nose = _ang_gauss(phi, theta, 0, 0.5 * np.pi, 0.15, 0.05 * np.pi) * skin
-    sx = np.sign(x)
+    sx = np.tanh(x / 0.01)
     f = []
     smile = lambda s: corner[s][:, None] * np.array([s * 0.5, 1.0, -0.6])
     f.append(smile(-1) + smile(1))                                            # smile
@@ -485,7 +489,8 @@ def _region_masks(mesh):
     ears = head & (_ang_gauss(phi, theta, PHI_EAR, THETA_EAR, 0.16, 0.085 * np.pi) > 0.25)
     face = head & (phi < 1.4) & (theta > 0.33 * np.pi) & (theta < jaw_line + 0.02 * np.pi) & ~ears
     eye_region = head & (_ang_gauss(phi, theta, PHI_EYE, THETA_EYE, 0.3, 0.07 * np.pi) > 0.3)
-    lips = head & (phi < PHI_MOUTH + 0.08) & (np.abs(theta - THETA_MOUTH) < 0.05 * np.pi)
+    lips = head & (phi < PHI_MOUTH + 0.02) & (theta > THETA_MOUTH - 0.024 * np.pi) & (
+        theta < THETA_MOUTH + 0.03 * np.pi)
     nose = head & (phi < 0.22) & (theta > 0.44 * np.pi) & (theta < THETA_SUBNASALE + 0.01 * np.pi)
     forehead = face & (theta < THETA_BROW + 0.01 * np.pi)
     scalp = head & ~face & ~ears & (theta < 0.62 * np.pi) & ~((phi < 1.6) & (theta > 0.45 * np.pi))
@@ -637,10 +642,9 @@ def build_default_head_arrays() -> dict:
     sem = _semantic_shape_fields(mesh, normals)
     rnd = _random_fields(mesh, normals, N_SHAPE - sem.shape[-1], rng)
     shape_raw = _rigidify_eyes(np.concatenate([sem, rnd], -1), mesh)
-    # Per-component RMS displacement (metres): a few mm for the leading components, decaying.
+    # Per-component peak displacement (metres): ~1 cm for the leading components, decaying.
     k = np.arange(N_SHAPE)
-    shape_rms = 0.0045 * (1.0 + k / 3.0) ** -0.75
-    shapedirs = _orthogonalise(shape_raw, shape_rms)
+    shapedirs = _orthogonalise(shape_raw, 0.010 * (1.0 + k / 4.0) ** -1.0)
 
     regions = _region_masks(mesh)
     face_weight = np.clip(regions["face"] + 0.5 * regions["lips"], 0, 1).astype(float)
@@ -651,8 +655,7 @@ def build_default_head_arrays() -> dict:
     expr_raw = np.concatenate([esem, ernd], -1)
     expr_raw[mesh["eye_id"] > 0] = 0.0
     ke = np.arange(N_EXPR)
-    expr_rms = 0.0022 * (1.0 + ke / 4.0) ** -0.7
-    exprdirs = _orthogonalise(expr_raw, expr_rms)
+    exprdirs = _orthogonalise(expr_raw, 0.012 * (1.0 + ke / 4.0) ** -1.0)
 
     W, J = _skinning(mesh)
     posedirs = _posedirs(mesh, normals, W, rng)
