@@ -23,12 +23,15 @@ def blend_shapes(coeffs, dirs):
 
     Args:
       coeffs: [B, K] coefficients.
-      dirs: [V, 3, K] blendshape directions (metres per unit coefficient).
+      dirs: [K, V, 3] blendshape directions, component-major (metres per unit coefficient).
+        This is the transpose of the official [V, 3, K] layout: a plain [B, K] x [K, 3V] matrix
+        product, several times faster on CPU than contracting the official layout's last axis.
 
     Returns:
       [B, V, 3] offsets in metres.
     """
-    return jnp.einsum("bk,vck->bvc", coeffs, dirs)
+    k, v, c = dirs.shape
+    return (coeffs @ dirs.reshape(k, v * c)).reshape(coeffs.shape[0], v, c)
 
 
 def batch_rigid_transform(rot_mats, joints, parents: Sequence[int]):
@@ -77,8 +80,9 @@ def lbs(v_shaped, rot_mats, posedirs, j_regressor, weights, parents: Sequence[in
     Args:
       v_shaped: [B, V, 3] template with identity/expression blendshapes applied (metres).
       rot_mats: [B, J, 3, 3] local joint rotations (index 0 is the root).
-      posedirs: [V, 3, 9 * (J - 1)] pose-corrective directions, features ordered as the
-        row-major flattening of (R_j - I) for j = 1..J-1 (the official FLAME/SMPL layout).
+      posedirs: [9 * (J - 1), V, 3] pose-corrective directions (component-major, the transpose
+        of the official [V, 3, 9(J-1)]), features ordered as the row-major flattening of
+        (R_j - I) for j = 1..J-1.
       j_regressor: [J, V] joint regressor applied to the shaped template.
       weights: [V, J] skinning weights (rows sum to 1).
       parents: static kinematic tree, parents[0] == -1.
@@ -87,11 +91,17 @@ def lbs(v_shaped, rot_mats, posedirs, j_regressor, weights, parents: Sequence[in
       verts: [B, V, 3] posed vertices; joints: [B, J, 3] posed joints (metres).
     """
     batch = v_shaped.shape[0]
-    joints = jnp.einsum("jv,bvc->bjc", j_regressor, v_shaped)
+    joints = jnp.matmul(j_regressor, v_shaped)                  # [B, J, 3]
     eye = jnp.eye(3, dtype=rot_mats.dtype)
     pose_feature = (rot_mats[:, 1:] - eye).reshape(batch, -1)  # [B, 9(J-1)]
-    v_posed = v_shaped + jnp.einsum("bp,vcp->bvc", pose_feature, posedirs)
+    v_posed = v_shaped + blend_shapes(pose_feature, posedirs)
     posed_joints, rel = batch_rigid_transform(rot_mats, joints, parents)
-    tf = jnp.einsum("vj,bjik->bvik", weights, rel)  # [B, V, 4, 4]
-    verts = jnp.einsum("bvik,bvk->bvi", tf[..., :3, :3], v_posed) + tf[..., :3, 3]
+    # Per-vertex blended transforms, laid out [B, 16, V] so that applying them is a few fused
+    # elementwise passes over contiguous rows (much faster on CPU than a [B, V, 4, 4] einsum).
+    n_joints = rel.shape[1]
+    tf = jnp.matmul(jnp.swapaxes(rel.reshape(batch, n_joints, 16), 1, 2), weights.T)  # [B, 16, V]
+    x, y, z = (v_posed[..., i][:, None] for i in range(3))                            # [B, 1, V]
+    rows = [tf[:, 4 * r] * x[:, 0] + tf[:, 4 * r + 1] * y[:, 0] + tf[:, 4 * r + 2] * z[:, 0]
+            + tf[:, 4 * r + 3] for r in range(3)]
+    verts = jnp.stack(rows, axis=-1)
     return verts, posed_joints
