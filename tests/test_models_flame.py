@@ -168,8 +168,10 @@ def test_bad_inputs_name_the_problem():
 def test_default_head_structure():
     m = flame.load()
     V, F = m.num_vertices, m.faces.shape[0]
-    assert m.shapedirs.shape == (V, 3, 300) and m.exprdirs.shape == (V, 3, 100)
-    assert m.posedirs.shape == (V, 3, 36) and m.j_regressor.shape == (5, V)
+    assert m.shapedirs.shape == (300, V, 3) and m.exprdirs.shape == (100, V, 3)
+    assert m.posedirs.shape == (36, V, 3) and m.j_regressor.shape == (5, V)
+    official = flame.official_arrays(m)
+    assert official["shapedirs"].shape == (V, 3, 300) and official["posedirs"].shape == (V, 3, 36)
     assert m.lbs_weights.shape == (V, 5) and m.parents == (-1, 0, 1, 1, 1)
     np.testing.assert_allclose(m.lbs_weights.sum(1), 1.0, atol=1e-6)
     np.testing.assert_allclose(m.j_regressor.sum(1), 1.0, atol=1e-6)

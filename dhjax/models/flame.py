@@ -38,12 +38,16 @@ POSE_REPS = ("axis_angle", "6d", "matrix")
 class FlameModel:
     """A FLAME-layout head model (all arrays float32 metres unless stated).
 
-    v_template [V, 3]; faces [F, 3] int32; shapedirs [V, 3, S]; exprdirs [V, 3, E];
-    posedirs [V, 3, 36] (features: row-major (R_j - I) for joints 1..4); j_regressor [5, V];
+    v_template [V, 3]; faces [F, 3] int32; shapedirs [S, V, 3]; exprdirs [E, V, 3];
+    posedirs [36, V, 3] (features: row-major (R_j - I) for joints 1..4); j_regressor [5, V];
     lbs_weights [V, 5]; lmk_faces [L] int32 + lmk_bary [L, 3] (68 iBUG landmarks, or None);
     mp_lmk_faces [M] + mp_lmk_bary [M, 3] + mp_indices [M] (mediapipe subset, or None);
     uv_coords [T, 2] + uv_faces [F, 3] (UV layout, or None); regions {name: [V] bool} (or None).
     parents (static) is the kinematic tree, name (static) says where the model came from.
+
+    The blendshape bases are stored component-major ([K, V, 3], the transpose of the official
+    [V, 3, K] files) because the forward pass is then a plain matrix product (see
+    `dhjax.geometry.lbs.blend_shapes`). `official_arrays` gives them back in the file layout.
     """
 
     v_template: jax.Array
@@ -70,11 +74,11 @@ class FlameModel:
 
     @property
     def num_shape(self) -> int:
-        return self.shapedirs.shape[-1]
+        return self.shapedirs.shape[0]
 
     @property
     def num_expression(self) -> int:
-        return self.exprdirs.shape[-1]
+        return self.exprdirs.shape[0]
 
 
 @flax.struct.dataclass
@@ -101,9 +105,9 @@ def _as_model(arrays: Mapping[str, Any], name: str, n_shape=None, n_expression=N
     return FlameModel(
         v_template=jnp.asarray(arrays["v_template"], jnp.float32),
         faces=jnp.asarray(arrays["faces"], jnp.int32),
-        shapedirs=jnp.asarray(arrays["shapedirs"][..., :n_shape], jnp.float32),
-        exprdirs=jnp.asarray(arrays["exprdirs"][..., :n_expression], jnp.float32),
-        posedirs=jnp.asarray(arrays["posedirs"], jnp.float32),
+        shapedirs=jnp.asarray(np.moveaxis(np.asarray(arrays["shapedirs"])[..., :n_shape], -1, 0), jnp.float32),
+        exprdirs=jnp.asarray(np.moveaxis(np.asarray(arrays["exprdirs"])[..., :n_expression], -1, 0), jnp.float32),
+        posedirs=jnp.asarray(np.moveaxis(np.asarray(arrays["posedirs"]), -1, 0), jnp.float32),
         j_regressor=jnp.asarray(arrays["j_regressor"], jnp.float32),
         lbs_weights=jnp.asarray(arrays["lbs_weights"], jnp.float32),
         lmk_faces=opt("lmk_faces", jnp.int32), lmk_bary=opt("lmk_bary"),
@@ -165,6 +169,19 @@ def load(path: str | os.PathLike | None = None, *, landmarks: str | os.PathLike 
             raise ValueError(f"{uv}: {arrays['uv_faces'].shape[0]} UV faces but the model "
                              f"{path} has {n_faces} faces")
     return _as_model(arrays, os.fspath(path), n_shape, n_expression)
+
+
+def official_arrays(model: FlameModel) -> dict:
+    """The model's arrays as numpy in the official FLAME layout (bases [V, 3, K]).
+
+    Keys: v_template, faces, shapedirs, exprdirs, posedirs, j_regressor, lbs_weights, parents.
+    """
+    return dict(v_template=np.asarray(model.v_template), faces=np.asarray(model.faces),
+                shapedirs=np.moveaxis(np.asarray(model.shapedirs), 0, -1),
+                exprdirs=np.moveaxis(np.asarray(model.exprdirs), 0, -1),
+                posedirs=np.moveaxis(np.asarray(model.posedirs), 0, -1),
+                j_regressor=np.asarray(model.j_regressor),
+                lbs_weights=np.asarray(model.lbs_weights), parents=np.asarray(model.parents))
 
 
 def _coeffs(x, n_avail, what, batch):
