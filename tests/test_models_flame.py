@@ -245,3 +245,47 @@ def test_default_head_eyes_rotate_and_jaw_opens():
     assert np.linalg.norm(lmk0[62] - lmk0[66]) < 1e-4
     assert lmk1[62, 1] - lmk1[66, 1] > 0.01
     assert np.linalg.norm(lmk1[27] - lmk0[27]) < 1e-6  # the nose bridge does not move
+
+
+# ----------------------------------------------------------------------------- official files
+
+def _official_layout(model):
+    a = flame.official_arrays(model)
+    return dict(v_template=a["v_template"], f=a["faces"],
+                shapedirs=np.concatenate([a["shapedirs"], a["exprdirs"]], axis=2),
+                posedirs=a["posedirs"], J_regressor=a["j_regressor"], weights=a["lbs_weights"],
+                kintree_table=np.stack([np.array([2 ** 32 - 1, 0, 1, 1, 1]), np.arange(5)]))
+
+
+def test_load_official_npz_and_landmarks_gives_same_forward(tmp_path):
+    """A model written in the official layout (npz + MICA landmark_embedding.npy) loads back
+    through flame.load and reproduces the default model's forward pass."""
+    from dhjax import io as dio
+
+    default = flame.load()
+    path = dio.save_flame_npz(tmp_path / "model.npz", _official_layout(default))
+    emb = {"full_lmk_faces_idx": np.asarray(default.lmk_faces)[None],
+           "full_lmk_bary_coords": np.asarray(default.lmk_bary)[None],
+           "static_lmk_faces_idx": np.asarray(default.lmk_faces)[17:],
+           "static_lmk_bary_coords": np.asarray(default.lmk_bary)[17:]}
+    np.save(tmp_path / "landmark_embedding.npy", emb, allow_pickle=True)
+    loaded = flame.load(path, landmarks=tmp_path / "landmark_embedding.npy")
+    assert loaded.num_shape == 300 and loaded.num_expression == 100
+    p = random_params(11, B=2, S=300, E=100, scale=0.3)
+    a = flame.forward(default, **p)
+    b = flame.forward(loaded, **p)
+    np.testing.assert_array_equal(np.asarray(a.vertices), np.asarray(b.vertices))
+    np.testing.assert_array_equal(np.asarray(a.landmarks), np.asarray(b.landmarks))
+    small = flame.load(path, n_shape=100, n_expression=50)
+    assert small.num_shape == 100 and small.num_expression == 50 and small.lmk_faces is None
+
+
+def test_load_errors_name_the_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.pkl"):
+        flame.load(tmp_path / "nope.pkl")
+    bad = tmp_path / "bad.pkl"
+    bad.write_bytes(b"this is not a pickle")
+    with pytest.raises(ValueError, match="bad.pkl"):
+        flame.load(bad)
+    with pytest.raises(ValueError, match="landmarks"):
+        flame.load(landmarks=tmp_path / "x.npy")
