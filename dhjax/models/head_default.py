@@ -385,6 +385,14 @@ def _orthogonalise(fields, peak):
     return q * np.asarray(peak)[None, None]
 
 
+# Peak displacement (metres per unit coefficient) of the semantic shape components, in the order
+# of _semantic_shape_fields: size, width, length, cranium height, lower face height, nose
+# protrusion, nose width, jaw width, chin, cheekbones, eye spacing, brow ridge, forehead, lips,
+# ears, neck thickness, face flatness, occiput.
+SHAPE_SEMANTIC_PEAKS = np.array([7.0, 3.0, 3.5, 3.0, 4.0, 3.0, 2.0, 2.5, 3.0, 2.0, 2.0, 2.0, 2.0,
+                                 1.5, 3.0, 3.0, 2.0, 3.0]) * 1e-3
+
+
 def _semantic_shape_fields(mesh, normals):
     p = mesh["verts"]
     phi, theta = mesh["phi"], mesh["theta"]
@@ -642,9 +650,11 @@ def build_default_head_arrays() -> dict:
     sem = _semantic_shape_fields(mesh, normals)
     rnd = _random_fields(mesh, normals, N_SHAPE - sem.shape[-1], rng)
     shape_raw = _rigidify_eyes(np.concatenate([sem, rnd], -1), mesh)
-    # Per-component peak displacement (metres): ~1 cm for the leading components, decaying.
-    k = np.arange(N_SHAPE)
-    shapedirs = _orthogonalise(shape_raw, 0.010 * (1.0 + k / 4.0) ** -1.0)
+    # Per-component peak displacement (metres per unit coefficient): a few mm for the semantic
+    # components, chosen so that e.g. head breadth varies with a std of ~7 mm as in adults, then
+    # 2.5 mm decaying for the random smooth fields.
+    rnd_peak = 0.0025 * (1.0 + np.arange(N_SHAPE - len(SHAPE_SEMANTIC_PEAKS)) / 8.0) ** -1.0
+    shapedirs = _orthogonalise(shape_raw, np.concatenate([SHAPE_SEMANTIC_PEAKS, rnd_peak]))
 
     regions = _region_masks(mesh)
     face_weight = np.clip(regions["face"] + 0.5 * regions["lips"], 0, 1).astype(float)
