@@ -17,7 +17,7 @@ from ml_collections import config_flags
 
 from dhjax.models import flame
 from dhjax.render import camera as camera_lib
-from dhjax.render.rasterize import count_intersections, rasterize
+from dhjax.render.raster import count_intersections, rasterize
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/bench.py:<suite>", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "where bench.json goes", required=True)

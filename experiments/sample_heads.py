@@ -31,11 +31,10 @@ def main(argv):
     t0 = time.time()
     model = flame.load(cfg.flame_path or None)
     print(f"model: {model.name}  V={model.num_vertices} F={model.faces.shape[0]}", flush=True)
-    az = np.asarray(cfg.view_azimuths_deg, np.float64)
-    el = np.full_like(az, cfg.view_elevation_deg)
-    eyes = camera_lib._eyes_from_angles(az, el, cfg.camera_distance, (0.0, -0.02, 0.0))
-    R, t = camera_lib.look_at(eyes, np.broadcast_to(np.array([0.0, -0.02, 0.0]), eyes.shape))
-    cams = camera_lib.camera_from_fov(cfg.fov_y_deg, cfg.image_size, cfg.image_size, R, t)
+    cams = camera_lib.rig_from_angles(cfg.view_azimuths_deg, cfg.view_elevation_deg,
+                                      cfg.camera_distance, target=(0.0, -0.02, 0.0),
+                                      fov_y_deg=cfg.fov_y_deg, width=cfg.image_size,
+                                      height=cfg.image_size)
     res = head_samples.sample_and_render(
         jax.random.PRNGKey(cfg.seed), model, cfg.num_heads, cams, shape_std=cfg.shape_std,
         expression_std=cfg.expression_std, jaw_open_max=cfg.jaw_open_max,

@@ -664,8 +664,12 @@ def build_default_head_arrays() -> dict:
                           centres_from=face_ids, sym_prob=0.7)
     expr_raw = np.concatenate([esem, ernd], -1)
     expr_raw[mesh["eye_id"] > 0] = 0.0
-    ke = np.arange(N_EXPR)
-    exprdirs = _orthogonalise(expr_raw, 0.012 * (1.0 + ke / 4.0) ** -1.0)
+    # Peaks: 6 mm per unit for the semantic expressions, 3 mm decaying for the random fields, so
+    # that coefficients ~N(0, 1) give moderate expressions (as FLAME's do).
+    n_sem = esem.shape[-1]
+    expr_peak = np.concatenate([np.full(n_sem, 0.006),
+                                0.003 * (1.0 + np.arange(N_EXPR - n_sem) / 5.0) ** -1.5])
+    exprdirs = _orthogonalise(expr_raw, expr_peak)
 
     W, J = _skinning(mesh)
     posedirs = _posedirs(mesh, normals, W, rng)
