@@ -57,7 +57,7 @@ def smplx_forward(arrays, params):
 @pytest.mark.parametrize("seed", [0, 1])
 def test_forward_equals_smplx_on_random_arrays(seed):
     arrays = random_model_arrays(seed)
-    model = flame._as_model(arrays, "random")
+    model = flame.from_arrays(arrays, "random")
     p = random_params(seed + 10, B=4, S=12, E=7)
     out = flame.forward(model, **p)
     ref_v, ref_j = smplx_forward(arrays, p)
@@ -78,7 +78,7 @@ def test_forward_equals_smplx_on_default_head():
 
 def test_pose_representations_agree():
     arrays = random_model_arrays(2)
-    model = flame._as_model(arrays, "random")
+    model = flame.from_arrays(arrays, "random")
     p = random_params(4, B=2, S=12, E=7)
     mats = rotations.axis_angle_to_matrix(jnp.asarray(p["pose"]))
     d6 = rotations.matrix_to_rotation_6d(mats)
@@ -91,7 +91,7 @@ def test_pose_representations_agree():
 
 def test_rest_pose_is_template_plus_blendshapes_and_joints_regressed():
     arrays = random_model_arrays(5)
-    model = flame._as_model(arrays, "random")
+    model = flame.from_arrays(arrays, "random")
     p = random_params(6, B=2, S=12, E=7)
     out = flame.forward(model, p["shape"], p["expression"])
     expected = (arrays["v_template"][None]

@@ -38,22 +38,23 @@ POSE_REPS = ("axis_angle", "6d", "matrix")
 class FlameModel:
     """A FLAME-layout head model (all arrays float32 metres unless stated).
 
-    v_template [V, 3]; faces [F, 3] int32; shapedirs [S, V, 3]; exprdirs [E, V, 3];
-    posedirs [36, V, 3] (features: row-major (R_j - I) for joints 1..4); j_regressor [5, V];
-    lbs_weights [V, 5]; lmk_faces [L] int32 + lmk_bary [L, 3] (68 iBUG landmarks, or None);
+    blend_basis [1 + S + E, V, 3]: row 0 is the template, rows 1..S the shape blendshapes,
+      the last E rows the expression blendshapes (component-major: the transpose of the
+      official [V, 3, K] files). The properties `v_template` [V, 3], `shapedirs` [S, V, 3] and
+      `exprdirs` [E, V, 3] slice it. One stacked basis makes the shaped template a single
+      matrix product [1, shape, expression] @ basis, which XLA keeps as one buffer; with separate
+      bases XLA:CPU fused the sum into every consumer and B=64 ran twice as slow.
+    faces [F, 3] int32; posedirs [36, V, 3] (component-major; features: row-major (R_j - I) for
+    joints 1..4); j_regressor [5, V]; lbs_weights [V, 5];
+    lmk_faces [L] int32 + lmk_bary [L, 3] (68 iBUG landmarks, or None);
     mp_lmk_faces [M] + mp_lmk_bary [M, 3] + mp_indices [M] (mediapipe subset, or None);
     uv_coords [T, 2] + uv_faces [F, 3] (UV layout, or None); regions {name: [V] bool} (or None).
-    parents (static) is the kinematic tree, name (static) says where the model came from.
-
-    The blendshape bases are stored component-major ([K, V, 3], the transpose of the official
-    [V, 3, K] files) because the forward pass is then a plain matrix product (see
-    `dhjax.geometry.lbs.blend_shapes`). `official_arrays` gives them back in the file layout.
+    Static: num_shape (S), parents (the kinematic tree), name (where the model came from).
+    `official_arrays(model)` gives the arrays back in the official file layout.
     """
 
-    v_template: jax.Array
+    blend_basis: jax.Array
     faces: jax.Array
-    shapedirs: jax.Array
-    exprdirs: jax.Array
     posedirs: jax.Array
     j_regressor: jax.Array
     lbs_weights: jax.Array
@@ -65,20 +66,29 @@ class FlameModel:
     uv_coords: Any = None
     uv_faces: Any = None
     regions: Any = None
+    num_shape: int = flax.struct.field(pytree_node=False, default=0)
     parents: tuple = flax.struct.field(pytree_node=False, default=FLAME_PARENTS)
     name: str = flax.struct.field(pytree_node=False, default="")
 
     @property
-    def num_vertices(self) -> int:
-        return self.v_template.shape[0]
+    def v_template(self) -> jax.Array:
+        return self.blend_basis[0]
 
     @property
-    def num_shape(self) -> int:
-        return self.shapedirs.shape[0]
+    def shapedirs(self) -> jax.Array:
+        return self.blend_basis[1: 1 + self.num_shape]
+
+    @property
+    def exprdirs(self) -> jax.Array:
+        return self.blend_basis[1 + self.num_shape:]
+
+    @property
+    def num_vertices(self) -> int:
+        return self.blend_basis.shape[1]
 
     @property
     def num_expression(self) -> int:
-        return self.exprdirs.shape[0]
+        return self.blend_basis.shape[0] - 1 - self.num_shape
 
 
 @flax.struct.dataclass
@@ -93,20 +103,38 @@ class FlameOutput:
     v_shaped: Any = None
 
 
-def _as_model(arrays: Mapping[str, Any], name: str, n_shape=None, n_expression=None) -> FlameModel:
-    n_shape = arrays["shapedirs"].shape[-1] if n_shape is None else n_shape
-    n_expression = arrays["exprdirs"].shape[-1] if n_expression is None else n_expression
-    for what, n, avail in (("n_shape", n_shape, arrays["shapedirs"].shape[-1]),
-                           ("n_expression", n_expression, arrays["exprdirs"].shape[-1])):
+def from_arrays(arrays: Mapping[str, Any], name: str = "", n_shape: int | None = None,
+                n_expression: int | None = None) -> FlameModel:
+    """Builds a FlameModel from arrays in the official layout.
+
+    Args:
+      arrays: v_template [V, 3], faces [F, 3], shapedirs [V, 3, S], exprdirs [V, 3, E],
+        posedirs [V, 3, 36], j_regressor [5, V], lbs_weights [V, 5]; optional parents [5],
+        lmk_faces/lmk_bary, mp_lmk_faces/mp_lmk_bary/mp_indices, uv_coords/uv_faces, regions.
+      name: where the model came from (kept as static metadata).
+      n_shape, n_expression: keep only the leading components.
+    """
+    sd, ed = np.asarray(arrays["shapedirs"]), np.asarray(arrays["exprdirs"])
+    n_shape = sd.shape[-1] if n_shape is None else n_shape
+    n_expression = ed.shape[-1] if n_expression is None else n_expression
+    for what, n, avail in (("n_shape", n_shape, sd.shape[-1]),
+                           ("n_expression", n_expression, ed.shape[-1])):
         if not 0 <= n <= avail:
             raise ValueError(f"{what}={n} but the model {name!r} has {avail} components")
+    template = np.asarray(arrays["v_template"], np.float32)
+    V = template.shape[0]
+    for key, shape in (("v_template", (V, 3)), ("shapedirs", (V, 3, sd.shape[-1])),
+                       ("exprdirs", (V, 3, ed.shape[-1])), ("posedirs", (V, 3, 36)),
+                       ("j_regressor", (5, V)), ("lbs_weights", (V, 5))):
+        if np.shape(arrays[key]) != shape:
+            raise ValueError(f"model {name!r}: {key} must have shape {shape}, got {np.shape(arrays[key])}")
+    basis = np.concatenate([template[None], np.moveaxis(sd[..., :n_shape], -1, 0),
+                            np.moveaxis(ed[..., :n_expression], -1, 0)], axis=0)
     opt = lambda k, dtype=jnp.float32: None if arrays.get(k) is None else jnp.asarray(arrays[k], dtype)
     regions = arrays.get("regions")
     return FlameModel(
-        v_template=jnp.asarray(arrays["v_template"], jnp.float32),
+        blend_basis=jnp.asarray(basis, jnp.float32),
         faces=jnp.asarray(arrays["faces"], jnp.int32),
-        shapedirs=jnp.asarray(np.moveaxis(np.asarray(arrays["shapedirs"])[..., :n_shape], -1, 0), jnp.float32),
-        exprdirs=jnp.asarray(np.moveaxis(np.asarray(arrays["exprdirs"])[..., :n_expression], -1, 0), jnp.float32),
         posedirs=jnp.asarray(np.moveaxis(np.asarray(arrays["posedirs"]), -1, 0), jnp.float32),
         j_regressor=jnp.asarray(arrays["j_regressor"], jnp.float32),
         lbs_weights=jnp.asarray(arrays["lbs_weights"], jnp.float32),
@@ -115,6 +143,7 @@ def _as_model(arrays: Mapping[str, Any], name: str, n_shape=None, n_expression=N
         mp_indices=opt("mp_indices", jnp.int32),
         uv_coords=opt("uv_coords"), uv_faces=opt("uv_faces", jnp.int32),
         regions=None if regions is None else {k: jnp.asarray(v, bool) for k, v in regions.items()},
+        num_shape=int(n_shape),
         parents=tuple(int(p) for p in arrays.get("parents", FLAME_PARENTS)),
         name=name,
     )
@@ -144,7 +173,7 @@ def load(path: str | os.PathLike | None = None, *, landmarks: str | os.PathLike 
             raise ValueError("landmarks/mediapipe/uv files apply to an official FLAME model; the "
                              "embedded default carries its own (pass path= as well)")
         arrays = head_default.build_default_head_arrays()
-        return _as_model(arrays, "dhjax-default-head (procedural, not a statistical model)",
+        return from_arrays(arrays, "dhjax-default-head (procedural, not a statistical model)",
                          n_shape, n_expression)
 
     from dhjax.io import flame_files  # the I/O floor; imported lazily to keep start-up light
@@ -168,7 +197,7 @@ def load(path: str | os.PathLike | None = None, *, landmarks: str | os.PathLike 
         if arrays["uv_faces"].shape[0] != n_faces:
             raise ValueError(f"{uv}: {arrays['uv_faces'].shape[0]} UV faces but the model "
                              f"{path} has {n_faces} faces")
-    return _as_model(arrays, os.fspath(path), n_shape, n_expression)
+    return from_arrays(arrays, os.fspath(path), n_shape, n_expression)
 
 
 def official_arrays(model: FlameModel) -> dict:
@@ -260,9 +289,8 @@ def forward(model: FlameModel, shape=None, expression=None, pose=None, translati
         rot = pose_to_matrices(pose, pose_rep, n_joints)
         if rot.shape[0] != batch:
             raise ValueError(f"pose has batch {rot.shape[0]}, other parameters {batch}")
-    v_shaped = (model.v_template[None]
-                + lbs_lib.blend_shapes(betas, model.shapedirs)
-                + lbs_lib.blend_shapes(psi, model.exprdirs))
+    coeffs = jnp.concatenate([jnp.ones((batch, 1), jnp.float32), betas, psi], axis=1)
+    v_shaped = lbs_lib.blend_shapes(coeffs, model.blend_basis)   # template + blendshapes
     verts, joints = lbs_lib.lbs(v_shaped, rot, model.posedirs, model.j_regressor,
                                 model.lbs_weights, model.parents)
     if translation is not None:
