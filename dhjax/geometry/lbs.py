@@ -91,7 +91,8 @@ def lbs(v_shaped, rot_mats, posedirs, j_regressor, weights, parents: Sequence[in
       verts: [B, V, 3] posed vertices; joints: [B, J, 3] posed joints (metres).
     """
     batch = v_shaped.shape[0]
-    joints = jnp.einsum("jv,bvc->bjc", j_regressor, v_shaped)  # [B, J, 3] (5x faster than a broadcast matmul on CPU)
+    # [B, J, 3]; as an einsum, 5x faster on CPU than a broadcast matmul.
+    joints = jnp.einsum("jv,bvc->bjc", j_regressor, v_shaped)
     eye = jnp.eye(3, dtype=rot_mats.dtype)
     pose_feature = (rot_mats[:, 1:] - eye).reshape(batch, -1)  # [B, 9(J-1)]
     v_posed = v_shaped + blend_shapes(pose_feature, posedirs)
@@ -100,8 +101,8 @@ def lbs(v_shaped, rot_mats, posedirs, j_regressor, weights, parents: Sequence[in
     # elementwise passes over contiguous rows (much faster on CPU than a [B, V, 4, 4] einsum).
     n_joints = rel.shape[1]
     tf = jnp.matmul(jnp.swapaxes(rel.reshape(batch, n_joints, 16), 1, 2), weights.T)  # [B, 16, V]
-    x, y, z = (v_posed[..., i][:, None] for i in range(3))                            # [B, 1, V]
-    rows = [tf[:, 4 * r] * x[:, 0] + tf[:, 4 * r + 1] * y[:, 0] + tf[:, 4 * r + 2] * z[:, 0]
-            + tf[:, 4 * r + 3] for r in range(3)]
+    x, y, z = v_posed[..., 0], v_posed[..., 1], v_posed[..., 2]                          # [B, V]
+    rows = [tf[:, 4 * r] * x + tf[:, 4 * r + 1] * y + tf[:, 4 * r + 2] * z + tf[:, 4 * r + 3]
+            for r in range(3)]
     verts = jnp.stack(rows, axis=-1)
     return verts, posed_joints
