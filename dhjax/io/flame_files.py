@@ -30,6 +30,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from dhjax.io._common import existing_file
+
 __all__ = [
     "FLAME_KEYS",
     "N_JOINTS",
@@ -65,6 +67,15 @@ class _RefusedGlobal(ValueError):
     """A pickle asked for a global outside the allow-list."""
 
 
+def _merge_slot_state(state):
+    """A (dict_state, slot_state) pair appears when a class has __slots__: merge it into one dict."""
+    if isinstance(state, tuple) and len(state) == 2 and isinstance(state[0], (dict, type(None))):
+        merged = dict(state[0] or {})
+        merged.update(state[1] or {})
+        return merged
+    return state
+
+
 class _PickledChumpy:
     """Stand-in for any chumpy class: records the pickled state for a later conversion."""
 
@@ -72,11 +83,7 @@ class _PickledChumpy:
     _name = "Ch"
 
     def __setstate__(self, state):
-        # A (dict_state, slot_state) pair appears when a class has __slots__; keep the dict part.
-        if isinstance(state, tuple) and len(state) == 2 and isinstance(state[0], (dict, type(None))):
-            merged = dict(state[0] or {})
-            merged.update(state[1] or {})
-            state = merged
+        state = _merge_slot_state(state)
         self._state = state if isinstance(state, dict) else {"x": state}
 
     @property
@@ -126,10 +133,7 @@ class _PickledSparse:
     _format = "csc"
 
     def __setstate__(self, state):
-        if isinstance(state, tuple) and len(state) == 2 and isinstance(state[0], (dict, type(None))):
-            merged = dict(state[0] or {})
-            merged.update(state[1] or {})
-            state = merged
+        state = _merge_slot_state(state)
         if not isinstance(state, dict):
             raise pickle.UnpicklingError(f"unexpected pickled state for {self._module}.{self._name}")
         self._state = state
@@ -282,13 +286,6 @@ def _to_numpy(value: Any, context: str, depth: int = 0) -> np.ndarray:
 # --------------------------------------------------------------------------------------------
 
 
-def _check_exists(path: Path) -> None:
-    if not path.exists():
-        raise FileNotFoundError(f"no such file: '{path}'")
-    if path.is_dir():
-        raise ValueError(f"'{path}' is a directory, expected a file")
-
-
 def _read_npy_object(data: bytes, source: str) -> Any:
     """Contents of an .npy file; object arrays (pickled dicts) go through the restricted unpickler."""
     stream = io.BytesIO(data)
@@ -314,7 +311,7 @@ def _read_container(path: str | os.PathLike) -> tuple[dict, str]:
     """Load an npz, object-npy or pickle file as a dict; returns (dict, source name)."""
     path = Path(path)
     source = str(path)
-    _check_exists(path)
+    existing_file(path)
     data = path.read_bytes()
     if data.startswith(_ZIP_MAGIC):
         try:
@@ -693,7 +690,7 @@ def load_flame_uv(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
       ValueError: missing ``vt``/``ft``, wrong shapes or indices out of range, naming file and key.
     """
     path = Path(path)
-    _check_exists(path)
+    existing_file(path)
     source = str(path)
     with open(path, "rb") as fh:
         head = fh.read(8)

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
+from dhjax.io._common import existing_file
+
 __all__ = ["save_image", "load_image", "save_video", "load_video", "image_grid"]
 
 
@@ -83,9 +85,7 @@ def load_image(path: str | os.PathLike) -> np.ndarray:
     """
     import imageio.v3 as iio
 
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"no such file: '{path}'")
+    path = existing_file(path)
     try:
         pixels = np.asarray(iio.imread(path))
     except Exception as exc:
@@ -156,9 +156,7 @@ def load_video(path: str | os.PathLike) -> np.ndarray:
     """
     import imageio.v2 as imageio
 
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"no such file: '{path}'")
+    path = existing_file(path)
     try:
         reader = imageio.get_reader(str(path), format="FFMPEG", mode="I")
         try:

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from dhjax.io._common import existing_file
+
 __all__ = ["save_obj", "load_mesh", "save_ply"]
 
 
@@ -130,9 +132,7 @@ def load_mesh(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
     """
     import trimesh
 
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"no such file: '{path}'")
+    path = existing_file(path)
     kwargs = {"maintain_order": True} if path.suffix.lower() == ".obj" else {}
     try:
         mesh = trimesh.load(str(path), process=False, force="mesh", **kwargs)

@@ -233,24 +233,20 @@ def pose_to_matrices(pose, pose_rep: str = "axis_angle", n_joints: int = 5):
     Returns:
       [B, J, 3, 3].
     """
+    if pose_rep not in POSE_REPS:
+        raise ValueError(f"pose_rep must be one of {POSE_REPS}, got {pose_rep!r}")
     pose = jnp.asarray(pose, jnp.float32)
-    if pose_rep == "axis_angle":
-        if pose.ndim == 2 and pose.shape[1] == 3 * n_joints:
-            pose = pose.reshape(pose.shape[0], n_joints, 3)
-        if pose.ndim != 3 or pose.shape[1:] != (n_joints, 3):
-            raise ValueError(f"axis-angle pose must be [B, {n_joints}, 3], got {pose.shape}")
-        return rotations.axis_angle_to_matrix(pose)
-    if pose_rep == "6d":
-        if pose.ndim == 2 and pose.shape[1] == 6 * n_joints:
-            pose = pose.reshape(pose.shape[0], n_joints, 6)
-        if pose.ndim != 3 or pose.shape[1:] != (n_joints, 6):
-            raise ValueError(f"6D pose must be [B, {n_joints}, 6], got {pose.shape}")
-        return rotations.rotation_6d_to_matrix(pose)
-    if pose_rep == "matrix":
-        if pose.ndim != 4 or pose.shape[1:] != (n_joints, 3, 3):
-            raise ValueError(f"matrix pose must be [B, {n_joints}, 3, 3], got {pose.shape}")
-        return pose
-    raise ValueError(f"pose_rep must be one of {POSE_REPS}, got {pose_rep!r}")
+    per_joint, to_matrix, label = {
+        "axis_angle": ((3,), rotations.axis_angle_to_matrix, "axis-angle"),
+        "6d": ((6,), rotations.rotation_6d_to_matrix, "6D"),
+        "matrix": ((3, 3), lambda m: m, "matrix"),
+    }[pose_rep]
+    if pose.ndim == 2 and len(per_joint) == 1 and pose.shape[1] == per_joint[0] * n_joints:
+        pose = pose.reshape(pose.shape[0], n_joints, per_joint[0])   # flattened [B, J*3] / [B, J*6]
+    expected = (n_joints,) + per_joint
+    if pose.ndim != 1 + len(expected) or pose.shape[1:] != expected:
+        raise ValueError(f"{label} pose must be [B, {', '.join(map(str, expected))}], got {pose.shape}")
+    return to_matrix(pose)
 
 
 def _batch_size(*xs):
