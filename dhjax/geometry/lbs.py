@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import jax
 import jax.numpy as jnp
 
 
@@ -31,7 +32,9 @@ def blend_shapes(coeffs, dirs):
       [B, V, 3] offsets in metres.
     """
     k, v, c = dirs.shape
-    return (coeffs @ dirs.reshape(k, v * c)).reshape(coeffs.shape[0], v, c)
+    # Full float32 products: TF32 on GPUs would cost ~10 um here, too much for metric work.
+    out = jnp.matmul(coeffs, dirs.reshape(k, v * c), precision=jax.lax.Precision.HIGHEST)
+    return out.reshape(coeffs.shape[0], v, c)
 
 
 def batch_rigid_transform(rot_mats, joints, parents: Sequence[int]):
@@ -65,11 +68,13 @@ def batch_rigid_transform(rot_mats, joints, parents: Sequence[int]):
 
     chain = [make_tf(rot_mats[:, 0], rel_joints[:, 0])]
     for j in range(1, n_joints):
-        chain.append(chain[parents[j]] @ make_tf(rot_mats[:, j], rel_joints[:, j]))
+        chain.append(jnp.matmul(chain[parents[j]], make_tf(rot_mats[:, j], rel_joints[:, j]),
+                                precision=jax.lax.Precision.HIGHEST))
     world = jnp.stack(chain, axis=1)  # [B, J, 4, 4]
     posed_joints = world[..., :3, 3]
     # Remove the rest joint location: T_rel = T_world * translate(-J_rest).
-    correction = jnp.einsum("bjik,bjk->bji", world[..., :3, :3], joints)
+    correction = jnp.einsum("bjik,bjk->bji", world[..., :3, :3], joints,
+                            precision=jax.lax.Precision.HIGHEST)
     rel = world.at[..., :3, 3].add(-correction)
     return posed_joints, rel
 
@@ -92,7 +97,7 @@ def lbs(v_shaped, rot_mats, posedirs, j_regressor, weights, parents: Sequence[in
     """
     batch = v_shaped.shape[0]
     # [B, J, 3]; as an einsum, 5x faster on CPU than a broadcast matmul.
-    joints = jnp.einsum("jv,bvc->bjc", j_regressor, v_shaped)
+    joints = jnp.einsum("jv,bvc->bjc", j_regressor, v_shaped, precision=jax.lax.Precision.HIGHEST)
     eye = jnp.eye(3, dtype=rot_mats.dtype)
     pose_feature = (rot_mats[:, 1:] - eye).reshape(batch, -1)  # [B, 9(J-1)]
     v_posed = v_shaped + blend_shapes(pose_feature, posedirs)
@@ -100,7 +105,8 @@ def lbs(v_shaped, rot_mats, posedirs, j_regressor, weights, parents: Sequence[in
     # Per-vertex blended transforms, laid out [B, 16, V] so that applying them is a few fused
     # elementwise passes over contiguous rows (much faster on CPU than a [B, V, 4, 4] einsum).
     n_joints = rel.shape[1]
-    tf = jnp.matmul(jnp.swapaxes(rel.reshape(batch, n_joints, 16), 1, 2), weights.T)  # [B, 16, V]
+    tf = jnp.matmul(jnp.swapaxes(rel.reshape(batch, n_joints, 16), 1, 2), weights.T,
+                    precision=jax.lax.Precision.HIGHEST)                               # [B, 16, V]
     x, y, z = v_posed[..., 0], v_posed[..., 1], v_posed[..., 2]                          # [B, V]
     rows = [tf[:, 4 * r] * x + tf[:, 4 * r + 1] * y + tf[:, 4 * r + 2] * z + tf[:, 4 * r + 3]
             for r in range(3)]

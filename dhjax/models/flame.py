@@ -312,7 +312,7 @@ def embed_landmarks(vertices, faces, lmk_faces, lmk_bary):
       [B, L, 3].
     """
     tri = vertices[:, faces[lmk_faces]]            # [B, L, 3, 3]
-    return jnp.einsum("blkc,lk->blc", tri, lmk_bary)
+    return jnp.einsum("blkc,lk->blc", tri, lmk_bary, precision=jax.lax.Precision.HIGHEST)
 
 
 def sample_parameters(key, batch: int, *, n_shape: int = 300, n_expression: int = 100,
