@@ -125,16 +125,43 @@ def test_uv_layout_consistent():
     assert a[eyes][..., 1].max() < 0.16 and a[skin][..., 1].min() >= 0.16 - 1e-6
 
 
-def test_landmark_subsets_and_regions_agree():
+def test_landmarks_and_joints_where_their_names_say():
     m = flame.load()
-    np.testing.assert_array_equal(m.mp_lmk_faces, np.asarray(m.lmk_faces)[head_default.MEDIAPIPE_TO_IBUG])
     assert len(set(np.asarray(m.mp_indices).tolist())) == m.mp_indices.shape[0]
     assert int(np.asarray(m.mp_indices).max()) < 468
     np.testing.assert_allclose(np.asarray(m.lmk_bary).sum(1), 1.0, atol=1e-6)
     assert (np.asarray(m.lmk_bary) >= -1e-6).all()
-    eyes = np.asarray(m.regions["eyes"])
-    np.testing.assert_array_equal(eyes, np.asarray(m.lbs_weights[:, 3:]).sum(1) > 0.5)
     # Joints sit where the names say: eyes at the eyeball centres, jaw behind the mouth.
     j = np.asarray(flame.forward(m).joints[0])
     assert j[3, 0] > 0 > j[4, 0] and abs(j[3, 1] - j[4, 1]) < 1e-6
     assert j[0, 1] < j[1, 1] < j[2, 1] < j[3, 1]
+    # The eyelid landmarks lie where the skin meets the eyeball (the visible eye contour).
+    lmk = np.asarray(flame.forward(m).landmarks[0])
+    for joint, sl in ((4, slice(36, 42)), (3, slice(42, 48))):
+        d = np.linalg.norm(lmk[sl] - j[joint], axis=1)
+        np.testing.assert_allclose(d, head_default.EYE_RADIUS, atol=1e-4)
+
+
+def test_eye_uv_squares_show_the_front_of_the_eyes():
+    """Texture space of each eyeball: the iris (square centre) maps to the front pole and no
+    triangle overlaps another in UV."""
+    from dhjax.render import raster
+
+    m = flame.load()
+    size = 512
+    frags = raster.rasterize_uv(m.uv_coords, m.uv_faces, size, size)
+    fid = np.asarray(frags.face_id[0])
+    j = np.asarray(flame.forward(m).joints[0])
+    v, f = np.asarray(m.v_template), np.asarray(m.faces)
+    for u0, joint in ((0.02, 3), (0.18, 4)):
+        # Texel of the square centre (u, v) = (u0 + 0.07, 0.075); rows count from the top (v = 1).
+        col, row = int((u0 + 0.07) * size), int((1 - 0.075) * size)
+        face = fid[row, col]
+        assert face >= 0
+        assert np.all(v[f[face], 2] > j[joint, 2] + 0.9 * head_default.EYE_RADIUS)
+    uv = np.asarray(m.uv_coords)[np.asarray(m.uv_faces)]
+    eye_faces = np.asarray(m.regions["eyes"])[f].all(1)
+    area = 0.5 * np.abs((uv[:, 1, 0] - uv[:, 0, 0]) * (uv[:, 2, 1] - uv[:, 0, 1])
+                        - (uv[:, 2, 0] - uv[:, 0, 0]) * (uv[:, 1, 1] - uv[:, 0, 1]))
+    # No overlaps: the UV areas of one eye's triangles add up to at most its disc (radius 0.07).
+    assert area[eye_faces].sum() / 2 <= np.pi * 0.07 ** 2 * 1.001

@@ -46,7 +46,7 @@ N_EXPR = 100
 
 # Anatomical anchors in (phi, theta): phi = azimuth (0 = front, + towards the subject's left),
 # theta = polar angle from the top of the head.
-PHI_EYE, THETA_EYE = 0.42, 0.462 * np.pi
+PHI_EYE, THETA_EYE = 0.50, 0.462 * np.pi
 THETA_BROW = 0.405 * np.pi
 THETA_NOSE_TIP, THETA_SUBNASALE = 0.565 * np.pi, 0.598 * np.pi
 THETA_MOUTH, PHI_MOUTH = 0.652 * np.pi, 0.36
@@ -144,6 +144,17 @@ def _neck_point(phi, t, head_ring):
     return (1.0 - blend) * head_ring + blend * neck
 
 
+def _base_normal(phi, theta, eps=1e-5):
+    """Outward unit normal [3] of the smooth head surface at (phi, theta)."""
+    d_theta = _base_head_point(np.array(phi), np.array(theta + eps)) - _base_head_point(
+        np.array(phi), np.array(theta - eps))
+    d_phi = _base_head_point(np.array(phi + eps), np.array(theta)) - _base_head_point(
+        np.array(phi - eps), np.array(theta))
+    n = np.cross(d_phi, d_theta)
+    n = n / np.linalg.norm(n)
+    return n if n[2] > 0 or abs(phi) > np.pi / 2 else -n
+
+
 def _vertex_normals_np(v, f):
     fn = np.cross(v[f[:, 1]] - v[f[:, 0]], v[f[:, 2]] - v[f[:, 0]])
     vn = np.zeros_like(v)
@@ -190,7 +201,7 @@ def _features(phi, theta, side):
     for s in (-1, 1):  # nostril wings
         d += 0.006 * g(phi, theta, s * 0.15, 0.585 * np.pi, 0.06, 0.018 * np.pi)
         # eye sockets: wide horizontally, narrow vertically
-        d -= 0.0125 * g(phi, theta, s * PHI_EYE, THETA_EYE, 0.2, 0.038 * np.pi)
+        d -= 0.016 * g(phi, theta, s * PHI_EYE, THETA_EYE, 0.26, 0.026 * np.pi)
         d += 0.0045 * g(phi, theta, s * 0.40, THETA_BROW, 0.28, 0.022 * np.pi)   # brow ridge
         d += 0.0045 * g(phi, theta, s * 0.78, 0.53 * np.pi, 0.2, 0.05 * np.pi)   # cheekbones
         d += 0.015 * g(phi, theta, s * PHI_EAR, THETA_EAR, 0.085, 0.055 * np.pi)  # ears
@@ -256,9 +267,10 @@ def _build_mesh():
     # Eyeballs: spheres whose front pole (the iris) looks along +z, sunk into the sockets.
     eye_centres, eye_verts, eye_faces, eye_uv_local = [], [], [], []
     for sgn in (+1, -1):   # left eye (+x) first: joint 3 is the left eye, joint 4 the right eye
+        # Sunk along the socket's normal, so that the socket (a depression along the same normal)
+        # wraps the eyeball evenly and the eyelid contour is centred on it.
         p_surf = _base_head_point(np.array(sgn * PHI_EYE), np.array(THETA_EYE))
-        n_surf = np.array([0.0, 0.0, 1.0])
-        centre = p_surf - n_surf * (EYE_RADIUS + 0.0005) + np.array([0.0, 0.0, 0.0])
+        centre = p_surf - _base_normal(sgn * PHI_EYE, THETA_EYE) * (EYE_RADIUS + 0.003)
         ev, ef, euv = _uv_sphere(centre, EYE_RADIUS)
         eye_faces.append(ef + len(verts) + sum(len(x) for x in eye_verts))
         eye_verts.append(ev)
@@ -306,12 +318,22 @@ def _uv_sphere(centre, radius):
     nrm = np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0])
     flip = np.einsum("fc,fc->f", nrm, tri.mean(1) - centre) < 0
     f[flip] = f[flip][:, [0, 2, 1]]
-    # Polar layout: the iris (front pole) at the centre of the square, the back pole on its rim.
+    # Polar layout: the iris (front pole) at the centre of the square, radius growing with the
+    # angle from the front pole. The back pole would map to the whole rim, so each of its
+    # triangles gets its own rim point (between its two ring vertices): no triangle overlaps.
     alpha_v = np.arccos(np.clip(local[:, 2], -1, 1))
     beta_v = np.arctan2(local[:, 1], local[:, 0])
     rad = 0.5 * alpha_v / np.pi
     uv = np.stack([0.5 + rad * np.cos(beta_v), 0.5 + rad * np.sin(beta_v)], -1)
-    return v, f, uv
+    uv_faces = f.copy()
+    extra = []
+    for i in np.where((f == back).any(1))[0]:
+        others = [k for k in f[i] if k != back]
+        mid = local[others, :2].mean(0)
+        beta = np.arctan2(mid[1], mid[0])
+        uv_faces[i][f[i] == back] = len(uv) + len(extra)
+        extra.append([0.5 + 0.5 * np.cos(beta), 0.5 + 0.5 * np.sin(beta)])
+    return v, f, (np.concatenate([uv, np.asarray(extra)]), uv_faces)
 
 
 def _uv_layout(rows_idx, n_rows, mouth_row, inside, dup_ids, faces, eye_uv_local, n_skin,
@@ -336,13 +358,14 @@ def _uv_layout(rows_idx, n_rows, mouth_row, inside, dup_ids, faces, eye_uv_local
     uv_faces = [uv_faces[0], np.concatenate(uv_faces[1:])]
     # Eyeballs: two squares in the bottom strip; faces map one-to-one (offset).
     n_uv = len(grid_uv) + len(pole_uv)
+    # Eyeballs: two squares in the bottom strip, faces in the order of the mesh (left eye first).
     eye_faces_uv = []
-    eye_face_rows = faces[np.where(faces.min(1) >= eye_start)[0]]
-    for k, (u0, loc) in enumerate(zip((0.02, 0.18), eye_uv_local)):
+    for u0, (loc, loc_faces) in zip((0.02, 0.18), eye_uv_local):
+        eye_faces_uv.append(loc_faces + n_uv)
         uv.append(np.array([u0, 0.005]) + 0.14 * loc)
-    eye_faces_uv = eye_face_rows - eye_start + n_uv
+        n_uv += len(loc)
     uv_coords = np.concatenate(uv, 0)
-    uv_faces = np.concatenate(uv_faces + [eye_faces_uv], 0)
+    uv_faces = np.concatenate(uv_faces + eye_faces_uv, 0)
     if len(uv_faces) != len(faces):
         raise AssertionError("UV faces must match mesh faces one to one")
     return uv_coords, uv_faces
@@ -594,6 +617,41 @@ def _landmarks68_param():
     return np.array(pts, dtype=np.float64)
 
 
+def _eyelid_params(mesh):
+    """(phi, theta, 0) of the 12 iBUG eye landmarks (36-47) where the skin meets the eyeball.
+
+    Skin inside an eyeball sphere is hidden, so the visible eye opening is bounded by the curve
+    where the skin leaves the sphere. Along six directions around each socket (corner, two upper
+    lid, corner, two lower lid points, clockwise in the image from the subject's right), the
+    crossing is found by bisection on the skin surface.
+    """
+    angles = np.deg2rad([180.0, 120.0, 60.0, 0.0, -60.0, -120.0])
+    out = []
+    for eye, sgn in ((2, -1), (1, 1)):      # iBUG 36-41: subject's right eye (joint 4, -x)
+        centre = mesh["eye_centres"][eye - 1]
+        phi0 = sgn * PHI_EYE
+
+        def dist(ph, th):
+            f, b = _embed_param_points(mesh, np.array([[ph, th, 0.0]]))
+            p = np.einsum("k,kc->c", b[0], mesh["verts"][mesh["faces"][f[0]]])
+            return np.linalg.norm(p - centre) - EYE_RADIUS
+
+        for a in angles:
+            # Metric-ish steps: 1 rad of phi is ~78 mm, 1 rad of theta ~110 mm at the eye.
+            point = lambda t: (phi0 + t * np.cos(a) / 0.078, THETA_EYE - t * np.sin(a) / 0.11)
+            ts = np.linspace(0.0, 0.03, 61)
+            inside = [dist(*point(t)) < 0 for t in ts]
+            k = int(np.argmin(inside)) if not all(inside) else len(ts) - 1
+            if k == 0:
+                raise AssertionError("eye socket centre is not inside the eyeball")
+            lo, hi = ts[k - 1], ts[k]
+            for _ in range(30):
+                mid = 0.5 * (lo + hi)
+                lo, hi = (mid, hi) if dist(*point(mid)) < 0 else (lo, mid)
+            out.append((*point(hi), 0.0))
+    return np.asarray(out)
+
+
 def _embed_param_points(mesh, params):
     """Face index + barycentrics of (phi, theta, side) points on the skin grid."""
     theta_rows, phi_cols = mesh["theta_rows"], mesh["phi_cols"]
@@ -674,7 +732,9 @@ def build_default_head_arrays() -> dict:
     W, J = _skinning(mesh)
     posedirs = _posedirs(mesh, normals, W, rng)
 
-    lmk_faces, lmk_bary = _embed_param_points(mesh, _landmarks68_param())
+    lmk_params = _landmarks68_param()
+    lmk_params[36:48] = _eyelid_params(mesh)
+    lmk_faces, lmk_bary = _embed_param_points(mesh, lmk_params)
     mp_faces, mp_bary = lmk_faces[MEDIAPIPE_TO_IBUG], lmk_bary[MEDIAPIPE_TO_IBUG]
 
     f32 = lambda a: np.ascontiguousarray(a, dtype=np.float32)
