@@ -215,9 +215,12 @@ def test_official_layout_npz_and_default_n_shape(tmp_path):
     arrays = official_arrays(seed=3, k=150)
     path = tmp_path / "model.npz"
     np.savez(path, **arrays)
-    loaded = ff.load_flame_arrays(path)
+    # K = 150 is not the official 400: the split must be given, never guessed.
+    with pytest.raises(ValueError, match=r"model.npz.*'shapedirs'.*K = 150.*n_shape"):
+        ff.load_flame_arrays(path)
+    loaded = ff.load_flame_arrays(path, n_shape=50)
     assert_matches(loaded, arrays)
-    assert loaded["n_shape"] == 50  # K - 100 expression components
+    assert loaded["n_shape"] == 50
     with pytest.raises(ValueError, match=r"n_shape = 151.*shapedirs"):
         ff.load_flame_arrays(path, n_shape=151)
 

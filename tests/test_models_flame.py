@@ -85,8 +85,15 @@ def test_pose_representations_agree():
     a = flame.forward(model, p["shape"], p["expression"], p["pose"]).vertices
     b = flame.forward(model, p["shape"], p["expression"], mats, pose_rep="matrix").vertices
     c = flame.forward(model, p["shape"], p["expression"], d6, pose_rep="6d").vertices
+    # pytorch3d's convention: the first two rows, flattened row by row.
+    d6_rows = np.asarray(mats)[..., :2, :].reshape(2, 5, 6)
+    d = flame.forward(model, p["shape"], p["expression"], d6_rows, pose_rep="6d_rows").vertices
     np.testing.assert_allclose(a, b, atol=1e-6)
     np.testing.assert_allclose(a, c, atol=1e-5)
+    np.testing.assert_allclose(a, d, atol=1e-5)
+    # Rows read as columns give the inverse rotations: a wrong convention must be visible.
+    e = flame.forward(model, p["shape"], p["expression"], d6_rows, pose_rep="6d").vertices
+    assert np.abs(np.asarray(a) - np.asarray(e)).max() > 1e-3
 
 
 def test_rest_pose_is_template_plus_blendshapes_and_joints_regressed():
@@ -194,6 +201,18 @@ def test_load_official_npz_and_landmarks_gives_same_forward(tmp_path):
     np.testing.assert_array_equal(np.asarray(a.landmarks), np.asarray(b.landmarks))
     small = flame.load(path, n_shape=100, n_expression=50)
     assert small.num_shape == 100 and small.num_expression == 50 and small.lmk_faces is None
+    # A different split stored in the same 400 components must be said, and is then honoured.
+    split = flame.load(path, file_n_shape=250)
+    assert split.num_shape == 250 and split.num_expression == 150
+    # smplx's static embedding (51 inner points, iBUG 17..67) gives 51 landmarks.
+    import pickle
+    with open(tmp_path / "flame_static_embedding.pkl", "wb") as fh:
+        pickle.dump({"lmk_face_idx": np.asarray(default.lmk_faces)[17:],
+                     "lmk_b_coords": np.asarray(default.lmk_bary)[17:]}, fh, protocol=2)
+    static = flame.load(path, landmarks=tmp_path / "flame_static_embedding.pkl")
+    lmk51 = flame.forward(static, **p).landmarks
+    assert lmk51.shape == (2, 51, 3)
+    np.testing.assert_array_equal(np.asarray(lmk51), np.asarray(a.landmarks)[:, 17:])
 
 
 def test_load_errors_name_the_file(tmp_path):

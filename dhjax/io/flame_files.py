@@ -343,12 +343,14 @@ def _shape_error(source: str, key: str, expected: str, actual) -> ValueError:
 # --------------------------------------------------------------------------------------------
 
 
-def _default_n_shape(n_components: int) -> int:
-    if n_components >= 400:
+def _default_n_shape(n_components: int, source: str) -> int:
+    """300 for the official K = 400 layout; any other K needs the split said explicitly."""
+    if n_components == 400:
         return 300
-    if n_components > 100:
-        return n_components - 100
-    return n_components
+    raise ValueError(
+        f"{source}: key 'shapedirs' has K = {n_components} components, not the official 400 "
+        f"(300 shape + 100 expression), and the file does not say how many are shape components; "
+        f"pass n_shape= (flame.load(..., file_n_shape=...))")
 
 
 def _parents_from_kintree(kintree: np.ndarray, source: str) -> np.ndarray:
@@ -422,7 +424,7 @@ def _flame_from_content(content: Mapping, source: str, n_shape: int | None) -> d
     if n_shape is None and "n_shape" in content:
         n_shape = int(_get(content, "n_shape", source))
     if n_shape is None:
-        n_shape = _default_n_shape(n_components)
+        n_shape = _default_n_shape(n_components, source)
     n_shape = int(n_shape)
     if not 0 <= n_shape <= n_components:
         raise ValueError(f"{source}: n_shape = {n_shape} is outside [0, K = {n_components}] for key 'shapedirs'")
@@ -448,8 +450,9 @@ def load_flame_arrays(path: str | os.PathLike, n_shape: int | None = None) -> di
         an ``.npz`` with the same keys (e.g. written by :func:`save_flame_npz`).
       n_shape: how many of the K blendshape components are identity (shape) components; the rest
         are expression. Default: the ``n_shape`` entry of an npz written by
-        :func:`save_flame_npz` if present, else 300 when K >= 400 (FLAME 2020 and 2023: K = 400 =
-        300 shape + 100 expression), K - 100 when 100 < K < 400, and K (no expression) when K <= 100.
+        :func:`save_flame_npz` if present, else 300 when K = 400 (FLAME 2017/2020/2023: 300 shape
+        + 100 expression); any other K without an ``n_shape`` entry is an error (a guessed split
+        would silently turn expression into shape components).
 
     Returns:
       dict with

@@ -31,7 +31,7 @@ from dhjax.models import head_default
 
 JOINT_NAMES = ("global", "neck", "jaw", "left_eye", "right_eye")
 FLAME_PARENTS = (-1, 0, 1, 1, 1)
-POSE_REPS = ("axis_angle", "6d", "matrix")
+POSE_REPS = ("axis_angle", "6d", "6d_rows", "matrix")
 
 
 @flax.struct.dataclass
@@ -151,18 +151,23 @@ def from_arrays(arrays: Mapping[str, Any], name: str = "", n_shape: int | None =
 
 def load(path: str | os.PathLike | None = None, *, landmarks: str | os.PathLike | None = None,
          mediapipe: str | os.PathLike | None = None, uv: str | os.PathLike | None = None,
-         n_shape: int | None = None, n_expression: int | None = None) -> FlameModel:
+         n_shape: int | None = None, n_expression: int | None = None,
+         file_n_shape: int | None = None) -> FlameModel:
     """Loads a head model.
 
     Args:
       path: None for the embedded procedural default head (`dhjax.models.head_default`), or the
         official FLAME model file (`generic_model.pkl` / `FLAME2020/*.pkl`, chumpy-free loading)
         or an `.npz` with the same keys.
-      landmarks: official 68-point (or 51-point static) landmark embedding file
-        (`landmark_embedding.npy` of DECA/MICA or smplx's `flame_static_embedding.pkl`).
+      landmarks: landmark embedding file. DECA/MICA's `landmark_embedding.npy` gives the 68 iBUG
+        points (`forward(...).landmarks` is [B, 68, 3]); smplx's `flame_static_embedding.pkl`
+        holds only the 51 inner points, iBUG 17..67 (then landmarks is [B, 51, 3], index k
+        standing for iBUG point 17 + k). DECA's dynamic jaw-contour table is not used.
       mediapipe: mediapipe landmark embedding (`mediapipe_landmark_embedding.npz`).
       uv: FLAME UV layout (`head_template.obj` or `FLAME_texture.npz`).
       n_shape, n_expression: keep only the leading components (e.g. 100 / 50 to save compute).
+      file_n_shape: how many of the file's blendshapes are shape components (the rest are
+        expression); needed only for files that are not in the official 300 + 100 layout.
 
     Returns:
       A FlameModel pytree. The default already carries landmarks, a mediapipe subset, UVs and
@@ -178,7 +183,7 @@ def load(path: str | os.PathLike | None = None, *, landmarks: str | os.PathLike 
 
     from dhjax.io import flame_files  # the I/O floor; imported lazily to keep start-up light
 
-    raw = flame_files.load_flame_arrays(path)
+    raw = flame_files.load_flame_arrays(path, n_shape=file_n_shape)
     ns = int(raw["n_shape"])
     arrays = dict(v_template=raw["v_template"], faces=raw["f"],
                   shapedirs=raw["shapedirs"][..., :ns], exprdirs=raw["shapedirs"][..., ns:],
@@ -228,8 +233,11 @@ def pose_to_matrices(pose, pose_rep: str = "axis_angle", n_joints: int = 5):
     """Converts a pose in any supported representation to rotation matrices.
 
     Args:
-      pose: [B, J, 3] axis-angle (radians), [B, J, 6] 6D (first two matrix columns), or
-        [B, J, 3, 3] rotation matrices, per `pose_rep`. [B, J*3] / [B, J*6] are accepted too.
+      pose: per `pose_rep`: "axis_angle" [B, J, 3] radians; "6d" [B, J, 6] the first two
+        COLUMNS of each rotation matrix (Zhou et al.); "6d_rows" [B, J, 6] the first two ROWS
+        (the pytorch3d `matrix_to_rotation_6d` convention used by the metrical tracker and
+        other PyTorch code: pass their 6D parameters with this); "matrix" [B, J, 3, 3].
+        Flattened [B, J*3] / [B, J*6] are accepted too.
     Returns:
       [B, J, 3, 3].
     """
@@ -239,6 +247,9 @@ def pose_to_matrices(pose, pose_rep: str = "axis_angle", n_joints: int = 5):
     per_joint, to_matrix, label = {
         "axis_angle": ((3,), rotations.axis_angle_to_matrix, "axis-angle"),
         "6d": ((6,), rotations.rotation_6d_to_matrix, "6D"),
+        # Gram-Schmidt on rows = the transpose of Gram-Schmidt on columns.
+        "6d_rows": ((6,), lambda d: jnp.swapaxes(rotations.rotation_6d_to_matrix(d), -1, -2),
+                    "6D (rows)"),
         "matrix": ((3, 3), lambda m: m, "matrix"),
     }[pose_rep]
     if pose.ndim == 2 and len(per_joint) == 1 and pose.shape[1] == per_joint[0] * n_joints:
@@ -268,7 +279,8 @@ def forward(model: FlameModel, shape=None, expression=None, pose=None, translati
       shape: [B, S'] identity coefficients, S' <= model.num_shape (missing ones are zero); None = 0.
       expression: [B, E'] expression coefficients, E' <= model.num_expression; None = 0.
       pose: per joint (global, neck, jaw, left eye, right eye): [B, 5, 3] axis-angle radians
-        (default), [B, 5, 6] with pose_rep="6d", [B, 5, 3, 3] with pose_rep="matrix"; None = rest.
+        (default), [B, 5, 6] with pose_rep="6d" (first two matrix columns) or "6d_rows" (first
+        two rows, pytorch3d's convention), [B, 5, 3, 3] with pose_rep="matrix"; None = rest.
       translation: [B, 3] metres, added after skinning; None = 0.
 
     Returns:
