@@ -46,3 +46,18 @@ def test_unknown_variant_is_a_clear_error(tmp_path):
                            "--config=configs/sample_heads.py:huge", f"--workdir={tmp_path}"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0 and "unknown variant 'huge'" in proc.stderr
+
+
+def test_bench_flame_writes_json(tmp_path):
+    """A tiny bench run (not a timing check): the keys the issue asks for are there."""
+    out = run("experiments.bench", "--config=configs/bench.py:flame", "--config.repeats=1",
+              "--config.warmup=1", "--config.raster_size=64", f"--workdir={tmp_path}")
+    assert "FLAME forward B= 64" in out
+    res = json.loads((tmp_path / "bench.json").read_text())
+    for key in ("flame_b1_dhjax_s", "flame_b64_dhjax_s", "raster_64_s", "raster_64_faces"):
+        assert res[key] > 0, key
+    try:
+        import smplx  # noqa: F401
+    except ImportError:
+        return
+    assert res["flame_b64_speedup_vs_smplx"] > 0

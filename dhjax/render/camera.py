@@ -42,6 +42,7 @@ __all__ = [
     "unproject",
     "pixel_rays",
     "to_opencv",
+    "rig_from_angles",
     "orbit_rig",
     "synshot_rig",
 ]
@@ -418,7 +419,7 @@ def synshot_rig(
     * `n_frontal` cameras on an arc at head height: azimuths evenly spread over [-80, 80]
       degrees (0 = in front, +z), elevations cycling through (0, +5, -5) degrees.
     * `n_upper` cameras on the upper hemisphere: elevations evenly spread over [20, 70]
-      degrees, azimuths k * golden angle (~137.5 degrees) wrapped to (-180, 180].
+      degrees, azimuths k * golden angle (~137.5 degrees) wrapped to [-180, 180).
 
     All cameras are at distance `radius` (metres) from `target` and look at it, upright.
 
