@@ -4,6 +4,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
 
 from dhjax.geometry import rotations as _rot
 
@@ -259,3 +262,142 @@ def test_against_scipy():
     q_ref = np.roll(Rm.as_quat(), 1, axis=-1)
     q_ref *= np.where(q_ref[:, :1] < 0, -1, 1)
     np.testing.assert_allclose(rot.matrix_to_quaternion(mats), q_ref, atol=2e-6)
+
+
+# --- property tests (hypothesis) ---------------------------------------------------------------
+# Each example is a fixed-shape batch of _B float32 rows, so every jitted function compiles once
+# for the whole module; examples are few and deadline-free (the first call includes compilation).
+# Tolerances are float32 rounding: one ulp is 1.2e-7 for O(1) entries and 2.4e-7 for an angle
+# near pi; 2e-6 is ~8-16 ulps (the largest errors seen over 2e5 random rows were ~5e-7).
+_B = 8
+_PROPERTY = settings(max_examples=30, deadline=None)
+_ANGLE_MARGIN = 1e-3  # stay clear of angle pi, where aa and -aa are the same rotation
+
+
+def _unit_rows(v, fallback):
+    """Normalise rows of ``v`` (float64); rows too short to have a direction become ``fallback``."""
+    n = np.linalg.norm(v, axis=-1, keepdims=True)
+    return np.where(n > 1e-2, v / np.maximum(n, 1e-2), fallback)
+
+
+_components = st.floats(-1.0, 1.0, allow_nan=False, allow_subnormal=False)
+
+
+@st.composite
+def _axis_angles(draw, max_angle=np.pi - _ANGLE_MARGIN):
+    """[_B, 3] float32 axis-angle vectors, angles in [0, max_angle] (both ends included)."""
+    axis = _unit_rows(draw(hnp.arrays(np.float64, (_B, 3), elements=_components)), [1.0, 0, 0])
+    angle = draw(
+        hnp.arrays(np.float64, (_B, 1), elements=st.floats(0.0, max_angle, allow_subnormal=False))
+    )
+    return (axis * angle).astype(np.float32)
+
+
+@st.composite
+def _unit_quaternions(draw):
+    """[_B, 4] float32 unit quaternions of either sign (w < 0 and w = 0 included)."""
+    q = draw(hnp.arrays(np.float64, (_B, 4), elements=_components))
+    return _unit_rows(q, [1.0, 0, 0, 0]).astype(np.float32)
+
+
+def _close_up_to_sign(a, b, atol):
+    """Row-wise ``a == b`` or ``a == -b`` (a quaternion and its negative are the same rotation)."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    err = np.minimum(np.abs(a - b).max(-1), np.abs(a + b).max(-1))
+    assert np.all(err <= atol), (err.max(), a[err.argmax()], b[err.argmax()])
+
+
+@_PROPERTY
+@given(aa=_axis_angles())
+def test_property_axis_angle_matrix_round_trip(aa):
+    R = rot.axis_angle_to_matrix(aa)
+    _assert_rotation(R)
+    np.testing.assert_allclose(rot.matrix_to_axis_angle(R), aa, atol=2e-6)
+    # and through the quaternion (w >= 0 below pi, so no sign ambiguity either)
+    q = rot.axis_angle_to_quaternion(aa)
+    assert np.all(np.asarray(q)[:, 0] >= 0)
+    np.testing.assert_allclose(np.linalg.norm(np.asarray(q, np.float64), axis=-1), 1.0, atol=1e-6)
+    np.testing.assert_allclose(rot.quaternion_to_axis_angle(q), aa, atol=2e-6)
+    np.testing.assert_allclose(rot.quaternion_to_matrix(q), R, atol=2e-6)
+
+
+@_PROPERTY
+@given(q=_unit_quaternions(), norm=st.floats(0.1, 10.0))
+def test_property_quaternion_round_trips_up_to_sign(q, norm):
+    R = rot.quaternion_to_matrix(q)
+    _assert_rotation(R)
+    # the matrix ignores the norm and the sign of the quaternion
+    np.testing.assert_allclose(rot.quaternion_to_matrix(np.float32(-norm) * q), R, atol=2e-6)
+    back = np.asarray(rot.matrix_to_quaternion(R))
+    assert np.all(back[:, 0] >= 0)
+    _close_up_to_sign(back, q, atol=2e-6)
+    # q -> axis-angle -> q (the angle lands in [0, pi]) and scaled / negated q give the same vector
+    aa = rot.quaternion_to_axis_angle(q)
+    assert np.all(np.linalg.norm(np.asarray(aa, np.float64), axis=-1) <= np.pi + 1e-5)
+    _close_up_to_sign(rot.axis_angle_to_quaternion(aa), q, atol=2e-6)
+    aa_neg = np.asarray(rot.quaternion_to_axis_angle(np.float32(-norm) * q))
+    # at w = 0 (angle pi) aa and -aa are equally valid; XLA on CPU flushes subnormal floats to
+    # zero, so a w below the smallest normal float32 counts as 0 there as well
+    w_abs = np.abs(q[:, 0]) * min(norm, 1.0)
+    w_nonzero = w_abs >= 2 * np.finfo(np.float32).tiny
+    np.testing.assert_allclose(aa_neg[w_nonzero], np.asarray(aa)[w_nonzero], atol=2e-6)
+    _close_up_to_sign(aa_neg, aa, atol=2e-6)
+
+
+@_PROPERTY
+@given(aa=_axis_angles(max_angle=np.pi))
+def test_property_rotation_6d_round_trip(aa):
+    R = np.asarray(rot.axis_angle_to_matrix(aa))
+    d6 = rot.matrix_to_rotation_6d(R)
+    np.testing.assert_allclose(rot.rotation_6d_to_matrix(d6), R, atol=2e-6)
+
+
+@_PROPERTY
+@given(d6=hnp.arrays(np.float32, (_B, 6), elements=st.floats(-2.0, 2.0, width=32)))
+def test_property_rotation_6d_projection(d6):
+    # an arbitrary 6D vector maps to a rotation, which the 6D round trip then leaves unchanged;
+    # only rows whose two columns are far from degenerate (zero or parallel) are checked
+    c1, c2 = d6[:, :3].astype(np.float64), d6[:, 3:].astype(np.float64)
+    sin_between = np.linalg.norm(np.cross(c1, c2), axis=-1) / np.maximum(
+        np.linalg.norm(c1, axis=-1) * np.linalg.norm(c2, axis=-1), 1e-30
+    )
+    ok = (np.linalg.norm(c1, axis=-1) > 0.1) & (np.linalg.norm(c2, axis=-1) > 0.1)
+    ok &= sin_between > 0.1
+    R = np.asarray(rot.rotation_6d_to_matrix(d6))
+    assert np.all(np.isfinite(R))
+    _assert_rotation(R[ok], atol=1e-5)
+    again = np.asarray(rot.rotation_6d_to_matrix(rot.matrix_to_rotation_6d(R)))
+    np.testing.assert_allclose(again[ok], R[ok], atol=1e-5)
+    # the first column keeps the direction of c1, the second lies on c2's side of it
+    c1_unit = c1 / np.maximum(np.linalg.norm(c1, axis=-1, keepdims=True), 1e-30)
+    np.testing.assert_allclose(R[ok][:, :, 0], c1_unit[ok], atol=1e-5)
+    assert np.all(np.sum(R[:, :, 1] * c2, axis=-1)[ok] > 0)
+
+
+@_PROPERTY
+@given(q1=_unit_quaternions(), q2=_unit_quaternions())
+def test_property_quaternion_multiply_composes_like_matrices(q1, q2):
+    R1, R2 = np.asarray(rot.quaternion_to_matrix(q1)), np.asarray(rot.quaternion_to_matrix(q2))
+    prod = rot.quaternion_multiply(q1, q2)
+    # the Hamilton product of unit quaternions is a unit quaternion for R1 @ R2
+    prod_norm = np.linalg.norm(np.asarray(prod, np.float64), axis=-1)
+    np.testing.assert_allclose(prod_norm, 1.0, atol=1e-6)
+    np.testing.assert_allclose(rot.quaternion_to_matrix(prod), R1 @ R2, atol=2e-6)
+    _close_up_to_sign(rot.matrix_to_quaternion(R1 @ R2), prod, atol=5e-6)
+    # the conjugate is the inverse
+    conj = q1 * np.array([1, -1, -1, -1], np.float32)
+    _close_up_to_sign(rot.quaternion_multiply(q1, conj), np.tile([1.0, 0, 0, 0], (_B, 1)), 1e-6)
+
+
+@_PROPERTY
+@given(aa1=_axis_angles(), aa2=_axis_angles())
+def test_property_axis_angle_composition(aa1, aa2):
+    # composing through quaternions and through matrices agree, and so do the axis-angle vectors
+    # of the composition (up to sign, which is ambiguous when the composed angle is pi)
+    q = rot.quaternion_multiply(
+        rot.axis_angle_to_quaternion(aa1), rot.axis_angle_to_quaternion(aa2)
+    )
+    R = np.asarray(rot.axis_angle_to_matrix(aa1)) @ np.asarray(rot.axis_angle_to_matrix(aa2))
+    np.testing.assert_allclose(rot.quaternion_to_matrix(q), R, atol=3e-6)
+    _close_up_to_sign(rot.matrix_to_quaternion(R), q, atol=5e-6)
+    _close_up_to_sign(rot.matrix_to_axis_angle(R), rot.quaternion_to_axis_angle(q), atol=5e-6)
