@@ -1,0 +1,95 @@
+"""A toy method for the harness tests: linear regression trained with Adam.
+
+Run as a script: python tests/train_toy.py WORKDIR [key=value ...] (config overrides).
+Writes WORKDIR/final_params.npy. Env TOY_SLEEP=seconds slows every batch (for kill tests).
+"""
+
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import ml_collections  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+
+from dhjax.train import config as config_lib  # noqa: E402
+from dhjax.train import loop  # noqa: E402
+
+DIM = 8
+
+
+def get_config():
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.batch_size = 8
+    c.lr = 0.05
+    c.nan_step = -1
+    c.train = ml_collections.ConfigDict(dict(steps=60, log_every=10, checkpoint_every=20,
+                                             keep_checkpoints=3, eval_every=0, on_nonfinite="skip"))
+    return c
+
+
+class Data:
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.w_true = np.linspace(-1.0, 1.0, DIM).astype(np.float32)
+
+    def get_batch(self, step):
+        time.sleep(float(os.environ.get("TOY_SLEEP", "0")))
+        rng = np.random.default_rng(1000 + step)
+        x = rng.normal(size=(self.cfg.batch_size, DIM)).astype(np.float32)
+        y = x @ self.w_true + 0.01 * rng.normal(size=self.cfg.batch_size).astype(np.float32)
+        if step == self.cfg.nan_step:
+            y[0] = np.nan
+        return {"x": x, "y": y}
+
+
+def make_method(cfg):
+    opt = optax.adam(cfg.lr)
+
+    def init(rng, batch):
+        params = {"w": 0.1 * jax.random.normal(rng, (DIM,))}
+        return {"params": params, "opt": opt.init(params)}
+
+    def loss_fn(params, batch, rng):
+        noise = 1e-3 * jax.random.normal(rng, batch["y"].shape)  # uses the folded RNG
+        return jnp.mean((batch["x"] @ params["w"] - batch["y"] + noise) ** 2)
+
+    def train_step(state, batch, rng):
+        loss, grads = jax.value_and_grad(loss_fn)(state["params"], batch, rng)
+        updates, opt_state = opt.update(grads, state["opt"], state["params"])
+        return ({"params": optax.apply_updates(state["params"], updates), "opt": opt_state},
+                {"loss": loss})
+
+    def evaluate(state, batch):
+        return {"mse": jnp.mean((batch["x"] @ state["params"]["w"] - batch["y"]) ** 2)}
+
+    def render(state, batch):
+        w = state["params"]["w"]
+        img = jnp.broadcast_to(jax.nn.sigmoid(w)[None, :, None], (8, DIM, 3))
+        return {"weights": img[None]}
+
+    return loop.Method(init, train_step, evaluate, render)
+
+
+def main():
+    workdir = sys.argv[1]
+    overrides = {}
+    for arg in sys.argv[2:]:
+        k, v = arg.split("=", 1)
+        overrides[k] = eval(v)  # numbers or quoted strings
+    loop.init_distributed()
+    cfg = config_lib.apply_overrides(get_config(), overrides)
+    data = Data(cfg)
+    res = loop.train(cfg, workdir, make_method(cfg), data, eval_batch=data.get_batch(10 ** 6))
+    if jax.process_index() == 0:
+        np.save(os.path.join(workdir, "final_params.npy"), np.asarray(res.state["params"]["w"]))
+        print("done", res.steps_run, res.interrupted, flush=True)
+
+
+if __name__ == "__main__":
+    main()
