@@ -257,6 +257,153 @@ def test_rasterize_uv_position_map_of_flat_mesh():
     np.testing.assert_array_equal(np.asarray(batched[:, ~m]), 0.0)
 
 
+# ----------------------------------------------------------------------------------------------
+# Independent oracle: a float64 numpy ray caster. It shares no code with the rasterizer (which
+# projects vertices and tests pixel centres against screen-space edge functions in float32);
+# here rays through the pixel centres are intersected with the 3D triangles (Moller-Trumbore).
+
+RW, RH = 40, 32  # image size of the ray-caster comparison
+BARY_AMBIGUOUS = 1e-4  # |smallest barycentric| below this: float32 coverage may go either way
+DEPTH_AMBIGUOUS = 1e-6  # two surfaces this close in depth (metres): the z-test may go either way
+
+
+def _ray_cast(verts, faces, K, R, t, width, height, cull_backfaces=False, front_is_ccw=True):
+    """Nearest triangle hit by the ray through every pixel centre, in float64.
+
+    Camera convention (OpenCV): x_cam = R x_world + t, and the centre of pixel (row i, column j)
+    is image point (u, v) = (j, i), so its ray in camera space is K^-1 [j, i, 1]. That direction
+    has z = 1, so the ray parameter of a hit is the hit's camera-space depth z.
+
+    With cull_backfaces, triangles whose normal (p1 - p0) x (p2 - p0) points away from the camera
+    centre are dropped (front_is_ccw=False drops the opposite set, to show the test's power).
+
+    Returns face_id [H, W] (-1 where no hit), bary [H, W, 3] (weights of p0, p1, p2), depth
+    [H, W] (0 where no hit), n_hits [H, W] and ambiguous [H, W] bool: pixels where float32
+    rounding may legitimately change the answer, i.e. a candidate triangle in front of (or tied
+    with) the nearest hit has its smallest barycentric within BARY_AMBIGUOUS of 0 (the pixel
+    centre is on an edge; this includes near misses and the winner itself), or the two nearest
+    hits are within DEPTH_AMBIGUOUS in depth.
+    """
+    K, R, t = (np.asarray(a, np.float64) for a in (K, R, t))
+    xw = np.asarray(verts, np.float64)
+    xc = xw @ R.T + t
+    p0, p1, p2 = (xc[faces[:, k]] for k in range(3))  # [F, 3] camera space
+    jj, ii = np.meshgrid(np.arange(width, dtype=np.float64), np.arange(height, dtype=np.float64))
+    pix = np.stack([jj.ravel(), ii.ravel(), np.ones(jj.size)], -1)  # [P, 3]
+    d = np.linalg.solve(K, pix.T).T  # [P, 3] ray directions, z = 1
+    e1, e2 = p1 - p0, p2 - p0
+    pvec = np.cross(d[:, None, :], e2[None, :, :])  # [P, F, 3]
+    det = np.einsum("fk,pfk->pf", e1, pvec)
+    ok = np.abs(det) > 1e-15
+    inv = np.where(ok, 1.0 / np.where(ok, det, 1.0), 0.0)
+    s = -p0  # ray origin (camera centre = 0) minus p0
+    b1 = np.einsum("fk,pfk->pf", s, pvec) * inv
+    q = np.cross(s, e1)  # [F, 3]
+    b2 = (d @ q.T) * inv
+    depth = np.sum(e2 * q, -1)[None, :] * inv  # ray parameter = camera z
+    bary = np.stack([1.0 - b1 - b2, b1, b2], -1)  # [P, F, 3]
+    bmin = bary.min(-1)
+
+    usable = ok & (depth > 0)
+    if cull_backfaces:
+        centre = -R.T @ t  # camera centre, world
+        tri = xw[faces]
+        normal = np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0])
+        facing = np.sum(normal * (centre - tri[:, 0]), -1) > 0
+        usable &= (facing if front_is_ccw else ~facing)[None, :]
+    hit = usable & (bmin >= 0)
+    zhit = np.where(hit, depth, np.inf)
+    order = np.argsort(zhit, axis=1, kind="stable")
+    best = order[:, 0]
+    rows = np.arange(len(pix))
+    z0, z1 = zhit[rows, best], zhit[rows, order[:, 1]]
+    found = np.isfinite(z0)
+    edge = usable & (np.abs(bmin) <= BARY_AMBIGUOUS) & (depth <= z0[:, None] + DEPTH_AMBIGUOUS)
+    tie = np.isfinite(z1) & (z1 - np.where(found, z0, 0.0) <= DEPTH_AMBIGUOUS)
+    ambiguous = edge.any(1) | tie
+    face_id = np.where(found, best, -1)
+    out_bary = np.where(found[:, None], bary[rows, best], 0.0)
+    out_depth = np.where(found, z0, 0.0)
+    shape = (height, width)
+    return (face_id.reshape(shape), out_bary.reshape(shape + (3,)), out_depth.reshape(shape),
+            hit.sum(1).reshape(shape), ambiguous.reshape(shape))
+
+
+@pytest.fixture(scope="module")
+def ray_scenes():
+    """Three random triangle soups [3, 144, 3] (40 small/medium + 8 large triangles each), each
+    seen by its own camera (look_at from a random direction 1.6-2.0 m away, 40-50 degree fov).
+    Every vertex is at least 0.3 m in front of its camera (the rasterizer has no near clipping)."""
+    rng = np.random.default_rng(7)
+    n_small, n_large, B = 40, 8, 3
+    dirs = rng.normal(size=(B, 3))
+    dirs /= np.linalg.norm(dirs, axis=1, keepdims=True)
+    targets = rng.uniform(-0.1, 0.1, (B, 3))
+    eyes = targets + dirs * rng.uniform(1.6, 2.0, (B, 1))
+    R, t = C.look_at(eyes.astype(np.float32), targets.astype(np.float32))
+    cam = C.camera_from_fov(rng.uniform(40.0, 50.0, B).astype(np.float32), RW, RH, R, t)
+    Rn, tn = np.asarray(cam.R, np.float64), np.asarray(cam.t, np.float64)
+    verts = np.zeros((B, 3 * (n_small + n_large), 3), np.float32)
+    for b in range(B):
+        scales = np.concatenate([rng.uniform(0.05, 0.35, n_small), rng.uniform(0.6, 1.2, n_large)])
+        for k, s in enumerate(scales):
+            while True:  # redraw triangles that come closer than 0.3 m to the camera plane
+                tri = targets[b] + rng.uniform(-0.35, 0.35, 3) + rng.normal(size=(3, 3)) * s
+                if np.all((tri @ Rn[b].T + tn[b])[:, 2] > 0.3):
+                    break
+            verts[b, 3 * k : 3 * k + 3] = tri
+    faces = np.arange(verts.shape[1], dtype=np.int32).reshape(-1, 3)
+    return verts, faces, cam
+
+
+@pytest.mark.parametrize("cull", [False, True])
+def test_matches_float64_ray_caster(ray_scenes, cull):
+    verts, faces, cam = ray_scenes
+    frags = rasterize(verts, faces, cam, cull_backfaces=cull)
+    fid = np.asarray(frags.face_id)
+    K, R, t = (np.asarray(a) for a in (cam.K, cam.R, cam.t))
+    n_pix = RW * RH
+    for b in range(verts.shape[0]):
+        ref_id, ref_bary, ref_depth, n_hits, amb = _ray_cast(verts[b], faces, K[b], R[b], t[b], RW, RH, cull)
+        # The scene is a meaningful test: background left, many faces visible, overlap (pixels
+        # whose ray crosses several triangles), and visible triangles that extend beyond the
+        # image border. Culling removes roughly half of the triangles.
+        covered = ref_id >= 0
+        visible = np.unique(ref_id[covered])
+        if cull:
+            assert 0.2 < covered.mean() < 0.9 and len(visible) >= 15
+        else:
+            assert 0.5 < covered.mean() < 0.98 and len(visible) >= 20
+            assert (n_hits >= 2).mean() > 0.2
+        uv, _ = C.project(cam[b], verts[b])
+        uv = np.asarray(uv)[faces[visible]].reshape(-1, 2)
+        assert np.any((uv[:, 0] < -0.5) | (uv[:, 0] > RW - 0.5) | (uv[:, 1] < -0.5) | (uv[:, 1] > RH - 0.5))
+
+        # Ambiguous pixels. Pixel centres within BARY_AMBIGUOUS (barycentric units) of an edge
+        # fill a band of width 1e-4 * altitude, i.e. of area 2e-4 * (triangle area) per edge and
+        # 6e-4 * area for all three, so about 6e-4 * sum(n_hits) ~ 0.3-1.5 pixels per image are
+        # expected here; depth ties only occur within ~1e-4 px of the lines where triangles
+        # intersect. A cap of 1% of the pixels (12) leaves room for chance, while a systematic
+        # disagreement (wrong ray, pixel-centre offset, depth rule) affects far more pixels.
+        assert amb.sum() <= 0.01 * n_pix, (amb.sum(), 6e-4 * n_hits.sum())
+        good = ~amb
+        mismatch = good & (fid[b] != ref_id)
+        assert not mismatch.any(), f"image {b}: {mismatch.sum()} face-id mismatches at unambiguous pixels"
+        both = good & covered
+        np.testing.assert_allclose(np.asarray(frags.depth[b])[both], ref_depth[both], atol=1e-4, rtol=0)
+        np.testing.assert_allclose(np.asarray(frags.bary[b])[both], ref_bary[both], atol=1e-4, rtol=0)
+        np.testing.assert_array_equal(np.asarray(frags.mask[b])[good], covered[good])
+
+        if cull:
+            # The culling convention matters for these scenes: the opposite convention
+            # (treating clockwise faces as front-facing) disagrees with the rasterizer.
+            wrong_id = _ray_cast(verts[b], faces, K[b], R[b], t[b], RW, RH, True, front_is_ccw=False)[0]
+            assert (wrong_id != fid[b]).mean() > 0.3
+            # ... and culling removes visible back faces compared with no culling.
+            all_id = _ray_cast(verts[b], faces, K[b], R[b], t[b], RW, RH, False)[0]
+            assert (all_id != ref_id).mean() > 0.2
+
+
 def test_bad_inputs_raise(pair):
     verts, faces, cam = pair
     with pytest.raises(ValueError, match=r"vertices must have shape \[B, V, 3\]"):

@@ -5,7 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from dhjax.models import flame
 from dhjax.render import camera as C
+from dhjax.render.raster import rasterize_uv, uv_map
 from dhjax.render.shading import SH_BAND_FACTORS, render_mesh, sample_texture, sh_basis, sh_irradiance
 
 C0, C1, C2, C3, C4 = 0.282095, 0.488603, 1.092548, 0.315392, 0.546274
@@ -241,3 +243,89 @@ def test_bad_inputs_raise():
         sample_texture(jnp.zeros((4, 4)), jnp.zeros((2, 2)))
     with pytest.raises(ValueError, match="uv must"):
         sample_texture(jnp.zeros((4, 4, 3)), jnp.zeros((2, 3)))
+
+
+def test_render_baked_texture_matches_vertex_colours():
+    """Bake smooth per-vertex colours of the default head into a texture through its UV layout,
+    then render the head from the front with the vertex colours and with the texture."""
+    m = flame.load()
+    verts = np.asarray(m.v_template, np.float32)
+    faces, uv, uv_faces = np.asarray(m.faces), np.asarray(m.uv_coords), np.asarray(m.uv_faces)
+    k = 40.0  # rad/m: colours change by O(1) over ~8 cm, yet are smooth at the ~6 mm edge scale
+    colours = (0.5 + 0.5 * np.sin(k * verts.astype(np.float64) + np.array([0.0, 2.0, 4.0]))).astype(np.float32)
+
+    # 256^2 texels: a skin UV triangle is ~3 texels across, so sampling errors are small but
+    # not zero; a 96 x 96 front view keeps ~4000 interior pixels and the test at ~10 s.
+    T = 256
+    uv_frags = rasterize_uv(uv, uv_faces, T, T)
+    texture = np.asarray(uv_map(colours, faces, uv_frags)[0])  # [T, T, 3], 0 outside the layout
+    assert 0.7 < np.asarray(uv_frags.mask).mean() < 0.95
+
+    R, t = C.look_at(jnp.array([0.0, -0.05, 0.7]), jnp.array([0.0, -0.05, 0.0]))
+    cam = C.camera_from_fov(22.0, 96, 96, R, t)
+    by_vertex = render_mesh(verts[None], faces, cam, vertex_colors=colours)
+    kw = dict(uv_coords=uv, uv_faces=uv_faces)
+    by_texture = render_mesh(verts[None], faces, cam, albedo_texture=texture, **kw)
+    flipped = render_mesh(verts[None], faces, cam, albedo_texture=texture[::-1].copy(), **kw)
+
+    # Covered pixels whose 3 x 3 neighbourhood is covered too (away from the silhouette).
+    mask = np.asarray(by_vertex["mask"][0, ..., 0]) > 0
+    pad = np.pad(mask, 1)
+    inner = np.ones_like(mask)
+    for di in range(3):
+        for dj in range(3):
+            inner &= pad[di : di + mask.shape[0], dj : dj + mask.shape[1]]
+    assert inner.sum() > 3000
+    ref = np.asarray(by_vertex["image"][0])[inner]
+    diff = np.abs(np.asarray(by_texture["image"][0])[inner] - ref)
+    diff_flipped = np.abs(np.asarray(flipped["image"][0])[inner] - ref)
+
+    # Expected size of the difference. Both renders evaluate the same function g, the colour
+    # that is linear in UV on every UV triangle: perspective-correct barycentrics interpolate
+    # colours and UVs alike, and rasterize_uv's barycentrics are linear in UV, so texel centres
+    # hold g exactly. Bilinear sampling reproduces linear functions exactly, so the texture
+    # render differs from g only by float32 rounding (~1e-6) and where the cell of 2 x 2 texel
+    # centres around the sample point p crosses UV edges, at which g's gradient jumps (g is
+    # continuous, so the jump is normal to the edge). Bounds, with h = 1 / T the texel size:
+    # * one edge crossing with gradient jump a: in 1D, linear interpolation over [0, h] of a
+    #   kink of size a has error <= a h / 4; with the median per-edge, per-channel jump a_med
+    #   (from the mesh, ~0.28 per UV unit) and at most ~2 crossings per cell, the median error
+    #   is below a_med h / 2 (~5e-4);
+    # * in general, g(c) = g(p) + G_p . (c - p) + r(c) at the texel centres c (G_p: the UV
+    #   gradient of p's triangle), |r(c)| <= |c - p| J with J the spread of the UV gradients of
+    #   the triangles in the cell, |c - p| <= sqrt(2) h and the weights sum to 1, so
+    #   |error| <= sqrt(2) h J. A cell is smaller than the UV triangles, so it lies in the star
+    #   of one UV vertex and J is taken per UV vertex: the median star gives a bound for
+    #   typical samples (~0.013, used for the 99th percentile), the largest one a bound for all
+    #   (~0.12).
+    # A texel-centre convention off by half a texel (or nearest-texel sampling) instead moves
+    # samples by ~h / 2, an error of order |G| h / 4 (|G| ~ 3.7 per UV unit; measured median
+    # ~2.4e-3), which the median bound rejects.
+    P = uv[uv_faces].astype(np.float64)
+    col = colours[faces].astype(np.float64)
+    G = np.linalg.solve(np.stack([P[:, 1] - P[:, 0], P[:, 2] - P[:, 0]], 1),
+                        np.stack([col[:, 1] - col[:, 0], col[:, 2] - col[:, 0]], 1))  # [F, 2, 3]
+    # Per-edge jumps: UV edges shared by exactly two faces.
+    edges = np.sort(uv_faces[:, [0, 1, 1, 2, 2, 0]].reshape(-1, 3, 2), axis=-1).reshape(-1, 2)
+    key = edges[:, 0].astype(np.int64) * len(uv) + edges[:, 1]
+    order = np.argsort(key, kind="stable")
+    twin = np.nonzero(key[order][1:] == key[order][:-1])[0]
+    fa, fb = order[twin] // 3, order[twin + 1] // 3
+    a_med = np.median(np.linalg.norm(G[fa] - G[fb], axis=1))
+    # Per-vertex gradient spread over the faces that share the UV vertex.
+    g_lo = np.full((len(uv), 2, 3), np.inf)
+    g_hi = np.full((len(uv), 2, 3), -np.inf)
+    for c in range(3):
+        np.minimum.at(g_lo, uv_faces[:, c], G)
+        np.maximum.at(g_hi, uv_faces[:, c], G)
+    used = np.isfinite(g_lo[:, 0, 0])
+    spread = np.linalg.norm(g_hi[used] - g_lo[used], axis=1).max(-1)
+    h = 1.0 / T
+    median_bound = a_med * h / 2
+    typical, worst = np.sqrt(2) * h * np.median(spread), np.sqrt(2) * h * spread.max()
+    assert median_bound < 1e-3  # the bound itself is tiny
+    assert np.median(diff) < median_bound, (np.median(diff), median_bound)
+    assert np.percentile(diff, 99) < typical, (np.percentile(diff, 99), typical)
+    assert diff.max() < worst, (diff.max(), worst)
+    # A texture flipped upside down (v -> 1 - v) samples unrelated colours: the test can fail.
+    assert np.median(diff_flipped) > 0.05, np.median(diff_flipped)
