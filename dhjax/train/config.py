@@ -10,6 +10,7 @@ A config file `configs/<exp>.py` defines `get_config(arg=None)`; `arg` picks a v
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import os
 from typing import Any, Mapping
@@ -56,7 +57,7 @@ def load_sweep(spec: str) -> list[dict[str, Any]]:
 
 def apply_overrides(cfg: ml_collections.ConfigDict, overrides: Mapping[str, Any]) -> ml_collections.ConfigDict:
     """Returns a copy of cfg with {"a.b.c": value} overrides; an unknown field is an error."""
-    cfg = ml_collections.ConfigDict(cfg.to_dict())
+    cfg = copy.deepcopy(cfg)  # keeps FieldReferences (e.g. train.steps tied to another field)
     for key, value in overrides.items():
         node = cfg
         parts = key.split(".")

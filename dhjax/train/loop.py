@@ -52,6 +52,14 @@ class TrainResult(NamedTuple):
     interrupted: bool      # stopped by SIGTERM (a checkpoint was written)
 
 
+def quiet_library_logs() -> None:
+    """Turns absl INFO logging (orbax prints several lines per checkpoint) down to warnings;
+    experiments call it at start so the progress line stays readable."""
+    from absl import logging as absl_logging
+
+    absl_logging.set_verbosity(absl_logging.WARNING)
+
+
 def init_distributed() -> None:
     """Joins a multi-process run when launched as one.
 
@@ -71,8 +79,10 @@ def init_distributed() -> None:
 
 
 def data_mesh():
-    """1-D mesh over every device of every process, axis "data"."""
-    return jax.make_mesh((jax.device_count(),), ("data",))
+    """1-D mesh over every device of every process, axis "data" (Auto axis type: XLA propagates
+    shardings, so methods need no sharding annotations of their own)."""
+    return jax.make_mesh((jax.device_count(),), ("data",),
+                         axis_types=(jax.sharding.AxisType.Auto,))
 
 
 def shard_batch(batch, mesh):
