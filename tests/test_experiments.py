@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from dhjax import io as dio
 
@@ -61,3 +62,66 @@ def test_bench_flame_writes_json(tmp_path):
     except ImportError:
         return
     assert res["flame_b64_speedup_vs_smplx"] > 0
+
+
+def _write_bad_and_good_scans(folder):
+    """One good scan (a registered-able head mesh), one with NaNs, one without faces."""
+    import jax
+
+    from dhjax.capture import registration
+    from dhjax.models import flame
+
+    m = flame.load()
+    _, gt = registration.synthesize_scans(jax.random.PRNGKey(3), m, 1, noise_mm=0.2,
+                                          points_per_scan=500)
+    os.makedirs(folder, exist_ok=True)
+    good = np.asarray(gt["vertices"][0])
+    dio.save_obj(os.path.join(folder, "good.obj"), good, np.asarray(m.faces))
+    os.makedirs(os.path.join(folder, "lmk"), exist_ok=True)
+    np.savetxt(os.path.join(folder, "lmk", "good.txt"), np.asarray(gt["landmarks"][0]))
+    bad = good.copy()
+    bad[10] = np.nan
+    dio.save_obj(os.path.join(folder, "nan.obj"), bad, np.asarray(m.faces))
+    with open(os.path.join(folder, "nofaces.ply"), "w") as f:
+        f.write("ply\nformat ascii 1.0\nelement vertex 3\nproperty float x\nproperty float y\n"
+                "property float z\nend_header\n0 0 0\n1 0 0\n0 1 0\n")
+    return gt
+
+
+def test_register_flame_skips_bad_scans_and_writes_outputs(tmp_path):
+    scans = tmp_path / "scans"
+    _write_bad_and_good_scans(scans)
+    out = run("experiments.register_flame", "--config=configs/register_flame.py:tiny",
+              f"--config.data.scans_dir={scans}", f"--config.data.landmarks_dir={scans / 'lmk'}",
+              "--config.registration.steps=80",
+              "--config.registration.n_points=1000", f"--workdir={tmp_path / 'run'}")
+    assert "skipping scan" in out and "nan.obj" in out and "nofaces.ply" in out
+    assert "1 scans" in out
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert [r["scan"] for r in report] == ["good"]
+    assert report[0]["median_mm"] < 2.0  # a short run (80 steps), but a real fit
+    verts, faces = dio.load_mesh(tmp_path / "run" / "meshes" / "good.obj")
+    assert verts.shape == (5270, 3)
+    assert dio.load_params(tmp_path / "run" / "params" / "good", required=("shape", "translation"))
+
+
+def test_sweep_dry_run_prints_every_variant(tmp_path):
+    dry = run("experiments.sweep", "--config=configs/register_flame.py:tiny", f"--workdir={tmp_path}",
+              "--dry_run", "--set=registration.steps=20")
+    cmds = [line for line in dry.splitlines() if "experiments.register_flame" in line]
+    assert len(cmds) == 4 and all("--config.registration.steps=20" in c for c in cmds)
+    assert any("use_offsets=True" in c for c in cmds)
+
+
+@pytest.mark.slow
+def test_sweep_runs_every_variant_and_tabulates(tmp_path):
+    """Four short registration runs (minutes on 2 cores: each variant compiles its own step)."""
+    out = run("experiments.sweep", "--config=configs/register_flame.py:tiny", f"--workdir={tmp_path}",
+              "--set=registration.steps=20", "--set=data.synthetic.n_scans=2",
+              "--set=registration.n_points=800")
+    table = (tmp_path / "results.md").read_text()
+    assert table.count("| ok |") == 4, out[-3000:]
+    import csv
+
+    rows = list(csv.DictReader(open(tmp_path / "results.csv")))
+    assert len(rows) == 4 and all(float(r["scan_median_mm"]) > 0 for r in rows)
