@@ -124,16 +124,10 @@ class Method(NamedTuple):
 # Configuration.
 
 _WEIGHT_DEFAULTS = dict(
-    scan_to_model=1.0, model_to_scan=0.1, point_to_point=0.1, landmarks=1.0,
-    landmarks_fine=0.01, shape=1e-4, expression=1e-4, pose=1e-3, offsets_laplacian=10.0,
-    offsets_l2=0.01,
-)
-_DEFAULTS = dict(
-    steps=300, rigid_steps=30, offsets_start=150, warmup_steps=20,
-    lr=0.05, lr_pose=0.005, lr_rotation=0.005, lr_translation=2e-4, lr_offsets=5e-5,
-    lr_final_fraction=0.02, precondition=True, coeff_eps=0.3, n_shape=-1, n_expression=-1, use_offsets=False, n_points=4000,
-    face_region="face", max_corr_dist_mm=20.0, min_normal_dot=0.3, chunk=512,
-    render_count=4, render_size=128,
+    steps=300, rigid_steps=30, landmark_steps=30, offsets_start=150, warmup_steps=20,
+    lr=0.5, eps=2.0, lr_offsets=5e-5, lr_final_fraction=0.02, n_shape=-1, n_expression=-1,
+    use_offsets=False, n_points=4000, face_region="face", max_corr_dist_mm=20.0,
+    min_normal_dot=0.3, chunk=512, render_count=4, render_size=128,
 )
 
 
@@ -170,7 +164,7 @@ def _resolve_config(cfg) -> dict:
                          f"{sorted(_WEIGHT_DEFAULTS)}")
     out = {**_DEFAULTS, **{k: v for k, v in sub.items() if k != "weights"}}
     out["weights"] = {**_WEIGHT_DEFAULTS, **weights}
-    for key in ("steps", "rigid_steps", "offsets_start", "warmup_steps", "chunk", "n_points"):
+    for key in ("steps", "rigid_steps", "landmark_steps", "offsets_start", "warmup_steps", "chunk", "n_points"):
         if int(out[key]) < (1 if key in ("steps", "chunk", "n_points") else 0):
             raise ValueError(f"cfg.registration.{key} must be a positive integer, got {out[key]!r}")
     for key, value in out["weights"].items():
@@ -597,9 +591,33 @@ def _rigid(params):
     return rotations.rotation_6d_to_matrix(params["rotation"]), params["translation"]
 
 
+def _flame_pose(model, params):
+    """The FLAME pose [S, 5, 3] and a translation [S, 3] that realise the head-centred
+    parameterisation: the global joint turns by the inverse of the neck rotation and the
+    translation cancels the resulting shift, so the head (everything skinned to the neck and its
+    children) keeps the pose given by the rigid transform while the neck pose only turns the neck
+    below it. `params["pose"][:, 0]` is ignored (held at zero by the method)."""
+    pose = params["pose"]
+    neck = pose[:, 1]
+    flame_pose = pose.at[:, 0].set(-neck)
+    coeffs_shape = jnp.concatenate([jnp.ones((pose.shape[0], 1)), _pad(params["shape"], model.num_shape),
+                                    _pad(params["expression"], model.num_expression)], 1)
+    v_shaped = jnp.einsum("bk,kvc->bvc", coeffs_shape, model.blend_basis, precision="highest")
+    joints = jnp.einsum("jv,bvc->bjc", model.j_regressor, v_shaped, precision="highest")
+    arm = joints[:, 1] - joints[:, 0]
+    R0 = rotations.axis_angle_to_matrix(-neck)
+    shift = arm - jnp.einsum("bij,bj->bi", R0, arm, precision="highest")
+    return flame_pose, shift
+
+
+def _pad(x, n):
+    return jnp.pad(x, ((0, 0), (0, n - x.shape[1])))
+
+
 def _model_space(model, params):
     """Posed vertices in the head's own frame [S, V, 3] and landmarks [S, L, 3] (or None)."""
-    out = flame.forward(model, params["shape"], params["expression"], params["pose"])
+    flame_pose, shift = _flame_pose(model, params)
+    out = flame.forward(model, params["shape"], params["expression"], flame_pose, shift)
     verts = out.vertices
     if "offsets" in params:
         verts = verts + params["offsets"]
@@ -688,39 +706,138 @@ def _uniform_laplacian(faces: np.ndarray, n_vertices: int):
     return table, (1.0 / np.maximum(deg, 1)).astype(np.float32)
 
 
-def _coefficient_preconditioner(model, verts, face_areas, face_idx, n_shape, n_expr, w):
-    """P = H^(-1/2) for the shape + expression coefficients (symmetric [K, K], K = S + E).
+def _body_layout(n_shape, n_expr):
+    """Slices of the per-scan vector u = [omega (3), t (3), pose of joints 1..4 (12), shape,
+    expression] the optimiser works on (omega, t: rigid motion in the head's own frame)."""
+    sizes = dict(omega=3, t=3, pose=12, shape=n_shape, expression=n_expr)
+    out, start = {}, 0
+    for name, size in sizes.items():
+        out[name] = slice(start, start + size)
+        start += size
+    return out, start
 
-    H approximates the Hessian of the loss in the coefficients at the neutral head: the
-    area-weighted mean (scan -> model) and the face-region mean (model -> scan) of the squared
-    normal displacement in mm that the blendshapes cause, plus the priors. Adam then runs on
-    z = P^-1 c, where all directions have about unit curvature: shape components that barely
-    move the surface no longer take as long as the strong ones, and coupled ones are decoupled.
+
+def _body_hessians(model, n_shape, n_expr, face_idx, w):
+    """Gauss-Newton Hessians of the loss in u (see `_body_layout`) at the neutral head.
+
+    The Jacobian of the vertices (and landmarks) in u is taken at u = 0 in the head's frame, which
+    is where every rigid pose looks the same: the loss is invariant to moving head and scan
+    together, so a perturbation of the rotation and translation in the head's frame has the same
+    Hessian for any scan pose. Terms: scan -> model (area-weighted mean squared normal
+    displacement, plus the full displacement at the point-to-point weight), model -> scan (face
+    region, normal displacement), landmarks, and the priors; distances in mm, as in the loss.
+
+    Returns (H_rigid [D, D] for the rigid stage: only the 6 rigid rows/columns, landmarks at
+    weights.landmarks; H_all [D, D]: everything, landmarks at weights.landmarks_fine).
     """
-    basis = jnp.concatenate([model.shapedirs[:n_shape], model.exprdirs[:n_expr]], 0)  # [K, V, 3]
-    normals = mesh_lib.vertex_normals(verts, model.faces)
-    vert_area = jnp.zeros(verts.shape[0]).at[model.faces.reshape(-1)].add(jnp.repeat(face_areas, 3) / 3.0)
-    jn = jnp.einsum("kvc,vc->kv", basis, normals, precision="highest") * _MM           # mm / unit
-    g_area = jnp.einsum("kv,lv,v->kl", jn, jn, vert_area / jnp.sum(vert_area), precision="highest")
-    jf = jn[:, face_idx]
-    g_face = jnp.einsum("kv,lv->kl", jf, jf, precision="highest") / max(len(face_idx), 1)
-    prior = jnp.concatenate([jnp.full(n_shape, w["shape"]), jnp.full(n_expr, w["expression"])])
-    H = np.asarray(w["scan_to_model"] * g_area + w["model_to_scan"] * g_face + jnp.diag(prior), np.float64)
+    layout, D = _body_layout(n_shape, n_expr)
+
+    def geometry(u):
+        params = dict(shape=u[None, layout["shape"]], expression=u[None, layout["expression"]],
+                      pose=jnp.concatenate([jnp.zeros((1, 1, 3)), u[layout["pose"]].reshape(1, 4, 3)], 1))
+        verts, lmk = _model_space(model, params)
+        R = rotations.axis_angle_to_matrix(u[layout["omega"]])
+        move = lambda x: x @ R.T + u[layout["t"]]
+        return move(verts[0]), (None if lmk is None else move(lmk[0]))
+
+    u0 = jnp.zeros((D,))
+    jv, jl = jax.jacfwd(geometry)(u0)                     # [V, 3, D], [L, 3, D]
+    verts, _ = geometry(u0)
+    faces = model.faces
+    normals = mesh_lib.vertex_normals(verts, faces)
+    face_area = mesh_lib.face_areas(verts, faces)
+    vert_area = jnp.zeros(verts.shape[0]).at[faces.reshape(-1)].add(jnp.repeat(face_area, 3) / 3.0)
+    wa = vert_area / jnp.sum(vert_area)
+    jv = jv * _MM
+    jn = jnp.einsum("vcd,vc->vd", jv, normals, precision="highest")
+    hi = "highest"
+    g_normal = jnp.einsum("vd,ve,v->de", jn, jn, wa, precision=hi)
+    g_full = jnp.einsum("vcd,vce,v->de", jv, jv, wa, precision=hi)
+    jf = jn[face_idx]
+    g_face = jnp.einsum("vd,ve->de", jf, jf, precision=hi) / max(len(face_idx), 1)
+    g_data = w["scan_to_model"] * (g_normal + w["point_to_point"] * g_full) + w["model_to_scan"] * g_face
+    g_lmk = jnp.zeros((D, D))
+    if jl is not None:
+        jl = jl * _MM
+        g_lmk = jnp.einsum("lcd,lce->de", jl, jl, precision=hi) / jl.shape[0]
+    prior = np.zeros(D)
+    prior[layout["pose"]] = w["pose"]
+    prior[layout["shape"]] = w["shape"]
+    prior[layout["expression"]] = w["expression"]
+    H_all = 2.0 * np.asarray(g_data + w["landmarks_fine"] * g_lmk, np.float64) + 2.0 * np.diag(prior)
+    H_rigid = np.zeros((D, D))
+    H_rigid[:6, :6] = 2.0 * np.asarray(g_data + w["landmarks"] * g_lmk, np.float64)[:6, :6]
+    return H_rigid, H_all
+
+
+def _inverse_sqrt(H):
+    """Symmetric H^(-1/2) on H's range (eigenvalues below 1e-9 of the largest are left out)."""
     evals, evecs = np.linalg.eigh(H)
-    floor = max(float(evals.max()) * 1e-8, 1e-12)
-    P = (evecs / np.sqrt(np.maximum(evals, floor))) @ evecs.T
-    return jnp.asarray(P, jnp.float32)
+    keep = evals > 1e-9 * max(float(evals.max()), 1e-30)
+    inv = np.where(keep, 1.0 / np.sqrt(np.where(keep, evals, 1.0)), 0.0)
+    return jnp.asarray((evecs * inv) @ evecs.T, jnp.float32)
 
 
-def _linear_map_coeffs(P, n_shape):
-    """optax transformation: [shape | expression] updates -> (... @ P), other leaves unchanged."""
+class WhitenedAdamState(NamedTuple):
+    count: jax.Array      # [] int32 steps taken
+    mu: jax.Array         # [S, D] first moment in whitened coordinates
+    nu: jax.Array         # [S, D] second moment
+
+
+def _whitened_adam(P_rigid, P_all, rigid_steps, schedule, n_shape, n_expr, eps, b1=0.9, b2=0.999):
+    """Adam on the whitened per-scan vector z = P^-1 u of `_body_layout` (optax transformation
+    over the params dict; leaves other than the body's are left to another transformation).
+
+    Gradients are mapped to u: rotation (6D) gradients to a rotation vector in the head's frame
+    (R -> R exp(omega)), translation gradients to the head's frame; then g_z = P g_u, an Adam step
+    in z, and back: du = P dz, the rotation updated as R exp(domega) (written as a 6D difference,
+    so the stored 6D stays orthonormal), the translation by R dt. P = H^(-1/2) of the rigid-only
+    Hessian for the first `rigid_steps` steps (so nothing else moves), then of the full one; the
+    moments restart at the switch. A large `eps` (against gradients in z, which are O(loss / mm))
+    makes small steps plain momentum gradient descent with step lr / eps, while Adam's
+    normalisation caps the early large ones at about lr.
+    """
+    layout, D = _body_layout(n_shape, n_expr)
+    basis = jnp.asarray(np.stack([np.cross(np.eye(3)[k], -np.eye(3)) for k in range(3)]))  # [3,3,3]: [e_k]x
+
+    def init_fn(params):
+        S = params["shape"].shape[0]
+        z = jnp.zeros((S, D), jnp.float32)
+        return WhitenedAdamState(count=jnp.zeros((), jnp.int32), mu=z, nu=z)
 
     def update_fn(updates, state, params=None):
-        del params
-        cat = jnp.concatenate([updates["shape"], updates["expression"]], -1) @ P
-        return dict(updates, shape=cat[..., :n_shape], expression=cat[..., n_shape:]), state
+        R = rotations.rotation_6d_to_matrix(params["rotation"])            # [S, 3, 3]
+        dR = jnp.einsum("sij,kjl->skil", R, basis)                          # d(R exp w)/dw_k
+        d6 = jnp.concatenate([dR[..., :, 0], dR[..., :, 1]], -1)           # [S, 3, 6]
+        g_omega = jnp.einsum("skd,sd->sk", d6, updates["rotation"])
+        g_t = jnp.einsum("sji,sj->si", R, updates["translation"])         # R^T g
+        g_u = jnp.concatenate([g_omega, g_t, updates["pose"][:, 1:].reshape(-1, 12),
+                               updates["shape"], updates["expression"]], -1)
+        count = state.count
+        rigid = count < rigid_steps
+        P = jnp.where(rigid, P_rigid, P_all)
+        restart = count == rigid_steps
+        mu = jnp.where(restart, 0.0, state.mu)
+        nu = jnp.where(restart, 0.0, state.nu)
+        t_stage = (jnp.where(rigid, count, count - rigid_steps) + 1).astype(jnp.float32)
+        g_z = g_u @ P
+        mu = b1 * mu + (1 - b1) * g_z
+        nu = b2 * nu + (1 - b2) * g_z * g_z
+        m_hat = mu / (1 - b1 ** t_stage)
+        v_hat = nu / (1 - b2 ** t_stage)
+        d_z = -schedule(count) * m_hat / (jnp.sqrt(v_hat) + eps)
+        d_u = d_z @ P
+        R_new = R @ rotations.axis_angle_to_matrix(d_u[:, layout["omega"]])
+        out = dict(updates)
+        out["rotation"] = rotations.matrix_to_rotation_6d(R_new) - params["rotation"]
+        out["translation"] = jnp.einsum("sij,sj->si", R, d_u[:, layout["t"]])
+        out["pose"] = jnp.concatenate([jnp.zeros_like(updates["pose"][:, :1]),
+                                       d_u[:, layout["pose"]].reshape(-1, 4, 3)], 1)
+        out["shape"] = d_u[:, layout["shape"]]
+        out["expression"] = d_u[:, layout["expression"]]
+        return out, WhitenedAdamState(count=count + 1, mu=mu, nu=nu)
 
-    return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
+    return optax.GradientTransformation(init_fn, update_fn)
 
 
 def _cosine(step, steps, final):
@@ -767,39 +884,35 @@ def make_method(model: flame.FlameModel, cfg) -> Method:
     max_d2 = (float(c["max_corr_dist_mm"]) / _MM) ** 2
     min_dot = float(c["min_normal_dot"])
     steps, rigid_steps = int(c["steps"]), int(c["rigid_steps"])
+    landmark_steps = max(int(c["landmark_steps"]), rigid_steps)
 
-    # Learning-rate schedules and optimiser (one Adam per parameter group).
-    group_start = dict(rotation=0, translation=0, shape=rigid_steps, expression=rigid_steps,
-                       pose=rigid_steps, offsets=max(int(c["offsets_start"]), rigid_steps))
-    group_lr = dict(rotation=c["lr_rotation"], translation=c["lr_translation"], shape=c["lr"],
-                    expression=c["lr"], pose=c["lr_pose"], offsets=c["lr_offsets"])
+    # ---- optimiser --------------------------------------------------------------------------
+    # The body (rigid, pose, shape, expression) by Adam in whitened coordinates; offsets by plain
+    # Adam. Each warms up from its start; all follow one cosine decay.
     warm = max(int(c["warmup_steps"]), 1)
+    offsets_start = max(int(c["offsets_start"]), rigid_steps)
 
-    def schedule(name):
-        lr0, start = float(group_lr[name]), group_start[name]
+    def warmup(count, start):
+        k = count - start
+        return jnp.where(k >= 0, jnp.minimum((k + 1.0) / warm, 1.0), 0.0)
 
-        def fn(count):
-            k = count - start
-            ramp = jnp.where(k >= 0, jnp.minimum((k + 1.0) / warm, 1.0), 0.0)
-            return lr0 * ramp * _cosine(count, steps, float(c["lr_final_fraction"]))
-        return fn
+    decay = lambda count: _cosine(count, steps, float(c["lr_final_fraction"]))
+    body_lr = lambda count: float(c["lr"]) * jnp.where(
+        count < rigid_steps, warmup(count, 0), warmup(count, rigid_steps)) * decay(count)
+    offsets_lr = lambda count: float(c["lr_offsets"]) * warmup(count, offsets_start) * decay(count)
+    H_rigid, H_all = _body_hessians(model, n_shape, n_expr, face_idx, w)
+    body = _whitened_adam(_inverse_sqrt(H_rigid), _inverse_sqrt(H_all), rigid_steps, body_lr,
+                          n_shape, n_expr, float(c["eps"]))
+    # `body` passes the offsets' gradient through unchanged; the masked Adam then handles it.
+    tx = optax.chain(body, optax.masked(optax.adam(offsets_lr), lambda p: {k: k == "offsets" for k in p})
+                     ) if use_offsets else body
+    group_start = dict(rotation=0, translation=0, shape=rigid_steps, expression=rigid_steps,
+                       pose=rigid_steps, offsets=offsets_start)
 
     # ---- init -----------------------------------------------------------------------------
     neutral = flame.forward(model, jnp.zeros((1, 1)))
     neutral_verts = neutral.vertices[0]
     areas = mesh_lib.face_areas(neutral_verts, faces)
-
-    names = ["rotation", "translation", "shape", "expression", "pose"] + (["offsets"] if use_offsets else [])
-    eps = {n: float(c["coeff_eps"]) if n in ("shape", "expression") and c["precondition"] else 1e-8
-           for n in names}
-    adam = optax.multi_transform({n: optax.adam(schedule(n), eps=eps[n]) for n in names},
-                                 lambda p: {k: k for k in p})
-    if c["precondition"] and n_shape + n_expr:
-        P = _coefficient_preconditioner(model, neutral_verts, areas, np.asarray(face_idx), n_shape,
-                                        n_expr, w)
-        tx = optax.chain(_linear_map_coeffs(P, n_shape), adam, _linear_map_coeffs(P, n_shape))
-    else:
-        tx = adam
     neutral_centroid = jnp.sum(areas[:, None] * jnp.mean(neutral_verts[faces], 1), 0) / jnp.sum(areas)
 
     def _check_batch(batch):
@@ -889,7 +1002,7 @@ def make_method(model: flame.FlameModel, cfg) -> Method:
             X, lmk_x, batch["points"], batch["normals"], batch["valid"], batch["landmarks"],
             batch["landmarks_valid"])
         terms = {k: jnp.mean(v) for k, v in terms.items()}
-        w_lmk = jnp.where(step < rigid_steps, w["landmarks"], w["landmarks_fine"]) if L else 0.0
+        w_lmk = jnp.where(step < landmark_steps, w["landmarks"], w["landmarks_fine"]) if L else 0.0
         reg = dict(shape=jnp.mean(jnp.sum(p["shape"] ** 2, -1)),
                    expression=jnp.mean(jnp.sum(p["expression"] ** 2, -1)),
                    pose=jnp.mean(jnp.sum(p["pose"][:, 1:] ** 2, (-1, -2))))
