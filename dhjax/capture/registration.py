@@ -87,6 +87,7 @@ import numpy as np
 import optax
 
 from dhjax.geometry import alignment, rotations
+from dhjax.io import existing_file
 from dhjax.geometry import mesh as mesh_lib
 from dhjax.models import flame
 
@@ -124,6 +125,11 @@ class Method(NamedTuple):
 # Configuration.
 
 _WEIGHT_DEFAULTS = dict(
+    scan_to_model=1.0, model_to_scan=0.1, point_to_point=0.1, landmarks=1.0,
+    landmarks_fine=0.01, shape=1e-4, expression=1e-4, pose=1e-3, offsets_laplacian=10.0,
+    offsets_l2=0.01,
+)
+_DEFAULTS = dict(
     steps=300, rigid_steps=30, landmark_steps=30, offsets_start=150, warmup_steps=20,
     lr=0.5, eps=2.0, lr_offsets=5e-5, lr_final_fraction=0.02, n_shape=-1, n_expression=-1,
     use_offsets=False, n_points=4000, face_region="face", max_corr_dist_mm=20.0,
@@ -177,15 +183,6 @@ def _resolve_config(cfg) -> dict:
 # Scans on disk.
 
 
-def _existing(path) -> Path:
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"no such file: '{path}'")
-    if path.is_dir():
-        raise ValueError(f"'{path}' is a directory, expected a file")
-    return path
-
-
 def load_landmarks(path: str | os.PathLike, n_landmarks: int = 68, unit_scale: float = 1.0) -> np.ndarray:
     """Reads 3D landmarks: an `.npz` with key 'landmarks' [L, 3], an `.npy` [L, 3], or a text file
     of L rows "x y z" (whitespace or comma separated, '#' comments).
@@ -199,7 +196,7 @@ def load_landmarks(path: str | os.PathLike, n_landmarks: int = 68, unit_scale: f
       FileNotFoundError: no such file. ValueError (naming the file): empty, unreadable, no
       'landmarks' key, wrong shape, or NaN/inf values.
     """
-    path = _existing(path)
+    path = existing_file(path)
     if path.stat().st_size == 0:
         raise ValueError(f"{path}: landmark file is empty (expected {n_landmarks} rows of x y z)")
     suffix = path.suffix.lower()
@@ -277,7 +274,7 @@ def load_scan(path: str | os.PathLike, unit_scale: float = 1.0,
 
     if not (np.isfinite(unit_scale) and unit_scale > 0):
         raise ValueError(f"unit_scale must be a positive finite number, got {unit_scale!r}")
-    path = _existing(path)
+    path = existing_file(path)
     try:
         verts, faces = io_mesh.load_mesh(path)
     except ValueError as exc:
@@ -482,22 +479,9 @@ def _vertex_face_table(faces: np.ndarray, n_vertices: int, max_faces: int = 8):
 def _nearest(queries, refs, ref_valid, chunk: int):
     """Brute-force nearest neighbour of each query among the valid refs.
 
-    queries [Q, 3], refs [R, 3], ref_valid [R] bool -> (index [Q] int32, squared distance [Q]).
-    Works in blocks of `chunk` queries (memory chunk * R). Distances by |q|^2 - 2 q.r + |r|^2
-    after centring on the refs' mean; the returned distance is recomputed exactly.
-    """
-    centre = jnp.sum(jnp.where(ref_valid[:, None], refs, 0.0), 0) / jnp.maximum(jnp.sum(ref_valid), 1)
-    r = refs - centre
-    r2 = jnp.where(ref_valid, jnp.sum(r * r, -1), jnp.inf)
-    Q = queries.shape[0]
-    n_chunks = -(-Q // chunk)
-    q = jnp.pad(queries - centre, ((0, n_chunks * chunk - Q), (0, 0))).reshape(n_chunks, chunk, 3)
-
-    def block(qb):
-        d2 = r2[None, :] - 2.0 * jnp.matmul(qb, r.T, precision="highest")
-        return jnp.argmin(d2, axis=1).astype(jnp.int32)
-
-    idx = jax.lax.map(block, q).reshape(-1)[:Q]
+    queries [Q, 3], refs [R, 3], ref_valid [R] bool -> (index [Q] int32, squared distance [Q]);
+    the distance is recomputed exactly from the chosen ref (see `_knn`)."""
+    idx = _knn(queries, refs, ref_valid, 1, chunk)[:, 0]
     diff = queries - refs[idx]
     return idx, jnp.sum(diff * diff, -1)
 
@@ -548,7 +532,9 @@ def point_to_surface_distances(points, verts, faces, *, k: int = 4, chunk: int =
 
 
 def _knn(queries, refs, ref_valid, k: int, chunk: int):
-    centre = jnp.mean(refs, 0)
+    """Indices [Q, k] of the k nearest valid refs, in blocks of `chunk` queries (memory
+    chunk * R); distances by |q|^2 - 2 q.r + |r|^2 after centring on the valid refs' mean."""
+    centre = jnp.sum(jnp.where(ref_valid[:, None], refs, 0.0), 0) / jnp.maximum(jnp.sum(ref_valid), 1)
     r = refs - centre
     r2 = jnp.where(ref_valid, jnp.sum(r * r, -1), jnp.inf)
     Q = queries.shape[0]

@@ -4,6 +4,7 @@ Plain numpy and file handling only; nothing here imports dhjax.models, dhjax.ren
 higher floors. Lengths are in metres.
 """
 
+from dhjax.io._common import existing_file
 from dhjax.io.flame_files import (
     FLAME_KEYS,
     N_JOINTS,
@@ -17,6 +18,7 @@ from dhjax.io.mesh import load_mesh, save_obj, save_ply
 from dhjax.io.params import load_params, params_paths, save_params
 
 __all__ = [
+    "existing_file",
     "FLAME_KEYS",
     "N_JOINTS",
     "load_flame_arrays",
