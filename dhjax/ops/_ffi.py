@@ -1,0 +1,126 @@
+"""Loading and registering dhjax's compiled XLA FFI kernels (the python side of `kernels/`).
+
+Each op `<op>` is built (by `pip install .`, or in-tree by `bash kernels/build_inplace.sh`) into
+`dhjax/_kernels/libdhjax_<op>.so` (CPU handlers) and, with `-DDHJAX_CUDA=ON`,
+`libdhjax_<op>_cuda.so` (CUDA handlers). This module finds those libraries, checks that they
+were built from the same kernel ABI as this Python code, and registers their handlers with
+`jax.ffi.register_ffi_target`.
+
+Search order for the library directory:
+  1. `$DHJAX_KERNEL_DIR` when set;
+  2. `_kernels/` next to the imported `dhjax` package (in-tree builds, regular installs);
+  3. `dhjax/_kernels/` of the installed `dhjax` distribution. This covers running the tests of
+     a source checkout (pytest imports `dhjax` from the tree) after `pip install .`, which put
+     the compiled libraries into site-packages.
+
+When a library is missing, the ops fall back to their pure-JAX references (`backend="auto"`)
+or raise an error that says how to build it (an explicit `backend="cpu"`/`"cuda"`). Set
+`DHJAX_REQUIRE_KERNELS=1` (CI does) to make the kernel tests fail instead of skip when the
+libraries are missing.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import os
+from pathlib import Path
+
+import jax
+
+# Bumped whenever a handler's signature changes; every library exports dhjax_kernel_abi().
+KERNEL_ABI = 1
+
+_BUILD_HINT = (
+    "build the kernels with `pip install .` (CUDA: `pip install . -C cmake.define.DHJAX_CUDA=ON`) "
+    "or in the source tree with `bash kernels/build_inplace.sh [-DDHJAX_CUDA=ON]`"
+)
+
+
+def _candidate_dirs() -> list[Path]:
+    dirs: list[Path] = []
+    env = os.environ.get("DHJAX_KERNEL_DIR")
+    if env:
+        dirs.append(Path(env))
+    import dhjax
+
+    dirs.extend(Path(p) / "_kernels" for p in dhjax.__path__)
+    try:
+        from importlib import metadata
+
+        dist = metadata.distribution("dhjax")
+        dirs.append(Path(dist.locate_file("dhjax/_kernels")))
+    except Exception:  # not installed (source checkout only)
+        pass
+    return dirs
+
+
+def library_path(op: str, platform: str = "cpu") -> Path | None:
+    """Path of the compiled library of `op` for `platform` ("cpu" or "cuda"), or None."""
+    name = f"libdhjax_{op}.so" if platform == "cpu" else f"libdhjax_{op}_cuda.so"
+    for d in _candidate_dirs():
+        p = d / name
+        if p.is_file():
+            return p
+    return None
+
+
+@functools.cache
+def _load(op: str, platform: str) -> ctypes.CDLL | None:
+    path = library_path(op, platform)
+    if path is None:
+        return None
+    lib = ctypes.CDLL(str(path))
+    abi = ctypes.c_int
+    fn = lib.dhjax_kernel_abi
+    fn.restype = abi
+    got = int(fn())
+    if got != KERNEL_ABI:
+        raise RuntimeError(
+            f"{path} was built for kernel ABI {got} but this dhjax expects {KERNEL_ABI}: the library "
+            f"is stale; rebuild it ({_BUILD_HINT})"
+        )
+    return lib
+
+
+@functools.cache
+def register(op: str, platform: str, targets: tuple[tuple[str, str], ...]) -> bool:
+    """Register the handlers of `op` on `platform`; returns False when the library is missing.
+
+    Args:
+      op: kernel folder name, e.g. "splat".
+      platform: "cpu" or "cuda".
+      targets: ((ffi target name, exported C symbol), ...).
+    """
+    lib = _load(op, platform)
+    if lib is None:
+        return False
+    xla_platform = "cpu" if platform == "cpu" else "CUDA"
+    for target, symbol in targets:
+        jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform=xla_platform)
+    return True
+
+
+def resolve_backend(backend: str, op: str, targets_by_platform: dict[str, tuple[tuple[str, str], ...]]) -> str:
+    """Map "auto" | "reference" | "cpu" | "cuda" to the implementation that will run.
+
+    "auto" takes the kernel of JAX's default backend when its library is built, else the
+    pure-JAX reference. An explicit kernel backend whose library is missing is an error.
+    """
+    if backend not in ("auto", "reference", "cpu", "cuda"):
+        raise ValueError(f"backend must be 'auto', 'reference', 'cpu' or 'cuda', got {backend!r}")
+    if backend == "reference":
+        return backend
+    if backend == "auto":
+        platform = "cuda" if jax.default_backend() == "gpu" else "cpu"
+        if jax.default_backend() not in ("cpu", "gpu"):
+            return "reference"
+        return platform if register(op, platform, targets_by_platform[platform]) else "reference"
+    if not register(op, backend, targets_by_platform[backend]):
+        raise RuntimeError(f"the {backend} kernel of '{op}' is not built: {_BUILD_HINT}")
+    return backend
+
+
+def require_kernels() -> bool:
+    """True when the environment asks kernel tests to fail instead of skip (DHJAX_REQUIRE_KERNELS=1)."""
+    return os.environ.get("DHJAX_REQUIRE_KERNELS", "") not in ("", "0")
