@@ -1,0 +1,291 @@
+"""Tile-based alpha compositing of projected 2D Gaussians: the rasterisation stage of 3DGS.
+
+This is the op behind `dhjax.render.splat.rasterize`. Projection (EWA, spherical harmonics,
+culling) happens before, in plain JAX; this op takes the projected Gaussians of one or more
+cameras and composites them front to back, per 16x16 pixel tile:
+
+* Tile binning: Gaussian i covers the tiles `rects[i] = (tx0, ty0, tx1, ty1)` (half-open,
+  computed by `tile_rects` from the 2D mean and the per-axis radius). An empty rectangle culls it.
+* Order: in each tile, Gaussians are sorted by depth (camera z), ties by index (a stable sort).
+* Pixel (column j, row i) has its centre at image coordinates (u, v) = (j, i) (the OpenCV
+  convention of `dhjax.render.camera`). With d = (j, i) - mean2d and the conic (inverse 2D
+  covariance) [[a, b], [b, c]]: power = -a d_x^2 / 2 - c d_y^2 / 2 - b d_x d_y; a Gaussian is
+  skipped where power > 0 (a numerical guard), otherwise alpha = min(0.99, o exp(power)),
+  skipped where alpha < 1/255.
+* Compositing: C = sum_i c_i alpha_i T_i with T_i = prod_{j<i} (1 - alpha_j); a pixel stops
+  before the first Gaussian that would bring its transmittance below 1e-4 (that Gaussian is not
+  composited). Outputs the accumulated channels (no background) and the final transmittance.
+
+Three implementations of this one op:
+* `backend="reference"`: pure JAX (`rasterize_reference`), differentiable by autodiff; the oracle.
+* `backend="cpu"`: C++ handler (kernels/splat/splat_cpu.cc), threads over tiles.
+* `backend="cuda"`: CUDA handler (kernels/splat/splat_cuda.cu).
+The kernels are XLA FFI custom calls with a `jax.custom_vjp` whose backward is a second custom
+call (front-to-back, exact transmittances, no division by (1 - alpha) to recover T).
+`backend="auto"` picks the kernel of JAX's default backend when it is built, else the reference.
+
+Number of intersections: the kernels bin on their own (CPU with growing buffers, CUDA with one
+4-byte count read back and scratch memory of the exact size), so no capacity is ever guessed and
+no image is truncated. The reference works per tile on at most `capacity` Gaussians; with
+`capacity=None` it uses the exact maximum when the inputs are concrete and all N otherwise, and a
+tile whose count exceeds an explicit `capacity` comes out as NaN (loud, never silently cut).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dhjax.ops import _ffi
+
+TILE = 16
+ALPHA_MIN = 1.0 / 255.0
+ALPHA_MAX = 0.99
+T_MIN = 1e-4
+
+_TARGETS = {
+    "cpu": (("dhjax_splat_fwd", "SplatForward"), ("dhjax_splat_bwd", "SplatBackward")),
+    "cuda": (("dhjax_splat_fwd", "SplatForwardCuda"), ("dhjax_splat_bwd", "SplatBackwardCuda")),
+}
+
+
+def num_tiles(width: int, height: int) -> tuple[int, int]:
+    """(tiles_x, tiles_y) covering a width x height image with 16x16 tiles."""
+    return -(-int(width) // TILE), -(-int(height) // TILE)
+
+
+def tile_rects(means2d, radii, width: int, height: int) -> jax.Array:
+    """Half-open tile rectangles covered by each Gaussian's screen-space box.
+
+    Args:
+      means2d: [..., N, 2] float32 pixel coordinates (u, v) of the 2D means.
+      radii: [..., N, 2] int32 or float pixel radii along u and v; a zero radius culls.
+      width, height: image size in pixels.
+    Returns:
+      [..., N, 4] int32 (tx0, ty0, tx1, ty1): the Gaussian is binned into tiles tx0 <= x < tx1,
+      ty0 <= y < ty1 (tile x holds pixel columns 16x .. 16x+15). Culled Gaussians (zero radius,
+      non-finite mean, or a box entirely outside the image) get (0, 0, 0, 0).
+    """
+    tx, ty = num_tiles(width, height)
+    m = jnp.asarray(means2d, jnp.float32)
+    r = jnp.asarray(radii).astype(jnp.float32)
+    ok = (r[..., 0] > 0) & (r[..., 1] > 0) & jnp.all(jnp.isfinite(m), axis=-1)
+    lo = jnp.floor((m - r) / TILE)
+    hi = jnp.floor((m + r) / TILE) + 1.0
+    lim = jnp.array([tx, ty], jnp.float32)
+    lo = jnp.clip(jnp.where(ok[..., None], lo, 0.0), 0.0, lim)
+    hi = jnp.clip(jnp.where(ok[..., None], hi, 0.0), 0.0, lim)
+    empty = jnp.any(hi <= lo, axis=-1, keepdims=True)
+    rect = jnp.concatenate([lo, hi], axis=-1).astype(jnp.int32)
+    return jnp.where(empty, 0, rect)
+
+
+def tile_counts(rects, width: int, height: int) -> jax.Array:
+    """Number of Gaussians binned into each tile.
+
+    Args:
+      rects: [..., N, 4] int32 from `tile_rects`.
+    Returns:
+      [..., tiles_y, tiles_x] int32.
+    """
+    tx, ty = num_tiles(width, height)
+    xs = jnp.arange(tx, dtype=jnp.int32)
+    ys = jnp.arange(ty, dtype=jnp.int32)
+    inx = (rects[..., :, 0:1] <= xs) & (xs < rects[..., :, 2:3])  # [..., N, tx]
+    iny = (rects[..., :, 1:2] <= ys) & (ys < rects[..., :, 3:4])  # [..., N, ty]
+    return jnp.einsum("...ny,...nx->...yx", iny.astype(jnp.int32), inx.astype(jnp.int32))
+
+
+def num_intersections(rects) -> jax.Array:
+    """Total number of (Gaussian, tile) pairs, [...] int32, from rects [..., N, 4]."""
+    area = (rects[..., 2] - rects[..., 0]) * (rects[..., 3] - rects[..., 1])
+    return jnp.sum(area, axis=-1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Pure-JAX reference.
+
+
+def _concrete(x) -> np.ndarray | None:
+    try:
+        return np.asarray(x)
+    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+        return None
+
+
+def _reference_one(means2d, conics, colors, opacities, depths, rects, width, height, capacity, tile_batch):
+    """One camera. Shapes as `rasterize` without the leading batch."""
+    n, k = colors.shape
+    tx, ty = num_tiles(width, height)
+    order = jnp.lexsort((jnp.arange(n), depths)).astype(jnp.int32)  # depth, then index
+    r = rects[order]
+    # One padding row (index n): zero opacity and colour, never composited.
+    pad = lambda a, v=0.0: jnp.concatenate([a, jnp.full((1,) + a.shape[1:], v, a.dtype)], 0)
+    m_p, q_p, c_p, o_p = pad(means2d), pad(conics), pad(colors), pad(opacities)
+    offs = jnp.arange(TILE, dtype=jnp.float32)
+
+    @jax.checkpoint
+    def tile(t):
+        x, y = t % tx, t // tx
+        hit = (r[:, 0] <= x) & (x < r[:, 2]) & (r[:, 1] <= y) & (y < r[:, 3])
+        count = jnp.sum(hit.astype(jnp.int32))
+        pos = jnp.nonzero(hit, size=capacity, fill_value=n)[0]
+        gid = jnp.where(pos < n, order[jnp.minimum(pos, n - 1)], n)  # [cap]
+        px = (x * TILE).astype(jnp.float32) + offs
+        py = (y * TILE).astype(jnp.float32) + offs
+        pu, pv = jnp.meshgrid(px, py)  # [16, 16]; row = v
+        pix = jnp.stack([pu.reshape(-1), pv.reshape(-1)], -1)  # [256, 2]
+        mu = m_p[gid]  # [cap, 2]
+        q = q_p[gid]
+        d = pix[None, :, :] - mu[:, None, :]  # [cap, 256, 2]
+        dx, dy = d[..., 0], d[..., 1]
+        power = -0.5 * (q[:, None, 0] * dx * dx + q[:, None, 2] * dy * dy) - q[:, None, 1] * dx * dy
+        g = jnp.exp(jnp.minimum(power, 0.0))
+        alpha = jnp.minimum(ALPHA_MAX, o_p[gid][:, None] * g)
+        valid = (gid < n)[:, None] & (power <= 0.0) & (alpha >= ALPHA_MIN)
+        alpha = jnp.where(valid, alpha, 0.0)
+        one_m = 1.0 - alpha
+        t_incl = jnp.cumprod(one_m, axis=0)
+        t_excl = jnp.concatenate([jnp.ones_like(t_incl[:1]), t_incl[:-1]], 0)
+        keep = t_incl >= T_MIN  # monotone: once below, every later Gaussian is cut too
+        w = jnp.where(keep, alpha * t_excl, 0.0)  # [cap, 256]
+        img = jnp.einsum("gp,gk->pk", w, c_p[gid], precision=jax.lax.Precision.HIGHEST)
+        t_fin = jnp.prod(jnp.where(keep, one_m, 1.0), axis=0)
+        bad = count > capacity
+        img = jnp.where(bad, jnp.nan, img)
+        t_fin = jnp.where(bad, jnp.nan, t_fin)
+        return img, t_fin
+
+    imgs, ts = jax.lax.map(tile, jnp.arange(tx * ty, dtype=jnp.int32), batch_size=tile_batch)
+    img = imgs.reshape(ty, tx, TILE, TILE, k).transpose(0, 2, 1, 3, 4).reshape(ty * TILE, tx * TILE, k)
+    tr = ts.reshape(ty, tx, TILE, TILE).transpose(0, 2, 1, 3).reshape(ty * TILE, tx * TILE)
+    return img[:height, :width], tr[:height, :width]
+
+
+def rasterize_reference(means2d, conics, colors, opacities, depths, rects, width, height, *, capacity=None, tile_batch=16):
+    """Pure-JAX tile compositing (the oracle). Arguments and results as `rasterize`.
+
+    Args:
+      capacity: Gaussians considered per tile. None: the exact maximum over tiles when the inputs
+        are concrete (eager), else all N. Tiles with more Gaussians than an explicit capacity
+        come out as NaN.
+      tile_batch: tiles evaluated together (memory ~ tile_batch * capacity * 256 floats); each
+        tile is rematerialised in the backward pass.
+    """
+    lead = means2d.shape[:-2]
+    n = means2d.shape[-2]
+    if capacity is None:
+        rc = _concrete(rects)
+        capacity = int(np.max(np.asarray(tile_counts(rc, width, height)), initial=0)) if rc is not None else n
+    capacity = max(1, min(int(capacity), max(n, 1))) if n else 1
+    flat = lambda a: a.reshape((-1,) + a.shape[len(lead):])
+    args = [flat(a) for a in (means2d, conics, colors, opacities, depths, rects)]
+    fn = functools.partial(_reference_one, width=width, height=height, capacity=capacity, tile_batch=tile_batch)
+    img, tr = jax.vmap(lambda *a: fn(*a))(*args)
+    return img.reshape(lead + img.shape[1:]), tr.reshape(lead + tr.shape[1:])
+
+
+# ----------------------------------------------------------------------------------------------
+# FFI kernels.
+
+
+def _kernel_forward(means2d, conics, colors, opacities, depths, rects, width, height):
+    lead = means2d.shape[:-2]
+    k = colors.shape[-1]
+    out_types = (
+        jax.ShapeDtypeStruct(lead + (height, width, k), jnp.float32),
+        jax.ShapeDtypeStruct(lead + (height, width), jnp.float32),
+        jax.ShapeDtypeStruct(lead + (height, width), jnp.int32),
+    )
+    call = jax.ffi.ffi_call("dhjax_splat_fwd", out_types, vmap_method="broadcast_all")
+    return call(means2d, conics, colors, opacities, depths, rects)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
+def _kernel_raster(means2d, conics, colors, opacities, depths, rects, width, height):
+    out, trans, _ = _kernel_forward(means2d, conics, colors, opacities, depths, rects, width, height)
+    return out, trans
+
+
+def _kernel_raster_fwd(means2d, conics, colors, opacities, depths, rects, width, height):
+    out, trans, last = _kernel_forward(means2d, conics, colors, opacities, depths, rects, width, height)
+    return (out, trans), (means2d, conics, colors, opacities, depths, rects, out, trans, last)
+
+
+def _kernel_raster_bwd(width, height, res, cts):
+    means2d, conics, colors, opacities, depths, rects, out, trans, last = res
+    g_out, g_trans = cts
+    out_types = (
+        jax.ShapeDtypeStruct(means2d.shape, jnp.float32),
+        jax.ShapeDtypeStruct(conics.shape, jnp.float32),
+        jax.ShapeDtypeStruct(colors.shape, jnp.float32),
+        jax.ShapeDtypeStruct(opacities.shape, jnp.float32),
+    )
+    call = jax.ffi.ffi_call("dhjax_splat_bwd", out_types, vmap_method="broadcast_all")
+    g_m, g_q, g_c, g_o = call(
+        means2d, conics, colors, opacities, depths, rects, out, trans, last,
+        jnp.asarray(g_out, jnp.float32), jnp.asarray(g_trans, jnp.float32),
+    )
+    return g_m, g_q, g_c, g_o, None, None
+
+
+_kernel_raster.defvjp(_kernel_raster_fwd, _kernel_raster_bwd)
+
+
+def _check(means2d, conics, colors, opacities, depths, rects):
+    means2d = jnp.asarray(means2d, jnp.float32)
+    lead, n = means2d.shape[:-2], means2d.shape[-2] if means2d.ndim >= 2 else None
+    if means2d.ndim < 2 or means2d.shape[-1] != 2:
+        raise ValueError(f"means2d must be [..., N, 2], got {means2d.shape}")
+    want = {"conics": (3,), "colors": None, "opacities": (), "depths": (), "rects": (4,)}
+    arrays = {"conics": conics, "colors": colors, "opacities": opacities, "depths": depths, "rects": rects}
+    out = {}
+    for name, tail in want.items():
+        a = jnp.asarray(arrays[name], jnp.int32 if name == "rects" else jnp.float32)
+        exp_nd = len(lead) + 1 + (1 if tail is None else len(tail))
+        if a.ndim != exp_nd or a.shape[: len(lead) + 1] != lead + (n,) or (tail is not None and a.shape[len(lead) + 1 :] != tail):
+            shape = "[..., N, K]" if tail is None else "[..., N" + "".join(f", {t}" for t in tail) + "]"
+            raise ValueError(f"{name} must be {shape} with the leading shape {lead + (n,)} of means2d, got {a.shape}")
+        out[name] = a
+    return means2d, out["conics"], out["colors"], out["opacities"], out["depths"], out["rects"]
+
+
+def rasterize(means2d, conics, colors, opacities, depths, rects, width: int, height: int, *, backend: str = "auto", capacity=None):
+    """Composite projected Gaussians per 16x16 tile (see the module docstring for the exact rule).
+
+    Args:
+      means2d: [..., N, 2] float32 pixel coordinates of the 2D means.
+      conics: [..., N, 3] float32 (a, b, c) of the inverse 2D covariance [[a, b], [b, c]].
+      colors: [..., N, K] float32 per-Gaussian channels (RGB, depth, features; any K >= 1).
+      opacities: [..., N] float32 in [0, 1].
+      depths: [..., N] float32 sort keys (camera z, metres); no gradient flows to them.
+      rects: [..., N, 4] int32 tile rectangles from `tile_rects` (no gradient).
+      width, height: image size in pixels (static).
+      backend: "auto" | "reference" | "cpu" | "cuda".
+      capacity: reference only, see `rasterize_reference`.
+    Returns:
+      image: [..., H, W, K] float32 accumulated channels, without background.
+      transmittance: [..., H, W] float32 final transmittance T (alpha = 1 - T).
+    Gradients flow to means2d, conics, colors and opacities in every backend.
+    """
+    args = _check(means2d, conics, colors, opacities, depths, rects)
+    width, height = int(width), int(height)
+    if width <= 0 or height <= 0:
+        raise ValueError(f"image size must be positive, got {width}x{height}")
+    impl = _ffi.resolve_backend(backend, "splat", _TARGETS)
+    if impl == "reference":
+        return rasterize_reference(*args, width, height, capacity=capacity)
+    if args[0].shape[-2] == 0:  # no Gaussians: nothing to launch
+        lead = args[0].shape[:-2]
+        k = args[2].shape[-1]
+        return jnp.zeros(lead + (height, width, k), jnp.float32), jnp.ones(lead + (height, width), jnp.float32)
+    return _kernel_raster(*args, width, height)
+
+
+def kernel_available(platform: str = "cpu") -> bool:
+    """True when the splat library for `platform` ("cpu" | "cuda") is built and registered."""
+    return _ffi.register("splat", platform, _TARGETS[platform])
