@@ -128,7 +128,6 @@ def _reference_one(means2d, conics, colors, opacities, depths, rects, width, hei
     m_p, q_p, c_p, o_p = pad(means2d), pad(conics), pad(colors), pad(opacities)
     offs = jnp.arange(TILE, dtype=jnp.float32)
 
-    @jax.checkpoint
     def tile(t):
         x, y = t % tx, t // tx
         hit = (r[:, 0] <= x) & (x < r[:, 2]) & (r[:, 1] <= y) & (y < r[:, 3])
@@ -149,9 +148,14 @@ def _reference_one(means2d, conics, colors, opacities, depths, rects, width, hei
         valid = (gid < n)[:, None] & (power <= 0.0) & (alpha >= ALPHA_MIN)
         alpha = jnp.where(valid, alpha, 0.0)
         one_m = 1.0 - alpha
-        t_incl = jnp.cumprod(one_m, axis=0)
-        t_excl = jnp.concatenate([jnp.ones_like(t_incl[:1]), t_incl[:-1]], 0)
-        keep = t_incl >= T_MIN  # monotone: once below, every later Gaussian is cut too
+        # Transmittance through log-space sums (alpha <= 0.99 keeps the logs finite): cumsum's
+        # transpose is a reversed cumsum, which compiles far faster than cumprod's gradient.
+        log_incl = jnp.cumsum(jnp.log(one_m), axis=0)
+        t_incl = jnp.exp(log_incl)
+        t_excl = jnp.exp(log_incl - jnp.log(one_m))
+        # The stop decision uses running products like the kernels (no gradient flows through it).
+        # Monotone: once below 1e-4, every later Gaussian is cut too.
+        keep = jax.lax.stop_gradient(jnp.cumprod(one_m, axis=0)) >= T_MIN
         w = jnp.where(keep, alpha * t_excl, 0.0)  # [cap, 256]
         img = jnp.einsum("gp,gk->pk", w, c_p[gid], precision=jax.lax.Precision.HIGHEST)
         t_fin = jnp.prod(jnp.where(keep, one_m, 1.0), axis=0)
@@ -160,13 +164,20 @@ def _reference_one(means2d, conics, colors, opacities, depths, rects, width, hei
         t_fin = jnp.where(bad, jnp.nan, t_fin)
         return img, t_fin
 
-    imgs, ts = jax.lax.map(tile, jnp.arange(tx * ty, dtype=jnp.int32), batch_size=tile_batch)
+    tiles = jnp.arange(tx * ty, dtype=jnp.int32)
+    if tile_batch is None or tile_batch >= tx * ty:
+        imgs, ts = jax.vmap(tile)(tiles)  # one fused program: quickest to compile
+    else:
+        imgs, ts = jax.lax.map(jax.checkpoint(tile), tiles, batch_size=tile_batch)  # remat per tile
     img = imgs.reshape(ty, tx, TILE, TILE, k).transpose(0, 2, 1, 3, 4).reshape(ty * TILE, tx * TILE, k)
     tr = ts.reshape(ty, tx, TILE, TILE).transpose(0, 2, 1, 3).reshape(ty * TILE, tx * TILE)
     return img[:height, :width], tr[:height, :width]
 
 
-def rasterize_reference(means2d, conics, colors, opacities, depths, rects, width, height, *, capacity=None, tile_batch=16):
+_VMAP_ELEMENTS = 1 << 24
+
+
+def rasterize_reference(means2d, conics, colors, opacities, depths, rects, width, height, *, capacity=None, tile_batch="auto"):
     """Pure-JAX tile compositing (the oracle). Arguments and results as `rasterize`.
 
     Args:
@@ -174,7 +185,9 @@ def rasterize_reference(means2d, conics, colors, opacities, depths, rects, width
         are concrete (eager), else all N. Tiles with more Gaussians than an explicit capacity
         come out as NaN.
       tile_batch: tiles evaluated together (memory ~ tile_batch * capacity * 256 floats); each
-        tile is rematerialised in the backward pass.
+        tile is rematerialised in the backward pass. "auto": all tiles in one vectorised program
+        when that stays below 2^24 elements per array (quick to compile), else batches of tiles
+        under `lax.map`. None: all tiles.
     """
     lead = means2d.shape[:-2]
     n = means2d.shape[-2]
@@ -182,11 +195,20 @@ def rasterize_reference(means2d, conics, colors, opacities, depths, rects, width
         rc = _concrete(rects)
         capacity = int(np.max(np.asarray(tile_counts(rc, width, height)), initial=0)) if rc is not None else n
     capacity = max(1, min(int(capacity), max(n, 1))) if n else 1
+    if tile_batch == "auto":  # all tiles at once while the [tiles, capacity, 256] arrays stay small
+        tx, ty = num_tiles(width, height)
+        tile_batch = None if tx * ty * capacity * TILE * TILE <= _VMAP_ELEMENTS else max(1, _VMAP_ELEMENTS // (capacity * TILE * TILE))
     flat = lambda a: a.reshape((-1,) + a.shape[len(lead):])
     args = [flat(a) for a in (means2d, conics, colors, opacities, depths, rects)]
-    fn = functools.partial(_reference_one, width=width, height=height, capacity=capacity, tile_batch=tile_batch)
-    img, tr = jax.vmap(lambda *a: fn(*a))(*args)
+    img, tr = _reference_batched(*args, width=width, height=height, capacity=capacity, tile_batch=tile_batch)
     return img.reshape(lead + img.shape[1:]), tr.reshape(lead + tr.shape[1:])
+
+
+@functools.partial(jax.jit, static_argnames=("width", "height", "capacity", "tile_batch"))
+def _reference_batched(means2d, conics, colors, opacities, depths, rects, *, width, height, capacity, tile_batch):
+    # jitted so that eager calls compile once per shape instead of dispatching op by op
+    fn = functools.partial(_reference_one, width=width, height=height, capacity=capacity, tile_batch=tile_batch)
+    return jax.vmap(fn)(means2d, conics, colors, opacities, depths, rects)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -277,12 +299,13 @@ def rasterize(means2d, conics, colors, opacities, depths, rects, width: int, hei
     if width <= 0 or height <= 0:
         raise ValueError(f"image size must be positive, got {width}x{height}")
     impl = _ffi.resolve_backend(backend, "splat", _TARGETS)
-    if impl == "reference":
-        return rasterize_reference(*args, width, height, capacity=capacity)
-    if args[0].shape[-2] == 0:  # no Gaussians: nothing to launch
+    if args[0].shape[-2] == 0:  # no Gaussians: nothing to composite or launch
         lead = args[0].shape[:-2]
         k = args[2].shape[-1]
-        return jnp.zeros(lead + (height, width, k), jnp.float32), jnp.ones(lead + (height, width), jnp.float32)
+        zero = 0.0 * (jnp.sum(args[0]) + jnp.sum(args[1]) + jnp.sum(args[2]) + jnp.sum(args[3]))  # keeps grads defined
+        return jnp.zeros(lead + (height, width, k), jnp.float32) + zero, jnp.ones(lead + (height, width), jnp.float32) + zero
+    if impl == "reference":
+        return rasterize_reference(*args, width, height, capacity=capacity)
     return _kernel_raster(*args, width, height)
 
 
