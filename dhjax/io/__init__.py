@@ -13,12 +13,15 @@ from dhjax.io.flame_files import (
     load_landmark_embedding,
     save_flame_npz,
 )
+from dhjax.io.gaussians import load_gaussians_ply, save_gaussians_ply
 from dhjax.io.image import image_grid, load_image, load_video, save_image, save_video
 from dhjax.io.mesh import load_mesh, save_obj, save_ply
 from dhjax.io.params import load_params, params_paths, save_params
 
 __all__ = [
     "existing_file",
+    "save_gaussians_ply",
+    "load_gaussians_ply",
     "FLAME_KEYS",
     "N_JOINTS",
     "load_flame_arrays",
