@@ -5,6 +5,16 @@
 Variants:
   flame  FLAME forward (B=1, B=64) vs smplx.lbs.lbs on the same arrays (torch, CPU), and the
          pure-JAX rasterizer on the default head (10.4k faces) at 512x512.
+  synthetic  synthetic-data generation (dhjax.data.synthetic) in samples/s at 128x128 and
+         512x512: new identities (texture, hair, shape) rendered from the SynShot rig, one image
+         per call as the input pipeline reads them, and whole rig groups in one batched render.
+  splat  3D Gaussian splatting (dhjax.render.splat) forward and forward+backward: 60k Gaussians on
+         the default head at 512x512 and 550x802 (GEM), 250k at 1024x667 (D3GA), for the CPU kernel
+         and the pure-JAX reference in the same run (splat_cpu_speedup_vs_reference), the CUDA
+         kernel on a GPU, and gsplat on the same GPU when it can be built there.
+  geometry  closest points (BVH kernel vs the brute-force reference, libigl, open3d/Embree) for
+         1M points around the default head, and hash-grid encoding (kernel vs reference) for 1M
+         points, 16 levels x 2 features, T = 2^19 (experiments/bench_geometry.py).
 Results are printed and written to <workdir>/bench.json.
 """
 
@@ -19,6 +29,24 @@ def get_config(arg=None):
     c.batch_sizes = (1, 64)
     c.raster_size = 512
     c.torch_threads = 0     # 0 = torch's default
-    if c.suite not in ("flame",):
-        raise ValueError(f"unknown bench variant {c.suite!r}; available: flame")
+    if c.suite == "synthetic":
+        c.synthetic = ml_collections.ConfigDict(dict(
+            sizes=(128, 512),     # square images, pixels
+            uv_size=256,          # UV maps (albedo, position, expression offsets)
+            n_identities=2,       # timed identities (fresh ones: their textures/hair are generated)
+            n_views=8,            # views per identity, spread over both rings of the rig
+        ))
+    if c.suite == "splat":
+        c.splat = ml_collections.ConfigDict(dict(
+            cases=((60_000, 512, 512), (60_000, 550, 802), (250_000, 1024, 667)),  # (N, width, height)
+            repeats=5,              # timed calls of each kernel (median)
+            reference_repeats=1,    # the pure-JAX reference is slow: one timed call after the warm-up
+            reference_max_n=250_000,  # larger scenes skip the reference
+        ))
+    if c.suite == "geometry":
+        from experiments import bench_geometry
+
+        c.geometry = bench_geometry.default_config()
+    if c.suite not in ("flame", "synthetic", "splat", "geometry"):
+        raise ValueError(f"unknown bench variant {c.suite!r}; available: flame, synthetic, splat, geometry")
     return c

@@ -1,6 +1,9 @@
 """Benchmarks dhjax against references and peers in one run (no timed assertions anywhere).
 
     python -m experiments.bench --config=configs/bench.py:flame --workdir=/tmp/bench
+
+Variants (configs/bench.py): flame, synthetic, splat (experiments/bench_splat.py), geometry
+(experiments/bench_geometry.py).
 """
 
 import json
@@ -93,6 +96,43 @@ def bench_flame(cfg):
     return results
 
 
+def bench_synthetic(cfg):
+    """Samples/s of the synthetic generator (new identities each time; compile excluded)."""
+    from dhjax.data import synthetic
+
+    sc = cfg.synthetic
+    results = {"device": str(jax.devices()[0]), "synthetic_uv_size": int(sc.uv_size)}
+    assets = synthetic.build_assets(None, int(sc.uv_size))
+    for size in sc.sizes:
+        gcfg = synthetic.default_config()
+        gcfg.uv_size = int(sc.uv_size)
+        gcfg.multiview.update(width=int(size), height=int(size), n_identities=1 + 2 * int(sc.n_identities))
+        gen = synthetic.MultiviewGenerator(gcfg, assets)
+        views = np.linspace(0, gen.n_cameras - 1, int(sc.n_views)).round().astype(int)
+        idx = lambda i: [gen.n_cameras * gen.n_frames * i + int(c) for c in views]
+        for i in idx(0):                       # warm-up: compiles everything for this size
+            gen[i]
+        gen.render_group(0, 0, views)
+        n = 0
+        t0 = time.perf_counter()
+        for i in range(1, 1 + int(sc.n_identities)):
+            for j in idx(i):
+                jax.block_until_ready(gen[j]["image"])
+                n += 1
+        dt = time.perf_counter() - t0
+        m = 0
+        t1 = time.perf_counter()
+        for i in range(1 + int(sc.n_identities), 1 + 2 * int(sc.n_identities)):
+            m += len(gen.render_group(i, 0, views))
+        dg = time.perf_counter() - t1
+        results[f"synthetic_{size}_samples_per_s"] = n / dt
+        results[f"synthetic_{size}_group_samples_per_s"] = m / dg
+        print(f"synthetic {size}x{size}: {n / dt:6.2f} samples/s one image per call, "
+              f"{m / dg:6.2f} samples/s rendering {len(views)} views per call "
+              f"({sc.n_identities} new identities each, UV {sc.uv_size})", flush=True)
+    return results
+
+
 def main(argv):
     del argv
     cfg = _CONFIG.value
@@ -101,6 +141,16 @@ def main(argv):
                "cpu_count": os.cpu_count()}
     if cfg.suite == "flame":
         results.update(bench_flame(cfg))
+    elif cfg.suite == "synthetic":
+        results.update(bench_synthetic(cfg))
+    elif cfg.suite == "splat":
+        from experiments import bench_splat
+
+        results.update(bench_splat.run(cfg, log=lambda *a: print(*a, flush=True)))
+    elif cfg.suite == "geometry":
+        from experiments import bench_geometry
+
+        results.update(bench_geometry.run_all(cfg.geometry, log=lambda *a: print(*a, flush=True)))
     path = os.path.join(_WORKDIR.value, "bench.json")
     with open(path, "w") as f:
         json.dump(results, f, indent=2)

@@ -501,11 +501,14 @@ def _closest_on_candidates(points, verts, faces, cand, cand_mask):
 
 def point_to_surface_distances(points, verts, faces, *, k: int = 4, chunk: int = 512,
                                valid=None, vertex_faces=None):
-    """Distance from points to a triangle surface: exact point-to-triangle distance over the faces
-    around the k nearest vertices of each point.
+    """Distance from points to a triangle surface.
 
-    This equals the brute-force distance whenever the closest face has a vertex among the point's
-    k nearest vertices (always in practice for registration residuals; the tests check it against
+    Without a vertex mask (`valid=None`) this is the exact distance to the whole surface, from
+    the BVH closest-point op (`dhjax.ops.closest_point`; its pure-JAX brute force when the kernel
+    library is not built); `k`, `chunk` and `vertex_faces` are then unused. With a vertex mask it
+    is the exact point-to-triangle distance over the faces around the k nearest valid vertices
+    of each point, which equals the brute-force distance whenever the closest face has a vertex
+    among those k (always in practice for registration residuals; the tests check it against
     brute force).
 
     Args:
@@ -513,9 +516,14 @@ def point_to_surface_distances(points, verts, faces, *, k: int = 4, chunk: int =
       k: nearest vertices whose faces are candidates. valid: optional [V] bool vertex mask.
       vertex_faces: optional precomputed `_vertex_face_table(faces, V)`.
     Returns:
-      (distance [N] metres, face [N] int32, bary [N, 3]).
+      (distance [N] metres, face [N] int32, bary [N, 3]); no gradients (stop-gradient).
     """
     faces_np = np.asarray(faces)
+    if valid is None:
+        from dhjax.ops.bvh import closest_point
+
+        out = jax.lax.stop_gradient(closest_point(verts, faces_np, points))
+        return jnp.sqrt(out.sq_dist), out.face, out.bary
     V = verts.shape[0]
     table, tmask = vertex_faces if vertex_faces is not None else _vertex_face_table(faces_np, V)
     table, tmask = jnp.asarray(table), jnp.asarray(tmask)
@@ -647,8 +655,7 @@ def residual_report(params_or_state, batch: Mapping[str, Any], model: flame.Flam
                     k: int = 4, chunk: int = 512) -> dict:
     """Per-scan distance of every valid scan point to the registered surface.
 
-    Exact point-to-triangle distances (`point_to_surface_distances` over the faces around the k
-    nearest registered vertices).
+    Exact point-to-surface distances (`point_to_surface_distances`, BVH closest points).
 
     Args:
       params_or_state: state or params (as `registered_vertices`). batch: `pad_scans` output.

@@ -24,6 +24,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <numeric>
 #include <vector>
 
@@ -85,15 +86,20 @@ void sort_tile(const float* depths, int32_t* begin, int32_t* end) {
 // Gathered parameters of one tile's list, contiguous for the pixel loops.
 struct TileData {
   std::vector<float> mx, my, ca, cb, cc, op, col;  // col: [n, K]
+  // skip[j]: below this power, o exp(power) < 1/255 for sure (log(1/(255 o)) minus a margin far
+  // above float rounding), so the pixel loops skip the exp; the exact test decides the rest.
+  std::vector<float> skip;
   void gather(const int32_t* ids, int64_t n, int64_t K, const float* means2d, const float* conics,
               const float* colors, const float* opac) {
     mx.resize(n); my.resize(n); ca.resize(n); cb.resize(n); cc.resize(n); op.resize(n);
+    skip.resize(n);
     col.resize(n * K);
     for (int64_t j = 0; j < n; ++j) {
       const int64_t g = ids[j];
       mx[j] = means2d[2 * g]; my[j] = means2d[2 * g + 1];
       ca[j] = conics[3 * g]; cb[j] = conics[3 * g + 1]; cc[j] = conics[3 * g + 2];
       op[j] = opac[g];
+      skip[j] = op[j] > 0.0f ? std::log(kAlphaMin / op[j]) - 1e-3f : std::numeric_limits<float>::infinity();
       std::memcpy(&col[j * K], colors + g * K, sizeof(float) * K);
     }
   }
@@ -166,7 +172,7 @@ ffi::Error SplatForwardImpl(ffi::Buffer<ffi::F32> means2d, ffi::Buffer<ffi::F32>
           for (int64_t j = 0; j < n; ++j) {
             const float dx = fx - td.mx[j], dy = fy - td.my[j];
             const float power = -0.5f * (td.ca[j] * dx * dx + td.cc[j] * dy * dy) - td.cb[j] * dx * dy;
-            if (power > 0.0f) continue;
+            if (power > 0.0f || power < td.skip[j]) continue;
             const float alpha = std::min(kAlphaMax, td.op[j] * std::exp(power));
             if (alpha < kAlphaMin) continue;
             const float next_t = tr * (1.0f - alpha);
@@ -246,7 +252,7 @@ ffi::Error SplatBackwardImpl(ffi::Buffer<ffi::F32> means2d, ffi::Buffer<ffi::F32
           for (int64_t j = 0; j < walk; ++j) {
             const float dx = fx - td.mx[j], dy = fy - td.my[j];
             const float power = -0.5f * (td.ca[j] * dx * dx + td.cc[j] * dy * dy) - td.cb[j] * dx * dy;
-            if (power > 0.0f) continue;
+            if (power > 0.0f || power < td.skip[j]) continue;
             const float g = std::exp(power);
             const float raw = td.op[j] * g;
             const float alpha = std::min(kAlphaMax, raw);

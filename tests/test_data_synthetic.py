@@ -1,0 +1,247 @@
+"""Synthetic data: determinism, ground truth that agrees with the model, part labels, rigs."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import synthetic_common as common
+from dhjax.data import hair as hair_lib
+from dhjax.data import synthetic
+from dhjax.models import flame
+from dhjax.render import camera as camera_lib
+from dhjax.render import raster, shading
+
+L = synthetic.LABEL
+
+
+def _camera(s):
+    H, W = s["image"].shape[:2]
+    return camera_lib.make_camera(s["K"], s["R"], s["t"], W, H)
+
+
+def _model_depth(assets, s):
+    """Depth of the base model's mesh from the sample's parameters, rasterised independently."""
+    base = synthetic.base_model(assets)
+    v = flame.forward(base, s["shape"][None], s["expression"][None], s["pose"][None],
+                      s["translation"][None]).vertices
+    cam = _camera(s)
+    return v, raster.rasterize(v, base.faces, cam, capacity=synthetic.render_capacity(v[0], base.faces, cam))
+
+
+def test_same_seed_and_index_give_the_same_bytes():
+    cfg = common.tiny_config()
+    a = synthetic.MultiviewGenerator(cfg, common.tiny_assets())
+    b = synthetic.MultiviewGenerator(cfg, common.tiny_assets())     # a fresh "host"
+    for index in (5, 40):
+        sa, sb = a[index], b[index]
+        assert sorted(sa) == sorted(synthetic.SAMPLE_KEYS)
+        for k in sa:
+            assert sa[k].tobytes() == sb[k].tobytes(), k
+    # Another seed gives another sample.
+    cfg2 = common.tiny_config()
+    cfg2.seed = 1
+    other = synthetic.MultiviewGenerator(cfg2, common.tiny_assets())[5]
+    assert not np.array_equal(other["image"], a[5]["image"])
+    assert not np.array_equal(other["shape"], a[5]["shape"])
+
+
+def test_order_of_access_does_not_matter_and_groups_match_single_views():
+    g = common.multiview()
+    group = g.render_group(1, 0, [0, 17])
+    fresh = synthetic.MultiviewGenerator(common.tiny_config(), common.tiny_assets())
+    single = fresh[g.n_cameras * 1 + 17]
+    assert group[1]["view"] == 17 and group[1]["item"] == 1
+    np.testing.assert_array_equal(group[1]["seg"], single["seg"])
+    np.testing.assert_allclose(group[1]["image"], single["image"], atol=1e-5)
+    np.testing.assert_allclose(group[1]["depth"], single["depth"], atol=1e-6)
+
+
+def test_depth_and_labels_agree_with_the_mesh_of_the_parameters():
+    g = common.multiview()
+    assets = g.assets
+    checked = 0
+    for index in (0, 6, 20, 33, 62):
+        s = g[index]
+        _, frags = _model_depth(assets, s)
+        depth_ref = np.asarray(frags.depth[0])
+        # Masks agree with depth and labels.
+        np.testing.assert_array_equal(s["mask"] > 0, s["depth"] > 0)
+        np.testing.assert_array_equal(s["seg"] > 0, s["mask"] > 0)
+        # Skin and eyes are the model's own surface: same depth as the independent render.
+        own = np.isin(s["seg"], [L["face"], L["eyes"], L["neck"]])
+        assert own.sum() > 50
+        np.testing.assert_allclose(s["depth"][own], depth_ref[own], atol=2e-5)
+        # Hair and mouth interior are never behind the visible model surface.
+        extra = np.isin(s["seg"], [L["hair"], L["mouth"]]) & (depth_ref > 0)
+        assert np.all(s["depth"][extra] <= depth_ref[extra] + 2e-5)
+        # Unprojected depth lies on the posed mesh where the model is visible.
+        ii, jj = np.nonzero(own)
+        pts = camera_lib.unproject(_camera(s), np.stack([jj, ii], -1).astype(np.float32)[None],
+                                   s["depth"][own][None])[0]
+        fid = np.asarray(frags.face_id[0])[own]
+        v, _ = _model_depth(assets, s)
+        tri = np.asarray(v[0])[np.asarray(assets.model.faces)[fid]]
+        n = np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0])
+        n /= np.linalg.norm(n, axis=1, keepdims=True)
+        plane = np.abs(np.einsum("nc,nc->n", np.asarray(pts) - tri[:, 0], n))
+        assert plane.max() < 5e-5
+        checked += 1
+    assert checked == 5
+
+
+def test_frontal_view_shows_face_hair_and_eyes_and_mouth_only_when_open():
+    g = common.multiview()
+    assets = g.assets
+    ident = g.identity(0)
+    cam = g.cameras[np.array([6])]                  # frontal arc, near the middle
+    E = assets.model.num_expression
+    closed = dict(expression=jnp.zeros(E), pose=jnp.zeros((5, 3)), translation=jnp.zeros(3),
+                  **synthetic.sample_light(synthetic.key(0, synthetic.STREAM_LIGHT, 0)))
+    opened = dict(closed, pose=closed["pose"].at[2, 0].set(0.3))
+    seg_c = np.asarray(synthetic.render_views(assets, ident, closed, cam)["seg"][0])
+    seg_o = np.asarray(synthetic.render_views(assets, ident, opened, cam)["seg"][0])
+    assert (seg_c == L["mouth"]).sum() == 0
+    assert (seg_o == L["mouth"]).sum() > 3
+    for lab in ("face", "eyes", "neck"):
+        assert (seg_c == L[lab]).sum() > 0, lab
+
+
+def test_mouth_interior_is_inside_the_head():
+    """Winding number of the closed head surface (neck capped by its centre) around the
+    mouth-interior vertices: 1 inside."""
+    assets = common.tiny_assets()
+    base = synthetic.base_model(assets)
+    v = np.asarray(base.v_template, np.float64)
+    f = np.asarray(base.faces)
+    eyes = np.asarray(base.regions["eyes"])
+    f = f[~eyes[f].any(1)]
+    # Cap the open neck: fan from the centroid of the boundary.
+    edges = np.concatenate([f[:, [0, 1]], f[:, [1, 2]], f[:, [2, 0]]])
+    keyed = {tuple(e) for e in edges.tolist()}
+    boundary = [e for e in edges.tolist() if (e[1], e[0]) not in keyed]
+    cap = len(v)
+    v = np.concatenate([v, v[np.unique(np.array(boundary))].mean(0, keepdims=True)])
+    f = np.concatenate([f, np.array([[b, a, cap] for a, b in boundary])])
+    pts = np.asarray(assets.model.v_template)[assets.n_vertices:]
+    tri = v[f][None] - pts[:, None, None]
+    a, b, c = tri[:, :, 0], tri[:, :, 1], tri[:, :, 2]
+    la, lb, lc = (np.linalg.norm(x, axis=-1) for x in (a, b, c))
+    num = np.einsum("pfc,pfc->pf", a, np.cross(b, c))
+    den = la * lb * lc + np.einsum("pfc,pfc->pf", a, b) * lc + np.einsum("pfc,pfc->pf", b, c) * la + \
+        np.einsum("pfc,pfc->pf", c, a) * lb
+    winding = 2 * np.arctan2(num, den).sum(1) / (4 * np.pi)
+    np.testing.assert_allclose(winding, 1.0, atol=1e-6)
+
+
+def test_hair_shell_tapers_to_zero_and_stays_smooth():
+    assets = common.tiny_assets()
+    faces = np.asarray(assets.hair_faces)
+    edges = np.concatenate([faces[:, [0, 1]], faces[:, [1, 2]], faces[:, [2, 0]]])
+    tmpl = np.asarray(assets.model.v_template)[np.asarray(assets.hair_vids)]
+    edge_len = np.linalg.norm(tmpl[edges[:, 0]] - tmpl[edges[:, 1]], axis=1)
+    styles = set()
+    for n in range(12):
+        ident = synthetic.sample_identity(assets, 3, n)
+        t = np.asarray(ident["hair_thickness"])
+        styles.add(int(ident["hair_style"]))
+        assert t.min() >= 0 and t.max() < 0.06
+        # Boundary of the superset (vertices outside every style's region) is at zero.
+        hw = np.asarray(hair_lib.hair_weight(assets.hair_phi, assets.hair_theta, hair_lib.max_hair_style()))
+        assert np.all(t[hw == 0] == 0)
+        # No spikes: the shell rises no steeper than a 76-degree wall (slope 4) anywhere.
+        dt = np.abs(t[edges[:, 0]] - t[edges[:, 1]])
+        # (A shell that does not taper would jump by its full length, up to 3.6 cm, across one
+        # ~7 mm edge: slope > 5.)
+        assert np.all(dt <= 4.0 * edge_len), (n, (dt / edge_len).max())
+        # Dead faces (all vertices at zero) are collapsed, so they cannot be drawn.
+        live = np.asarray(ident["hair_faces"])
+        dead = (t[faces] <= 1e-5).all(1)
+        assert np.all(live[dead] == 0) and np.all(live[~dead] == faces[~dead])
+    assert len(styles) >= 3
+
+
+def test_uv_maps_agree_with_the_mesh_on_random_surface_points():
+    g = common.multiview()
+    assets = g.assets
+    s = g[0]
+    base = synthetic.base_model(assets)
+    S = s["uv_position"].shape[0]
+    assert s["uv_position"].shape == (S, S, 3) == s["uv_albedo"].shape == s["uv_expression_offset"].shape
+    rng = np.random.default_rng(0)
+    faces = np.asarray(base.faces)
+    uv_faces, uv_coords = np.asarray(base.uv_faces), np.asarray(base.uv_coords)
+    fid = rng.integers(0, len(faces), 4000)
+    w = rng.dirichlet(np.ones(3), 4000).astype(np.float32)
+    uv = np.einsum("nk,nkc->nc", w, uv_coords[uv_faces[fid]])
+    neutral = flame.forward(base, s["shape"][None]).vertices[0]
+    posed0 = flame.forward(base, s["shape"][None], s["expression"][None]).vertices[0]
+    p_ref = np.einsum("nk,nkc->nc", w, np.asarray(neutral)[faces[fid]])
+    off_ref = np.einsum("nk,nkc->nc", w, np.asarray(posed0 - neutral)[faces[fid]])
+    # Keep points whose four bilinear texels are inside the layout.
+    mask = np.asarray(assets.uv.mask)
+    x = np.clip(uv[:, 0] * S - 0.5, 0, S - 1)
+    y = np.clip((1 - uv[:, 1]) * S - 0.5, 0, S - 1)
+    x0, y0 = np.floor(x).astype(int), np.floor(y).astype(int)
+    x1, y1 = np.minimum(x0 + 1, S - 1), np.minimum(y0 + 1, S - 1)
+    inside = mask[y0, x0] & mask[y0, x1] & mask[y1, x0] & mask[y1, x1]
+    assert inside.mean() > 0.8
+    p_map = np.asarray(shading.sample_texture(s["uv_position"], uv))
+    off_map = np.asarray(shading.sample_texture(s["uv_expression_offset"], uv))
+    err = np.linalg.norm(p_map - p_ref, axis=1)[inside]
+    # A 64 x 64 map has texels of ~1 cm on the head: bilinear lookups agree to a few mm.
+    assert np.median(err) < 1.5e-3 and np.percentile(err, 95) < 5e-3, (np.median(err), err.max())
+    oerr = np.linalg.norm(off_map - off_ref, axis=1)[inside]
+    assert np.percentile(oerr, 95) < 1e-3
+    # Texels outside the layout hold zeros.
+    assert np.all(s["uv_position"][~mask] == 0)
+
+
+def test_lighting_varies_and_images_are_plausibly_exposed():
+    g = common.multiview()
+    shs = [np.asarray(g.frame(i, 0)["sh"]) for i in range(3)]
+    assert not np.allclose(shs[0], shs[1])
+    s = g[6]
+    fg = s["mask"] > 0
+    mean = s["image"][fg].mean()
+    assert 0.08 < mean < 0.9
+    assert (s["image"][fg] >= 1.0).mean() < 0.2       # not blown out
+
+
+def test_video_is_smooth_with_constant_intrinsics_per_sequence():
+    v = common.video()
+    a, b = v[0], v[1]
+    c = v[v.n_frames]                                 # sequence 1, frame 0
+    np.testing.assert_array_equal(a["K"], b["K"])
+    assert not np.allclose(a["K"], c["K"])            # focal length differs between sequences
+    np.testing.assert_array_equal(a["shape"], b["shape"])
+    assert not np.array_equal(a["shape"], c["shape"])
+    # Consecutive frames: small changes of pose and camera.
+    assert np.abs(a["pose"] - b["pose"]).max() < 0.1
+    centre = lambda s: -s["R"].T @ s["t"]
+    assert np.linalg.norm(centre(a) - centre(b)) < 0.02
+    assert a["frame"] == 0 and b["frame"] == 1 and c["item"] != a["item"]
+    seq = v.sequence(0)
+    assert seq["motion"]["expression"].shape == (v.n_frames, 100)
+
+
+def test_rig_has_frontal_and_upper_cameras_looking_at_the_head():
+    g = common.multiview()
+    cams = g.cameras
+    assert cams.batch_shape == (28,)
+    centres = np.asarray(camera_lib.camera_centre(cams))
+    assert np.all(np.abs(centres[:14, 1]) < 0.2) and np.all(centres[14:, 1] > 0.3)
+    uv, depth = camera_lib.project(cams, jnp.zeros((28, 1, 3)))
+    assert np.all(np.asarray(depth) > 0)
+    assert np.all(np.abs(np.asarray(uv)[:, 0] - 31.5) < 10)
+
+
+def test_out_of_range_index_is_a_clear_error():
+    with pytest.raises(IndexError, match="out of range"):
+        common.multiview()[10 ** 6]
+
+
+def test_model_without_regions_is_refused():
+    m = flame.load()
+    with pytest.raises(ValueError, match="region"):
+        synthetic.build_assets(m.replace(regions=None), 32)
