@@ -9,7 +9,6 @@ Variants (configs/bench.py): flame, synthetic, splat (experiments/bench_splat.py
 import json
 import os
 import platform
-import statistics
 import time
 
 import jax
@@ -21,21 +20,12 @@ from ml_collections import config_flags
 from dhjax.models import flame
 from dhjax.render import camera as camera_lib
 from dhjax.render.raster import count_intersections, rasterize
+from experiments.benchlib import time_call
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/bench.py:<suite>", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "where bench.json goes", required=True)
 
 
-def time_call(fn, repeats, warmup):
-    """Median wall time (s) of fn(); fn must block until its result is ready."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def bench_flame(cfg):

@@ -34,12 +34,12 @@ import importlib
 import json
 import os
 import platform
-import statistics
 import sys
 import time
 
 import jax
 import numpy as np
+from experiments.benchlib import time_call
 
 
 def default_config():
@@ -76,16 +76,6 @@ def _get(cfg, path, default):
     return obj
 
 
-def time_call(fn, repeats, warmup):
-    """Median wall time (s) of fn(); fn must block until its result is ready."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def run_closest_point(cfg, log=print) -> dict:

@@ -12,8 +12,6 @@ the same GPU when it is installed and can build its CUDA extension there.
 
 from __future__ import annotations
 
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
@@ -24,17 +22,9 @@ from dhjax.models import flame
 from dhjax.ops import splat as splat_op
 from dhjax.render import camera as camera_lib
 from dhjax.render import splat
+from experiments.benchlib import time_call as _time
 
 
-def _time(fn, repeats, warmup):
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def head_scene(n: int, seed: int = 0) -> dict:

@@ -34,7 +34,6 @@ tile whose count exceeds an explicit `capacity` comes out as NaN (loud, never si
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -150,9 +149,8 @@ def _reference_one(means2d, conics, colors, opacities, depths, rects, width, hei
         one_m = 1.0 - alpha
         # Transmittance through log-space sums (alpha <= 0.99 keeps the logs finite): cumsum's
         # transpose is a reversed cumsum, which compiles far faster than cumprod's gradient.
-        log_incl = jnp.cumsum(jnp.log(one_m), axis=0)
-        t_incl = jnp.exp(log_incl)
-        t_excl = jnp.exp(log_incl - jnp.log(one_m))
+        log_one_m = jnp.log(one_m)
+        t_excl = jnp.exp(jnp.cumsum(log_one_m, axis=0) - log_one_m)
         # The stop decision uses running products like the kernels (no gradient flows through it).
         # Monotone: once below 1e-4, every later Gaussian is cut too.
         keep = jax.lax.stop_gradient(jnp.cumprod(one_m, axis=0)) >= T_MIN

@@ -67,6 +67,7 @@
 #include <type_traits>
 
 #include "dhjax_parallel.h"
+#include "splat_ffi.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -725,35 +726,9 @@ DHJAX_EXPORT_ABI()
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SplatForwardCuda, SplatForwardCudaImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::PlatformStream<cudaStream_t>>()
-                                  .Ctx<ffi::ScratchAllocator>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // means2d
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // conics
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // colors
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // opacities
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // depths
-                                  .Arg<ffi::Buffer<ffi::S32>>()  // rects
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // out
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // transmittance
-                                  .Ret<ffi::Buffer<ffi::S32>>()  // last
-);
+                                  .Ctx<ffi::ScratchAllocator>() DHJAX_SPLAT_FORWARD_SIGNATURE);
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SplatBackwardCuda, SplatBackwardCudaImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::PlatformStream<cudaStream_t>>()
-                                  .Ctx<ffi::ScratchAllocator>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // means2d
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // conics
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // colors
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // opacities
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // depths
-                                  .Arg<ffi::Buffer<ffi::S32>>()  // rects
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // out
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // transmittance
-                                  .Arg<ffi::Buffer<ffi::S32>>()  // last
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // d_out
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // d_transmittance
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // d_means2d
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // d_conics
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // d_colors
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // d_opacities
-);
+                                  .Ctx<ffi::ScratchAllocator>() DHJAX_SPLAT_BACKWARD_SIGNATURE);
