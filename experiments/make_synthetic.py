@@ -53,8 +53,11 @@ def main(argv):
         if not on or len(gen) == 0:
             continue
         t1 = time.time()
-        idx = ds.shard_indices(len(gen), int(cfg.shard_index), int(cfg.shard_count))
-        ds.write_dataset(gen, os.path.join(work, name), "train", indices=idx, meta=meta)
+        # whole items per host: no two hosts write the same identity's or sequence's files
+        idx = ds.shard_indices(len(gen), int(cfg.shard_index), int(cfg.shard_count),
+                               group=gen.n_frames * gen.n_cameras)
+        ds.write_dataset(gen, os.path.join(work, name), "train", indices=idx, meta=meta,
+                         shard=(int(cfg.shard_index), int(cfg.shard_count)) if cfg.shard_count > 1 else None)
         dt = time.time() - t1
         summary[name] = {"images": len(idx), "seconds": round(dt, 1), "path": name}
         print(f"{name}: wrote {len(idx)} images in {dt:.1f}s ({len(idx) / dt:.1f} images/s) "

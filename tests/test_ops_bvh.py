@@ -355,3 +355,24 @@ def test_cuda_kernel_head_mesh(cuda_kernel):
     out = cp.closest_point(v, f, p, backend=cuda_kernel)
     ref = cp.closest_point(v, f, p[:2000], backend="reference")
     np.testing.assert_allclose(np.sqrt(np.asarray(out.sq_dist[:2000])), np.sqrt(np.asarray(ref.sq_dist)), atol=TOL)
+
+
+def test_nan_points_and_faces_do_not_poison_gradients(cpu_kernel):
+    """A non-finite query point (e.g. padding the caller masks afterwards) gives no vertex gradient,
+    and a face with a NaN corner never wins, in every backend."""
+    verts = jnp.array([[0, 0, 0], [1, 0, 0], [0, 1, 0], [0, 0, 1]], jnp.float32)
+    faces = np.array([[0, 2, 1], [0, 1, 3], [0, 3, 2], [1, 2, 3]], np.int32)
+    pts = jnp.array([[0.2, 0.2, 0.5], [np.nan, 0.0, 0.0]], jnp.float32)
+    for backend in ("reference", "cpu"):
+        def loss(v):
+            d2 = cp.closest_point(v, faces, pts, backend=backend).sq_dist
+            return jnp.sum(jnp.where(jnp.isfinite(d2), d2, 0.0))
+        g = jax.grad(loss)(verts)
+        assert np.all(np.isfinite(np.asarray(g))), backend
+        assert float(jnp.abs(g).sum()) > 0
+    bad = verts.at[3].set(jnp.nan)  # faces 1, 2 and 3 touch vertex 3
+    q = jnp.array([[0.2, 0.2, -0.3], [0.3, 0.3, -0.1]], jnp.float32)
+    for backend in ("reference", "cpu"):
+        out = cp.closest_point(bad, faces, q, backend=backend)
+        np.testing.assert_array_equal(np.asarray(out.face), [0, 0], err_msg=backend)
+        np.testing.assert_allclose(np.asarray(out.sq_dist), [0.09, 0.01], rtol=1e-5, err_msg=backend)

@@ -35,6 +35,7 @@ model the data was made with).
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
@@ -90,8 +91,9 @@ class Writer:
     """
 
     def __init__(self, root, split: str = "train", *, kind: str = "multiview",
-                 meta: Mapping[str, Any] | None = None):
+                 meta: Mapping[str, Any] | None = None, shard: tuple[int, int] | None = None):
         self.root, self.split, self.kind = Path(root), str(split), kind
+        self.shard = None if shard is None else (int(shard[0]), int(shard[1]))
         self.meta = dict(meta or {})
         self._items: set = set()
         self._cameras: dict = {}
@@ -150,6 +152,15 @@ class Writer:
 
     def close(self) -> Path:
         """Writes (or updates) <root>/meta.json with this split's counts; returns its path."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        with open(self.root / ".meta.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # shards of one dataset close one at a time
+            try:
+                return self._update_meta()
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def _update_meta(self) -> Path:
         path = self.root / "meta.json"
         meta = json.loads(path.read_text()) if path.exists() else {}
         meta.update({"format": FORMAT, "kind": self.kind, "labels": list(PART_LABELS),
@@ -157,21 +168,31 @@ class Writer:
                      "depth_png_units_per_metre": DEPTH_SCALE})
         meta.update(self.meta)
         splits = meta.setdefault("splits", {})
-        splits[self.split] = {"items": len(self._items), "frames": len(self._frames), "images": self.count}
-        self.root.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(meta, indent=2, default=str))
+        counts = {"items": len(self._items), "frames": len(self._frames), "images": self.count}
+        if self.shard is None:
+            splits[self.split] = counts
+        else:  # several hosts write one split: keep each shard's counts and their totals
+            entry = splits.setdefault(self.split, {})
+            shards = entry.setdefault("shards", {})
+            shards[f"{self.shard[0]}/{self.shard[1]}"] = counts
+            entry.update({k: sum(c[k] for c in shards.values()) for k in counts})
+        tmp = path.with_name(f".meta.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(meta, indent=2, default=str))
+        os.replace(tmp, path)  # atomic: a reader never sees half a file
         return path
 
 
 def write_dataset(dataset, root, split: str = "train", indices: Iterable[int] | None = None,
-                  meta: Mapping[str, Any] | None = None) -> Path:
+                  meta: Mapping[str, Any] | None = None, shard: tuple[int, int] | None = None) -> Path:
     """Writes samples `indices` (default all) of a dataset into the on-disk layout.
 
-    Multi-view generators render all requested views of a frame in one batched call.
+    Multi-view generators render all requested views of a frame in one batched call. With
+    several hosts writing one dataset, give each `shard=(index, count)` and whole items
+    (`shard_indices(..., group=items_size)`): meta.json then records every shard's counts.
     Returns the path of meta.json.
     """
     kind = getattr(dataset, "kind", "tracked")
-    writer = Writer(root, split, kind=kind, meta=meta)
+    writer = Writer(root, split, kind=kind, meta=meta, shard=shard)
     indices = range(len(dataset)) if indices is None else [int(i) for i in indices]
     if hasattr(dataset, "render_group"):
         groups: dict = {}
@@ -189,6 +210,11 @@ def write_dataset(dataset, root, split: str = "train", indices: Iterable[int] | 
 
 # ----------------------------------------------------------------------------------------------
 # Reading.
+
+
+def _numbered(path: Path) -> tuple[int, str]:
+    """Sort key: the trailing number of a folder name (frame_10000 after frame_2000), then the name."""
+    return _trailing_number(path.name, -1), path.name
 
 
 def _trailing_number(name: str, default: int) -> int:
@@ -226,11 +252,11 @@ class FolderDataset:
             raise ValueError(f"{meta_path}: format {self.meta.get('format')!r}, expected {FORMAT!r}")
         self.kind = self.meta.get("kind", "tracked")
         self.entries = []     # (item_dir, frame_dir, view, item_ordinal)
-        items = sorted(p for p in self.split_dir.iterdir() if p.is_dir())
+        items = sorted((p for p in self.split_dir.iterdir() if p.is_dir()), key=_numbered)
         if not items:
             raise ValueError(f"'{self.split_dir}' holds no item folders")
         for n, item_dir in enumerate(items):
-            frames = sorted(p for p in item_dir.iterdir() if p.is_dir())
+            frames = sorted((p for p in item_dir.iterdir() if p.is_dir()), key=_numbered)
             if not frames:
                 raise ValueError(f"item folder '{item_dir}' holds no frame folders")
             for frame_dir in frames:
@@ -241,7 +267,7 @@ class FolderDataset:
                     raise ValueError(f"{cam_path}: not valid JSON ({exc})") from exc
                 if not isinstance(cams, dict) or not cams:
                     raise ValueError(f"{cam_path}: expected a non-empty {{view: camera}} mapping")
-                for view in sorted(cams):
+                for view in sorted(cams, key=lambda v: (_trailing_number(v, -1), v)):
                     self.entries.append((item_dir, frame_dir, view, n))
         self._cams: dict = {}
 
@@ -329,16 +355,21 @@ class FolderDataset:
 # Input pipeline.
 
 
-def shard_indices(n: int, process_index: int, process_count: int) -> np.ndarray:
+def shard_indices(n: int, process_index: int, process_count: int, group: int = 1) -> np.ndarray:
     """The contiguous block of [0, n) that process `process_index` of `process_count` owns.
 
-    Blocks are disjoint, cover [0, n) exactly and differ in size by at most one; contiguous
-    blocks keep the views of an identity (adjacent indices) on one host.
+    Blocks are disjoint, cover [0, n) exactly and start at multiples of `group` (e.g. all images
+    of one identity, `n_frames * n_cameras`): whole groups differ in number by at most one between
+    processes. Writers need whole items per host, so that no two hosts write the same item's
+    files (identity maps, cameras.json of a frame).
     """
     if process_count < 1 or not 0 <= process_index < process_count:
         raise ValueError(f"need 0 <= process_index < process_count, got {process_index}, {process_count}")
-    lo = (n * process_index) // process_count
-    hi = (n * (process_index + 1)) // process_count
+    if group < 1:
+        raise ValueError(f"group must be >= 1, got {group}")
+    groups = -(-n // group)
+    lo = min(n, ((groups * process_index) // process_count) * group)
+    hi = min(n, ((groups * (process_index + 1)) // process_count) * group)
     return np.arange(lo, hi, dtype=np.int64)
 
 

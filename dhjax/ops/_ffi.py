@@ -112,9 +112,17 @@ def resolve_backend(backend: str, op: str, targets_by_platform: dict[str, tuple[
     if backend == "reference":
         return backend
     if backend == "auto":
-        platform = "cuda" if jax.default_backend() == "gpu" else "cpu"
         if jax.default_backend() not in ("cpu", "gpu"):
             return "reference"
+        platform = "cuda" if jax.default_backend() == "gpu" else "cpu"
+        # Register every built library: the target names are shared, so a computation placed on
+        # the other platform (e.g. under jax.default_device(cpu) on a GPU host) lowers too.
+        other = "cpu" if platform == "cuda" else "cuda"
+        if other in targets_by_platform:
+            try:
+                register(op, other, targets_by_platform[other])
+            except (OSError, RuntimeError):  # e.g. a CUDA library without a CUDA runtime here
+                pass
         return platform if register(op, platform, targets_by_platform[platform]) else "reference"
     if not register(op, backend, targets_by_platform[backend]):
         raise RuntimeError(f"the {backend} kernel of '{op}' is not built: {_BUILD_HINT}")

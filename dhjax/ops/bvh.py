@@ -96,7 +96,7 @@ def _check_inputs(vertices, faces, points):
         raise ValueError(f"faces: expected shape [F, 3], got {tuple(np.shape(faces))}")
     if np.shape(faces)[0] == 0:
         raise ValueError("faces: the mesh has no faces")
-    if isinstance(faces, (np.ndarray, list, tuple)):
+    if not isinstance(faces, jax.core.Tracer):  # concrete (numpy, list or jax.Array): check the range
         f = np.asarray(faces)
         if not np.issubdtype(f.dtype, np.integer):
             raise ValueError(f"faces: expected an integer array, got dtype {f.dtype}")
@@ -132,7 +132,8 @@ def _reference_one(vertices, faces, points):
 
     def block(pb):
         q, bary, d2 = mesh_lib.closest_point_on_triangle(pb[:, None, :], tris[None])  # [C, F, ...]
-        best = jnp.argmin(d2, axis=1)
+        # Faces with non-finite corners never win (as in the kernels, whose `<` tests skip NaN).
+        best = jnp.argmin(jnp.where(jnp.isnan(d2), jnp.inf, d2), axis=1)
         take = lambda a: jnp.take_along_axis(a, best[:, None], axis=1)[:, 0]
         return (best.astype(jnp.int32), jnp.take_along_axis(q, best[:, None, None], axis=1)[:, 0],
                 jnp.take_along_axis(bary, best[:, None, None], axis=1)[:, 0], take(d2))
@@ -232,11 +233,18 @@ def _closest_point_bwd(batch, impl, res, g):
     vertices, faces, points, face = res
     pts = jnp.broadcast_to(points, batch + points.shape[-2:])
 
+    # Non-finite query points (padding, invalid samples) get no gradient: they are replaced by a
+    # finite stand-in and their cotangents zeroed, so a caller that masks them after the call
+    # does not receive NaN vertex gradients through 0 * NaN.
+    ok = jnp.all(jnp.isfinite(pts), axis=-1)
+    pts = jnp.where(ok[..., None], pts, 0.0)
+    zero = lambda a: jnp.where(ok.reshape(ok.shape + (1,) * (a.ndim - ok.ndim)), a, 0.0)
+
     def f(v, p):
         return _on_faces(v, faces, p, face)
 
     _, vjp = jax.vjp(f, vertices, pts)
-    g_vertices, g_pts = vjp((g.point, g.bary, g.sq_dist))
+    g_vertices, g_pts = vjp((zero(g.point), zero(g.bary), zero(g.sq_dist)))
     # Sum the cotangent of the broadcast points back to their own shape.
     extra = g_pts.ndim - points.ndim
     g_points = jnp.sum(g_pts, axis=tuple(range(extra))) if extra else g_pts
