@@ -125,6 +125,7 @@ def _check_inputs(vertices, faces, points):
 def _reference_one(vertices, faces, points):
     """Brute force for one mesh: vertices [V, 3], faces [F, 3], points [N, 3]."""
     tris = jnp.take(vertices, faces, axis=0)  # [F, 3, 3]
+    tri_ok = jnp.all(jnp.isfinite(tris), axis=(1, 2))
     n, f = points.shape[0], faces.shape[0]
     chunk = max(1, min(n, _REFERENCE_PAIRS // max(f, 1)))
     n_chunks = -(-n // chunk)
@@ -132,8 +133,8 @@ def _reference_one(vertices, faces, points):
 
     def block(pb):
         q, bary, d2 = mesh_lib.closest_point_on_triangle(pb[:, None, :], tris[None])  # [C, F, ...]
-        # Faces with non-finite corners never win (as in the kernels, whose `<` tests skip NaN).
-        best = jnp.argmin(jnp.where(jnp.isnan(d2), jnp.inf, d2), axis=1)
+        # Faces with a non-finite corner never win (the kernels' `d2 < best` tests skip their NaN).
+        best = jnp.argmin(jnp.where(jnp.isnan(d2) | ~tri_ok[None, :], jnp.inf, d2), axis=1)
         take = lambda a: jnp.take_along_axis(a, best[:, None], axis=1)[:, 0]
         return (best.astype(jnp.int32), jnp.take_along_axis(q, best[:, None, None], axis=1)[:, 0],
                 jnp.take_along_axis(bary, best[:, None, None], axis=1)[:, 0], take(d2))

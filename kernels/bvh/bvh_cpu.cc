@@ -25,6 +25,7 @@
 #include <vector>
 
 #include "bvh_common.h"
+#include "bvh_ffi.h"
 #include "dhjax_parallel.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -239,6 +240,9 @@ Best query(const Bvh& bvh, V3 p) {
   Best best;
   best.hit.d2 = std::numeric_limits<float>::infinity();
   best.face = -1;
+  // A non-finite query would make every box distance 0 (fmax drops NaN) and visit every
+  // triangle only to find nothing: answer it at once.
+  if (!(std::isfinite(p.x) && std::isfinite(p.y) && std::isfinite(p.z))) return best;
   const Node* nodes = bvh.nodes.data();
   const float* tris = bvh.tris.data();
   struct Entry {
@@ -289,28 +293,15 @@ Best query(const Bvh& bvh, V3 p) {
   return best;
 }
 
-int64_t lead(ffi::Span<const int64_t> dims) {
-  int64_t n = 1;
-  for (size_t i = 0; i + 2 < dims.size(); ++i) n *= dims[i];
-  return n;
-}
-
 ffi::Error ClosestPointImpl(ffi::Buffer<ffi::F32> vertices, ffi::Buffer<ffi::S32> faces,
                             ffi::Buffer<ffi::F32> points, ffi::ResultBuffer<ffi::S32> face_out,
                             ffi::ResultBuffer<ffi::F32> point_out, ffi::ResultBuffer<ffi::F32> bary_out,
                             ffi::ResultBuffer<ffi::F32> d2_out) {
-  auto vd = vertices.dimensions();
-  auto fd = faces.dimensions();
-  auto pd = points.dimensions();
-  if (vd.size() < 2 || vd.back() != 3) return ffi::Error::InvalidArgument("closest_point: vertices must be [..., V, 3]");
-  if (fd.size() < 2 || fd.back() != 3) return ffi::Error::InvalidArgument("closest_point: faces must be [..., F, 3]");
-  if (pd.size() < 2 || pd.back() != 3) return ffi::Error::InvalidArgument("closest_point: points must be [..., N, 3]");
-  const int64_t V = vd[vd.size() - 2], F = fd[fd.size() - 2], N = pd[pd.size() - 2];
-  const int64_t M = lead(vd), G = lead(fd), Q = lead(pd);
+  Dims dims;
+  if (auto e = check_dims(vertices.dimensions(), faces.dimensions(), points.dimensions(), &dims); e.failure())
+    return e;
+  const int64_t V = dims.V, F = dims.F, N = dims.N, M = dims.M, G = dims.G, Q = dims.Q;
   if (Q * N == 0) return ffi::Error::Success();
-  if (M == 0 || G == 0 || Q % M != 0 || M % G != 0)
-    return ffi::Error::InvalidArgument("closest_point: batch sizes must satisfy faces | vertices | points, got " +
-                                       std::to_string(G) + ", " + std::to_string(M) + ", " + std::to_string(Q));
   if (F == 0) return ffi::Error::InvalidArgument("closest_point: the mesh has no faces");
   const int32_t* fptr = faces.typed_data();
   for (int64_t i = 0; i < G * F * 3; ++i) {
@@ -364,14 +355,7 @@ ffi::Error ClosestPointImpl(ffi::Buffer<ffi::F32> vertices, ffi::Buffer<ffi::S32
 }  // namespace dhjax
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(DhjaxBvhClosestPoint, dhjax::bvh::ClosestPointImpl,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // vertices
-                                  .Arg<ffi::Buffer<ffi::S32>>()   // faces
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // points
-                                  .Ret<ffi::Buffer<ffi::S32>>()   // face
-                                  .Ret<ffi::Buffer<ffi::F32>>()   // closest point
-                                  .Ret<ffi::Buffer<ffi::F32>>()   // barycentrics
-                                  .Ret<ffi::Buffer<ffi::F32>>()); // squared distance
+                              ffi::Ffi::Bind() DHJAX_BVH_CLOSEST_POINT_SIGNATURE);
 
 // Benchmark helper (ctypes, not an FFI target): `repeats` BVH builds of one mesh
 // (verts [V, 3] f32, faces [F, 3] s32), single-threaded. Returns the fastest build's wall time

@@ -29,6 +29,7 @@
 #include <cub/device/device_radix_sort.cuh>
 
 #include "bvh_common.h"
+#include "bvh_ffi.h"
 #include "dhjax_parallel.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -233,11 +234,14 @@ __global__ void query_kernel(const float* points, int64_t count, int64_t n, cons
   best_hit.u = best_hit.v = best_hit.w = NAN;
   best_hit.d2 = NAN;
   int64_t best_leaf = -1;
+  // Non-finite query: every box distance would be 0 (fmax drops NaN) and the whole tree would be
+  // walked for nothing; skip straight to the "nothing found" result below.
+  const bool finite = isfinite(p.x) && isfinite(p.y) && isfinite(p.z);
   int32_t stack_node[kStackSize];
   float stack_d2[kStackSize];
   int sp = 0;
   int32_t node = 0;  // root: internal 0, or the only leaf (id 0) when n == 1
-  for (;;) {
+  for (; finite;) {
     bool descend = false;
     if (node >= n - 1) {
       const int64_t j = node - (n - 1);
@@ -288,12 +292,6 @@ __global__ void query_kernel(const float* points, int64_t count, int64_t n, cons
   d2_out[i] = best_hit.d2;
 }
 
-int64_t lead(ffi::Span<const int64_t> dims) {
-  int64_t n = 1;
-  for (size_t i = 0; i + 2 < dims.size(); ++i) n *= dims[i];
-  return n;
-}
-
 unsigned blocks_for(int64_t n) { return static_cast<unsigned>((n + kThreads - 1) / kThreads); }
 
 ffi::Error check(cudaError_t err, const char* what) {
@@ -315,18 +313,11 @@ ffi::Error ClosestPointCudaImpl(cudaStream_t stream, ffi::ScratchAllocator scrat
                                 ffi::Buffer<ffi::S32> faces, ffi::Buffer<ffi::F32> points,
                                 ffi::ResultBuffer<ffi::S32> face_out, ffi::ResultBuffer<ffi::F32> point_out,
                                 ffi::ResultBuffer<ffi::F32> bary_out, ffi::ResultBuffer<ffi::F32> d2_out) {
-  auto vd = vertices.dimensions();
-  auto fd = faces.dimensions();
-  auto pd = points.dimensions();
-  if (vd.size() < 2 || vd.back() != 3) return ffi::Error::InvalidArgument("closest_point: vertices must be [..., V, 3]");
-  if (fd.size() < 2 || fd.back() != 3) return ffi::Error::InvalidArgument("closest_point: faces must be [..., F, 3]");
-  if (pd.size() < 2 || pd.back() != 3) return ffi::Error::InvalidArgument("closest_point: points must be [..., N, 3]");
-  const int64_t V = vd[vd.size() - 2], F = fd[fd.size() - 2], N = pd[pd.size() - 2];
-  const int64_t M = lead(vd), G = lead(fd), Q = lead(pd);
+  Dims dims;
+  if (auto e = check_dims(vertices.dimensions(), faces.dimensions(), points.dimensions(), &dims); e.failure())
+    return e;
+  const int64_t V = dims.V, F = dims.F, N = dims.N, M = dims.M, G = dims.G, Q = dims.Q;
   if (Q * N == 0) return ffi::Error::Success();
-  if (M == 0 || G == 0 || Q % M != 0 || M % G != 0)
-    return ffi::Error::InvalidArgument("closest_point: batch sizes must satisfy faces | vertices | points, got " +
-                                       std::to_string(G) + ", " + std::to_string(M) + ", " + std::to_string(Q));
   if (F == 0 || V == 0) return ffi::Error::InvalidArgument("closest_point: the mesh has no faces or no vertices");
   if (F >= (int64_t{1} << 30)) return ffi::Error::InvalidArgument("closest_point (cuda): more than 2^30 faces");
 
@@ -390,13 +381,6 @@ ffi::Error ClosestPointCudaImpl(cudaStream_t stream, ffi::ScratchAllocator scrat
 XLA_FFI_DEFINE_HANDLER_SYMBOL(DhjaxBvhClosestPointCuda, dhjax::bvh::ClosestPointCudaImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::PlatformStream<cudaStream_t>>()
-                                  .Ctx<ffi::ScratchAllocator>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // vertices
-                                  .Arg<ffi::Buffer<ffi::S32>>()   // faces
-                                  .Arg<ffi::Buffer<ffi::F32>>()   // points
-                                  .Ret<ffi::Buffer<ffi::S32>>()   // face
-                                  .Ret<ffi::Buffer<ffi::F32>>()   // closest point
-                                  .Ret<ffi::Buffer<ffi::F32>>()   // barycentrics
-                                  .Ret<ffi::Buffer<ffi::F32>>()); // squared distance
+                                  .Ctx<ffi::ScratchAllocator>() DHJAX_BVH_CLOSEST_POINT_SIGNATURE);
 
 DHJAX_EXPORT_ABI()

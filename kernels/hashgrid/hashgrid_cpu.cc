@@ -23,20 +23,18 @@
 
 #include "dhjax_parallel.h"
 #include "hashgrid_common.h"
+#include "hashgrid_ffi.h"
 #include "hashgrid_host.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
 using dhjax_hashgrid::Batch;
 using dhjax_hashgrid::Levels;
+using dhjax_hashgrid::Shapes;
 
 namespace {
 
 constexpr int64_t kChunk = 1024;  // points per forward / points-gradient task
-
-struct Shapes {
-  int64_t N, L, T, F;
-};
 
 // Levels outer, points inner: one level's slice of the table (T*F floats, 4 MiB at T = 2^19,
 // F = 2) is hot in cache while a chunk of points reads it.
@@ -108,23 +106,6 @@ void points_grad_chunk(const float* pts, const float* tab, const float* g, float
   }
 }
 
-ffi::Error check_shapes(ffi::Span<const int64_t> pd, ffi::Span<const int64_t> td, Shapes* s) {
-  if (pd.size() < 2 || td.size() < 3 || pd[pd.size() - 1] != 3) {
-    return ffi::Error::InvalidArgument("hashgrid: points must be [...,N,3] and table [...,L,T,F]");
-  }
-  s->N = pd[pd.size() - 2];
-  s->L = td[td.size() - 3];
-  s->T = td[td.size() - 2];
-  s->F = td[td.size() - 1];
-  if (s->F != 1 && s->F != 2 && s->F != 4 && s->F != 8) {
-    return ffi::Error::InvalidArgument("hashgrid: n_features_per_level must be 1, 2, 4 or 8");
-  }
-  if (s->T < 1 || s->T > (int64_t{1} << 31)) {
-    return ffi::Error::InvalidArgument("hashgrid: table rows must be in [1, 2^31]");
-  }
-  return ffi::Error::Success();
-}
-
 template <typename Fn>
 void dispatch_f(int64_t F, Fn&& fn) {
   switch (F) {
@@ -139,11 +120,10 @@ ffi::Error HashEncodeForwardImpl(ffi::Buffer<ffi::F32> points, ffi::Buffer<ffi::
                                  ffi::Span<const float> scales, ffi::Span<const int64_t> res,
                                  ffi::Span<const int64_t> sizes, ffi::ResultBuffer<ffi::F32> out) {
   Shapes s;
-  if (auto e = check_shapes(points.dimensions(), table.dimensions(), &s); e.failure()) return e;
   Levels lv;
-  if (auto e = dhjax_hashgrid::fill_levels(scales, res, sizes, s.L, s.T, &lv); e.failure()) return e;
   Batch bt;
-  if (auto e = dhjax_hashgrid::fill_batch(out->dimensions(), 2, points.dimensions(), table.dimensions(), nullptr, &bt);
+  if (auto e = dhjax_hashgrid::check_forward(points.dimensions(), table.dimensions(), scales, res, sizes,
+                                             out->dimensions(), &s, &lv, &bt);
       e.failure())
     return e;
   const float* P = points.typed_data();
@@ -168,21 +148,14 @@ ffi::Error HashEncodeBackwardImpl(ffi::Buffer<ffi::F32> points, ffi::Buffer<ffi:
                                   ffi::Span<const int64_t> res, ffi::Span<const int64_t> sizes,
                                   ffi::ResultBuffer<ffi::F32> d_table, ffi::ResultBuffer<ffi::F32> d_points) {
   Shapes s;
-  if (auto e = check_shapes(points.dimensions(), table.dimensions(), &s); e.failure()) return e;
   Levels lv;
-  if (auto e = dhjax_hashgrid::fill_levels(scales, res, sizes, s.L, s.T, &lv); e.failure()) return e;
   Batch bt;
-  auto gd = d_features.dimensions();
-  if (auto e = dhjax_hashgrid::fill_batch(d_table->dimensions(), 3, points.dimensions(), table.dimensions(), &gd, &bt);
+  bool want_points = false;
+  if (auto e = dhjax_hashgrid::check_backward(points.dimensions(), table.dimensions(), d_features.dimensions(), scales,
+                                              res, sizes, d_table->dimensions(), d_points->element_count(), &s, &lv,
+                                              &bt, &want_points);
       e.failure())
     return e;
-  if (gd[gd.size() - 2] != s.N || gd[gd.size() - 1] != s.L * s.F) {
-    return ffi::Error::InvalidArgument("hashgrid: d_features must be [...,N,L*F]");
-  }
-  const bool want_points = d_points->element_count() > 0;
-  if (want_points && d_points->element_count() != static_cast<size_t>(bt.count * s.N * 3)) {
-    return ffi::Error::InvalidArgument("hashgrid: d_points must be [...,N,3] or [...,0,3]");
-  }
   const float* P = points.typed_data();
   const float* Tb = table.typed_data();
   const float* G = d_features.typed_data();
@@ -217,21 +190,7 @@ ffi::Error HashEncodeBackwardImpl(ffi::Buffer<ffi::F32> points, ffi::Buffer<ffi:
 DHJAX_EXPORT_ABI()
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(HashEncodeForward, HashEncodeForwardImpl,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Attr<ffi::Span<const float>>("scales")
-                                  .Attr<ffi::Span<const int64_t>>("resolutions")
-                                  .Attr<ffi::Span<const int64_t>>("sizes")
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+                              ffi::Ffi::Bind() DHJAX_HASHGRID_FORWARD_SIGNATURE(ffi::Buffer<ffi::F32>));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(HashEncodeBackward, HashEncodeBackwardImpl,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Attr<ffi::Span<const float>>("scales")
-                                  .Attr<ffi::Span<const int64_t>>("resolutions")
-                                  .Attr<ffi::Span<const int64_t>>("sizes")
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+                              ffi::Ffi::Bind() DHJAX_HASHGRID_BACKWARD_SIGNATURE(ffi::Buffer<ffi::F32>));

@@ -19,12 +19,14 @@
 
 #include "dhjax_parallel.h"
 #include "hashgrid_common.h"
+#include "hashgrid_ffi.h"
 #include "hashgrid_host.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
 using dhjax_hashgrid::Batch;
 using dhjax_hashgrid::Levels;
+using dhjax_hashgrid::Shapes;
 
 namespace {
 
@@ -126,27 +128,6 @@ __global__ void points_grad_kernel(const float* __restrict__ P, const TT* __rest
   GP[3 * i + 2] = acc2;
 }
 
-struct Shapes {
-  int64_t N, L, T, F;
-};
-
-ffi::Error check_shapes(ffi::Span<const int64_t> pd, ffi::Span<const int64_t> td, Shapes* s) {
-  if (pd.size() < 2 || td.size() < 3 || pd[pd.size() - 1] != 3) {
-    return ffi::Error::InvalidArgument("hashgrid: points must be [...,N,3] and table [...,L,T,F]");
-  }
-  s->N = pd[pd.size() - 2];
-  s->L = td[td.size() - 3];
-  s->T = td[td.size() - 2];
-  s->F = td[td.size() - 1];
-  if (s->F != 1 && s->F != 2 && s->F != 4 && s->F != 8) {
-    return ffi::Error::InvalidArgument("hashgrid: n_features_per_level must be 1, 2, 4 or 8");
-  }
-  if (s->T < 1 || s->T > (int64_t{1} << 31)) {
-    return ffi::Error::InvalidArgument("hashgrid: table rows must be in [1, 2^31]");
-  }
-  return ffi::Error::Success();
-}
-
 template <typename Fn>
 ffi::Error dispatch(ffi::DataType dtype, int64_t F, Fn&& fn) {
   auto with_f = [&](auto tag) {
@@ -179,11 +160,10 @@ ffi::Error HashEncodeForwardCudaImpl(cudaStream_t stream, ffi::Buffer<ffi::F32> 
                                      ffi::Span<const float> scales, ffi::Span<const int64_t> res,
                                      ffi::Span<const int64_t> sizes, ffi::ResultBuffer<ffi::F32> out) {
   Shapes s;
-  if (auto e = check_shapes(points.dimensions(), table.dimensions(), &s); e.failure()) return e;
   Levels lv;
-  if (auto e = dhjax_hashgrid::fill_levels(scales, res, sizes, s.L, s.T, &lv); e.failure()) return e;
   Batch bt;
-  if (auto e = dhjax_hashgrid::fill_batch(out->dimensions(), 2, points.dimensions(), table.dimensions(), nullptr, &bt);
+  if (auto e = dhjax_hashgrid::check_forward(points.dimensions(), table.dimensions(), scales, res, sizes,
+                                             out->dimensions(), &s, &lv, &bt);
       e.failure())
     return e;
   const int64_t total = bt.count * s.N;
@@ -205,21 +185,14 @@ ffi::Error HashEncodeBackwardCudaImpl(cudaStream_t stream, ffi::Buffer<ffi::F32>
                                       ffi::Span<const int64_t> res, ffi::Span<const int64_t> sizes,
                                       ffi::ResultBuffer<ffi::F32> d_table, ffi::ResultBuffer<ffi::F32> d_points) {
   Shapes s;
-  if (auto e = check_shapes(points.dimensions(), table.dimensions(), &s); e.failure()) return e;
   Levels lv;
-  if (auto e = dhjax_hashgrid::fill_levels(scales, res, sizes, s.L, s.T, &lv); e.failure()) return e;
   Batch bt;
-  auto gd = d_features.dimensions();
-  if (auto e = dhjax_hashgrid::fill_batch(d_table->dimensions(), 3, points.dimensions(), table.dimensions(), &gd, &bt);
+  bool want_points = false;
+  if (auto e = dhjax_hashgrid::check_backward(points.dimensions(), table.dimensions(), d_features.dimensions(), scales,
+                                              res, sizes, d_table->dimensions(), d_points->element_count(), &s, &lv,
+                                              &bt, &want_points);
       e.failure())
     return e;
-  if (gd[gd.size() - 2] != s.N || gd[gd.size() - 1] != s.L * s.F) {
-    return ffi::Error::InvalidArgument("hashgrid: d_features must be [...,N,L*F]");
-  }
-  const bool want_points = d_points->element_count() > 0;
-  if (want_points && d_points->element_count() != static_cast<size_t>(bt.count * s.N * 3)) {
-    return ffi::Error::InvalidArgument("hashgrid: d_points must be [...,N,3] or [...,0,3]");
-  }
   if (cudaMemsetAsync(d_table->typed_data(), 0, d_table->size_bytes(), stream) != cudaSuccess) {
     return last_error("memset");
   }
@@ -249,21 +222,9 @@ DHJAX_EXPORT_ABI()
 XLA_FFI_DEFINE_HANDLER_SYMBOL(HashEncodeForwardCuda, HashEncodeForwardCudaImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::PlatformStream<cudaStream_t>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Attr<ffi::Span<const float>>("scales")
-                                  .Attr<ffi::Span<const int64_t>>("resolutions")
-                                  .Attr<ffi::Span<const int64_t>>("sizes")
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+                                      DHJAX_HASHGRID_FORWARD_SIGNATURE(ffi::AnyBuffer));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(HashEncodeBackwardCuda, HashEncodeBackwardCudaImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::PlatformStream<cudaStream_t>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Attr<ffi::Span<const float>>("scales")
-                                  .Attr<ffi::Span<const int64_t>>("resolutions")
-                                  .Attr<ffi::Span<const int64_t>>("sizes")
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+                                      DHJAX_HASHGRID_BACKWARD_SIGNATURE(ffi::AnyBuffer));

@@ -1,6 +1,8 @@
 // Host-side argument checks of the hash-grid FFI handlers (shared by the CPU and CUDA handlers).
+// check_forward / check_backward run every check a handler needs, in one order for both platforms.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 #include <string>
 
@@ -64,6 +66,58 @@ inline ffi::Error fill_batch(ffi::Span<const int64_t> out, int tail_out, ffi::Sp
     st *= table[i];
     if (grad) sg *= (*grad)[i];
     bt->count *= d;
+  }
+  return ffi::Error::Success();
+}
+
+// Trailing dims of the operands: points [...,N,3], table [...,L,T,F].
+struct Shapes {
+  int64_t N, L, T, F;
+};
+
+inline ffi::Error check_shapes(ffi::Span<const int64_t> pd, ffi::Span<const int64_t> td, Shapes* s) {
+  if (pd.size() < 2 || td.size() < 3 || pd[pd.size() - 1] != 3) {
+    return ffi::Error::InvalidArgument("hashgrid: points must be [...,N,3] and table [...,L,T,F]");
+  }
+  s->N = pd[pd.size() - 2];
+  s->L = td[td.size() - 3];
+  s->T = td[td.size() - 2];
+  s->F = td[td.size() - 1];
+  if (s->F != 1 && s->F != 2 && s->F != 4 && s->F != 8) {
+    return ffi::Error::InvalidArgument("hashgrid: n_features_per_level must be 1, 2, 4 or 8");
+  }
+  if (s->T < 1 || s->T > (int64_t{1} << 31)) {
+    return ffi::Error::InvalidArgument("hashgrid: table rows must be in [1, 2^31]");
+  }
+  return ffi::Error::Success();
+}
+
+// All argument checks of a forward handler (points, table, level attributes, result dims `out`).
+inline ffi::Error check_forward(ffi::Span<const int64_t> points, ffi::Span<const int64_t> table,
+                                ffi::Span<const float> scales, ffi::Span<const int64_t> res,
+                                ffi::Span<const int64_t> sizes, ffi::Span<const int64_t> out, Shapes* s,
+                                Levels* lv, Batch* bt) {
+  if (auto e = check_shapes(points, table, s); e.failure()) return e;
+  if (auto e = fill_levels(scales, res, sizes, s->L, s->T, lv); e.failure()) return e;
+  return fill_batch(out, 2, points, table, nullptr, bt);
+}
+
+// All argument checks of a backward handler: as the forward (with d_table's dims as the result
+// dims), plus d_features [...,N,L*F] and d_points [...,N,3] or [...,0,3] (*want_points: not empty).
+inline ffi::Error check_backward(ffi::Span<const int64_t> points, ffi::Span<const int64_t> table,
+                                 ffi::Span<const int64_t> d_features, ffi::Span<const float> scales,
+                                 ffi::Span<const int64_t> res, ffi::Span<const int64_t> sizes,
+                                 ffi::Span<const int64_t> d_table, size_t d_points_count, Shapes* s, Levels* lv,
+                                 Batch* bt, bool* want_points) {
+  if (auto e = check_shapes(points, table, s); e.failure()) return e;
+  if (auto e = fill_levels(scales, res, sizes, s->L, s->T, lv); e.failure()) return e;
+  if (auto e = fill_batch(d_table, 3, points, table, &d_features, bt); e.failure()) return e;
+  if (d_features[d_features.size() - 2] != s->N || d_features[d_features.size() - 1] != s->L * s->F) {
+    return ffi::Error::InvalidArgument("hashgrid: d_features must be [...,N,L*F]");
+  }
+  *want_points = d_points_count > 0;
+  if (*want_points && d_points_count != static_cast<size_t>(bt->count * s->N * 3)) {
+    return ffi::Error::InvalidArgument("hashgrid: d_points must be [...,N,3] or [...,0,3]");
   }
   return ffi::Error::Success();
 }

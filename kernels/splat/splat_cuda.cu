@@ -624,6 +624,37 @@ void with_chunk(int64_t K, Fn&& fn) {
 
 int64_t num_chunks(int64_t K, int ch) { return std::max<int64_t>(1, (K + ch - 1) / ch); }
 
+// The per-Gaussian inputs of the scene (its tile lists come from bin_gaussians) and the image
+// geometry, as the forward and the backward kernels read them.
+Geometry fill_scene(const Dims& d, ffi::Buffer<ffi::F32>& means2d, ffi::Buffer<ffi::F32>& conics,
+                    ffi::Buffer<ffi::F32>& colors, ffi::Buffer<ffi::F32>& opac, Scene* s) {
+  s->means2d = means2d.typed_data();
+  s->conics = conics.typed_data();
+  s->colors = colors.typed_data();
+  s->opac = opac.typed_data();
+  return Geometry{static_cast<int>(d.W), static_cast<int>(d.H), static_cast<int>(d.K), static_cast<int>(d.tx),
+                  static_cast<int>(d.T)};
+}
+
+// Launches one block per (tile, channel chunk): picks the chunk width CH for d.K channels and
+// calls launch(std::integral_constant<int, CH>, grid) with grid (B*T, chunks); `kernel` names
+// the launch in the error.
+template <typename Launch>
+ffi::Error launch_tiles(const Dims& d, const char* kernel, Launch&& launch) {
+  bool too_many_chunks = false;
+  with_chunk(d.K, [&](auto ch) {
+    constexpr int CH = decltype(ch)::value;
+    const int64_t chunks = num_chunks(d.K, CH);
+    if (chunks > 65535) {
+      too_many_chunks = true;
+      return;
+    }
+    launch(ch, dim3(static_cast<unsigned>(d.B * d.T), static_cast<unsigned>(chunks)));
+  });
+  if (too_many_chunks) return ffi::Error::InvalidArgument("dhjax_splat CUDA: too many channels");
+  return check_launch(kernel);
+}
+
 ffi::Error SplatForwardCudaImpl(cudaStream_t stream, ffi::ScratchAllocator scratch, ffi::Buffer<ffi::F32> means2d,
                                 ffi::Buffer<ffi::F32> conics, ffi::Buffer<ffi::F32> colors,
                                 ffi::Buffer<ffi::F32> opac, ffi::Buffer<ffi::F32> depths,
@@ -639,26 +670,12 @@ ffi::Error SplatForwardCudaImpl(cudaStream_t stream, ffi::ScratchAllocator scrat
 
   Scene s;
   if (auto e = bin_gaussians(stream, scratch, d, depths.typed_data(), rects.typed_data(), &s); e.failure()) return e;
-  s.means2d = means2d.typed_data();
-  s.conics = conics.typed_data();
-  s.colors = colors.typed_data();
-  s.opac = opac.typed_data();
-  const Geometry g{static_cast<int>(d.W), static_cast<int>(d.H), static_cast<int>(d.K), static_cast<int>(d.tx),
-                   static_cast<int>(d.T)};
-  bool too_many_chunks = false;
-  with_chunk(d.K, [&](auto ch) {
-    constexpr int CH = decltype(ch)::value;
-    const int64_t chunks = num_chunks(d.K, CH);
-    if (chunks > 65535) {
-      too_many_chunks = true;
-      return;
-    }
-    const dim3 grid(static_cast<unsigned>(d.B * d.T), static_cast<unsigned>(chunks));
-    render_kernel<CH><<<grid, dim3(kTile, kTile), 0, stream>>>(s, g, out->typed_data(), trans->typed_data(),
-                                                                last->typed_data());
+  const Geometry g = fill_scene(d, means2d, conics, colors, opac, &s);
+  return launch_tiles(d, "render_kernel", [&](auto ch, dim3 grid) {
+    render_kernel<decltype(ch)::value><<<grid, dim3(kTile, kTile), 0, stream>>>(s, g, out->typed_data(),
+                                                                                 trans->typed_data(),
+                                                                                 last->typed_data());
   });
-  if (too_many_chunks) return ffi::Error::InvalidArgument("dhjax_splat CUDA: too many channels");
-  return check_launch("render_kernel");
 }
 
 ffi::Error SplatBackwardCudaImpl(cudaStream_t stream, ffi::ScratchAllocator scratch, ffi::Buffer<ffi::F32> means2d,
@@ -695,28 +712,13 @@ ffi::Error SplatBackwardCudaImpl(cudaStream_t stream, ffi::ScratchAllocator scra
   Scene s;
   if (auto e = bin_gaussians(stream, scratch, d, depths.typed_data(), rects.typed_data(), &s); e.failure()) return e;
   if (s.ids == nullptr) return ffi::Error::Success();  // no intersections: all gradients are zero
-  s.means2d = means2d.typed_data();
-  s.conics = conics.typed_data();
-  s.colors = colors.typed_data();
-  s.opac = opac.typed_data();
-  const Geometry g{static_cast<int>(d.W), static_cast<int>(d.H), static_cast<int>(d.K), static_cast<int>(d.tx),
-                   static_cast<int>(d.T)};
+  const Geometry g = fill_scene(d, means2d, conics, colors, opac, &s);
   const Grads io{out.typed_data(),        trans.typed_data(),      last.typed_data(),
                  d_out.typed_data(),      d_trans.typed_data(),    g_means2d->typed_data(),
                  g_conics->typed_data(),  g_colors->typed_data(),  g_opac->typed_data()};
-  bool too_many_chunks = false;
-  with_chunk(d.K, [&](auto ch) {
-    constexpr int CH = decltype(ch)::value;
-    const int64_t chunks = num_chunks(d.K, CH);
-    if (chunks > 65535) {
-      too_many_chunks = true;
-      return;
-    }
-    const dim3 grid(static_cast<unsigned>(d.B * d.T), static_cast<unsigned>(chunks));
-    backward_kernel<CH><<<grid, dim3(kTile, kTile), 0, stream>>>(s, g, io);
+  return launch_tiles(d, "backward_kernel", [&](auto ch, dim3 grid) {
+    backward_kernel<decltype(ch)::value><<<grid, dim3(kTile, kTile), 0, stream>>>(s, g, io);
   });
-  if (too_many_chunks) return ffi::Error::InvalidArgument("dhjax_splat CUDA: too many channels");
-  return check_launch("backward_kernel");
 }
 
 }  // namespace
