@@ -114,10 +114,14 @@ def run(cfg, log=print) -> dict:
         key = f"splat_{n // 1000}k_{width}x{height}"
         scene = head_scene(int(n))
         cam = frontal_camera(int(width), int(height))
-        meta = jax.jit(lambda p: splat.rasterize(p["means"], p["quats"], p["scales"], p["opacities"], p["colors"], cam,
-                                                 backend="reference", capacity=1, return_meta=True).meta)(scene)
-        counts = np.asarray(meta["tile_counts"])
-        results[f"{key}_intersections"] = int(np.asarray(meta["num_intersections"]).sum())
+        def tiling(p):
+            proj = splat.project(p["means"], splat.covariance(p["quats"], p["scales"]), cam, cam.width, cam.height)
+            rects = splat_op.tile_rects(proj.means2d, proj.radii, cam.width, cam.height)
+            return splat_op.tile_counts(rects, cam.width, cam.height), splat_op.num_intersections(rects)
+
+        counts, n_isect = jax.jit(tiling)(scene)
+        counts = np.asarray(counts)
+        results[f"{key}_intersections"] = int(np.asarray(n_isect).sum())
         results[f"{key}_max_per_tile"] = int(counts.max())
         log(f"{key}: {results[f'{key}_intersections']} tile intersections, up to {counts.max()} per tile")
         for impl in impls:

@@ -193,9 +193,12 @@ def rasterize_reference(means2d, conics, colors, opacities, depths, rects, width
         rc = _concrete(rects)
         capacity = int(np.max(np.asarray(tile_counts(rc, width, height)), initial=0)) if rc is not None else n
     capacity = max(1, min(int(capacity), max(n, 1))) if n else 1
-    if tile_batch == "auto":  # all tiles at once while the [tiles, capacity, 256] arrays stay small
+    if tile_batch == "auto":
+        # All tiles at once while the per-tile arrays ([capacity, 256] pixels and the [N] hit
+        # mask that selects the tile's Gaussians) stay below the budget, else batches of tiles.
         tx, ty = num_tiles(width, height)
-        tile_batch = None if tx * ty * capacity * TILE * TILE <= _VMAP_ELEMENTS else max(1, _VMAP_ELEMENTS // (capacity * TILE * TILE))
+        per_tile = max(capacity * TILE * TILE, n)
+        tile_batch = None if tx * ty * per_tile <= _VMAP_ELEMENTS else max(1, _VMAP_ELEMENTS // per_tile)
     flat = lambda a: a.reshape((-1,) + a.shape[len(lead):])
     args = [flat(a) for a in (means2d, conics, colors, opacities, depths, rects)]
     img, tr = _reference_batched(*args, width=width, height=height, capacity=capacity, tile_batch=tile_batch)
