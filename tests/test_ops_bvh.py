@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from dhjax.geometry import mesh as mesh_lib
-from dhjax.ops import _ffi
+from kernel_common import need_kernel
 
 cp = importlib.import_module("dhjax.ops.bvh")
 
@@ -19,19 +19,13 @@ TOL = 1e-6  # metres
 
 @pytest.fixture(scope="module")
 def cpu_kernel():
-    if not cp.kernel_available("cpu"):
-        if _ffi.require_kernels():
-            pytest.fail("the BVH CPU kernel is not built but DHJAX_REQUIRE_KERNELS is set")
-        pytest.skip("the BVH CPU kernel is not built (bash kernels/build_inplace.sh)")
+    need_kernel(cp.kernel_available("cpu"), "the BVH CPU kernel")
     return "cpu"
 
 
 @pytest.fixture(scope="module")
 def cuda_kernel():
-    if not cp.kernel_available("cuda"):
-        if _ffi.require_kernels():
-            pytest.fail("the BVH CUDA kernel is not built but DHJAX_REQUIRE_KERNELS is set")
-        pytest.skip("the BVH CUDA kernel is not built (bash kernels/build_inplace.sh -DDHJAX_CUDA=ON)")
+    need_kernel(cp.kernel_available("cuda"), "the BVH CUDA kernel", "bash kernels/build_inplace.sh -DDHJAX_CUDA=ON")
     return "cuda"
 
 

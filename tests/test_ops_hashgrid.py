@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from dhjax.ops import _ffi
+from kernel_common import need_kernel
 from dhjax.ops import hashgrid as hg
 
 # Small grids with dense levels (one with R^3 not a multiple of 8), hashed levels and a scale
@@ -85,12 +86,8 @@ def _points(n, seed=1):
 
 
 def _require(platform):
-    if _ffi.register("hashgrid", platform, hg._TARGETS[platform]):
-        return platform
-    msg = f"the {platform} hash-grid kernel is not built (bash kernels/build_inplace.sh)"
-    if _ffi.require_kernels():
-        pytest.fail(msg)
-    pytest.skip(msg)
+    need_kernel(_ffi.register("hashgrid", platform, hg._TARGETS[platform]), f"the {platform} hash-grid kernel")
+    return platform
 
 
 @pytest.fixture

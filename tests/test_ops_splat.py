@@ -8,7 +8,7 @@ import pytest
 import jax
 import jax.numpy as jnp
 
-from dhjax.ops import _ffi
+from kernel_common import need_kernel
 from dhjax.ops import splat as op
 from dhjax.render import camera
 from dhjax.render import splat
@@ -16,10 +16,7 @@ from dhjax.render import splat
 
 @pytest.fixture(scope="module")
 def cpu_kernel():
-    if not op.kernel_available("cpu"):
-        if _ffi.require_kernels():
-            pytest.fail("the CPU splat kernel is not built but DHJAX_REQUIRE_KERNELS is set")
-        pytest.skip("CPU splat kernel not built (bash kernels/build_inplace.sh)")
+    need_kernel(op.kernel_available("cpu"), "the CPU splat kernel")
 
 
 def scene(seed, n=200, spread=0.15, log_scale=np.log(0.03), scale_std=0.5, centre=(0.0, 0.0, 0.0)):

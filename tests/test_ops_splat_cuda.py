@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dhjax.ops import _ffi
+from kernel_common import need_kernel
 from dhjax.ops import splat
 
 pytestmark = pytest.mark.gpu
@@ -28,11 +28,7 @@ NAMES = ("means2d", "conics", "colors", "opacities")
 def _cuda_kernel():
     if jax.default_backend() != "gpu":
         pytest.skip("needs a CUDA GPU (jax.default_backend() is not 'gpu')")
-    if not splat.kernel_available("cuda"):
-        msg = "libdhjax_splat_cuda.so is not built (bash kernels/build_inplace.sh -DDHJAX_CUDA=ON)"
-        if _ffi.require_kernels():
-            pytest.fail(msg)
-        pytest.skip(msg)
+    need_kernel(splat.kernel_available("cuda"), "libdhjax_splat_cuda.so", "bash kernels/build_inplace.sh -DDHJAX_CUDA=ON")
 
 
 def _scene(seed, lead, n, width, height, k, *, sd_range=(0.3, 30.0), huge_frac=0.0, one_tile=None, ties=False,
@@ -213,10 +209,7 @@ def test_same_decisions_as_cpu_kernel():
     """`last` (how far each pixel walked) from the CUDA and the C++ handler: the two compute the
     skip / stop decisions in the same float operations, so they agree except where a 1-ulp
     difference of exp lands exactly on a threshold (allowed for at most 0.1% of pixels)."""
-    if not splat.kernel_available("cpu"):
-        if _ffi.require_kernels():
-            pytest.fail("libdhjax_splat.so (CPU) is not built")
-        pytest.skip("the CPU splat kernel is not built")
+    need_kernel(splat.kernel_available("cpu"), "libdhjax_splat.so (CPU)")
     cpu = jax.devices("cpu")[0]
     for name in ("mixed", "one_tile", "depth_ties", "cameras", "huge_scales"):
         seed, lead, n, w, h, k, kw = SCENES[name]
