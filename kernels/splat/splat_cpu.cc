@@ -90,6 +90,13 @@ struct TileData {
   // skip[j]: below this power, o exp(power) < 1/255 for sure (log(1/(255 o)) minus a margin far
   // above float rounding), so the pixel loops skip the exp; the exact test decides the rest.
   std::vector<float> skip;
+  // Exponent of Gaussian j at offset (dx, dy) = pixel - mean: -(a dx^2 + c dy^2)/2 - b dx dy.
+  float power(int64_t j, float dx, float dy) const {
+    return -0.5f * (ca[j] * dx * dx + cc[j] * dy * dy) - cb[j] * dx * dy;
+  }
+  // Skipped before any exp: the numerical guard (power > 0) or alpha certainly below 1/255.
+  // Forward and backward share this so they make the same decisions.
+  bool skipped(int64_t j, float p) const { return p > 0.0f || p < skip[j]; }
   void gather(const int32_t* ids, int64_t n, int64_t K, const float* means2d, const float* conics,
               const float* colors, const float* opac) {
     mx.resize(n); my.resize(n); ca.resize(n); cb.resize(n); cc.resize(n); op.resize(n);
@@ -172,8 +179,8 @@ ffi::Error SplatForwardImpl(ffi::Buffer<ffi::F32> means2d, ffi::Buffer<ffi::F32>
           const float fx = static_cast<float>(px), fy = static_cast<float>(py);
           for (int64_t j = 0; j < n; ++j) {
             const float dx = fx - td.mx[j], dy = fy - td.my[j];
-            const float power = -0.5f * (td.ca[j] * dx * dx + td.cc[j] * dy * dy) - td.cb[j] * dx * dy;
-            if (power > 0.0f || power < td.skip[j]) continue;
+            const float power = td.power(j, dx, dy);
+            if (td.skipped(j, power)) continue;
             const float alpha = std::min(kAlphaMax, td.op[j] * std::exp(power));
             if (alpha < kAlphaMin) continue;
             const float next_t = tr * (1.0f - alpha);
@@ -252,8 +259,8 @@ ffi::Error SplatBackwardImpl(ffi::Buffer<ffi::F32> means2d, ffi::Buffer<ffi::F32
           const float fx = static_cast<float>(px), fy = static_cast<float>(py);
           for (int64_t j = 0; j < walk; ++j) {
             const float dx = fx - td.mx[j], dy = fy - td.my[j];
-            const float power = -0.5f * (td.ca[j] * dx * dx + td.cc[j] * dy * dy) - td.cb[j] * dx * dy;
-            if (power > 0.0f || power < td.skip[j]) continue;
+            const float power = td.power(j, dx, dy);
+            if (td.skipped(j, power)) continue;
             const float g = std::exp(power);
             const float raw = td.op[j] * g;
             const float alpha = std::min(kAlphaMax, raw);
