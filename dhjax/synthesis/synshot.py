@@ -1,0 +1,889 @@
+"""SynShot: a VQ-VAE prior of Gaussian head avatars in UV space, trained on synthetic heads, and
+few-shot pivotal-tuning inversion (Zielonka et al., CVPR 2025; thesis section A.5).
+
+Data flow of one example (maps are S x S in the head model's UV layout, metres):
+
+    x_tex [S,S,3] albedo, x_verts [S,S,3] neutral positions, x_expr [S,S,3] expression offsets
+      -> E_id(x_tex, x_verts) = z_id [h,w,n],  E_expr(x_expr) = z_expr [h,w,n]   (encoders)
+      -> q(z) nearest codebook entries, straight-through (one codebook per branch; optional
+         transformer over the code grid)                                         (quantisers)
+      -> D_feat(q_id, q_expr) = feat [S',S',F];  D_id(q_id) = (tex^, verts^);  D_expr(q_expr) = expr^
+      -> phi = verts^ + expr^ (rest-pose positions in model space)
+      -> per part r (face, hair): a regular grid of UV points inside the part's UV region;
+         bilinear samples phi_r = B(phi, u_r, v_r), s_r = B(feat, u_r, v_r)   (densification:
+         the grid density, not the map size, sets the number of Gaussians)
+      -> initial Gaussians: scale = nearest-neighbour distance within the part, opacity 0.7,
+         rotation = orthonormalised [dphi/du, dphi/dv, normal] (exact derivatives of B)
+      -> regressors R_color(s_r) = SH (degree 3), R_gauss(s_r) = additive offsets of position,
+         rotation, log-scale and opacity logit (four conv blocks with skips on the grid)
+      -> LBS of the head model (joints from the example's shape/expression, skinning weights
+         sampled from a UV map of the model's weights), global rotation and translation
+      -> splatting (`dhjax.render.splat.rasterize`) into the example's camera.
+
+Normalised network units: x_tex in [-1, 1], x_verts = (positions - head centre) / pos_scale,
+x_expr = offsets / expr_scale (config `model.pos_scale`, `model.expr_scale`, metres).
+
+Functions here are pure: `build_assets` (host-side, once), `make_net`, `init_state`, `forward`,
+`loss_fn`, `train_step` (data-parallel through `jax.shard_map` over all devices), `evaluate`,
+`render_views`, `export_gaussians`, and the inversion stages (`inversion_labels`,
+`invert_step`). Experiments: `experiments.synshot_prior`, `experiments.synshot_invert`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Mapping, NamedTuple, Sequence
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from jax.sharding import PartitionSpec as P
+
+from dhjax import losses
+from dhjax.data import hair as hair_lib
+from dhjax.data import textures
+from dhjax.geometry import lbs as lbs_lib
+from dhjax.geometry import rotations
+from dhjax.nn import conv, vq
+from dhjax.render import camera as camera_lib
+from dhjax.render import shading
+from dhjax.render import splat
+
+_HI = jax.lax.Precision.HIGHEST
+MAP_KEYS = ("uv_albedo", "uv_position", "uv_expression_offset")
+PARAM_KEYS = ("shape", "expression", "pose", "translation")
+BATCH_KEYS = ("image", "mask", "K", "R", "t") + PARAM_KEYS + MAP_KEYS
+INIT_OPACITY = 0.7
+SH_COEFFS = 16          # degree 3
+
+
+# ----------------------------------------------------------------------------------------------
+# Configuration.
+
+
+def default_model_config() -> ml_collections.ConfigDict:
+    """Network and Gaussian settings (the paper values where the thesis states them).
+
+    map_size: S of the input/decoded maps; channels: encoder widths per level (the decoders
+      mirror them; the latent grid is S / 2^(len-1)); latent_dim n; num_codes K; beta
+      (commitment weight); use_vq (False: the 'w/o VQ' ablation); vq_ema (EMA codebook
+      updates instead of the codebook loss); restart_threshold (usage EMA below which a code is
+      re-seeded from a batch latent, 0 = off); transformer_layers (0 = no transformer over codes);
+      feat_dim F; feat_drop_levels (1: D_feat stops one level early and its S/2 map is
+      bilinearly up-sampled by the part sampling, the 'Tex. up-sampling' ablation);
+      parts / part_density: the Gaussian layers and their UV grid sizes ('face' = the whole
+      head surface, 'hair' = the scalp and beard area, 'all' = whole surface as one layer);
+      sampling (False: the 'No sampling' ablation, one layer of Gaussians at the decoded map's
+      own texels with 1x1 heads instead of the regressors); regressor_width, regressor_blocks;
+      nn_mode: 'exact' (brute force) or 'grid' (8 grid neighbours) nearest-neighbour distances;
+      pos_scale, expr_scale (metres per network unit); offset_scale (metres per unit of the
+      position offset output); dead Gaussians: none.
+    """
+    return ml_collections.ConfigDict(dict(
+        map_size=512, channels=(64, 128, 256, 256), latent_dim=16, num_codes=1024, beta=0.25,
+        use_vq=True, vq_ema=False, ema_decay=0.99, restart_threshold=0.0, transformer_layers=0,
+        transformer_heads=4, feat_dim=128, feat_drop_levels=0, parts=("face", "hair"),
+        part_density=(512, 384), sampling=True, regressor_width=64, regressor_blocks=4,
+        nn_mode="grid", pos_scale=0.1, expr_scale=0.01, offset_scale=0.01))
+
+
+def default_loss_config() -> ml_collections.ConfigDict:
+    """Loss weights: L_color = l1 L1 + ssim (1 - SSIM) (+ lpips LPIPS) on the texture map and on
+    renders; L_geom = geom L1 on the position and expression maps (network units); L2
+    regularisers on position offsets, log-scale offsets, opacity offsets and SH bands >= 1;
+    VQ losses (codebook + beta commitment) weighted by `vq`; `alpha` weights an optional L1
+    between the rendered alpha and the mask (0 in the thesis)."""
+    return ml_collections.ConfigDict(dict(
+        l1=1.0, ssim=0.2, lpips=0.0, map_l1=1.0, map_ssim=0.2, geom=1.0, reg_position=0.01,
+        reg_scale=0.001, reg_opacity=0.001, reg_sh=0.001, vq=1.0, alpha=0.0, lpips_path=""))
+
+
+@dataclasses.dataclass(frozen=True)
+class NetConfig:
+    """Hashable network settings (static fields of the flax module)."""
+
+    channels: tuple
+    latent_dim: int
+    num_codes: int
+    beta: float
+    use_vq: bool
+    vq_ema: bool
+    ema_decay: float
+    restart_threshold: float
+    transformer_layers: int
+    transformer_heads: int
+    feat_dim: int
+    feat_drop_levels: int
+    parts: tuple
+    regressor_width: int
+    regressor_blocks: int
+
+    @classmethod
+    def from_config(cls, mc) -> "NetConfig":
+        parts = tuple(mc.parts) if mc.sampling else ("all",)
+        return cls(channels=tuple(int(c) for c in mc.channels), latent_dim=int(mc.latent_dim),
+                   num_codes=int(mc.num_codes), beta=float(mc.beta), use_vq=bool(mc.use_vq),
+                   vq_ema=bool(mc.vq_ema), ema_decay=float(mc.ema_decay),
+                   restart_threshold=float(mc.restart_threshold),
+                   transformer_layers=int(mc.transformer_layers), transformer_heads=int(mc.transformer_heads),
+                   feat_dim=int(mc.feat_dim), feat_drop_levels=int(mc.feat_drop_levels), parts=parts,
+                   regressor_width=int(mc.regressor_width),
+                   regressor_blocks=int(mc.regressor_blocks) if mc.sampling else 0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Static assets: UV grids of the parts, skinning-weight map, joint regression.
+
+
+@flax.struct.dataclass
+class PartGrid:
+    """One Gaussian layer: a regular h x w grid of UV points, of which `index` are used.
+
+    uv [h*w, 2] grid UV coordinates (row-major, row 0 at v = 1); index [N] int32 the grid points
+    inside the part whose bilinear footprint lies inside the UV layout; name, h, w static.
+    """
+
+    uv: jax.Array
+    index: jax.Array
+    name: str = flax.struct.field(pytree_node=False)
+    h: int = flax.struct.field(pytree_node=False)
+    w: int = flax.struct.field(pytree_node=False)
+
+    @property
+    def count(self) -> int:
+        return int(self.index.shape[0])
+
+
+@flax.struct.dataclass
+class Assets:
+    """Head-model-derived constants of the SynShot model (built once by `build_assets`).
+
+    centre [3] head centre (normalisation origin, metres); map_mask [S, S] float32 UV layout mask;
+    lbs_map [S, S, J] skinning weights in UV; joint_basis [1 + Sh + E, J, 3] joints of the
+    template | shape | expression blendshapes (joints are linear in the coefficients); parts:
+    tuple of PartGrid; parents, map_size, n_shape, n_expression static.
+    """
+
+    centre: jax.Array
+    map_mask: jax.Array
+    lbs_map: jax.Array
+    joint_basis: jax.Array
+    parts: tuple
+    parents: tuple = flax.struct.field(pytree_node=False)
+    map_size: int = flax.struct.field(pytree_node=False)
+    n_shape: int = flax.struct.field(pytree_node=False)
+    n_expression: int = flax.struct.field(pytree_node=False)
+
+    @property
+    def n_gaussians(self) -> int:
+        return sum(p.count for p in self.parts)
+
+
+def grid_uv(h: int, w: int) -> np.ndarray:
+    """UV coordinates [h*w, 2] of the centres of an h x w grid (texel convention of
+    `dhjax.render.shading`: u right, v up, row 0 at the top)."""
+    jj, ii = np.meshgrid(np.arange(w), np.arange(h))
+    return np.stack([(jj + 0.5) / w, 1.0 - (ii + 0.5) / h], -1).reshape(-1, 2).astype(np.float32)
+
+
+def _footprint_inside(mask: np.ndarray, uv: np.ndarray) -> np.ndarray:
+    """True where all (up to 4) texels of the bilinear footprint of uv lie inside mask [S, S]."""
+    S = mask.shape[0]
+    x = np.clip(uv[:, 0] * S - 0.5, 0, S - 1)
+    y = np.clip((1 - uv[:, 1]) * S - 0.5, 0, S - 1)
+    x0, y0 = np.floor(x).astype(int), np.floor(y).astype(int)
+    x1, y1 = np.minimum(x0 + 1, S - 1), np.minimum(y0 + 1, S - 1)
+    return mask[y0, x0] & mask[y0, x1] & mask[y1, x0] & mask[y1, x1]
+
+
+def part_masks(model, fields) -> dict:
+    """UV masks [S, S] bool of the parts: 'face'/'all' the whole layout, 'hair' the area any
+    hair or beard style of the synthetic generator may cover (`dhjax.data.hair`)."""
+    tmpl = np.asarray(model.v_template)
+    phi, theta = (np.asarray(a) for a in hair_lib.head_angles(tmpl, textures.head_centre(model)))
+    hw = np.asarray(hair_lib.hair_weight(phi, theta, hair_lib.max_hair_style()))
+    bw = np.asarray(hair_lib.beard_weight(phi, theta, hair_lib.max_beard_style()))
+    if model.regions is not None and "eyes" in model.regions:
+        eyes = np.asarray(model.regions["eyes"])
+        hw, bw = np.where(eyes, 0, hw), np.where(eyes, 0, bw)
+    hair = np.asarray(textures.bake(fields, model.faces, np.maximum(hw, bw)[:, None].astype(np.float32)))[..., 0]
+    layout = np.asarray(fields.mask)
+    return {"face": layout, "all": layout, "hair": layout & (hair > 0.05)}
+
+
+def build_assets(model_cfg, model=None) -> Assets:
+    """Precomputes the UV grids, skinning-weight map and joint basis (host side, once).
+
+    Args:
+      model_cfg: `default_model_config()`-like ConfigDict.
+      model: FlameModel with a UV layout (None = the embedded default head).
+    """
+    from dhjax.models import flame
+
+    model = flame.load() if model is None else model
+    S = int(model_cfg.map_size)
+    fields = textures.uv_fields(model, S)
+    layout = np.asarray(fields.mask)
+    masks = part_masks(model, fields)
+    lbs_map = np.asarray(textures.bake(fields, model.faces, model.lbs_weights))
+    joint_basis = np.einsum("jv,kvc->kjc", np.asarray(model.j_regressor, np.float64),
+                            np.asarray(model.blend_basis, np.float64)).astype(np.float32)
+    if model_cfg.sampling:
+        names, dens = tuple(model_cfg.parts), tuple(int(d) for d in model_cfg.part_density)
+        if len(names) != len(dens):
+            raise ValueError(f"model.parts {names} and model.part_density {dens} differ in length")
+    else:
+        names, dens = ("all",), (S,)
+    parts = []
+    for name, d in zip(names, dens):
+        if name not in masks:
+            raise ValueError(f"unknown part {name!r}; known: {sorted(masks)}")
+        uv = grid_uv(d, d)
+        inside = _footprint_inside(layout, uv) & _footprint_inside(masks[name], uv)
+        idx = np.nonzero(inside)[0].astype(np.int32)
+        if idx.size < 2:
+            raise ValueError(f"part {name!r} at density {d} has {idx.size} UV points")
+        parts.append(PartGrid(uv=jnp.asarray(uv), index=jnp.asarray(idx), name=name, h=d, w=d))
+    return Assets(centre=jnp.asarray(textures.head_centre(model), jnp.float32),
+                  map_mask=jnp.asarray(layout, jnp.float32), lbs_map=jnp.asarray(lbs_map),
+                  joint_basis=jnp.asarray(joint_basis), parts=tuple(parts),
+                  parents=tuple(int(p) for p in model.parents), map_size=S,
+                  n_shape=int(model.num_shape), n_expression=int(model.num_expression))
+
+
+# ----------------------------------------------------------------------------------------------
+# The network.
+
+
+class SynShotNet(nn.Module):
+    """Encoders, quantisers, decoders and per-part regressors (shapes: module docstring).
+
+    Top-level parameter groups (used by the inversion stages): enc_id, enc_expr, vq_id,
+    vq_expr, tf_id, tf_expr (with transformer_layers > 0), dec_feat, dec_id, dec_expr, and
+    reg_<part>_color, reg_<part>_gauss per part.
+    """
+
+    cfg: NetConfig
+
+    def setup(self):
+        c = self.cfg
+        self.enc_id = conv.Encoder(c.channels, c.latent_dim)
+        self.enc_expr = conv.Encoder(c.channels, c.latent_dim)
+        if c.use_vq:
+            mk = functools.partial(vq.VectorQuantizer, num_codes=c.num_codes, dim=c.latent_dim, beta=c.beta,
+                                   use_ema=c.vq_ema, ema_decay=c.ema_decay)
+            # dead-code restarts happen in `train_step` (identically on every device)
+            self.vq_id, self.vq_expr = mk(), mk()
+        if c.transformer_layers > 0:
+            mk = functools.partial(vq.CodeTransformer, dim=c.latent_dim, num_layers=c.transformer_layers,
+                                   num_heads=c.transformer_heads)
+            self.tf_id, self.tf_expr = mk(), mk()
+        feat_channels = c.channels[c.feat_drop_levels:] if c.feat_drop_levels else c.channels
+        self.dec_feat = conv.Decoder(feat_channels, c.feat_dim)
+        self.dec_id = conv.Decoder(c.channels, 6, out_init_scale=0.1)
+        self.dec_expr = conv.Decoder(c.channels, 3, out_init_scale=0.1)
+        regs = {}
+        for name in c.parts:
+            if c.regressor_blocks > 0:
+                regs[f"reg_{name}_color"] = conv.Regressor(3 * SH_COEFFS, c.regressor_width, c.regressor_blocks,
+                                                           name=f"reg_{name}_color")
+                regs[f"reg_{name}_gauss"] = conv.Regressor(11, c.regressor_width, c.regressor_blocks,
+                                                           name=f"reg_{name}_gauss")
+            else:   # 'No sampling': the decoded feature map is the Gaussian map, 1x1 heads only
+                regs[f"reg_{name}_color"] = nn.Conv(3 * SH_COEFFS, (1, 1), kernel_init=nn.initializers.zeros,
+                                                    name=f"reg_{name}_color")
+                regs[f"reg_{name}_gauss"] = nn.Conv(11, (1, 1), kernel_init=nn.initializers.zeros,
+                                                    name=f"reg_{name}_gauss")
+        self.regs = regs
+
+    def encode(self, x_tex, x_verts, x_expr):
+        """[B,S,S,3] x 3 -> z_id, z_expr [B,h,w,n]."""
+        return self.enc_id(jnp.concatenate([x_tex, x_verts], -1)), self.enc_expr(x_expr)
+
+    def quantize(self, z_id, z_expr, train: bool = False):
+        """-> q_id, q_expr [B,h,w,n], aux {vq_loss, perplexity_id, perplexity_expr}."""
+        if not self.cfg.use_vq:
+            zero = jnp.zeros((), jnp.float32)
+            return z_id, z_expr, dict(vq_loss=zero, perplexity_id=zero, perplexity_expr=zero)
+        q_id, a_id = self.vq_id(z_id, train=train)
+        q_expr, a_expr = self.vq_expr(z_expr, train=train)
+        if self.cfg.transformer_layers > 0:
+            q_id, q_expr = self.tf_id(q_id), self.tf_expr(q_expr)
+        return q_id, q_expr, dict(vq_loss=a_id["loss"] + a_expr["loss"], perplexity_id=a_id["perplexity"],
+                                  perplexity_expr=a_expr["perplexity"], usage_id=a_id["usage"],
+                                  usage_expr=a_expr["usage"])
+
+    def decode(self, q_id, q_expr):
+        """-> feat [B,S',S',F], tex [B,S,S,3], verts [B,S,S,3], expr [B,S,S,3] (network units)."""
+        feat = self.dec_feat(jnp.concatenate([q_id, q_expr], -1))
+        ident = self.dec_id(q_id)
+        return feat, ident[..., :3], ident[..., 3:], self.dec_expr(q_expr)
+
+    def regress(self, name: str, s):
+        """Sampled features [B,h,w,F] -> SH [B,h,w,48], offsets [B,h,w,11]."""
+        return self.regs[f"reg_{name}_color"](s), self.regs[f"reg_{name}_gauss"](s)
+
+    def __call__(self, x_tex, x_verts, x_expr, train: bool = False):
+        """Everything once (used by `init`): returns the decoded maps and the regressor outputs
+        on the decoded feature map itself."""
+        z_id, z_expr = self.encode(x_tex, x_verts, x_expr)
+        q_id, q_expr, aux = self.quantize(z_id, z_expr, train)
+        feat, tex, verts, expr = self.decode(q_id, q_expr)
+        outs = [self.regress(name, feat) for name in self.cfg.parts]
+        return feat, tex, verts, expr, outs, aux
+
+
+def make_net(model_cfg) -> SynShotNet:
+    return SynShotNet(NetConfig.from_config(model_cfg))
+
+
+# ----------------------------------------------------------------------------------------------
+# Maps <-> network units.
+
+
+def _resize_maps(x, size: int):
+    """[B,T,T,C] -> [B,size,size,C] by area averaging (T a multiple of size) or identity."""
+    T = x.shape[-2]
+    if T == size:
+        return x
+    if T % size:
+        raise ValueError(f"UV maps of size {T} cannot be reduced to model.map_size {size} "
+                         f"(need a multiple); regenerate the data or change model.map_size")
+    f = T // size
+    return x.reshape(x.shape[:-3] + (size, f, size, f, x.shape[-1])).mean((-4, -2))
+
+
+def normalise_maps(assets: Assets, model_cfg, uv_albedo, uv_position, uv_expression_offset):
+    """Data maps [B,T,T,3] (albedo in [0,1], metres) -> network inputs [B,S,S,3] x 3."""
+    S = assets.map_size
+    m = assets.map_mask[..., None]
+    tex = _resize_maps(jnp.asarray(uv_albedo, jnp.float32), S) * 2.0 - 1.0
+    verts = (_resize_maps(jnp.asarray(uv_position, jnp.float32), S) - assets.centre) / model_cfg.pos_scale
+    expr = _resize_maps(jnp.asarray(uv_expression_offset, jnp.float32), S) / model_cfg.expr_scale
+    return tex * m, verts * m, expr * m
+
+
+def _sample_grid(maps, uv):
+    """Bilinear samples of maps [B,H,W,C] at uv [N,2] -> [B,N,C] (any map resolution)."""
+    return jax.vmap(lambda m: shading.sample_texture(m, uv))(maps)
+
+
+# ----------------------------------------------------------------------------------------------
+# Maps -> Gaussians.
+
+
+class Gaussians(NamedTuple):
+    """Gaussians in model space (rest pose) or world space; [B, N, ...] with a batch axis.
+
+    means [.., N, 3] metres; rotations [.., N, 3, 3]; log_scales [.., N, 3]; opacity_logits
+    [.., N]; sh [.., N, 16, 3]; lbs_weights [.., N, J]; offsets: the raw regressor offsets
+    {position [.., N, 3] (metres), rotation [.., N, 4], scale [.., N, 3], opacity [.., N]}.
+    """
+
+    means: jax.Array
+    rotations: jax.Array
+    log_scales: jax.Array
+    opacity_logits: jax.Array
+    sh: jax.Array
+    lbs_weights: jax.Array
+    offsets: dict
+
+
+def nearest_neighbour_distance(points, *, chunk: int = 1024):
+    """Distance of every point to its nearest other point (brute force, chunked).
+
+    Args:
+      points: [N, 3]. Returns: [N] (the neighbour is chosen without gradient; the distance is
+      differentiable in both points).
+    """
+    n = points.shape[0]
+    pts = jax.lax.stop_gradient(points)
+    sq = jnp.sum(pts * pts, -1)
+    pad = (-n) % chunk
+    rows = jnp.pad(jnp.arange(n), (0, pad)).reshape(-1, chunk)
+
+    def one(r):
+        d = sq[r][:, None] - 2.0 * jnp.matmul(pts[r], pts.T, precision=_HI) + sq[None]
+        d = jnp.where(r[:, None] == jnp.arange(n)[None], jnp.inf, d)
+        return jnp.argmin(d, axis=1)
+
+    nn_idx = jax.lax.map(one, rows).reshape(-1)[:n]
+    return jnp.linalg.norm(points - points[nn_idx], axis=-1)
+
+
+def grid_neighbour_distance(grid_points, valid):
+    """Distance to the nearest of the 8 grid neighbours that are valid (a fast stand-in for the
+    nearest neighbour on densely sampled smooth surfaces).
+
+    Args:
+      grid_points: [h, w, 3]; valid: [h, w] bool. Returns: [h, w] (inf where no neighbour).
+    """
+    h, w, _ = grid_points.shape
+    p = jnp.pad(grid_points, ((1, 1), (1, 1), (0, 0)))
+    v = jnp.pad(valid, ((1, 1), (1, 1)))
+    best = jnp.full((h, w), jnp.inf, grid_points.dtype)
+    for di in (-1, 0, 1):
+        for dj in (-1, 0, 1):
+            if di == dj == 0:
+                continue
+            q = p[1 + di:1 + di + h, 1 + dj:1 + dj + w]
+            ok = v[1 + di:1 + di + h, 1 + dj:1 + dj + w]
+            d = jnp.sqrt(jnp.maximum(jnp.sum((grid_points - q) ** 2, -1), 1e-20))
+            best = jnp.minimum(best, jnp.where(ok, d, jnp.inf))
+    return best
+
+
+def _normalise(v, eps=1e-12):
+    return v / jnp.sqrt(jnp.maximum(jnp.sum(v * v, -1, keepdims=True), eps))
+
+
+def tbn_rotation(dpdu, dpdv):
+    """Rotation [.., 3, 3] with columns (T, B, N): T = dphi/du normalised, N = T x B
+    normalised, and B replaced by N x T so the frame is orthonormal (det +1)."""
+    t = _normalise(dpdu)
+    n = _normalise(jnp.cross(dpdu, dpdv))
+    b = jnp.cross(n, t)
+    return jnp.stack([t, b, n], -1)
+
+
+def sample_positions_and_frames(phi, uv):
+    """Bilinear samples of a position map and its exact UV derivatives.
+
+    Args:
+      phi: [S, S, 3] positions (metres); uv: [N, 2]. Returns: p [N, 3], dp/du [N, 3], dp/dv [N, 3].
+    """
+    f = lambda q: shading.sample_texture(phi, q)
+    p, dpdu = jax.jvp(f, (uv,), (jnp.tile(jnp.array([[1.0, 0.0]]), (uv.shape[0], 1)),))
+    _, dpdv = jax.jvp(f, (uv,), (jnp.tile(jnp.array([[0.0, 1.0]]), (uv.shape[0], 1)),))
+    return p, dpdu, dpdv
+
+
+def initial_gaussians(phi_map, part: PartGrid, nn_mode: str = "exact"):
+    """Initial per-part Gaussians from one position map (before the regressed offsets).
+
+    Args:
+      phi_map: [S, S, 3] rest-pose positions (metres); part: PartGrid.
+    Returns:
+      dict(means [N, 3], rotations [N, 3, 3], log_scales [N, 3] (isotropic: log of the
+      nearest-neighbour distance), opacity_logits [N] (logit 0.7)) for the part's N used points.
+    """
+    uv = part.uv[part.index]
+    p, dpdu, dpdv = sample_positions_and_frames(phi_map, uv)
+    if nn_mode == "exact":
+        d = nearest_neighbour_distance(p)
+    elif nn_mode == "grid":
+        full = jnp.zeros((part.h * part.w, 3), p.dtype).at[part.index].set(p)
+        valid = jnp.zeros((part.h * part.w,), bool).at[part.index].set(True)
+        d = grid_neighbour_distance(full.reshape(part.h, part.w, 3), valid.reshape(part.h, part.w))
+        d = d.reshape(-1)[part.index]
+    else:
+        raise ValueError(f"nn_mode must be 'exact' or 'grid', got {nn_mode!r}")
+    d = jnp.clip(d, 1e-5, 0.05)
+    n = p.shape[0]
+    return dict(means=p, rotations=tbn_rotation(dpdu, dpdv),
+                log_scales=jnp.broadcast_to(jnp.log(d)[:, None], (n, 3)),
+                opacity_logits=jnp.full((n,), float(np.log(INIT_OPACITY / (1 - INIT_OPACITY))), jnp.float32))
+
+
+def forward(net: SynShotNet, variables, assets: Assets, model_cfg, maps_in, *, train: bool = False,
+            q_id=None):
+    """Network forward: normalised input maps -> decoded maps and Gaussians (model space).
+
+    Args:
+      maps_in: (x_tex, x_verts, x_expr) [B,S,S,3] each (network units, `normalise_maps`).
+      q_id: optional fixed quantised identity code [B,h,w,n] (inversion stage 2).
+    Returns:
+      (out dict: tex, verts, expr [B,S,S,3] decoded maps (network units), phi [B,S,S,3] metres,
+       q_id, gaussians: Gaussians [B,N,...], vq_loss, perplexity_id, perplexity_expr),
+      new mutable collections (vq_stats) or {}.
+    """
+    mutable = ["vq_stats"] if (train and "vq_stats" in variables) else False
+
+    def body(mdl, x_tex, x_verts, x_expr):
+        z_id, z_expr = mdl.encode(x_tex, x_verts, x_expr)
+        qi, qe, aux = mdl.quantize(z_id, z_expr, train)
+        if q_id is not None:
+            qi = q_id
+        feat, tex, verts, expr = mdl.decode(qi, qe)
+        phi = assets.centre + verts * model_cfg.pos_scale + expr * model_cfg.expr_scale
+        parts = []
+        for part in assets.parts:
+            uv = part.uv[part.index]
+            init = jax.vmap(lambda m: initial_gaussians(m, part, model_cfg.nn_mode))(phi)
+            s = _sample_grid(feat, part.uv).reshape(feat.shape[0], part.h, part.w, feat.shape[-1])
+            col, off = mdl.regress(part.name, s)
+            col = col.reshape(col.shape[0], -1, col.shape[-1])[:, part.index]
+            off = off.reshape(off.shape[0], -1, off.shape[-1])[:, part.index]
+            w = _sample_grid(assets.lbs_map[None], uv)[0]
+            w = w / jnp.maximum(w.sum(-1, keepdims=True), 1e-8)
+            parts.append((init, col, off, jnp.broadcast_to(w, (phi.shape[0],) + w.shape)))
+        return dict(tex=tex, verts=verts, expr=expr, phi=phi, q_id=qi, parts=parts, **aux)
+
+    res = nn.apply(body, net, mutable=mutable)(variables, *maps_in)
+    out, new_cols = res if mutable else (res, {})
+    out["gaussians"] = _apply_offsets(out.pop("parts"), model_cfg)
+    return out, new_cols
+
+
+def _apply_offsets(parts, model_cfg) -> Gaussians:
+    cat = lambda xs: jnp.concatenate(xs, axis=1)
+    means, rots, logs, ops, shs, ws, off_p, off_r, off_s, off_o = ([] for _ in range(10))
+    for init, col, off, w in parts:
+        b, n = col.shape[:2]
+        dp = off[..., 0:3] * model_cfg.offset_scale
+        dq = off[..., 3:7]
+        ds, do = off[..., 7:10], off[..., 10]
+        rot_delta = rotations.quaternion_to_matrix(dq + jnp.array([1.0, 0.0, 0.0, 0.0]))
+        means.append(init["means"] + dp)
+        rots.append(jnp.matmul(init["rotations"], rot_delta, precision=_HI))
+        logs.append(init["log_scales"] + ds)
+        ops.append(init["opacity_logits"] + do)
+        shs.append(col.reshape(b, n, SH_COEFFS, 3))
+        ws.append(w)
+        off_p.append(dp), off_r.append(dq), off_s.append(ds), off_o.append(do)
+    return Gaussians(means=cat(means), rotations=cat(rots), log_scales=cat(logs),
+                     opacity_logits=cat(ops), sh=cat(shs), lbs_weights=cat(ws),
+                     offsets=dict(position=cat(off_p), rotation=cat(off_r), scale=cat(off_s),
+                                  opacity=cat(off_o)))
+
+
+# ----------------------------------------------------------------------------------------------
+# Posing and rendering.
+
+
+def joint_transforms(assets: Assets, shape, expression, pose):
+    """Relative joint transforms [B, J, 4, 4] of the head model for the given parameters.
+
+    shape [B, S'], expression [B, E'], pose [B, J, 3] axis-angle (global, neck, jaw, eyes)."""
+    b = shape.shape[0]
+    coeffs = jnp.concatenate([
+        jnp.ones((b, 1), jnp.float32),
+        jnp.pad(shape, ((0, 0), (0, assets.n_shape - shape.shape[1]))),
+        jnp.pad(expression, ((0, 0), (0, assets.n_expression - expression.shape[1])))], 1)
+    joints = jnp.einsum("bk,kjc->bjc", coeffs, assets.joint_basis, precision=_HI)
+    rot = rotations.axis_angle_to_matrix(pose)
+    _, rel = lbs_lib.batch_rigid_transform(rot, joints, assets.parents)
+    return rel
+
+
+def pose_gaussians(g: Gaussians, rel, translation):
+    """Model-space Gaussians [B,N,...] -> world means [B,N,3] and covariances [B,N,3,3] by
+    linear blend skinning (rel [B,J,4,4]) plus translation [B,3]."""
+    A = jnp.einsum("bnj,bjkl->bnkl", g.lbs_weights, rel, precision=_HI)          # [B,N,4,4]
+    M = A[..., :3, :3]
+    means = jnp.einsum("bnkl,bnl->bnk", M, g.means, precision=_HI) + A[..., :3, 3] + translation[:, None]
+    R = jnp.matmul(M, g.rotations, precision=_HI)
+    s2 = jnp.exp(2.0 * g.log_scales)
+    cov = jnp.matmul(R * s2[..., None, :], jnp.swapaxes(R, -1, -2), precision=_HI)
+    return means, cov
+
+
+def make_cameras(K, R, t, width: int, height: int) -> camera_lib.Camera:
+    """Batched Camera [B] from K [B,3,3], R [B,3,3], t [B,3]."""
+    return camera_lib.Camera(K=jnp.asarray(K, jnp.float32), R=jnp.asarray(R, jnp.float32),
+                             t=jnp.asarray(t, jnp.float32), width=int(width), height=int(height))
+
+
+def render_gaussians(g: Gaussians, params: Mapping, assets: Assets, K, R, t, width: int, height: int,
+                     *, backend: str = "auto"):
+    """Poses and splats each example's Gaussians into its camera.
+
+    Args:
+      g: Gaussians [B, N, ...] (model space); params: shape, expression, pose, translation [B, ...];
+      K, R, t: [B, 3, 3], [B, 3, 3], [B, 3] (one camera per example) or [B, C, ...] (C cameras).
+    Returns: image [B, (C,) H, W, 3] (black background), alpha [B, (C,) H, W, 1].
+    """
+    rel = joint_transforms(assets, params["shape"], params["expression"], params["pose"])
+    means, cov = pose_gaussians(g, rel, params["translation"])
+    opac = jax.nn.sigmoid(g.opacity_logits)
+    multi = jnp.ndim(K) == 4
+
+    def one(m, c, o, sh, k, r, tt):
+        if not multi:
+            k, r, tt = k[None], r[None], tt[None]
+        cams = make_cameras(k, r, tt, width, height)
+        out = splat.rasterize(m, None, None, o, sh, cams, sh_degree=3, covariances=c, render_mode="rgb",
+                              backend=backend)
+        img, alpha = out.image, out.alpha
+        return (img, alpha) if multi else (img[0], alpha[0])
+
+    return jax.vmap(one)(means, cov, opac, g.sh, K, R, t)
+
+
+# ----------------------------------------------------------------------------------------------
+# Losses and the training step.
+
+
+def _masked_l1(a, b, m):
+    m = jnp.broadcast_to(m, a.shape[:-1] + (1,))
+    return jnp.sum(jnp.abs(a - b) * m) / jnp.maximum(jnp.sum(m) * a.shape[-1], 1.0)
+
+
+def loss_fn(params, stats, net, assets: Assets, model_cfg, loss_cfg, batch, *, width: int, height: int,
+            train: bool = True, q_id=None, backend: str = "auto", lpips_fn=None, extra_loss=None):
+    """Total SynShot loss of a batch (see `default_loss_config`).
+
+    Args:
+      params / stats: network parameters and vq_stats ({} when unused); batch: BATCH_KEYS
+        arrays with leading axis B (image [B,H,W,3], mask [B,H,W], maps [B,T,T,3], ...).
+      lpips_fn: optional (a, b) -> [B] perceptual distance (only with loss.lpips > 0).
+      extra_loss: optional (render [B,H,W,3], batch) -> (scalar, metrics) added to the loss
+        (the inversion's ArcFace terms).
+    Returns: (loss, (metrics dict, new stats, out)).
+    """
+    variables = {"params": params, **({"vq_stats": stats} if stats else {})}
+    maps_in = normalise_maps(assets, model_cfg, batch["uv_albedo"], batch["uv_position"],
+                             batch["uv_expression_offset"])
+    out, new_cols = forward(net, variables, assets, model_cfg, maps_in, train=train, q_id=q_id)
+    m = assets.map_mask[None, ..., None]
+    x_tex, x_verts, x_expr = maps_in
+    lc = loss_cfg
+    map_color = lc.map_l1 * _masked_l1(out["tex"], x_tex, m)
+    if lc.map_ssim:
+        map_color += lc.map_ssim * losses.one_minus_ssim(out["tex"] * m * 0.5 + 0.5, x_tex * m * 0.5 + 0.5)
+    geom = lc.geom * (_masked_l1(out["verts"], x_verts, m) + _masked_l1(out["expr"], x_expr, m))
+    params_b = {k: batch[k] for k in PARAM_KEYS}
+    image, alpha = render_gaussians(out["gaussians"], params_b, assets, batch["K"], batch["R"], batch["t"],
+                                    width, height, backend=backend)
+    mask = batch["mask"][..., None]
+    target = batch["image"] * mask
+    l1 = jnp.mean(jnp.abs(image - target))
+    ssim = jnp.mean(losses.ssim(image, target))
+    color = lc.l1 * l1 + lc.ssim * (1.0 - ssim)
+    metrics = {}
+    if lpips_fn is not None and lc.lpips > 0:
+        lp = jnp.mean(lpips_fn(image, target))
+        color += lc.lpips * lp
+        metrics["lpips"] = lp
+    if lc.alpha:
+        color += lc.alpha * jnp.mean(jnp.abs(alpha - mask))
+    g = out["gaussians"]
+    reg = (lc.reg_position * jnp.mean(jnp.sum((g.offsets["position"] / model_cfg.offset_scale) ** 2, -1))
+           + lc.reg_scale * jnp.mean(g.offsets["scale"] ** 2)
+           + lc.reg_opacity * jnp.mean(g.offsets["opacity"] ** 2)
+           + lc.reg_sh * jnp.mean(g.sh[:, :, 1:] ** 2))
+    total = color + map_color + geom + reg + lc.vq * out["vq_loss"]
+    if extra_loss is not None:
+        e, em = extra_loss(image, batch)
+        total = total + e
+        metrics.update(em)
+    mse = jnp.mean((image - target) ** 2)
+    metrics.update(mse=mse, loss=total, render_l1=l1, render_ssim=ssim, psnr=-10.0 * jnp.log10(jnp.maximum(mse, 1e-10)),
+                   map_loss=map_color, geom_loss=geom, reg_loss=reg, vq_loss=out["vq_loss"],
+                   perplexity_id=out["perplexity_id"], perplexity_expr=out["perplexity_expr"])
+    new_stats = new_cols.get("vq_stats", stats) if new_cols else stats
+    return total, (metrics, new_stats, out)
+
+
+def make_optimizer(optim_cfg, labels=None):
+    """Adam with a multi-step schedule (lr x gamma at every milestone) and optional global-norm
+    clipping; with `labels` (a pytree of 'train' | 'freeze' like the params) frozen leaves get
+    exactly zero updates."""
+    sched = optax.piecewise_constant_schedule(
+        float(optim_cfg.lr), {int(m): float(optim_cfg.gamma) for m in optim_cfg.milestones})
+    parts = [optax.clip_by_global_norm(float(optim_cfg.clip))] if optim_cfg.clip else []
+    tx = optax.chain(*parts, optax.adam(sched))
+    if labels is None:
+        return tx
+    return optax.multi_transform({"train": tx, "freeze": optax.set_to_zero()}, labels)
+
+
+def data_mesh():
+    """The 1-D 'data' mesh over all devices (the same one `dhjax.train.loop` shards batches on)."""
+    return jax.make_mesh((jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+
+
+def init_state(rng, net, assets: Assets, model_cfg, optim_cfg, batch, *, labels_fn=None):
+    """Fresh training state {params, stats, opt_state} from one batch's shapes."""
+    maps_in = normalise_maps(assets, model_cfg, batch["uv_albedo"][:1], batch["uv_position"][:1],
+                             batch["uv_expression_offset"][:1])
+    variables = net.init(rng, *maps_in, train=False)
+    params = variables["params"]
+    stats = variables.get("vq_stats", {})
+    labels = labels_fn(params) if labels_fn else None
+    return dict(params=params, stats=stats, opt_state=make_optimizer(optim_cfg, labels).init(params))
+
+
+def _restart_codes(params, stats, z_all, rng, net_cfg: NetConfig):
+    """Re-seeds codes whose usage EMA (vq_stats) is below `restart_threshold` with latents of
+    the global batch; runs outside the per-device region, so every device gets the same codes."""
+    params, stats = dict(params), dict(stats)
+    total = jnp.zeros((), jnp.int32)
+    for i, name in enumerate(("vq_id", "vq_expr")):
+        st = dict(stats[name])
+        book = st["codebook"] if net_cfg.vq_ema else params[name]["codebook"]
+        dead = vq.dead_code_mask(st["usage_ema"], net_cfg.restart_threshold)
+        new_book, n = vq.restart_dead_codes(book, st["usage_ema"], z_all[i], jax.random.fold_in(rng, i),
+                                            threshold=net_cfg.restart_threshold)
+        st["usage_ema"] = jnp.where(dead, jnp.mean(st["usage_ema"]), st["usage_ema"])
+        if net_cfg.vq_ema:
+            size = jnp.mean(st["cluster_size"])
+            st.update(codebook=new_book, cluster_size=jnp.where(dead, size, st["cluster_size"]),
+                      embed_sum=jnp.where(dead[:, None], size * new_book, st["embed_sum"]))
+        else:
+            params[name] = dict(params[name], codebook=new_book)
+        stats[name] = st
+        total = total + n
+    return params, stats, total
+
+
+def train_step(state, batch, rng, *, net, assets, model_cfg, loss_cfg, optim_cfg, width, height,
+               labels=None, q_id=None, backend="auto", lpips_fn=None, extra_loss=None):
+    """One data-parallel optimisation step.
+
+    The loss and gradients are computed per device on its shard of the batch inside
+    `jax.shard_map` (the splatting custom call sees only local data), then averaged over the
+    'data' axis, so N devices give the same step as one device on the whole batch.
+    Returns (new state, metrics).
+    """
+    mesh = data_mesh()
+    net_cfg = net.cfg
+    keys = [k for k in BATCH_KEYS if k in batch]
+    local_batch = {k: batch[k] for k in keys}
+    tx = make_optimizer(optim_cfg, labels)
+
+    def local(params, stats, lb, qid):
+        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+        (loss, (metrics, new_stats, out)), grads = grad_fn(
+            params, stats, net, assets, model_cfg, loss_cfg, lb, width=width, height=height, train=True,
+            q_id=qid, backend=backend, lpips_fn=lpips_fn, extra_loss=extra_loss)
+        grads = jax.lax.pmean(grads, "data")
+        metrics = dict(metrics, psnr=0.0, perplexity_id=0.0, perplexity_expr=0.0)
+        metrics = jax.lax.pmean(metrics, "data")
+        d = net_cfg.ema_decay
+        new_stats = jax.tree_util.tree_map(lambda n, o: d * o + jax.lax.psum(n - d * o, "data"), new_stats, stats)
+        mse = jax.lax.pmean(metrics.pop("mse"), "data")
+        metrics["psnr"] = -10.0 * jnp.log10(jnp.maximum(mse, 1e-10))
+        if net_cfg.use_vq:
+            for k in ("id", "expr"):
+                metrics[f"perplexity_{k}"] = vq.perplexity(jax.lax.psum(out[f"usage_{k}"], "data"))
+        if net_cfg.use_vq and net_cfg.vq_ema:     # codebook = smoothed mean of the averaged sums
+            new_stats = {k: dict(v, codebook=vq.codebook_from_ema(v["cluster_size"], v["embed_sum"]))
+                         for k, v in new_stats.items()}
+        return grads, metrics, new_stats
+
+    qspec = None if q_id is None else P("data")
+    grads, metrics, new_stats = jax.shard_map(
+        local, mesh=mesh, in_specs=(P(), P(), P("data"), qspec), out_specs=(P(), P(), P()),
+        check_vma=False)(state["params"], state["stats"], local_batch, q_id)
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    stats = new_stats
+    if net_cfg.use_vq and net_cfg.restart_threshold > 0 and labels is None:
+        z_all = _batch_latents(params, net, assets, model_cfg, local_batch)
+        params, stats, n = _restart_codes(params, stats, z_all, rng, net_cfg)
+        metrics = dict(metrics, restarted_codes=n)
+    return dict(params=params, stats=stats, opt_state=opt_state), metrics
+
+
+def _batch_latents(params, net, assets, model_cfg, batch):
+    """Flattened encoder outputs [M, n] of both branches for dead-code restarts."""
+    maps_in = normalise_maps(assets, model_cfg, batch["uv_albedo"], batch["uv_position"],
+                             batch["uv_expression_offset"])
+    z_id, z_expr = net.apply({"params": params}, *maps_in, method=SynShotNet.encode)
+    z_id, z_expr = jax.lax.stop_gradient((z_id, z_expr))
+    return z_id.reshape(-1, z_id.shape[-1]), z_expr.reshape(-1, z_expr.shape[-1])
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation, pictures, export.
+
+
+def image_metrics(pred, target):
+    """L1, PSNR, SSIM of images [B,H,W,3] in [0, 1] (mean over the batch)."""
+    mse = jnp.mean((pred - target) ** 2, axis=(1, 2, 3))
+    return dict(l1=jnp.mean(jnp.abs(pred - target)), psnr=jnp.mean(-10.0 * jnp.log10(jnp.maximum(mse, 1e-10))),
+                ssim=jnp.mean(losses.ssim(pred, target)))
+
+
+def predict(state, batch, *, net, assets, model_cfg, width, height, q_id=None, backend="auto"):
+    """Renders of a batch (encoder-decoder on its maps, each example into its own camera):
+    image [B,H,W,3], alpha [B,H,W,1], out (maps, Gaussians)."""
+    variables = {"params": state["params"], **({"vq_stats": state["stats"]} if state["stats"] else {})}
+    maps_in = normalise_maps(assets, model_cfg, batch["uv_albedo"], batch["uv_position"],
+                             batch["uv_expression_offset"])
+    out, _ = forward(net, variables, assets, model_cfg, maps_in, train=False, q_id=q_id)
+    image, alpha = render_gaussians(out["gaussians"], {k: batch[k] for k in PARAM_KEYS}, assets,
+                                    batch["K"], batch["R"], batch["t"], width, height, backend=backend)
+    return image, alpha, out
+
+
+def export_gaussians(out, rel_index: int = 0):
+    """World-independent (model space, rest pose) Gaussians of example `rel_index` as numpy arrays
+    for `dhjax.io.save_gaussians_ply`: means [N,3], quats [N,4] (w,x,y,z), scales [N,3],
+    opacities [N], sh [N,16,3]."""
+    g = out["gaussians"]
+    R = np.asarray(g.rotations[rel_index])
+    quats = np.asarray(rotations.matrix_to_quaternion(jnp.asarray(R)))
+    return dict(means=np.asarray(g.means[rel_index]), quats=quats,
+                scales=np.exp(np.asarray(g.log_scales[rel_index])),
+                opacities=np.asarray(jax.nn.sigmoid(g.opacity_logits[rel_index])),
+                sh=np.asarray(g.sh[rel_index]))
+
+
+# ----------------------------------------------------------------------------------------------
+# Inversion (pivotal tuning).
+
+STAGE_GROUPS = {
+    # stage 1: recover z_id by fine-tuning the identity encoder only
+    1: ("enc_id",),
+    # stage 2: z_id fixed; decoders and regressors adapt to the subject
+    2: ("dec_feat", "dec_id", "dec_expr", "reg_"),
+}
+
+
+def inversion_labels(params, stage: int):
+    """Pytree of 'train' | 'freeze' labels for inversion stage 1 or 2 (`STAGE_GROUPS`); 'scratch'
+    (stage 0) trains everything."""
+    if stage == 0:
+        return jax.tree_util.tree_map(lambda _: "train", params)
+    if stage not in STAGE_GROUPS:
+        raise ValueError(f"inversion stage must be 0, 1 or 2, got {stage}")
+    groups = STAGE_GROUPS[stage]
+    return {k: jax.tree_util.tree_map(lambda _: "train" if k.startswith(groups) else "freeze", v)
+            for k, v in params.items()}
+
+
+class EarlyStopper(NamedTuple):
+    """Early stopping on an exponential moving average of the loss, after a warm-up.
+
+    Stops when the EMA has not improved by `min_delta` (relative) for `patience` steps after
+    `warmup` steps. Host-side, immutable: `update` returns a new stopper and a stop flag."""
+
+    warmup: int
+    patience: int
+    decay: float = 0.9
+    min_delta: float = 1e-3
+    ema: float = float("nan")
+    best: float = float("inf")
+    since_best: int = 0
+    steps: int = 0
+
+    def update(self, loss: float) -> tuple["EarlyStopper", bool]:
+        ema = loss if np.isnan(self.ema) else self.decay * self.ema + (1 - self.decay) * loss
+        steps = self.steps + 1
+        if ema < self.best * (1 - self.min_delta):
+            best, since = ema, 0
+        else:
+            best, since = self.best, self.since_best + 1
+        new = self._replace(ema=ema, best=best, since_best=since, steps=steps)
+        return new, steps > self.warmup and since >= self.patience
+
+
+def fixed_identity_code(state, batch, *, net, assets, model_cfg):
+    """q(E_id(x_tex, x_verts)) [B,h,w,n] of a batch (the pivot fixed in inversion stage 2)."""
+    variables = {"params": state["params"], **({"vq_stats": state["stats"]} if state["stats"] else {})}
+    maps_in = normalise_maps(assets, model_cfg, batch["uv_albedo"], batch["uv_position"],
+                             batch["uv_expression_offset"])
+
+    def body(mdl, x_tex, x_verts, x_expr):
+        z_id, z_expr = mdl.encode(x_tex, x_verts, x_expr)
+        q_id, _, _ = mdl.quantize(z_id, z_expr, False)
+        return q_id
+
+    return nn.apply(body, net)(variables, *maps_in)
