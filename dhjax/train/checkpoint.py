@@ -71,3 +71,41 @@ class Checkpointer:
 
     def close(self) -> None:
         self.manager.close()
+
+
+def load_latest(workdir: str, target: Any) -> tuple[Any, dict, int]:
+    """Read-only restore of the newest checkpoint of another run (e.g. a trained prior) into the
+    structure of `target`; nothing is moved or written.
+
+    Returns (state, meta, step). Raises FileNotFoundError when the run has no checkpoint and
+    ValueError, naming the first differing entry, when the checkpoint does not fit `target`
+    (a checkpoint of another model configuration).
+    """
+    directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"no checkpoints folder in '{workdir}'")
+    manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=False),
+                                    item_names=("state", "meta"))
+    try:
+        steps = sorted(manager.all_steps())
+        if not steps:
+            raise FileNotFoundError(f"'{directory}' holds no checkpoint")
+        step = steps[-1]
+        meta_only = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+        abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, target)
+        try:
+            out = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
+        except Exception as err:  # noqa: BLE001 - orbax raises several types for a tree mismatch
+            raise ValueError(f"checkpoint {step} in '{directory}' does not fit this model configuration "
+                             f"(was it trained with another config?): {type(err).__name__}: "
+                             f"{str(err)[:300]}") from err
+        want = {jax.tree_util.keystr(k): tuple(v.shape) for k, v in jax.tree_util.tree_leaves_with_path(target)}
+        have = {jax.tree_util.keystr(k): tuple(v.shape) for k, v in jax.tree_util.tree_leaves_with_path(out["state"])}
+        wrong = sorted(k for k in want if have.get(k) != want[k])
+        if wrong:
+            raise ValueError(f"checkpoint {step} in '{directory}' does not fit this model configuration: "
+                             f"{wrong[0]} has shape {have.get(wrong[0])}, the model needs {want[wrong[0]]} "
+                             f"({len(wrong)} entries differ); was it trained with another config?")
+        return out["state"], dict(meta_only["meta"]), int(step)
+    finally:
+        manager.close()

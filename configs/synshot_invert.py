@@ -1,0 +1,47 @@
+"""SynShot few-shot inversion: a personal avatar from N images of one subject.
+
+    python -m experiments.synshot_invert --config=configs/synshot_invert.py:tiny \
+        --config.prior_workdir=runs/synshot --workdir=runs/synshot_invert
+
+Inputs: a trained prior (prior_workdir: the workdir of experiments.synshot_prior, holding its
+config.json and checkpoints) and a subject folder in the `dhjax.data.dataset` layout (images,
+masks, cameras.json, identity.npz + params.npz with the tracked head-model parameters; the
+tracker writes this format). data.root = "" uses the prior's own held-out synthetic split.
+data.item picks the subject (item ordinal in the split); data.input_views / data.input_frame
+pick the N input images (default 3 cameras of the first frame); every other image of the
+subject is held out for evaluation (novel views, and novel expressions when the subject has
+several frames).
+
+Variants: '' (paper-like: lr 1e-4, 10 steps per frame as in the thesis) and 'tiny' (CPU).
+ArcFace terms need arcface_path (an insightface ArcFace ONNX file, e.g. w600k_r50.onnx); without
+it they are off and the log says so.
+"""
+
+import ml_collections
+
+from dhjax.synthesis import synshot
+
+
+def get_config(arg=None):
+    c = ml_collections.ConfigDict()
+    c.experiment = "synshot_invert"
+    c.seed = 0
+    c.prior_workdir = ""
+    c.data = ml_collections.ConfigDict(dict(root="", split="test", item=0, input_frame=0,
+                                            input_views=(0, 2, 5), max_heldout=0, skin_only_texture=False))
+    c.arcface_path = ""
+    c.arcface = ml_collections.ConfigDict(dict(id_weight=0.1, feat_weight=0.1))
+    c.loss = synshot.default_loss_config()
+    c.optim = ml_collections.ConfigDict(dict(lr=1e-4, gamma=1.0, milestones=(), clip=1.0))
+    c.stage1 = ml_collections.ConfigDict(dict(steps_per_frame=10, warmup=10, patience=10))
+    c.stage2 = ml_collections.ConfigDict(dict(steps_per_frame=10, warmup=10, patience=10))
+    c.ema_decay = 0.9
+    c.baselines = True            # also run the from-scratch network on the same images
+    c.backend = "auto"
+    if arg == "tiny":
+        c.optim.lr = 3e-4
+        c.stage1.update(steps_per_frame=40, warmup=30, patience=20)
+        c.stage2.update(steps_per_frame=80, warmup=60, patience=30)
+    elif arg not in (None, ""):
+        raise ValueError(f"unknown variant {arg!r}; use '' or 'tiny'")
+    return c

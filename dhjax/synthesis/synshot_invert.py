@@ -1,0 +1,190 @@
+"""SynShot few-shot inversion (pivotal tuning) of the prior on N images of one subject.
+
+Inputs per image: RGB, foreground mask, camera (K, R, t) and tracked head-model parameters
+(shape, expression, pose, translation): the dataset layout of `dhjax.data.dataset`, as the
+synthetic generator and the tracker write it. The network's input maps are built from them
+(`subject_maps`): the neutral position map from the tracked shape, the expression-offset map of
+each image's tracked expression, and an albedo map back-projected from the input images
+(`dhjax.render.texture.extract_texture`; it carries the photos' lighting, which is the domain
+gap the tuning bridges).
+
+Stages (`run_stage`), each with warm-up + early stopping on an EMA of the loss and
+steps = steps_per_frame x N:
+  1. fine-tune E_id only (the pivot: a z_id that explains the images),
+  2. fix q(z_id) and fine-tune D_feat, D_id, D_expr and the part regressors.
+Stage 0 trains every parameter from the current weights (used for the from-scratch baseline
+with randomly initialised weights).
+
+Optional ArcFace terms (`arcface_loss`): with insightface weights (`dhjax.io.onnx_weights`),
+the identity term 1 - cos(e(render), e(image)) and a feature term (mean squared difference of
+the four stage outputs) on 112 x 112 crops aligned by the projected tracked landmarks.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from typing import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dhjax.capture import align
+from dhjax.data import textures
+from dhjax.models import flame
+from dhjax.render import camera as camera_lib
+from dhjax.render import texture as texture_lib
+from dhjax.synthesis import synshot
+
+REQUIRED = ("image", "mask", "K", "R", "t", "shape", "expression", "pose", "translation")
+
+
+def check_subject(samples) -> None:
+    """Clear errors for unusable inversion inputs (missing cameras/masks/parameters, mixed
+    image sizes, no images)."""
+    if not samples:
+        raise ValueError("inversion needs at least one image of the subject")
+    for i, s in enumerate(samples):
+        missing = [k for k in REQUIRED if k not in s]
+        if missing:
+            what = ("camera" if {"K", "R", "t"} & set(missing) else "mask" if "mask" in missing else
+                    "tracked parameters")
+            raise ValueError(f"image {i} of the subject lacks {missing} ({what}): inversion needs every image "
+                             f"with its mask, camera (K, R, t) and tracked head-model parameters")
+        if s["mask"].shape != s["image"].shape[:2]:
+            raise ValueError(f"image {i}: mask {s['mask'].shape} does not match image {s['image'].shape[:2]}")
+    sizes = {s["image"].shape for s in samples}
+    if len(sizes) > 1:
+        raise ValueError(f"subject images differ in size: {sorted(sizes)}")
+
+
+def subject_maps(samples, model, uv_size: int, *, texture_views=None, skin_only: bool = False):
+    """Network input maps for a subject: extracted albedo [T,T,3] (shared), neutral position map
+    [T,T,3] of the tracked shape (shared), expression-offset map [T,T,3] per sample.
+
+    Args:
+      samples: list of sample dicts (REQUIRED keys); texture_views: indices of the samples the
+        albedo is extracted from (default all); model: the head model the parameters refer to.
+    Returns:
+      dict(uv_albedo [T,T,3], uv_position [T,T,3], uv_expression_offset [N,T,T,3], texture_weight [T,T]).
+    """
+    check_subject(samples)
+    fields = textures.uv_fields(model, uv_size)
+    views = list(range(len(samples))) if texture_views is None else list(texture_views)
+    sel = [samples[i] for i in views]
+    st = lambda k, ss: np.stack([np.asarray(s[k], np.float32) for s in ss])
+    out = flame.forward(model, st("shape", sel), st("expression", sel), st("pose", sel), st("translation", sel))
+    h, w = sel[0]["image"].shape[:2]
+    cams = camera_lib.Camera(K=jnp.asarray(st("K", sel)), R=jnp.asarray(st("R", sel)), t=jnp.asarray(st("t", sel)),
+                             width=int(w), height=int(h))
+    masks = st("mask", sel)
+    if skin_only:
+        masks = masks * np.stack([(np.asarray(s["seg"]) == 1) if "seg" in s else np.ones_like(s["mask"]) for s in sel])
+    tex, weight = texture_lib.extract_texture(st("image", sel), masks, cams, out.vertices, model.faces,
+                                              model.uv_coords, model.uv_faces, uv_size)
+    shape = np.asarray(samples[0]["shape"], np.float32)
+    pos = textures.position_map(model, fields, shape)
+    expr = jnp.stack([textures.expression_offset_map(model, fields, np.asarray(s["expression"], np.float32))
+                      for s in samples])
+    return dict(uv_albedo=np.asarray(tex), uv_position=np.asarray(pos), uv_expression_offset=np.asarray(expr),
+                texture_weight=np.asarray(weight))
+
+
+def subject_batch(samples, maps: dict) -> dict:
+    """Stack samples into a model batch with the subject's maps (expression maps per sample)."""
+    n = len(samples)
+    st = lambda k: np.stack([np.asarray(s[k], np.float32) for s in samples])
+    batch = {k: st(k) for k in ("image", "mask", "K", "R", "t", "shape", "expression", "pose", "translation")}
+    batch["uv_albedo"] = np.broadcast_to(maps["uv_albedo"], (n,) + maps["uv_albedo"].shape).copy()
+    batch["uv_position"] = np.broadcast_to(maps["uv_position"], (n,) + maps["uv_position"].shape).copy()
+    batch["uv_expression_offset"] = np.asarray(maps["uv_expression_offset"], np.float32)
+    return batch
+
+
+def expression_maps_for(samples, model, uv_size: int) -> np.ndarray:
+    fields = textures.uv_fields(model, uv_size)
+    return np.stack([np.asarray(textures.expression_offset_map(model, fields, np.asarray(s["expression"], np.float32)))
+                     for s in samples])
+
+
+# ----------------------------------------------------------------------------------------------
+# ArcFace terms.
+
+
+def arcface_loss(arc_variables, model, *, id_weight: float = 1.0, feat_weight: float = 1.0):
+    """(render [B,H,W,3], batch) -> (loss, metrics) of the ArcFace identity and feature terms.
+
+    Crops: the 68 tracked landmarks (model.lmk_faces) are projected with each example's camera,
+    reduced to 5 points (`align.five_points_from_68`) and both images are warped to the 112 x 112
+    ArcFace template. Identity: 1 - cosine of the embeddings; features: mean squared difference of
+    the outputs of the network's four stages (`capture_intermediates`)."""
+    from dhjax.nn import iresnet
+
+    net = iresnet.model_from_config(iresnet.config_from_variables(arc_variables))
+
+    def feats(images):
+        x = iresnet.preprocess(images)
+        emb, state = net.apply(arc_variables, x, train=False, capture_intermediates=True, mutable=["intermediates"])
+        inter = state["intermediates"]
+        stages = [v["__call__"][0] for k, v in sorted(inter.items()) if k.startswith("layer") and
+                  k.endswith(tuple("_%d" % i for i in range(100)))]
+        return emb / jnp.linalg.norm(emb, axis=-1, keepdims=True).clip(1e-8), stages
+
+    def fn(render, batch):
+        lm = flame.forward(model, batch["shape"], batch["expression"], batch["pose"], batch["translation"]).landmarks
+        cams = camera_lib.Camera(K=batch["K"], R=batch["R"], t=batch["t"], width=render.shape[2],
+                                 height=render.shape[1])
+        uv = jax.vmap(lambda c, p: camera_lib.project(c, p)[0])(cams, lm)          # [B,68,2]
+        five = align.five_points_from_68(uv)
+        target = batch["image"] * batch["mask"][..., None]
+        crop = jax.vmap(align.arcface_crop)
+        er, fr = feats(crop(render, five))
+        et, ft = feats(crop(target, five))
+        ident = jnp.mean(1.0 - jnp.sum(er * et, -1))
+        feat = sum(jnp.mean((a - jax.lax.stop_gradient(b)) ** 2) for a, b in zip(fr, ft)) / max(len(fr), 1)
+        return id_weight * ident + feat_weight * feat, {"arcface_id": ident, "arcface_feat": feat}
+
+    return fn
+
+
+# ----------------------------------------------------------------------------------------------
+# Stages.
+
+
+def run_stage(state, batch, *, stage: int, steps: int, net, assets, model_cfg, loss_cfg, optim_cfg, width: int,
+              height: int, warmup: int, patience: int, ema_decay: float = 0.9, q_id=None, backend: str = "auto",
+              extra_loss: Callable | None = None, log: Callable | None = print, seed: int = 0):
+    """Runs one inversion stage (1: E_id; 2: decoders + regressors with q_id fixed; 0: all) on a
+    batch of the subject's images for at most `steps` steps, stopping early when the EMA of the
+    loss stops improving after `warmup` steps. Returns (state, info dict)."""
+    labels = synshot.inversion_labels(state["params"], stage)
+    tx = synshot.make_optimizer(optim_cfg, labels)
+    state = dict(state, opt_state=tx.init(state["params"]))
+    step_fn = jax.jit(functools.partial(
+        synshot.train_step, net=net, assets=assets, model_cfg=model_cfg, loss_cfg=loss_cfg, optim_cfg=optim_cfg,
+        width=width, height=height, labels=labels, backend=backend, extra_loss=extra_loss))
+    stopper = synshot.EarlyStopper(warmup=warmup, patience=patience, decay=ema_decay)
+    t0, losses, done = time.time(), [], 0
+    mesh_n = jax.device_count()
+    if batch["image"].shape[0] % mesh_n:
+        raise ValueError(f"the subject batch ({batch['image'].shape[0]} images) must divide by the {mesh_n} devices")
+    for i in range(int(steps)):
+        state, metrics = step_fn(state, batch, jax.random.PRNGKey(seed + i), q_id=q_id)
+        loss = float(metrics["loss"])
+        losses.append(loss)
+        done = i + 1
+        stopper, stop = stopper.update(loss)
+        if log and (done % max(steps // 10, 1) == 0 or stop):
+            log(f"  stage {stage}: step {done}/{steps} loss {loss:.4f} (EMA {stopper.ema:.4f}) "
+                f"PSNR {float(metrics['psnr']):.2f} dB, {time.time() - t0:.0f}s")
+        if stop:
+            break
+    return state, dict(steps=done, stopped_early=done < int(steps), first_loss=losses[0] if losses else float("nan"),
+                       last_loss=losses[-1] if losses else float("nan"), seconds=time.time() - t0)
+
+
+def frozen_code(state, batch, *, net, assets, model_cfg):
+    """The stage-2 pivot q(E_id(x)) [B,h,w,n] (identical for all images of the subject)."""
+    return synshot.fixed_identity_code(state, batch, net=net, assets=assets, model_cfg=model_cfg)
