@@ -128,8 +128,13 @@ def arcface_loss(arc_variables, model, *, id_weight: float = 1.0, feat_weight: f
         x = iresnet.preprocess(images)
         emb, state = net.apply(arc_variables, x, train=False, capture_intermediates=True, mutable=["intermediates"])
         inter = state["intermediates"]
-        stages = [v["__call__"][0] for k, v in sorted(inter.items()) if k.startswith("layer") and
-                  k.endswith(tuple("_%d" % i for i in range(100)))]
+        last = {}                                   # stage -> (block index, its output)
+        for k, v in inter.items():
+            if k.startswith("layer") and "_" in k:
+                s_, b_ = k[5:].split("_", 1)
+                if (int(b_), ) > (last.get(int(s_), (-1, None))[0],):
+                    last[int(s_)] = (int(b_), v["__call__"][0])
+        stages = [last[s_][1] for s_ in sorted(last)]
         return emb / jnp.linalg.norm(emb, axis=-1, keepdims=True).clip(1e-8), stages
 
     def fn(render, batch):

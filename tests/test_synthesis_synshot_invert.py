@@ -1,0 +1,151 @@
+"""SynShot inversion helpers: input checks, prior loading errors, the ArcFace terms, early stopping.
+
+The end-to-end prior + inversion run is `test_synshot_end_to_end` (marked slow: it compiles the
+full training step twice)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dhjax.synthesis import synshot
+from dhjax.synthesis import synshot_invert as inv
+from dhjax.train import checkpoint as ckpt_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _sample(h=16, w=16):
+    return dict(image=np.zeros((h, w, 3), np.float32), mask=np.ones((h, w), np.float32),
+                K=np.eye(3, dtype=np.float32), R=np.eye(3, dtype=np.float32), t=np.zeros(3, np.float32),
+                shape=np.zeros(300, np.float32), expression=np.zeros(100, np.float32),
+                pose=np.zeros((5, 3), np.float32), translation=np.zeros(3, np.float32))
+
+
+def test_check_subject_names_the_missing_camera_mask_or_parameters():
+    inv.check_subject([_sample(), _sample()])
+    with pytest.raises(ValueError, match="at least one image"):
+        inv.check_subject([])
+    s = _sample()
+    del s["K"]
+    with pytest.raises(ValueError, match=r"lacks \['K'\] \(camera\)"):
+        inv.check_subject([_sample(), s])
+    s = _sample()
+    del s["mask"]
+    with pytest.raises(ValueError, match=r"\(mask\)"):
+        inv.check_subject([s])
+    s = _sample()
+    del s["expression"]
+    with pytest.raises(ValueError, match="tracked parameters"):
+        inv.check_subject([s])
+    s = _sample()
+    s["mask"] = np.ones((8, 8), np.float32)
+    with pytest.raises(ValueError, match="does not match image"):
+        inv.check_subject([s])
+    with pytest.raises(ValueError, match="differ in size"):
+        inv.check_subject([_sample(), _sample(16, 24)])
+
+
+def test_load_latest_refuses_a_checkpoint_of_another_config(tmp_path):
+    state = {"params": {"a": jnp.zeros(3), "b": jnp.ones((2, 2))}}
+    ck = ckpt_lib.Checkpointer(str(tmp_path), keep=1)
+    ck.save(7, state, {"next_step": 7})
+    ck.close()
+    restored, meta, step = ckpt_lib.load_latest(str(tmp_path), state)
+    assert step == 7 and meta["next_step"] == 7
+    np.testing.assert_array_equal(np.asarray(restored["params"]["b"]), 1.0)
+    with pytest.raises(ValueError, match="another config"):
+        ckpt_lib.load_latest(str(tmp_path), {"params": {"a": jnp.zeros(4), "b": jnp.ones((2, 2))}})
+    with pytest.raises(ValueError, match="another config"):
+        ckpt_lib.load_latest(str(tmp_path), {"params": {"a": jnp.zeros(3), "c": jnp.ones((2, 2))}})
+    # nothing was moved aside or deleted by the failed loads
+    assert ckpt_lib.load_latest(str(tmp_path), state)[2] == 7
+    with pytest.raises(FileNotFoundError, match="no checkpoints"):
+        ckpt_lib.load_latest(str(tmp_path / "elsewhere"), state)
+
+
+def test_invert_rejects_a_workdir_that_is_not_a_prior(tmp_path):
+    sys.path.insert(0, ROOT)
+    from experiments import synshot_invert as exp
+
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        exp.load_prior_config(str(tmp_path))
+    (tmp_path / "config.json").write_text(json.dumps({"experiment": "register_flame"}))
+    with pytest.raises(ValueError, match="not a SynShot prior"):
+        exp.load_prior_config(str(tmp_path))
+    samples = [dict(_sample(), frame=np.int32(0), view=np.int32(v)) for v in range(4)]
+    chosen, rest = exp.split_inputs(samples, 0, (0, 2))
+    assert [int(s["view"]) for s in chosen] == [0, 2] and len(rest) == 2
+    with pytest.raises(ValueError, match="not all present"):
+        exp.split_inputs(samples, 0, (0, 9))
+    with pytest.raises(ValueError, match="out of range"):
+        exp.split_inputs(samples, 3, (0,))
+
+
+def test_early_stopper_waits_for_warmup_and_patience():
+    st = synshot.EarlyStopper(warmup=5, patience=3, decay=0.0)
+    stops = []
+    for loss in [5, 4, 3, 3, 3, 3, 3, 3, 3]:
+        st, stop = st.update(float(loss))
+        stops.append(stop)
+    # improvements until step 3, then flat: patience 3 is reached at step 6 (> warmup 5)
+    assert stops == [False] * 5 + [True] * 4
+    st = synshot.EarlyStopper(warmup=2, patience=2, decay=0.0)
+    for loss in [5, 4, 3, 2, 1]:
+        st, stop = st.update(float(loss))
+        assert not stop                        # still improving: never stops
+
+
+def test_arcface_terms_vanish_for_identical_images_and_have_gradients():
+    from dhjax.models import flame
+    from dhjax.nn import iresnet
+
+    net = iresnet.IResNet(layers=(1, 2, 1, 1), width=4, embedding=8)
+    shapes = jax.eval_shape(lambda: net.init(jax.random.PRNGKey(0), jnp.zeros((1, 112, 112, 3))))
+    rng = np.random.default_rng(0)
+    var = jax.tree_util.tree_map(
+        lambda s: jnp.asarray(rng.normal(0, 0.1, s.shape).astype(np.float32)) if s.ndim > 1
+        else jnp.asarray(np.abs(rng.normal(1, 0.1, s.shape)).astype(np.float32)), shapes)
+    fn = inv.arcface_loss(var, flame.load())
+    b = 2
+    K = np.tile(np.array([[300, 0, 64], [0, 300, 64], [0, 0, 1.0]], np.float32), (b, 1, 1))
+    R = np.tile(np.diag([1, -1, -1.0]).astype(np.float32), (b, 1, 1))
+    t = np.tile(np.array([0, 0, 1.0], np.float32), (b, 1))
+    batch = dict(shape=np.zeros((b, 300), np.float32), expression=np.zeros((b, 100), np.float32),
+                 pose=np.zeros((b, 5, 3), np.float32), translation=np.zeros((b, 3), np.float32), K=K, R=R, t=t,
+                 image=rng.random((b, 128, 128, 3)).astype(np.float32), mask=np.ones((b, 128, 128), np.float32))
+    f = jax.jit(fn)
+    _, same = f(jnp.asarray(batch["image"]), batch)
+    assert abs(float(same["arcface_id"])) < 1e-6 and float(same["arcface_feat"]) < 1e-10   # round-off only
+    other = jnp.asarray(rng.random((b, 128, 128, 3)).astype(np.float32))
+    loss, m = f(other, batch)
+    assert float(m["arcface_feat"]) > 0 and float(m["arcface_id"]) > 0
+    g = jax.jit(jax.grad(lambda r: fn(r, batch)[0]))(other)
+    assert bool(jnp.all(jnp.isfinite(g))) and float(jnp.abs(g).sum()) > 0
+
+
+@pytest.mark.slow
+def test_synshot_end_to_end(tmp_path):
+    """Prior (a few steps on 2 synthetic identities) then inversion: both write their outputs."""
+    env = dict(os.environ, PYTHONPATH=ROOT, DHJAX_CACHE=str(tmp_path / "cache"))
+    prior = tmp_path / "prior"
+    common = ["--config.data.train_identities=(0,2)", "--config.data.test_identities=(1000000,1)"]
+    subprocess.run([sys.executable, "-m", "experiments.synshot_prior", "--config=configs/synshot_prior.py:tiny",
+                    f"--workdir={prior}", "--config.train.steps=3", "--config.train.eval_every=0", *common],
+                   cwd=ROOT, env=env, check=True, timeout=1800)
+    final = json.loads((prior / "final_metrics.json").read_text())
+    assert {"heldout/prior_psnr", "heldout/mean_psnr"} <= set(final)
+    assert (prior / "heldout_grid.png").exists() and (prior / "avatar_heldout0.ply").exists()
+    out = tmp_path / "inv"
+    subprocess.run([sys.executable, "-m", "experiments.synshot_invert", "--config=configs/synshot_invert.py:tiny",
+                    f"--config.prior_workdir={prior}", f"--workdir={out}", "--config.stage1.steps_per_frame=1",
+                    "--config.stage2.steps_per_frame=1", "--config.data.max_heldout=2"],
+                   cwd=ROOT, env=env, check=True, timeout=1800)
+    m = json.loads((out / "metrics.json").read_text())
+    assert {"prior", "stage1", "inverted", "scratch"} <= set(m["heldout"])
+    assert (out / "avatar.ply").exists() and (out / "renders.png").exists()
