@@ -123,7 +123,8 @@ def main(argv):
         m = synshot.image_metrics(image, target)
         return {k: float(v) for k, v in m.items()}, np.asarray(image)
 
-    stage_kw = dict(assets=assets, model_cfg=mc, loss_cfg=cfg.loss, optim_cfg=cfg.optim, width=w, height=h,
+    lpips_fn = synshot_data.lpips_from_config(cfg.loss)
+    stage_kw = dict(lpips_fn=lpips_fn, assets=assets, model_cfg=mc, loss_cfg=cfg.loss, optim_cfg=cfg.optim, width=w, height=h,
                     ema_decay=cfg.ema_decay, backend=cfg.backend, extra_loss=extra, seed=int(cfg.seed))
     results, renders = {}, {}
     results["prior"], renders["prior"] = evaluate(prior_state)

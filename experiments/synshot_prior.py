@@ -47,7 +47,8 @@ def main(argv):
               f"{assets.n_gaussians} Gaussians per avatar "
               f"({', '.join(f'{p.name} {p.count}' for p in assets.parts)}); devices: {jax.device_count()}",
               flush=True)
-    method = loop.Method(*synshot_data.prior_functions(cfg, assets, width, height))
+    lpips_fn = synshot_data.lpips_from_config(cfg.loss, log=print if lead else None)
+    method = loop.Method(*synshot_data.prior_functions(cfg, assets, width, height, lpips_fn=lpips_fn))
     pipeline = synshot_data.pipeline(train_ds, cfg.batch_size, seed=cfg.seed)
     eval_batch = synshot_data.eval_batch(test_ds, int(cfg.eval.n_images), jax.device_count())
     result = loop.train(cfg, work, method, pipeline, eval_batch=eval_batch)

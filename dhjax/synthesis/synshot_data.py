@@ -93,6 +93,23 @@ def model_batch(batch) -> dict:
     return {k: batch[k] for k in synshot.BATCH_KEYS if k in batch}
 
 
+def lpips_from_config(loss_cfg, log=print):
+    """The LPIPS distance of `loss.lpips_path` (weights given by the user), or None: LPIPS is
+    off without weights or with weight 0, and `log` says so."""
+    from dhjax.nn import lpips
+
+    if not loss_cfg.lpips_path:
+        if log:
+            log(lpips.lpips_status_message(None) if loss_cfg.lpips > 0 else
+                "LPIPS off (loss.lpips = 0 and no loss.lpips_path)")
+        return None
+    params = lpips.load_lpips(loss_cfg.lpips_path)
+    if log:
+        log(f"LPIPS on: {loss_cfg.lpips_path}" + ("" if loss_cfg.lpips > 0 else
+                                                  " (but loss.lpips = 0: set a weight, e.g. 0.1)"))
+    return lpips.make_lpips(params)
+
+
 def prior_functions(cfg, assets, width: int, height: int, *, lpips_fn=None):
     """(init, train_step, evaluate, render) for `dhjax.train.loop.Method`."""
     net = synshot.make_net(cfg.model)

@@ -160,7 +160,8 @@ def arcface_loss(arc_variables, model, *, id_weight: float = 1.0, feat_weight: f
 
 def run_stage(state, batch, *, stage: int, steps: int, net, assets, model_cfg, loss_cfg, optim_cfg, width: int,
               height: int, warmup: int, patience: int, ema_decay: float = 0.9, q_id=None, backend: str = "auto",
-              extra_loss: Callable | None = None, log: Callable | None = print, seed: int = 0):
+              extra_loss: Callable | None = None, log: Callable | None = print, seed: int = 0,
+              lpips_fn: Callable | None = None):
     """Runs one inversion stage (1: E_id; 2: decoders + regressors with q_id fixed; 0: all) on a
     batch of the subject's images for at most `steps` steps, stopping early when the EMA of the
     loss stops improving after `warmup` steps. Returns (state, info dict)."""
@@ -169,7 +170,7 @@ def run_stage(state, batch, *, stage: int, steps: int, net, assets, model_cfg, l
     state = dict(state, opt_state=tx.init(state["params"]))
     step_fn = jax.jit(functools.partial(
         synshot.train_step, net=net, assets=assets, model_cfg=model_cfg, loss_cfg=loss_cfg, optim_cfg=optim_cfg,
-        width=width, height=height, labels=labels, backend=backend, extra_loss=extra_loss))
+        width=width, height=height, labels=labels, backend=backend, extra_loss=extra_loss, lpips_fn=lpips_fn))
     stopper = synshot.EarlyStopper(warmup=warmup, patience=patience, decay=ema_decay)
     t0, losses, done = time.time(), [], 0
     mesh_n = jax.device_count()
