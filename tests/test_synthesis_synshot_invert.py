@@ -149,3 +149,25 @@ def test_synshot_end_to_end(tmp_path):
     m = json.loads((out / "metrics.json").read_text())
     assert {"prior", "stage1", "inverted", "scratch"} <= set(m["heldout"])
     assert (out / "avatar.ply").exists() and (out / "renders.png").exists()
+
+
+def test_configs_load_and_every_ablation_override_applies():
+    from dhjax.train import config as config_lib
+
+    for variant in ("", "tiny", "tiny_sweep", "paper"):
+        cfg = config_lib.load_config(f"configs/synshot_prior.py:{variant}")
+        assert cfg.experiment == "synshot_prior"
+        synshot.NetConfig.from_config(cfg.model)
+    sweep = config_lib.load_sweep("configs/synshot_prior.py:tiny_sweep")
+    assert len(sweep) == 7
+    base = config_lib.load_config("configs/synshot_prior.py:tiny_sweep")
+    for overrides in sweep:          # an unknown field would raise here
+        net = synshot.NetConfig.from_config(config_lib.apply_overrides(base, overrides).model)
+        assert net.parts in (("face", "hair"), ("face",), ("all",))
+    paper = config_lib.load_config("configs/synshot_prior.py:paper")
+    assert (paper.model.map_size, paper.model.feat_dim, paper.batch_size, paper.optim.lr,
+            paper.optim.gamma, paper.train.steps) == (512, 128, 16, 1.3e-5, 0.66, 500_000)
+    for variant in ("", "tiny"):
+        assert config_lib.load_config(f"configs/synshot_invert.py:{variant}").experiment == "synshot_invert"
+    with pytest.raises(ValueError, match="unknown variant"):
+        config_lib.load_config("configs/synshot_prior.py:huge")
