@@ -14,8 +14,6 @@ import os
 import time
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 

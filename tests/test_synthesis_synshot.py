@@ -28,6 +28,7 @@ from scipy.spatial.transform import Rotation
 from dhjax.data import textures
 from dhjax.models import flame
 from dhjax.render import camera
+from dhjax import losses
 from dhjax.synthesis import synshot
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -526,7 +527,7 @@ def test_build_assets_rejects_mismatched_or_unknown_parts(setup):
 
 
 def test_masked_map_l1_is_a_per_example_mean():
-    """loss_fn's map terms (_masked_l1 with the [1, S, S, 1] layout mask) are documented as L1
+    """loss_fn's map terms (losses.l1 with the [1, S, S, 1] layout mask) are documented as L1
     over the layout; they must be a mean over the batch, otherwise the loss (and the step) scales
     with the per-device batch size and N devices differ from one."""
     rs = np.random.RandomState(7)
@@ -534,7 +535,7 @@ def test_masked_map_l1_is_a_per_example_mean():
     b = rs.normal(size=(B, S, S, 3)).astype(np.float32)
     m = (rs.uniform(size=(S, S)) > 0.4).astype(np.float32)
     ref = np.mean([np.abs(a[i] - b[i])[m > 0].mean() for i in range(B)])
-    got = synshot._masked_l1(jnp.asarray(a), jnp.asarray(b), jnp.asarray(m)[None, ..., None])
+    got = losses.l1(jnp.asarray(a), jnp.asarray(b), jnp.asarray(m)[None, ..., None])
     np.testing.assert_allclose(got, ref, rtol=1e-5)
 
 

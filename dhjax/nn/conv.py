@@ -11,7 +11,6 @@ from typing import Sequence
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
 
 def _groups(channels: int, max_groups: int = 8) -> int:

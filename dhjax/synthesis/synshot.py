@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Mapping, NamedTuple, Sequence
+from typing import Mapping, NamedTuple
 
 import flax.linen as nn
 import flax.struct
@@ -619,11 +619,6 @@ def render_gaussians(g: Gaussians, params: Mapping, assets: Assets, K, R, t, wid
 # Losses and the training step.
 
 
-def _masked_l1(a, b, m):
-    m = jnp.broadcast_to(m, a.shape[:-1] + (1,))
-    return jnp.sum(jnp.abs(a - b) * m) / jnp.maximum(jnp.sum(m) * a.shape[-1], 1.0)
-
-
 def loss_fn(params, stats, net, assets: Assets, model_cfg, loss_cfg, batch, *, width: int, height: int,
             train: bool = True, q_id=None, backend: str = "auto", lpips_fn=None, extra_loss=None):
     """Total SynShot loss of a batch (see `default_loss_config`).
@@ -643,10 +638,10 @@ def loss_fn(params, stats, net, assets: Assets, model_cfg, loss_cfg, batch, *, w
     m = assets.map_mask[None, ..., None]
     x_tex, x_verts, x_expr = maps_in
     lc = loss_cfg
-    map_color = lc.map_l1 * _masked_l1(out["tex"], x_tex, m)
+    map_color = lc.map_l1 * losses.l1(out["tex"], x_tex, m)
     if lc.map_ssim:
         map_color += lc.map_ssim * losses.one_minus_ssim(out["tex"] * m * 0.5 + 0.5, x_tex * m * 0.5 + 0.5)
-    geom = lc.geom * (_masked_l1(out["verts"], x_verts, m) + _masked_l1(out["expr"], x_expr, m))
+    geom = lc.geom * (losses.l1(out["verts"], x_verts, m) + losses.l1(out["expr"], x_expr, m))
     params_b = {k: batch[k] for k in PARAM_KEYS}
     image, alpha = render_gaussians(out["gaussians"], params_b, assets, batch["K"], batch["R"], batch["t"],
                                     width, height, backend=backend)

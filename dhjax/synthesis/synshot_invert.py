@@ -26,7 +26,6 @@ import functools
 import time
 from typing import Callable
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -86,9 +85,8 @@ def subject_maps(samples, model, uv_size: int, *, texture_views=None, skin_only:
                                               model.uv_coords, model.uv_faces, uv_size)
     shape = np.asarray(samples[0]["shape"], np.float32)
     pos = textures.position_map(model, fields, shape)
-    expr = jnp.stack([textures.expression_offset_map(model, fields, np.asarray(s["expression"], np.float32))
-                      for s in samples])
-    return dict(uv_albedo=np.asarray(tex), uv_position=np.asarray(pos), uv_expression_offset=np.asarray(expr),
+    return dict(uv_albedo=np.asarray(tex), uv_position=np.asarray(pos),
+                uv_expression_offset=expression_maps_for(samples, model, uv_size, fields=fields),
                 texture_weight=np.asarray(weight))
 
 
@@ -103,8 +101,10 @@ def subject_batch(samples, maps: dict) -> dict:
     return batch
 
 
-def expression_maps_for(samples, model, uv_size: int) -> np.ndarray:
-    fields = textures.uv_fields(model, uv_size)
+def expression_maps_for(samples, model, uv_size: int, *, fields=None) -> np.ndarray:
+    """Expression-offset maps [N, T, T, 3] of the samples' tracked expressions (`fields`: the
+    model's UVFields at uv_size, rasterised here when not given)."""
+    fields = textures.uv_fields(model, uv_size) if fields is None else fields
     return np.stack([np.asarray(textures.expression_offset_map(model, fields, np.asarray(s["expression"], np.float32)))
                      for s in samples])
 
