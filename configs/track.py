@@ -1,0 +1,46 @@
+"""Metrical face tracking of a monocular video (or one photo) by analysis by synthesis.
+
+    python -m experiments.track --input=video.mp4 --workdir=runs/track            # real video
+    python -m experiments.track --input=photo.png --workdir=runs/photo            # one photo
+    python -m experiments.track --input=synthetic --config=configs/track.py:tiny --workdir=runs/track_syn
+
+Variants:
+  ''      settings for real videos (512-ish pixels): 300 landmark + 3 x 150 photometric steps on
+          the first frame, 30 + 30/30/40 on every later frame.
+  'tiny'  a synthetic 192 x 192 sequence of 8 frames with ground truth (CPU, a few minutes);
+          compares the mean-shape initialisation with MICA's (mica_workdir) and with the true
+          shape, each with the focal length estimated and with the true focal length given.
+
+Landmarks come from mediapipe (pip install 'dhjax[landmarks]') or --landmarks (a file or a
+folder of per-frame files, `dhjax.capture.landmarks.load`); synthetic input uses the projected
+true landmarks plus Gaussian noise (synthetic.landmark_noise_px), a perfect detector with noise.
+The identity shape starts from shape_init (an npz with 'shape', e.g. written by
+experiments.mica_predict), else from MICA run on the first frame when mica_workdir is set, else
+from the mean face.
+"""
+
+import ml_collections
+
+from dhjax.capture import tracker
+
+
+def get_config(arg=None):
+    c = ml_collections.ConfigDict()
+    c.experiment = "track"
+    c.tracker = tracker.default_config()
+    c.fps = 25.0                    # overlay video frame rate
+    c.max_frames = 0                # 0: every frame of the input
+    c.stride = 1                    # track every stride-th frame
+    c.shape_init = ""               # npz with 'shape' [S] (MICA output) for the initialisation
+    c.mica_workdir = ""             # a MICA run (experiments.mica_train): predict the shape from frame 0
+    c.synthetic = ml_collections.ConfigDict(dict(
+        seed=0, sequence=0, n_frames=30, width=256, height=256, uv_size=128, landmark_noise_px=0.5,
+        # initialisations compared on synthetic input: 'mean', 'mica' (needs mica_workdir), 'true'
+        compare=("mean", "mica", "true"), known_focal=(False, True)))
+    if arg == "tiny":
+        c.tracker.first.update(landmark_steps=200, steps=(100, 100, 100))
+        c.tracker.frame.update(landmark_steps=20, steps=(20, 20, 30))
+        c.synthetic.update(n_frames=8, width=192, height=192)
+    elif arg not in (None, ""):
+        raise ValueError(f"unknown variant {arg!r}; use '' or 'tiny'")
+    return c

@@ -1,0 +1,682 @@
+"""Metrical face tracker: FLAME parameters, camera intrinsics, albedo and SH light from a
+monocular video by analysis by synthesis (thesis A.1, the "metrical tracker" of MICA).
+
+Unknowns. Per sequence: the identity shape z [S] (initialised from MICA or the mean face and
+regularised towards that initialisation), an albedo texture in the model's UV layout
+[A, A, 3], and a full perspective camera: one focal length f (pixels, fx = fy) and the principal
+point (cx, cy). Per frame: expression [E], neck / jaw / left-eye / right-eye rotations
+(axis-angle), the rigid head pose (a 6D rotation and a translation, both camera space) and
+second-order SH light [9, 3] (camera space).
+
+Image formation: the posed FLAME vertices are mapped into camera space by the rigid pose,
+``x_cam = R_rig x + t_rig`` (FLAME's global rotation and translation stay zero, so the
+per-frame extrinsics are exactly R_rig, t_rig), and projected with K. The model colour of a
+surface point is albedo(uv) * irradiance(n), Lambertian SH shading as in `dhjax.render.shading`.
+
+Energy (summed per optimisation step):
+
+* landmarks: mean Euclidean distance between the projected model landmarks and the detected
+  ones, in units of the image's longer side, mouth landmarks (iBUG 48-67) weighted
+  ``mouth_landmark_factor`` higher (the reference implementation uses 7000 vs 15000);
+* dense photometric, sampling-based: fixed surface samples (barycentric points on the face
+  faces) are projected into the image and the image is sampled bilinearly there, so the term is
+  differentiable in every geometric parameter through the image gradient. Only samples that the
+  z-buffer says are visible (their depth within ``depth_tol`` of the rasterised depth, facing
+  the camera, inside the image and inside the optional foreground mask) count; visibility is
+  recomputed on the host every ``visibility_every`` steps with `dhjax.render.raster`. L1 over
+  RGB, mean over visible samples;
+* regularisers: shape towards its initialisation, expression and joint rotations towards zero,
+  a temporal term towards the previous frame's expression and pose, total variation of the
+  albedo texture.
+
+Schedule: a coarse-to-fine image pyramid (level l is the image box-filtered by 2^l). Frame 0:
+a landmark-only stage (rigid pose, focal length, shape, expression) and then the full energy
+at every pyramid level with albedo, light and intrinsics free. Later frames start from the
+previous frame's solution and optimise only the per-frame unknowns (shape, albedo and
+intrinsics fixed), again coarse to fine. Adam with a learning rate per parameter group.
+
+Outputs (`track_sequence`): per-frame parameters, cameras (K, R, t in the OpenCV convention),
+landmark and photometric errors, rendered depth and model masks; `write_dataset` stores them in
+the `dhjax.data.dataset` layout that INSTA, GEM and SynShot inversion read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any, Callable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from dhjax.geometry import rotations
+from dhjax.geometry.mesh import vertex_normals
+from dhjax.models import flame
+from dhjax.render import camera as camera_lib
+from dhjax.render import raster, shading
+
+__all__ = [
+    "default_config",
+    "FrameData",
+    "Static",
+    "make_static",
+    "frame_data",
+    "initial_params",
+    "camera_space_vertices",
+    "intrinsics_matrix",
+    "track_sequence",
+    "TrackResult",
+    "render_frame",
+    "overlay",
+    "write_dataset",
+    "evaluate_synthetic",
+]
+
+_HI = jax.lax.Precision.HIGHEST
+# Rotation from FLAME's frame (y up, face along +z) to a camera that looks at the face (OpenCV:
+# y down, looking along +z): 180 degrees about x.
+_FACING = np.diag([1.0, -1.0, -1.0]).astype(np.float32)
+_MOUTH_IDS = np.arange(48, 68)
+# Regions whose surface is tracked photometrically (skin of the face, and the eyeballs so that
+# the eye rotations see their pixels).
+PHOTO_REGIONS = ("face", "forehead", "nose", "lips", "eye_region", "eyes")
+FRAME_KEYS = ("expression", "neck", "jaw", "eyes", "rot6d", "trans", "sh")
+SEQUENCE_KEYS = ("shape", "albedo", "log_focal", "pp")
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """Tracker settings (the `configs/track.py` variants build on these)."""
+    c = ml_collections.ConfigDict()
+    c.n_shape = 300                 # shape coefficients optimised (<= the model's)
+    c.n_expression = 100            # expression coefficients optimised (<= the model's)
+    c.albedo_size = 32              # albedo texture A x A in the UV layout
+    c.samples_per_face = 4          # photometric surface samples per face of PHOTO_REGIONS (1 or 4)
+    c.pyramid = (2, 1, 0)           # pyramid levels, coarse to fine (image / 2^level)
+    c.init_focal = 2.0              # initial focal length / longer image side (fov ~28 degrees)
+    c.focal = 0.0                   # > 0: a known focal length in pixels, held fixed (calibrated camera)
+    c.principal_point = True        # optimise the principal point (False: image centre)
+    c.final_lr = 0.05               # learning rates decay (cosine) to this fraction within a stage
+    c.visibility_every = 10         # steps between z-buffer visibility updates
+    c.depth_tol = 0.01              # metres: a sample is visible when within this of the z-buffer
+    c.first = ml_collections.ConfigDict(dict(landmark_steps=300, steps=(150, 150, 150)))
+    c.frame = ml_collections.ConfigDict(dict(landmark_steps=30, steps=(30, 30, 40)))
+    c.lr = ml_collections.ConfigDict(dict(
+        shape=0.02, albedo=0.02, log_focal=0.01, pp=0.002, expression=0.03, neck=0.005, jaw=0.005,
+        eyes=0.01, rot6d=0.005, trans=0.002, sh=0.02))
+    c.weights = ml_collections.ConfigDict(dict(
+        landmark=1.0, mouth_landmark_factor=2.0, photometric=0.05, shape=1e-4, expression=1e-4,
+        pose=1e-3, temporal=1e-3, albedo_tv=1e-2))
+    return c
+
+
+# ----------------------------------------------------------------------------------------------
+# Static data: the model and the photometric surface samples.
+
+
+@dataclasses.dataclass(frozen=True)
+class Static:
+    """What every step needs besides the parameters (host-side numpy, built once).
+
+    model: FlameModel; sample_faces [P] int32 and sample_bary [P, 3]: photometric surface samples;
+    region_vertices [Vr] int32: vertices of PHOTO_REGIONS without the eyeballs (evaluation);
+    width, height: image size; depth_tol: metres between a sample and the z-buffer for visibility.
+    """
+
+    model: Any
+    sample_faces: np.ndarray
+    sample_bary: np.ndarray
+    region_vertices: np.ndarray
+    width: int
+    height: int
+    depth_tol: float = 0.01
+
+
+def make_static(model, width: int, height: int, samples_per_face: int = 4, depth_tol: float = 0.01) -> Static:
+    """Surface samples on the faces whose three vertices lie in PHOTO_REGIONS."""
+    if model.regions is None or model.lmk_faces is None or model.uv_coords is None:
+        raise ValueError("the tracker needs a head model with regions, a 68-landmark embedding and a "
+                         "UV layout (the embedded default has all three; for a FLAME file give its "
+                         "landmark embedding and the UV layout through dhjax.models.flame.load)")
+    regions = {k: np.asarray(v) for k, v in model.regions.items()}
+    missing = [r for r in PHOTO_REGIONS if r not in regions]
+    if missing:
+        raise ValueError(f"the head model lacks the regions {missing}")
+    in_region = np.zeros(model.num_vertices, bool)
+    for r in PHOTO_REGIONS:
+        in_region |= regions[r]
+    faces = np.asarray(model.faces)
+    sel = np.where(in_region[faces].all(axis=1))[0].astype(np.int32)
+    if samples_per_face == 1:
+        bary = np.full((1, 3), 1.0 / 3.0)
+    elif samples_per_face == 4:
+        bary = np.array([[1 / 3, 1 / 3, 1 / 3], [2 / 3, 1 / 6, 1 / 6], [1 / 6, 2 / 3, 1 / 6],
+                         [1 / 6, 1 / 6, 2 / 3]])
+    else:
+        raise ValueError(f"samples_per_face must be 1 or 4, got {samples_per_face}")
+    sample_faces = np.repeat(sel, len(bary)).astype(np.int32)
+    sample_bary = np.tile(bary, (len(sel), 1)).astype(np.float32)
+    return Static(model=model, sample_faces=sample_faces, sample_bary=sample_bary,
+                  region_vertices=np.where(in_region & ~regions["eyes"])[0].astype(np.int32),
+                  width=int(width), height=int(height), depth_tol=float(depth_tol))
+
+
+# ----------------------------------------------------------------------------------------------
+# Per-frame observations.
+
+
+@dataclasses.dataclass(frozen=True)
+class FrameData:
+    """One frame's observations. image [H, W, 3] float in [0, 1]; landmarks [K, 2] pixels with
+    landmark_ids [K] (iBUG-68 indices); mask [H, W] float (1 = pixels the photometric term may
+    use; all ones when no segmentation is known)."""
+
+    image: np.ndarray
+    landmarks: np.ndarray
+    landmark_ids: np.ndarray
+    mask: np.ndarray
+
+
+def frame_data(image, landmarks, landmark_ids, mask=None, *, name: str = "frame") -> FrameData:
+    """Checks and packs one frame (clear errors for wrong shapes and non-finite values)."""
+    image = np.asarray(image)
+    if image.dtype == np.uint8:
+        image = image.astype(np.float32) / 255.0
+    image = image.astype(np.float32)
+    if image.ndim == 3 and image.shape[-1] == 4:
+        image = image[..., :3]
+    if image.ndim != 3 or image.shape[-1] != 3:
+        raise ValueError(f"{name}: image must be [H, W, 3], got {image.shape}")
+    if not np.all(np.isfinite(image)):
+        raise ValueError(f"{name}: image has non-finite values")
+    lmk = np.asarray(landmarks, np.float32)
+    ids = np.asarray(landmark_ids, np.int32)
+    if lmk.ndim != 2 or lmk.shape[1] != 2 or ids.shape != (lmk.shape[0],):
+        raise ValueError(f"{name}: landmarks must be [K, 2] with landmark_ids [K], got {lmk.shape} "
+                         f"and {ids.shape}")
+    if lmk.shape[0] < 5:
+        raise ValueError(f"{name}: {lmk.shape[0]} landmarks are too few to fit a face (need >= 5)")
+    if ids.min() < 0 or ids.max() > 67:
+        raise ValueError(f"{name}: landmark_ids must be iBUG-68 indices in 0..67")
+    if not np.all(np.isfinite(lmk)):
+        raise ValueError(f"{name}: landmarks have non-finite values")
+    H, W = image.shape[:2]
+    m = np.ones((H, W), np.float32) if mask is None else np.asarray(mask, np.float32)
+    if m.ndim == 3:
+        m = m[..., 0]
+    if m.shape != (H, W):
+        raise ValueError(f"{name}: mask must be [H, W] = {(H, W)}, got {m.shape}")
+    return FrameData(image=image, landmarks=lmk, landmark_ids=ids, mask=m)
+
+
+def _pyramid(x, levels: Sequence[int]) -> dict:
+    """{level: x box-filtered and subsampled by 2^level} for [H, W, C] arrays (sizes floor)."""
+    out = {}
+    for lv in sorted(set(int(v) for v in levels)):
+        f = 2 ** lv
+        H, W = x.shape[0] // f, x.shape[1] // f
+        out[lv] = x[:H * f, :W * f].reshape(H, f, W, f, -1).mean(axis=(1, 3)).astype(np.float32)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Parameters and the model.
+
+
+def initial_params(cfg, static: Static, first: FrameData, shape_init=None) -> dict:
+    """Initial parameters: mean albedo, ambient light, the given (or zero) shape, and a rigid
+    pose that puts the model's landmarks onto the detected ones (frontal rotation; depth from
+    the ratio of 3D to 2D landmark spread with the initial focal length)."""
+    model = static.model
+    S, E = int(cfg.n_shape), int(cfg.n_expression)
+    if S > model.num_shape or E > model.num_expression:
+        raise ValueError(f"config asks for {S} shape / {E} expression coefficients, the model has "
+                         f"{model.num_shape} / {model.num_expression}")
+    z0 = np.zeros(S, np.float32)
+    if shape_init is not None:
+        shape_init = np.asarray(shape_init, np.float32).reshape(-1)
+        if not np.all(np.isfinite(shape_init)):
+            raise ValueError("shape_init has non-finite values")
+        n = min(S, shape_init.shape[0])
+        z0[:n] = shape_init[:n]
+    W, H = static.width, static.height
+    f = float(cfg.focal) if float(cfg.focal) > 0 else float(cfg.init_focal) * max(W, H)
+    out = flame.forward(model, jnp.asarray(z0)[None])
+    lmk3 = np.asarray(out.landmarks[0])[first.landmark_ids] @ _FACING.T
+    lmk2 = first.landmarks
+    c3, c2 = lmk3.mean(0), lmk2.mean(0)
+    s3 = np.sqrt(((lmk3[:, :2] - c3[:2]) ** 2).sum(1).mean())
+    s2 = np.sqrt(((lmk2 - c2) ** 2).sum(1).mean())
+    z = f * s3 / max(s2, 1e-6)
+    cx, cy = (W - 1) / 2.0, (H - 1) / 2.0
+    centre = np.array([(c2[0] - cx) * z / f, (c2[1] - cy) * z / f, z], np.float32)
+    trans = centre - c3
+    # Initial albedo: the median colour inside the landmarks' bounding box (and the mask).
+    x0, y0 = np.floor(lmk2.min(0)).astype(int)
+    x1, y1 = np.ceil(lmk2.max(0)).astype(int) + 1
+    x0, y0 = max(x0, 0), max(y0, 0)
+    patch, pmask = first.image[y0:y1, x0:x1].reshape(-1, 3), first.mask[y0:y1, x0:x1].reshape(-1) > 0.5
+    mean_colour = np.clip(np.median(patch[pmask], axis=0) if pmask.any() else np.full(3, 0.5), 0.05, 1.0)
+    A = int(cfg.albedo_size)
+    sh = np.zeros((9, 3), np.float32)
+    sh[0] = 1.0 / 0.282095
+    return dict(
+        shape=jnp.asarray(z0), albedo=jnp.asarray(np.broadcast_to(mean_colour, (A, A, 3)).copy(), jnp.float32),
+        log_focal=jnp.asarray(np.log(f / max(W, H)), jnp.float32), pp=jnp.zeros(2, jnp.float32),
+        expression=jnp.zeros(E, jnp.float32), neck=jnp.zeros(3, jnp.float32),
+        jaw=jnp.zeros(3, jnp.float32), eyes=jnp.zeros((2, 3), jnp.float32),
+        rot6d=rotations.matrix_to_rotation_6d(jnp.asarray(_FACING)), trans=jnp.asarray(trans, jnp.float32),
+        sh=jnp.asarray(sh))
+
+
+def intrinsics_matrix(params, width: int, height: int) -> jax.Array:
+    """K [3, 3] from log_focal (focal / longer side) and pp (principal point offset / longer side)."""
+    s = float(max(width, height))
+    f = jnp.exp(params["log_focal"]) * s
+    cx = (width - 1) / 2.0 + params["pp"][0] * s
+    cy = (height - 1) / 2.0 + params["pp"][1] * s
+    return camera_lib.intrinsics(f, f, cx, cy)
+
+
+def _flame_pose(params) -> jax.Array:
+    """[1, 5, 3] axis-angle pose (global rotation zero: the rigid pose is the camera's)."""
+    return jnp.concatenate([jnp.zeros((1, 3)), params["neck"][None], params["jaw"][None],
+                            params["eyes"]], axis=0)[None]
+
+
+def camera_space_vertices(params, model) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(vertices [V, 3] camera space, landmarks [68, 3] camera space, R_rig [3, 3])."""
+    out = flame.forward(model, params["shape"][None], params["expression"][None], _flame_pose(params))
+    R = rotations.rotation_6d_to_matrix(params["rot6d"])
+    to_cam = lambda x: jnp.einsum("ij,nj->ni", R, x, precision=_HI) + params["trans"]
+    return to_cam(out.vertices[0]), to_cam(out.landmarks[0]), R
+
+
+def _project(K, x):
+    z = jnp.maximum(x[:, 2], 1e-6)
+    u = K[0, 0] * x[:, 0] / z + K[0, 2]
+    v = K[1, 1] * x[:, 1] / z + K[1, 2]
+    return jnp.stack([u, v], -1)
+
+
+def _bilinear(image, uv):
+    """Bilinear samples [P, C] of image [H, W, C] at pixel coordinates uv [P, 2] (pixel centres
+    at integers, clamp to edge); differentiable in uv."""
+    H, W = image.shape[:2]
+    x = jnp.clip(uv[:, 0], 0.0, W - 1.0)
+    y = jnp.clip(uv[:, 1], 0.0, H - 1.0)
+    x0 = jnp.clip(jnp.floor(x), 0, W - 2).astype(jnp.int32)
+    y0 = jnp.clip(jnp.floor(y), 0, H - 2).astype(jnp.int32)
+    fx, fy = (x - x0)[:, None], (y - y0)[:, None]
+    g = lambda yy, xx: image[yy, xx]
+    return ((1 - fx) * (1 - fy) * g(y0, x0) + fx * (1 - fy) * g(y0, x0 + 1)
+            + (1 - fx) * fy * g(y0 + 1, x0) + fx * fy * g(y0 + 1, x0 + 1))
+
+
+def _samples(params, model, sample_faces, sample_bary, verts):
+    """Sample positions [P, 3], unit normals [P, 3] (camera space) and UVs [P, 2]."""
+    faces = model.faces[sample_faces]
+    pos = jnp.einsum("pkc,pk->pc", verts[faces], sample_bary, precision=_HI)
+    nrm = jnp.einsum("pkc,pk->pc", vertex_normals(verts, model.faces)[faces], sample_bary, precision=_HI)
+    nrm = nrm / jnp.maximum(jnp.linalg.norm(nrm, axis=-1, keepdims=True), 1e-12)
+    uvf = model.uv_faces[sample_faces]
+    uv = jnp.einsum("pkc,pk->pc", model.uv_coords[uvf], sample_bary, precision=_HI)
+    return pos, nrm, uv
+
+
+def _albedo_at(albedo, uv):
+    return shading.sample_texture(albedo, uv)
+
+
+# ----------------------------------------------------------------------------------------------
+# Energy and steps.
+
+
+def _loss(params, obs, cfg_w, model, sample_faces, sample_bary, width, height, level, photometric):
+    """Total energy and its terms. obs: dict of arrays for one frame at `level`."""
+    verts, lmk, _ = camera_space_vertices(params, model)
+    K = intrinsics_matrix(params, width, height)
+    scale = float(max(width, height))
+    lm2 = _project(K, lmk[obs["landmark_ids"]])
+    dist = jnp.sqrt(jnp.sum((lm2 - obs["landmarks"]) ** 2, -1) + 1e-12) / scale
+    lw = obs["landmark_weights"]
+    e_lmk = jnp.sum(lw * dist) / jnp.sum(lw)
+    terms = {"landmark": e_lmk}
+    total = cfg_w["landmark"] * e_lmk
+    if photometric:
+        pos, nrm, uv = _samples(params, model, sample_faces, sample_bary, verts)
+        px = _project(K, pos)
+        f = 2.0 ** level
+        img = obs["image"]
+        observed = _bilinear(img, (px + 0.5) / f - 0.5)
+        colour = _albedo_at(params["albedo"], uv) * shading.sh_irradiance(nrm, params["sh"])
+        vis = obs["visible"]
+        n_vis = jnp.maximum(jnp.sum(vis), 1.0)
+        e_photo = jnp.sum(vis[:, None] * jnp.abs(observed - colour)) / (3.0 * n_vis)
+        alb = params["albedo"]
+        tv = (jnp.mean(jnp.abs(alb[1:] - alb[:-1])) + jnp.mean(jnp.abs(alb[:, 1:] - alb[:, :-1])))
+        terms.update(photometric=e_photo, albedo_tv=tv)
+        total = total + cfg_w["photometric"] * e_photo + cfg_w["albedo_tv"] * tv
+    e_shape = jnp.mean((params["shape"] - obs["shape_init"]) ** 2)
+    e_expr = jnp.mean(params["expression"] ** 2)
+    e_pose = jnp.sum(params["neck"] ** 2) + jnp.sum(params["jaw"] ** 2) + jnp.sum(params["eyes"] ** 2)
+    e_temp = (jnp.mean((params["expression"] - obs["prev"]["expression"]) ** 2)
+              + jnp.sum((params["jaw"] - obs["prev"]["jaw"]) ** 2)
+              + jnp.sum((params["neck"] - obs["prev"]["neck"]) ** 2)) * obs["has_prev"]
+    total = (total + cfg_w["shape"] * e_shape + cfg_w["expression"] * e_expr + cfg_w["pose"] * e_pose
+             + cfg_w["temporal"] * e_temp)
+    terms.update(shape=e_shape, expression=e_expr, pose=e_pose, temporal=e_temp, total=total)
+    return total, terms
+
+
+def _optimizer(lrs: Mapping[str, float], free: Sequence[str], steps: int, final: float):
+    """Adam per parameter group with a cosine decay to `final` x lr over the stage (constant
+    rates leave Adam jittering around the optimum by about one learning rate: 2 mm of translation
+    is a pixel at typical distances); frozen groups get zero updates."""
+    def adam(lr):
+        return optax.adam(optax.cosine_decay_schedule(float(lr), max(int(steps), 1), alpha=float(final)))
+    transforms = {k: (adam(lr) if k in free else optax.set_to_zero()) for k, lr in lrs.items()}
+    return optax.multi_transform(transforms, {k: k for k in lrs})
+
+
+def _step_fn(static: Static, free: tuple, level: int, photometric: bool, steps: int, weights: Mapping[str, float],
+             lrs: Mapping[str, float], final_lr: float):
+    """(optimizer, jitted Adam step) for one (stage, level)."""
+    opt = _optimizer(lrs, free, steps, final_lr)
+    model = static.model
+    sample_faces, sample_bary = jnp.asarray(static.sample_faces), jnp.asarray(static.sample_bary)
+    width, height = static.width, static.height
+
+    @jax.jit
+    def step(params, opt_state, obs):
+        (loss, terms), grads = jax.value_and_grad(_loss, has_aux=True)(
+            params, obs, weights, model, sample_faces, sample_bary, width, height, level, photometric)
+        updates, opt_state = opt.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, terms
+
+    return opt, step
+
+
+@jax.jit
+def _vertices_jit(params, model):
+    return camera_space_vertices(params, model)
+
+
+def _camera(params, width, height) -> camera_lib.Camera:
+    K = intrinsics_matrix(params, width, height)
+    return camera_lib.make_camera(K, jnp.eye(3), jnp.zeros(3), width, height)
+
+
+def visibility(params, static: Static, mask=None) -> np.ndarray:
+    """[P] float32: 1 for photometric samples that the z-buffer sees (host side, no gradients)."""
+    model = static.model
+    verts, _, _ = _vertices_jit(params, model)
+    cam = _camera(params, static.width, static.height)
+    frags = raster.rasterize(verts[None], model.faces, cam)
+    depth = np.asarray(frags.depth[0])
+    hit = np.asarray(frags.mask[0])
+    pos, nrm, _ = _samples(params, model, jnp.asarray(static.sample_faces), jnp.asarray(static.sample_bary), verts)
+    pos, nrm = np.asarray(pos), np.asarray(nrm)
+    px = np.asarray(_project(intrinsics_matrix(params, static.width, static.height), jnp.asarray(pos)))
+    W, H = static.width, static.height
+    ix, iy = np.rint(px[:, 0]).astype(int), np.rint(px[:, 1]).astype(int)
+    inside = (ix >= 0) & (ix < W) & (iy >= 0) & (iy < H) & (pos[:, 2] > 1e-3)
+    ixc, iyc = np.clip(ix, 0, W - 1), np.clip(iy, 0, H - 1)
+    facing = np.einsum("pc,pc->p", nrm, pos) < 0.0
+    front = hit[iyc, ixc] & (np.abs(depth[iyc, ixc] - pos[:, 2]) < static.depth_tol)
+    vis = inside & facing & front
+    if mask is not None:
+        vis &= np.asarray(mask)[iyc, ixc] > 0.5
+    return vis.astype(np.float32)
+
+
+# ----------------------------------------------------------------------------------------------
+# Tracking.
+
+
+@dataclasses.dataclass
+class TrackResult:
+    """Per-frame results (lists over frames) and the sequence-level parameters."""
+
+    params: list            # per frame: dict of numpy parameters (all keys of initial_params)
+    K: np.ndarray           # [T, 3, 3]
+    R: np.ndarray           # [T, 3, 3] world (FLAME) -> camera
+    t: np.ndarray           # [T, 3]
+    landmark_error_px: np.ndarray   # [T] mean distance of the fitted to the given landmarks
+    photometric_error: np.ndarray   # [T] mean L1 (per channel) over visible samples, full resolution
+    seconds: float
+
+
+def _obs(frame: FrameData, level: int, pyr: dict, shape_init, prev, has_prev, mouth_factor, visible):
+    lw = np.where(np.isin(frame.landmark_ids, _MOUTH_IDS), float(mouth_factor), 1.0).astype(np.float32)
+    return dict(image=jnp.asarray(pyr[level]), landmarks=jnp.asarray(frame.landmarks),
+                landmark_ids=jnp.asarray(frame.landmark_ids), landmark_weights=jnp.asarray(lw),
+                shape_init=jnp.asarray(shape_init), visible=jnp.asarray(visible),
+                prev={k: jnp.asarray(prev[k]) for k in ("expression", "jaw", "neck")},
+                has_prev=jnp.asarray(float(has_prev)))
+
+
+def _run_stage(params, static, frame, pyr, *, free, level, photometric, steps, cfg, shape_init, prev,
+               has_prev, compiled, log=None, label=""):
+    w = {k: float(v) for k, v in cfg.weights.items()}
+    mouth = w.pop("mouth_landmark_factor")
+    key = (tuple(sorted(free)), int(level), bool(photometric), int(steps))
+    if key not in compiled:   # one compilation per (stage, level) for the whole sequence
+        compiled[key] = _step_fn(static, *key, w, {k: float(v) for k, v in cfg.lr.items()},
+                                 float(cfg.final_lr))
+    opt, step = compiled[key]
+    opt_state = opt.init(params)
+    vis = np.zeros(static.sample_faces.shape[0], np.float32)
+    terms = None
+    for i in range(int(steps)):
+        if photometric and i % int(cfg.visibility_every) == 0:
+            vis = visibility(params, static, frame.mask)
+        obs = _obs(frame, level, pyr, shape_init, prev, has_prev, mouth, vis)
+        params, opt_state, terms = step(params, opt_state, obs)
+    if log is not None and terms is not None:
+        t = {k: float(v) for k, v in terms.items()}
+        log(f"  {label}: " + ", ".join(f"{k} {v:.4g}" for k, v in t.items() if k in
+                                       ("total", "landmark", "photometric")))
+    return params
+
+
+def _frame_errors(params, static: Static, frame: FrameData) -> tuple[float, float]:
+    """(landmark error px, photometric L1 over visible samples at full resolution)."""
+    verts, lmk, _ = _vertices_jit(params, static.model)
+    K = intrinsics_matrix(params, static.width, static.height)
+    lm2 = np.asarray(_project(K, lmk[jnp.asarray(frame.landmark_ids)]))
+    lerr = float(np.mean(np.linalg.norm(lm2 - frame.landmarks, axis=-1)))
+    vis = visibility(params, static, frame.mask)
+    pos, nrm, uv = _samples(params, static.model, jnp.asarray(static.sample_faces),
+                            jnp.asarray(static.sample_bary), verts)
+    obs = np.asarray(_bilinear(jnp.asarray(frame.image), _project(K, pos)))
+    col = np.asarray(_albedo_at(params["albedo"], uv) * shading.sh_irradiance(nrm, params["sh"]))
+    perr = float(np.sum(vis[:, None] * np.abs(obs - col)) / max(3.0 * vis.sum(), 1.0))
+    return lerr, perr
+
+
+def track_sequence(cfg, model, frames: Sequence[FrameData], *, shape_init=None,
+                   log: Callable[[str], None] | None = print) -> TrackResult:
+    """Tracks frames (one image sequence of one person) in order; see the module docstring.
+
+    Args:
+      cfg: `default_config()`-like ConfigDict.
+      model: FlameModel with regions, landmarks and UVs (the embedded default, or a FLAME file).
+      frames: FrameData per frame, all of one size.
+      shape_init: [S'] shape coefficients from MICA (or None for the mean face).
+      log: progress printer (None: silent).
+    """
+    if len(frames) == 0:
+        raise ValueError("no frames to track")
+    H, W = frames[0].image.shape[:2]
+    for i, fr in enumerate(frames):
+        if fr.image.shape[:2] != (H, W):
+            raise ValueError(f"frame {i} is {fr.image.shape[:2]}, frame 0 is {(H, W)}: all frames must "
+                             "have one size")
+    static = make_static(model, W, H, int(cfg.samples_per_face), float(cfg.depth_tol))
+    compiled: dict = {}
+    t0 = time.time()
+    params = initial_params(cfg, static, frames[0], shape_init)
+    z0 = np.asarray(params["shape"])
+    levels = tuple(int(v) for v in cfg.pyramid)
+    out_params, Ks, Rs, ts, lerr, perr = [], [], [], [], [], []
+    prev = {k: np.asarray(params[k]) for k in ("expression", "jaw", "neck")}
+    for i, fr in enumerate(frames):
+        pyr = _pyramid(fr.image, levels)
+        first = i == 0
+        sc = cfg.first if first else cfg.frame
+        free_lmk = (("rot6d", "trans", "log_focal", "shape", "expression", "jaw") if first
+                    else ("rot6d", "trans", "expression", "jaw"))
+        free = (FRAME_KEYS + SEQUENCE_KEYS) if first else FRAME_KEYS
+        fixed = (("log_focal",) if float(cfg.focal) > 0 else ()) + (() if cfg.principal_point else ("pp",))
+        free = tuple(k for k in free if k not in fixed)
+        free_lmk = tuple(k for k in free_lmk if k not in fixed)
+        common = dict(cfg=cfg, shape_init=z0, prev=prev, has_prev=not first, compiled=compiled,
+                      log=log if first else None)
+        if int(sc.landmark_steps) > 0:
+            params = _run_stage(params, static, fr, pyr, free=free_lmk, level=levels[-1], photometric=False,
+                                steps=int(sc.landmark_steps), label="landmarks", **common)
+        steps = tuple(int(s) for s in sc.steps)
+        if len(steps) != len(levels):
+            raise ValueError(f"steps {steps} must give one count per pyramid level {levels}")
+        for lv, n in zip(levels, steps):
+            if n > 0:
+                params = _run_stage(params, static, fr, pyr, free=free, level=lv, photometric=True, steps=n,
+                                    label=f"level {lv}", **common)
+        le, pe = _frame_errors(params, static, fr)
+        p_np = jax.tree.map(np.asarray, params)
+        out_params.append(p_np)
+        K = np.asarray(intrinsics_matrix(params, W, H))
+        Ks.append(K)
+        Rs.append(np.asarray(rotations.rotation_6d_to_matrix(params["rot6d"])))
+        ts.append(np.asarray(params["trans"]))
+        lerr.append(le)
+        perr.append(pe)
+        prev = {k: p_np[k] for k in ("expression", "jaw", "neck")}
+        if log is not None:
+            log(f"frame {i + 1}/{len(frames)}: landmarks {le:.2f} px, photometric {pe:.4f}, "
+                f"focal {K[0, 0]:.1f} px ({time.time() - t0:.1f} s)")
+    return TrackResult(params=out_params, K=np.stack(Ks), R=np.stack(Rs), t=np.stack(ts),
+                       landmark_error_px=np.asarray(lerr), photometric_error=np.asarray(perr),
+                       seconds=time.time() - t0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Rendering, overlays, export, evaluation.
+
+
+def flame_parameters(p: Mapping[str, np.ndarray]) -> dict:
+    """FLAME parameters of one tracked frame in `flame.forward`'s layout (global rotation and
+    translation zero; the rigid pose is the camera's extrinsics)."""
+    pose = np.concatenate([np.zeros((1, 3)), p["neck"][None], p["jaw"][None], p["eyes"]], 0)
+    return dict(shape=np.asarray(p["shape"], np.float32), expression=np.asarray(p["expression"], np.float32),
+                pose=pose.astype(np.float32), translation=np.zeros(3, np.float32),
+                sh=np.asarray(p["sh"], np.float32))
+
+
+def render_frame(p: Mapping[str, np.ndarray], model, width: int, height: int) -> dict:
+    """Renders a tracked frame: image (albedo x light) [H, W, 3], shading (grey mesh under a
+    fixed light) [H, W, 3], mask [H, W], depth [H, W] (metres, 0 outside) and landmarks [68, 2]."""
+    params = jax.tree.map(jnp.asarray, dict(p))
+    verts, lmk, _ = _vertices_jit(params, model)
+    cam = _camera(params, width, height)
+    fr = shading.render_mesh(verts[None], model.faces, cam, uv_coords=model.uv_coords, uv_faces=model.uv_faces,
+                             albedo_texture=params["albedo"], sh_coeffs=params["sh"])
+    light = np.zeros((9, 3), np.float32)
+    light[0], light[2], light[1] = 2.2, -1.2, -0.6      # ambient + light from the camera and above
+    grey = shading.render_mesh(verts[None], model.faces, cam, sh_coeffs=jnp.asarray(light))
+    lm2 = _project(intrinsics_matrix(params, width, height), lmk)
+    return dict(image=np.asarray(fr["image"][0]), shading=np.clip(np.asarray(grey["image"][0]), 0, 1),
+                mask=np.asarray(fr["mask"][0, ..., 0]), depth=np.asarray(fr["depth"][0]),
+                landmarks=np.asarray(lm2))
+
+
+def _dots(image, points, colour, radius=1):
+    H, W = image.shape[:2]
+    for x, y in np.rint(points).astype(int):
+        image[max(y - radius, 0):min(y + radius + 1, H), max(x - radius, 0):min(x + radius + 1, W)] = colour
+    return image
+
+
+def overlay(frame: FrameData, rendered: Mapping[str, np.ndarray], alpha: float = 0.6) -> np.ndarray:
+    """The frame with the tracked mesh blended over it, the given landmarks (green) and the fitted
+    ones (red): [H, W, 3] float."""
+    m = rendered["mask"][..., None] * alpha
+    out = frame.image * (1 - m) + rendered["shading"] * m
+    r = max(1, int(round(max(out.shape[:2]) / 256)))
+    out = _dots(out.copy(), frame.landmarks, (0.1, 1.0, 0.1), r)
+    return _dots(out, rendered["landmarks"][frame.landmark_ids], (1.0, 0.1, 0.1), r)
+
+
+def write_dataset(root, result: TrackResult, frames: Sequence[FrameData], model, *, item: int = 0,
+                  split: str = "train", meta: Mapping[str, Any] | None = None):
+    """Stores a tracked sequence in the `dhjax.data.dataset` layout (kind 'video'): frames, model
+    masks (the tracked mesh's silhouette, or the given mask where one was given), cameras,
+    FLAME parameters and rendered depth. Returns the path of meta.json."""
+    from dhjax.data.dataset import Writer
+    H, W = frames[0].image.shape[:2]
+    writer = Writer(root, split, kind="video", meta=dict(meta or {}, source="dhjax.capture.tracker"))
+    for i, (fr, p) in enumerate(zip(frames, result.params)):
+        r = render_frame(p, model, W, H)
+        fp = flame_parameters(p)
+        writer.add(dict(image=fr.image, mask=r["mask"], K=result.K[i], R=result.R[i], t=result.t[i],
+                        depth=r["depth"], item=item, frame=i, view=0, **fp))
+    return writer.close()
+
+
+def shape_error_mm(model, shape, shape_true) -> float:
+    """Median distance (mm) over all vertices between the neutral meshes of two shape vectors."""
+    a = np.asarray(flame.forward(model, jnp.asarray(shape, jnp.float32).reshape(1, -1)).v_shaped[0])
+    b = np.asarray(flame.forward(model, jnp.asarray(shape_true, jnp.float32).reshape(1, -1)).v_shaped[0])
+    return float(np.median(np.linalg.norm(a - b, axis=-1)) * 1e3)
+
+
+def evaluate_synthetic(result: TrackResult, gt_samples: Sequence[Mapping[str, np.ndarray]], model,
+                       static_region=None) -> dict:
+    """Errors against synthetic ground truth (samples of `dhjax.data.synthetic.VideoGenerator`).
+
+    shape_error_mm: `shape_error_mm` of the tracked identity shape; vertex_median_mm: median over frames and face-region vertices of the camera-space distance
+    between tracked and true vertices (no alignment: metric depth errors count);
+    vertex_aligned_median_mm: the same after a per-frame rigid alignment (shape + expression
+    quality only); depth_rmse_mm: RMSE of the tracked depth against the true depth over pixels
+    that are face skin in the ground truth (seg == face) and covered by the tracked mesh.
+    Also per-frame arrays and the focal-length error.
+    """
+    from dhjax.geometry import alignment
+    if len(gt_samples) != len(result.params):
+        raise ValueError(f"{len(gt_samples)} ground-truth samples for {len(result.params)} tracked frames")
+    region = make_static(model, 2, 2).region_vertices if static_region is None else static_region
+    vmed, vamed, drmse, ferr = [], [], [], []
+    for p, s in zip(result.params, gt_samples):
+        out = flame.forward(model, jnp.asarray(s["shape"])[None], jnp.asarray(s["expression"])[None],
+                            jnp.asarray(s["pose"])[None], jnp.asarray(s["translation"])[None])
+        gt = np.asarray(out.vertices[0]) @ np.asarray(s["R"]).T + np.asarray(s["t"])
+        est, _, _ = _vertices_jit(jax.tree.map(jnp.asarray, dict(p)), model)
+        est = np.asarray(est)
+        d = np.linalg.norm(est[region] - gt[region], axis=-1)
+        vmed.append(d)
+        sc, R, t = alignment.umeyama(jnp.asarray(est[region]), jnp.asarray(gt[region]), with_scale=False)
+        al = np.asarray(alignment.apply_similarity(sc, R, t, jnp.asarray(est[region])))
+        vamed.append(np.linalg.norm(al - gt[region], axis=-1))
+        H, W = s["image"].shape[:2]
+        r = render_frame(p, model, W, H)
+        sel = (np.asarray(s["seg"]) == 1) & (r["mask"] > 0.5) & (np.asarray(s["depth"]) > 0)
+        if sel.any():
+            drmse.append(float(np.sqrt(np.mean((r["depth"][sel] - np.asarray(s["depth"])[sel]) ** 2))))
+        else:
+            drmse.append(float("nan"))
+        ferr.append(abs(float(p["log_focal"]) - float(np.log(np.asarray(s["K"])[0, 0] / max(W, H)))))
+    v = np.concatenate(vmed)
+    va = np.concatenate(vamed)
+    return dict(
+        shape_error_mm=shape_error_mm(model, result.params[-1]["shape"], gt_samples[0]["shape"]),
+        vertex_median_mm=float(np.median(v) * 1e3), vertex_mean_mm=float(np.mean(v) * 1e3),
+        vertex_aligned_median_mm=float(np.median(va) * 1e3),
+        depth_rmse_mm=float(np.sqrt(np.nanmean(np.square(drmse))) * 1e3),
+        per_frame_vertex_median_mm=[float(np.median(x) * 1e3) for x in vmed],
+        per_frame_depth_rmse_mm=[float(x * 1e3) for x in drmse],
+        focal_relative_error=float(np.mean(np.expm1(np.abs(ferr)))),
+        landmark_error_px=float(np.mean(result.landmark_error_px)),
+        photometric_error=float(np.mean(result.photometric_error)))

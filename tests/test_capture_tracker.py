@@ -1,0 +1,214 @@
+"""Tests of the metrical face tracker (dhjax.capture.tracker) and its experiment's input handling."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dhjax.capture import tracker
+from dhjax.geometry import rotations
+from dhjax.models import flame
+from dhjax.render import camera as camera_lib
+
+
+@pytest.fixture(scope="module")
+def model():
+    return flame.load()
+
+
+def _params(model, cfg, static, lmk_frame, **over):
+    p = tracker.initial_params(cfg, static, lmk_frame)
+    p = dict(p)
+    for k, v in over.items():
+        p[k] = jnp.asarray(v, jnp.float32)
+    return p
+
+
+def _true_params(model, cfg, static, seed=0):
+    """A plausible tracked state: small expression/jaw/neck, a rotated head 0.6 m away."""
+    rng = np.random.default_rng(seed)
+    dummy = tracker.frame_data(np.zeros((static.height, static.width, 3)), np.zeros((68, 2)) + 30,
+                               np.arange(68))
+    dummy = tracker.FrameData(image=dummy.image, landmarks=np.stack(
+        [np.linspace(20, 44, 68), np.linspace(20, 44, 68)], -1).astype(np.float32), landmark_ids=np.arange(68),
+        mask=dummy.mask)
+    p = dict(tracker.initial_params(cfg, static, dummy))
+    R = np.asarray(rotations.axis_angle_to_matrix(jnp.array([0.1, 0.3, -0.05]))) @ np.diag([1.0, -1.0, -1.0])
+    p.update(
+        shape=jnp.asarray(rng.normal(0, 1.0, cfg.n_shape), jnp.float32),
+        expression=jnp.asarray(rng.normal(0, 0.5, cfg.n_expression), jnp.float32),
+        jaw=jnp.array([0.12, 0.0, 0.0]), neck=jnp.array([0.05, -0.05, 0.0]),
+        rot6d=rotations.matrix_to_rotation_6d(jnp.asarray(R, jnp.float32)),
+        trans=jnp.array([0.005, 0.01, 0.6]), log_focal=jnp.asarray(np.log(2.2), jnp.float32))
+    return p
+
+
+def test_bilinear_matches_scipy_and_is_differentiable():
+    scipy_ndimage = pytest.importorskip("scipy.ndimage")
+    rng = np.random.default_rng(0)
+    img = rng.random((9, 13, 3)).astype(np.float32)
+    uv = np.stack([rng.uniform(0, 12, 50), rng.uniform(0, 8, 50)], -1).astype(np.float32)
+    got = np.asarray(tracker._bilinear(jnp.asarray(img), jnp.asarray(uv)))
+    want = np.stack([scipy_ndimage.map_coordinates(img[..., c], [uv[:, 1], uv[:, 0]], order=1) for c in range(3)], -1)
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    # Gradient in the coordinates equals the finite difference away from pixel boundaries.
+    f = lambda q: jnp.sum(tracker._bilinear(jnp.asarray(img), q))
+    q = jnp.asarray([[3.3, 4.6]])
+    g = np.asarray(jax.grad(f)(q))
+    eps = 1e-3
+    fd = [(f(q + eps * jnp.eye(2)[i]) - f(q - eps * jnp.eye(2)[i])) / (2 * eps) for i in range(2)]
+    np.testing.assert_allclose(g[0], np.asarray(fd), rtol=1e-2)
+
+
+def test_pyramid_is_box_filter():
+    transform = pytest.importorskip("skimage.transform")
+    rng = np.random.default_rng(1)
+    img = rng.random((16, 12, 3)).astype(np.float32)
+    pyr = tracker._pyramid(img, (2, 1, 0))
+    np.testing.assert_array_equal(pyr[0], img)
+    np.testing.assert_allclose(pyr[1], transform.downscale_local_mean(img, (2, 2, 1)), atol=1e-6)
+    np.testing.assert_allclose(pyr[2], transform.downscale_local_mean(img, (4, 4, 1)), atol=1e-6)
+
+
+def test_exported_cameras_reproduce_the_tracked_projection(model):
+    """OpenCV K, R, t and the FLAME parameters written out give the same pixels as the tracker."""
+    cfg = tracker.default_config()
+    static = tracker.make_static(model, 64, 48)
+    p = _true_params(model, cfg, static)
+    verts, lmk, R = tracker.camera_space_vertices(p, model)
+    K = tracker.intrinsics_matrix(p, 64, 48)
+    fp = tracker.flame_parameters(jax.tree.map(np.asarray, p))
+    out = flame.forward(model, fp["shape"][None], fp["expression"][None], fp["pose"][None], fp["translation"][None])
+    cam = camera_lib.make_camera(K, R, p["trans"], 64, 48)
+    uv_world, _ = camera_lib.project(cam, out.vertices[0])
+    np.testing.assert_allclose(np.asarray(uv_world), np.asarray(tracker._project(K, verts)), atol=1e-3)
+    assert abs(float(K[0, 0]) - 2.2 * 64) < 1e-3
+
+
+def test_visibility_sees_the_front_not_the_back(model):
+    cfg = tracker.default_config()
+    static = tracker.make_static(model, 96, 96, samples_per_face=1)
+    p = _true_params(model, cfg, static)
+    p["rot6d"] = rotations.matrix_to_rotation_6d(
+        jnp.asarray(np.diag([1.0, -1.0, -1.0]), jnp.float32))
+    p["trans"] = jnp.array([0.0, 0.0, 0.6])
+    vis = tracker.visibility(p, static)
+    verts, _, _ = tracker.camera_space_vertices(p, model)
+    pos, nrm, _ = tracker._samples(p, model, jnp.asarray(static.sample_faces), jnp.asarray(static.sample_bary), verts)
+    nrm = np.asarray(nrm)
+    # Frontal view: samples facing the camera (normal z < -0.5) are mostly visible, none facing away is.
+    assert vis[nrm[:, 2] < -0.5].mean() > 0.8
+    assert vis[nrm[:, 2] > 0.0].sum() == 0
+    # A mask that excludes the left half of the image removes those samples.
+    mask = np.ones((96, 96), np.float32)
+    mask[:, :48] = 0
+    vis_m = tracker.visibility(p, static, mask)
+    px = np.asarray(tracker._project(tracker.intrinsics_matrix(p, 96, 96), pos))
+    assert vis_m[px[:, 0] < 47].sum() == 0 and vis_m.sum() > 0
+
+
+def test_tracking_recovers_a_rendered_frame(model):
+    """A frame rendered from known parameters: starting from the mean face, the tracker fits the
+    landmarks to sub-pixel accuracy and moves the surface towards the truth."""
+    cfg = tracker.default_config()
+    cfg.pyramid = (1, 0)
+    cfg.first.update(landmark_steps=150, steps=(40, 40))
+    cfg.frame.update(landmark_steps=10, steps=(10, 10))
+    W = H = 96
+    static = tracker.make_static(model, W, H)
+    truth = _true_params(model, cfg, static, seed=3)
+    truth["sh"] = jnp.asarray(np.r_[[[2.6] * 3, [0.2] * 3, [-0.5] * 3], np.zeros((6, 3))], jnp.float32)
+    truth["albedo"] = jnp.full((cfg.albedo_size, cfg.albedo_size, 3), jnp.array([0.7, 0.5, 0.4]))
+    r = tracker.render_frame(jax.tree.map(np.asarray, truth), model, W, H)
+    image = np.where(r["mask"][..., None] > 0, r["image"], 0.2)
+    frame = tracker.frame_data(image, r["landmarks"], np.arange(68))
+    cfg.focal = float(np.exp(truth["log_focal"]) * W)     # calibrated camera
+    result = tracker.track_sequence(cfg, model, [frame, frame], log=None)
+    assert result.landmark_error_px[0] < 0.5 and result.landmark_error_px[1] < 0.5
+    est, _, _ = tracker.camera_space_vertices(jax.tree.map(jnp.asarray, result.params[-1]), model)
+    tv, _, _ = tracker.camera_space_vertices(truth, model)
+    reg = static.region_vertices
+    err = np.median(np.linalg.norm(np.asarray(est)[reg] - np.asarray(tv)[reg], axis=-1))
+    init = tracker.initial_params(cfg, static, frame)
+    e0, _, _ = tracker.camera_space_vertices(init, model)
+    err0 = np.median(np.linalg.norm(np.asarray(e0)[reg] - np.asarray(tv)[reg], axis=-1))
+    assert err < 0.5 * err0 and err < 0.01, (err, err0)
+    assert result.photometric_error[-1] < 0.05
+
+
+def test_dataset_round_trip(model, tmp_path):
+    from dhjax.data.dataset import FolderDataset
+    cfg = tracker.default_config()
+    W, H = 64, 64
+    static = tracker.make_static(model, W, H)
+    p = jax.tree.map(np.asarray, _true_params(model, cfg, static))
+    frame = tracker.frame_data(np.full((H, W, 3), 0.3), np.full((68, 2), 30.0) + np.arange(68)[:, None] * 0.1,
+                               np.arange(68))
+    K = np.asarray(tracker.intrinsics_matrix(p, W, H))
+    R = np.asarray(rotations.rotation_6d_to_matrix(jnp.asarray(p["rot6d"])))
+    res = tracker.TrackResult(params=[p], K=K[None], R=R[None], t=np.asarray(p["trans"])[None],
+                              landmark_error_px=np.zeros(1), photometric_error=np.zeros(1), seconds=0.0)
+    meta = tracker.write_dataset(tmp_path / "ds", res, [frame], model)
+    assert json.loads(meta.read_text())["kind"] == "video"
+    ds = FolderDataset(tmp_path / "ds", "train")
+    s = ds[0]
+    np.testing.assert_allclose(s["K"], K, atol=1e-4)
+    np.testing.assert_allclose(s["R"], R, atol=1e-5)
+    np.testing.assert_allclose(s["expression"], p["expression"], atol=1e-6)
+    assert s["depth"].max() > 0.5 and s["mask"].sum() > 0
+
+
+def test_bad_inputs(model):
+    img = np.zeros((32, 32, 3), np.float32)
+    with pytest.raises(ValueError, match=r"landmarks must be \[K, 2\]"):
+        tracker.frame_data(img, np.zeros((68, 3)), np.arange(68))
+    with pytest.raises(ValueError, match="non-finite"):
+        tracker.frame_data(img, np.full((68, 2), np.nan), np.arange(68))
+    with pytest.raises(ValueError, match="too few"):
+        tracker.frame_data(img, np.zeros((3, 2)), np.arange(3))
+    with pytest.raises(ValueError, match="iBUG-68"):
+        tracker.frame_data(img, np.zeros((5, 2)), np.arange(70, 75))
+    with pytest.raises(ValueError, match="image must be"):
+        tracker.frame_data(np.zeros((32, 32)), np.zeros((68, 2)), np.arange(68))
+    with pytest.raises(ValueError, match="mask must be"):
+        tracker.frame_data(img, np.zeros((68, 2)), np.arange(68), mask=np.ones((10, 10)))
+    a = tracker.frame_data(img, np.random.default_rng(0).uniform(5, 25, (68, 2)), np.arange(68))
+    b = tracker.frame_data(np.zeros((16, 32, 3)), a.landmarks, np.arange(68))
+    with pytest.raises(ValueError, match="one size"):
+        tracker.track_sequence(tracker.default_config(), model, [a, b], log=None)
+    with pytest.raises(ValueError, match="no frames"):
+        tracker.track_sequence(tracker.default_config(), model, [], log=None)
+
+
+def test_experiment_input_errors(tmp_path):
+    from experiments import track as track_exp
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        track_exp.read_frames(str(tmp_path / "missing.mp4"))
+    bad = tmp_path / "broken.mp4"
+    bad.write_bytes(b"this is not a video")
+    with pytest.raises(ValueError, match="cannot decode video"):
+        track_exp.read_frames(str(bad))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="holds no images"):
+        track_exp.read_frames(str(tmp_path / "empty"))
+    from dhjax import io as dio
+    d = tmp_path / "frames"
+    d.mkdir()
+    dio.save_image(d / "a.png", np.zeros((16, 16, 3)))
+    dio.save_image(d / "b.png", np.zeros((16, 16, 3)))
+    frames, names = track_exp.read_frames(str(d))
+    assert names == ["a", "b"] and frames[0].shape == (16, 16, 3)
+    lm = tmp_path / "lmk.npy"
+    np.save(lm, np.zeros((67, 2)) + 5)
+    with pytest.raises(ValueError, match="67"):
+        track_exp.frame_landmarks(frames[:1], names[:1], str(lm))
+    np.save(lm, np.zeros((3, 68, 2)) + 5 + np.arange(68)[None, :, None] * 0.1)
+    with pytest.raises(ValueError, match="3 landmark sets for 2 frames"):
+        track_exp.frame_landmarks(frames, names, str(lm))
+    lmd = tmp_path / "lmkdir"
+    lmd.mkdir()
+    np.save(lmd / "a.npy", np.zeros((68, 2)) + 5 + np.arange(68)[:, None] * 0.1)
+    with pytest.raises(FileNotFoundError, match="frame b"):
+        track_exp.frame_landmarks(frames, names, str(lmd))
