@@ -116,6 +116,7 @@ def test_tracking_recovers_a_rendered_frame(model):
     cfg.pyramid = (1, 0)
     cfg.first.update(landmark_steps=150, steps=(40, 40))
     cfg.frame.update(landmark_steps=10, steps=(10, 10))
+    cfg.weights.update(expression=1e-3, shape=1e-2)   # noise-free data: the machinery, not the prior
     W = H = 96
     static = tracker.make_static(model, W, H)
     truth = _true_params(model, cfg, static, seed=3)
@@ -212,3 +213,30 @@ def test_experiment_input_errors(tmp_path):
     np.save(lmd / "a.npy", np.zeros((68, 2)) + 5 + np.arange(68)[:, None] * 0.1)
     with pytest.raises(FileNotFoundError, match="frame b"):
         track_exp.frame_landmarks(frames, names, str(lmd))
+
+
+@pytest.mark.peers
+def test_real_photo_detect_and_fit(model, tmp_path):
+    """skimage's astronaut photo (a real face shipped by a package): mediapipe detection, then a
+    single-frame fit whose landmarks reproject within a few pixels of the detected ones."""
+    pytest.importorskip("mediapipe")
+    data = pytest.importorskip("skimage.data")
+    transform = pytest.importorskip("skimage.transform")
+    from dhjax.capture import landmarks as lmk_lib
+    from dhjax import io as dio
+    image = transform.downscale_local_mean(data.astronaut().astype(np.float32) / 255.0, (2, 2, 1))  # 256 x 256
+    lm = lmk_lib.detect(image, name="astronaut")
+    frame = tracker.frame_data(image, lm.points, lm.ibug_ids, name="astronaut")
+    cfg = tracker.default_config()
+    cfg.pyramid = (1, 0)
+    cfg.first.update(landmark_steps=200, steps=(30, 30))
+    result = tracker.track_sequence(cfg, model, [frame], log=None)
+    assert result.landmark_error_px[0] < 3.0          # 256-pixel image; the face is ~60 px wide
+    rendered = tracker.render_frame(result.params[0], model, 256, 256)
+    over = tracker.overlay(frame, rendered)
+    assert over.shape == (256, 512, 3) and np.isfinite(over).all()
+    # The fitted face covers the detected landmarks' region.
+    x0, y0 = lm.points.min(0).astype(int)
+    x1, y1 = lm.points.max(0).astype(int)
+    assert rendered["mask"][y0:y1, x0:x1].mean() > 0.95
+    dio.save_image(tmp_path / "overlay.png", over)

@@ -107,7 +107,7 @@ def default_config() -> ml_collections.ConfigDict:
         shape=0.02, albedo=0.02, log_focal=0.01, pp=0.002, expression=0.03, neck=0.005, jaw=0.005,
         eyes=0.01, rot6d=0.005, trans=0.002, sh=0.02))
     c.weights = ml_collections.ConfigDict(dict(
-        landmark=1.0, mouth_landmark_factor=2.0, photometric=0.05, shape=1e-4, expression=1e-4,
+        landmark=1.0, mouth_landmark_factor=2.0, photometric=0.05, shape=0.3, expression=1e-2,
         pose=1e-3, temporal=1e-3, albedo_tv=1e-2))
     return c
 
@@ -601,13 +601,16 @@ def _dots(image, points, colour, radius=1):
 
 
 def overlay(frame: FrameData, rendered: Mapping[str, np.ndarray], alpha: float = 0.6) -> np.ndarray:
-    """The frame with the tracked mesh blended over it, the given landmarks (green) and the fitted
-    ones (red): [H, W, 3] float."""
-    m = rendered["mask"][..., None] * alpha
-    out = frame.image * (1 - m) + rendered["shading"] * m
-    r = max(1, int(round(max(out.shape[:2]) / 256)))
-    out = _dots(out.copy(), frame.landmarks, (0.1, 1.0, 0.1), r)
-    return _dots(out, rendered["landmarks"][frame.landmark_ids], (1.0, 0.1, 0.1), r)
+    """Two panels side by side, [H, 2W, 3] float: the frame with the tracked mesh (grey shading)
+    blended over it, the given landmarks (green) and the fitted ones (red); and the frame with
+    the model's own colours (albedo x SH light) pasted where the mesh covers it."""
+    m = rendered["mask"][..., None]
+    left = frame.image * (1 - m * alpha) + rendered["shading"] * m * alpha
+    r = max(1, int(round(max(left.shape[:2]) / 256)))
+    left = _dots(left.copy(), frame.landmarks, (0.1, 1.0, 0.1), r)
+    left = _dots(left, rendered["landmarks"][frame.landmark_ids], (1.0, 0.1, 0.1), r)
+    right = frame.image * (1 - m) + np.clip(rendered["image"], 0, 1) * m
+    return np.concatenate([left, right], axis=1)
 
 
 def write_dataset(root, result: TrackResult, frames: Sequence[FrameData], model, *, item: int = 0,
