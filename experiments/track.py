@@ -122,10 +122,18 @@ def synthetic_sequence(cfg):
     return frames, samples, model
 
 
-def mica_shape(workdir: str, image, lm) -> np.ndarray:
-    """MICA's shape coefficients for one image (the first frame) from a trained MICA run."""
+def mica_shape(workdir: str, image, lm, model) -> np.ndarray:
+    """MICA's shape coefficients [300] for one image (the first frame) from a trained MICA run
+    (experiments.mica_train): the five-point ArcFace crop of the landmarks, then the run's
+    selected network."""
     from dhjax.capture import mica
-    return np.asarray(mica.predict_image(workdir, image, lm))
+    from experiments.mica_predict import check_head_model, load_run
+    _, variables, rec, step = load_run(workdir)
+    check_head_model(model, rec)
+    crop = mica.crop_from_landmarks(image, lm)
+    z = np.asarray(mica.predict(variables, crop[None])[0], np.float32)
+    print(f"MICA ({workdir}, checkpoint {step}) predicted the shape from the first frame", flush=True)
+    return z
 
 
 def write_outputs(work: Path, result, frames, names, model, fps: float, meta: dict) -> dict:
@@ -175,7 +183,7 @@ def main(argv):
     if cfg.shape_init:
         shape_init, init = np.load(cfg.shape_init)["shape"], f"shape from {cfg.shape_init}"
     elif cfg.mica_workdir:
-        shape_init, init = mica_shape(cfg.mica_workdir, raw[0], lms[0]), f"MICA ({cfg.mica_workdir})"
+        shape_init, init = mica_shape(cfg.mica_workdir, raw[0], lms[0], model), f"MICA ({cfg.mica_workdir})"
     print(f"shape initialisation: {init}; landmarks: {lms[0].source} ({len(lms[0])} points)", flush=True)
     result = tracker.track_sequence(cfg.tracker, model, frames, shape_init=shape_init)
     report = write_outputs(work, result, frames, names, model, float(cfg.fps),
@@ -212,7 +220,7 @@ def run_synthetic(cfg, work: Path):
                 print("  skipping the MICA initialisation: set --config.mica_workdir=<a MICA run>")
                 continue
             lm = lmk_lib.from_ibug68(frames[0].landmarks)
-            inits[name] = mica_shape(cfg.mica_workdir, frames[0].image, lm)
+            inits[name] = mica_shape(cfg.mica_workdir, frames[0].image, lm, model)
         else:
             raise ValueError(f"synthetic.compare: unknown initialisation {name!r} (mean, mica, true)")
     rows, best = [], None
