@@ -1,0 +1,481 @@
+"""MICA: mapping network, region weights, loss, fine-tuning mask, train step and model selection,
+prediction to .obj, synthetic scans, bad inputs; slow: data generation and train -> predict ->
+eval end to end in subprocesses.
+
+The encoder here is a tiny IResNet (width 4, embedding 16): iresnet100 compiles and runs far
+too slowly on a 2-core CPU for unit tests. The freezing test uses the block layout (1, 2, 2, 1)
+(6 blocks, so 3 are frozen and 3 train, as MICA's last-3-blocks rule does on r100's 49).
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dhjax import io as dio
+from dhjax.capture import mica
+from dhjax.models import flame
+from dhjax.train import config as config_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY_ARCH = {"layers": (1, 1, 1, 1), "width": 4, "embedding": 16, "bn_eps": 1e-5}
+
+
+@pytest.fixture(scope="module")
+def model():
+    return flame.load()
+
+
+def small_cfg(**encoder):
+    cfg = config_lib.load_config(os.path.join(ROOT, "configs/mica.py:tiny"))
+    cfg.encoder.update(layers=TINY_ARCH["layers"], width=TINY_ARCH["width"], embedding=TINY_ARCH["embedding"])
+    cfg.encoder.update(**encoder)
+    cfg.mapping.update(hidden_dim=16)
+    cfg.data.landmark_noise_px = 0.0
+    cfg.select_every = 1
+    cfg.optim.update(lr=1e-3, warmup_steps=0, schedule="constant")
+    return cfg
+
+
+FIVE = np.array([[38.3, 51.7], [73.5, 51.5], [56.0, 71.7], [41.5, 92.4], [70.7, 92.2]], np.float32) + 8.0
+
+
+def random_batch(n, seed=0, size=128):
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size] / size
+    base = np.stack([xx, yy, 0.5 * (xx + yy)], -1)
+    images = np.stack([(255 * np.clip(base * rng.uniform(0.3, 1.0, 3) + 0.2 * rng.random((size, size, 3)), 0, 1))
+                       for _ in range(n)]).astype(np.uint8)
+    return {"image": images, "five": np.repeat(FIVE[None], n, 0),
+            "shape": rng.normal(size=(n, mica.N_SHAPE)).astype(np.float32)}
+
+
+@pytest.fixture(scope="module")
+def trained(model):
+    """A state after a few steps of the tiny net, with its step function (compiled once)."""
+    cfg = small_cfg()
+    batch = random_batch(4)
+    val = {"crops": mica.crop_batch(batch["image"], batch["five"]), "shape": batch["shape"]}
+    _, step, evaluate = mica.method_functions(cfg, TINY_ARCH, model, val=val)
+    state = mica.init_state(jax.random.PRNGKey(0), cfg, TINY_ARCH)
+    step = jax.jit(step)
+    return dict(cfg=cfg, batch=batch, val=val, state=state, step=step, evaluate=jax.jit(evaluate))
+
+
+# ----------------------------------------------------------------------------------------------
+# Networks.
+
+
+def test_mapping_network_shapes_and_output_scale():
+    net = mica.MappingNetwork(hidden_dim=32, n_hidden=3, n_shape=300)
+    x = jax.random.normal(jax.random.PRNGKey(1), (5, 512))
+    variables = net.init(jax.random.PRNGKey(0), x)
+    p = variables["params"]
+    assert sorted(p) == ["hidden0", "hidden1", "hidden2", "output"]
+    assert p["hidden0"]["kernel"].shape == (512, 32) and p["hidden2"]["kernel"].shape == (32, 32)
+    assert p["output"]["kernel"].shape == (32, 300)
+    z = net.apply(variables, x)
+    assert z.shape == (5, 300)
+    # the same computation by hand: leaky ReLU 0.2 after each hidden layer, output x 0.25
+    h = x
+    for i in range(3):
+        h = h @ p[f"hidden{i}"]["kernel"] + p[f"hidden{i}"]["bias"]
+        h = jnp.where(h > 0, h, 0.2 * h)
+    ref = 0.25 * (h @ p["output"]["kernel"] + p["output"]["bias"])
+    np.testing.assert_allclose(z, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_micanet_variables_round_trip_the_architecture():
+    net = mica.MicaNet(layers=(1, 2, 1, 1), width=4, embedding=16, hidden_dim=8, n_hidden=2, n_shape=50)
+    shapes = jax.eval_shape(net.init, jax.random.PRNGKey(0), jnp.zeros((1, 112, 112, 3)))
+    assert sorted(shapes["params"]) == ["encoder", "mapping"]
+    assert sorted(shapes["batch_stats"]) == ["encoder"]
+    back = mica.net_from_variables(shapes)
+    assert (back.layers, back.width, back.embedding, back.hidden_dim, back.n_hidden, back.n_shape) == (
+        (1, 2, 1, 1), 4, 16, 8, 2, 50)
+    with pytest.raises(ValueError, match="not MICA variables"):
+        mica.net_from_variables({"params": {"encoder": {}}})
+
+
+# ----------------------------------------------------------------------------------------------
+# Region weights and loss.
+
+
+def test_region_weights_values(model):
+    regions = {k: np.asarray(v) for k, v in model.regions.items()}
+    w = mica.region_weights(model, {"face": 150.0, "back_of_head": 1.0, "eyes": 0.01, "ears": 0.01})
+    assert w.shape == (model.num_vertices,) and w.dtype == np.float32
+    np.testing.assert_allclose(w[regions["face"]], 150.0)
+    np.testing.assert_allclose(w[regions["eyes"]], 0.01)
+    np.testing.assert_allclose(w[regions["ears"]], 0.01)
+    np.testing.assert_allclose(w[regions["back_of_head"]], 1.0)
+    np.testing.assert_allclose(w[regions["neck"]], 1.0)          # in no listed region: default
+    scalp_only = regions["scalp"] & ~regions["back_of_head"]
+    np.testing.assert_allclose(w[scalp_only], 1.0)
+    # the reference implementation's extra weights: a sub-region (nose) refines its parent (face)
+    w2 = mica.region_weights(model, {"nose": 50.0, "face": 150.0, "lips": 50.0}, default=2.0)
+    np.testing.assert_allclose(w2[regions["nose"]], 50.0)
+    np.testing.assert_allclose(w2[regions["lips"]], 50.0)
+    rest = regions["face"] & ~regions["nose"] & ~regions["lips"]
+    np.testing.assert_allclose(w2[rest], 150.0)
+    np.testing.assert_allclose(w2[regions["neck"]], 2.0)
+    # the configs' default (thesis) weights
+    cfg = mica.default_config()
+    w3 = mica.region_weights(model, dict(cfg.loss.region_weights), cfg.loss.default_weight)
+    np.testing.assert_allclose(w3[regions["face"]], 150.0)
+    np.testing.assert_allclose(w3[regions["eyes"] | regions["ears"]], 0.01)
+    with pytest.raises(ValueError, match="unknown region.*'chin'"):
+        mica.region_weights(model, {"chin": 3.0})
+    with pytest.raises(ValueError, match="finite and >= 0"):
+        mica.region_weights(model, {"face": -1.0})
+
+
+def test_loss_zero_at_ground_truth_and_region_weighted(model):
+    rng = np.random.default_rng(0)
+    gt = rng.normal(size=(3, 300)).astype(np.float32)
+    pred = gt + 0.5 * rng.normal(size=(3, 300)).astype(np.float32)
+    w = mica.region_weights(model, {"face": 150.0, "back_of_head": 1.0, "eyes": 0.01, "ears": 0.01})
+    assert float(mica.loss_fn(gt, gt, model, w)) == 0.0
+    loss = float(mica.loss_fn(pred, gt, model, w))
+    assert loss > 0
+    # reference: mean over batch, vertices and coordinates of w_v |v_pred - v_gt| (metres)
+    vp = np.asarray(mica.neutral_vertices(model, pred), np.float64)
+    vg = np.asarray(mica.neutral_vertices(model, gt), np.float64)
+    ref = np.mean(np.abs(vp - vg) * w[None, :, None])
+    np.testing.assert_allclose(loss, ref, rtol=1e-4)
+    # the weighting: an error only on the face counts 150x, only on the eyes 0.01x
+    face = np.asarray(model.regions["face"])
+    eyes = np.asarray(model.regions["eyes"])
+    diff = np.abs(vp - vg)
+    on = lambda mask: np.mean(diff * mask[None, :, None])  # noqa: E731
+    np.testing.assert_allclose(ref, 150 * on(face) + 0.01 * on(eyes) + 0.01 * on(np.asarray(model.regions["ears"]))
+                               + on(~face & ~eyes & ~np.asarray(model.regions["ears"])), rtol=1e-6)
+    w_face_only = np.where(face, 150.0, 0.0).astype(np.float32)
+    w_eyes_only = np.where(eyes, 150.0, 0.0).astype(np.float32)
+    lf = float(mica.loss_fn(pred, gt, model, w_face_only))
+    le = float(mica.loss_fn(pred, gt, model, w_eyes_only))
+    assert lf > 0 and le > 0
+    np.testing.assert_allclose(lf, 150 * on(face), rtol=1e-4)
+    with pytest.raises(ValueError, match="differ"):
+        mica.loss_fn(pred[:, :10], gt, model, w)
+
+
+def test_neutral_vertices_is_the_forward_pass_at_rest(model):
+    z = np.random.default_rng(1).normal(size=(2, 300)).astype(np.float32)
+    v = mica.neutral_vertices(model, z)
+    ref = flame.forward(model, z).vertices
+    np.testing.assert_allclose(v, ref, atol=2e-6)
+
+
+# ----------------------------------------------------------------------------------------------
+# Training.
+
+
+def test_one_train_step_decreases_the_loss(trained):
+    step, state, batch = trained["step"], trained["state"], trained["batch"]
+    s1, m1 = step(state, batch, jax.random.PRNGKey(1))
+    s2, m2 = step(s1, batch, jax.random.PRNGKey(2))       # m2: the loss after one update
+    assert np.isfinite(float(m1["loss"])) and float(m1["loss"]) > 0
+    assert float(m2["loss"]) < float(m1["loss"])
+    assert int(s2["step"]) == int(state["step"]) + 2
+    # batch statistics are updated in train mode (from-scratch encoder)
+    bs0 = state["batch_stats"]["encoder"]["bn1"]["mean"]
+    bs1 = s1["batch_stats"]["encoder"]["bn1"]["mean"]
+    assert not np.allclose(bs0, bs1)
+
+
+def test_model_selection_keeps_the_best_network(trained):
+    step, state, batch = trained["step"], trained["state"], trained["batch"]
+    s1, m1 = step(state, batch, jax.random.PRNGKey(1))   # select_every = 1: validates every step
+    assert int(s1["best"]["step"]) == 1
+    assert float(s1["best"]["val_mm"]) == pytest.approx(float(m1["val_mm"]))
+    np.testing.assert_array_equal(s1["best"]["params"]["mapping"]["output"]["kernel"],
+                                  s1["params"]["mapping"]["output"]["kernel"])
+    # an unbeatable best stays, with its network
+    frozen = dict(s1, best=dict(s1["best"], val_mm=jnp.asarray(0.0, jnp.float32)))
+    s2, _ = step(frozen, batch, jax.random.PRNGKey(2))
+    assert int(s2["best"]["step"]) == 1
+    np.testing.assert_array_equal(s2["best"]["params"]["mapping"]["output"]["kernel"],
+                                  s1["params"]["mapping"]["output"]["kernel"])
+    assert not np.array_equal(s2["params"]["mapping"]["output"]["kernel"],
+                              s1["params"]["mapping"]["output"]["kernel"])
+    # the selection metric is the validation face error of the selected network (recomputed
+    # here by `evaluate`, outside the step)
+    ev = trained["evaluate"](s1, trained["val"])
+    np.testing.assert_allclose(float(ev["best_face_mm"]), float(s1["best"]["val_mm"]), rtol=1e-4)
+    # before any validation, best_variables is the current network
+    assert mica.best_variables(trained["state"])["params"] is trained["state"]["params"]
+
+
+def test_pretrained_encoder_trains_only_the_last_three_blocks(model):
+    arch = {"layers": (1, 2, 2, 1), "width": 4, "embedding": 16, "bn_eps": 1e-5}
+    cfg = small_cfg(onnx_path="given.onnx", last_blocks=3)   # the path is only a flag here
+    cfg.encoder.update(layers=arch["layers"])
+    assert mica._bn_mode(cfg) == "frozen"
+    net = mica.make_net(cfg, arch)
+    enc = jax.eval_shape(net.init, jax.random.PRNGKey(0), jnp.zeros((1, 112, 112, 3)))
+    rng = np.random.default_rng(3)
+    pretrained = jax.tree_util.tree_map(lambda s: rng.uniform(0.5, 1.0, s.shape).astype(np.float32), {
+        "params": enc["params"]["encoder"], "batch_stats": enc["batch_stats"]["encoder"]})
+    batch = random_batch(4, seed=1)
+    init, step, _ = mica.method_functions(cfg, arch, model, encoder_variables=pretrained)
+    state = jax.jit(init)(jax.random.PRNGKey(0), batch)     # as the training loop calls it
+    np.testing.assert_array_equal(state["params"]["encoder"]["conv1"]["kernel"],
+                                  pretrained["params"]["conv1"]["kernel"])
+    new, metrics = jax.jit(step)(state, batch, jax.random.PRNGKey(1))
+    assert np.isfinite(float(metrics["loss"]))
+    before, after = state["params"]["encoder"], new["params"]["encoder"]
+    changed = {k: any(not np.array_equal(a, b) for a, b in zip(jax.tree_util.tree_leaves(before[k]),
+                                                               jax.tree_util.tree_leaves(after[k])))
+               for k in before}
+    frozen = ["conv1", "bn1", "prelu", "layer1_0", "layer2_0", "layer2_1"]
+    trained_blocks = ["layer3_0", "layer3_1", "layer4_0", "fc"]
+    assert not any(changed[k] for k in frozen), {k: changed[k] for k in frozen}
+    assert all(changed[k] for k in trained_blocks), {k: changed[k] for k in trained_blocks}
+    np.testing.assert_array_equal(before["features"]["scale"], after["features"]["scale"])  # arcface_torch
+    assert not np.array_equal(before["features"]["bias"], after["features"]["bias"])
+    # frozen BatchNorm statistics, and the mapping network trains
+    for a, b in zip(jax.tree_util.tree_leaves(state["batch_stats"]), jax.tree_util.tree_leaves(new["batch_stats"])):
+        np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(state["params"]["mapping"]["output"]["kernel"],
+                              new["params"]["mapping"]["output"]["kernel"])
+    with pytest.raises(ValueError, match="do not fit the encoder"):
+        mica.init_state(jax.random.PRNGKey(0), cfg, {**arch, "width": 8}, pretrained)
+
+
+@pytest.mark.slow
+@pytest.mark.peers
+def test_onnx_encoder_weights_load_into_the_net(model, tmp_path):
+    pytest.importorskip("torch")
+    pytest.importorskip("onnx")
+    from iresnet_common import export_onnx, torch_iresnet
+
+    from dhjax.nn import iresnet
+
+    path = export_onnx(torch_iresnet(layers=(1, 2, 1, 1), width=8, embedding=32), tmp_path / "r.onnx")
+    conf, variables = mica.load_encoder_weights(path)
+    cfg = small_cfg(onnx_path=str(path))
+    arch = mica.encoder_arch(cfg)
+    assert arch["layers"] == (1, 2, 1, 1) and arch["width"] == 8 and arch["embedding"] == 32
+    state = mica.init_state(jax.random.PRNGKey(0), cfg, arch, variables)
+    crops = random_batch(2, size=112)["image"]
+    net = mica.make_net(cfg, arch)
+    emb = jax.jit(lambda v, c: net.apply(v, c, method=mica.MicaNet.embed))(mica.best_variables(state), crops)
+    np.testing.assert_allclose(emb, jax.jit(iresnet.embed)(variables, crops), atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------
+# Prediction.
+
+
+def test_predict_to_obj_round_trip(trained, model, tmp_path):
+    variables = mica.best_variables(trained["state"])
+    crops = trained["val"]["crops"]
+    z = mica.predict(variables, crops)
+    assert z.shape == (4, 300) and z.dtype == np.float32
+    np.testing.assert_allclose(mica.predict(variables, crops.astype(np.float32) / 255.0), z, atol=1e-5)
+    # the same network as evaluate's: its face error of these crops is that of the predictions
+    ev = trained["evaluate"](trained["state"], trained["val"])
+    err = np.asarray(mica.vertex_errors_mm(model, z, trained["val"]["shape"]))
+    face = np.asarray(model.regions["face"])
+    np.testing.assert_allclose(float(ev["face_mm"]), err[:, face].mean(), rtol=1e-4)
+    v = np.asarray(mica.neutral_vertices(model, z[:1])[0])
+    dio.save_obj(tmp_path / "head.obj", v, np.asarray(model.faces))
+    v2, f2 = dio.load_mesh(tmp_path / "head.obj")
+    np.testing.assert_allclose(v2, v, atol=1e-6)
+    np.testing.assert_array_equal(f2, np.asarray(model.faces))
+
+
+def test_crop_from_landmarks_matches_the_arcface_template():
+    image = np.zeros((140, 140, 3), np.float32)
+    for p in FIVE:                      # a bright dot on every point
+        x, y = np.round(p).astype(int)
+        image[y - 1:y + 2, x - 1:x + 2] = 1.0
+    crop = mica.crop_from_landmarks(image, FIVE)
+    assert crop.shape == (112, 112, 3)
+    from dhjax.capture.align import ARCFACE_TEMPLATE
+    for q in ARCFACE_TEMPLATE:
+        x, y = np.round(q).astype(int)
+        assert crop[y, x].max() > 0.5
+    # 68 iBUG points and uint8 images work too
+    lmk68 = np.zeros((68, 2), np.float32)
+    lmk68[36:42], lmk68[42:48], lmk68[30], lmk68[48], lmk68[54] = FIVE[0], FIVE[1], FIVE[2], FIVE[3], FIVE[4]
+    crop2 = mica.crop_from_landmarks((image * 255).astype(np.uint8), lmk68)
+    np.testing.assert_allclose(crop2, crop, atol=1 / 255 + 1e-6)
+
+
+def test_bad_inputs_are_clear_errors(trained):
+    variables = mica.best_variables(trained["state"])
+    with pytest.raises(ValueError, match=r"\[B, 112, 112, 3\].*got shape \(2, 96, 96, 3\)"):
+        mica.predict(variables, np.zeros((2, 96, 96, 3), np.float32))
+    with pytest.raises(ValueError, match="one image"):
+        mica.predict(variables, np.zeros((112, 112, 3), np.float32))
+    bad = np.zeros((1, 112, 112, 3), np.float32)
+    bad[0, 5, 5, 1] = np.nan
+    with pytest.raises(ValueError, match="1 non-finite"):
+        mica.predict(variables, bad)
+    with pytest.raises(ValueError, match="dtype"):
+        mica.predict(variables, np.zeros((1, 112, 112, 3), np.int64))
+    img = np.zeros((100, 100, 3), np.float32)
+    img[0, 0, 0] = np.inf
+    with pytest.raises(ValueError, match="non-finite"):
+        mica.crop_from_landmarks(img, FIVE)
+    with pytest.raises(ValueError, match=r"\[68, 2\] iBUG or \[5, 2\]"):
+        mica.crop_from_landmarks(np.zeros((100, 100, 3)), np.zeros((7, 2)))
+    with pytest.raises(ValueError, match="eye points coincide"):
+        mica.crop_from_landmarks(np.zeros((100, 100, 3)), np.zeros((5, 2)))
+    with pytest.raises(ValueError, match="not MICA variables"):
+        mica.predict({"params": {"x": 1}}, np.zeros((1, 112, 112, 3), np.float32))
+
+
+def test_missing_run_and_checkpoint_are_clear_errors(tmp_path, model):
+    from experiments.mica_predict import load_run
+
+    with pytest.raises(FileNotFoundError, match="not a MICA training run.*config.json"):
+        load_run(str(tmp_path))
+    cfg = small_cfg()
+    config_lib.save_config(cfg, tmp_path)
+    mica.write_run_model(tmp_path, cfg, TINY_ARCH, model)
+    with pytest.raises(FileNotFoundError, match="has no checkpoint"):
+        load_run(str(tmp_path))
+
+
+def test_image_without_a_face_is_a_clear_error(tmp_path, trained, model):
+    pytest.importorskip("mediapipe")
+    from dhjax.capture import landmarks
+    from experiments.mica_predict import predict_image
+
+    path = dio.save_image(tmp_path / "wall.png", np.full((128, 128, 3), 0.5, np.float32))
+    with pytest.raises(landmarks.NoFaceError, match="wall.png"):
+        predict_image(path, mica.best_variables(trained["state"]), model, tmp_path / "out")
+    assert not (tmp_path / "out" / "wall.obj").exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# Data and benchmark.
+
+
+def test_sample_cameras_deterministic_and_in_range():
+    d = mica.default_data_config()
+    a = mica.sample_cameras(d, 7, 1, 5)
+    b = mica.sample_cameras(d, 7, 1, 5)
+    np.testing.assert_array_equal(a.R, b.R)
+    assert not np.allclose(mica.sample_cameras(d, 8, 1, 5).R, a.R)
+    centre = -np.einsum("cji,cj->ci", np.asarray(a.R), np.asarray(a.t))
+    rel = centre - np.asarray(d.target)
+    dist = np.linalg.norm(rel, axis=1)
+    assert np.all((dist > d.radius[0] - 0.03) & (dist < d.radius[1] + 0.03))
+    az = np.degrees(np.arctan2(rel[:, 0], rel[:, 2]))
+    assert np.all(np.abs(az) < d.azimuth_deg + 2)
+    assert a.width == a.height == d.image_size
+
+
+def test_benchmark_perfect_prediction_beats_the_mean_face(model):
+    rng = np.random.default_rng(2)
+    gt = rng.normal(size=(2, 300)).astype(np.float32)
+    gt[:, 0] = [2.5, -2.5]        # clearly larger / smaller than the mean head
+    scans = mica.synthetic_scans(model, gt, n_points=400, noise_mm=0.2)
+    assert scans[0]["points"].shape == (400, 3) and scans[0]["landmarks"].shape == (7, 3)
+    # landmarks are the moved NoW landmarks of the true mesh
+    lm = np.asarray(mica.neutral_landmarks(model, mica.neutral_vertices(model, gt[:1]), mica.NOW_LANDMARKS)[0])
+    np.testing.assert_allclose(scans[0]["landmarks"], lm @ scans[0]["R"].T + scans[0]["t"], atol=1e-5)
+    rows = mica.benchmark(model, gt, gt, np.array([0, 1]), n_points=400)
+    s = {k: v["summary"] for k, v in rows.items()}
+    assert set(s) == {"MICA metric", "MICA scaled", "mean face metric", "mean face scaled"}
+    assert s["MICA metric"]["median_mm"] < 0.3              # only the 0.2 mm scan noise is left
+    assert s["mean face metric"]["median_mm"] > 3 * s["MICA metric"]["median_mm"]
+    assert s["mean face scaled"]["median_mm"] < s["mean face metric"]["median_mm"]
+    with pytest.raises(ValueError, match="same length"):
+        mica.benchmark(model, gt, gt[:1], np.array([0, 1]))
+
+
+# ----------------------------------------------------------------------------------------------
+# Slow: data generation and the experiments end to end.
+
+
+@pytest.mark.slow
+def test_generated_five_points_lie_on_the_rendered_face(tmp_path):
+    d = mica.default_data_config()
+    d.synthetic.uv_size = 64
+    d.update(image_size=96, train_identities=(0, 2), train_expressions=1, train_views=2, cache_dir=str(tmp_path))
+    data = mica.cached_split(d, "train", verbose=False)
+    assert data["image"].shape == (4, 96, 96, 3) and data["image"].dtype == np.uint8
+    assert data["five"].shape == (4, 5, 2)
+    np.testing.assert_array_equal(data["identity"], [0, 0, 1, 1])
+    np.testing.assert_allclose(data["shape"][0], data["shape"][1])
+    assert not np.allclose(data["shape"][0], data["shape"][2])
+    assert np.all((data["five"] > 0) & (data["five"] < 96))
+    # the eye points are left of / right of each other, the mouth below the eyes
+    assert np.all(data["five"][:, 0, 0] < data["five"][:, 1, 0])
+    assert np.all(data["five"][:, 3, 1] > data["five"][:, 0, 1])
+    # cached: the second call reads the same arrays
+    again = mica.cached_split(d, "train", verbose=False)
+    np.testing.assert_array_equal(again["image"], data["image"])
+
+
+def _run(module, *args, check=True):
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=1200)
+    if check:
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+@pytest.mark.slow
+def test_train_predict_eval_end_to_end(tmp_path):
+    work = tmp_path / "run"
+    over = ["--config.data.train_identities=(0, 4)", "--config.data.val_identities=(500000, 2)",
+            "--config.data.test_identities=(1000000, 2)", "--config.data.image_size=128",
+            "--config.data.synthetic.uv_size=64", f"--config.data.cache_dir={tmp_path / 'cache'}",
+            "--config.encoder.width=4", "--config.encoder.embedding=16", "--config.batch_size=4",
+            "--config.train.steps=6", "--config.train.log_every=2", "--config.train.checkpoint_every=3",
+            "--config.train.eval_every=3", "--config.select_every=2", "--config.eval.scan_points=500"]
+    out = _run("experiments.mica_train", "--config=configs/mica.py:tiny", f"--workdir={work}", *over).stdout
+    assert "metric benchmark on the test split" in out
+    final = json.loads((work / "final_metrics.json").read_text())
+    for split in ("val", "test"):
+        for row in ("MICA_metric", "mean_face_metric"):
+            assert final[f"{split}/{row}/median_mm"] > 0
+    assert final["selected_step"] in (2, 4, 6)
+    assert (work / "metrics.jsonl").read_text().count("\n") >= 3
+    # resuming a finished run trains no more steps
+    out = _run("experiments.mica_train", "--config=configs/mica.py:tiny", f"--workdir={work}", *over).stdout
+    assert "resumed from" in out and "training: 0 steps" in out
+
+    # predict: two test images with landmark files, one image without a face
+    cfg = config_lib.apply_overrides(config_lib.load_config(os.path.join(ROOT, "configs/mica.py:tiny")), {
+        "data.test_identities": (1_000_000, 2), "data.image_size": 128, "data.synthetic.uv_size": 64,
+        "data.cache_dir": str(tmp_path / "cache")})
+    test = mica.cached_split(cfg.data, "test", verbose=False)
+    images, lmks = tmp_path / "images", tmp_path / "lmk"
+    lmks.mkdir()
+    for i in range(2):
+        dio.save_image(images / f"face{i}.png", test["image"][i])
+        np.save(lmks / f"face{i}.npy", test["lmk68"][i])
+    dio.save_image(images / "wall.png", np.full((96, 96, 3), 0.4, np.float32))
+    proc = _run("experiments.mica_predict", f"--images={images}", f"--workdir={work}", f"--landmarks={lmks}",
+                f"--out={tmp_path / 'pred'}", check=False)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "wall.png" in proc.stderr and "2 of 3 images predicted" in proc.stdout
+    v, f = dio.load_mesh(tmp_path / "pred" / "face0.obj")
+    npz = np.load(tmp_path / "pred" / "face0.npz")
+    assert npz["shape"].shape == (300,) and npz["landmarks3d"].shape == (68, 3)
+    np.testing.assert_allclose(npz["vertices"], v, atol=1e-6)
+    assert dio.load_image(tmp_path / "pred" / "face0_crop.png").shape == (112, 112, 3)
+
+    # eval
+    _run("experiments.mica_eval", f"--workdir={work}", f"--out={tmp_path / 'eval'}")
+    res = json.loads((tmp_path / "eval" / "results.json").read_text())
+    assert set(res["summary"]) == {"MICA metric", "MICA scaled", "mean face metric", "mean face scaled"}
+    assert res["n_images"] == 4 and res["n_identities"] == 2
+    assert "| mean face | scaled |" in (tmp_path / "eval" / "results.md").read_text()
+    assert (tmp_path / "eval" / "cumulative_errors.png").stat().st_size > 1000
+    # a workdir without a run
+    proc = _run("experiments.mica_eval", f"--workdir={tmp_path / 'nothing'}", check=False)
+    assert proc.returncode == 2 and "not a MICA training run" in proc.stderr
