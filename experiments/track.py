@@ -34,12 +34,18 @@ from dhjax.capture import tracker
 from dhjax.models import flame
 from dhjax.train import loop
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/track.py", "configs/track.py[:variant]",
-                                          lock_config=True)
-_INPUT = flags.DEFINE_string("input", None, "video file, image folder, one image, or 'synthetic'", required=True)
-_LANDMARKS = flags.DEFINE_string("landmarks", None, "landmark file (one image, or [T, N, 2] for a video) "
-                                 "or a folder of per-frame files named like the frames; default: mediapipe")
-_WORKDIR = flags.DEFINE_string("workdir", None, "output folder", required=True)
+FLAGS = flags.FLAGS
+
+
+def define_flags():
+    """The command-line flags, defined only when run as a program (tests import the helpers
+    below next to other experiments, whose flags would otherwise clash)."""
+    config_flags.DEFINE_config_file("config", "configs/track.py", "configs/track.py[:variant]", lock_config=True)
+    flags.DEFINE_string("input", None, "video file, image folder, one image, or 'synthetic'", required=True)
+    flags.DEFINE_string("landmarks", None, "landmark file (one image, or [T, N, 2] for a video) or a folder "
+                        "of per-frame files named like the frames; default: mediapipe")
+    flags.DEFINE_string("workdir", None, "output folder", required=True)
+
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
@@ -166,17 +172,17 @@ def write_outputs(work: Path, result, frames, names, model, fps: float, meta: di
 
 def main(argv):
     del argv
-    cfg, work = _CONFIG.value, Path(_WORKDIR.value)
+    cfg, work = FLAGS.config, Path(FLAGS.workdir)
     loop.quiet_library_logs()
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    if _INPUT.value == "synthetic":
+    if FLAGS.input == "synthetic":
         run_synthetic(cfg, work)
         print(f"done in {time.time() - t0:.0f} s: {work}")
         return
-    raw, names = read_frames(_INPUT.value, int(cfg.max_frames), int(cfg.stride))
-    print(f"{len(raw)} frame(s) of {raw[0].shape[1]}x{raw[0].shape[0]} from {_INPUT.value}", flush=True)
-    lms = frame_landmarks(raw, names, _LANDMARKS.value)
+    raw, names = read_frames(FLAGS.input, int(cfg.max_frames), int(cfg.stride))
+    print(f"{len(raw)} frame(s) of {raw[0].shape[1]}x{raw[0].shape[0]} from {FLAGS.input}", flush=True)
+    lms = frame_landmarks(raw, names, FLAGS.landmarks)
     frames = [tracker.frame_data(f, lm.points, lm.ibug_ids, name=n) for f, lm, n in zip(raw, lms, names)]
     model = flame.load()
     shape_init, init = None, "mean face"
@@ -187,11 +193,11 @@ def main(argv):
     print(f"shape initialisation: {init}; landmarks: {lms[0].source} ({len(lms[0])} points)", flush=True)
     result = tracker.track_sequence(cfg.tracker, model, frames, shape_init=shape_init)
     report = write_outputs(work, result, frames, names, model, float(cfg.fps),
-                           meta={"input": _INPUT.value, "shape_init": init})
-    report.update(input=_INPUT.value, shape_init=init, landmarks=lms[0].source)
+                           meta={"input": FLAGS.input, "shape_init": init})
+    report.update(input=FLAGS.input, shape_init=init, landmarks=lms[0].source)
     (work / "report.json").write_text(json.dumps(report, indent=1))
     (work / "report.md").write_text(
-        f"# Tracking report\n\ninput `{_INPUT.value}`, {len(frames)} frame(s), shape init: {init}, "
+        f"# Tracking report\n\ninput `{FLAGS.input}`, {len(frames)} frame(s), shape init: {init}, "
         f"landmarks: {lms[0].source}\n\n| frame | landmark error (px) | photometric L1 |\n|---|---|---|\n"
         + "".join(f"| {n} | {a:.2f} | {b:.4f} |\n" for n, a, b in
                   zip(names, report["landmark_error_px"], report["photometric_error"]))
@@ -268,4 +274,5 @@ def ml_copy(c):
 
 if __name__ == "__main__":
     os.environ.setdefault("GLOG_minloglevel", "2")
+    define_flags()
     app.run(main)
