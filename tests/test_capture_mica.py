@@ -313,6 +313,8 @@ def test_bad_inputs_are_clear_errors(trained):
     variables = mica.best_variables(trained["state"])
     with pytest.raises(ValueError, match=r"\[B, 112, 112, 3\].*got shape \(2, 96, 96, 3\)"):
         mica.predict(variables, np.zeros((2, 96, 96, 3), np.float32))
+    with pytest.raises(ValueError, match="empty batch"):
+        mica.predict(variables, np.zeros((0, 112, 112, 3), np.float32))
     with pytest.raises(ValueError, match="one image"):
         mica.predict(variables, np.zeros((112, 112, 3), np.float32))
     bad = np.zeros((1, 112, 112, 3), np.float32)
