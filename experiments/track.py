@@ -16,7 +16,8 @@ image: the tracked mesh over the frame, given landmarks green, fitted ones red),
 report.md (landmark error in pixels and photometric error per frame; on synthetic input the
 errors against ground truth for every compared initialisation), and dataset/ (frames, model
 masks, cameras, parameters and rendered depth in the `dhjax.data.dataset` layout that INSTA,
-GEM and SynShot inversion read).
+GEM and SynShot inversion read), and progress/ (every frame as soon as it is tracked: a killed
+run started again with the same command continues after the last finished frame).
 """
 
 import json
@@ -142,9 +143,10 @@ def mica_shape(workdir: str, image, lm, model) -> np.ndarray:
     return z
 
 
-def write_outputs(work: Path, result, frames, names, model, fps: float, meta: dict) -> dict:
+def write_outputs(work: Path, result, frames, names, model, fps: float, meta: dict, renders=None) -> dict:
     (work / "params").mkdir(parents=True, exist_ok=True)
     H, W = frames[0].image.shape[:2]
+    renders = tracker.render_result(result, model, W, H) if renders is None else renders
     cams, overlays = {}, []
     for i, (p, n) in enumerate(zip(result.params, names)):
         fp = tracker.flame_parameters(p)
@@ -154,14 +156,14 @@ def write_outputs(work: Path, result, frames, names, model, fps: float, meta: di
         K = result.K[i]
         cams[n] = {"K": K.tolist(), "R": result.R[i].tolist(), "t": result.t[i].tolist(), "width": W,
                    "height": H, "focal": float(K[0, 0]), "principal_point": [float(K[0, 2]), float(K[1, 2])]}
-        overlays.append(tracker.overlay(frames[i], tracker.render_frame(p, model, W, H)))
+        overlays.append(tracker.overlay(frames[i], renders[i]))
     (work / "cameras.json").write_text(json.dumps(cams, indent=1))
     if len(overlays) == 1:
         dio.save_image(work / "overlay.png", overlays[0])
     else:
         dio.save_video(work / "overlay.mp4", np.stack(overlays), fps=fps)
         dio.save_image(work / "overlay_first.png", overlays[0])
-    tracker.write_dataset(work / "dataset", result, frames, model, meta=meta)
+    tracker.write_dataset(work / "dataset", result, frames, model, meta=meta, renders=renders)
     return dict(frames=len(frames), seconds=result.seconds,
                 landmark_error_px=[float(x) for x in result.landmark_error_px],
                 photometric_error=[float(x) for x in result.photometric_error],
@@ -191,7 +193,8 @@ def main(argv):
     elif cfg.mica_workdir:
         shape_init, init = mica_shape(cfg.mica_workdir, raw[0], lms[0], model), f"MICA ({cfg.mica_workdir})"
     print(f"shape initialisation: {init}; landmarks: {lms[0].source} ({len(lms[0])} points)", flush=True)
-    result = tracker.track_sequence(cfg.tracker, model, frames, shape_init=shape_init)
+    result = tracker.track_sequence(cfg.tracker, model, frames, shape_init=shape_init,
+                                    progress_dir=work / "progress")
     report = write_outputs(work, result, frames, names, model, float(cfg.fps),
                            meta={"input": FLAGS.input, "shape_init": init})
     report.update(input=FLAGS.input, shape_init=init, landmarks=lms[0].source)
@@ -237,8 +240,10 @@ def run_synthetic(cfg, work: Path):
                 tc.focal = true_f
             label = f"{name} shape, {'true' if known else 'estimated'} focal"
             print(f"== {label}", flush=True)
-            result = tracker.track_sequence(tc, model, frames, shape_init=z)
-            ev = tracker.evaluate_synthetic(result, samples, model)
+            result = tracker.track_sequence(tc, model, frames, shape_init=z,
+                                            progress_dir=work / "progress" / f"{name}_{'given' if known else 'estimated'}_focal")
+            renders = tracker.render_result(result, model, int(sc.width), int(sc.height))
+            ev = tracker.evaluate_synthetic(result, samples, model, renders=renders)
             ev["init_shape_error_mm"] = tracker.shape_error_mm(model, np.zeros(1) if z is None else z,
                                                                 samples[0]["shape"])
             ev.update(init=name, known_focal=bool(known), seconds=result.seconds, focal_px=float(result.K[0, 0, 0]))
@@ -248,9 +253,10 @@ def run_synthetic(cfg, work: Path):
                   f"{ev['vertex_aligned_median_mm']:.2f}), depth RMSE {ev['depth_rmse_mm']:.2f} mm, "
                   f"focal {ev['focal_px']:.1f} px", flush=True)
             if best is None and name == ("mica" if "mica" in inits else "mean") and not known:
-                best = result
-    best = best or result
-    write_outputs(work, best, frames, names, model, float(cfg.fps), meta={"input": "synthetic"})
+                best = result, renders
+    best = best or (result, renders)
+    write_outputs(work, best[0], frames, names, model, float(cfg.fps), meta={"input": "synthetic"},
+                  renders=best[1])
     table = ("| shape init | focal | initial shape error (mm) | tracked shape error (mm) | vertex median (mm) | vertex median, rigidly "
              "aligned (mm) | depth RMSE (mm) | focal (px) | landmark error (px) | photometric L1 |\n"
              "|---|---|---|---|---|---|---|---|---|---|\n")

@@ -83,7 +83,12 @@ def test_exported_cameras_reproduce_the_tracked_projection(model):
     out = flame.forward(model, fp["shape"][None], fp["expression"][None], fp["pose"][None], fp["translation"][None])
     cam = camera_lib.make_camera(K, R, p["trans"], 64, 48)
     uv_world, _ = camera_lib.project(cam, out.vertices[0])
-    np.testing.assert_allclose(np.asarray(uv_world), np.asarray(tracker._project(K, verts)), atol=1e-3)
+    # The tracker's own pixels, and an explicit pinhole formula on its camera-space vertices.
+    v = np.asarray(verts, np.float64)
+    Kn = np.asarray(K, np.float64)
+    pinhole = np.stack([Kn[0, 0] * v[:, 0] / v[:, 2] + Kn[0, 2], Kn[1, 1] * v[:, 1] / v[:, 2] + Kn[1, 2]], -1)
+    np.testing.assert_allclose(np.asarray(uv_world), pinhole, atol=1e-3)
+    np.testing.assert_allclose(np.asarray(tracker._project(p, verts, 64, 48)), pinhole, atol=1e-3)
     assert abs(float(K[0, 0]) - 2.2 * 64) < 1e-3
 
 
@@ -105,38 +110,83 @@ def test_visibility_sees_the_front_not_the_back(model):
     mask = np.ones((96, 96), np.float32)
     mask[:, :48] = 0
     vis_m = tracker.visibility(p, static, mask)
-    px = np.asarray(tracker._project(tracker.intrinsics_matrix(p, 96, 96), pos))
+    px = np.asarray(tracker._project(p, pos, 96, 96))
     assert vis_m[px[:, 0] < 47].sum() == 0 and vis_m.sum() > 0
 
 
-def test_tracking_recovers_a_rendered_frame(model):
-    """A frame rendered from known parameters: starting from the mean face, the tracker fits the
-    landmarks to sub-pixel accuracy and moves the surface towards the truth."""
-    cfg = tracker.default_config()
-    cfg.pyramid = (1, 0)
-    cfg.first.update(landmark_steps=150, steps=(40, 40))
-    cfg.frame.update(landmark_steps=10, steps=(10, 10))
-    cfg.weights.update(expression=1e-3, shape=1e-2)   # noise-free data: the machinery, not the prior
-    W = H = 96
-    static = tracker.make_static(model, W, H)
-    truth = _true_params(model, cfg, static, seed=3)
+def _rendered_frames(model, cfg, W, n, seed=3):
+    """n frames rendered from known parameters (the head turning a little between frames)."""
+    static = tracker.make_static(model, W, W)
+    truth = _true_params(model, cfg, static, seed=seed)
     truth["sh"] = jnp.asarray(np.r_[[[2.6] * 3, [0.2] * 3, [-0.5] * 3], np.zeros((6, 3))], jnp.float32)
     truth["albedo"] = jnp.full((cfg.albedo_size, cfg.albedo_size, 3), jnp.array([0.7, 0.5, 0.4]))
-    r = tracker.render_frame(jax.tree.map(np.asarray, truth), model, W, H)
-    image = np.where(r["mask"][..., None] > 0, r["image"], 0.2)
-    frame = tracker.frame_data(image, r["landmarks"], np.arange(68))
+    frames = []
+    for i in range(n):
+        p = dict(truth, jaw=truth["jaw"] + 0.03 * i)
+        r = tracker.render_frame(jax.tree.map(np.asarray, p), model, W, W)
+        frames.append(tracker.frame_data(np.where(r["mask"][..., None] > 0, r["image"], 0.2), r["landmarks"],
+                                         np.arange(68)))
+    return frames, truth
+
+
+def test_tracking_recovers_a_rendered_frame(model):
+    """Frames rendered from known parameters, tracked with the true identity shape and focal
+    length (what a metric shape estimate and a calibrated camera give): the tracker fits the
+    landmarks to sub-pixel accuracy and recovers the camera-space surface to a few millimetres,
+    depth included. (From the mean face the depth error is set by the unknown head size, which
+    no single view can tell; that is MICA's job, see the synthetic benchmark.)"""
+    cfg = tracker.default_config()
+    cfg.pyramid = (1, 0)
+    cfg.first.update(rigid_steps=100, landmark_steps=150, steps=(40, 40))
+    cfg.frame.update(landmark_steps=10, steps=(10, 10))
+    W = H = 96
+    frames, truth = _rendered_frames(model, cfg, W, 2)
+    static = tracker.make_static(model, W, H)
     cfg.focal = float(np.exp(truth["log_focal"]) * W)     # calibrated camera
-    result = tracker.track_sequence(cfg, model, [frame, frame], log=None)
+    result = tracker.track_sequence(cfg, model, frames, shape_init=truth["shape"], log=None)
     assert result.landmark_error_px[0] < 0.5 and result.landmark_error_px[1] < 0.5
     est, _, _ = tracker.camera_space_vertices(jax.tree.map(jnp.asarray, result.params[-1]), model)
-    tv, _, _ = tracker.camera_space_vertices(truth, model)
+    tv, _, _ = tracker.camera_space_vertices(dict(truth, jaw=truth["jaw"] + 0.03), model)
     reg = static.region_vertices
     err = np.median(np.linalg.norm(np.asarray(est)[reg] - np.asarray(tv)[reg], axis=-1))
-    init = tracker.initial_params(cfg, static, frame)
+    init = tracker.initial_params(cfg, static, frames[0], truth["shape"])
     e0, _, _ = tracker.camera_space_vertices(init, model)
     err0 = np.median(np.linalg.norm(np.asarray(e0)[reg] - np.asarray(tv)[reg], axis=-1))
-    assert err < 0.5 * err0 and err < 0.01, (err, err0)
+    assert err < 0.25 * err0 and err < 0.003, (err, err0)
     assert result.photometric_error[-1] < 0.05
+
+
+def test_killed_tracking_resumes_after_the_last_saved_frame(model, tmp_path):
+    """Frames are saved as they finish; a second run over the same frames and settings loads
+    them and continues, with the same result as one uninterrupted run. Other settings or other
+    frames in that folder are refused with a message naming the difference."""
+    cfg = tracker.default_config()
+    cfg.pyramid = (0,)
+    cfg.first.update(rigid_steps=20, landmark_steps=20, steps=(10,))
+    cfg.frame.update(landmark_steps=5, steps=(5,))
+    frames, _ = _rendered_frames(model, cfg, 48, 3)
+    full = tracker.track_sequence(cfg, model, frames, log=None, progress_dir=tmp_path / "full")
+    assert sorted(f.name for f in (tmp_path / "full").glob("frame_*.npz")) == [
+        "frame_0000.npz", "frame_0001.npz", "frame_0002.npz"]
+    # "Killed" after two frames: the same call later sees all three and tracks only the last.
+    tracker.track_sequence(cfg, model, frames[:2], log=None, progress_dir=tmp_path / "run")
+    logs = []
+    resumed = tracker.track_sequence(cfg, model, frames, log=logs.append, progress_dir=tmp_path / "run")
+    assert any("resuming: 2 of 3" in m for m in logs), logs
+    assert sum(m.startswith("frame ") for m in logs) == 1, logs     # only frame 3 was tracked
+    for a, b in zip(full.params, resumed.params):
+        for k in a:
+            np.testing.assert_allclose(b[k], a[k], atol=1e-5, err_msg=k)
+    np.testing.assert_allclose(resumed.K, full.K, atol=1e-4)
+    np.testing.assert_allclose(resumed.landmark_error_px, full.landmark_error_px, atol=1e-5)
+    other = tracker.default_config()
+    other.update(cfg.to_dict())
+    other.weights.photometric = 0.1
+    with pytest.raises(ValueError, match="another config"):
+        tracker.track_sequence(other, model, frames, log=None, progress_dir=tmp_path / "run")
+    swapped = [frames[1], frames[0], frames[2]]
+    with pytest.raises(ValueError, match="different frame 0"):
+        tracker.track_sequence(cfg, model, swapped, log=None, progress_dir=tmp_path / "run")
 
 
 def test_dataset_round_trip(model, tmp_path):
