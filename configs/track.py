@@ -7,9 +7,11 @@
 Variants:
   ''      settings for real videos (512-ish pixels): 300 landmark + 3 x 150 photometric steps on
           the first frame, 30 + 30/30/40 on every later frame.
-  'tiny'  a synthetic 192 x 192 sequence of 8 frames with ground truth (CPU, a few minutes);
+  'tiny'  three synthetic 192 x 192 sequences of 8 frames with ground truth (CPU, ~15 minutes);
           compares the mean-shape initialisation with MICA's (mica_workdir) and with the true
-          shape, each with the focal length estimated and with the true focal length given.
+          shape, with the true focal length given (a calibrated camera). Add
+          --config.synthetic.known_focal="(False, True)" to also estimate the focal length (it is
+          barely observable at this resolution: see the README).
 
 Landmarks come from mediapipe (pip install 'dhjax[landmarks]') or --landmarks (a file or a
 folder of per-frame files, `dhjax.capture.landmarks.load`); synthetic input uses the projected
@@ -34,13 +36,13 @@ def get_config(arg=None):
     c.shape_init = ""               # npz with 'shape' [S] (MICA output) for the initialisation
     c.mica_workdir = ""             # a MICA run (experiments.mica_train): predict the shape from frame 0
     c.synthetic = ml_collections.ConfigDict(dict(
-        seed=0, sequence=0, n_frames=30, width=256, height=256, uv_size=128, landmark_noise_px=0.5,
+        seed=0, sequences=(0,), n_frames=30, width=256, height=256, uv_size=128, landmark_noise_px=0.5,
         # initialisations compared on synthetic input: 'mean', 'mica' (needs mica_workdir), 'true'
         compare=("mean", "mica", "true"), known_focal=(False, True)))
     if arg == "tiny":
         c.tracker.first.update(landmark_steps=200, steps=(100, 100, 100))
         c.tracker.frame.update(landmark_steps=20, steps=(20, 20, 30))
-        c.synthetic.update(n_frames=8, width=192, height=192)
+        c.synthetic.update(sequences=(0, 1, 2), n_frames=8, width=192, height=192, known_focal=(True,))
     elif arg not in (None, ""):
         raise ValueError(f"unknown variant {arg!r}; use '' or 'tiny'")
     return c

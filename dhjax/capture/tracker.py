@@ -465,11 +465,14 @@ def _run_stage(params, static, frame, pyr, *, free, level, photometric, steps, c
                has_prev, compiled, log=None, label=""):
     w = {k: float(v) for k, v in cfg.weights.items()}
     mouth = w.pop("mouth_landmark_factor")
-    key = (tuple(sorted(free)), int(level), bool(photometric), int(steps))
-    if key not in compiled:   # one compilation per (stage, level) for the whole sequence
-        compiled[key] = _step_fn(static, *key, w, {k: float(v) for k, v in cfg.lr.items()},
-                                 float(cfg.final_lr))
-    opt, step = compiled[key]
+    lrs = {k: float(v) for k, v in cfg.lr.items()}
+    stage = (tuple(sorted(free)), int(level), bool(photometric), int(steps))
+    # Everything the compiled step closes over: one compilation per (stage, level) and setting.
+    key = stage + (id(static.model), static.width, static.height, static.sample_faces.shape[0],
+                   tuple(sorted(w.items())), tuple(sorted(lrs.items())), float(cfg.final_lr))
+    if key not in compiled:
+        compiled[key] = (static.model, _step_fn(static, *stage, w, lrs, float(cfg.final_lr)))
+    opt, step = compiled[key][1]
     opt_state = opt.init(params)
     vis = np.zeros(static.sample_faces.shape[0], np.float32)
     terms = None
@@ -555,7 +558,8 @@ def _save_progress(folder, i: int, frame: FrameData, rec: Mapping[str, Any]) -> 
 
 
 def track_sequence(cfg, model, frames: Sequence[FrameData], *, shape_init=None,
-                   log: Callable[[str], None] | None = print, progress_dir=None) -> TrackResult:
+                   log: Callable[[str], None] | None = print, progress_dir=None,
+                   step_cache: dict | None = None) -> TrackResult:
     """Tracks frames (one image sequence of one person) in order; see the module docstring.
 
     Args:
@@ -567,6 +571,8 @@ def track_sequence(cfg, model, frames: Sequence[FrameData], *, shape_init=None,
       progress_dir: a folder where every tracked frame is saved as soon as it is done; a run
         killed part way and started again with the same settings and frames continues after the
         last saved frame (the result equals an uninterrupted run's). None: nothing is saved.
+      step_cache: a dict shared between calls to reuse compiled optimisation steps (e.g. when
+        tracking several sequences of one size with one config); None: a fresh one per call.
     """
     if len(frames) == 0:
         raise ValueError("no frames to track")
@@ -576,7 +582,7 @@ def track_sequence(cfg, model, frames: Sequence[FrameData], *, shape_init=None,
             raise ValueError(f"frame {i} is {fr.image.shape[:2]}, frame 0 is {(H, W)}: all frames must "
                              "have one size")
     static = make_static(model, W, H, int(cfg.samples_per_face), float(cfg.depth_tol))
-    compiled: dict = {}
+    compiled = {} if step_cache is None else step_cache
     t0 = time.time()
     params = initial_params(cfg, static, frames[0], shape_init)
     z0 = np.asarray(params["shape"])
