@@ -12,7 +12,6 @@ mean / std mm table), results.json (the same plus per-scan numbers) and cumulati
 """
 
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -21,9 +20,8 @@ from absl import app, flags
 
 from dhjax.capture import metric
 from dhjax.capture import mica
-from dhjax.models import flame
 from dhjax.train import loop
-from experiments.mica_predict import check_head_model, load_run
+from experiments.mica_predict import load_run_or_exit
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "a MICA training run (experiments.mica_train)", required=True)
 _OUT = flags.DEFINE_string("out", None, "output folder (default <workdir>/eval)")
@@ -35,19 +33,13 @@ def main(argv):
     del argv
     t0 = time.time()
     loop.quiet_library_logs()
-    try:
-        cfg, variables, rec, step = load_run(_WORKDIR.value)
-    except (FileNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr, flush=True)
-        sys.exit(2)
-    model = flame.load()
-    check_head_model(model, rec)
+    cfg, variables, rec, step, model = load_run_or_exit(_WORKDIR.value)
     out = Path(_OUT.value or Path(_WORKDIR.value) / "eval")
     test = mica.cached_split(cfg.data, "test")
     ids = np.unique(test["identity"])
     print(f"MICA run {_WORKDIR.value} (checkpoint {step}): test split of {len(test['image'])} images of "
           f"{len(ids)} identities (numbers {ids.min()}..{ids.max()})", flush=True)
-    pred = mica.predict(variables, mica.crop_batch(test["image"], test["five"]))
+    pred = mica.predict(variables, mica.crop_batch(test["image"], test["five"], mica.variables_kind(variables)))
     rows = mica.benchmark(model, pred, test["shape"], test["identity"], seed=int(cfg.eval.seed),
                           noise_mm=float(cfg.eval.scan_noise_mm), n_points=int(cfg.eval.scan_points),
                           log=print)

@@ -4,12 +4,13 @@
 
 For every .png / .jpg / .jpeg in --images: 2D landmarks from `<stem>.npy|.txt|.pts|.json` in
 --landmarks when that file exists (68 iBUG, 51 inner or 468 mediapipe points, pixels; see
-`dhjax.capture.landmarks.load`), otherwise detected with mediapipe; the five-point ArcFace crop;
-the selected network of the run predicts the shape. Writes into --out (default
-<workdir>/predictions):
+`dhjax.capture.landmarks.load`), otherwise detected with mediapipe; the five-point aligned crop
+of the run's encoder (ArcFace's 112 x 112 crop for iresnet, the 96 x 96 landmark crop for the
+landmark encoder); the selected network of the run predicts the shape. Writes into --out
+(default <workdir>/predictions):
   <stem>.obj       the neutral mesh in metres (the head model's topology)
   <stem>.npz       shape [300], vertices [V, 3] (metres), landmarks3d [68, 3] (metres)
-  <stem>_crop.png  the 112 x 112 crop the network saw
+  <stem>_crop.png  the crop the network saw
 An image that fails (no face found, unreadable file, bad landmark file) is reported with the
 reason and skipped; the exit status is nonzero when any image failed.
 """
@@ -38,6 +39,7 @@ def define_flags():
     flags.DEFINE_string("landmarks", None, "folder of landmark files named <image stem>.npy/.txt/.pts/.json")
     flags.DEFINE_string("out", None, "output folder (default <workdir>/predictions)")
 
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 LANDMARK_SUFFIXES = (".npy", ".txt", ".pts", ".json")
 
@@ -65,6 +67,21 @@ def check_head_model(model, rec):
                          f"vertices; the loaded model {model.name!r} has {model.num_vertices}")
 
 
+def load_run_or_exit(workdir):
+    """`load_run` plus the head model, for the command-line programs (mica_predict, mica_eval):
+    (cfg, variables, model record, checkpoint step, head model). A workdir that holds no run or
+    no checkpoint, a checkpoint that does not fit its config, or a run trained on another head
+    model prints 'error: ...' to stderr and exits with status 2."""
+    try:
+        cfg, variables, rec, step = load_run(workdir)
+        model = flame.load()
+        check_head_model(model, rec)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    return cfg, variables, rec, step, model
+
+
 def landmark_file(folder, stem: str):
     """The landmark file of an image stem in `folder`, or None."""
     if not folder:
@@ -81,8 +98,7 @@ def predict_image(path: Path, variables, model, out: Path, landmarks_dir=None) -
     image = dio.load_image(path)
     lm_path = landmark_file(landmarks_dir, path.stem)
     lm = lmk_lib.landmarks_for_image(image, path=path, landmarks_path=lm_path)
-    crop = mica.crop_from_landmarks(image, lm)
-    z = mica.predict(variables, crop[None])[0]
+    z, crop = mica.predict_image(variables, image, lm)
     verts = mica.neutral_vertices(model, z[None])
     lmk3d = np.asarray(mica.neutral_landmarks(model, verts)[0], np.float32)
     verts = np.asarray(verts[0], np.float32)
@@ -103,13 +119,7 @@ def main(argv):
     paths = sorted(p for p in images_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if not paths:
         raise app.UsageError(f"--images: no {'/'.join(IMAGE_SUFFIXES)} files in '{images_dir}'")
-    try:
-        cfg, variables, rec, step = load_run(FLAGS.workdir)
-    except (FileNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr, flush=True)
-        sys.exit(2)
-    model = flame.load()
-    check_head_model(model, rec)
+    _, variables, rec, step, model = load_run_or_exit(FLAGS.workdir)
     out = Path(FLAGS.out or os.path.join(FLAGS.workdir, "predictions"))
     out.mkdir(parents=True, exist_ok=True)
     print(f"MICA run {FLAGS.workdir} (checkpoint {step}, encoder {rec['encoder']['source']}): "

@@ -33,9 +33,16 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "output folder (created; resumed
 
 def encoder_setup(cfg, log=print):
     """(arch, pretrained encoder variables or None) of a config, saying what is used."""
+    if cfg.encoder.get("kind", "iresnet") == "landmarks":
+        arch = mica.encoder_arch(cfg)
+        log(f"encoder: landmark heatmap network (width {arch['width']}, 68 iBUG landmarks on the "
+            f"{mica.crop_size('landmarks')} px landmark crop) -> similarity-normalised landmark "
+            f"descriptor -> mapping network; trained from scratch, the landmark loss (weight "
+            f"{cfg.loss.landmark_weight}) trains the landmark network, the shape loss the mapping network")
+        return arch, None
     if cfg.encoder.onnx_path:
         conf, variables = mica.load_encoder_weights(cfg.encoder.onnx_path)
-        arch = {k: conf[k] for k in ("layers", "width", "embedding", "bn_eps")}
+        arch = {"kind": "iresnet", **{k: conf[k] for k in ("layers", "width", "embedding", "bn_eps")}}
         log(f"encoder: insightface ArcFace weights {cfg.encoder.onnx_path} (iresnet layers {arch['layers']}, "
             f"width {arch['width']}); fine-tuning the last {cfg.encoder.last_blocks} blocks and the head, "
             f"BatchNorm {mica._bn_mode(cfg)}")
@@ -63,9 +70,11 @@ def main(argv):
         f"{s} {len(d['image'])} images of {len(np.unique(d['identity']))} identities" for s, d in splits.items()))
     if lead:
         mica.write_run_model(work, cfg, arch, model)
-    val = mica.eval_batch(splits["val"], jax.device_count())
+    kind = mica.arch_kind(arch)
+    val = mica.eval_batch(splits["val"], jax.device_count(), kind=kind)
     method = loop.Method(*mica.method_functions(cfg, arch, model, encoder_variables=enc_vars, val=val))
-    pipeline = ds.Pipeline(mica.split_dataset(splits["train"]), int(cfg.batch_size), seed=int(cfg.seed))
+    pipeline = ds.Pipeline(mica.split_dataset(splits["train"], landmarks=kind == "landmarks"),
+                           int(cfg.batch_size), seed=int(cfg.seed))
     t1 = time.time()
     result = loop.train(cfg, work, method, pipeline, eval_batch=val)
     if result.interrupted:
@@ -77,7 +86,7 @@ def main(argv):
     for split in ("val", "test"):
         d = splits[split]
         log(f"metric benchmark on the {split} split ({len(d['image'])} images):")
-        pred = mica.predict(variables, mica.crop_batch(d["image"], d["five"]))
+        pred = mica.predict(variables, mica.crop_batch(d["image"], d["five"], kind))
         rows = mica.benchmark(model, pred, d["shape"], d["identity"], seed=int(cfg.eval.seed),
                               noise_mm=float(cfg.eval.scan_noise_mm), n_points=int(cfg.eval.scan_points),
                               protocols=("metric",), log=log)

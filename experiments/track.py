@@ -133,14 +133,13 @@ def synthetic_sequence(cfg, sequence: int | None = None, assets=None):
 
 def mica_shape(workdir: str, image, lm, model) -> np.ndarray:
     """MICA's shape coefficients [300] for one image (the first frame) from a trained MICA run
-    (experiments.mica_train): the five-point ArcFace crop of the landmarks, then the run's
-    selected network."""
+    (experiments.mica_train): the crop its encoder reads, placed by the landmarks' five points,
+    then the run's selected network."""
     from dhjax.capture import mica
     from experiments.mica_predict import check_head_model, load_run
     _, variables, rec, step = load_run(workdir)
     check_head_model(model, rec)
-    crop = mica.crop_from_landmarks(image, lm)
-    z = np.asarray(mica.predict(variables, crop[None])[0], np.float32)
+    z = np.asarray(mica.predict_image(variables, image, lm)[0], np.float32)
     print(f"MICA ({workdir}, checkpoint {step}) predicted the shape from the first frame", flush=True)
     return z
 

@@ -1,10 +1,12 @@
 """MICA: mapping network, region weights, loss, fine-tuning mask, train step and model selection,
-prediction to .obj, synthetic scans, bad inputs; slow: data generation and train -> predict ->
-eval end to end in subprocesses.
+prediction to .obj, synthetic scans, bad inputs; the landmark encoder (`mica_landmarks`: crop,
+descriptor invariance, heatmap network, its train step); slow: data generation and train ->
+predict -> eval end to end in subprocesses, for both encoder kinds.
 
 The encoder here is a tiny IResNet (width 4, embedding 16): iresnet100 compiles and runs far
 too slowly on a 2-core CPU for unit tests. The freezing test uses the block layout (1, 2, 2, 1)
-(6 blocks, so 3 are frozen and 3 train, as MICA's last-3-blocks rule does on r100's 49).
+(6 blocks, so 3 are frozen and 3 train, as MICA's last-3-blocks rule does on r100's 49). The
+landmark encoder's U-Net is width 4 here (16 in the tiny config).
 """
 
 import json
@@ -19,11 +21,13 @@ import pytest
 
 from dhjax import io as dio
 from dhjax.capture import mica
+from dhjax.capture import mica_landmarks as mlm
 from dhjax.models import flame
 from dhjax.train import config as config_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_ARCH = {"layers": (1, 1, 1, 1), "width": 4, "embedding": 16, "bn_eps": 1e-5}
+LANDMARK_ARCH = {"kind": "landmarks", "width": 4}
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +36,7 @@ def model():
 
 
 def small_cfg(**encoder):
-    cfg = config_lib.load_config(os.path.join(ROOT, "configs/mica.py:tiny"))
+    cfg = config_lib.load_config(os.path.join(ROOT, "configs/mica.py:tiny_iresnet"))
     cfg.encoder.update(layers=TINY_ARCH["layers"], width=TINY_ARCH["width"], embedding=TINY_ARCH["embedding"])
     cfg.encoder.update(**encoder)
     cfg.mapping.update(hidden_dim=16)
@@ -46,13 +50,17 @@ FIVE = np.array([[38.3, 51.7], [73.5, 51.5], [56.0, 71.7], [41.5, 92.4], [70.7, 
 
 
 def random_batch(n, seed=0, size=128):
+    """Random images with the five points FIVE and 68 landmarks around the landmark encoder's
+    template, placed consistently with the five points."""
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[:size, :size] / size
     base = np.stack([xx, yy, 0.5 * (xx + yy)], -1)
     images = np.stack([(255 * np.clip(base * rng.uniform(0.3, 1.0, 3) + 0.2 * rng.random((size, size, 3)), 0, 1))
                        for _ in range(n)]).astype(np.uint8)
+    M = mlm.crop_transform(jnp.asarray(FIVE))
+    lmk68 = np.asarray(mlm.from_crop(jnp.asarray(mlm.TEMPLATE), M))[None] + rng.normal(0, 1.0, (n, 68, 2))
     return {"image": images, "five": np.repeat(FIVE[None], n, 0),
-            "shape": rng.normal(size=(n, mica.N_SHAPE)).astype(np.float32)}
+            "shape": rng.normal(size=(n, mica.N_SHAPE)).astype(np.float32), "lmk68": lmk68.astype(np.float32)}
 
 
 @pytest.fixture(scope="module")
@@ -65,6 +73,24 @@ def trained(model):
     state = mica.init_state(jax.random.PRNGKey(0), cfg, TINY_ARCH)
     step = jax.jit(step)
     return dict(cfg=cfg, batch=batch, val=val, state=state, step=step, evaluate=jax.jit(evaluate))
+
+
+def landmark_cfg():
+    cfg = small_cfg()
+    cfg.encoder.update(kind="landmarks", heatmap_width=LANDMARK_ARCH["width"])
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def trained_landmarks(model):
+    """The landmark encoder's initial state and compiled step (width 4)."""
+    cfg = landmark_cfg()
+    assert mica.encoder_arch(cfg) == LANDMARK_ARCH
+    batch = random_batch(4, seed=5)
+    val = {"crops": mica.crop_batch(batch["image"], batch["five"], "landmarks"), "shape": batch["shape"]}
+    init, step, evaluate = mica.method_functions(cfg, LANDMARK_ARCH, model, val=val)
+    state = jax.jit(init)(jax.random.PRNGKey(0), batch)
+    return dict(cfg=cfg, batch=batch, val=val, state=state, step=jax.jit(step), evaluate=jax.jit(evaluate))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -248,6 +274,143 @@ def test_pretrained_encoder_trains_only_the_last_three_blocks(model):
         mica.init_state(jax.random.PRNGKey(0), cfg, {**arch, "width": 8}, pretrained)
 
 
+def test_configs_encoder_kinds():
+    tiny = config_lib.load_config(os.path.join(ROOT, "configs/mica.py:tiny"))
+    assert tiny.encoder.kind == "landmarks" and mica.encoder_arch(tiny) == {"kind": "landmarks", "width": 16}
+    assert config_lib.load_config(os.path.join(ROOT, "configs/mica.py:tiny_iresnet")).encoder.kind == "iresnet"
+    paper = config_lib.load_config(os.path.join(ROOT, "configs/mica.py:paper"))
+    assert paper.encoder.kind == "iresnet" and mica.encoder_arch(paper)["layers"] == (3, 13, 30, 3)
+    bad = landmark_cfg()
+    bad.encoder.onnx_path = "glint360k_r100.onnx"
+    with pytest.raises(ValueError, match="trained from scratch"):
+        mica.encoder_arch(bad)
+    bad = landmark_cfg()
+    bad.encoder.kind = "mediapipe"
+    with pytest.raises(ValueError, match="encoder.kind must be one of"):
+        mica.encoder_arch(bad)
+
+
+# ----------------------------------------------------------------------------------------------
+# The landmark encoder.
+
+
+def _similarity(points, angle_deg, scale, shift):
+    a = np.deg2rad(angle_deg)
+    R = np.array([[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]])
+    return scale * points @ R.T + np.asarray(shift)
+
+
+def test_landmark_descriptor_is_similarity_invariant():
+    rng = np.random.default_rng(0)
+    pts = mlm.TEMPLATE[None] + rng.normal(0, 2.0, (3, 68, 2))
+    d = np.asarray(mlm.descriptor(pts))
+    assert d.shape == (3, 136)
+    np.testing.assert_allclose(mlm.descriptor(mlm.TEMPLATE), 0.0, atol=1e-4)
+    for angle, scale, shift in ((30.0, 1.7, (40.0, -12.0)), (-75.0, 0.4, (300.0, 210.0)), (180.0, 3.0, (0.0, 0.0))):
+        moved = np.stack([_similarity(p, angle, scale, shift) for p in pts]).astype(np.float32)
+        np.testing.assert_allclose(mlm.descriptor(moved), d, atol=2e-3)
+    # a change of the face's proportions does change it (by the move in descriptor units)
+    wider = pts.copy()
+    wider[:, :17, 0] += np.where(np.arange(17) < 8, -2.0, 2.0)      # jaw line 2 px wider per side
+    change = np.abs(np.asarray(mlm.descriptor(wider)) - d).max()
+    assert change > 0.3
+    # a reflection is not a similarity: a mirrored face (points relabelled) differs
+    assert np.abs(np.asarray(mlm.descriptor(pts * np.array([-1.0, 1.0]))) - d).max() > 1.0
+    with pytest.raises(ValueError, match=r"\[\.\.\., 68, 2\]"):
+        mlm.descriptor(np.zeros((5, 2)))
+
+
+def test_landmark_crop_places_the_five_points_and_keeps_the_chin():
+    from dhjax.capture.align import ARCFACE_TEMPLATE
+
+    # five points that are an exact similarity of the template land exactly on the crop's
+    five = _similarity(ARCFACE_TEMPLATE.astype(np.float64), 12.0, 1.3, (20.0, 5.0)).astype(np.float32)
+    np.testing.assert_allclose(mlm.to_crop(jnp.asarray(five), mlm.crop_transform(jnp.asarray(five))),
+                               mlm.CROP_TEMPLATE, atol=1e-3)
+    M = mlm.crop_transform(jnp.asarray(FIVE))
+    pts = np.random.default_rng(1).uniform(0, 140, (10, 2)).astype(np.float32)
+    np.testing.assert_allclose(mlm.from_crop(mlm.to_crop(pts, M), M), pts, atol=1e-3)
+    # the template face, jaw and chin included, lies inside the crop with a margin
+    assert mlm.TEMPLATE.min() > 10 and mlm.TEMPLATE.max() < mlm.CROP_SIZE - 10
+    # a bright dot on every five point lands on the crop template
+    image = np.zeros((140, 140, 3), np.float32)
+    for p in FIVE:
+        x, y = np.round(p).astype(int)
+        image[y - 1:y + 2, x - 1:x + 2] = 1.0
+    crop = mica.crop_from_landmarks(image, FIVE, kind="landmarks")
+    assert crop.shape == (96, 96, 3)
+    for q in mlm.CROP_TEMPLATE:
+        x, y = np.round(q).astype(int)
+        assert crop[y, x].max() > 0.3
+    batch = mica.crop_batch((image[None] * 255).astype(np.uint8), FIVE[None], "landmarks")
+    np.testing.assert_allclose(batch[0] / 255.0, crop, atol=1 / 255 + 1e-6)
+
+
+def test_heatmap_net_points_lie_in_the_crop():
+    net = mlm.HeatmapNet(width=4)
+    crops = random_batch(2, size=96)["image"]
+    variables = jax.jit(net.init)(jax.random.PRNGKey(0), crops)
+    apply = jax.jit(net.apply)
+    pts = np.asarray(apply(variables, crops))
+    assert pts.shape == (2, 68, 2)
+    assert np.all((pts > -0.5) & (pts < 95.5))
+    # uint8 and [0, 1] floats are the same input
+    np.testing.assert_allclose(apply(variables, crops.astype(np.float32) / 255.0), pts, atol=1e-4)
+
+
+def test_landmark_encoder_train_step(trained_landmarks, model):
+    step, state, batch = trained_landmarks["step"], trained_landmarks["state"], trained_landmarks["batch"]
+    assert sorted(state["params"]) == ["heatmap", "mapping"] and state["batch_stats"] == {}
+    s1, m1 = step(state, batch, jax.random.PRNGKey(1))
+    s2, m2 = step(s1, batch, jax.random.PRNGKey(2))
+    for k in ("loss", "shape_loss", "landmark_px"):
+        assert np.isfinite(float(m1[k])) and float(m1[k]) > 0, k
+    # both parts of the loss go down after an update on the same batch
+    assert float(m2["shape_loss"]) < float(m1["shape_loss"])
+    assert float(m2["landmark_px"]) < float(m1["landmark_px"])
+    assert float(m2["loss"]) < float(m1["loss"])
+    np.testing.assert_allclose(float(m1["loss"]), float(m1["shape_loss"]) + float(m1["landmark_px"]), rtol=1e-5)
+    assert int(s1["best"]["step"]) == 1          # select_every = 1
+    # the shape loss reaches only the mapping network (stop-gradient on the landmarks)
+    cfg = trained_landmarks["cfg"]
+    net = mica.make_net(cfg, LANDMARK_ARCH)
+    crops = jnp.asarray(mica.crop_batch(batch["image"], batch["five"], "landmarks"))
+    weights = mica.region_weights(model, dict(cfg.loss.region_weights))
+    g = jax.jit(jax.grad(lambda p: mica.loss_fn(net.apply({"params": p}, crops), batch["shape"], model, weights)))(
+        state["params"])
+    assert all(float(jnp.abs(x).max()) == 0.0 for x in jax.tree_util.tree_leaves(g["heatmap"]))
+    assert any(float(jnp.abs(x).max()) > 0.0 for x in jax.tree_util.tree_leaves(g["mapping"]))
+    # a batch without landmark targets is a clear error
+    with pytest.raises(KeyError, match="lmk68"):
+        step(state, {k: v for k, v in batch.items() if k != "lmk68"}, jax.random.PRNGKey(1))
+
+
+def test_landmark_encoder_predict_and_crop_kind(trained_landmarks, tmp_path):
+    variables = mica.best_variables(trained_landmarks["state"])
+    assert mica.variables_kind(variables) == "landmarks"
+    back = mica.net_from_variables(variables)
+    assert isinstance(back, mica.LandmarkMicaNet) and back.width == 4 and back.hidden_dim == 16
+    crops = trained_landmarks["val"]["crops"]
+    z = mica.predict(variables, crops)
+    assert z.shape == (4, 300) and np.all(np.isfinite(z))
+    ev = trained_landmarks["evaluate"](trained_landmarks["state"], trained_landmarks["val"])
+    assert np.isfinite(float(ev["face_mm"]))
+    # ArcFace crops are the wrong input for this network: a clear error naming the fix
+    batch = trained_landmarks["batch"]
+    with pytest.raises(ValueError, match=r"\[B, 96, 96, 3\] landmark crops.*kind='landmarks'.*\(4, 112, 112, 3\)"):
+        mica.predict(variables, mica.crop_batch(batch["image"], batch["five"]))
+    # one image: the crop of the network's kind
+    z1, crop = mica.predict_image(variables, batch["image"][0], batch["five"][0])
+    assert crop.shape == (96, 96, 3)
+    np.testing.assert_allclose(z1, z[0], atol=2e-3)
+    # the run record names the kind and reads back its architecture
+    cfg = trained_landmarks["cfg"]
+    config_lib.save_config(cfg, tmp_path)
+    mica.write_run_model(tmp_path, cfg, LANDMARK_ARCH, flame.load())
+    _, arch, rec = mica.read_run(tmp_path)
+    assert arch == LANDMARK_ARCH and rec["encoder"]["kind"] == "landmarks"
+
+
 @pytest.mark.slow
 @pytest.mark.peers
 def test_onnx_encoder_weights_load_into_the_net(model, tmp_path):
@@ -335,26 +498,34 @@ def test_bad_inputs_are_clear_errors(trained):
         mica.predict({"params": {"x": 1}}, np.zeros((1, 112, 112, 3), np.float32))
 
 
-def test_missing_run_and_checkpoint_are_clear_errors(tmp_path, model):
-    from experiments.mica_predict import load_run
+def test_missing_run_and_checkpoint_are_clear_errors(tmp_path, model, capsys):
+    from experiments.mica_predict import load_run, load_run_or_exit
 
     with pytest.raises(FileNotFoundError, match="not a MICA training run.*config.json"):
         load_run(str(tmp_path))
+    with pytest.raises(SystemExit) as exit_info:       # the programs' shared exit path
+        load_run_or_exit(str(tmp_path))
+    assert exit_info.value.code == 2 and "error: " in capsys.readouterr().err
     cfg = small_cfg()
     config_lib.save_config(cfg, tmp_path)
     mica.write_run_model(tmp_path, cfg, TINY_ARCH, model)
     with pytest.raises(FileNotFoundError, match="has no checkpoint"):
         load_run(str(tmp_path))
+    with pytest.raises(SystemExit) as exit_info:
+        load_run_or_exit(str(tmp_path))
+    assert exit_info.value.code == 2 and "has no checkpoint" in capsys.readouterr().err
 
 
-def test_image_without_a_face_is_a_clear_error(tmp_path, trained, model):
-    pytest.importorskip("mediapipe")
+@pytest.mark.parametrize("kind", ["iresnet", "landmarks"])
+def test_image_without_a_face_is_a_clear_error(tmp_path, kind, request, model):
+    pytest.importorskip("mediapipe", reason="face detection needs mediapipe (pip install 'dhjax[landmarks]')")
     from dhjax.capture import landmarks
     from experiments.mica_predict import predict_image
 
+    fixture = request.getfixturevalue("trained" if kind == "iresnet" else "trained_landmarks")
     path = dio.save_image(tmp_path / "wall.png", np.full((128, 128, 3), 0.5, np.float32))
     with pytest.raises(landmarks.NoFaceError, match="wall.png"):
-        predict_image(path, mica.best_variables(trained["state"]), model, tmp_path / "out")
+        predict_image(path, mica.best_variables(fixture["state"]), model, tmp_path / "out")
     assert not (tmp_path / "out" / "wall.obj").exists()
 
 
@@ -430,15 +601,19 @@ def _run(module, *args, check=True):
 
 
 @pytest.mark.slow
-def test_train_predict_eval_end_to_end(tmp_path):
+@pytest.mark.parametrize("variant", ["tiny_iresnet", "tiny"])
+def test_train_predict_eval_end_to_end(tmp_path, variant):
     work = tmp_path / "run"
     over = ["--config.data.train_identities=(0, 4)", "--config.data.val_identities=(500000, 2)",
             "--config.data.test_identities=(1000000, 2)", "--config.data.image_size=128",
             "--config.data.synthetic.uv_size=64", f"--config.data.cache_dir={tmp_path / 'cache'}",
-            "--config.encoder.width=4", "--config.encoder.embedding=16", "--config.batch_size=4",
+            "--config.encoder.width=4", "--config.encoder.embedding=16", "--config.encoder.heatmap_width=4",
+            "--config.batch_size=4",
             "--config.train.steps=6", "--config.train.log_every=2", "--config.train.checkpoint_every=3",
             "--config.train.eval_every=3", "--config.select_every=2", "--config.eval.scan_points=500"]
-    out = _run("experiments.mica_train", "--config=configs/mica.py:tiny", f"--workdir={work}", *over).stdout
+    out = _run("experiments.mica_train", f"--config=configs/mica.py:{variant}", f"--workdir={work}", *over).stdout
+    kind = "landmarks" if variant == "tiny" else "iresnet"
+    assert json.loads((work / "mica_model.json").read_text())["encoder"]["kind"] == kind
     assert "metric benchmark on the test split" in out
     final = json.loads((work / "final_metrics.json").read_text())
     for split in ("val", "test"):
@@ -447,11 +622,11 @@ def test_train_predict_eval_end_to_end(tmp_path):
     assert final["selected_step"] in (2, 4, 6)
     assert (work / "metrics.jsonl").read_text().count("\n") >= 3
     # resuming a finished run trains no more steps
-    out = _run("experiments.mica_train", "--config=configs/mica.py:tiny", f"--workdir={work}", *over).stdout
+    out = _run("experiments.mica_train", f"--config=configs/mica.py:{variant}", f"--workdir={work}", *over).stdout
     assert "resumed from" in out and "training: 0 steps" in out
 
     # predict: two test images with landmark files, one image without a face
-    cfg = config_lib.apply_overrides(config_lib.load_config(os.path.join(ROOT, "configs/mica.py:tiny")), {
+    cfg = config_lib.apply_overrides(config_lib.load_config(os.path.join(ROOT, f"configs/mica.py:{variant}")), {
         "data.test_identities": (1_000_000, 2), "data.image_size": 128, "data.synthetic.uv_size": 64,
         "data.cache_dir": str(tmp_path / "cache")})
     test = mica.cached_split(cfg.data, "test", verbose=False)
@@ -469,7 +644,8 @@ def test_train_predict_eval_end_to_end(tmp_path):
     npz = np.load(tmp_path / "pred" / "face0.npz")
     assert npz["shape"].shape == (300,) and npz["landmarks3d"].shape == (68, 3)
     np.testing.assert_allclose(npz["vertices"], v, atol=1e-6)
-    assert dio.load_image(tmp_path / "pred" / "face0_crop.png").shape == (112, 112, 3)
+    size = mica.crop_size(kind)
+    assert dio.load_image(tmp_path / "pred" / "face0_crop.png").shape == (size, size, 3)
 
     # eval
     _run("experiments.mica_eval", f"--workdir={work}", f"--out={tmp_path / 'eval'}")

@@ -20,6 +20,25 @@ PyPI package carries usable face-descriptor weights offline), and the embedded d
 is not a real face anyway, so without a file the encoder is an IResNet of `encoder.layers` /
 `encoder.width` trained from scratch on the synthetic data with every parameter trainable.
 
+Encoder kinds (`encoder.kind`). "iresnet" is MICA's identity encoder above, on ArcFace's
+112 x 112 crop. "landmarks" (`dhjax.capture.mica_landmarks`, `LandmarkMicaNet`) replaces it by
+a heatmap network that finds the 68 iBUG landmarks in a zoomed-out 96 x 96 crop placed by the
+same five points, and feeds the mapping network their similarity-normalised positions (a
+136-d descriptor) instead of an identity embedding:
+
+    crop = landmark_crop(image, five points)                     [96, 96, 3]
+    p    = HeatmapNet(crop)                                       [68, 2]   crop pixels
+    z    = 0.25 * M(descriptor(stop_gradient(p)))                 [300]
+
+It trains from scratch on the synthetic pairs with two losses: the mean absolute landmark error
+(crop pixels, weight `loss.landmark_weight`) against the projected ground-truth landmarks moved
+into the jittered crop, which trains the heatmap network, and the shape loss below, which
+trains only the mapping network (the stop-gradient). Its targets differ per image, so it
+learns to localise instead of memorising identities; see "What the embedded head lets MICA
+learn" below for why that matters. Its crops are not ArcFace crops: `crop_from_landmarks`,
+`crop_batch`, `eval_batch` take the kind, `predict` checks the crop size against the
+network's kind (`variables_kind`), `predict_image` crops and predicts one image for either.
+
 BatchNorm (`encoder.batch_stats`): "auto" trains a from-scratch encoder with batch statistics
 (running averages updated, as any network trained from scratch needs) and runs a pretrained
 encoder on its frozen running statistics: insightface's released ONNX files fold most
@@ -58,8 +77,17 @@ correlates with their proportions, nothing in a synthetic crop tells it apart. R
 alignment to a face-only scan absorbs most of it, though: on the tiny config's test
 identities the true shapes with that component zeroed score 0.38 mm median metric error
 against the mean face's 1.32 mm, so nearly all of the mean face's error is learnable in
-principle. In practice the from-scratch encoder of the CPU configs does not learn it: it
-memorises its training identities and stays at the mean face's error on held-out ones.
+principle. In practice the from-scratch iresnet of the CPU configs (`configs/mica.py:
+tiny_iresnet`) does not learn it: it memorises its training identities and stays at the mean
+face's error on held-out ones (test: 1.326 / 1.679 mm median / mean against the mean face's
+1.316 / 1.659). What can be read: a ridge regression from the exact projected 68 landmarks of
+an image to its shape reaches 0.93 mm median on the same test identities, 1.17 mm with 1 px of
+landmark noise (160 px images), so the face's proportions are in its landmarks, but only to a
+pixel or so. The landmark encoder (the `tiny` config) localises held-out faces to about 3 px
+(1.7 px of its 96 px crop) after 1000 steps; its metric error is just below the mean face's
+(1.302 / 1.640 mm median / mean on the test identities), a margin within the spread of 32
+identities (see `configs/mica.py`). Better landmarks (a larger budget) are what it needs to
+get closer to the ridge bound.
 
 Everything here is a pure function of its arguments; the training loop, checkpoints and logs
 are `dhjax.train`'s (`experiments.mica_train`).
@@ -84,6 +112,7 @@ import optax
 
 from dhjax.capture import align
 from dhjax.capture import landmarks as lmk_lib
+from dhjax.capture import mica_landmarks as mlm
 from dhjax.data import cache as cache_lib
 from dhjax.data import synthetic
 from dhjax.geometry import mesh as mesh_lib
@@ -94,7 +123,8 @@ from dhjax.render import camera as camera_lib
 
 __all__ = [
     "N_SHAPE", "OUTPUT_SCALE", "LEAKY_SLOPE", "CROP_SIZE", "NOW_LANDMARKS", "DATA_FORMAT",
-    "default_config", "MappingNetwork", "MicaNet", "make_net", "net_from_variables",
+    "ENCODER_KINDS", "crop_size", "arch_kind", "variables_kind", "predict_image",
+    "default_config", "MappingNetwork", "MicaNet", "LandmarkMicaNet", "make_net", "net_from_variables",
     "encoder_arch", "load_encoder_weights", "region_weights", "neutral_vertices",
     "neutral_landmarks", "check_crops", "crop_from_landmarks", "crop_batch", "predict",
     "loss_fn", "make_optimizer", "labels", "init_state", "state_template", "train_step",
@@ -111,6 +141,9 @@ LEAKY_SLOPE = 0.2
 """Negative slope of the mapping network's leaky ReLUs (reference implementation)."""
 CROP_SIZE = iresnet.INPUT_SIZE
 """Side of the aligned ArcFace crop (112)."""
+ENCODER_KINDS = ("iresnet", "landmarks")
+"""Encoders (`encoder.kind`): MICA's iresnet on the ArcFace crop, or the landmark encoder of
+`dhjax.capture.mica_landmarks` on its 96 x 96 landmark crop."""
 NOW_LANDMARKS = (36, 39, 42, 45, 30, 48, 54)
 """iBUG-68 indices of the 7 landmarks the NoW benchmark aligns with: eye corners (outer and
 inner of both eyes), nose tip, mouth corners."""
@@ -134,12 +167,17 @@ def default_config() -> ml_collections.ConfigDict:
     """The method's settings (the thesis / reference implementation unless a comment says
     otherwise); `configs/mica.py` builds its variants on it.
 
-    encoder: onnx_path ("" = train `layers`/`width`/`embedding` from scratch), last_blocks
-      (blocks fine-tuned with pretrained weights), batch_stats ("auto" | "train" | "frozen").
+    encoder: kind ("iresnet": MICA's identity encoder on the ArcFace crop; "landmarks": the
+      heatmap landmark network of `dhjax.capture.mica_landmarks` and its similarity-normalised
+      landmark descriptor, trained from scratch); for iresnet: onnx_path ("" = train
+      `layers`/`width`/`embedding` from scratch), last_blocks (blocks fine-tuned with pretrained
+      weights), batch_stats ("auto" | "train" | "frozen"); for landmarks: heatmap_width (channels
+      of the U-Net's first level).
     mapping: hidden_dim, n_hidden. n_shape: predicted coefficients.
     loss: region_weights {region of the head model: weight} (a vertex in several listed
       regions takes the weight of the smallest of them, so a sub-region refines its parent),
-      default_weight (vertices in no listed region), scale (x1000).
+      default_weight (vertices in no listed region), scale (x1000); landmark_weight: weight of
+      the landmark encoder's landmark loss (mean absolute error, crop pixels).
     optim: AdamW lr, weight_decay, warmup_steps (linear from 0), schedule ("constant" |
       "cosine" to 0 at train.steps), clip (global gradient norm, 0 = off).
     data: see `default_data_config`. select_every: steps between validations for model selection.
@@ -147,6 +185,8 @@ def default_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.n_shape = N_SHAPE
     c.encoder = ml_collections.ConfigDict(dict(
+        kind="iresnet",               # "iresnet" (MICA) | "landmarks" (mica_landmarks)
+        heatmap_width=16,             # landmarks: U-Net width
         onnx_path="",                 # insightface ArcFace ONNX (e.g. glint360k_r100.onnx); "" = from scratch
         last_blocks=3,                # thesis: only the last 3 ResNet blocks are fine-tuned
         layers=(3, 13, 30, 3), width=64, embedding=512,   # from-scratch architecture (iresnet100)
@@ -159,7 +199,7 @@ def default_config() -> ml_collections.ConfigDict:
         region_weights=ml_collections.ConfigDict(dict(
             face=150.0, nose=150.0, lips=150.0, forehead=150.0, back_of_head=1.0, eyes=0.01,
             ears=0.01)),
-        default_weight=1.0, scale=1000.0))
+        default_weight=1.0, scale=1000.0, landmark_weight=1.0))
     c.optim = ml_collections.ConfigDict(dict(lr=1e-5, weight_decay=2e-4, warmup_steps=0,
                                              schedule="constant", clip=0.0))
     c.select_every = 1000
@@ -240,38 +280,111 @@ class MicaNet(nn.Module):
         return self.mapping(self.embed(crops, train))
 
 
+class LandmarkMicaNet(nn.Module):
+    """Landmark encoder + mapping (encoder.kind "landmarks", `dhjax.capture.mica_landmarks`).
+    Variables: params {"heatmap": HeatmapNet params, "mapping": ...}; no batch statistics.
+
+    __call__(crops, train=False): landmark crops [B, 96, 96, 3] (floats in [0, 1] or uint8;
+    `crop_from_landmarks(..., kind="landmarks")`) -> z [B, n_shape] (`train` is accepted for
+    the iresnet net's signature; nothing depends on it). `shape_and_landmarks` also returns the
+    68 landmarks [B, 68, 2] in crop pixels. The mapping network reads the descriptor of the
+    landmarks through a stop-gradient: the shape loss trains only the mapping network, the
+    landmark network learns from its per-image landmark targets alone (so it cannot memorise
+    the training identities' shapes).
+    """
+
+    width: int = 16
+    hidden_dim: int = 300
+    n_hidden: int = 3
+    n_shape: int = N_SHAPE
+
+    def setup(self):
+        self.heatmap = mlm.HeatmapNet(width=int(self.width))
+        self.mapping = MappingNetwork(self.hidden_dim, self.n_hidden, self.n_shape)
+
+    def shape_and_landmarks(self, crops):
+        pts = self.heatmap(crops)
+        return self.mapping(mlm.descriptor(jax.lax.stop_gradient(pts))), pts
+
+    def landmarks(self, crops):
+        return self.heatmap(crops)
+
+    def __call__(self, crops, train: bool = False):
+        del train
+        return self.shape_and_landmarks(crops)[0]
+
+
+def _check_kind(kind: str) -> str:
+    if kind not in ENCODER_KINDS:
+        raise ValueError(f"encoder.kind must be one of {ENCODER_KINDS}, got {kind!r}")
+    return kind
+
+
+def crop_size(kind: str = "iresnet") -> int:
+    """Side of the crops an encoder kind reads: 112 (ArcFace crop) or 96 (landmark crop)."""
+    return CROP_SIZE if _check_kind(kind) == "iresnet" else mlm.CROP_SIZE
+
+
+def arch_kind(arch: Mapping[str, Any]) -> str:
+    """The encoder kind of an architecture dict (`encoder_arch`; "iresnet" when unnamed)."""
+    return _check_kind(arch.get("kind", "iresnet"))
+
+
 def encoder_arch(cfg) -> dict:
-    """The encoder architecture {"layers", "width", "embedding", "bn_eps"} of a config without
-    loading weights: read from the ONNX file when `encoder.onnx_path` is set, else the
-    from-scratch settings."""
+    """The encoder architecture of a config without loading weights: {"kind": "landmarks",
+    "width"} for the landmark encoder; for iresnet {"kind", "layers", "width", "embedding",
+    "bn_eps"}, read from the ONNX file when `encoder.onnx_path` is set, else the from-scratch
+    settings."""
+    kind = _check_kind(cfg.encoder.get("kind", "iresnet"))
+    if kind == "landmarks":
+        if cfg.encoder.onnx_path:
+            raise ValueError("encoder.onnx_path is an iresnet (ArcFace) weight file; the landmark "
+                             "encoder (encoder.kind='landmarks') is trained from scratch")
+        return {"kind": "landmarks", "width": int(cfg.encoder.heatmap_width)}
     if cfg.encoder.onnx_path:
         conf, _ = load_encoder_weights(cfg.encoder.onnx_path)
-        return {k: conf[k] for k in ("layers", "width", "embedding", "bn_eps")}
-    return {"layers": tuple(int(n) for n in cfg.encoder.layers), "width": int(cfg.encoder.width),
-            "embedding": int(cfg.encoder.embedding), "bn_eps": 1e-5}
+        return {"kind": "iresnet", **{k: conf[k] for k in ("layers", "width", "embedding", "bn_eps")}}
+    return {"kind": "iresnet", "layers": tuple(int(n) for n in cfg.encoder.layers),
+            "width": int(cfg.encoder.width), "embedding": int(cfg.encoder.embedding), "bn_eps": 1e-5}
 
 
-def make_net(cfg, arch: Mapping[str, Any]) -> MicaNet:
-    """MicaNet of a config and an encoder architecture (`encoder_arch`)."""
+def make_net(cfg, arch: Mapping[str, Any]) -> MicaNet | LandmarkMicaNet:
+    """The network (MicaNet or LandmarkMicaNet) of a config and an encoder architecture
+    (`encoder_arch`)."""
+    if arch_kind(arch) == "landmarks":
+        return LandmarkMicaNet(width=int(arch["width"]), hidden_dim=int(cfg.mapping.hidden_dim),
+                               n_hidden=int(cfg.mapping.n_hidden), n_shape=int(cfg.n_shape))
     return MicaNet(layers=tuple(int(n) for n in arch["layers"]), width=int(arch["width"]),
                    embedding=int(arch["embedding"]), bn_eps=float(arch.get("bn_eps", 1e-5)),
                    hidden_dim=int(cfg.mapping.hidden_dim), n_hidden=int(cfg.mapping.n_hidden),
                    n_shape=int(cfg.n_shape))
 
 
-def net_from_variables(variables: Mapping[str, Any]) -> MicaNet:
-    """Reads the MicaNet architecture back from its variables (shapes only; works in jit)."""
+def variables_kind(variables: Mapping[str, Any]) -> str:
+    """The encoder kind of MICA variables, "iresnet" or "landmarks" (from their parameter names)."""
     if not isinstance(variables, Mapping) or "params" not in variables:
-        raise ValueError("variables: expected {'params': {'encoder', 'mapping'}, 'batch_stats': ...}")
+        raise ValueError("variables: expected {'params': {'encoder' or 'heatmap', 'mapping'}, "
+                         "'batch_stats': ...}")
     params = variables["params"]
-    if "encoder" not in params or "mapping" not in params:
+    if "mapping" not in params or ("encoder" in params) == ("heatmap" in params):
         raise ValueError(f"variables: not MICA variables (params has {sorted(params)}, needs "
-                         "'encoder' and 'mapping')")
-    arch = iresnet.config_from_variables({"params": params["encoder"]})
+                         "'mapping' and one of 'encoder' (iresnet) or 'heatmap' (landmarks))")
+    return "iresnet" if "encoder" in params else "landmarks"
+
+
+def net_from_variables(variables: Mapping[str, Any]) -> MicaNet | LandmarkMicaNet:
+    """Reads the network architecture back from its variables (shapes only; works in jit)."""
+    kind = variables_kind(variables)
+    params = variables["params"]
     mapping = params["mapping"]
     n_hidden = sum(1 for k in mapping if k.startswith("hidden"))
     if "output" not in mapping or n_hidden == 0:
         raise ValueError(f"variables: mapping has {sorted(mapping)}, expected hidden0.. and output")
+    if kind == "landmarks":
+        return LandmarkMicaNet(width=int(params["heatmap"]["stem"]["kernel"].shape[-1]),
+                               hidden_dim=int(mapping["hidden0"]["kernel"].shape[-1]), n_hidden=n_hidden,
+                               n_shape=int(mapping["output"]["kernel"].shape[-1]))
+    arch = iresnet.config_from_variables({"params": params["encoder"]})
     return MicaNet(layers=arch["layers"], width=arch["width"], embedding=arch["embedding"],
                    hidden_dim=int(mapping["hidden0"]["kernel"].shape[-1]), n_hidden=n_hidden,
                    n_shape=int(mapping["output"]["kernel"].shape[-1]))
@@ -367,16 +480,22 @@ def loss_fn(pred_shape, gt_shape, model: flame.FlameModel, weights):
 # Crops and prediction.
 
 
-def check_crops(crops) -> jax.Array:
-    """Validates crops [B, 112, 112, 3] (floats in [0, 1] or uint8); returns them as an array.
-    Raises ValueError naming the problem (shape, dtype, non-finite values)."""
+_CROP_NAMES = {"iresnet": "aligned ArcFace crops (crop_from_landmarks)",
+               "landmarks": "landmark crops (encoder kind 'landmarks': crop_from_landmarks(image, "
+                            "landmarks, kind='landmarks'))"}
+
+
+def check_crops(crops, kind: str = "iresnet") -> jax.Array:
+    """Validates crops [B, S, S, 3] (floats in [0, 1] or uint8) for an encoder kind (S =
+    `crop_size(kind)`: 112 ArcFace crops for iresnet, 96 landmark crops); returns them as an
+    array. Raises ValueError naming the problem (shape, dtype, non-finite values)."""
+    size = crop_size(kind)
     arr = np.asarray(crops)
     if arr.ndim == 3:
-        raise ValueError(f"crops: expected a batch [B, {CROP_SIZE}, {CROP_SIZE}, 3], got one image "
+        raise ValueError(f"crops: expected a batch [B, {size}, {size}, 3], got one image "
                          f"{arr.shape} (add a leading axis)")
-    if arr.ndim != 4 or arr.shape[1:] != (CROP_SIZE, CROP_SIZE, 3):
-        raise ValueError(f"crops: expected [B, {CROP_SIZE}, {CROP_SIZE}, 3] aligned ArcFace crops "
-                         f"(crop_from_landmarks), got shape {arr.shape}")
+    if arr.ndim != 4 or arr.shape[1:] != (size, size, 3):
+        raise ValueError(f"crops: expected [B, {size}, {size}, 3] {_CROP_NAMES[kind]}, got shape {arr.shape}")
     if arr.shape[0] == 0:
         raise ValueError("crops: empty batch (no crops)")
     if arr.dtype != np.uint8 and not np.issubdtype(arr.dtype, np.floating):
@@ -423,29 +542,38 @@ def _five(landmarks) -> np.ndarray:
     return pts
 
 
-def crop_from_landmarks(image, landmarks) -> np.ndarray:
-    """The aligned ArcFace crop of a face.
+def _crop_fn(kind: str):
+    return align.arcface_crop if _check_kind(kind) == "iresnet" else mlm.landmark_crop
+
+
+def crop_from_landmarks(image, landmarks, kind: str = "iresnet") -> np.ndarray:
+    """The aligned crop of a face that an encoder kind reads: ArcFace's 112 x 112 crop
+    (iresnet) or the 96 x 96 landmark crop (`dhjax.capture.mica_landmarks.landmark_crop`), both
+    placed by the five ArcFace points.
 
     Args:
       image: [H, W, 3] RGB floats in [0, 1] or uint8 (grey and RGBA are converted).
       landmarks: `dhjax.capture.landmarks.Landmarks`, [68, 2] iBUG points or [5, 2] ArcFace
         points (x, y pixels of `image`).
+      kind: the encoder kind ("iresnet" or "landmarks"; `variables_kind` of a network).
     Returns:
-      [112, 112, 3] float32 crop in [0, 1].
+      [S, S, 3] float32 crop in [0, 1] (S = `crop_size(kind)`).
     """
+    crop = _crop_fn(kind)
     img = _image_rgb(image)
-    return np.asarray(align.arcface_crop(jnp.asarray(img), jnp.asarray(_five(landmarks))), np.float32)
+    return np.asarray(crop(jnp.asarray(img), jnp.asarray(_five(landmarks))), np.float32)
 
 
-@jax.jit
-def _crop_batch(images, five):
+@functools.partial(jax.jit, static_argnames="kind")
+def _crop_batch(images, five, kind: str = "iresnet"):
     imgs = images.astype(jnp.float32) / 255.0 if images.dtype == jnp.uint8 else images
-    return jax.vmap(align.arcface_crop)(imgs, five)
+    return jax.vmap(_crop_fn(kind))(imgs, five)
 
 
-def crop_batch(images, five) -> np.ndarray:
-    """Crops [N, 112, 112, 3] uint8 of images [N, H, W, 3] uint8 at five points [N, 5, 2]."""
-    out = [_crop_batch(jnp.asarray(images[i:i + 64]), jnp.asarray(five[i:i + 64], jnp.float32))
+def crop_batch(images, five, kind: str = "iresnet") -> np.ndarray:
+    """Crops [N, S, S, 3] uint8 of images [N, H, W, 3] uint8 at five points [N, 5, 2] for an
+    encoder kind (`crop_from_landmarks`)."""
+    out = [_crop_batch(jnp.asarray(images[i:i + 64]), jnp.asarray(five[i:i + 64], jnp.float32), kind=kind)
            for i in range(0, len(images), 64)]
     return np.clip(np.round(np.concatenate([np.asarray(o) for o in out]) * 255.0), 0, 255).astype(np.uint8)
 
@@ -460,15 +588,31 @@ def predict(variables, crops, batch_size: int = 64) -> np.ndarray:
 
     Args:
       variables: MICA variables {"params", "batch_stats"} (`best_variables`).
-      crops: [B, 112, 112, 3] floats in [0, 1] or uint8 (`crop_from_landmarks`).
+      crops: [B, S, S, 3] floats in [0, 1] or uint8, the crops of the network's encoder kind
+        (`crop_from_landmarks(image, landmarks, variables_kind(variables))`: S = 112 for
+        iresnet, 96 for landmarks).
     Returns:
       [B, n_shape] float32.
     """
-    crops = np.asarray(check_crops(crops))
     net_from_variables(variables)   # clear error for a wrong tree before tracing
+    crops = np.asarray(check_crops(crops, variables_kind(variables)))
     out = [np.asarray(_predict(variables, jnp.asarray(crops[i:i + batch_size])))
            for i in range(0, len(crops), batch_size)]
     return np.concatenate(out).astype(np.float32)
+
+
+def predict_image(variables, image, landmarks) -> tuple[np.ndarray, np.ndarray]:
+    """Shape coefficients of one face image: the crop of the network's encoder kind at the
+    landmarks' five points, then `predict`.
+
+    Args:
+      variables: MICA variables (`best_variables`); image: [H, W, 3] RGB floats in [0, 1] or
+        uint8; landmarks: as `crop_from_landmarks` takes them.
+    Returns:
+      (z [n_shape] float32, the crop [S, S, 3] float32 in [0, 1]).
+    """
+    crop = crop_from_landmarks(image, landmarks, variables_kind(variables))
+    return predict(variables, crop[None])[0], crop
 
 
 # ----------------------------------------------------------------------------------------------
@@ -476,6 +620,8 @@ def predict(variables, crops, batch_size: int = 64) -> np.ndarray:
 
 
 def _bn_mode(cfg) -> str:
+    if _check_kind(cfg.encoder.get("kind", "iresnet")) == "landmarks":
+        return "none"          # GroupNorm only
     mode = cfg.encoder.batch_stats
     if mode == "auto":
         return "frozen" if cfg.encoder.onnx_path else "train"
@@ -487,7 +633,10 @@ def _bn_mode(cfg) -> str:
 def labels(cfg, params) -> dict:
     """'train' / 'freeze' label per parameter: with pretrained weights only the encoder's last
     `encoder.last_blocks` blocks and head train (`iresnet.trainable_mask`, features.scale fixed as
-    in arcface_torch); from scratch every parameter trains. The mapping network always trains."""
+    in arcface_torch); from scratch (and in the landmark encoder) every parameter trains. The
+    mapping network always trains."""
+    if "encoder" not in params:     # landmark encoder
+        return jax.tree_util.tree_map(lambda _: "train", dict(params))
     if cfg.encoder.onnx_path:
         mask = iresnet.trainable_mask(params["encoder"], last_blocks=int(cfg.encoder.last_blocks))
     else:
@@ -537,13 +686,17 @@ def init_state(rng, cfg, arch: Mapping[str, Any], encoder_variables: Mapping[str
       rng: PRNG key; cfg: config (`default_config` layout, with `train.steps`);
       arch: encoder architecture (`encoder_arch`);
       encoder_variables: pretrained IResNet variables to start from (`load_encoder_weights`),
-        or None for random initialisation.
+        or None for random initialisation (always for the landmark encoder).
     Returns:
       {"step", "params", "batch_stats", "opt_state", "best": {"params", "batch_stats",
-      "val_mm", "step"}} (best.step = -1 until the first validation).
+      "val_mm", "step"}} (best.step = -1 until the first validation; batch_stats is {} for
+      the landmark encoder).
     """
     net = make_net(cfg, arch)
-    x = jnp.zeros((1, CROP_SIZE, CROP_SIZE, 3), jnp.float32)
+    size = crop_size(arch_kind(arch))
+    x = jnp.zeros((1, size, size, 3), jnp.float32)
+    if encoder_variables is not None and arch_kind(arch) != "iresnet":
+        raise ValueError("encoder_variables: pretrained weights exist only for the iresnet encoder")
     if encoder_variables is not None:
         shapes = jax.eval_shape(functools.partial(net.init, train=False), rng, x)
         want = jax.tree_util.tree_map(lambda a: tuple(a.shape), {"params": shapes["params"]["encoder"],
@@ -591,7 +744,7 @@ def validation_error(net, variables, crops, gt_shape, model, face_mask, chunk: i
     """Model-selection metric: mean over images of the mean face-region vertex distance (mm)
     between predicted and true neutral meshes (canonical frame, no alignment).
 
-    crops [N, 112, 112, 3] uint8 or floats; gt_shape [N, S]; face_mask [V] bool. jit-able
+    crops [N, C, C, 3] uint8 or floats (the net's crops); gt_shape [N, S]; face_mask [V] bool. jit-able
     (chunks of `chunk` images through lax.map; N must divide by chunk or be smaller)."""
     n = crops.shape[0]
     chunk = min(int(chunk), n)
@@ -608,25 +761,49 @@ def train_step(state, batch, rng, *, cfg, net, model, weights, face_mask, val=No
     """One MICA step: crop the batch at its (noise-augmented) five points, predict, weighted
     vertex L1, AdamW; every `select_every` steps validate and keep the best network.
 
-    batch: image [B, H, W, 3] uint8, five [B, 5, 2] pixels, shape [B, S]. val: None or
-    {"crops" [N, 112, 112, 3] uint8, "shape" [N, S]} (constants of the step).
-    Returns (state, metrics: loss, face_mm, mean_mm, grad_norm, val_mm (best so far)).
+    With the landmark encoder (`LandmarkMicaNet`) the loss adds loss.landmark_weight x the mean
+    absolute error (crop pixels) of the 68 predicted landmarks against the ground-truth ones
+    moved into the (jittered) crop; the shape loss reaches only the mapping network.
+
+    batch: image [B, H, W, 3] uint8, five [B, 5, 2] pixels, shape [B, S] (and lmk68 [B, 68, 2]
+    pixels for the landmark encoder). val: None or {"crops" [N, S, S, 3] uint8, "shape" [N, S]}
+    (constants of the step).
+    Returns (state, metrics: loss, face_mm, mean_mm, grad_norm, val_mm (best so far); with the
+    landmark encoder also shape_loss and landmark_px).
     """
     images = batch["image"]
     five = batch["five"].astype(jnp.float32)
     noise = float(cfg.data.landmark_noise_px)
     if noise > 0:
         five = five + noise * jax.random.normal(rng, five.shape)
-    crops = _crop_batch(images, five)
+    landmark_net = isinstance(net, LandmarkMicaNet)
+    crops = _crop_batch(images, five, kind="landmarks" if landmark_net else "iresnet")
     gt = batch["shape"].astype(jnp.float32)
     train_bn = _bn_mode(cfg) == "train"
     scale = float(cfg.loss.scale)
+    extra = {}
 
-    def objective(params):
-        z, stats = _apply(net, params, state["batch_stats"], crops, train_bn)
-        return scale * loss_fn(z, gt, model, weights), (z, stats)
+    if landmark_net:
+        if "lmk68" not in batch:
+            raise KeyError("the landmark encoder trains on batches with 'lmk68' (the projected "
+                           f"ground-truth 68 landmarks); this batch has {sorted(batch)}")
+        target = mlm.to_crop(batch["lmk68"].astype(jnp.float32), mlm.crop_transform(five))
+        lw = float(cfg.loss.landmark_weight)
 
-    (loss, (z, stats)), grads = jax.value_and_grad(objective, has_aux=True)(state["params"])
+        def objective(params):
+            z, pts = net.apply({"params": params}, crops, method=LandmarkMicaNet.shape_and_landmarks)
+            shape_loss = scale * loss_fn(z, gt, model, weights)
+            lmk = jnp.mean(jnp.abs(pts - target))
+            return shape_loss + lw * lmk, (z, state["batch_stats"], shape_loss, lmk)
+
+        (loss, (z, stats, shape_loss, lmk)), grads = jax.value_and_grad(objective, has_aux=True)(state["params"])
+        extra = dict(shape_loss=shape_loss, landmark_px=lmk)
+    else:
+        def objective(params):
+            z, stats = _apply(net, params, state["batch_stats"], crops, train_bn)
+            return scale * loss_fn(z, gt, model, weights), (z, stats)
+
+        (loss, (z, stats)), grads = jax.value_and_grad(objective, has_aux=True)(state["params"])
     tx = make_optimizer(cfg, state["params"])
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
@@ -646,7 +823,7 @@ def train_step(state, batch, rng, *, cfg, net, model, weights, face_mask, val=No
     fm = jnp.asarray(face_mask, jnp.float32)
     metrics = dict(loss=loss, face_mm=jnp.mean(jnp.sum(err * fm, 1) / jnp.sum(fm)), mean_mm=jnp.mean(err),
                    grad_norm=optax.tree.norm(grads), val_mm=best["val_mm"],
-                   best_step=best["step"].astype(jnp.float32))
+                   best_step=best["step"].astype(jnp.float32), **extra)
     return dict(step=step, params=params, batch_stats=stats, opt_state=opt_state, best=best), metrics
 
 
@@ -690,10 +867,16 @@ a run can be loaded without the encoder's weight file (`read_run`)."""
 
 
 def write_run_model(workdir, cfg, arch: Mapping[str, Any], model: flame.FlameModel) -> Path:
-    """Writes <workdir>/mica_model.json: encoder architecture and source, mapping sizes, head model."""
-    rec = {"encoder": {"layers": [int(n) for n in arch["layers"]], "width": int(arch["width"]),
-                       "embedding": int(arch["embedding"]), "bn_eps": float(arch.get("bn_eps", 1e-5)),
-                       "source": cfg.encoder.onnx_path or "from scratch"},
+    """Writes <workdir>/mica_model.json: encoder kind, architecture and source, mapping sizes,
+    head model."""
+    if arch_kind(arch) == "landmarks":
+        enc = {"kind": "landmarks", "width": int(arch["width"]), "crop_size": mlm.CROP_SIZE,
+               "source": "landmark heatmap network, from scratch"}
+    else:
+        enc = {"kind": "iresnet", "layers": [int(n) for n in arch["layers"]], "width": int(arch["width"]),
+               "embedding": int(arch["embedding"]), "bn_eps": float(arch.get("bn_eps", 1e-5)),
+               "crop_size": CROP_SIZE, "source": cfg.encoder.onnx_path or "from scratch"}
+    rec = {"encoder": enc,
            "mapping": {"hidden_dim": int(cfg.mapping.hidden_dim), "n_hidden": int(cfg.mapping.n_hidden)},
            "n_shape": int(cfg.n_shape), "head_model": model.name, "n_vertices": int(model.num_vertices)}
     path = Path(workdir) / RUN_MODEL_FILE
@@ -714,8 +897,11 @@ def read_run(workdir) -> tuple[ml_collections.ConfigDict, dict, dict]:
     cfg = ml_collections.ConfigDict(json.loads((work / "config.json").read_text()))
     rec = json.loads((work / RUN_MODEL_FILE).read_text())
     e = rec["encoder"]
-    arch = {"layers": tuple(int(n) for n in e["layers"]), "width": int(e["width"]),
-            "embedding": int(e["embedding"]), "bn_eps": float(e["bn_eps"])}
+    if e.get("kind", "iresnet") == "landmarks":
+        arch = {"kind": "landmarks", "width": int(e["width"])}
+    else:
+        arch = {"kind": "iresnet", "layers": tuple(int(n) for n in e["layers"]), "width": int(e["width"]),
+                "embedding": int(e["embedding"]), "bn_eps": float(e["bn_eps"])}
     return cfg, arch, rec
 
 
@@ -867,10 +1053,12 @@ def cached_splits(data_cfg, names: Sequence[str] = ("train", "val", "test"), *, 
 
 class split_dataset:  # noqa: N801 - a small dataset class used like a function
     """Random-access view of a split for `dhjax.data.dataset.Pipeline`: item i is
-    {"image" [S, S, 3] uint8, "five" [5, 2], "shape" [n_shape]}."""
+    {"image" [S, S, 3] uint8, "five" [5, 2], "shape" [n_shape]} plus "lmk68" [68, 2] (the
+    landmark encoder's targets) when `landmarks` is set."""
 
-    def __init__(self, data: Mapping[str, np.ndarray]):
-        for k in ("image", "five", "shape"):
+    def __init__(self, data: Mapping[str, np.ndarray], landmarks: bool = False):
+        self.keys = ("image", "five", "shape") + (("lmk68",) if landmarks else ())
+        for k in self.keys:
             if k not in data:
                 raise KeyError(f"mica data lacks '{k}' (has {sorted(data)})")
         self.data = data
@@ -879,18 +1067,19 @@ class split_dataset:  # noqa: N801 - a small dataset class used like a function
         return len(self.data["image"])
 
     def __getitem__(self, i: int) -> dict:
-        return {k: self.data[k][int(i)] for k in ("image", "five", "shape")}
+        return {k: self.data[k][int(i)] for k in self.keys}
 
 
-def eval_batch(data: Mapping[str, np.ndarray], devices: int = 1, chunk: int = 32) -> dict:
-    """{"crops" [N, 112, 112, 3] uint8 (at the exact five points), "shape" [N, S]} of a split,
-    N truncated to a multiple of the device count and of `chunk` (when N >= chunk)."""
+def eval_batch(data: Mapping[str, np.ndarray], devices: int = 1, chunk: int = 32, kind: str = "iresnet") -> dict:
+    """{"crops" [N, C, C, 3] uint8 (the encoder kind's crops at the exact five points), "shape"
+    [N, S]} of a split, N truncated to a multiple of the device count and of `chunk` (when N >=
+    chunk)."""
     n = len(data["image"])
     step = int(np.lcm(int(devices), int(chunk))) if n >= chunk else int(devices)
     n = (n // step) * step
     if n == 0:
         raise ValueError(f"{len(data['image'])} evaluation images cannot fill a batch of {step}")
-    return {"crops": crop_batch(data["image"][:n], data["five"][:n]), "shape": data["shape"][:n]}
+    return {"crops": crop_batch(data["image"][:n], data["five"][:n], kind), "shape": data["shape"][:n]}
 
 
 # ----------------------------------------------------------------------------------------------
