@@ -7,7 +7,7 @@
 Variants:
   ''      settings for real videos (512-ish pixels): 300 landmark + 3 x 150 photometric steps on
           the first frame, 30 + 30/30/40 on every later frame.
-  'tiny'  three synthetic 192 x 192 sequences of 8 frames with ground truth (CPU, ~15 minutes);
+  'tiny'  three synthetic 192 x 192 sequences of 8 frames with ground truth (CPU, about 5 minutes);
           compares the mean-shape initialisation with MICA's (mica_workdir) and with the true
           shape, with the true focal length given (a calibrated camera). Add
           --config.synthetic.known_focal="(False, True)" to also estimate the focal length (it is
