@@ -239,11 +239,12 @@ def run_synthetic(cfg, work: Path):
     and averaged over the sequences."""
     from dhjax.data import synthetic
     sc = cfg.synthetic
+    seqs = tuple(int(q) for q in sc.sequences)
     rows, best, step_cache = [], None, {}
     # One head model for all sequences, so that compiled optimisation steps are shared.
     assets = synthetic.build_assets(None, int(sc.uv_size))
     model = synthetic.base_model(assets)
-    for seq in tuple(int(q) for q in sc.sequences):
+    for seq in seqs:
         t0 = time.time()
         frames, samples, _ = synthetic_sequence(cfg, seq, assets)
         true_f = float(samples[0]["K"][0, 0])
@@ -299,7 +300,6 @@ def run_synthetic(cfg, work: Path):
                     f"{r['photometric_error']:.4f} |\n")
         return out
 
-    seqs = tuple(int(q) for q in sc.sequences)
     (work / "report.json").write_text(json.dumps(dict(sequences=seqs, rows=rows, summary=summary), indent=1))
     text = (f"# Synthetic tracking benchmark\n\nsequences {list(seqs)} (seed {sc.seed}), {sc.n_frames} frames of "
             f"{sc.width}x{sc.height} each, landmark noise {sc.landmark_noise_px} px\n\n"
