@@ -19,10 +19,11 @@ Variants:
          is below the mean face's, but only just: median / mean / std 1.302 / 1.640 / 1.361 mm
          against 1.316 / 1.659 / 1.371 (validation identities: 1.301 / 1.722 against 1.331 /
          1.779); with a scale in the alignment it ties (0.956 / 1.228 against 0.952 / 1.222).
-         The margin is within the spread of 32 identities (per identity MICA is better on 14),
-         and 2500 steps give 1.323 / 1.671 on the test identities, so at this scale it is not
-         a robust win: the landmarks are about 3 px off, and the shape needs them to within a
-         pixel (see dhjax.capture.mica_landmarks).
+         The margin is within the spread of 32 identities (per identity MICA is better on 14,
+         one-sided Wilcoxon p = 0.64; experiments.mica_eval reports this test), and 2500 steps
+         give 1.323 / 1.671 on the test identities, so at this scale it is not a win: the
+         landmarks are about 3 px off, and the shape needs them to within a pixel (see
+         dhjax.capture.mica and dhjax.capture.mica_landmarks).
   tiny_iresnet
          the same data and optimiser with MICA's own encoder trained from scratch: IResNet
          (1,1,1,1), width 8, 32-d embedding, 400 steps of batch 32. It memorises the training

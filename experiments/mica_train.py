@@ -93,6 +93,12 @@ def main(argv):
         for name, res in rows.items():
             for k in ("median_mm", "mean_mm", "std_mm"):
                 final[f"{split}/{name.replace(' ', '_')}/{k}"] = float(res["summary"][k])
+        c = mica.compare_per_identity(rows, d["identity"], "metric")
+        final.update({f"{split}/per_identity_metric/wins": c["wins"], f"{split}/per_identity_metric/n": c["n"],
+                      f"{split}/per_identity_metric/mean_diff_mm": c["mean_diff"],
+                      f"{split}/per_identity_metric/p_mica_better": c["p_a_better"]})
+        log(f"  per identity (metric): MICA better on {c['wins']} of {c['n']}, mean difference "
+            f"{c['mean_diff']:+.3f} mm, one-sided Wilcoxon p = {c['p_a_better']:.3g}")
     if lead:
         path = os.path.join(work, "final_metrics.json")
         merged = json.load(open(path)) if os.path.exists(path) else {}

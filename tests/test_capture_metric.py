@@ -374,3 +374,47 @@ def test_bad_reporting_inputs():
         metric.plot_cumulative_errors("unused.png", {"a": np.ones(3)}, max_mm=0.0)
     with pytest.raises(ValueError, match=r"curves\['a'\]: 1 non-finite"):
         metric.plot_cumulative_errors("unused.png", {"a": np.array([np.nan, 1.0])})
+
+
+def test_paired_comparison_p_value_against_sign_flip_enumeration():
+    # Oracle: under the null every sign of |d| is equally likely, so the one-sided p-value of
+    # "A is lower" is the share of the 2^n sign patterns whose rank sum of positive
+    # differences is at most the observed one.
+    rng = np.random.default_rng(4)
+    b = rng.uniform(1.0, 2.0, 10)
+    d = rng.normal(-0.05, 0.1, 10)
+    a = b + d
+    ranks = np.argsort(np.argsort(np.abs(d))) + 1.0
+    observed = ranks[d > 0].sum()
+    signs = (np.arange(2 ** 10)[:, None] >> np.arange(10)) & 1
+    p_exact = np.mean((signs * ranks).sum(1) <= observed)
+    c = metric.paired_comparison(a, b)
+    np.testing.assert_allclose(c["p_a_better"], p_exact, rtol=1e-9)
+    assert c["n"] == 10 and c["wins"] == int(np.sum(d < 0)) and c["ties"] == 0
+    np.testing.assert_allclose([c["mean_diff"], c["median_diff"]], [d.mean(), np.median(d)], rtol=1e-12)
+    lo, hi = c["ci95_mean_diff"]
+    assert lo < c["mean_diff"] < hi
+    # swapping the methods mirrors the one-sided test; the two-sided one is symmetric
+    s = metric.paired_comparison(b, a)
+    np.testing.assert_allclose(s["p_two_sided"], c["p_two_sided"], rtol=1e-9)
+    assert s["wins"] == 10 - c["wins"]
+
+
+def test_paired_comparison_separates_a_consistent_gain_from_noise():
+    rng = np.random.default_rng(5)
+    b = rng.uniform(1.0, 2.0, 32)             # identities differ far more than the methods
+    better = metric.paired_comparison(b - 0.02 + 0.005 * rng.normal(size=32), b)
+    noise = metric.paired_comparison(b + 0.05 * rng.normal(size=32), b)
+    assert better["p_a_better"] < 1e-6 and better["wins"] == 32
+    assert noise["p_a_better"] > 0.01
+    same = metric.paired_comparison(b, b)
+    assert same["p_a_better"] == 1.0 and same["ties"] == 32
+
+
+def test_paired_comparison_bad_inputs():
+    with pytest.raises(ValueError, match="same items"):
+        metric.paired_comparison(np.ones(3), np.ones(4))
+    with pytest.raises(ValueError, match="at least 2"):
+        metric.paired_comparison(np.ones(1), np.ones(1))
+    with pytest.raises(ValueError, match="b: 1 non-finite"):
+        metric.paired_comparison(np.ones(3), np.array([1.0, np.inf, 1.0]))

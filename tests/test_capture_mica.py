@@ -565,6 +565,23 @@ def test_benchmark_perfect_prediction_beats_the_mean_face(model):
     assert s["mean face scaled"]["median_mm"] < s["mean face metric"]["median_mm"]
     with pytest.raises(ValueError, match="same length"):
         mica.benchmark(model, gt, gt[:1], np.array([0, 1]))
+    c = mica.compare_per_identity(rows, np.array([0, 1]))
+    assert c["wins"] == 2 and c["identities"] == [0, 1] and c["mean_diff"] < -1.0
+    with pytest.raises(ValueError, match="missing"):
+        mica.compare_per_identity({"MICA metric": rows["MICA metric"]}, np.array([0, 1]))
+
+
+def test_compare_per_identity_averages_an_identitys_images():
+    per = lambda *m: {"per_scan": [{"mean_mm": x} for x in m]}  # noqa: E731
+    # identities 7 (images 0, 2) and 3 (images 1, 3): MICA 1.0 / 3.0 on average; mean face 2.0 / 2.5
+    rows = {"MICA metric": per(0.5, 2.0, 1.5, 4.0), "mean face metric": per(2.5, 2.0)}
+    c = mica.compare_per_identity(rows, np.array([7, 3, 7, 3]))
+    assert c["identities"] == [3, 7]
+    np.testing.assert_allclose(c["mica_mm"], [3.0, 1.0])
+    np.testing.assert_allclose(c["mean_face_mm"], [2.5, 2.0])
+    assert c["wins"] == 1 and c["n"] == 2
+    with pytest.raises(ValueError, match="hold 4 MICA and 2 mean-face scans; expected 3 and 2"):
+        mica.compare_per_identity(rows, np.array([7, 3, 7]))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -652,6 +669,8 @@ def test_train_predict_eval_end_to_end(tmp_path, variant):
     res = json.loads((tmp_path / "eval" / "results.json").read_text())
     assert set(res["summary"]) == {"MICA metric", "MICA scaled", "mean face metric", "mean face scaled"}
     assert res["n_images"] == 4 and res["n_identities"] == 2
+    assert res["per_identity"]["metric"]["n"] == 2 and len(res["per_identity"]["scaled"]["mica_mm"]) == 2
+    assert "Wilcoxon" in (tmp_path / "eval" / "results.md").read_text()
     assert "| mean face | scaled |" in (tmp_path / "eval" / "results.md").read_text()
     assert (tmp_path / "eval" / "cumulative_errors.png").stat().st_size > 1000
     # a workdir without a run
