@@ -45,7 +45,9 @@ LANDMARK_SUFFIXES = (".npy", ".txt", ".pts", ".json")
 
 
 def load_run(workdir):
-    """(cfg, variables of the selected network, model record, checkpoint step) of a run.
+    """(cfg, variables of the selected network, model record, checkpoint step) of a run. A run
+    that calibrates its mapping (config calibration.enabled) predicts with its calibrated
+    network (`mica.calibrated_variables`).
 
     Raises FileNotFoundError when the workdir holds no run or no checkpoint, ValueError when the
     checkpoint does not fit its config."""
@@ -58,6 +60,8 @@ def load_run(workdir):
     except FileNotFoundError as err:
         raise FileNotFoundError(f"MICA run '{workdir}' has no checkpoint ({err}); train it first with "
                                 f"python -m experiments.mica_train --workdir={workdir}") from err
+    if mica.calibration_enabled(cfg):
+        return cfg, mica.calibrated_variables(workdir, state, step), rec, step
     return cfg, mica.best_variables(state), rec, step
 
 

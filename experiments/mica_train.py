@@ -4,7 +4,12 @@
 
 Generates (once, cached) the train / validation / test splits, trains with model selection on
 the validation split, then measures the selected network and the mean face on validation and
-test identities with the metric (rigid) protocol of `dhjax.capture.metric`.
+test identities with the metric (rigid) protocol of `dhjax.capture.metric`. With
+calibration.enabled (the landmark encoder of configs/mica.py:tiny) it also generates the
+calibration split and, after training, refits the mapping on the landmarks the trained network
+finds in those held-out identities (`mica.calibrate_mapping`), written to
+mapping_calibration.npz; the final benchmark, mica_predict, mica_eval and the tracker then use
+the calibrated network. Rerunning the same command on a finished run recalibrates.
 
 Writes into the workdir: checkpoints/ (resumable; the state holds the selected network),
 TensorBoard events and metrics.jsonl, config.json, mica_model.json (encoder architecture and
@@ -65,7 +70,9 @@ def main(argv):
     t0 = time.time()
     model = flame.load()
     arch, enc_vars = encoder_setup(cfg, log)
-    splits = mica.cached_splits(cfg.data, ("train", "val", "test"), verbose=lead)
+    calibrate = mica.calibration_enabled(cfg)
+    splits = mica.cached_splits(cfg.data, ("train", "val", "test") + (("calib",) if calibrate else ()),
+                                verbose=lead)
     log(f"data ready in {time.time() - t0:.0f}s: " + ", ".join(
         f"{s} {len(d['image'])} images of {len(np.unique(d['identity']))} identities" for s, d in splits.items()))
     if lead:
@@ -82,6 +89,17 @@ def main(argv):
     log(f"training: {result.steps_run} steps in {time.time() - t1:.0f}s; selected step "
         f"{int(result.state['best']['step'])} (validation face error {float(result.state['best']['val_mm']):.3f} mm)")
     variables = jax.device_get(mica.best_variables(result.state))
+    if calibrate:
+        state = jax.device_get(result.state)
+        step = int(state["step"])
+        log(f"calibrating the mapping on the landmarks of {len(splits['calib']['image'])} images of "
+            f"{len(np.unique(splits['calib']['identity']))} held-out identities (heatmap network of step {step}):")
+        variables, fit = mica.calibrate_mapping({"params": state["params"]}, splits["calib"], model,
+                                                cfg.calibration, log=log)
+        log(f"  chose ridge strength {fit['lam']:g}: cross-validated face error {fit['cv_mm'].min():.3f} mm "
+            f"(mean face {fit['mean_face_mm']:.3f} mm, rigidly aligned face region)")
+        if lead:
+            mica.save_calibration(work, fit, step)
     final = {}
     for split in ("val", "test"):
         d = splits[split]
@@ -103,6 +121,9 @@ def main(argv):
         path = os.path.join(work, "final_metrics.json")
         merged = json.load(open(path)) if os.path.exists(path) else {}
         merged.update(final)
+        if calibrate:
+            merged.update({"calibration/lam": float(fit["lam"]), "calibration/cv_face_mm": float(fit["cv_mm"].min()),
+                           "calibration/mean_face_mm": float(fit["mean_face_mm"])})
         merged["selected_step"] = int(result.state["best"]["step"])
         merged["selected_val_face_mm"] = float(result.state["best"]["val_mm"])
         with open(path, "w") as f:

@@ -411,6 +411,100 @@ def test_landmark_encoder_predict_and_crop_kind(trained_landmarks, tmp_path):
     assert arch == LANDMARK_ARCH and rec["encoder"]["kind"] == "landmarks"
 
 
+# ----------------------------------------------------------------------------------------------
+# Mapping calibration (landmark encoder).
+
+
+def test_aligned_face_errors_match_a_procrustes_oracle(model):
+    from scipy.linalg import orthogonal_procrustes
+
+    rng = np.random.default_rng(3)
+    gt = rng.normal(size=(3, 300)).astype(np.float32)
+    pred = (gt + 0.7 * rng.normal(size=(3, 300))).astype(np.float32)
+    got = mica.aligned_face_errors_mm(model, pred, gt)
+    keep = np.asarray(model.regions["face"])
+    a = np.asarray(mica.neutral_vertices(model, pred), np.float64)[:, keep]
+    b = np.asarray(mica.neutral_vertices(model, gt), np.float64)[:, keep]
+    for i in range(3):
+        A, B = a[i] - a[i].mean(0), b[i] - b[i].mean(0)
+        R, _ = orthogonal_procrustes(A, B)
+        assert np.linalg.det(R) > 0
+        np.testing.assert_allclose(got[i], 1000 * np.linalg.norm(A @ R - B, axis=1).mean(), rtol=2e-3)
+    # a rigidly equal prediction scores zero, a wrong one does not
+    np.testing.assert_allclose(mica.aligned_face_errors_mm(model, gt, gt), 0.0, atol=2e-3)
+    assert got.min() > 0.1
+    with pytest.raises(ValueError, match="two \\[N, S\\] arrays"):
+        mica.aligned_face_errors_mm(model, gt, gt[:2])
+
+
+def test_fit_linear_mapping_recovers_a_linear_relation_and_picks_its_strength(model):
+    rng = np.random.default_rng(4)
+    n, d = 240, 12
+    X = rng.normal(size=(n, d))
+    W = np.zeros((d, 300))
+    W[:, :20] = rng.normal(size=(d, 20)) * 0.3
+    Y = X @ W + 0.05 * rng.normal(size=(n, 300))
+    groups = np.repeat(np.arange(n // 2), 2)          # two items per identity
+    fit = mica.fit_linear_mapping(X, Y, model, lambdas=(1e-3, 1.0, 1e4), folds=4, groups=groups)
+    assert fit["lam"] in (1e-3, 1.0) and fit["cv_mm"][2] > fit["cv_mm"].min()
+    np.testing.assert_allclose(fit["W"][:, :20], W[:, :20], atol=0.03)
+    assert fit["cv_mm"].min() < 0.3 * fit["mean_face_mm"]
+    # descriptors that carry nothing: the strongest ridge (closest to the mean face) wins
+    noise = mica.fit_linear_mapping(rng.normal(size=(n, d)), Y, model, lambdas=(1e-3, 1e4), folds=4, groups=groups)
+    assert noise["lam"] == 1e4
+    with pytest.raises(ValueError, match="one identity per fold"):
+        mica.fit_linear_mapping(X[:6], Y[:6], model, lambdas=(1.0,), folds=4, groups=groups[:6])
+    with pytest.raises(ValueError, match="positive ridge strengths"):
+        mica.fit_linear_mapping(X, Y, model, lambdas=(0.0,))
+
+
+def test_calibrated_network_predicts_the_linear_mapping(trained_landmarks, tmp_path, model):
+    variables = mica.best_variables(trained_landmarks["state"])
+    crops = trained_landmarks["val"]["crops"]
+    X = mica.landmark_descriptors(variables, crops)
+    assert X.shape == (4, 136) and np.all(np.isfinite(X))
+    rng = np.random.default_rng(5)
+    W, b = 0.1 * rng.normal(size=(136, 300)), rng.normal(size=300)
+    cal = mica.with_linear_mapping(variables, W, b)
+    net = mica.net_from_variables(cal)
+    assert isinstance(net, mica.LandmarkMicaNet) and net.n_hidden == 0
+    np.testing.assert_allclose(mica.predict(cal, crops), X @ W + b, atol=2e-3)
+    # written for a checkpoint, read back with the training state of that checkpoint only
+    fit = dict(W=W, b=b, lam=1.0, lambdas=np.ones(1), cv_mm=np.ones(1), mean_face_mm=1.0)
+    with pytest.raises(FileNotFoundError, match="no mapping_calibration.npz"):
+        mica.calibrated_variables(tmp_path, trained_landmarks["state"], 7)
+    mica.save_calibration(tmp_path, fit, 7)
+    back = mica.calibrated_variables(tmp_path, trained_landmarks["state"], 7)
+    np.testing.assert_allclose(mica.predict(back, crops), X @ W + b, atol=2e-3)
+    with pytest.raises(ValueError, match="fitted for checkpoint 7, the latest checkpoint is 8"):
+        mica.calibrated_variables(tmp_path, trained_landmarks["state"], 8)
+    with pytest.raises(ValueError, match="landmark-encoder"):
+        mica.landmark_descriptors({"params": {"encoder": {}, "mapping": {}}}, crops)
+
+
+def test_calibration_settings_and_split():
+    tiny = config_lib.load_config(os.path.join(ROOT, "configs/mica.py:tiny"))
+    assert mica.calibration_enabled(tiny)
+    assert not mica.calibration_enabled(config_lib.load_config(os.path.join(ROOT, "configs/mica.py:tiny_iresnet")))
+    bad = config_lib.load_config(os.path.join(ROOT, "configs/mica.py:tiny_iresnet"))
+    bad.calibration.enabled = True
+    with pytest.raises(ValueError, match="needs the landmark encoder"):
+        mica.calibration_enabled(bad)
+    small = config_lib.load_config(os.path.join(ROOT, "configs/mica.py:tiny"))
+    small.data.calib_identities = (250_000, 6)
+    with pytest.raises(ValueError, match="at least 2 x calibration.folds = 10 identities, got 6"):
+        mica.calibration_enabled(small)
+    # the calibration split is its own identities; other splits' caches do not depend on it
+    assert mica._split_spec(tiny.data, "calib") == (250_000, 900, 1, 1)
+    other = config_lib.load_config(os.path.join(ROOT, "configs/mica.py:tiny"))
+    other.data.calib_identities = (250_000, 50)
+    for split in ("train", "val", "test"):
+        assert mica._cache_path(tiny.data, split) == mica._cache_path(other.data, split)
+    assert mica._cache_path(tiny.data, "calib") != mica._cache_path(other.data, "calib")
+    with pytest.raises(ValueError, match="'calib'"):
+        mica._split_spec(tiny.data, "holdout")
+
+
 @pytest.mark.slow
 @pytest.mark.peers
 def test_onnx_encoder_weights_load_into_the_net(model, tmp_path):
@@ -627,7 +721,8 @@ def test_train_predict_eval_end_to_end(tmp_path, variant):
             "--config.encoder.width=4", "--config.encoder.embedding=16", "--config.encoder.heatmap_width=4",
             "--config.batch_size=4",
             "--config.train.steps=6", "--config.train.log_every=2", "--config.train.checkpoint_every=3",
-            "--config.train.eval_every=3", "--config.select_every=2", "--config.eval.scan_points=500"]
+            "--config.train.eval_every=3", "--config.select_every=2", "--config.eval.scan_points=500",
+            "--config.data.calib_identities=(250000, 4)", "--config.calibration.folds=2"]
     out = _run("experiments.mica_train", f"--config=configs/mica.py:{variant}", f"--workdir={work}", *over).stdout
     kind = "landmarks" if variant == "tiny" else "iresnet"
     assert json.loads((work / "mica_model.json").read_text())["encoder"]["kind"] == kind
@@ -637,6 +732,11 @@ def test_train_predict_eval_end_to_end(tmp_path, variant):
         for row in ("MICA_metric", "mean_face_metric"):
             assert final[f"{split}/{row}/median_mm"] > 0
     assert final["selected_step"] in (2, 4, 6)
+    if variant == "tiny":             # the landmark encoder's mapping is calibrated after training
+        assert "calibrating the mapping on the landmarks of 4 images of 4 held-out identities" in out
+        assert int(np.load(work / mica.CALIBRATION_FILE)["step"]) == 6 and final["calibration/lam"] > 0
+    else:
+        assert not (work / mica.CALIBRATION_FILE).exists()
     assert (work / "metrics.jsonl").read_text().count("\n") >= 3
     # resuming a finished run trains no more steps
     out = _run("experiments.mica_train", f"--config=configs/mica.py:{variant}", f"--workdir={work}", *over).stdout

@@ -62,11 +62,23 @@ distances around the front of the head. The five alignment points are the projec
 ground-truth 68 landmarks of the posed mesh (what a perfect detector gives); training adds
 Gaussian pixel noise to them (`data.landmark_noise_px`) before cropping, inside the step.
 
+Mapping calibration (`calibrate_mapping`, config `calibration.enabled`, landmark encoder
+only): after training, the mapping is refitted as one linear layer (ridge regression from the
+descriptor to the shape, its strength chosen by 5-fold cross-validation of
+`aligned_face_errors_mm`) on the landmarks the trained heatmap network finds in a separate
+calibration split (`data.calib_identities`, identities used for nothing else). Trained on its
+own training images, the mapping reads landmarks that are better than the network's landmarks
+on new faces, and on new faces the network also pulls its points towards a typical face; fitted
+on held-out identities (cross-fitting) it learns the relation that holds at test time. The fit
+is stored next to the checkpoints (`CALIBRATION_FILE`, `save_calibration`) and
+`calibrated_variables` combines it with the heatmap network of the last training step.
+
 Benchmark (`synthetic_scans`, `benchmark`): the NoW-style metric evaluation of
 `dhjax.capture.metric` on held-out identities: scans are ground-truth neutral meshes cropped to
 the face region, sampled with noise and moved by a random rigid transform, with the 7 NoW
 landmarks; predictions are MICA's meshes and the mean face (zero shape), aligned rigidly
-(metric) or with a scale (non-metric).
+(metric) or with a scale (non-metric). `compare_per_identity` compares MICA with the mean face
+identity by identity (paired Wilcoxon test).
 
 What the embedded head lets MICA learn. Its shape coefficients are independent N(0, 1) and
 the first component is almost a uniform scaling of the head (correlation 0.98 with the radial
@@ -83,19 +95,19 @@ face's error on held-out ones (test: 1.326 / 1.679 mm median / mean against the 
 1.316 / 1.659). What can be read: a ridge regression from the exact projected 68 landmarks of
 an image to its shape reaches 0.93 mm median on the same test identities, 1.17 mm with 1 px of
 landmark noise (160 px images), so the face's proportions are in its landmarks, but only to a
-pixel or so. The landmark encoder (the `tiny` config) localises held-out faces to about 3.4 px
-(1.7 px of its 96 px crop) after 1000 steps; its metric error is just below the mean face's
-(1.302 / 1.640 mm median / mean on the test identities), but per identity
-(`compare_per_identity`) it wins 14 of 32, p = 0.64: no real gain. Measured ceilings (session
-notes of issue 8): a mapping trained on 41k landmark sets sampled from the head model itself
-(exact landmarks, no rendering) removes 22-25 % of the mean face's rigidly aligned face-region
-error; with the exact test landmarks behind such a mapping the benchmark gives 1.172 / 1.472 mm
-(better on 24 of 32 identities, p = 5e-5); a stronger landmark network (face 1.5x larger in the
-crop, heatmaps at 1/2 resolution, 3000 steps) reaches 2.1 px but still ties (13 of 32, p =
-0.57), because a detector trained on a few hundred identities pulls its points towards a
-typical face, which removes the identity-specific deviations the shape is read from. Landmarks
-good to about a pixel on unseen identities (a much larger training budget) are what this
-encoder would need.
+pixel or so. The landmark encoder (the `tiny` config) localises held-out faces to about 3 px
+(1.7 px of its 96 px crop) after 1000 steps. With its mapping trained on the training images
+it is no better than the mean face (on 256 test identities better on 117, one-sided Wilcoxon p
+= 0.90); calibrated (above) it is, by a little: metric median / mean 1.214 / 1.545 mm against
+the mean face's 1.241 / 1.588, better on 140 of 256 identities, p = 0.0015. Measured ceilings
+(issue 8's session notes): a mapping from the exact landmarks of the test images, fitted on
+41k landmark sets sampled from the head model, wins on 24 of 32 identities (1.172 / 1.472 mm
+against 1.316 / 1.659), so a better landmark network is what would raise the gain; one with the
+face 1.5x larger in the crop, heatmaps at 1/2 resolution and 3000 steps (about 12 minutes)
+reaches 2.1 px, which did not help behind a mapping fitted on noisy true landmarks (13 of 32),
+because its errors are not noise: trained on a few hundred identities it pulls its points
+towards a typical face. Landmarks good to about a pixel on unseen identities (a much larger
+training budget) are what this encoder would need.
 
 Everything here is a pure function of its arguments; the training loop, checkpoints and logs
 are `dhjax.train`'s (`experiments.mica_train`).
@@ -139,6 +151,8 @@ __all__ = [
     "validation_error", "vertex_errors_mm", "best_variables", "method_functions",
     "sample_cameras", "generate_split", "cached_split", "cached_splits", "split_dataset", "eval_batch",
     "synthetic_scans", "mesh_prediction", "benchmark", "compare_per_identity", "write_run_model", "read_run",
+    "CALIBRATION_FILE", "landmark_descriptors", "aligned_face_errors_mm", "fit_linear_mapping",
+    "calibration_enabled", "calibrate_mapping", "with_linear_mapping", "save_calibration", "calibrated_variables",
 ]
 
 N_SHAPE = 300
@@ -189,6 +203,8 @@ def default_config() -> ml_collections.ConfigDict:
     optim: AdamW lr, weight_decay, warmup_steps (linear from 0), schedule ("constant" |
       "cosine" to 0 at train.steps), clip (global gradient norm, 0 = off).
     data: see `default_data_config`. select_every: steps between validations for model selection.
+    calibration (landmark encoder only, `calibrate_mapping`): enabled, lambdas (ridge strengths
+      tried), folds (cross-validation folds over the calibration identities).
     """
     c = ml_collections.ConfigDict()
     c.n_shape = N_SHAPE
@@ -211,6 +227,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.optim = ml_collections.ConfigDict(dict(lr=1e-5, weight_decay=2e-4, warmup_steps=0,
                                              schedule="constant", clip=0.0))
     c.select_every = 1000
+    c.calibration = ml_collections.ConfigDict(dict(
+        enabled=False, lambdas=(1.0, 3.0, 10.0, 30.0, 100.0, 300.0, 1000.0, 3000.0), folds=5))
     c.data = default_data_config()
     return c
 
@@ -222,9 +240,11 @@ def default_data_config() -> ml_collections.ConfigDict:
       multiview.global_std / translation_std: head pose jitter).
     image_size (square, pixels), fov_y_deg, radius (min, max) metres, azimuth_deg (max |az|),
     elevation_deg (min, max), target (look-at point, model space), target_jitter (m, per axis);
-    train / val / test_identities: (first identity number, count), disjoint ranges;
+    train / val / test / calib_identities: (first identity number, count), disjoint ranges
+      (calib: the landmark encoder's mapping calibration, `calibrate_mapping`; count 0 = none);
     train_expressions, train_views: expressions per identity and views per expression;
-    eval_expressions, eval_views: the same for validation and test;
+    eval_expressions, eval_views: the same for validation and test; calib_expressions,
+      calib_views: for the calibration split;
     landmark_noise_px: std of the pixel noise added to the five points when training;
     cache_dir: "" = $DHJAX_CACHE or ~/.cache/dhjax.
     """
@@ -234,7 +254,8 @@ def default_data_config() -> ml_collections.ConfigDict:
         synthetic=syn, image_size=192, fov_y_deg=19.0, radius=(0.9, 1.1), azimuth_deg=30.0,
         elevation_deg=(-10.0, 15.0), target=(0.0, -0.035, 0.0), target_jitter=0.01,
         train_identities=(0, 5000), val_identities=(500_000, 100), test_identities=(1_000_000, 100),
-        train_expressions=2, train_views=2, eval_expressions=1, eval_views=2,
+        calib_identities=(250_000, 0), train_expressions=2, train_views=2, eval_expressions=1, eval_views=2,
+        calib_expressions=1, calib_views=1,
         landmark_noise_px=1.0, cache_dir=""))
 
 
@@ -386,6 +407,10 @@ def net_from_variables(variables: Mapping[str, Any]) -> MicaNet | LandmarkMicaNe
     params = variables["params"]
     mapping = params["mapping"]
     n_hidden = sum(1 for k in mapping if k.startswith("hidden"))
+    if kind == "landmarks" and "output" in mapping and n_hidden == 0:
+        # a calibrated mapping (`with_linear_mapping`): one linear layer
+        return LandmarkMicaNet(width=int(params["heatmap"]["stem"]["kernel"].shape[-1]), hidden_dim=1,
+                               n_hidden=0, n_shape=int(mapping["output"]["kernel"].shape[-1]))
     if "output" not in mapping or n_hidden == 0:
         raise ValueError(f"variables: mapping has {sorted(mapping)}, expected hidden0.. and output")
     if kind == "landmarks":
@@ -943,7 +968,11 @@ def _split_spec(data_cfg, split: str):
     if split in ("val", "test"):
         first, count = data_cfg[f"{split}_identities"]
         return int(first), int(count), int(data_cfg.eval_expressions), int(data_cfg.eval_views)
-    raise ValueError(f"split must be 'train', 'val' or 'test', got {split!r}")
+    if split == "calib":
+        first, count = data_cfg.get("calib_identities", (250_000, 0))
+        return (int(first), int(count), int(data_cfg.get("calib_expressions", 1)),
+                int(data_cfg.get("calib_views", 1)))
+    raise ValueError(f"split must be 'train', 'val', 'test' or 'calib', got {split!r}")
 
 
 @jax.jit
@@ -1003,12 +1032,15 @@ def _cache_key(data_cfg, split: str) -> dict:
     d = data_cfg.to_dict()
     d.pop("cache_dir", None)
     d.pop("landmark_noise_px", None)   # augmentation, applied at training time
-    for s in ("train", "val", "test"):
+    for s in ("train", "val", "test", "calib"):
         if s != split:
             d.pop(f"{s}_identities", None)
-    unused = ("eval_expressions", "eval_views") if split == "train" else ("train_expressions", "train_views")
-    for k in unused:
-        d.pop(k, None)
+    counts = {"train": ("train_expressions", "train_views"), "eval": ("eval_expressions", "eval_views"),
+              "calib": ("calib_expressions", "calib_views")}
+    for group, keys in counts.items():
+        if group != {"val": "eval", "test": "eval"}.get(split, split):
+            for k in keys:
+                d.pop(k, None)
     return {"mica_data": d, "split": split, "format": DATA_FORMAT}
 
 
@@ -1088,6 +1120,209 @@ def eval_batch(data: Mapping[str, np.ndarray], devices: int = 1, chunk: int = 32
     if n == 0:
         raise ValueError(f"{len(data['image'])} evaluation images cannot fill a batch of {step}")
     return {"crops": crop_batch(data["image"][:n], data["five"][:n], kind), "shape": data["shape"][:n]}
+
+
+# ----------------------------------------------------------------------------------------------
+# Mapping calibration (landmark encoder).
+
+CALIBRATION_FILE = "mapping_calibration.npz"
+"""The calibrated linear mapping of a landmark-encoder run (`save_calibration`), in its workdir."""
+
+
+@functools.partial(jax.jit, static_argnames=("width",))
+def _descriptors(heatmap_params, crops, *, width: int):
+    pts = mlm.HeatmapNet(width=width).apply({"params": heatmap_params}, crops)
+    return mlm.descriptor(pts)
+
+
+def landmark_descriptors(variables, crops, batch_size: int = 64) -> np.ndarray:
+    """Descriptors [N, 136] (`mica_landmarks.descriptor`) of the 68 landmarks the landmark
+    network of `variables` finds in landmark crops [N, 96, 96, 3] (uint8 or floats in [0, 1]).
+    The descriptor is similarity invariant, so crop and image pixels give the same one."""
+    if variables_kind(variables) != "landmarks":
+        raise ValueError("landmark_descriptors needs the variables of a landmark-encoder network "
+                         "(encoder.kind 'landmarks')")
+    hp = variables["params"]["heatmap"]
+    width = int(hp["stem"]["kernel"].shape[-1])
+    crops = np.asarray(check_crops(crops, "landmarks"))
+    out = [np.asarray(_descriptors(hp, jnp.asarray(crops[i:i + batch_size]), width=width))
+           for i in range(0, len(crops), batch_size)]
+    return np.concatenate(out).astype(np.float64)
+
+
+@functools.partial(jax.jit, static_argnames=("chunk",))
+def _aligned_errors(model, keep, pred_shape, gt_shape, chunk: int = 64):
+    def one(zp, zg):
+        a = neutral_vertices(model, zp[None])[0]
+        b = neutral_vertices(model, zg[None])[0]
+        w = keep / jnp.sum(keep)
+        ca, cb = jnp.sum(a * w[:, None], 0), jnp.sum(b * w[:, None], 0)
+        A, B = a - ca, b - cb
+        U, _, Vt = jnp.linalg.svd((A * w[:, None]).T @ B)
+        d = jnp.sign(jnp.linalg.det(U @ Vt))
+        R = U @ jnp.diag(jnp.array([1.0, 1.0, d])) @ Vt
+        e = jnp.sqrt(jnp.sum((A @ R - B) ** 2, -1) + 1e-20)
+        return _MM * jnp.sum(e * w)
+    return jax.lax.map(lambda ab: one(*ab), (pred_shape, gt_shape), batch_size=chunk)
+
+
+def aligned_face_errors_mm(model: flame.FlameModel, pred_shape, gt_shape, region: str = "face") -> np.ndarray:
+    """Per item [N]: mean distance (mm) between the `region` vertices of the predicted and the
+    true neutral mesh after the best rigid motion (Kabsch, no scale) of the prediction onto the
+    truth. A fast, scan-free stand-in for the metric (rigid) benchmark; shapes [N, S]."""
+    if region not in (model.regions or {}):
+        raise ValueError(f"region {region!r} is not a region of model {model.name!r}")
+    keep = jnp.asarray(np.asarray(model.regions[region]), jnp.float32)
+    pred = jnp.asarray(pred_shape, jnp.float32)
+    gt = jnp.asarray(gt_shape, jnp.float32)
+    if pred.shape != gt.shape or pred.ndim != 2:
+        raise ValueError(f"pred_shape and gt_shape: expected two [N, S] arrays, got {pred.shape} and {gt.shape}")
+    return np.asarray(_aligned_errors(model, keep, pred, gt), np.float64)
+
+
+def _ridge(X, Y, lam: float):
+    mu, ym = X.mean(0), Y.mean(0)
+    Xc = X - mu
+    W = np.linalg.solve(Xc.T @ Xc + float(lam) * np.eye(X.shape[1]), Xc.T @ (Y - ym))
+    return W, ym - mu @ W
+
+
+def fit_linear_mapping(X, shapes, model: flame.FlameModel, *, lambdas, folds: int = 5, groups=None,
+                       log=None) -> dict:
+    """Ridge regression from descriptors to shape coefficients, its strength chosen by
+    cross-validation on the metric error.
+
+    For every ridge strength in `lambdas`, `folds`-fold cross-validation over identities
+    (`groups`: all images of an identity in the same fold) scores the held-out predictions by
+    `aligned_face_errors_mm`; the best strength is refitted on all items.
+
+    Args:
+      X: [N, D] descriptors; shapes: [N, S] true shape coefficients; groups: [N] identity
+        numbers (default: every item its own identity).
+    Returns:
+      {"W" [D, S], "b" [S] (z = X W + b), "lam", "lambdas" [L], "cv_mm" [L] (mean held-out
+       error per strength), "mean_face_mm" (the mean face's error on the same items)}.
+    """
+    X = np.asarray(X, np.float64)
+    Y = np.asarray(shapes, np.float64)
+    lambdas = [float(v) for v in lambdas]
+    if X.ndim != 2 or Y.ndim != 2 or len(X) != len(Y):
+        raise ValueError(f"X and shapes: expected [N, D] and [N, S] with the same N, got {X.shape} and {Y.shape}")
+    if not lambdas or min(lambdas) <= 0:
+        raise ValueError(f"lambdas: expected positive ridge strengths, got {lambdas}")
+    if not (np.isfinite(X).all() and np.isfinite(Y).all()):
+        raise ValueError("X and shapes must be finite")
+    groups = np.arange(len(X)) if groups is None else np.asarray(groups)
+    ids = np.unique(groups)
+    folds = int(folds)
+    if folds < 2 or len(ids) < folds:
+        raise ValueError(f"cross-validation needs at least 2 folds and one identity per fold; got {folds} "
+                         f"folds for {len(ids)} identities")
+    fold_of = {int(n): i % folds for i, n in enumerate(np.random.default_rng(0).permutation(ids))}
+    fold = np.asarray([fold_of[int(n)] for n in groups])
+    cv = []
+    for lam in lambdas:
+        pred = np.zeros_like(Y)
+        for f in range(folds):
+            W, b = _ridge(X[fold != f], Y[fold != f], lam)
+            pred[fold == f] = X[fold == f] @ W + b
+        cv.append(float(aligned_face_errors_mm(model, pred, Y).mean()))
+        if log:
+            log(f"  ridge strength {lam:g}: cross-validated face error {cv[-1]:.3f} mm")
+    lam = lambdas[int(np.argmin(cv))]
+    W, b = _ridge(X, Y, lam)
+    mean_face = float(aligned_face_errors_mm(model, np.zeros_like(Y), Y).mean())
+    return {"W": W, "b": b, "lam": lam, "lambdas": np.asarray(lambdas), "cv_mm": np.asarray(cv),
+            "mean_face_mm": mean_face}
+
+
+def calibration_enabled(cfg) -> bool:
+    """Whether a config calibrates the landmark encoder's mapping (`calibrate_mapping`); raises
+    ValueError for settings that cannot work (another encoder kind, no calibration split)."""
+    cal = cfg.get("calibration", None)
+    if cal is None or not bool(cal.get("enabled", False)):
+        return False
+    if _check_kind(cfg.encoder.get("kind", "iresnet")) != "landmarks":
+        raise ValueError("calibration.enabled needs the landmark encoder (encoder.kind='landmarks'); the "
+                         "iresnet's mapping reads an identity embedding, which is what it memorises")
+    _, count, _, _ = _split_spec(cfg.data, "calib")
+    if count < 2 * int(cal.folds):
+        raise ValueError(f"calibration.enabled needs a calibration split (data.calib_identities) of at least "
+                         f"2 x calibration.folds = {2 * int(cal.folds)} identities, got {count}")
+    return True
+
+
+def calibrate_mapping(variables, data: Mapping[str, np.ndarray], model: flame.FlameModel, cal_cfg,
+                      log=None) -> tuple[dict, dict]:
+    """Refits the landmark encoder's mapping on landmarks it finds in images of identities it
+    was not trained on.
+
+    Why: trained on its own training images, the mapping network reads landmarks that the
+    heatmap network has seen, which are more accurate than on new faces; on new faces the
+    network also pulls its points towards a typical face. A mapping fitted on the network's
+    landmarks of held-out identities (the calibration split: disjoint from train, validation and
+    test) learns the relation as it holds at test time (cross-fitting). The mapping becomes one
+    linear layer, z = descriptor W + b (`fit_linear_mapping`, ridge strength by cross-validated
+    metric error); the heatmap network is kept as given.
+
+    Args:
+      variables: a landmark-encoder network's variables; data: the calibration split
+        (`cached_split(cfg.data, "calib")`: image, five, shape, identity); cal_cfg: the config's
+        `calibration` block (lambdas, folds).
+    Returns:
+      (variables with the linear mapping, the fit of `fit_linear_mapping` plus "n_images" and
+      "n_identities").
+    """
+    crops = crop_batch(data["image"], data["five"], "landmarks")
+    X = landmark_descriptors(variables, crops)
+    fit = fit_linear_mapping(X, data["shape"], model, lambdas=tuple(cal_cfg.lambdas), folds=int(cal_cfg.folds),
+                             groups=data["identity"], log=log)
+    fit.update(n_images=int(len(X)), n_identities=int(len(np.unique(data["identity"]))))
+    return with_linear_mapping(variables, fit["W"], fit["b"]), fit
+
+
+def with_linear_mapping(variables, W, b) -> dict:
+    """Landmark-encoder variables whose mapping is the single linear layer z = d W + b (d the
+    [136] descriptor; W [136, S], b [S]), in `MappingNetwork`'s parameters (n_hidden = 0)."""
+    W, b = np.asarray(W, np.float32), np.asarray(b, np.float32)
+    mapping = {"output": {"kernel": jnp.asarray(W / OUTPUT_SCALE), "bias": jnp.asarray(b / OUTPUT_SCALE)}}
+    return {"params": {"heatmap": variables["params"]["heatmap"], "mapping": mapping}, "batch_stats": {}}
+
+
+def save_calibration(workdir, fit: Mapping[str, Any], step: int) -> Path:
+    """Writes a calibration fit for checkpoint `step` to <workdir>/CALIBRATION_FILE (atomic)."""
+    path = Path(workdir) / CALIBRATION_FILE
+    fd, tmp = tempfile.mkstemp(prefix=".calibration-", suffix=".npz", dir=path.parent)
+    os.close(fd)
+    try:
+        np.savez(tmp, W=np.asarray(fit["W"], np.float32), b=np.asarray(fit["b"], np.float32),
+                 lam=float(fit["lam"]), lambdas=np.asarray(fit["lambdas"]), cv_mm=np.asarray(fit["cv_mm"]),
+                 mean_face_mm=float(fit["mean_face_mm"]), step=int(step),
+                 n_images=int(fit.get("n_images", -1)), n_identities=int(fit.get("n_identities", -1)))
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
+def calibrated_variables(workdir, state, step: int) -> dict:
+    """The network a calibrated run predicts with: the heatmap network of the training state's
+    last step (its landmarks keep improving while the uncalibrated shape error used for model
+    selection does not tell) and the calibrated linear mapping of <workdir>/CALIBRATION_FILE.
+    Raises FileNotFoundError when the run has not been calibrated, ValueError when the
+    calibration belongs to another checkpoint."""
+    path = Path(workdir) / CALIBRATION_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"MICA run '{workdir}' calibrates its mapping (calibration.enabled) but has no "
+                                f"{CALIBRATION_FILE}; finish it with python -m experiments.mica_train "
+                                f"--workdir={workdir} (same config), which calibrates after training")
+    with np.load(path) as f:
+        cal = {k: f[k] for k in f.files}
+    if int(cal["step"]) != int(step):
+        raise ValueError(f"{path} was fitted for checkpoint {int(cal['step'])}, the latest checkpoint is {step}; "
+                         f"rerun python -m experiments.mica_train --workdir={workdir} to recalibrate")
+    return with_linear_mapping({"params": state["params"]}, cal["W"], cal["b"])
 
 
 # ----------------------------------------------------------------------------------------------
