@@ -87,7 +87,8 @@ def main(argv):
     if result.interrupted:
         return
     log(f"training: {result.steps_run} steps in {time.time() - t1:.0f}s; selected step "
-        f"{int(result.state['best']['step'])} (validation face error {float(result.state['best']['val_mm']):.3f} mm)")
+        f"{int(result.state['best']['step'])} (validation face error {float(result.state['best']['val_mm']):.3f} mm)"
+        + ("; the calibration below uses the last step's landmark network instead" if calibrate else ""))
     variables = jax.device_get(mica.best_variables(result.state))
     if calibrate:
         state = jax.device_get(result.state)
