@@ -89,8 +89,9 @@ def main(argv):
     log(f"training: {result.steps_run} steps in {time.time() - t1:.0f}s; selected step "
         f"{int(result.state['best']['step'])} (validation face error {float(result.state['best']['val_mm']):.3f} mm)"
         + ("; the calibration below uses the last step's landmark network instead" if calibrate else ""))
-    variables = jax.device_get(mica.best_variables(result.state))
-    if calibrate:
+    if not calibrate:
+        variables = jax.device_get(mica.best_variables(result.state))
+    else:
         state = jax.device_get(result.state)
         step = int(state["step"])
         log(f"calibrating the mapping on the landmarks of {len(splits['calib']['image'])} images of "

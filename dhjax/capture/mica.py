@@ -135,6 +135,7 @@ from dhjax.capture import landmarks as lmk_lib
 from dhjax.capture import mica_landmarks as mlm
 from dhjax.data import cache as cache_lib
 from dhjax.data import synthetic
+from dhjax.geometry import alignment
 from dhjax.geometry import mesh as mesh_lib
 from dhjax.geometry import rotations
 from dhjax.models import flame
@@ -1037,8 +1038,9 @@ def _cache_key(data_cfg, split: str) -> dict:
             d.pop(f"{s}_identities", None)
     counts = {"train": ("train_expressions", "train_views"), "eval": ("eval_expressions", "eval_views"),
               "calib": ("calib_expressions", "calib_views")}
+    used = "eval" if split in ("val", "test") else split
     for group, keys in counts.items():
-        if group != {"val": "eval", "test": "eval"}.get(split, split):
+        if group != used:
             for k in keys:
                 d.pop(k, None)
     return {"mica_data": d, "split": split, "format": DATA_FORMAT}
@@ -1150,20 +1152,12 @@ def landmark_descriptors(variables, crops, batch_size: int = 64) -> np.ndarray:
     return np.concatenate(out).astype(np.float64)
 
 
-@functools.partial(jax.jit, static_argnames=("chunk",))
-def _aligned_errors(model, keep, pred_shape, gt_shape, chunk: int = 64):
-    def one(zp, zg):
-        a = neutral_vertices(model, zp[None])[0]
-        b = neutral_vertices(model, zg[None])[0]
-        w = keep / jnp.sum(keep)
-        ca, cb = jnp.sum(a * w[:, None], 0), jnp.sum(b * w[:, None], 0)
-        A, B = a - ca, b - cb
-        U, _, Vt = jnp.linalg.svd((A * w[:, None]).T @ B)
-        d = jnp.sign(jnp.linalg.det(U @ Vt))
-        R = U @ jnp.diag(jnp.array([1.0, 1.0, d])) @ Vt
-        e = jnp.sqrt(jnp.sum((A @ R - B) ** 2, -1) + 1e-20)
-        return _MM * jnp.sum(e * w)
-    return jax.lax.map(lambda ab: one(*ab), (pred_shape, gt_shape), batch_size=chunk)
+@jax.jit
+def _aligned_errors(model, face, pred_shape, gt_shape):
+    a = neutral_vertices(model, pred_shape)[:, face]
+    b = neutral_vertices(model, gt_shape)[:, face]
+    scale, R, t = alignment.umeyama(a, b, with_scale=False)
+    return _MM * jnp.mean(jnp.linalg.norm(alignment.apply_similarity(scale, R, t, a) - b, axis=-1), axis=-1)
 
 
 def aligned_face_errors_mm(model: flame.FlameModel, pred_shape, gt_shape, region: str = "face") -> np.ndarray:
@@ -1172,12 +1166,15 @@ def aligned_face_errors_mm(model: flame.FlameModel, pred_shape, gt_shape, region
     truth. A fast, scan-free stand-in for the metric (rigid) benchmark; shapes [N, S]."""
     if region not in (model.regions or {}):
         raise ValueError(f"region {region!r} is not a region of model {model.name!r}")
-    keep = jnp.asarray(np.asarray(model.regions[region]), jnp.float32)
-    pred = jnp.asarray(pred_shape, jnp.float32)
-    gt = jnp.asarray(gt_shape, jnp.float32)
+    face = jnp.asarray(np.flatnonzero(np.asarray(model.regions[region])))
+    pred = np.asarray(pred_shape, np.float32)
+    gt = np.asarray(gt_shape, np.float32)
     if pred.shape != gt.shape or pred.ndim != 2:
         raise ValueError(f"pred_shape and gt_shape: expected two [N, S] arrays, got {pred.shape} and {gt.shape}")
-    return np.asarray(_aligned_errors(model, keep, pred, gt), np.float64)
+    chunk = 128
+    out = [np.asarray(_aligned_errors(model, face, jnp.asarray(pred[i:i + chunk]), jnp.asarray(gt[i:i + chunk])))
+           for i in range(0, len(pred), chunk)]
+    return np.concatenate(out).astype(np.float64)
 
 
 def _ridge(X, Y, lam: float):
