@@ -16,6 +16,7 @@ import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
+from dhjax.train import app  # noqa: E402
 from dhjax.train import config as config_lib  # noqa: E402
 from dhjax.train import loop  # noqa: E402
 
@@ -82,7 +83,7 @@ def main():
     for arg in sys.argv[2:]:
         k, v = arg.split("=", 1)
         overrides[k] = eval(v)  # numbers or quoted strings
-    loop.init_distributed()
+    app.init_distributed()
     cfg = config_lib.apply_overrides(get_config(), overrides)
     data = Data(cfg)
     res = loop.train(cfg, workdir, make_method(cfg), data, eval_batch=data.get_batch(10 ** 6))

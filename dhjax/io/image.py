@@ -69,6 +69,10 @@ def save_image(path: str | os.PathLike, image) -> Path:
     return path
 
 
+# Suffixes of the image files dhjax reads from folders (lower case; compare with .suffix.lower()).
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+
+
 def load_image(path: str | os.PathLike) -> np.ndarray:
     """Read an image file.
 

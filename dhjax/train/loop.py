@@ -22,10 +22,8 @@ eval_every (0 = only at the end), on_nonfinite ("skip" | "stop"); and `cfg.seed`
 
 from __future__ import annotations
 
-import json
 import os
 import signal
-import time
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -33,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from dhjax.train import app
 from dhjax.train import checkpoint as ckpt_lib
 from dhjax.train import config as config_lib
 from dhjax.train import logs
@@ -50,32 +49,6 @@ class TrainResult(NamedTuple):
     metrics: dict          # last training metrics + final evaluation (host floats)
     steps_run: int         # steps executed by this call (0 when resumed at the end)
     interrupted: bool      # stopped by SIGTERM (a checkpoint was written)
-
-
-def quiet_library_logs() -> None:
-    """Turns absl INFO logging (orbax prints several lines per checkpoint) down to warnings;
-    experiments call it at start so the progress line stays readable."""
-    from absl import logging as absl_logging
-
-    absl_logging.set_verbosity(absl_logging.WARNING)
-
-
-def init_distributed() -> None:
-    """Joins a multi-process run when launched as one.
-
-    Explicit: DHJAX_COORDINATOR (host:port), DHJAX_NUM_PROCESSES, DHJAX_PROCESS_ID. Otherwise a
-    cluster environment that jax.distributed recognises (e.g. SLURM with several tasks).
-    """
-    n = int(os.environ.get("DHJAX_NUM_PROCESSES", "1"))
-    if n > 1 or int(os.environ.get("SLURM_NTASKS", "1")) > 1:
-        # Cross-process collectives on CPU need gloo (GPUs use NCCL regardless of this flag).
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    if n > 1:
-        jax.distributed.initialize(coordinator_address=os.environ["DHJAX_COORDINATOR"],
-                                   num_processes=n,
-                                   process_id=int(os.environ["DHJAX_PROCESS_ID"]))
-    elif int(os.environ.get("SLURM_NTASKS", "1")) > 1:
-        jax.distributed.initialize()
 
 
 def data_mesh():
@@ -221,8 +194,7 @@ def train(cfg, workdir: str, method: Method, dataset, *, eval_batch=None) -> Tra
             images = method.render(state, shard_batch(eval_batch, mesh))
             writer.write_images(tc.steps, {k: np.asarray(v) for k, v in images.items()})
         if lead:
-            with open(os.path.join(workdir, "final_metrics.json"), "w") as f:
-                json.dump(final, f, indent=2, sort_keys=True)
+            app.merge_final_metrics(workdir, final)
     writer.close()
     ckpt.close()
     return TrainResult(state=state, metrics=final, steps_run=steps_run, interrupted=interrupted)
