@@ -29,6 +29,7 @@ from dhjax.data import textures
 from dhjax.models import flame
 from dhjax.render import camera
 from dhjax import losses
+from dhjax.geometry import vectors
 from dhjax.synthesis import synshot
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -191,9 +192,9 @@ def test_nearest_neighbour_distance_matches_kdtree():
     pts = rs.normal(size=(300, 3)).astype(np.float32)
     ref = cKDTree(pts.astype(np.float64)).query(pts.astype(np.float64), k=2)[0][:, 1]
     # chunk 128: three chunks, the last one padded
-    d = jit(functools.partial(synshot.nearest_neighbour_distance, chunk=128))(pts)
+    d = jit(functools.partial(vectors.nearest_neighbour_distance, chunk=128))(pts)
     np.testing.assert_allclose(d, ref, rtol=1e-5)
-    d = jit(synshot.nearest_neighbour_distance)(pts)
+    d = jit(vectors.nearest_neighbour_distance)(pts)
     np.testing.assert_allclose(d, ref, rtol=1e-5)
 
 

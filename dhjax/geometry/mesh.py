@@ -16,6 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dhjax.geometry.vectors import TINY_SQ as _TINY_SQ, safe_norm, safe_normalize  # |x| < 1e-12 m is zero
+
 __all__ = [
     "face_vertices",
     "face_normals",
@@ -27,9 +29,6 @@ __all__ = [
     "edge_adjacency",
     "closest_point_on_triangle",
 ]
-
-# Squared lengths below this are treated as zero (|x| < 1e-12 m); keeps 1/|x| below 1e12.
-_TINY_SQ = 1e-24
 
 
 def _as_float(x):
@@ -54,25 +53,6 @@ def _check_faces(faces, name: str = "faces"):
     if not jnp.issubdtype(faces.dtype, jnp.integer):
         raise ValueError(f"{name}: expected an integer array, got dtype {faces.dtype}")
     return faces
-
-
-def _safe_normalize(v, fallback=None):
-    """``v / |v|`` over the last axis; ``fallback`` (default zeros) where ``|v|^2 < _TINY_SQ``.
-
-    Returns (unit vectors, mask of valid entries [..., 1]).
-    """
-    n2 = jnp.sum(v * v, axis=-1, keepdims=True)
-    ok = n2 > _TINY_SQ
-    unit = v / jnp.sqrt(jnp.where(ok, n2, 1.0))
-    if fallback is None:
-        fallback = jnp.zeros_like(v)
-    return jnp.where(ok, unit, fallback), ok
-
-
-def _safe_norm(v):
-    n2 = jnp.sum(v * v, axis=-1)
-    ok = n2 > _TINY_SQ
-    return jnp.where(ok, jnp.sqrt(jnp.where(ok, n2, 1.0)), 0.0)
 
 
 def face_vertices(verts, faces):
@@ -109,7 +89,7 @@ def face_normals(verts, faces, normalize: bool = True):
     """
     n = _face_cross(_check_verts(verts), faces)
     if normalize:
-        n, _ = _safe_normalize(n)
+        n = safe_normalize(n)
     return n
 
 
@@ -123,7 +103,7 @@ def face_areas(verts, faces):
     Returns:
       [..., F] float areas, square metres.
     """
-    return 0.5 * _safe_norm(_face_cross(_check_verts(verts), faces))
+    return 0.5 * safe_norm(_face_cross(_check_verts(verts), faces))
 
 
 def vertex_normals(verts, faces):
@@ -146,7 +126,7 @@ def vertex_normals(verts, faces):
     acc = jnp.zeros_like(verts)
     for k in range(3):
         acc = acc.at[..., faces[:, k], :].add(fn)
-    out, _ = _safe_normalize(acc)
+    out = safe_normalize(acc)
     return out
 
 
@@ -183,7 +163,8 @@ def face_tbn(verts, faces, uv_coords=None, uv_faces=None):
     tri = face_vertices(verts, faces)
     e1 = tri[..., 1, :] - tri[..., 0, :]
     e2 = tri[..., 2, :] - tri[..., 0, :]
-    n, n_ok = _safe_normalize(jnp.cross(e1, e2))
+    cross = jnp.cross(e1, e2)
+    n, n_ok = safe_normalize(cross), jnp.sum(cross * cross, -1, keepdims=True) > _TINY_SQ
     tangent_raw = e1
     if uv_coords is not None:
         uv_coords = _as_float(uv_coords)
@@ -213,7 +194,7 @@ def face_tbn(verts, faces, uv_coords=None, uv_faces=None):
         sign = jnp.where(det < 0, -1.0, 1.0).astype(dpdu.dtype)
         tangent_raw = jnp.where(uv_ok[:, None], sign[:, None] * dpdu, e1)
     t_perp = tangent_raw - jnp.sum(tangent_raw * n, axis=-1, keepdims=True) * n
-    t, t_ok = _safe_normalize(t_perp)
+    t, t_ok = safe_normalize(t_perp), jnp.sum(t_perp * t_perp, -1, keepdims=True) > _TINY_SQ
     ok = n_ok & t_ok
     ex = jnp.asarray([1.0, 0.0, 0.0], n.dtype)
     ey = jnp.asarray([0.0, 1.0, 0.0], n.dtype)

@@ -16,6 +16,7 @@ that neither the value nor the gradient contains NaN or Inf at the identity.
 from __future__ import annotations
 
 import jax.numpy as jnp
+from dhjax.geometry.vectors import safe_normalize
 
 __all__ = [
     "axis_angle_to_matrix",
@@ -276,11 +277,6 @@ def quaternion_multiply(q1, q2):
     )
 
 
-def _safe_normalize(v, eps: float = 1e-12):
-    n2 = jnp.sum(v * v, axis=-1, keepdims=True)
-    return v / jnp.sqrt(jnp.maximum(n2, eps * eps))
-
-
 def rotation_6d_to_matrix(d6):
     """6D representation (first two columns) to rotation matrix by Gram-Schmidt.
 
@@ -296,8 +292,8 @@ def rotation_6d_to_matrix(d6):
     """
     d6 = _check_trailing(d6, "d6", (6,))
     c1, c2 = d6[..., :3], d6[..., 3:]
-    b1 = _safe_normalize(c1)
-    b2 = _safe_normalize(c2 - jnp.sum(b1 * c2, axis=-1, keepdims=True) * b1)
+    b1 = safe_normalize(c1)
+    b2 = safe_normalize(c2 - jnp.sum(b1 * c2, axis=-1, keepdims=True) * b1)
     b3 = jnp.cross(b1, b2)
     return jnp.stack([b1, b2, b3], axis=-1)
 

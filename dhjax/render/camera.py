@@ -25,6 +25,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
+from dhjax.geometry.vectors import safe_normalize
 
 # Full float32 matrix products (no TF32 on GPUs): projections must stay sub-pixel accurate.
 _HI = jax.lax.Precision.HIGHEST
@@ -192,12 +193,6 @@ def camera_from_fov(fov_y_deg, width: int, height: int, R, t) -> Camera:
     )
 
 
-def _safe_normalize(v: jax.Array, eps: float = 1e-12) -> jax.Array:
-    sq = jnp.sum(v * v, axis=-1, keepdims=True)
-    ok = sq > eps
-    return jnp.where(ok, v * jax.lax.rsqrt(jnp.where(ok, sq, 1.0)), 0.0)
-
-
 def look_at(eye, target, up: Sequence[float] = (0.0, 1.0, 0.0)) -> tuple[jax.Array, jax.Array]:
     """World -> camera rotation and translation of a camera at `eye` looking at `target`.
 
@@ -216,13 +211,13 @@ def look_at(eye, target, up: Sequence[float] = (0.0, 1.0, 0.0)) -> tuple[jax.Arr
     target = _check_last(_f32(target), 3, "target")
     up = _check_last(_f32(up), 3, "up")
     eye, target, up = jnp.broadcast_arrays(eye, target, up)
-    fwd = _safe_normalize(target - eye)
+    fwd = safe_normalize(target - eye)
     right = jnp.cross(fwd, up)
     # Fallback up hints for views along `up`.
     for alt in ((0.0, 0.0, 1.0), (1.0, 0.0, 0.0)):
         bad = jnp.sum(right * right, -1, keepdims=True) < 1e-10
         right = jnp.where(bad, jnp.cross(fwd, jnp.asarray(alt, jnp.float32)), right)
-    right = _safe_normalize(right)
+    right = safe_normalize(right)
     down = jnp.cross(fwd, right)
     R = jnp.stack([right, down, fwd], axis=-2)
     t = -jnp.einsum("...ij,...j->...i", R, eye, precision=_HI)
@@ -330,7 +325,7 @@ def pixel_rays(cam: Camera) -> tuple[jax.Array, jax.Array]:
     uv = jnp.stack([jj, ii], -1)  # [H, W, 2]
     rays = _pixels_to_rays(cam.K[..., None, None, :, :], uv)  # [..., H, W, 3] camera frame
     dirs = jnp.einsum("...ji,...hwj->...hwi", cam.R, rays, precision=_HI)
-    dirs = _safe_normalize(dirs)
+    dirs = safe_normalize(dirs)
     origins = jnp.broadcast_to(camera_centre(cam)[..., None, None, :], dirs.shape)
     return origins, dirs
 

@@ -34,6 +34,7 @@ import jax.numpy as jnp
 from dhjax.geometry.mesh import vertex_normals
 from dhjax.render.camera import Camera
 from dhjax.render.raster import interpolate, rasterize
+from dhjax.geometry.vectors import safe_normalize
 
 # Full float32 matrix products (no TF32 on GPUs): projections must stay sub-pixel accurate.
 _HI = jax.lax.Precision.HIGHEST
@@ -126,12 +127,6 @@ def sample_texture(texture, uv) -> jax.Array:
     return top * (1.0 - fy) + bottom * fy
 
 
-def _safe_normalize(v, eps=1e-12):
-    sq = jnp.sum(v * v, -1, keepdims=True)
-    ok = sq > eps
-    return jnp.where(ok, v * jax.lax.rsqrt(jnp.where(ok, sq, 1.0)), 0.0)
-
-
 def render_mesh(
     vertices,
     faces,
@@ -177,7 +172,7 @@ def render_mesh(
     )
     B, H, W = frags.face_id.shape
     faces = jnp.asarray(faces, jnp.int32)
-    normals = _safe_normalize(interpolate(vertex_normals(vertices, faces), faces, frags))
+    normals = safe_normalize(interpolate(vertex_normals(vertices, faces), faces, frags))
 
     if vertex_colors is not None:
         vc = jnp.asarray(vertex_colors, jnp.float32)

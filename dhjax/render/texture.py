@@ -48,6 +48,7 @@ import numpy as np
 from dhjax.geometry.mesh import vertex_normals
 from dhjax.render.camera import Camera, check_camera
 from dhjax.render.raster import Fragments, interpolate, rasterize, rasterize_uv
+from dhjax.geometry.vectors import safe_normalize
 
 __all__ = ["extract_texture"]
 
@@ -108,12 +109,6 @@ def _int_array(x, name):
 # Jitted core.
 
 
-def _normalize(v):
-    sq = jnp.sum(v * v, -1, keepdims=True)
-    ok = sq > 1e-20
-    return jnp.where(ok, v * jax.lax.rsqrt(jnp.where(ok, sq, 1.0)), 0.0)
-
-
 def _view_samples(image, mask, K, R, t, verts, faces, zbuf, face_id, pos, nrm, valid, min_cos, depth_tol, near):
     """Colour [S, S, 3] and weight [S, S] of every texel as seen by one view.
 
@@ -129,7 +124,7 @@ def _view_samples(image, mask, K, R, t, verts, faces, zbuf, face_id, pos, nrm, v
     u = K[0, 0] * ray[..., 0] + K[0, 1] * ray[..., 1] + K[0, 2]
     v = K[1, 1] * ray[..., 1] + K[1, 2]
     centre = -jnp.einsum("ji,j->i", R, t, precision=_HI)
-    cos = jnp.sum(nrm * _normalize(centre - pos), -1)
+    cos = jnp.sum(nrm * safe_normalize(centre - pos), -1)
     inside = (u >= -0.5) & (u <= W - 0.5) & (v >= -0.5) & (v <= H - 0.5)
     front = valid & (z > near) & (cos >= min_cos) & inside
 
@@ -188,7 +183,7 @@ def _fuse_views(images, masks, K, R, t, vertices, faces, face_id, depth, uv_face
     uv_frags = Fragments(face_id=uv_face_id, bary=uv_bary, depth=uv_mask.astype(jnp.float32),
                          mask=uv_mask, overflow=jnp.zeros((1,), bool))
     pos = interpolate(vertices, faces, uv_frags)  # [N, S, S, 3]
-    nrm = _normalize(interpolate(vertex_normals(vertices, faces), faces, uv_frags))
+    nrm = safe_normalize(interpolate(vertex_normals(vertices, faces), faces, uv_frags))
     colour, weight = jax.vmap(
         _view_samples, in_axes=(0, 0, 0, 0, 0, 0, None, 0, 0, 0, 0, None, None, None, None)
     )(images, masks, K, R, t, vertices, faces, depth, face_id, pos, nrm, uv_mask[0],

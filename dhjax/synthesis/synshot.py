@@ -53,6 +53,7 @@ from dhjax.nn import conv, vq
 from dhjax.render import camera as camera_lib
 from dhjax.render import shading
 from dhjax.render import splat
+from dhjax.geometry.vectors import nearest_neighbour_distance, safe_normalize
 
 _HI = jax.lax.Precision.HIGHEST
 MAP_KEYS = ("uv_albedo", "uv_position", "uv_expression_offset")
@@ -394,28 +395,6 @@ class Gaussians(NamedTuple):
     offsets: dict
 
 
-def nearest_neighbour_distance(points, *, chunk: int = 1024):
-    """Distance of every point to its nearest other point (brute force, chunked).
-
-    Args:
-      points: [N, 3]. Returns: [N] (the neighbour is chosen without gradient; the distance is
-      differentiable in both points).
-    """
-    n = points.shape[0]
-    pts = jax.lax.stop_gradient(points)
-    sq = jnp.sum(pts * pts, -1)
-    pad = (-n) % chunk
-    rows = jnp.pad(jnp.arange(n), (0, pad)).reshape(-1, chunk)
-
-    def one(r):
-        d = sq[r][:, None] - 2.0 * jnp.matmul(pts[r], pts.T, precision=_HI) + sq[None]
-        d = jnp.where(r[:, None] == jnp.arange(n)[None], jnp.inf, d)
-        return jnp.argmin(d, axis=1)
-
-    nn_idx = jax.lax.map(one, rows).reshape(-1)[:n]
-    return jnp.linalg.norm(points - points[nn_idx], axis=-1)
-
-
 def grid_neighbour_distance(grid_points, valid):
     """Distance to the nearest of the 8 grid neighbours that are valid (a fast stand-in for the
     nearest neighbour on densely sampled smooth surfaces).
@@ -438,15 +417,11 @@ def grid_neighbour_distance(grid_points, valid):
     return best
 
 
-def _normalise(v, eps=1e-12):
-    return v / jnp.sqrt(jnp.maximum(jnp.sum(v * v, -1, keepdims=True), eps))
-
-
 def tbn_rotation(dpdu, dpdv):
     """Rotation [.., 3, 3] with columns (T, B, N): T = dphi/du normalised, N = T x B
     normalised, and B replaced by N x T so the frame is orthonormal (det +1)."""
-    t = _normalise(dpdu)
-    n = _normalise(jnp.cross(dpdu, dpdv))
+    t = safe_normalize(dpdu)
+    n = safe_normalize(jnp.cross(dpdu, dpdv))
     b = jnp.cross(n, t)
     return jnp.stack([t, b, n], -1)
 
