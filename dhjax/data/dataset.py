@@ -468,17 +468,6 @@ def colorize_seg(seg) -> np.ndarray:
     return SEG_COLOURS[np.clip(seg, 0, len(SEG_COLOURS) - 1)]
 
 
-def depth_image(depth) -> np.ndarray:
-    """Depth [H, W] (metres, 0 = empty) -> float RGB [H, W, 3], near bright, far dark."""
-    depth = np.asarray(depth, np.float64)
-    fg = depth > 0
-    out = np.zeros(depth.shape + (3,), np.float32)
-    if fg.any():
-        lo, hi = depth[fg].min(), depth[fg].max()
-        out[fg] = (1.0 - 0.8 * (depth[fg] - lo) / max(hi - lo, 1e-9))[:, None]
-    return out
-
-
 def contact_sheet(images, ncols: int = 8) -> np.ndarray:
     """A grid of images [N, H, W, 3] (float in [0, 1] or uint8), `ncols` per row."""
     return dio.image_grid(np.asarray(images), ncols=ncols, pad=2, pad_value=1.0)
