@@ -1,5 +1,8 @@
 """dhjax.geometry.deformation: INSTA canonicalisation (deformed -> canonical through the nearest
-triangle's smoothed deformation gradient) and Sumner triangle deformation gradients."""
+triangle's smoothed deformation gradient) and Sumner triangle deformation gradients.
+
+`canonicalize` takes the nearest faces as an input (geometry sits below ops); `canon` below finds
+them with `dhjax.ops.closest_point`, as a method built on it does."""
 
 import jax
 import jax.numpy as jnp
@@ -9,6 +12,13 @@ import pytest
 from dhjax.geometry import deformation as dfm
 from dhjax.geometry import mesh as mesh_lib
 from dhjax.geometry import rotations
+from dhjax.ops import closest_point
+
+
+def canon(points, def_verts, canon_verts, faces, backend="auto", **kw):
+    """`canonicalize` with the nearest faces from `closest_point` (the INSTA call sequence)."""
+    face = closest_point(def_verts, faces, points, backend=backend).face
+    return dfm.canonicalize(points, def_verts, canon_verts, faces, face=face, **kw)
 
 
 def grid_sphere(n_lat=8, n_lon=12, radius=0.1):
@@ -49,7 +59,7 @@ def test_identity_when_meshes_are_equal():
     rng = np.random.default_rng(0)
     p = rng.uniform(-0.15, 0.15, (200, 3)).astype(np.float32)
     for scale in ("area_ratio", "length_ratio"):
-        out = dfm.canonicalize(p, v, v, f, scale=scale)
+        out = canon(p, v, v, f, scale=scale)
         np.testing.assert_allclose(np.asarray(out.points), p, atol=1e-6)
         np.testing.assert_allclose(np.asarray(out.gradient), np.broadcast_to(np.eye(4), (200, 4, 4)), atol=1e-5)
 
@@ -59,14 +69,14 @@ def test_rigid_motion_maps_surface_onto_canonical_surface():
     R, t = random_rotation(1), np.array([0.02, -0.01, 0.03], np.float32)
     vd = (v @ R.T + t).astype(np.float32)
     p_def, face, bary = surface_points(jax.random.PRNGKey(1), vd, f, 300)
-    out = dfm.canonicalize(p_def, vd, v, f)  # default: the thesis's area ratio (1 for rigid motion)
+    out = canon(p_def, vd, v, f)  # default: the thesis's area ratio (1 for rigid motion)
     # Every point lands on the canonical surface, at the same barycentric location.
     want = np.einsum("nk,nkc->nc", bary, v[f[face]])
     np.testing.assert_allclose(np.asarray(out.points), want, atol=2e-6)
     # Points off the surface follow the rigid motion too (all gradients equal).
     rng = np.random.default_rng(1)
     q = rng.uniform(-0.15, 0.15, (100, 3)).astype(np.float32)
-    back = dfm.canonicalize(q @ R.T + t, vd, v, f)
+    back = canon(q @ R.T + t, vd, v, f)
     np.testing.assert_allclose(np.asarray(back.points), q, atol=2e-6)
 
 
@@ -75,7 +85,7 @@ def test_similarity_with_length_ratio_scale():
     R, t, s = random_rotation(2), np.array([0.01, 0.02, -0.02], np.float32), 1.3
     vd = (s * v @ R.T + t).astype(np.float32)
     p_def, face, bary = surface_points(jax.random.PRNGKey(2), vd, f, 200)
-    out = dfm.canonicalize(p_def, vd, v, f, scale="length_ratio")
+    out = canon(p_def, vd, v, f, scale="length_ratio")
     np.testing.assert_allclose(np.asarray(out.points), np.einsum("nk,nkc->nc", bary, v[f[face]]), atol=2e-6)
     # The thesis's lambda = a_def / a_canon = s^2 scales local coordinates by s^2 instead.
     F = dfm.insta_face_gradients(v, vd, f)
@@ -90,7 +100,7 @@ def test_matches_a_direct_implementation_of_the_formula():
     rng = np.random.default_rng(3)
     vd = (v + rng.normal(scale=0.004, size=v.shape)).astype(np.float32)
     p = (vd[rng.integers(len(v), size=40)] + rng.uniform(-0.01, 0.01, (40, 3))).astype(np.float32)
-    out = dfm.canonicalize(p, vd, v, f, backend="reference")
+    out = canon(p, vd, v, f, backend="reference")
     nbr = dfm.face_neighbours(f)
     tbn_c = np.asarray(mesh_lib.face_tbn(v, f), np.float64)
     tbn_d = np.asarray(mesh_lib.face_tbn(vd, f), np.float64)
@@ -128,7 +138,7 @@ def test_zero_area_triangles_finite_values_and_gradients():
     p = np.concatenate([p, vc[f[30, :1]] + 0.001]).astype(np.float32)
 
     def loss(pp, vdd, vcc):
-        out = dfm.canonicalize(pp, vdd, vcc, f)
+        out = canon(pp, vdd, vcc, f)
         return jnp.sum(out.points**2) + jnp.sum(dfm.triangle_deformation_gradients(vcc, vdd, f) ** 2)
 
     val, grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))(p, vd, vc)
@@ -154,8 +164,8 @@ def test_canonicalize_gradients_match_finite_differences():
         n = np.asarray(mesh_lib.face_normals(vd, f))[fi]
         p = np.einsum("nk,nkc->nc", bary, vd[f[fi]]) + 0.002 * n
         w = rng.normal(size=p.shape)
-        loss = jax.jit(lambda pp, a, b: jnp.sum(w * dfm.canonicalize(pp, a, b, f, backend="reference").points))
-        assert np.all(np.asarray(dfm.canonicalize(p, vd, v, f, backend="reference").face) == fi)
+        loss = jax.jit(lambda pp, a, b: jnp.sum(w * canon(pp, a, b, f, backend="reference").points))
+        assert np.all(np.asarray(canon(p, vd, v, f, backend="reference").face) == fi)
         g = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(p, vd, v)
         eps = 1e-7
         for _ in range(4):
@@ -172,15 +182,42 @@ def test_batched_vmap_and_jit():
     vd = (v[None] + rng.normal(scale=0.003, size=(3,) + v.shape)).astype(np.float32)
     p = rng.uniform(-0.12, 0.12, (3, 30, 3)).astype(np.float32)
     nbr = dfm.face_neighbours(f)
-    batched = dfm.canonicalize(p, vd, v, f, neighbours=nbr)
+    batched = canon(p, vd, v, f, neighbours=nbr)
     assert batched.points.shape == (3, 30, 3) and batched.gradient.shape == (3, 30, 4, 4)
-    fn = jax.jit(jax.vmap(lambda pp, vv: dfm.canonicalize(pp, vv, v, f, neighbours=nbr).points))
+    fn = jax.jit(jax.vmap(lambda pp, vv: canon(pp, vv, v, f, neighbours=nbr).points))
     np.testing.assert_allclose(np.asarray(fn(p, vd)), np.asarray(batched.points), atol=1e-6)
-    one = dfm.canonicalize(p[1], vd[1], v, f)
+    one = canon(p[1], vd[1], v, f)
     np.testing.assert_allclose(np.asarray(one.points), np.asarray(batched.points[1]), atol=1e-6)
     # Traced faces need the neighbour table.
     with pytest.raises(ValueError, match="neighbours"):
-        jax.jit(lambda ff: dfm.canonicalize(p[0], vd[0], v, ff).points)(f)
+        face = closest_point(vd[0], f, p[0]).face
+        jax.jit(lambda ff: dfm.canonicalize(p[0], vd[0], v, ff, face=face).points)(f)
+
+
+def test_face_argument_is_used_and_checked():
+    v, f = grid_sphere()
+    rng = np.random.default_rng(7)
+    vd = (v + rng.normal(scale=0.004, size=v.shape)).astype(np.float32)
+    p = rng.uniform(-0.12, 0.12, (20, 3)).astype(np.float32)
+    # The map follows the faces it is given (here one face for every point), not a search of its own.
+    T = np.full(20, 17, np.int32)
+    out = dfm.canonicalize(p, vd, v, f, face=T)
+    np.testing.assert_array_equal(np.asarray(out.face), T)
+    near = canon(p, vd, v, f)
+    assert np.any(np.asarray(near.face) != T)
+    assert not np.allclose(np.asarray(near.points), np.asarray(out.points), atol=1e-5)
+    F = np.asarray(dfm.insta_face_gradients(v, vd, f))
+    nbr = [17] + [int(g) for g in dfm.face_neighbours(f)[17] if g >= 0]
+    cent = vd[f[nbr]].mean(1)
+    for i in range(3):
+        w = np.exp(-4.0 * np.linalg.norm(cent - p[i], axis=1))
+        w[0] = 1.0
+        np.testing.assert_allclose(np.asarray(out.gradient[i]), np.einsum("k,kij->ij", w, F[nbr]) / w.sum(),
+                                   atol=2e-5)
+    with pytest.raises(ValueError, match="face"):
+        dfm.canonicalize(p, vd, v, f, face=T[:5])
+    with pytest.raises(ValueError, match="face"):
+        dfm.canonicalize(p, vd, v, f, face=T.astype(np.float32))
 
 
 def test_sumner_gradients():

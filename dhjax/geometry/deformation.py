@@ -4,7 +4,8 @@ Two constructions used by the avatar methods of the thesis:
 
 * INSTA canonicalisation (`canonicalize`, thesis section A.2 "Canonicalization", eqs. 2-4). A
   point ``p`` in deformed space is mapped to canonical space through its nearest triangle T of
-  the deformed mesh (found with `dhjax.ops.closest_point`). Each triangle f has a frame
+  the deformed mesh (the caller finds T, e.g. with `dhjax.ops.closest_point`, and passes it in:
+  geometry sits below ops). Each triangle f has a frame
   ``L_f = [[R_f, t_f], [0, 1]]`` (4x4), with ``R_f`` the TBN rotation (columns tangent,
   bitangent, normal; `dhjax.geometry.mesh.face_tbn`) and ``t_f`` its first vertex, in both meshes.
   The per-triangle deformation gradient is
@@ -20,7 +21,7 @@ Two constructions used by the avatar methods of the thesis:
   canonical point is ``p' = F_hat p`` (homogeneous). The averaging softens, but does not remove,
   the jumps of the map where the nearest triangle changes. Where the nearest surface point is a
   vertex or an edge (a region of positive volume off the surface), several triangles are equally
-  near and the map depends on which one the closest-point search returns (backends may differ
+  near and the map depends on which one the closest-point search returns (its backends may differ
   there); inside a face's region the map is smooth and its gradients are exact.
 
   The scale lambda: the thesis writes ``lambda = a_def / a_canon`` (the ratio of the triangle's
@@ -53,6 +54,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dhjax.geometry import mesh as mesh_lib
+from dhjax.geometry.vectors import safe_norm
 
 __all__ = [
     "triangle_frames",
@@ -146,7 +148,7 @@ class Canonicalized(NamedTuple):
 
     Attributes:
       points: [B..., N, 3] canonical positions ``F_hat p``.
-      face: [B..., N] int32 nearest face of the deformed mesh.
+      face: [B..., N] int32 nearest face of the deformed mesh (the `face` argument).
       gradient: [B..., N, 4, 4] the smoothed deformation gradient F_hat applied to each point.
     """
 
@@ -165,31 +167,35 @@ def _gather_faces(x, idx):
     return jnp.take_along_axis(xb, ib[..., None], axis=-2)
 
 
-def canonicalize(points, def_verts, canon_verts, faces, *, beta: float = 4.0, scale: str = "area_ratio",
-                 neighbours=None, backend: str = "auto", uv_coords=None, uv_faces=None) -> Canonicalized:
+def canonicalize(points, def_verts, canon_verts, faces, *, face, beta: float = 4.0,
+                 scale: str = "area_ratio", neighbours=None, uv_coords=None,
+                 uv_faces=None) -> Canonicalized:
     """INSTA's map from deformed to canonical space (thesis eqs. 2-4, see the module docstring).
 
-    The nearest triangle is found with `dhjax.ops.closest_point` (held constant under
-    differentiation); the result is differentiable w.r.t. points and both vertex sets.
+    The nearest triangle of every point is an input (an integer, so constant under
+    differentiation); the result is differentiable w.r.t. points and both vertex sets. With
+    `dhjax.ops.closest_point`:
+
+        face = ops.closest_point(def_verts, faces, points).face
+        out = deformation.canonicalize(points, def_verts, canon_verts, faces, face=face)
 
     Args:
       points: [..., N, 3] float points in deformed space, metres.
       def_verts: [..., V, 3] float deformed mesh vertices (e.g. the tracked FLAME mesh M_i).
       canon_verts: [..., V, 3] float canonical mesh vertices (M_canon), same topology.
       faces: [F, 3] int vertex indices shared by both meshes.
+      face: [..., N] int index of the face of the deformed mesh nearest to each point (T in the
+        module docstring), batch dims broadcasting with those of points and def_verts.
       beta: decay of the neighbour weights exp(-beta |c_f - p|), per metre (thesis: 4).
       scale: "area_ratio" (thesis) or "length_ratio"; see `insta_face_gradients`.
       neighbours: optional [F, 3] int face neighbour table (`face_neighbours(faces)`), needed
         when `faces` is traced.
-      backend: closest-point backend ("auto" | "reference" | "cpu" | "cuda").
       uv_coords, uv_faces: optional UV layout for the tangent direction (see `face_tbn`).
 
     Returns:
       Canonicalized(points [B..., N, 3], face [B..., N] int32, gradient [B..., N, 4, 4]), with
       B... the broadcast of the batch dims of points, def_verts and canon_verts.
     """
-    from dhjax.ops.bvh import closest_point
-
     points = jnp.asarray(points)
     if points.ndim < 2 or points.shape[-1] != 3:
         raise ValueError(f"points: expected shape [..., N, 3], got {tuple(points.shape)}")
@@ -209,8 +215,11 @@ def canonicalize(points, def_verts, canon_verts, faces, *, beta: float = 4.0, sc
     if neighbours.shape != (n_faces, 3):
         raise ValueError(f"neighbours: expected shape [{n_faces}, 3], got {tuple(neighbours.shape)}")
 
-    cp = closest_point(def_verts, faces, points, backend=backend)
-    face = cp.face  # [Bp..., N]
+    face = jnp.asarray(face)
+    if not jnp.issubdtype(face.dtype, jnp.integer) or face.shape[-1:] != points.shape[-2:-1]:
+        raise ValueError(f"face: expected integer indices of shape [..., {points.shape[-2]}], got "
+                         f"{face.dtype} {tuple(face.shape)}")
+    face = face.astype(jnp.int32)  # [Bp..., N]
     Ff = insta_face_gradients(canon_verts, def_verts, faces, scale=scale, uv_coords=uv_coords,
                               uv_faces=uv_faces)  # [Bv..., F, 4, 4]
     cent = jnp.mean(mesh_lib.face_vertices(def_verts, faces), axis=-2)  # [Bd..., F, 3]
@@ -223,7 +232,7 @@ def canonicalize(points, def_verts, canon_verts, faces, *, beta: float = 4.0, sc
     Fs = _gather_faces(Ff.reshape(Ff.shape[:-2] + (16,)), flat)
     Fs = Fs.reshape(Fs.shape[:-2] + (n, 4, 4, 4))  # [B..., N, 4 faces, 4, 4]
     cs = _gather_faces(cent, flat).reshape(Fs.shape[:-2] + (3,))  # [B..., N, 4, 3]
-    dist = mesh_lib._safe_norm(cs - points[..., None, :])  # [B..., N, 4]
+    dist = safe_norm(cs - points[..., None, :])  # [B..., N, 4]
     w = jnp.exp(-beta * dist)
     w = w.at[..., 0].set(1.0)  # the nearest triangle itself has weight 1
     w = jnp.where(valid, w, 0.0)
