@@ -27,7 +27,7 @@ def test_written_dataset_reads_back_as_the_generated_samples(written):
     reader = ds.FolderDataset(root, "train")
     assert len(reader) == len(indices)
     meta = json.loads((root / "meta.json").read_text())
-    assert meta["format"] == ds.FORMAT and meta["labels"] == list(synthetic.PART_LABELS)
+    assert meta["format"] == ds.FORMAT and meta["labels"] == list(ds.PART_LABELS)
     assert meta["splits"]["train"]["images"] == len(indices) and meta["note"] == "test"
     for j, i in enumerate(indices):
         r, s = reader[j], g[i]
@@ -57,7 +57,7 @@ def test_real_data_with_only_the_required_files_loads(tmp_path):
         {"front": {"K": K, "R": np.eye(3).tolist(), "t": [0, 0, 1.0], "width": 32, "height": 24}}))
     reader = ds.FolderDataset(tmp_path, "clip")
     s = reader[0]
-    assert set(synthetic.REQUIRED_KEYS) <= set(s)
+    assert set(ds.REQUIRED_KEYS) <= set(s)
     assert "depth" not in s and "seg" not in s
     assert s["frame"] == 17 and s["view"] == 0 and s["item"] == 0
     np.testing.assert_array_equal(s["translation"], np.zeros(3))

@@ -2,7 +2,7 @@
 and a deterministic, shardable input pipeline.
 
 A dataset is anything with `len()` and random access `ds[i]` -> sample dict (numpy arrays, the
-keys of `dhjax.data.synthetic.SAMPLE_KEYS`; real data carries at least `REQUIRED_KEYS`). The
+keys of `SAMPLE_KEYS`; real data carries at least `REQUIRED_KEYS`). The
 synthetic generators (`MultiviewGenerator`, `VideoGenerator`) and `FolderDataset` (the disk
 reader) are datasets; `Pipeline` turns one into batches for `dhjax.train.loop`.
 
@@ -45,9 +45,18 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 
 from dhjax import io as dio
-from dhjax.data.synthetic import PART_LABELS, REQUIRED_KEYS
 
 FORMAT = "dhjax.dataset/1"
+# Part labels of the `<view>_seg.png` maps (value = index): 0 background, 1 face (all head skin not
+# covered by hair: face, ears, bare scalp), 2 hair (hair and beard), 3 mouth (mouth interior),
+# 4 eyes (eyeballs), 5 neck.
+PART_LABELS = ("background", "face", "hair", "mouth", "eyes", "neck")
+LABEL = {name: i for i, name in enumerate(PART_LABELS)}
+# Keys of a sample (one image). Required ones are present for every dataset, real or synthetic.
+REQUIRED_KEYS = ("image", "mask", "K", "R", "t", "shape", "expression", "pose", "translation")
+SAMPLE_KEYS = REQUIRED_KEYS + (
+    "seg", "depth", "sh", "uv_albedo", "uv_position", "uv_expression_offset",
+    "skin_tone", "hair_style", "beard_style", "item", "frame", "view")
 DEPTH_SCALE = 10000.0          # depth PNG units per metre (0.1 mm)
 # Colours of the part labels in `colorize_seg` (background, face, hair, mouth, eyes, neck).
 SEG_COLOURS = np.array([[0, 0, 0], [230, 180, 140], [90, 50, 20], [200, 30, 60], [60, 140, 255],

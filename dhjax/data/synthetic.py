@@ -1,6 +1,7 @@
 """Synthetic digital-human data with full ground truth, built on the default head model.
 
-Two generators share one sample format (a dict of numpy arrays per image, `SAMPLE_KEYS`):
+Two generators share one sample format (a dict of numpy arrays per image, the keys of
+`dhjax.data.dataset.SAMPLE_KEYS`):
 
 * `MultiviewGenerator`: identities x expressions x cameras of the SynShot rig (14 cameras on a
   frontal arc + 14 on the upper hemisphere, all looking at the head); for SynShot and MICA.
@@ -21,9 +22,9 @@ with teeth and tongue colours) that shows when the jaw opens. Lighting is second
 shading is Lambertian (`dhjax.render.shading`), images are albedo x irradiance, clipped to
 [0, 1].
 
-Part labels (`PART_LABELS`): 0 background, 1 face (all head skin not covered by hair: face,
-ears, bare scalp), 2 hair (hair and beard shells), 3 mouth (mouth interior), 4 eyes (eyeballs),
-5 neck.
+Part labels (`dhjax.data.dataset.PART_LABELS`, the disk format's): 0 background, 1 face (all
+head skin not covered by hair: face, ears, bare scalp), 2 hair (hair and beard shells), 3 mouth
+(mouth interior), 4 eyes (eyeballs), 5 neck.
 """
 
 from __future__ import annotations
@@ -40,19 +41,11 @@ import numpy as np
 
 from dhjax.data import hair as hair_lib
 from dhjax.data import textures
+from dhjax.data.dataset import LABEL, PART_LABELS, REQUIRED_KEYS, SAMPLE_KEYS  # noqa: F401 (re-exported)
 from dhjax.geometry.mesh import vertex_normals
 from dhjax.models import flame
 from dhjax.render import camera as camera_lib
 from dhjax.render import raster, shading
-
-PART_LABELS = ("background", "face", "hair", "mouth", "eyes", "neck")
-LABEL = {name: i for i, name in enumerate(PART_LABELS)}
-
-# Keys of a sample (one image). Required ones are present for every dataset, real or synthetic.
-REQUIRED_KEYS = ("image", "mask", "K", "R", "t", "shape", "expression", "pose", "translation")
-SAMPLE_KEYS = REQUIRED_KEYS + (
-    "seg", "depth", "sh", "uv_albedo", "uv_position", "uv_expression_offset",
-    "skin_tone", "hair_style", "beard_style", "item", "frame", "view")
 
 # Random streams (folded into the key before the indices).
 STREAM_IDENTITY, STREAM_EXPRESSION, STREAM_LIGHT, STREAM_MOTION, STREAM_HANDHELD = 1, 2, 3, 4, 5
