@@ -11,7 +11,7 @@ import pytest
 
 from dhjax.capture import align
 from dhjax.capture import landmarks as L
-from dhjax.models.head_default import MEDIAPIPE_INDICES, MEDIAPIPE_TO_IBUG
+from dhjax.io.landmark_schemes import MEDIAPIPE_INDICES, MEDIAPIPE_TO_IBUG
 
 
 def face68(seed=0, scale=100.0, offset=(150.0, 120.0)):

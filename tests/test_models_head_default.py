@@ -5,6 +5,7 @@ import numpy as np
 
 from dhjax.geometry import alignment
 from dhjax.geometry import mesh as mesh_lib
+from dhjax.io import landmark_schemes
 from dhjax.models import flame, head_default
 
 
@@ -128,7 +129,13 @@ def test_uv_layout_consistent():
 def test_landmarks_and_joints_where_their_names_say():
     m = flame.load()
     assert len(set(np.asarray(m.mp_indices).tolist())) == m.mp_indices.shape[0]
-    assert int(np.asarray(m.mp_indices).max()) < 468
+    assert int(np.asarray(m.mp_indices).max()) < landmark_schemes.N_MEDIAPIPE
+    # The mediapipe subset is the io floor's table, and its points are the embedded iBUG ones.
+    np.testing.assert_array_equal(np.asarray(m.mp_indices), landmark_schemes.MEDIAPIPE_INDICES)
+    ids = landmark_schemes.MEDIAPIPE_TO_IBUG
+    np.testing.assert_array_equal(np.asarray(m.mp_lmk_faces), np.asarray(m.lmk_faces)[ids])
+    np.testing.assert_array_equal(np.asarray(m.mp_lmk_bary), np.asarray(m.lmk_bary)[ids])
+    assert len(landmark_schemes.LANDMARK68_NAMES) == landmark_schemes.N_IBUG == m.lmk_faces.shape[0]
     np.testing.assert_allclose(np.asarray(m.lmk_bary).sum(1), 1.0, atol=1e-6)
     assert (np.asarray(m.lmk_bary) >= -1e-6).all()
     # Joints sit where the names say: eyes at the eyeball centres, jaw behind the mouth.

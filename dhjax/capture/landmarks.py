@@ -1,7 +1,7 @@
 """2D face landmarks of real photos: mediapipe face-mesh detection and landmark files.
 
 MICA needs five points for its ArcFace crop and the face tracker needs 2D landmarks to fit to.
-Both speak iBUG-68 (the 300-W order of `dhjax.models.head_default.LANDMARK68_NAMES`): every set
+Both speak iBUG-68 (the 300-W order of `dhjax.io.landmark_schemes.LANDMARK68_NAMES`): every set
 of points here is a `Landmarks` holding pixel positions together with the iBUG index of each
 point, so a fitter can pick the matching embedding of the head model (`lmk_faces/lmk_bary` for
 all 68, `mp_lmk_faces/mp_lmk_bary` for the 51 inner points).
@@ -15,7 +15,7 @@ all 68, `mp_lmk_faces/mp_lmk_bary` for the 51 inner points).
 Sources and what they give:
   * mediapipe face mesh (`detect`, `from_mediapipe`, files of 468 or 478 points): the 468 mesh
     points stay in `dense`; the 51 points whose face-mesh index is in
-    `head_default.MEDIAPIPE_INDICES` stand for iBUG points 17..67 (brows, nose, eyes, mouth).
+    `landmark_schemes.MEDIAPIPE_INDICES` stand for iBUG points 17..67 (brows, nose, eyes, mouth).
     The face mesh has no counterpart of the 17 jaw-contour points, so none are produced.
   * iBUG-68 files (`from_ibug68`, files of 68 points): all 68.
   * files of 51 points: taken as iBUG 17..67 in that order (FLAME's "static" inner landmarks).
@@ -42,7 +42,13 @@ from pathlib import Path
 import numpy as np
 
 from dhjax.io._common import existing_file
-from dhjax.models.head_default import MEDIAPIPE_INDICES, MEDIAPIPE_TO_IBUG
+from dhjax.io.landmark_schemes import (
+    MEDIAPIPE_INDICES,
+    MEDIAPIPE_TO_IBUG,
+    N_IBUG,
+    N_MEDIAPIPE,
+    N_MEDIAPIPE_IRIS,
+)
 
 __all__ = [
     "Landmarks",
@@ -58,9 +64,6 @@ __all__ = [
     "draw",
 ]
 
-N_IBUG = 68
-N_MEDIAPIPE = 468
-_N_MEDIAPIPE_IRIS = 478  # face mesh with refine_landmarks=True: the 468 plus 10 iris points
 _ACCEPTED = ("68 (iBUG-68), 51 (iBUG points 17..67), 468 or 478 (mediapipe face mesh, pixels)")
 
 # iBUG ids behind ArcFace's five points (as align.five_points_from_68).
@@ -197,7 +200,7 @@ def from_mediapipe(points468, *, source: str = "mediapipe") -> Landmarks:
     Returns:
       Landmarks with 51 points, ibug_ids 17..67, dense [468, 2].
     """
-    xy = _xy_columns(points468, (N_MEDIAPIPE, _N_MEDIAPIPE_IRIS), "from_mediapipe: points468")
+    xy = _xy_columns(points468, (N_MEDIAPIPE, N_MEDIAPIPE_IRIS), "from_mediapipe: points468")
     dense = xy[:N_MEDIAPIPE]
     return Landmarks(dense[MEDIAPIPE_INDICES], MEDIAPIPE_TO_IBUG.astype(np.int32), source,
                      dense=dense)
@@ -209,7 +212,7 @@ def _from_array(xy: np.ndarray, where: str) -> Landmarks:
     if xy.shape[1] not in (2, 3):
         raise ValueError(f"{where}: expected 2 (x y) or 3 (x y z) values per point, got "
                          f"{xy.shape[1]} (array shape {xy.shape})")
-    if n not in (N_IBUG, len(MEDIAPIPE_TO_IBUG), N_MEDIAPIPE, _N_MEDIAPIPE_IRIS):
+    if n not in (N_IBUG, len(MEDIAPIPE_TO_IBUG), N_MEDIAPIPE, N_MEDIAPIPE_IRIS):
         raise ValueError(f"{where}: found {n} landmarks; accepted counts are {_ACCEPTED}")
     if not np.all(np.isfinite(xy)):
         rows = np.unique(np.nonzero(~np.isfinite(xy))[0])

@@ -32,6 +32,10 @@ import functools
 
 import numpy as np
 
+# The head embeds points of two landmark schemes that describe other tools (iBUG-68: `lmk_*`,
+# mediapipe's face mesh: `mp_*`); their tables live on the io floor, shared with dhjax.capture.
+from dhjax.io.landmark_schemes import MEDIAPIPE_INDICES, MEDIAPIPE_TO_IBUG
+
 # --------------------------------------------------------------------------------------------
 # Layout constants (documented; tests rely on them only through the returned arrays).
 N_COLS = 80            # vertices around the head
@@ -54,34 +58,6 @@ PHI_EAR, THETA_EAR = 1.62, 0.505 * np.pi
 
 REGION_NAMES = ("face", "scalp", "back_of_head", "forehead", "eye_region", "nose", "eyes",
                 "ears", "lips", "neck")
-
-# The 68-point iBUG landmark order, as used by FLAME's landmark embedding.
-LANDMARK68_NAMES = (
-    [f"jaw_{i}" for i in range(17)]
-    + [f"right_brow_{i}" for i in range(5)] + [f"left_brow_{i}" for i in range(5)]
-    + [f"nose_bridge_{i}" for i in range(4)] + [f"nostril_{i}" for i in range(5)]
-    + [f"right_eye_{i}" for i in range(6)] + [f"left_eye_{i}" for i in range(6)]
-    + [f"outer_lip_{i}" for i in range(12)] + [f"inner_lip_{i}" for i in range(8)])
-
-# Mediapipe face-mesh indices of the landmarks that coincide with iBUG-68 points, in the order of
-# the iBUG index they stand for (the correspondence used by common 68<->468 conversions). Our
-# mediapipe subset embeds exactly these points: mediapipe_indices[k] is the face-mesh index of
-# the k-th embedded point, and it lies where iBUG point MEDIAPIPE_TO_IBUG[k] lies.
-MEDIAPIPE_TO_IBUG = np.arange(17, 68)   # the 51 inner points (no jaw contour), as FLAME's static set
-MEDIAPIPE_INDICES = np.array([
-    # right brow 17-21, left brow 22-26
-    46, 53, 52, 65, 55, 285, 295, 282, 283, 276,
-    # nose bridge 27-30, nostrils 31-35
-    168, 197, 5, 4, 75, 97, 2, 326, 305,
-    # right eye 36-41
-    33, 160, 158, 133, 153, 144,
-    # left eye 42-47
-    362, 385, 387, 263, 373, 380,
-    # outer lip 48-59
-    61, 39, 37, 0, 267, 269, 291, 405, 314, 17, 84, 181,
-    # inner lip 60-67
-    78, 82, 13, 312, 308, 317, 14, 87,
-], dtype=np.int32)
 
 
 def _smoothstep(x):
@@ -693,9 +669,9 @@ def build_default_head_arrays() -> dict:
     Returns a dict (cached; do not mutate) with:
       v_template [V, 3] f32 metres; faces [F, 3] i32; shapedirs [V, 3, 300]; exprdirs [V, 3, 100];
       posedirs [V, 3, 36]; j_regressor [5, V]; lbs_weights [V, 5]; parents [5] (-1, 0, 1, 1, 1);
-      lmk_faces [68] i32 + lmk_bary [68, 3] (iBUG order, LANDMARK68_NAMES);
+      lmk_faces [68] i32 + lmk_bary [68, 3] (iBUG order, `landmark_schemes.LANDMARK68_NAMES`);
       mp_lmk_faces [51] + mp_lmk_bary [51, 3] + mp_indices [51] (mediapipe face-mesh ids,
-      MEDIAPIPE_INDICES; point k is iBUG point MEDIAPIPE_TO_IBUG[k]);
+      `landmark_schemes.MEDIAPIPE_INDICES`; point k is iBUG point MEDIAPIPE_TO_IBUG[k]);
       uv_coords [T, 2], uv_faces [F, 3]; regions {name: [V] bool} (REGION_NAMES).
     Deterministic: the same arrays on every call and machine (fixed seeds, float64 maths).
     """
