@@ -1,4 +1,4 @@
-"""Image losses and metrics shared by the synthesis methods (SynShot, INSTA, GEM, D3GA).
+"""Image losses and metrics of the synthesis methods (today SynShot; shared by every one to come).
 
 Images are channels-last arrays `[..., H, W, C]` (any number of leading batch axes), float,
 nominally in [0, data_range]. Everything here is a pure, jittable, differentiable function.
@@ -187,10 +187,16 @@ def mse(a, b, mask=None) -> jax.Array:
     return num / jnp.maximum(den, 1e-12)
 
 
+def psnr_from_mse(mse_value, data_range: float = 1.0) -> jax.Array:
+    """Peak signal-to-noise ratio in dB of a mean squared error (any shape; e.g. the MSE of a
+    whole batch averaged over devices): 10 log10(data_range^2 / MSE); MSE = 0 gives +inf."""
+    return 10.0 * jnp.log10(data_range ** 2 / mse_value)
+
+
 def psnr(a, b, mask=None, data_range: float = 1.0) -> jax.Array:
     """Peak signal-to-noise ratio in dB per image: [...] for a, b [..., H, W, C].
 
     PSNR = 10 log10(data_range^2 / MSE), MSE as in `mse` (masked when a mask is given). Identical
     images give +inf.
     """
-    return 10.0 * jnp.log10(data_range ** 2 / mse(a, b, mask))
+    return psnr_from_mse(mse(a, b, mask), data_range)

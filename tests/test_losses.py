@@ -84,6 +84,19 @@ def test_psnr_matches_skimage():
     np.testing.assert_allclose(np.asarray(losses.psnr(255 * a[0], 255 * b[0], data_range=255.0)), want, rtol=1e-5)
 
 
+def test_psnr_from_mse():
+    """The PSNR of a batch's MSE (one number for a whole batch, as a data-parallel step logs it)."""
+    a, b = images(2)
+    batch_mse = np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2)
+    np.testing.assert_allclose(float(losses.psnr_from_mse(jnp.float32(batch_mse))), 10 * np.log10(1 / batch_mse),
+                               rtol=1e-6)
+    np.testing.assert_allclose(float(losses.psnr_from_mse(jnp.float32(4.0), data_range=255.0)),
+                               10 * np.log10(255.0 ** 2 / 4.0), rtol=1e-6)
+    np.testing.assert_array_equal(np.asarray(losses.psnr(a, b)),
+                                  np.asarray(losses.psnr_from_mse(losses.mse(a, b))))
+    assert np.isinf(float(losses.psnr_from_mse(jnp.float32(0.0))))
+
+
 def test_identical_images():
     a, _ = images(3)
     np.testing.assert_array_equal(np.asarray(losses.ssim(a, a)), 1.0)
