@@ -69,3 +69,44 @@ def test_position_and_expression_maps_are_linear_in_the_coefficients():
     e = rng.normal(size=100).astype(np.float32)
     off = np.asarray(textures.expression_offset_map(model, uv, e))
     assert np.abs(off).max() > 1e-3 and np.all(off[~np.asarray(uv.mask)] == 0)
+
+
+def _bake_before_issue_16(fields, faces, attrs):
+    """The former `data.textures.bake`, verbatim: the reference the one baking must reproduce."""
+    import jax.numpy as jnp
+
+    attrs = jnp.asarray(attrs, jnp.float32)
+    vids = jnp.asarray(faces)[jnp.maximum(fields.face_id, 0)]          # [S, S, 3]
+    vals = attrs[..., vids, :]                                           # [..., S, S, 3, C]
+    out = jnp.einsum("...hwkc,hwk->...hwc", vals, fields.bary, precision=jax.lax.Precision.HIGHEST)
+    return jnp.where(fields.mask[..., None], out, 0.0)
+
+
+def test_one_uv_baking_reproduces_both_former_ones_on_the_default_head():
+    """`textures.bake` and `render.raster.uv_map` are one implementation (`raster.bake_uv`): it
+    gives the former `textures.bake` bit for bit, and the former `uv_map` (= `raster.interpolate`
+    on UV fragments, another summation order) to float32 rounding."""
+    from dhjax.models import flame
+    from dhjax.render import raster
+
+    model = flame.load()
+    S = 64
+    fields = textures.uv_fields(model, S)
+    frags = raster.rasterize_uv(model.uv_coords, model.uv_faces, S, S)
+    np.testing.assert_array_equal(np.asarray(frags.face_id[0]), np.asarray(fields.face_id))
+    V = model.num_vertices
+    rng = np.random.default_rng(0)
+    cases = {"template": np.asarray(model.v_template), "lbs_weights": np.asarray(model.lbs_weights),
+             "batched": rng.normal(size=(3, V, 4)).astype(np.float32)}
+    for name, attrs in cases.items():
+        old = np.asarray(_bake_before_issue_16(fields, model.faces, attrs))
+        new = np.asarray(textures.bake(fields, model.faces, attrs))
+        np.testing.assert_array_equal(new, old, err_msg=name)
+        jitted = np.asarray(jax.jit(textures.bake)(fields, model.faces, attrs))
+        np.testing.assert_array_equal(jitted, old, err_msg=name)
+        via_frags = np.asarray(raster.uv_map(attrs, model.faces, frags))
+        np.testing.assert_array_equal(via_frags, old if old.ndim == 4 else old[None], err_msg=name)
+        former_uv_map = np.asarray(raster.interpolate(attrs, model.faces, frags))
+        scale = np.abs(former_uv_map).max()
+        np.testing.assert_allclose(via_frags, former_uv_map, rtol=0, atol=4e-7 * scale, err_msg=name)
+        assert np.mean(np.asarray(fields.mask)) > 0.3 and np.abs(old).max() > 0

@@ -64,7 +64,7 @@ class UVFields:
 
 
 def bake(fields: UVFields, faces, attrs) -> jax.Array:
-    """Per-vertex attributes -> UV map (barycentric interpolation on each texel's face).
+    """Per-vertex attributes -> UV map (`dhjax.render.raster.bake_uv` on the fields' texels).
 
     Args:
       fields: UVFields; faces: [F, 3] int mesh faces (same face order as the model's uv_faces);
@@ -72,11 +72,7 @@ def bake(fields: UVFields, faces, attrs) -> jax.Array:
     Returns:
       [S, S, C] or [B, S, S, C] float32, 0 outside the layout.
     """
-    attrs = jnp.asarray(attrs, jnp.float32)
-    vids = jnp.asarray(faces)[jnp.maximum(fields.face_id, 0)]          # [S, S, 3]
-    vals = attrs[..., vids, :]                                           # [..., S, S, 3, C]
-    out = jnp.einsum("...hwkc,hwk->...hwc", vals, fields.bary, precision=jax.lax.Precision.HIGHEST)
-    return jnp.where(fields.mask[..., None], out, 0.0)
+    return raster.bake_uv(attrs, faces, fields.face_id, fields.bary, fields.mask)
 
 
 def _brow_distance(points, model_template, faces, lmk_faces, lmk_bary):

@@ -60,6 +60,7 @@ __all__ = [
     "interpolate",
     "rasterize_uv",
     "uv_map",
+    "bake_uv",
 ]
 
 
@@ -592,7 +593,7 @@ def rasterize_uv(
 
 
 def uv_map(attrs, faces, uv_frags: Fragments) -> jax.Array:
-    """Bake per-vertex attributes into texture space (e.g. a position map).
+    """Bake per-vertex attributes into texture space (e.g. a position map), with `bake_uv`.
 
     Args:
       attrs: [B, V, C] or [V, C] per-vertex attributes (e.g. vertex positions).
@@ -602,4 +603,35 @@ def uv_map(attrs, faces, uv_frags: Fragments) -> jax.Array:
     Returns:
       [B, H, W, C] float32 (B = 1 for [V, C] attrs), 0 on texels outside the UV layout.
     """
-    return interpolate(attrs, faces, uv_frags)
+    attrs = jnp.asarray(attrs)
+    if attrs.ndim not in (2, 3):
+        raise ValueError(f"attrs must have shape [B, V, C] or [V, C], got {attrs.shape}")
+    faces = _check_faces(faces, attrs.shape[-2])
+    if uv_frags.face_id.ndim != 3 or uv_frags.face_id.shape[0] != 1:
+        raise ValueError(f"uv_frags: expected the [1, H, W] fragments of rasterize_uv, got face_id "
+                         f"of shape {uv_frags.face_id.shape}")
+    out = bake_uv(attrs, faces, uv_frags.face_id[0], uv_frags.bary[0], uv_frags.mask[0])
+    return out[None] if attrs.ndim == 2 else out
+
+
+def bake_uv(attrs, faces, face_id, bary, mask) -> jax.Array:
+    """Per-vertex attributes -> texels of a rasterised UV layout (barycentric interpolation).
+
+    dhjax's one texture-space baking: `uv_map` applies it to `rasterize_uv` fragments and
+    `dhjax.data.textures.bake` to a model's precomputed UV fields. Pure jittable JAX without
+    checks (callers validate); the per-texel sum is a float32 contraction at HIGHEST precision.
+
+    Args:
+      attrs: [..., V, C] float per-vertex attributes (cast to float32).
+      faces: [F, 3] int mesh faces indexing attrs, in the face order of the UV layout.
+      face_id: [H, W] int face of every texel (-1 outside the layout).
+      bary: [H, W, 3] float barycentrics of the texel centre in that face.
+      mask: [H, W] bool, True on texels inside the layout.
+    Returns:
+      [..., H, W, C] float32, 0 outside the layout; differentiable w.r.t. attrs.
+    """
+    attrs = jnp.asarray(attrs, jnp.float32)
+    vids = jnp.asarray(faces)[jnp.maximum(face_id, 0)]  # [H, W, 3]
+    vals = attrs[..., vids, :]  # [..., H, W, 3, C]
+    out = jnp.einsum("...hwkc,hwk->...hwc", vals, bary, precision=_HI)
+    return jnp.where(mask[..., None], out, 0.0)
