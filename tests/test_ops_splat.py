@@ -247,3 +247,31 @@ def test_tile_rects_bins_every_covered_pixel():
             continue  # no pixel centre inside the box: the rect may still name a tile (conservative)
         assert rects[i, 0] * 16 <= xs[0] and xs[-1] < rects[i, 2] * 16
         assert rects[i, 1] * 16 <= ys[0] and ys[-1] < rects[i, 3] * 16
+
+
+def test_kernel_backward_is_deterministic(cpu_kernel):
+    # the gradients are summed per Gaussian in a fixed order: identical calls give identical bits
+    from kernel_common import splat_backward_digest
+
+    assert len({splat_backward_digest() for _ in range(3)}) == 1
+
+
+def test_kernel_backward_is_independent_of_the_thread_count(cpu_kernel):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from kernel_common import splat_backward_digest
+
+    tests = Path(__file__).resolve().parent
+    script = (f"import sys; sys.path[:0] = [{str(tests.parent)!r}, {str(tests)!r}]; "
+              "from kernel_common import splat_backward_digest; print(splat_backward_digest())")
+    digests = {"default": splat_backward_digest()}
+    for threads in ("1", "2", "3"):  # DHJAX_NUM_THREADS is read by the library: one process each
+        env = dict(os.environ, DHJAX_NUM_THREADS=threads)
+        run = subprocess.run([sys.executable, "-c", script], env=env, cwd=tests.parent, capture_output=True,
+                             text=True, timeout=600)
+        assert run.returncode == 0, run.stderr[-2000:]
+        digests[threads] = run.stdout.strip().splitlines()[-1]
+    assert len(set(digests.values())) == 1, digests

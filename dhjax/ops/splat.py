@@ -21,11 +21,13 @@ Three implementations of this one op:
 * `backend="cpu"`: C++ handler (kernels/splat/splat_cpu.cc), threads over tiles.
 * `backend="cuda"`: CUDA handler (kernels/splat/splat_cuda.cu).
 The kernels are XLA FFI custom calls with a `jax.custom_vjp` whose backward is a second custom
-call (front-to-back, exact transmittances, no division by (1 - alpha) to recover T).
+call (front-to-back, exact transmittances, no division by (1 - alpha) to recover T). The CPU
+backward sums each Gaussian's gradient in a fixed order (the same bits for any thread count);
+the CUDA backward adds with atomics, so its last bits vary from call to call.
 `backend="auto"` picks the kernel of JAX's default backend when it is built, else the reference.
 
 Number of intersections: the kernels bin on their own (CPU with growing buffers, CUDA with one
-4-byte count read back and scratch memory of the exact size), so no capacity is ever guessed and
+8-byte count read back and scratch memory of the exact size), so no capacity is ever guessed and
 no image is truncated. The reference works per tile on at most `capacity` Gaussians; with
 `capacity=None` it uses the exact maximum when the inputs are concrete and all N otherwise, and a
 tile whose count exceeds an explicit `capacity` comes out as NaN (loud, never silently cut).

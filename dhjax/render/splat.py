@@ -1,11 +1,11 @@
 """Differentiable 3D Gaussian splatting (3DGS) for one or more pinhole cameras.
 
-`rasterize(...)` is the single entry point used by GEM, SynShot and D3GA. Image formation, as
-in Kerbl et al. 2023 (3DGS), with the conventions of `dhjax.render.camera` (OpenCV cameras,
-pixel (j, i) centred at (u, v) = (j, i)):
+`rasterize(...)` is dhjax's one entry point for rendering Gaussians (SynShot renders through it).
+Image formation, as in Kerbl et al. 2023 (3DGS), with the conventions of `dhjax.render.camera`
+(OpenCV cameras, pixel (j, i) centred at (u, v) = (j, i)):
 
 1. Covariance: Sigma = R S S^T R^T from a unit quaternion (w, x, y, z) and per-axis scales, or
-   given directly (`covariances`, e.g. D3GA's J Sigma J^T).
+   given directly (`covariances`, e.g. a deformed J Sigma J^T).
 2. EWA projection: camera-space mean t = R_cam mu + t_cam; 2D covariance
    Sigma' = J W Sigma W^T J^T with the perspective Jacobian
    J = [[fx/z, 0, -fx x/z^2], [0, fy/z, -fy y/z^2]], where x/z and y/z are clamped to 1.3x the

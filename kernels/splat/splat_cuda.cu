@@ -67,6 +67,7 @@
 #include <type_traits>
 
 #include "dhjax_parallel.h"
+#include "splat_common.h"
 #include "splat_ffi.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -74,12 +75,10 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-constexpr int kTile = 16;
+using namespace dhjax_splat;  // constants, Dims, checks and tile helpers (splat_common.h)
+
 constexpr int kBlock = kTile * kTile;  // threads per render block = list entries per batch
 constexpr int kLinear = 256;           // threads per block of the 1D helper kernels
-constexpr float kAlphaMin = 1.0f / 255.0f;
-constexpr float kAlphaMax = 0.99f;
-constexpr float kTMin = 1e-4f;
 constexpr int64_t kIntMax = std::numeric_limits<int32_t>::max();
 
 // ---------------------------------------------------------------------------------------------
@@ -117,7 +116,7 @@ __host__ __device__ __forceinline__ float exp_nonpos(float x) {
 }
 
 // Opacity of one Gaussian at pixel (fx, fy), as the CPU handler computes it:
-//   power = -0.5f * (a*dx*dx + c*dy*dy) - b*dx*dy  (left to right, no FMA)
+//   power = dhjax_splat::power (left to right, no FMA)
 //   skip where power > 0; g = exp(power); raw = o*g; alpha = std::min(0.99f, raw);
 //   skip where alpha < 1/255.
 // std::min(0.99f, raw) is (raw < 0.99f) ? raw : 0.99f (a NaN raw gives 0.99, as on the CPU).
@@ -126,10 +125,9 @@ __device__ __forceinline__ bool eval_alpha(float fx, float fy, float2 m, float4 
                                            float& g, float& raw, float& alpha) {
   dx = __fsub_rn(fx, m.x);
   dy = __fsub_rn(fy, m.y);
-  const float quad = __fadd_rn(__fmul_rn(__fmul_rn(q.x, dx), dx), __fmul_rn(__fmul_rn(q.z, dy), dy));
-  const float power = __fsub_rn(__fmul_rn(-0.5f, quad), __fmul_rn(__fmul_rn(q.y, dx), dy));
-  if (power > 0.0f) return false;
-  g = exp_nonpos(power);
+  const float p = power(q.x, q.y, q.z, dx, dy);
+  if (p > 0.0f) return false;
+  g = exp_nonpos(p);
   raw = __fmul_rn(q.w, g);
   alpha = raw < kAlphaMax ? raw : kAlphaMax;
   return !(alpha < kAlphaMin);
@@ -144,15 +142,6 @@ __device__ __forceinline__ uint32_t depth_key(float d) {
   if (mag > 0x7f800000u) return 0xffffffffu;  // NaN
   if (mag == 0u) return 0x80000000u;          // +0 and -0
   return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
-}
-
-// Clamped tile rectangle of one Gaussian (as bin_camera on the CPU); false when empty.
-__device__ __forceinline__ bool clamp_rect(const int32_t* r, int tx, int ty, int& x0, int& y0, int& x1, int& y1) {
-  x0 = max(r[0], 0);
-  y0 = max(r[1], 0);
-  x1 = min(r[2], tx);
-  y1 = min(r[3], ty);
-  return x1 > x0 && y1 > y0;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -227,6 +216,25 @@ struct Scene {
   const int32_t* ids;    // [M] flattened Gaussian index b*N + i, sorted
 };
 
+// The block's global tile gt = b * T + t (camera b) and channel chunk (first channel k0 = chunk * CH)
+// of a render or backward launch, this thread's pixel (px, py) and its index tid in the block.
+struct BlockPixel {
+  int gt, chunk, k0, b, px, py, tid;
+};
+
+template <int CH>
+__device__ __forceinline__ BlockPixel block_pixel(const Geometry& g) {
+  const int gt = blockIdx.x;
+  const int b = gt / g.T, t = gt - b * g.T;
+  return BlockPixel{gt,
+                    static_cast<int>(blockIdx.y),
+                    static_cast<int>(blockIdx.y) * CH,
+                    b,
+                    tile_x0(t, g.tx) + static_cast<int>(threadIdx.x),
+                    tile_y0(t, g.tx) + static_cast<int>(threadIdx.y),
+                    static_cast<int>(threadIdx.y * kTile + threadIdx.x)};
+}
+
 // Shared-memory batch of list entries: position, conic + opacity, CH colour channels.
 template <int CH>
 struct Batch {
@@ -254,13 +262,7 @@ template <int CH>
 __global__ void __launch_bounds__(kBlock) render_kernel(Scene s, Geometry g, float* __restrict__ out,
                                                         float* __restrict__ trans, int32_t* __restrict__ last) {
   __shared__ Batch<CH> sh;
-  const int gt = blockIdx.x;
-  const int chunk = blockIdx.y;
-  const int k0 = chunk * CH;
-  const int b = gt / g.T, t = gt - b * g.T;
-  const int px = (t % g.tx) * kTile + threadIdx.x;
-  const int py = (t / g.tx) * kTile + threadIdx.y;
-  const int tid = threadIdx.y * kTile + threadIdx.x;
+  const auto [gt, chunk, k0, b, px, py, tid] = block_pixel<CH>(g);
   const bool inside = px < g.W && py < g.H;
   const int start = s.ranges[2 * static_cast<int64_t>(gt)];
   const int end = s.ranges[2 * static_cast<int64_t>(gt) + 1];
@@ -328,13 +330,7 @@ __global__ void __launch_bounds__(kBlock) backward_kernel(Scene s, Geometry g, G
   constexpr int R = 6 + CH;  // record: d mean (2), d conic (3), d opacity, d colour (CH)
   __shared__ Batch<CH> sh;
   __shared__ int s_walk;
-  const int gt = blockIdx.x;
-  const int chunk = blockIdx.y;
-  const int k0 = chunk * CH;
-  const int b = gt / g.T, t = gt - b * g.T;
-  const int px = (t % g.tx) * kTile + threadIdx.x;
-  const int py = (t / g.tx) * kTile + threadIdx.y;
-  const int tid = threadIdx.y * kTile + threadIdx.x;
+  const auto [gt, chunk, k0, b, px, py, tid] = block_pixel<CH>(g);
   const int lane = tid & 31;
   const bool inside = px < g.W && py < g.H;
   const int start = s.ranges[2 * static_cast<int64_t>(gt)];
@@ -434,11 +430,6 @@ __global__ void __launch_bounds__(kBlock) backward_kernel(Scene s, Geometry g, G
 // ---------------------------------------------------------------------------------------------
 // Host side.
 
-struct Dims {
-  int64_t B = 1, N = 0, K = 0, H = 0, W = 0;
-  int64_t tx = 0, ty = 0, T = 0;
-};
-
 ffi::Error cuda_error(cudaError_t err, const char* what) {
   return ffi::Error::Internal(std::string("dhjax_splat CUDA: ") + what + ": " + cudaGetErrorString(err));
 }
@@ -462,50 +453,34 @@ ffi::Error scratch_alloc(ffi::ScratchAllocator& scratch, int64_t count, T** ptr,
   return ffi::Error::Success();
 }
 
-// Dimensions from means2d [...,N,2] and the image [...,H,W,K]; checks every operand's size.
-ffi::Error get_dims(ffi::Buffer<ffi::F32>& means2d, ffi::Span<const int64_t> img, Dims* d) {
-  auto md = means2d.dimensions();
-  if (md.size() < 2 || md[md.size() - 1] != 2) {
-    return ffi::Error::InvalidArgument("dhjax_splat: means2d must be [...,N,2]");
+// Runs a cub device algorithm with its temporary storage from the scratch allocator: the size
+// query, the allocation and the run. `algo(temp, bytes)` calls the algorithm (temp = nullptr is
+// cub's size query); `what` names it in the errors.
+template <typename Algo>
+ffi::Error run_cub(ffi::ScratchAllocator& scratch, const char* what, Algo&& algo) {
+  size_t bytes = 0;
+  if (cudaError_t err = algo(nullptr, bytes); err != cudaSuccess) {
+    return cuda_error(err, (std::string(what) + " (size query)").c_str());
   }
-  if (img.size() != md.size() + 1) {
-    return ffi::Error::InvalidArgument("dhjax_splat: the image must be [...,H,W,K] with the batch dims of means2d");
-  }
-  d->N = md[md.size() - 2];
-  d->B = 1;
-  for (size_t i = 0; i + 2 < md.size(); ++i) d->B *= md[i];
-  const size_t r = img.size();
-  d->H = img[r - 3];
-  d->W = img[r - 2];
-  d->K = img[r - 1];
-  d->tx = (d->W + kTile - 1) / kTile;
-  d->ty = (d->H + kTile - 1) / kTile;
-  d->T = d->tx * d->ty;
+  char* temp = nullptr;
+  if (auto e = scratch_alloc(scratch, static_cast<int64_t>(bytes), &temp, what); e.failure()) return e;
+  if (cudaError_t err = algo(temp, bytes); err != cudaSuccess) return cuda_error(err, what);
+  return ffi::Error::Success();
+}
+
+// Dimensions from means2d [...,N,2] and the image [...,H,W,K] (dhjax_splat::get_dims), the sizes
+// of the per-Gaussian inputs, and this handler's index limits.
+ffi::Error get_dims(ffi::Buffer<ffi::F32>& means2d, ffi::Span<const int64_t> img, ffi::Buffer<ffi::F32>& conics,
+                    ffi::Buffer<ffi::F32>& colors, ffi::Buffer<ffi::F32>& opac, ffi::Buffer<ffi::F32>& depths,
+                    ffi::Buffer<ffi::S32>& rects, Dims* d) {
+  if (auto e = dhjax_splat::get_dims(means2d.dimensions(), img, d); e.failure()) return e;
+  if (auto e = dhjax_splat::check_inputs(*d, conics, colors, opac, depths, rects); e.failure()) return e;
   if (d->B * d->N >= kIntMax) {
     return ffi::Error::InvalidArgument("dhjax_splat CUDA: at most 2^31 - 2 Gaussians over all cameras");
   }
   if (d->B * d->T > kIntMax) {
     return ffi::Error::InvalidArgument("dhjax_splat CUDA: at most 2^31 - 1 tiles over all cameras");
   }
-  return ffi::Error::Success();
-}
-
-ffi::Error check_count(const char* name, size_t got, int64_t want) {
-  if (static_cast<int64_t>(got) != want) {
-    return ffi::Error::InvalidArgument(std::string("dhjax_splat: ") + name + " has " + std::to_string(got) +
-                                       " elements, expected " + std::to_string(want));
-  }
-  return ffi::Error::Success();
-}
-
-ffi::Error check_inputs(const Dims& d, ffi::Buffer<ffi::F32>& conics, ffi::Buffer<ffi::F32>& colors,
-                        ffi::Buffer<ffi::F32>& opac, ffi::Buffer<ffi::F32>& depths, ffi::Buffer<ffi::S32>& rects) {
-  const int64_t BN = d.B * d.N;
-  if (auto e = check_count("conics", conics.element_count(), BN * 3); e.failure()) return e;
-  if (auto e = check_count("colors", colors.element_count(), BN * d.K); e.failure()) return e;
-  if (auto e = check_count("opacities", opac.element_count(), BN); e.failure()) return e;
-  if (auto e = check_count("depths", depths.element_count(), BN); e.failure()) return e;
-  if (auto e = check_count("rects", rects.element_count(), BN * 4); e.failure()) return e;
   return ffi::Error::Success();
 }
 
@@ -531,22 +506,13 @@ ffi::Error bin_gaussians(cudaStream_t stream, ffi::ScratchAllocator& scratch, co
   count_kernel<<<count_blocks, kLinear, 0, stream>>>(rects, counts, BN, static_cast<int>(d.tx),
                                                      static_cast<int>(d.ty));
   if (auto e = check_launch("count_kernel"); e.failure()) return e;
-  size_t scan_bytes = 0;
-  if (cudaError_t err = cub::DeviceScan::ExclusiveSum(nullptr, scan_bytes, counts, offsets, static_cast<int>(BN + 1),
-                                                      stream);
-      err != cudaSuccess) {
-    return cuda_error(err, "cub::DeviceScan::ExclusiveSum (size query)");
-  }
-  char* scan_tmp = nullptr;
-  if (auto e = scratch_alloc(scratch, static_cast<int64_t>(scan_bytes), &scan_tmp,
-                             "the prefix sum");
+  if (auto e = run_cub(scratch, "cub::DeviceScan::ExclusiveSum",
+                       [&](void* temp, size_t& bytes) {
+                         return cub::DeviceScan::ExclusiveSum(temp, bytes, counts, offsets, static_cast<int>(BN + 1),
+                                                              stream);
+                       });
       e.failure())
     return e;
-  if (cudaError_t err =
-          cub::DeviceScan::ExclusiveSum(scan_tmp, scan_bytes, counts, offsets, static_cast<int>(BN + 1), stream);
-      err != cudaSuccess) {
-    return cuda_error(err, "cub::DeviceScan::ExclusiveSum");
-  }
 
   // The number of intersections, read back to allocate exactly that much.
   int64_t total = 0;
@@ -582,22 +548,13 @@ ffi::Error bin_gaussians(cudaStream_t stream, ffi::ScratchAllocator& scratch, co
   int tile_bits = 0;
   while ((int64_t{1} << tile_bits) < BT) ++tile_bits;
   const int end_bit = 32 + tile_bits;
-  size_t sort_bytes = 0;
-  if (cudaError_t err = cub::DeviceRadixSort::SortPairs(nullptr, sort_bytes, keys_in, keys_out, vals_in, vals_out, M,
-                                                        0, end_bit, stream);
-      err != cudaSuccess) {
-    return cuda_error(err, "cub::DeviceRadixSort::SortPairs (size query)");
-  }
-  char* sort_tmp = nullptr;
-  if (auto e = scratch_alloc(scratch, static_cast<int64_t>(sort_bytes), &sort_tmp,
-                             "the radix sort");
+  if (auto e = run_cub(scratch, "cub::DeviceRadixSort::SortPairs",
+                       [&](void* temp, size_t& bytes) {
+                         return cub::DeviceRadixSort::SortPairs(temp, bytes, keys_in, keys_out, vals_in, vals_out, M,
+                                                                0, end_bit, stream);
+                       });
       e.failure())
     return e;
-  if (cudaError_t err = cub::DeviceRadixSort::SortPairs(sort_tmp, sort_bytes, keys_in, keys_out, vals_in, vals_out, M,
-                                                        0, end_bit, stream);
-      err != cudaSuccess) {
-    return cuda_error(err, "cub::DeviceRadixSort::SortPairs");
-  }
 
   // 5. Per-tile ranges.
   ranges_kernel<<<static_cast<unsigned>((M + kLinear - 1) / kLinear), kLinear, 0, stream>>>(keys_out, M, ranges);
@@ -661,11 +618,10 @@ ffi::Error SplatForwardCudaImpl(cudaStream_t stream, ffi::ScratchAllocator scrat
                                 ffi::Buffer<ffi::S32> rects, ffi::ResultBuffer<ffi::F32> out,
                                 ffi::ResultBuffer<ffi::F32> trans, ffi::ResultBuffer<ffi::S32> last) {
   Dims d;
-  if (auto e = get_dims(means2d, out->dimensions(), &d); e.failure()) return e;
-  if (auto e = check_inputs(d, conics, colors, opac, depths, rects); e.failure()) return e;
+  if (auto e = get_dims(means2d, out->dimensions(), conics, colors, opac, depths, rects, &d); e.failure()) return e;
+  if (auto e = check_forward_results(d, trans->element_count(), last->element_count()); e.failure())
+    return e;
   const int64_t HW = d.H * d.W;
-  if (auto e = check_count("transmittance", trans->element_count(), d.B * HW); e.failure()) return e;
-  if (auto e = check_count("last", last->element_count(), d.B * HW); e.failure()) return e;
   if (d.B == 0 || HW == 0) return ffi::Error::Success();  // nothing to write
 
   Scene s;
@@ -687,17 +643,11 @@ ffi::Error SplatBackwardCudaImpl(cudaStream_t stream, ffi::ScratchAllocator scra
                                  ffi::ResultBuffer<ffi::F32> g_means2d, ffi::ResultBuffer<ffi::F32> g_conics,
                                  ffi::ResultBuffer<ffi::F32> g_colors, ffi::ResultBuffer<ffi::F32> g_opac) {
   Dims d;
-  if (auto e = get_dims(means2d, out.dimensions(), &d); e.failure()) return e;
-  if (auto e = check_inputs(d, conics, colors, opac, depths, rects); e.failure()) return e;
+  if (auto e = get_dims(means2d, out.dimensions(), conics, colors, opac, depths, rects, &d); e.failure()) return e;
+  if (auto e = check_backward(d, trans, last, d_out, d_trans, g_means2d, g_conics, g_colors, g_opac);
+      e.failure())
+    return e;
   const int64_t HW = d.H * d.W, BN = d.B * d.N;
-  if (auto e = check_count("transmittance", trans.element_count(), d.B * HW); e.failure()) return e;
-  if (auto e = check_count("last", last.element_count(), d.B * HW); e.failure()) return e;
-  if (auto e = check_count("d_out", d_out.element_count(), d.B * HW * d.K); e.failure()) return e;
-  if (auto e = check_count("d_transmittance", d_trans.element_count(), d.B * HW); e.failure()) return e;
-  if (auto e = check_count("d_means2d", g_means2d->element_count(), BN * 2); e.failure()) return e;
-  if (auto e = check_count("d_conics", g_conics->element_count(), BN * 3); e.failure()) return e;
-  if (auto e = check_count("d_colors", g_colors->element_count(), BN * d.K); e.failure()) return e;
-  if (auto e = check_count("d_opacities", g_opac->element_count(), BN); e.failure()) return e;
 
   // Gradients are accumulated with atomics into zeroed outputs.
   for (auto* res : {&g_means2d, &g_conics, &g_colors, &g_opac}) {
