@@ -8,11 +8,9 @@ smoothsteps that reach zero at the region's edge, so a shell meets the skin with
 never "explodes" at its boundary. The same fields colour the albedo texture (short hair and
 stubble are texture only), so shell and texture agree.
 
-Head angles are measured around the centre of the ears (the model's `ears` region): azimuth
-phi = atan2(x, z) (0 in front, +x the subject's left) and polar angle theta from world +y, in
-units of pi (0 at the top). The constants below are calibrated on the embedded default head,
-where the brows lie at theta ~ 0.36, the eyes 0.43, the mouth 0.69, the chin 0.81 and the ears
-at |phi| ~ 1.3..1.8; they are a proxy, not a model of real hair.
+Head angles (`head_angles`), the hairline and beard coverage functions and the widest hair and
+beard areas are the head model's (`dhjax.models.hair_region`, re-exported here); the sampled
+styles stay inside those widest areas. The constants are a proxy, not a model of real hair.
 
 All functions are pure JAX (jit/vmap friendly); style dicts hold scalar jnp arrays.
 """
@@ -22,6 +20,10 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from dhjax.models.hair_region import (beard_weight, hair_weight, head_angles, max_beard_style,  # noqa: F401
+                                      max_hair_style)
+from dhjax.models.hair_region import smoothstep as _smoothstep
 
 HAIR_STYLES = ("bald", "buzz", "short", "medium", "long", "parted")
 BEARD_STYLES = ("none", "stubble", "moustache", "goatee", "full")
@@ -49,8 +51,6 @@ _HAIR_TABLE = np.array([
     [0.016, 0.030, 0.23, 0.31, 0.56, 0.64, 0.82, 0.90, 1.0],   # long
     [0.010, 0.022, 0.23, 0.29, 0.42, 0.50, 0.66, 0.74, 1.0],   # parted
 ], np.float32)
-# Widest possible hair region (for the fixed superset of shell vertices).
-_HAIR_MAX = dict(front=0.31, side=0.64, nape=0.90, recede=0.0, sideburn=0.74)
 
 _BEARD_TABLE = np.array([
     # len_lo len_hi stubble_lo stubble_hi
@@ -62,30 +62,9 @@ _BEARD_TABLE = np.array([
 ], np.float32)
 
 
-def _smoothstep(x):
-    x = jnp.clip(x, 0.0, 1.0)
-    return x * x * (3.0 - 2.0 * x)
-
-
 def wrap_angle(x):
     """Angles [...] wrapped to [-pi, pi)."""
     return jnp.mod(x + jnp.pi, 2 * jnp.pi) - jnp.pi
-
-
-def head_angles(points, centre):
-    """Azimuth and polar angle of points around the head centre.
-
-    Args:
-      points: [..., 3] metres; centre: [3] metres (the centre of the ears).
-    Returns:
-      phi: [...] radians in (-pi, pi], 0 in front (+z), positive towards +x;
-      theta: [...] polar angle from +y in units of pi (0 top, 1 bottom).
-    """
-    d = jnp.asarray(points, jnp.float32) - jnp.asarray(centre, jnp.float32)
-    r = jnp.maximum(jnp.linalg.norm(d, axis=-1), 1e-9)
-    phi = jnp.arctan2(d[..., 0], d[..., 2])
-    theta = jnp.arccos(jnp.clip(d[..., 1] / r, -1.0, 1.0)) / jnp.pi
-    return phi, theta
 
 
 def draws(key, n: int):
@@ -163,28 +142,6 @@ def sample_beard(key, hair: dict, beard_prob: float = 0.45) -> dict:
     )
 
 
-def hair_weight(phi, theta, style: dict):
-    """Hair coverage in [0, 1] of surface points (1 inside the hairline, 0 at and beyond it).
-
-    Args:
-      phi, theta: [...] head angles (`head_angles`); style: `sample_hair` dict (or the
-        superset style of `max_hair_style`).
-    Returns:
-      [...] float32.
-    """
-    a = jnp.abs(phi) / jnp.pi                                   # 0 front, 1 back
-    s1 = _smoothstep((a - 0.20) / 0.22)                         # front -> side
-    s2 = _smoothstep((a - 0.52) / 0.25)                         # side -> back
-    line = style["front"] * (1 - s1) + style["side"] * s1
-    line = line * (1 - s2) + style["nape"] * s2
-    line = line - style["recede"] * jnp.exp(-(((a - 0.17) / 0.06) ** 2))
-    # Sideburns in front of the ears.
-    burn = jnp.exp(-(((a - 0.40) / 0.035) ** 2))
-    line = jnp.maximum(line, style["sideburn"] * burn)
-    w = _smoothstep((line - theta) / 0.07)
-    return jnp.where(style["front"] > 0, w, 0.0).astype(jnp.float32)
-
-
 def hair_thickness(phi, theta, style: dict):
     """Shell thickness (metres) of the hair at surface points; 0 at the hairline.
 
@@ -206,58 +163,7 @@ def hair_thickness(phi, theta, style: dict):
     return jnp.maximum(t, 0.0).astype(jnp.float32)
 
 
-def max_hair_style() -> dict:
-    """The widest hair region any style can cover (thickness > 0 wherever a style may have hair)."""
-    s = {k: jnp.float32(v) for k, v in _HAIR_MAX.items()}
-    s.update(length=jnp.float32(1.0), part_phi=jnp.float32(0.0), part_depth=jnp.float32(0.0),
-             volume=jnp.float32(0.0), wave=jnp.float32(0.0), wave_freq=jnp.float32(0.0),
-             wave_phase=jnp.float32(0.0))
-    return s
-
-
-def _jawline(phi):
-    """Polar angle (units of pi) of the jaw contour at azimuth phi (default head)."""
-    c = jnp.clip(jnp.cos(jnp.abs(phi) / 1.33 * jnp.pi / 2), 0.0, 1.0)
-    return 0.56 + 0.25 * c ** 0.7
-
-
-def _away_from_mouth(phi, theta):
-    d = jnp.sqrt((phi / 0.36) ** 2 + ((theta - 0.689) / 0.062) ** 2)
-    return _smoothstep((d - 1.0) / 0.35)
-
-
-def beard_weight(phi, theta, beard: dict, style_override=None):
-    """Beard coverage in [0, 1] at surface points (0 on the lips and at the beard's edge).
-
-    Args:
-      phi, theta: [...] head angles; beard: `sample_beard` dict; style_override: use this
-        style index instead of beard["style"] (`max_beard_weight` uses "full").
-    Returns:
-      [...] float32.
-    """
-    style = beard["style"] if style_override is None else style_override
-    a = jnp.abs(phi)
-    mouth = _away_from_mouth(phi, theta)
-    cheek_line = 0.615 - (0.09 + beard["cheek"]) * _smoothstep((a - 0.3) / 0.9)
-    upper = _smoothstep((theta - cheek_line) / 0.025)
-    lower = 1.0 - _smoothstep((theta - (_jawline(phi) + beard["lower"])) / 0.04)
-    sides = 1.0 - _smoothstep((a - 1.2) / 0.12)
-    full = upper * lower * sides * mouth
-    moustache = _smoothstep((theta - 0.612) / 0.012) * (1 - _smoothstep((a - 0.30) / 0.08)) * (
-        1 - _smoothstep((theta - 0.64) / 0.02)) * mouth
-    goatee = (1 - _smoothstep((a - 0.28) / 0.1)) * _smoothstep((theta - 0.72) / 0.02) * lower * mouth
-    w = jnp.select([style == 2, style == 3, style >= 1], [moustache, jnp.maximum(moustache, goatee), full],
-                   jnp.zeros_like(full))
-    return w.astype(jnp.float32)
-
-
 def beard_thickness(phi, theta, beard: dict):
     """Shell thickness (metres) of the beard; 0 for no beard and stubble (texture only)."""
     w = beard_weight(phi, theta, beard)
     return (beard["length"] * jnp.sqrt(w) * w).astype(jnp.float32)
-
-
-def max_beard_style() -> dict:
-    """Widest beard region (the full beard with the largest reach), for the shell superset."""
-    return dict(style=jnp.int32(4), length=jnp.float32(1.0), stubble=jnp.float32(0.0),
-                colour=jnp.zeros(3, jnp.float32), lower=jnp.float32(0.07), cheek=jnp.float32(0.04))

@@ -43,7 +43,7 @@ from dhjax.data import hair as hair_lib
 from dhjax.data import textures
 from dhjax.data.dataset import LABEL, PART_LABELS, REQUIRED_KEYS, SAMPLE_KEYS  # noqa: F401 (re-exported)
 from dhjax.geometry.mesh import vertex_normals
-from dhjax.models import flame
+from dhjax.models import flame, hair_region
 from dhjax.render import camera as camera_lib
 from dhjax.render import raster, shading
 
@@ -253,13 +253,10 @@ def build_assets(model=None, uv_size: int = 256) -> Assets:
     mv, mf, mw, mbasis, mcol = _mouth_interior(model)
     ext = _extend_model(model, mv, mf, mw, mbasis)
     V, F = model.num_vertices, int(model.faces.shape[0])
-    tmpl = np.asarray(model.v_template)
     faces = np.asarray(model.faces)
     regions = {k: np.asarray(r) for k, r in model.regions.items()}
     skin = ~regions["eyes"]
-    phi, theta = (np.asarray(a) for a in hair_lib.head_angles(tmpl, textures.head_centre(model)))
-    hw = np.asarray(hair_lib.hair_weight(phi, theta, hair_lib.max_hair_style()))
-    bw = np.asarray(hair_lib.beard_weight(phi, theta, hair_lib.max_beard_style()))
+    phi, theta, hw, bw = hair_region.area_weights(model)
     hair_vids, hair_faces = _shell_superset(faces, skin, hw)
     beard_vids, beard_faces = _shell_superset(faces, skin, bw)
     # Part labels of the model's faces (majority of vertex labels), then mouth and shells.

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dhjax.data import hair as hair_lib
+from dhjax.models.hair_region import head_centre  # noqa: F401  (textures.head_centre)
 from dhjax.render import raster
 
 # Skin tone anchors (display RGB albedo), light to dark; a tone t in [0, 1] interpolates them.
@@ -86,15 +87,6 @@ def _brow_distance(points, model_template, faces, lmk_faces, lmk_bary):
     t = np.clip(np.einsum("nsc,sc->ns", points[:, None] - a[None], ab) / np.sum(ab * ab, -1), 0, 1)
     closest = a[None] + t[..., None] * ab[None]
     return np.min(np.linalg.norm(points[:, None] - closest, axis=-1), axis=1)
-
-
-def head_centre(model) -> np.ndarray:
-    """Centre of the head used for head angles: the mean of the `ears` region, [3] metres."""
-    if model.regions is None or "ears" not in model.regions:
-        raise ValueError(f"model {model.name!r} has no 'ears' region; the synthetic generator needs "
-                         "a model with region masks (the embedded default head has them)")
-    ears = np.asarray(model.regions["ears"])
-    return np.asarray(model.v_template)[ears].mean(0)
 
 
 def uv_fields(model, size: int) -> UVFields:
