@@ -6,10 +6,9 @@
 
 Variants:
   tiny        64^2 maps, 128^2 images, ~5k Gaussians, 24 synthetic training identities x 2
-              expressions x 10 cameras (+ 4 held-out identities), 1000 steps of batch 4; 22.6
-              minutes measured on a 2-core CPU shared with another job (0.8 steps/s).
+              expressions x 10 cameras (+ 4 held-out identities), 1000 steps of batch 4 (CPU).
   tiny_sweep  `tiny` with 150 steps and 40 held-out test images, for the ablation sweep (sweep()
-              lists the ablations); about 4 minutes per variant on a 2-core CPU.
+              lists the ablations).
   paper       the thesis setting: 512^2 maps, F = 128, batch 16 over all devices, Adam 1.3e-5 with
               a multi-step schedule (gamma 0.66), 500k steps, 768 x 512 images of the 28-camera
               rig. Point data.root at a generated dataset (experiments.make_synthetic) or let the

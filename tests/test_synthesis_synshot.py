@@ -1,6 +1,6 @@
-"""Tests for dhjax.synthesis.synshot: map sampling and initial Gaussians, the static assets, posing,
-the data-parallel training step (4 fake CPU devices vs 1), the inversion stages' frozen parameter
-groups, the ablation configs and bad inputs.
+"""Tests for dhjax.synthesis.synshot: map sampling and initial Gaussians, the static assets and the
+hair part's area, posing, the data-parallel training step (4 fake CPU devices vs 1), the inversion
+stages' frozen parameter groups (`synshot_invert`), the ablation configs and bad inputs.
 
 References are independent: scipy's `ndimage.map_coordinates` (bilinear, clamped) and finite
 differences for the map sampling, `scipy.spatial.cKDTree` and numpy loops for the neighbour
@@ -31,6 +31,8 @@ from dhjax.render import camera
 from dhjax import losses
 from dhjax.geometry import vectors
 from dhjax.synthesis import synshot
+from dhjax.synthesis import synshot_gaussians as gs
+from dhjax.synthesis import synshot_invert as inv
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Compile options of every jit here: LLVM at -O0 and XLA:CPU's classic (non-MLIR) fusion emitters.
@@ -89,10 +91,10 @@ def setup(request, tmp_path_factory):
     # groups (the two-layer forward is run by the ablation tests).
     step_mc = tiny_model_config(parts=("face",), part_density=(16,))
     step_assets = assets.replace(parts=assets.parts[:1])       # what build_assets(step_mc) gives
-    net = synshot.make_net(step_mc)
+    context = synshot.make_context(step_mc, step_assets, W, H, loss_cfg=lc, optim_cfg=oc)
     # op by op with an RBG key: the compiled ops are reused by the ablation tests' inits, and RBG
     # keys compile much faster than threefry ones
-    state = synshot.init_state(jax.random.key(0, impl="rbg"), net, step_assets, step_mc, oc, batch)
+    state = synshot.init_state(jax.random.key(0, impl="rbg"), batch, context)
     # The regressors' output heads start at zero, which zeroes the gradients of everything before
     # them (dec_feat, the regressor bodies) in a first step; small random heads give every
     # parameter a gradient, so the step tests below see all groups move.
@@ -104,10 +106,8 @@ def setup(request, tmp_path_factory):
             head["kernel"] = jnp.asarray(0.05 * rs.normal(size=head["kernel"].shape), jnp.float32)
             params[k] = dict(params[k], head=head)
     state = dict(params=params, stats=state["stats"], opt_state=synshot.make_optimizer(oc).init(params))
-    common = dict(net=net, assets=step_assets, model_cfg=step_mc, width=W, height=H)
-    ctx = dict(model=model, mc=mc, oc=oc, lc=lc, assets=assets, fields=fields, batch=batch, net=net,
-               step_mc=step_mc, step_assets=step_assets, state=state, common=common,
-               tmp=tmp_path_factory.mktemp("synshot"))
+    ctx = dict(model=model, mc=mc, oc=oc, lc=lc, assets=assets, fields=fields, batch=batch, ctx=context,
+               step_mc=step_mc, step_assets=step_assets, state=state, tmp=tmp_path_factory.mktemp("synshot"))
     # the 1- and 4-device steps compile and run in subprocesses while the other tests run here
     wanted = any("device_steps" in item.fixturenames for item in request.session.items)
     ctx["runs"] = _launch_device_runs(ctx) if wanted else {}
@@ -154,11 +154,11 @@ def test_sample_positions_match_scipy_bilinear_and_finite_differences(setup):
     rs = np.random.RandomState(0)
     phi = _head_map(setup)
     uv_any = rs.uniform(-0.05, 1.05, size=(200, 2)).astype(np.float32)     # includes clamped borders
-    p, _, _ = jit(synshot.sample_positions_and_frames)(phi, uv_any)
+    p, _, _ = jit(gs.sample_positions_and_frames)(phi, uv_any)
     np.testing.assert_allclose(p, _scipy_bilinear(phi, uv_any), atol=2e-6)
 
     uv = _uv_inside_cells(rs, 300, S)
-    p, dpdu, dpdv = jit(synshot.sample_positions_and_frames)(phi, uv)
+    p, dpdu, dpdv = jit(gs.sample_positions_and_frames)(phi, uv)
     np.testing.assert_allclose(p, _scipy_bilinear(phi, uv), atol=2e-6)
     h = 0.02 / S                                   # stays inside the texel cell on both sides
     du, dv = np.array([h, 0.0]), np.array([0.0, h])
@@ -174,7 +174,7 @@ def test_tbn_rotation_is_the_normalised_tangent_frame():
     rs = np.random.RandomState(1)
     dpdu = rs.normal(size=(500, 3))
     dpdv = rs.normal(size=(500, 3))
-    R = np.asarray(jit(synshot.tbn_rotation)(dpdu.astype(np.float32), dpdv.astype(np.float32)),
+    R = np.asarray(jit(gs.tbn_rotation)(dpdu.astype(np.float32), dpdv.astype(np.float32)),
                    np.float64)
     np.testing.assert_allclose(R.transpose(0, 2, 1) @ R, np.broadcast_to(np.eye(3), R.shape), atol=2e-6)
     np.testing.assert_allclose(np.linalg.det(R), 1.0, atol=2e-6)
@@ -219,7 +219,7 @@ def test_grid_neighbour_distance_matches_numpy_loop():
     valid[3:6, 4:7] = False
     valid[4, 5] = True                         # isolated: no valid neighbour, distance inf
     ref = _np_grid_neighbour(pts.astype(np.float64), valid)
-    d = np.asarray(jit(synshot.grid_neighbour_distance)(pts, valid))
+    d = np.asarray(jit(gs.grid_neighbour_distance)(pts, valid))
     assert np.isinf(d[4, 5]) and np.isinf(ref[4, 5])
     np.testing.assert_array_equal(np.isinf(d), np.isinf(ref))
     fin = np.isfinite(ref)
@@ -230,7 +230,7 @@ def test_grid_neighbour_distance_matches_numpy_loop():
 def test_initial_gaussians_match_direct_computation(setup, nn_mode):
     phi = _head_map(setup, 1)
     for part in setup["assets"].parts:
-        init = jit(functools.partial(synshot.initial_gaussians, part=part, nn_mode=nn_mode))(phi)
+        init = jit(functools.partial(gs.initial_gaussians, part=part, nn_mode=nn_mode))(phi)
         uv = np.asarray(part.uv)[np.asarray(part.index)]
         means = _scipy_bilinear(phi, uv)
         np.testing.assert_allclose(init["means"], means, atol=2e-6)
@@ -261,7 +261,7 @@ def test_initial_gaussians_match_direct_computation(setup, nn_mode):
             np.testing.assert_allclose(np.asarray(init["rotations"])[:, :, 0], t, atol=1e-4)
             np.testing.assert_allclose(np.asarray(init["rotations"])[:, :, 2], n, atol=1e-4)
     with pytest.raises(ValueError, match="nn_mode"):
-        synshot.initial_gaussians(phi, setup["assets"].parts[0], "kdtree")
+        gs.initial_gaussians(phi, setup["assets"].parts[0], "kdtree")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -315,7 +315,7 @@ def test_lbs_map_is_a_partition_of_unity_inside_the_layout(setup):
 
 def test_joint_transforms_at_rest_pose_are_identities(setup):
     rs = np.random.RandomState(4)
-    rel = jit(functools.partial(synshot.joint_transforms, setup["assets"]))(
+    rel = jit(functools.partial(gs.joint_transforms, setup["assets"]))(
         rs.normal(size=(3, N_SHAPE)).astype(np.float32), rs.normal(size=(3, N_EXPR)).astype(np.float32),
         np.zeros((3, 5, 3), np.float32))
     np.testing.assert_allclose(rel, np.broadcast_to(np.eye(4), (3, 5, 4, 4)), atol=1e-6)
@@ -335,12 +335,12 @@ def test_posing_matches_flame_without_pose_correctives(setup):
     weights = np.asarray(model.lbs_weights, np.float64)
     rots = Rotation.random(n * V, random_state=6).as_matrix().reshape(n, V, 3, 3)
     log_s = rs.normal(-4.0, 0.5, size=(n, V, 3))
-    g = synshot.Gaussians(means=out.v_shaped, rotations=jnp.asarray(rots, jnp.float32),
+    g = gs.Gaussians(means=out.v_shaped, rotations=jnp.asarray(rots, jnp.float32),
                           log_scales=jnp.asarray(log_s, jnp.float32), opacity_logits=jnp.zeros((n, V)),
                           sh=jnp.zeros((n, V, 16, 3)), lbs_weights=jnp.broadcast_to(model.lbs_weights, (n, V, 5)),
                           offsets={})
-    rel = jit(functools.partial(synshot.joint_transforms, assets))(shape, expr, pose)
-    means, cov = jit(synshot.pose_gaussians)(g, rel, jnp.asarray(trans))
+    rel = jit(functools.partial(gs.joint_transforms, assets))(shape, expr, pose)
+    means, cov = jit(gs.pose_gaussians)(g, rel, jnp.asarray(trans))
     np.testing.assert_allclose(means, out.vertices, atol=1e-5)
     # covariances: M R diag(s^2) R^T M^T with M the skinning-weighted world rotations of the joints
     for b in range(n):
@@ -359,10 +359,8 @@ def test_posing_matches_flame_without_pose_correctives(setup):
 # Inversion stages.
 
 
-def _labelled_step(ctx, labels):
-    c = ctx["common"]
-    return jit(lambda s, b, k, q: synshot.train_step(s, b, k, loss_cfg=ctx["lc"], optim_cfg=ctx["oc"],
-                                                      labels=labels, q_id=q, **c))
+def _labelled_step(setup, labels):
+    return jit(lambda s, b, k, q: synshot.train_step(s, b, k, setup["ctx"], labels=labels, q_id=q))
 
 
 def _changed_groups(old, new):
@@ -383,13 +381,12 @@ def stage_runs(setup):
     assert set(params) == {"enc_id", "enc_expr", "vq_id", "vq_expr"} | set(STAGE2_GROUPS)
     key = jax.random.key(2)
     out = {}
-    labels1 = synshot.inversion_labels(params, 1)
+    labels1 = inv.inversion_labels(params, 1)
     st1 = dict(params=params, stats=stats, opt_state=synshot.make_optimizer(setup["oc"], labels1).init(params))
     out[1] = _labelled_step(setup, labels1)(st1, setup["batch"], key, None)
-    labels2 = synshot.inversion_labels(params, 2)
+    labels2 = inv.inversion_labels(params, 2)
     st2 = dict(params=params, stats=stats, opt_state=synshot.make_optimizer(setup["oc"], labels2).init(params))
-    q = synshot.fixed_identity_code(setup["state"], setup["batch"], net=setup["net"], assets=setup["step_assets"],
-                                    model_cfg=setup["step_mc"])
+    q = inv.frozen_code(setup["state"], setup["batch"], setup["ctx"])
     step2 = _labelled_step(setup, labels2)
     out[2] = step2(st2, setup["batch"], key, q)
     out["2_other_code"] = step2(st2, setup["batch"], key, jnp.roll(q, 1, axis=0))
@@ -430,22 +427,22 @@ def test_inversion_stage2_trains_decoders_and_regressors_with_a_fixed_code(setup
 
 def test_inversion_stage0_trains_everything_and_bad_stages_raise(setup):
     params = setup["state"]["params"]
-    labels = synshot.inversion_labels(params, 0)
+    labels = inv.inversion_labels(params, 0)
     assert jax.tree_util.tree_structure(labels) == jax.tree_util.tree_structure(params)
     assert set(jax.tree_util.tree_leaves(labels)) == {"train"}
     for stage in (1, 2):
-        labels = synshot.inversion_labels(params, stage)
+        labels = inv.inversion_labels(params, stage)
         assert jax.tree_util.tree_structure(labels) == jax.tree_util.tree_structure(params)
         assert set(jax.tree_util.tree_leaves(labels)) == {"train", "freeze"}
     # the stage-0 optimiser moves every leaf (a small tree with the same groups keeps this cheap)
     small = {g: {"w": jnp.ones((3,))} for g in params}
-    tx = synshot.make_optimizer(setup["oc"], synshot.inversion_labels(small, 0))
+    tx = synshot.make_optimizer(setup["oc"], inv.inversion_labels(small, 0))
     updates, _ = jit(tx.update)(small, tx.init(small), small)
     for g, u in updates.items():
         assert np.all(np.asarray(u["w"]) < 0), g           # a descent step on every element
     for bad in (3, -1):
         with pytest.raises(ValueError, match="stage"):
-            synshot.inversion_labels(params, bad)
+            inv.inversion_labels(params, bad)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -459,13 +456,14 @@ def test_ablation_configs_build_init_and_forward(setup, over):
     # the assets depend only on map_size and the parts: the setup's two-part ones serve with VQ off
     # and with the feature decoder shortened
     assets = synshot.build_assets(mc, setup["model"]) if "sampling" in over else setup["assets"]
-    net = synshot.make_net(mc)
+    ctx = synshot.make_context(mc, assets, W, H, optim_cfg=setup["oc"])
+    net = ctx.net
     batch = setup["batch"]
 
-    state = synshot.init_state(jax.random.key(3, impl="rbg"), net, assets, mc, setup["oc"], batch)
-    maps = synshot.normalise_maps(assets, mc, batch["uv_albedo"], batch["uv_position"], batch["uv_expression_offset"])
-    variables = {"params": state["params"], **({"vq_stats": state["stats"]} if state["stats"] else {})}
-    out = jit(lambda v, m: synshot.forward(net, v, assets, mc, m)[0])(variables, maps)
+    state = synshot.init_state(jax.random.key(3, impl="rbg"), batch, ctx)
+    maps = synshot.batch_maps(batch, ctx)
+    variables = synshot.net_variables(state["params"], state["stats"])
+    out = jit(lambda v, m: synshot.forward(v, m, ctx)[0])(variables, maps)
     params = state["params"]
     n = sum(p.count for p in assets.parts)
     assert n == assets.n_gaussians
@@ -549,10 +547,9 @@ src, dst, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
 assert jax.device_count() == n, (jax.device_count(), n)
 with open(src, "rb") as f:
     d = pickle.load(f)
-net = synshot.make_net(d["model_cfg"])
-step = jax.jit(functools.partial(synshot.train_step, net=net, assets=d["assets"], model_cfg=d["model_cfg"],
-                                 loss_cfg=d["loss_cfg"], optim_cfg=d["optim_cfg"], width=d["width"],
-                                 height=d["height"]), compiler_options=d["compiler_options"])
+ctx = synshot.make_context(d["model_cfg"], d["assets"], d["width"], d["height"], loss_cfg=d["loss_cfg"],
+                           optim_cfg=d["optim_cfg"])
+step = jax.jit(functools.partial(synshot.train_step, ctx=ctx), compiler_options=d["compiler_options"])
 state, metrics = step(d["state"], d["batch"], jax.random.key(1))
 out = {}
 for prefix, tree in (("params", state["params"]), ("stats", state["stats"]), ("opt", state["opt_state"]),
@@ -655,3 +652,29 @@ def test_one_step_on_four_devices_equals_one_device_batch_metrics(device_steps):
     keys = ["['psnr']", "['perplexity_id']", "['perplexity_expr']"]
     bad = {k: (float(four[k]), float(one[k])) for k in keys if not np.allclose(four[k], one[k], rtol=1e-5)}
     assert not bad, f"4 devices vs 1 device: {bad}"
+
+
+def test_hair_part_comes_from_the_head_model_and_covers_every_generated_shell(setup):
+    """The hair part's area is the head model's (`models.hair_region.hair_area`, no synthetic
+    generator involved); every hair and beard shell the generator samples lies inside it, and it
+    leaves the eyeballs out."""
+    from dhjax.data import hair as hair_lib
+    from dhjax.models import hair_region
+
+    model = setup["model"]
+    area = hair_region.hair_area(model)
+    phi, theta, _, _ = hair_region.area_weights(model)
+    assert np.all(area[np.asarray(model.regions["eyes"])] == 0)
+    assert area[np.argmax(np.asarray(model.v_template)[:, 1])] > 0.5        # the top of the head
+    for k in jax.random.split(jax.random.PRNGKey(3), 20):
+        h = hair_lib.sample_hair(k)
+        b = hair_lib.sample_beard(jax.random.fold_in(k, 1), h, beard_prob=1.0)
+        assert np.all(np.asarray(hair_lib.hair_thickness(phi, theta, h))[area == 0] == 0)
+        assert np.all(np.asarray(hair_lib.beard_thickness(phi, theta, b))[area == 0] == 0)
+    # the part's UV points lie where the baked area exceeds 0.05
+    hair = next(p for p in setup["assets"].parts if p.name == "hair")
+    baked = np.asarray(textures.bake(setup["fields"], model.faces, area[:, None]))[..., 0]
+    uv = np.asarray(hair.uv)[np.asarray(hair.index)]
+    i = np.clip(((1 - uv[:, 1]) * S).astype(int), 0, S - 1)
+    j = np.clip((uv[:, 0] * S).astype(int), 0, S - 1)
+    assert np.all(baked[i, j] > 0.05) and hair.count > 0

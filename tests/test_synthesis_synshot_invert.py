@@ -1,12 +1,11 @@
 """SynShot inversion helpers: input checks, prior loading errors, the ArcFace terms, early stopping.
 
 The end-to-end prior + inversion run is `test_synshot_end_to_end` (marked slow: it compiles the
-full training step twice)."""
+full training step twice): `synshot_run.run_prior` and `run_invert` in-process, as the
+experiments call them."""
 
 import json
 import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -15,9 +14,16 @@ import pytest
 
 from dhjax.synthesis import synshot
 from dhjax.synthesis import synshot_invert as inv
+from dhjax.synthesis import synshot_run
 from dhjax.train import checkpoint as ckpt_lib
+from dhjax.train import config as config_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _config(name, variant, **overrides):
+    return config_lib.apply_overrides(config_lib.load_config(os.path.join(ROOT, "configs", f"{name}.py:{variant}")),
+                                      overrides)
 
 
 def _sample(h=16, w=16):
@@ -70,32 +76,36 @@ def test_load_latest_refuses_a_checkpoint_of_another_config(tmp_path):
 
 
 def test_invert_rejects_a_workdir_that_is_not_a_prior(tmp_path):
-    sys.path.insert(0, ROOT)
-    from experiments import synshot_invert as exp
-
+    prior = tmp_path / "prior"
+    prior.mkdir()
+    with pytest.raises(ValueError, match="prior_workdir"):
+        synshot_run.run_invert(_config("synshot_invert", "tiny"), str(tmp_path / "a"))
     with pytest.raises(FileNotFoundError, match="config.json"):
-        exp.load_prior_config(str(tmp_path))
-    (tmp_path / "config.json").write_text(json.dumps({"experiment": "register_flame"}))
-    with pytest.raises(ValueError, match="not a SynShot prior"):
-        exp.load_prior_config(str(tmp_path))
-    samples = [dict(_sample(), frame=np.int32(0), view=np.int32(v)) for v in range(4)]
-    chosen, rest = exp.split_inputs(samples, 0, (0, 2))
-    assert [int(s["view"]) for s in chosen] == [0, 2] and len(rest) == 2
+        synshot_run.run_invert(_config("synshot_invert", "tiny", prior_workdir=str(prior)), str(tmp_path / "b"))
+    (prior / "config.json").write_text(json.dumps({"experiment": "register_flame"}))
+    with pytest.raises(ValueError, match="not 'synshot_prior'"):
+        synshot_run.run_invert(_config("synshot_invert", "tiny", prior_workdir=str(prior)), str(tmp_path / "c"))
+
+
+def test_split_inputs_picks_the_input_views_of_one_frame():
+    samples = [dict(_sample(), frame=np.int32(f), view=np.int32(v)) for f in (3, 5) for v in range(4)]
+    chosen, rest = inv.split_inputs(samples, 1, (0, 2))
+    assert [(int(s["frame"]), int(s["view"])) for s in chosen] == [(5, 0), (5, 2)] and len(rest) == 6
     with pytest.raises(ValueError, match="not all present"):
-        exp.split_inputs(samples, 0, (0, 9))
+        inv.split_inputs(samples, 0, (0, 9))
     with pytest.raises(ValueError, match="out of range"):
-        exp.split_inputs(samples, 3, (0,))
+        inv.split_inputs(samples, 2, (0,))
 
 
 def test_early_stopper_waits_for_warmup_and_patience():
-    st = synshot.EarlyStopper(warmup=5, patience=3, decay=0.0)
+    st = inv.EarlyStopper(warmup=5, patience=3, decay=0.0)
     stops = []
     for loss in [5, 4, 3, 3, 3, 3, 3, 3, 3]:
         st, stop = st.update(float(loss))
         stops.append(stop)
     # improvements until step 3, then flat: patience 3 is reached at step 6 (> warmup 5)
     assert stops == [False] * 5 + [True] * 4
-    st = synshot.EarlyStopper(warmup=2, patience=2, decay=0.0)
+    st = inv.EarlyStopper(warmup=2, patience=2, decay=0.0)
     for loss in [5, 4, 3, 2, 1]:
         st, stop = st.update(float(loss))
         assert not stop                        # still improving: never stops
@@ -132,23 +142,24 @@ def test_arcface_terms_vanish_for_identical_images_and_have_gradients():
 @pytest.mark.slow
 def test_synshot_end_to_end(tmp_path):
     """Prior (a few steps on 2 synthetic identities) then inversion: both write their outputs."""
-    env = dict(os.environ, PYTHONPATH=ROOT, DHJAX_CACHE=str(tmp_path / "cache"))
+    data = {"data.train_identities": (0, 2), "data.test_identities": (1_000_000, 1),
+            "data.cache_dir": str(tmp_path / "cache")}
     prior = tmp_path / "prior"
-    common = ["--config.data.train_identities=(0,2)", "--config.data.test_identities=(1000000,1)"]
-    subprocess.run([sys.executable, "-m", "experiments.synshot_prior", "--config=configs/synshot_prior.py:tiny",
-                    f"--workdir={prior}", "--config.train.steps=3", "--config.train.eval_every=0", *common],
-                   cwd=ROOT, env=env, check=True, timeout=1800)
+    metrics = synshot_run.run_prior(_config("synshot_prior", "tiny", **data, **{"train.steps": 3, "train.eval_every": 0}),
+                                    str(prior))
     final = json.loads((prior / "final_metrics.json").read_text())
     assert {"heldout/prior_psnr", "heldout/mean_psnr"} <= set(final)
+    assert final["heldout/prior_psnr"] == metrics["prior_psnr"] and "loss" in final
     assert (prior / "heldout_grid.png").exists() and (prior / "avatar_heldout0.ply").exists()
     out = tmp_path / "inv"
-    subprocess.run([sys.executable, "-m", "experiments.synshot_invert", "--config=configs/synshot_invert.py:tiny",
-                    f"--config.prior_workdir={prior}", f"--workdir={out}", "--config.stage1.steps_per_frame=1",
-                    "--config.stage2.steps_per_frame=1", "--config.data.max_heldout=2"],
-                   cwd=ROOT, env=env, check=True, timeout=1800)
+    summary = synshot_run.run_invert(_config("synshot_invert", "tiny", **{
+        "prior_workdir": str(prior), "stage1.steps_per_frame": 1, "stage2.steps_per_frame": 1,
+        "data.max_heldout": 2}), str(out))
     m = json.loads((out / "metrics.json").read_text())
-    assert {"prior", "stage1", "inverted", "scratch"} <= set(m["heldout"])
+    assert {"prior", "stage1", "inverted", "scratch"} <= set(m["heldout"]) and m["prior_step"] == 3
+    assert m["heldout"] == summary["heldout"] and m["stages"]["stage1"]["steps"] == 3
     assert (out / "avatar.ply").exists() and (out / "renders.png").exists()
+    assert json.loads((out / "final_metrics.json").read_text())["heldout/inverted/psnr"] == m["heldout"]["inverted"]["psnr"]
 
 
 def test_configs_load_and_every_ablation_override_applies():

@@ -1,5 +1,5 @@
-"""SynShot: a VQ-VAE prior of Gaussian head avatars in UV space, trained on synthetic heads, and
-few-shot pivotal-tuning inversion (Zielonka et al., CVPR 2025; thesis section A.5).
+"""SynShot's prior: a VQ-VAE of Gaussian head avatars in UV space, trained on synthetic heads
+(Zielonka et al., CVPR 2025; thesis section A.5).
 
 Data flow of one example (maps are S x S in the head model's UV layout, metres):
 
@@ -23,17 +23,20 @@ Data flow of one example (maps are S x S in the head model's UV layout, metres):
 Normalised network units: x_tex in [-1, 1], x_verts = (positions - head centre) / pos_scale,
 x_expr = offsets / expr_scale (config `model.pos_scale`, `model.expr_scale`, metres).
 
-Functions here are pure: `build_assets` (host-side, once), `make_net`, `init_state`, `forward`,
-`loss_fn`, `train_step` (data-parallel through `jax.shard_map` over all devices), `evaluate`,
-`render_views`, `export_gaussians`, and the inversion stages (`inversion_labels`,
-`invert_step`). Experiments: `experiments.synshot_prior`, `experiments.synshot_invert`.
+Functions here are pure. `build_assets` (host side, once) and `make_context` bundle everything a
+step needs besides its state and batch into a frozen `Context`, which `init_state`, `forward`,
+`loss_fn`, `train_step` (data-parallel through `jax.shard_map` over all devices) and `predict`
+take; `image_metrics` scores their renders. The Gaussians (initialisation, offsets, posing,
+splatting, export) are `dhjax.synthesis.synshot_gaussians`, the few-shot inversion
+`dhjax.synthesis.synshot_invert`, dataset glue `dhjax.synthesis.synshot_data`, the runs
+`dhjax.synthesis.synshot_run` (experiments `synshot_prior`, `synshot_invert`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Mapping, NamedTuple
+from typing import Callable
 
 import flax.linen as nn
 import flax.struct
@@ -45,22 +48,16 @@ import optax
 from jax.sharding import PartitionSpec as P
 
 from dhjax import losses
-from dhjax.data import hair as hair_lib
 from dhjax.data import textures
-from dhjax.geometry import lbs as lbs_lib
-from dhjax.geometry import rotations
+from dhjax.models import hair_region
 from dhjax.nn import conv, vq
-from dhjax.render import camera as camera_lib
-from dhjax.render import shading
-from dhjax.render import splat
-from dhjax.geometry.vectors import nearest_neighbour_distance, safe_normalize
+from dhjax.synthesis import synshot_gaussians as gs
+from dhjax.synthesis.synshot_gaussians import SH_COEFFS
+from dhjax.train import loop
 
-_HI = jax.lax.Precision.HIGHEST
 MAP_KEYS = ("uv_albedo", "uv_position", "uv_expression_offset")
 PARAM_KEYS = ("shape", "expression", "pose", "translation")
 BATCH_KEYS = ("image", "mask", "K", "R", "t") + PARAM_KEYS + MAP_KEYS
-INIT_OPACITY = 0.7
-SH_COEFFS = 16          # degree 3
 
 
 # ----------------------------------------------------------------------------------------------
@@ -203,16 +200,10 @@ def _footprint_inside(mask: np.ndarray, uv: np.ndarray) -> np.ndarray:
 
 
 def part_masks(model, fields) -> dict:
-    """UV masks [S, S] bool of the parts: 'face'/'all' the whole layout, 'hair' the area any
-    hair or beard style of the synthetic generator may cover (`dhjax.data.hair`)."""
-    tmpl = np.asarray(model.v_template)
-    phi, theta = (np.asarray(a) for a in hair_lib.head_angles(tmpl, textures.head_centre(model)))
-    hw = np.asarray(hair_lib.hair_weight(phi, theta, hair_lib.max_hair_style()))
-    bw = np.asarray(hair_lib.beard_weight(phi, theta, hair_lib.max_beard_style()))
-    if model.regions is not None and "eyes" in model.regions:
-        eyes = np.asarray(model.regions["eyes"])
-        hw, bw = np.where(eyes, 0, hw), np.where(eyes, 0, bw)
-    hair = np.asarray(textures.bake(fields, model.faces, np.maximum(hw, bw)[:, None].astype(np.float32)))[..., 0]
+    """UV masks [S, S] bool of the parts: 'face'/'all' the whole layout, 'hair' the scalp and beard
+    area of the head model (`dhjax.models.hair_region.hair_area`, baked into UV, weight > 0.05)."""
+    area = hair_region.hair_area(model)
+    hair = np.asarray(textures.bake(fields, model.faces, area[:, None]))[..., 0]
     layout = np.asarray(fields.mask)
     return {"face": layout, "all": layout, "hair": layout & (hair > 0.05)}
 
@@ -250,7 +241,7 @@ def build_assets(model_cfg, model=None) -> Assets:
         if idx.size < 2:
             raise ValueError(f"part {name!r} at density {d} has {idx.size} UV points")
         parts.append(PartGrid(uv=jnp.asarray(uv), index=jnp.asarray(idx), name=name, h=d, w=d))
-    return Assets(centre=jnp.asarray(textures.head_centre(model), jnp.float32),
+    return Assets(centre=jnp.asarray(hair_region.head_centre(model), jnp.float32),
                   map_mask=jnp.asarray(layout, jnp.float32), lbs_map=jnp.asarray(lbs_map),
                   joint_basis=jnp.asarray(joint_basis), parts=tuple(parts),
                   parents=tuple(int(p) for p in model.parents), map_size=S,
@@ -340,7 +331,51 @@ class SynShotNet(nn.Module):
 
 
 def make_net(model_cfg) -> SynShotNet:
+    """The network of a `default_model_config()`-like config."""
     return SynShotNet(NetConfig.from_config(model_cfg))
+
+
+# ----------------------------------------------------------------------------------------------
+# The context of a run.
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Context:
+    """Everything the model's functions need besides the state and the batch (built once per run
+    by `make_context`; static under jit: close over it with functools.partial or pass it as a
+    static argument, it hashes by identity).
+
+    net: SynShotNet; assets: Assets; model_cfg: the `default_model_config()`-like ConfigDict both
+    were built from; width, height: image size in pixels; loss_cfg (`default_loss_config()`-like)
+    and optim_cfg (lr, gamma, milestones, clip): for training and `init_state` (None when only
+    predicting); backend: the splatting backend (`dhjax.ops.splat`); lpips_fn: optional
+    (a, b) -> [B] perceptual distance (used with loss.lpips > 0); extra_loss: optional
+    (render [B,H,W,3], batch) -> (scalar, metrics) added to the loss (the inversion's ArcFace
+    terms).
+    """
+
+    net: SynShotNet
+    assets: Assets
+    model_cfg: ml_collections.ConfigDict
+    width: int
+    height: int
+    loss_cfg: ml_collections.ConfigDict | None = None
+    optim_cfg: ml_collections.ConfigDict | None = None
+    backend: str = "auto"
+    lpips_fn: Callable | None = None
+    extra_loss: Callable | None = None
+
+    def replace(self, **changes) -> "Context":
+        """A copy with some fields changed (e.g. the inversion's optimiser and ArcFace terms)."""
+        return dataclasses.replace(self, **changes)
+
+
+def make_context(model_cfg, assets: Assets, width: int, height: int, **fields) -> Context:
+    """Context of a model config (its network is built here), its `build_assets` result and the
+    image size; `fields`: the optional Context fields (loss_cfg, optim_cfg, backend, lpips_fn,
+    extra_loss)."""
+    return Context(net=make_net(model_cfg), assets=assets, model_cfg=model_cfg, width=int(width),
+                   height=int(height), **fields)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -369,115 +404,32 @@ def normalise_maps(assets: Assets, model_cfg, uv_albedo, uv_position, uv_express
     return tex * m, verts * m, expr * m
 
 
-def _sample_grid(maps, uv):
-    """Bilinear samples of maps [B,H,W,C] at uv [N,2] -> [B,N,C] (any map resolution)."""
-    return jax.vmap(lambda m: shading.sample_texture(m, uv))(maps)
+def batch_maps(batch, ctx: Context):
+    """`normalise_maps` of a batch's uv_albedo, uv_position and uv_expression_offset."""
+    return normalise_maps(ctx.assets, ctx.model_cfg, batch["uv_albedo"], batch["uv_position"],
+                          batch["uv_expression_offset"])
 
 
-# ----------------------------------------------------------------------------------------------
-# Maps -> Gaussians.
+def net_variables(params, stats) -> dict:
+    """Flax variables of the network: params, plus vq_stats when there are any (EMA codebooks,
+    usage EMAs)."""
+    return {"params": params, **({"vq_stats": stats} if stats else {})}
 
 
-class Gaussians(NamedTuple):
-    """Gaussians in model space (rest pose) or world space; [B, N, ...] with a batch axis.
-
-    means [.., N, 3] metres; rotations [.., N, 3, 3]; log_scales [.., N, 3]; opacity_logits
-    [.., N]; sh [.., N, 16, 3]; lbs_weights [.., N, J]; offsets: the raw regressor offsets
-    {position [.., N, 3] (metres), rotation [.., N, 4], scale [.., N, 3], opacity [.., N]}.
-    """
-
-    means: jax.Array
-    rotations: jax.Array
-    log_scales: jax.Array
-    opacity_logits: jax.Array
-    sh: jax.Array
-    lbs_weights: jax.Array
-    offsets: dict
-
-
-def grid_neighbour_distance(grid_points, valid):
-    """Distance to the nearest of the 8 grid neighbours that are valid (a fast stand-in for the
-    nearest neighbour on densely sampled smooth surfaces).
-
-    Args:
-      grid_points: [h, w, 3]; valid: [h, w] bool. Returns: [h, w] (inf where no neighbour).
-    """
-    h, w, _ = grid_points.shape
-    p = jnp.pad(grid_points, ((1, 1), (1, 1), (0, 0)))
-    v = jnp.pad(valid, ((1, 1), (1, 1)))
-    best = jnp.full((h, w), jnp.inf, grid_points.dtype)
-    for di in (-1, 0, 1):
-        for dj in (-1, 0, 1):
-            if di == dj == 0:
-                continue
-            q = p[1 + di:1 + di + h, 1 + dj:1 + dj + w]
-            ok = v[1 + di:1 + di + h, 1 + dj:1 + dj + w]
-            d = jnp.sqrt(jnp.maximum(jnp.sum((grid_points - q) ** 2, -1), 1e-20))
-            best = jnp.minimum(best, jnp.where(ok, d, jnp.inf))
-    return best
-
-
-def tbn_rotation(dpdu, dpdv):
-    """Rotation [.., 3, 3] with columns (T, B, N): T = dphi/du normalised, N = T x B
-    normalised, and B replaced by N x T so the frame is orthonormal (det +1)."""
-    t = safe_normalize(dpdu)
-    n = safe_normalize(jnp.cross(dpdu, dpdv))
-    b = jnp.cross(n, t)
-    return jnp.stack([t, b, n], -1)
-
-
-def sample_positions_and_frames(phi, uv):
-    """Bilinear samples of a position map and its exact UV derivatives.
-
-    Args:
-      phi: [S, S, 3] positions (metres); uv: [N, 2]. Returns: p [N, 3], dp/du [N, 3], dp/dv [N, 3].
-    """
-    f = lambda q: shading.sample_texture(phi, q)
-    p, dpdu = jax.jvp(f, (uv,), (jnp.tile(jnp.array([[1.0, 0.0]]), (uv.shape[0], 1)),))
-    _, dpdv = jax.jvp(f, (uv,), (jnp.tile(jnp.array([[0.0, 1.0]]), (uv.shape[0], 1)),))
-    return p, dpdu, dpdv
-
-
-def initial_gaussians(phi_map, part: PartGrid, nn_mode: str = "exact"):
-    """Initial per-part Gaussians from one position map (before the regressed offsets).
-
-    Args:
-      phi_map: [S, S, 3] rest-pose positions (metres); part: PartGrid.
-    Returns:
-      dict(means [N, 3], rotations [N, 3, 3], log_scales [N, 3] (isotropic: log of the
-      nearest-neighbour distance), opacity_logits [N] (logit 0.7)) for the part's N used points.
-    """
-    uv = part.uv[part.index]
-    p, dpdu, dpdv = sample_positions_and_frames(phi_map, uv)
-    if nn_mode == "exact":
-        d = nearest_neighbour_distance(p)
-    elif nn_mode == "grid":
-        full = jnp.zeros((part.h * part.w, 3), p.dtype).at[part.index].set(p)
-        valid = jnp.zeros((part.h * part.w,), bool).at[part.index].set(True)
-        d = grid_neighbour_distance(full.reshape(part.h, part.w, 3), valid.reshape(part.h, part.w))
-        d = d.reshape(-1)[part.index]
-    else:
-        raise ValueError(f"nn_mode must be 'exact' or 'grid', got {nn_mode!r}")
-    d = jnp.clip(d, 1e-5, 0.05)
-    n = p.shape[0]
-    return dict(means=p, rotations=tbn_rotation(dpdu, dpdv),
-                log_scales=jnp.broadcast_to(jnp.log(d)[:, None], (n, 3)),
-                opacity_logits=jnp.full((n,), float(np.log(INIT_OPACITY / (1 - INIT_OPACITY))), jnp.float32))
-
-
-def forward(net: SynShotNet, variables, assets: Assets, model_cfg, maps_in, *, train: bool = False,
-            q_id=None):
+def forward(variables, maps_in, ctx: Context, *, train: bool = False, q_id=None):
     """Network forward: normalised input maps -> decoded maps and Gaussians (model space).
 
     Args:
+      variables: the network's variables (`net_variables`).
       maps_in: (x_tex, x_verts, x_expr) [B,S,S,3] each (network units, `normalise_maps`).
       q_id: optional fixed quantised identity code [B,h,w,n] (inversion stage 2).
     Returns:
       (out dict: tex, verts, expr [B,S,S,3] decoded maps (network units), phi [B,S,S,3] metres,
-       q_id, gaussians: Gaussians [B,N,...], vq_loss, perplexity_id, perplexity_expr),
+       q_id, gaussians: `synshot_gaussians.Gaussians` [B,N,...], vq_loss, perplexity_id, perplexity_expr),
       new mutable collections (vq_stats) or {}.
     """
     mutable = ["vq_stats"] if (train and "vq_stats" in variables) else False
+    assets, model_cfg = ctx.assets, ctx.model_cfg
 
     def body(mdl, x_tex, x_verts, x_expr):
         z_id, z_expr = mdl.encode(x_tex, x_verts, x_expr)
@@ -489,145 +441,57 @@ def forward(net: SynShotNet, variables, assets: Assets, model_cfg, maps_in, *, t
         parts = []
         for part in assets.parts:
             uv = part.uv[part.index]
-            init = jax.vmap(lambda m: initial_gaussians(m, part, model_cfg.nn_mode))(phi)
-            s = _sample_grid(feat, part.uv).reshape(feat.shape[0], part.h, part.w, feat.shape[-1])
+            init = jax.vmap(lambda m: gs.initial_gaussians(m, part, model_cfg.nn_mode))(phi)
+            s = gs.sample_grid(feat, part.uv).reshape(feat.shape[0], part.h, part.w, feat.shape[-1])
             col, off = mdl.regress(part.name, s)
             col = col.reshape(col.shape[0], -1, col.shape[-1])[:, part.index]
             off = off.reshape(off.shape[0], -1, off.shape[-1])[:, part.index]
-            w = _sample_grid(assets.lbs_map[None], uv)[0]
+            w = gs.sample_grid(assets.lbs_map[None], uv)[0]
             w = w / jnp.maximum(w.sum(-1, keepdims=True), 1e-8)
             parts.append((init, col, off, jnp.broadcast_to(w, (phi.shape[0],) + w.shape)))
         return dict(tex=tex, verts=verts, expr=expr, phi=phi, q_id=qi, parts=parts, **aux)
 
-    res = nn.apply(body, net, mutable=mutable)(variables, *maps_in)
+    res = nn.apply(body, ctx.net, mutable=mutable)(variables, *maps_in)
     out, new_cols = res if mutable else (res, {})
-    out["gaussians"] = _apply_offsets(out.pop("parts"), model_cfg)
+    out["gaussians"] = gs.apply_offsets(out.pop("parts"), model_cfg.offset_scale)
     return out, new_cols
-
-
-def _apply_offsets(parts, model_cfg) -> Gaussians:
-    cat = lambda xs: jnp.concatenate(xs, axis=1)
-    means, rots, logs, ops, shs, ws, off_p, off_r, off_s, off_o = ([] for _ in range(10))
-    for init, col, off, w in parts:
-        b, n = col.shape[:2]
-        dp = off[..., 0:3] * model_cfg.offset_scale
-        dq = off[..., 3:7]
-        ds, do = off[..., 7:10], off[..., 10]
-        rot_delta = rotations.quaternion_to_matrix(dq + jnp.array([1.0, 0.0, 0.0, 0.0]))
-        means.append(init["means"] + dp)
-        rots.append(jnp.matmul(init["rotations"], rot_delta, precision=_HI))
-        logs.append(init["log_scales"] + ds)
-        ops.append(init["opacity_logits"] + do)
-        shs.append(col.reshape(b, n, SH_COEFFS, 3))
-        ws.append(w)
-        off_p.append(dp), off_r.append(dq), off_s.append(ds), off_o.append(do)
-    return Gaussians(means=cat(means), rotations=cat(rots), log_scales=cat(logs),
-                     opacity_logits=cat(ops), sh=cat(shs), lbs_weights=cat(ws),
-                     offsets=dict(position=cat(off_p), rotation=cat(off_r), scale=cat(off_s),
-                                  opacity=cat(off_o)))
-
-
-# ----------------------------------------------------------------------------------------------
-# Posing and rendering.
-
-
-def joint_transforms(assets: Assets, shape, expression, pose):
-    """Relative joint transforms [B, J, 4, 4] of the head model for the given parameters.
-
-    shape [B, S'], expression [B, E'], pose [B, J, 3] axis-angle (global, neck, jaw, eyes)."""
-    b = shape.shape[0]
-    coeffs = jnp.concatenate([
-        jnp.ones((b, 1), jnp.float32),
-        jnp.pad(shape, ((0, 0), (0, assets.n_shape - shape.shape[1]))),
-        jnp.pad(expression, ((0, 0), (0, assets.n_expression - expression.shape[1])))], 1)
-    joints = jnp.einsum("bk,kjc->bjc", coeffs, assets.joint_basis, precision=_HI)
-    rot = rotations.axis_angle_to_matrix(pose)
-    _, rel = lbs_lib.batch_rigid_transform(rot, joints, assets.parents)
-    return rel
-
-
-def pose_gaussians(g: Gaussians, rel, translation):
-    """Model-space Gaussians [B,N,...] -> world means [B,N,3] and covariances [B,N,3,3] by
-    linear blend skinning (rel [B,J,4,4]) plus translation [B,3]."""
-    A = jnp.einsum("bnj,bjkl->bnkl", g.lbs_weights, rel, precision=_HI)          # [B,N,4,4]
-    M = A[..., :3, :3]
-    means = jnp.einsum("bnkl,bnl->bnk", M, g.means, precision=_HI) + A[..., :3, 3] + translation[:, None]
-    R = jnp.matmul(M, g.rotations, precision=_HI)
-    s2 = jnp.exp(2.0 * g.log_scales)
-    cov = jnp.matmul(R * s2[..., None, :], jnp.swapaxes(R, -1, -2), precision=_HI)
-    return means, cov
-
-
-def make_cameras(K, R, t, width: int, height: int) -> camera_lib.Camera:
-    """Batched Camera [B] from K [B,3,3], R [B,3,3], t [B,3]."""
-    return camera_lib.Camera(K=jnp.asarray(K, jnp.float32), R=jnp.asarray(R, jnp.float32),
-                             t=jnp.asarray(t, jnp.float32), width=int(width), height=int(height))
-
-
-def render_gaussians(g: Gaussians, params: Mapping, assets: Assets, K, R, t, width: int, height: int,
-                     *, backend: str = "auto"):
-    """Poses and splats each example's Gaussians into its camera.
-
-    Args:
-      g: Gaussians [B, N, ...] (model space); params: shape, expression, pose, translation [B, ...];
-      K, R, t: [B, 3, 3], [B, 3, 3], [B, 3] (one camera per example) or [B, C, ...] (C cameras).
-    Returns: image [B, (C,) H, W, 3] (black background), alpha [B, (C,) H, W, 1].
-    """
-    rel = joint_transforms(assets, params["shape"], params["expression"], params["pose"])
-    means, cov = pose_gaussians(g, rel, params["translation"])
-    opac = jax.nn.sigmoid(g.opacity_logits)
-    multi = jnp.ndim(K) == 4
-
-    def one(m, c, o, sh, k, r, tt):
-        if not multi:
-            k, r, tt = k[None], r[None], tt[None]
-        cams = make_cameras(k, r, tt, width, height)
-        out = splat.rasterize(m, None, None, o, sh, cams, sh_degree=3, covariances=c, render_mode="rgb",
-                              backend=backend)
-        img, alpha = out.image, out.alpha
-        return (img, alpha) if multi else (img[0], alpha[0])
-
-    return jax.vmap(one)(means, cov, opac, g.sh, K, R, t)
 
 
 # ----------------------------------------------------------------------------------------------
 # Losses and the training step.
 
 
-def loss_fn(params, stats, net, assets: Assets, model_cfg, loss_cfg, batch, *, width: int, height: int,
-            train: bool = True, q_id=None, backend: str = "auto", lpips_fn=None, extra_loss=None):
-    """Total SynShot loss of a batch (see `default_loss_config`).
+def loss_fn(params, stats, batch, ctx: Context, *, train: bool = True, q_id=None):
+    """Total SynShot loss of a batch (weights: ctx.loss_cfg, see `default_loss_config`).
 
     Args:
       params / stats: network parameters and vq_stats ({} when unused); batch: BATCH_KEYS
-        arrays with leading axis B (image [B,H,W,3], mask [B,H,W], maps [B,T,T,3], ...).
-      lpips_fn: optional (a, b) -> [B] perceptual distance (only with loss.lpips > 0).
-      extra_loss: optional (render [B,H,W,3], batch) -> (scalar, metrics) added to the loss
-        (the inversion's ArcFace terms).
-    Returns: (loss, (metrics dict, new stats, out)).
+        arrays with leading axis B (image [B,H,W,3], mask [B,H,W], maps [B,T,T,3], ...);
+      q_id: optional fixed quantised identity code [B,h,w,n] (inversion stage 2).
+    Returns: (loss, (metrics dict, new stats, out)); the metrics hold the batch's mean squared
+    render error `mse` (the step turns it into a PSNR).
     """
-    variables = {"params": params, **({"vq_stats": stats} if stats else {})}
-    maps_in = normalise_maps(assets, model_cfg, batch["uv_albedo"], batch["uv_position"],
-                             batch["uv_expression_offset"])
-    out, new_cols = forward(net, variables, assets, model_cfg, maps_in, train=train, q_id=q_id)
+    maps_in = batch_maps(batch, ctx)
+    out, new_cols = forward(net_variables(params, stats), maps_in, ctx, train=train, q_id=q_id)
+    assets, model_cfg = ctx.assets, ctx.model_cfg
     m = assets.map_mask[None, ..., None]
     x_tex, x_verts, x_expr = maps_in
-    lc = loss_cfg
+    lc = ctx.loss_cfg
     map_color = lc.map_l1 * losses.l1(out["tex"], x_tex, m)
     if lc.map_ssim:
         map_color += lc.map_ssim * losses.one_minus_ssim(out["tex"] * m * 0.5 + 0.5, x_tex * m * 0.5 + 0.5)
     geom = lc.geom * (losses.l1(out["verts"], x_verts, m) + losses.l1(out["expr"], x_expr, m))
     params_b = {k: batch[k] for k in PARAM_KEYS}
-    image, alpha = render_gaussians(out["gaussians"], params_b, assets, batch["K"], batch["R"], batch["t"],
-                                    width, height, backend=backend)
+    image, alpha = gs.render_gaussians(out["gaussians"], params_b, assets, batch["K"], batch["R"], batch["t"],
+                                    ctx.width, ctx.height, backend=ctx.backend)
     mask = batch["mask"][..., None]
     target = batch["image"] * mask
     l1 = jnp.mean(jnp.abs(image - target))
     ssim = jnp.mean(losses.ssim(image, target))
     color = lc.l1 * l1 + lc.ssim * (1.0 - ssim)
     metrics = {}
-    if lpips_fn is not None and lc.lpips > 0:
-        lp = jnp.mean(lpips_fn(image, target))
+    if ctx.lpips_fn is not None and lc.lpips > 0:
+        lp = jnp.mean(ctx.lpips_fn(image, target))
         color += lc.lpips * lp
         metrics["lpips"] = lp
     if lc.alpha:
@@ -638,12 +502,12 @@ def loss_fn(params, stats, net, assets: Assets, model_cfg, loss_cfg, batch, *, w
            + lc.reg_opacity * jnp.mean(g.offsets["opacity"] ** 2)
            + lc.reg_sh * jnp.mean(g.sh[:, :, 1:] ** 2))
     total = color + map_color + geom + reg + lc.vq * out["vq_loss"]
-    if extra_loss is not None:
-        e, em = extra_loss(image, batch)
+    if ctx.extra_loss is not None:
+        e, em = ctx.extra_loss(image, batch)
         total = total + e
         metrics.update(em)
     mse = jnp.mean((image - target) ** 2)
-    metrics.update(mse=mse, loss=total, render_l1=l1, render_ssim=ssim, psnr=-10.0 * jnp.log10(jnp.maximum(mse, 1e-10)),
+    metrics.update(mse=mse, loss=total, render_l1=l1, render_ssim=ssim,
                    map_loss=map_color, geom_loss=geom, reg_loss=reg, vq_loss=out["vq_loss"],
                    perplexity_id=out["perplexity_id"], perplexity_expr=out["perplexity_expr"])
     new_stats = new_cols.get("vq_stats", stats) if new_cols else stats
@@ -663,20 +527,15 @@ def make_optimizer(optim_cfg, labels=None):
     return optax.multi_transform({"train": tx, "freeze": optax.set_to_zero()}, labels)
 
 
-def data_mesh():
-    """The 1-D 'data' mesh over all devices (the same one `dhjax.train.loop` shards batches on)."""
-    return jax.make_mesh((jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
-
-
-def init_state(rng, net, assets: Assets, model_cfg, optim_cfg, batch, *, labels_fn=None):
-    """Fresh training state {params, stats, opt_state} from one batch's shapes."""
-    maps_in = normalise_maps(assets, model_cfg, batch["uv_albedo"][:1], batch["uv_position"][:1],
-                             batch["uv_expression_offset"][:1])
-    variables = net.init(rng, *maps_in, train=False)
-    params = variables["params"]
-    stats = variables.get("vq_stats", {})
+def init_state(rng, batch, ctx: Context, *, labels_fn=None):
+    """Fresh training state {params, stats, opt_state} from one batch's map shapes (optimiser:
+    ctx.optim_cfg; labels_fn: params -> 'train' | 'freeze' labels, see `make_optimizer`)."""
+    maps_in = batch_maps({k: batch[k][:1] for k in MAP_KEYS}, ctx)
+    params_and_stats = ctx.net.init(rng, *maps_in, train=False)
+    params = params_and_stats["params"]
+    stats = params_and_stats.get("vq_stats", {})
     labels = labels_fn(params) if labels_fn else None
-    return dict(params=params, stats=stats, opt_state=make_optimizer(optim_cfg, labels).init(params))
+    return dict(params=params, stats=stats, opt_state=make_optimizer(ctx.optim_cfg, labels).init(params))
 
 
 def _restart_codes(params, stats, z_all, rng, net_cfg: NetConfig):
@@ -702,33 +561,34 @@ def _restart_codes(params, stats, z_all, rng, net_cfg: NetConfig):
     return params, stats, total
 
 
-def train_step(state, batch, rng, *, net, assets, model_cfg, loss_cfg, optim_cfg, width, height,
-               labels=None, q_id=None, backend="auto", lpips_fn=None, extra_loss=None):
+def train_step(state, batch, rng, ctx: Context, *, labels=None, q_id=None):
     """One data-parallel optimisation step.
 
     The loss and gradients are computed per device on its shard of the batch inside
     `jax.shard_map` (the splatting custom call sees only local data), then averaged over the
     'data' axis, so N devices give the same step as one device on the whole batch.
+
+    Args:
+      labels: optional 'train' | 'freeze' pytree like the params (frozen leaves get zero
+        updates, and no dead codes are restarted); q_id: optional fixed identity code [B,h,w,n].
     Returns (new state, metrics).
     """
-    mesh = data_mesh()
-    net_cfg = net.cfg
+    mesh = loop.data_mesh()
+    net_cfg = ctx.net.cfg
     keys = [k for k in BATCH_KEYS if k in batch]
     local_batch = {k: batch[k] for k in keys}
-    tx = make_optimizer(optim_cfg, labels)
+    tx = make_optimizer(ctx.optim_cfg, labels)
 
     def local(params, stats, lb, qid):
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-        (loss, (metrics, new_stats, out)), grads = grad_fn(
-            params, stats, net, assets, model_cfg, loss_cfg, lb, width=width, height=height, train=True,
-            q_id=qid, backend=backend, lpips_fn=lpips_fn, extra_loss=extra_loss)
+        (loss, (metrics, new_stats, out)), grads = grad_fn(params, stats, lb, ctx, train=True, q_id=qid)
         grads = jax.lax.pmean(grads, "data")
-        metrics = dict(metrics, psnr=0.0, perplexity_id=0.0, perplexity_expr=0.0)
+        metrics = dict(metrics, perplexity_id=0.0, perplexity_expr=0.0)
         metrics = jax.lax.pmean(metrics, "data")
         d = net_cfg.ema_decay
         new_stats = jax.tree_util.tree_map(lambda n, o: d * o + jax.lax.psum(n - d * o, "data"), new_stats, stats)
         mse = jax.lax.pmean(metrics.pop("mse"), "data")
-        metrics["psnr"] = -10.0 * jnp.log10(jnp.maximum(mse, 1e-10))
+        metrics["psnr"] = -10.0 * jnp.log10(jnp.maximum(mse, 1e-10))     # of the global batch's MSE
         if net_cfg.use_vq:
             for k in ("id", "expr"):
                 metrics[f"perplexity_{k}"] = vq.perplexity(jax.lax.psum(out[f"usage_{k}"], "data"))
@@ -745,17 +605,15 @@ def train_step(state, batch, rng, *, net, assets, model_cfg, loss_cfg, optim_cfg
     params = optax.apply_updates(state["params"], updates)
     stats = new_stats
     if net_cfg.use_vq and net_cfg.restart_threshold > 0 and labels is None:
-        z_all = _batch_latents(params, net, assets, model_cfg, local_batch)
+        z_all = _batch_latents(params, local_batch, ctx)
         params, stats, n = _restart_codes(params, stats, z_all, rng, net_cfg)
         metrics = dict(metrics, restarted_codes=n)
     return dict(params=params, stats=stats, opt_state=opt_state), metrics
 
 
-def _batch_latents(params, net, assets, model_cfg, batch):
+def _batch_latents(params, batch, ctx: Context):
     """Flattened encoder outputs [M, n] of both branches for dead-code restarts."""
-    maps_in = normalise_maps(assets, model_cfg, batch["uv_albedo"], batch["uv_position"],
-                             batch["uv_expression_offset"])
-    z_id, z_expr = net.apply({"params": params}, *maps_in, method=SynShotNet.encode)
+    z_id, z_expr = ctx.net.apply({"params": params}, *batch_maps(batch, ctx), method=SynShotNet.encode)
     z_id, z_expr = jax.lax.stop_gradient((z_id, z_expr))
     return z_id.reshape(-1, z_id.shape[-1]), z_expr.reshape(-1, z_expr.shape[-1])
 
@@ -765,95 +623,18 @@ def _batch_latents(params, net, assets, model_cfg, batch):
 
 
 def image_metrics(pred, target):
-    """L1, PSNR, SSIM of images [B,H,W,3] in [0, 1] (mean over the batch)."""
-    mse = jnp.mean((pred - target) ** 2, axis=(1, 2, 3))
-    return dict(l1=jnp.mean(jnp.abs(pred - target)), psnr=jnp.mean(-10.0 * jnp.log10(jnp.maximum(mse, 1e-10))),
+    """L1, PSNR (dB), SSIM of images [B,H,W,3] in [0, 1] (means over the batch of per-image
+    values)."""
+    return dict(l1=jnp.mean(jnp.abs(pred - target)), psnr=jnp.mean(losses.psnr(pred, target)),
                 ssim=jnp.mean(losses.ssim(pred, target)))
 
 
-def predict(state, batch, *, net, assets, model_cfg, width, height, q_id=None, backend="auto"):
+def predict(state, batch, ctx: Context, *, q_id=None):
     """Renders of a batch (encoder-decoder on its maps, each example into its own camera):
-    image [B,H,W,3], alpha [B,H,W,1], out (maps, Gaussians)."""
-    variables = {"params": state["params"], **({"vq_stats": state["stats"]} if state["stats"] else {})}
-    maps_in = normalise_maps(assets, model_cfg, batch["uv_albedo"], batch["uv_position"],
-                             batch["uv_expression_offset"])
-    out, _ = forward(net, variables, assets, model_cfg, maps_in, train=False, q_id=q_id)
-    image, alpha = render_gaussians(out["gaussians"], {k: batch[k] for k in PARAM_KEYS}, assets,
-                                    batch["K"], batch["R"], batch["t"], width, height, backend=backend)
+    image [B,H,W,3], alpha [B,H,W,1], out (maps, Gaussians); q_id: optional fixed identity code
+    [B,h,w,n]."""
+    out, _ = forward(net_variables(state["params"], state["stats"]), batch_maps(batch, ctx), ctx, train=False,
+                     q_id=q_id)
+    image, alpha = gs.render_gaussians(out["gaussians"], {k: batch[k] for k in PARAM_KEYS}, ctx.assets,
+                                    batch["K"], batch["R"], batch["t"], ctx.width, ctx.height, backend=ctx.backend)
     return image, alpha, out
-
-
-def export_gaussians(out, rel_index: int = 0):
-    """World-independent (model space, rest pose) Gaussians of example `rel_index` as numpy arrays
-    for `dhjax.io.save_gaussians_ply`: means [N,3], quats [N,4] (w,x,y,z), scales [N,3],
-    opacities [N], sh [N,16,3]."""
-    g = out["gaussians"]
-    R = np.asarray(g.rotations[rel_index])
-    quats = np.asarray(rotations.matrix_to_quaternion(jnp.asarray(R)))
-    return dict(means=np.asarray(g.means[rel_index]), quats=quats,
-                scales=np.exp(np.asarray(g.log_scales[rel_index])),
-                opacities=np.asarray(jax.nn.sigmoid(g.opacity_logits[rel_index])),
-                sh=np.asarray(g.sh[rel_index]))
-
-
-# ----------------------------------------------------------------------------------------------
-# Inversion (pivotal tuning).
-
-STAGE_GROUPS = {
-    # stage 1: recover z_id by fine-tuning the identity encoder only
-    1: ("enc_id",),
-    # stage 2: z_id fixed; decoders and regressors adapt to the subject
-    2: ("dec_feat", "dec_id", "dec_expr", "reg_"),
-}
-
-
-def inversion_labels(params, stage: int):
-    """Pytree of 'train' | 'freeze' labels for inversion stage 1 or 2 (`STAGE_GROUPS`); 'scratch'
-    (stage 0) trains everything."""
-    if stage == 0:
-        return jax.tree_util.tree_map(lambda _: "train", params)
-    if stage not in STAGE_GROUPS:
-        raise ValueError(f"inversion stage must be 0, 1 or 2, got {stage}")
-    groups = STAGE_GROUPS[stage]
-    return {k: jax.tree_util.tree_map(lambda _: "train" if k.startswith(groups) else "freeze", v)
-            for k, v in params.items()}
-
-
-class EarlyStopper(NamedTuple):
-    """Early stopping on an exponential moving average of the loss, after a warm-up.
-
-    Stops when the EMA has not improved by `min_delta` (relative) for `patience` steps after
-    `warmup` steps. Host-side, immutable: `update` returns a new stopper and a stop flag."""
-
-    warmup: int
-    patience: int
-    decay: float = 0.9
-    min_delta: float = 1e-3
-    ema: float = float("nan")
-    best: float = float("inf")
-    since_best: int = 0
-    steps: int = 0
-
-    def update(self, loss: float) -> tuple["EarlyStopper", bool]:
-        ema = loss if np.isnan(self.ema) else self.decay * self.ema + (1 - self.decay) * loss
-        steps = self.steps + 1
-        if ema < self.best * (1 - self.min_delta):
-            best, since = ema, 0
-        else:
-            best, since = self.best, self.since_best + 1
-        new = self._replace(ema=ema, best=best, since_best=since, steps=steps)
-        return new, steps > self.warmup and since >= self.patience
-
-
-def fixed_identity_code(state, batch, *, net, assets, model_cfg):
-    """q(E_id(x_tex, x_verts)) [B,h,w,n] of a batch (the pivot fixed in inversion stage 2)."""
-    variables = {"params": state["params"], **({"vq_stats": state["stats"]} if state["stats"] else {})}
-    maps_in = normalise_maps(assets, model_cfg, batch["uv_albedo"], batch["uv_position"],
-                             batch["uv_expression_offset"])
-
-    def body(mdl, x_tex, x_verts, x_expr):
-        z_id, z_expr = mdl.encode(x_tex, x_verts, x_expr)
-        q_id, _, _ = mdl.quantize(z_id, z_expr, False)
-        return q_id
-
-    return nn.apply(body, net)(variables, *maps_in)

@@ -110,36 +110,33 @@ def lpips_from_config(loss_cfg, log=print):
     return lpips.make_lpips(params)
 
 
-def prior_functions(cfg, assets, width: int, height: int, *, lpips_fn=None):
-    """(init, train_step, evaluate, render) for `dhjax.train.loop.Method`."""
-    net = synshot.make_net(cfg.model)
-    common = dict(net=net, assets=assets, model_cfg=cfg.model, width=width, height=height)
+def prior_functions(ctx: synshot.Context):
+    """(init, train_step, evaluate, render) of the prior for `dhjax.train.loop.Method` (ctx: the
+    prior's `synshot.make_context`, with loss_cfg and optim_cfg)."""
 
     def init(rng, batch):
-        return synshot.init_state(rng, net, assets, cfg.model, cfg.optim, model_batch(batch))
+        return synshot.init_state(rng, model_batch(batch), ctx)
 
     def train_step(state, batch, rng):
-        return synshot.train_step(state, model_batch(batch), rng, loss_cfg=cfg.loss, optim_cfg=cfg.optim,
-                                  backend=cfg.backend, lpips_fn=lpips_fn, **common)
+        return synshot.train_step(state, model_batch(batch), rng, ctx)
 
     def evaluate(state, batch):
-        image, _, _ = synshot.predict(state, model_batch(batch), backend=cfg.backend, **common)
+        image, _, _ = synshot.predict(state, model_batch(batch), ctx)
         return synshot.image_metrics(image, batch["image"] * batch["mask"][..., None])
 
     def render(state, batch):
-        image, _, _ = synshot.predict(state, model_batch(batch), backend=cfg.backend, **common)
+        image, _, _ = synshot.predict(state, model_batch(batch), ctx)
         target = batch["image"] * batch["mask"][..., None]
         return {"heldout": jnp.concatenate([target, image], axis=1)}
 
     return init, train_step, evaluate, render
 
 
-def predictor(cfg, assets, width: int, height: int):
-    """Jitted (state, batch) -> (image [B,H,W,3], alpha, out) of the prior."""
-    net = synshot.make_net(cfg.model)
-    f = jax.jit(functools.partial(synshot.predict, net=net, assets=assets, model_cfg=cfg.model, width=width,
-                                  height=height, backend=cfg.backend))
-    return lambda state, batch: f(state, model_batch(batch))
+def predictor(ctx: synshot.Context):
+    """Jitted (state, batch, q_id=None) -> (image [B,H,W,3], alpha, out) of the model; batch
+    entries other than BATCH_KEYS are ignored."""
+    f = jax.jit(functools.partial(synshot.predict, ctx=ctx))
+    return lambda state, batch, q_id=None: f(state, model_batch(batch), q_id=q_id)
 
 
 def _batches(dataset, indices, batch_size: int, devices: int):

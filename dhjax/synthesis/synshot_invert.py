@@ -8,8 +8,8 @@ each image's tracked expression, and an albedo map back-projected from the input
 (`dhjax.render.texture.extract_texture`; it carries the photos' lighting, which is the domain
 gap the tuning bridges).
 
-Stages (`run_stage`), each with warm-up + early stopping on an EMA of the loss and
-steps = steps_per_frame x N:
+Stages (`run_stage`), each with warm-up + early stopping on an EMA of the loss (`EarlyStopper`)
+and steps = steps_per_frame x N; `inversion_labels` gives each stage's trained groups:
   1. fine-tune E_id only (the pivot: a z_id that explains the images),
   2. fix q(z_id) and fine-tune D_feat, D_id, D_expr and the part regressors.
 Stage 0 trains every parameter from the current weights (used for the from-scratch baseline
@@ -24,8 +24,9 @@ from __future__ import annotations
 
 import functools
 import time
-from typing import Callable
+from typing import Callable, NamedTuple
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -38,6 +39,36 @@ from dhjax.render import texture as texture_lib
 from dhjax.synthesis import synshot
 
 REQUIRED = ("image", "mask", "K", "R", "t", "shape", "expression", "pose", "translation")
+
+
+# ----------------------------------------------------------------------------------------------
+# The subject's images and maps.
+
+
+def subject_samples(dataset, item: int) -> list:
+    """Every sample of item number `item` (ordinal in the split) of a `dhjax.data.dataset`
+    FolderDataset."""
+    idx = [i for i, e in enumerate(dataset.entries) if e[3] == item]
+    if not idx:
+        raise ValueError(f"split '{dataset.split_dir}' has no item {item} (it has "
+                         f"{len({e[3] for e in dataset.entries})} items)")
+    return [dataset[i] for i in idx]
+
+
+def split_inputs(samples, frame_ordinal: int, views) -> tuple[list, list]:
+    """(inputs, held out): the samples of the subject's frame number `frame_ordinal` (ordinal among
+    its frames) seen from `views` (camera numbers), and every other sample."""
+    frames = sorted({int(s["frame"]) for s in samples})
+    if not 0 <= frame_ordinal < len(frames):
+        raise ValueError(f"data.input_frame {frame_ordinal} out of range: the subject has {len(frames)} frames")
+    f = frames[frame_ordinal]
+    wanted = set(int(v) for v in views)
+    chosen = [s for s in samples if int(s["frame"]) == f and int(s["view"]) in wanted]
+    if len(chosen) != len(views):
+        have = sorted(int(s["view"]) for s in samples if int(s["frame"]) == f)
+        raise ValueError(f"data.input_views {tuple(views)} not all present in frame {f} (views: {have})")
+    rest = [s for s in samples if not (int(s["frame"]) == f and int(s["view"]) in wanted)]
+    return chosen, rest
 
 
 def check_subject(samples) -> None:
@@ -157,21 +188,75 @@ def arcface_loss(arc_variables, model, *, id_weight: float = 1.0, feat_weight: f
 # ----------------------------------------------------------------------------------------------
 # Stages.
 
+STAGE_GROUPS = {
+    # stage 1: recover z_id by fine-tuning the identity encoder only
+    1: ("enc_id",),
+    # stage 2: z_id fixed; decoders and regressors adapt to the subject
+    2: ("dec_feat", "dec_id", "dec_expr", "reg_"),
+}
 
-def run_stage(state, batch, *, stage: int, steps: int, net, assets, model_cfg, loss_cfg, optim_cfg, width: int,
-              height: int, warmup: int, patience: int, ema_decay: float = 0.9, q_id=None, backend: str = "auto",
-              extra_loss: Callable | None = None, log: Callable | None = print, seed: int = 0,
-              lpips_fn: Callable | None = None):
+
+def inversion_labels(params, stage: int):
+    """Pytree of 'train' | 'freeze' labels for inversion stage 1 or 2 (`STAGE_GROUPS`); 'scratch'
+    (stage 0) trains everything."""
+    if stage == 0:
+        return jax.tree_util.tree_map(lambda _: "train", params)
+    if stage not in STAGE_GROUPS:
+        raise ValueError(f"inversion stage must be 0, 1 or 2, got {stage}")
+    groups = STAGE_GROUPS[stage]
+    return {k: jax.tree_util.tree_map(lambda _: "train" if k.startswith(groups) else "freeze", v)
+            for k, v in params.items()}
+
+
+class EarlyStopper(NamedTuple):
+    """Early stopping on an exponential moving average of the loss, after a warm-up.
+
+    Stops when the EMA has not improved by `min_delta` (relative) for `patience` steps after
+    `warmup` steps. Host-side, immutable: `update` returns a new stopper and a stop flag."""
+
+    warmup: int
+    patience: int
+    decay: float = 0.9
+    min_delta: float = 1e-3
+    ema: float = float("nan")
+    best: float = float("inf")
+    since_best: int = 0
+    steps: int = 0
+
+    def update(self, loss: float) -> tuple["EarlyStopper", bool]:
+        ema = loss if np.isnan(self.ema) else self.decay * self.ema + (1 - self.decay) * loss
+        steps = self.steps + 1
+        if ema < self.best * (1 - self.min_delta):
+            best, since = ema, 0
+        else:
+            best, since = self.best, self.since_best + 1
+        new = self._replace(ema=ema, best=best, since_best=since, steps=steps)
+        return new, steps > self.warmup and since >= self.patience
+
+
+def frozen_code(state, batch, ctx: synshot.Context):
+    """The stage-2 pivot q(E_id(x_tex, x_verts)) [B,h,w,n] of a batch (identical for all images
+    of one subject, whose maps share albedo and positions)."""
+
+    def body(mdl, x_tex, x_verts, x_expr):
+        z_id, z_expr = mdl.encode(x_tex, x_verts, x_expr)
+        q_id, _, _ = mdl.quantize(z_id, z_expr, False)
+        return q_id
+
+    return nn.apply(body, ctx.net)(synshot.net_variables(state["params"], state["stats"]),
+                                   *synshot.batch_maps(batch, ctx))
+
+
+def run_stage(state, batch, ctx: synshot.Context, *, stage: int, steps: int, stopper: EarlyStopper, q_id=None,
+              seed: int = 0, log: Callable | None = print):
     """Runs one inversion stage (1: E_id; 2: decoders + regressors with q_id fixed; 0: all) on a
-    batch of the subject's images for at most `steps` steps, stopping early when the EMA of the
-    loss stops improving after `warmup` steps. Returns (state, info dict)."""
-    labels = synshot.inversion_labels(state["params"], stage)
-    tx = synshot.make_optimizer(optim_cfg, labels)
+    batch of the subject's images for at most `steps` steps (optimiser: ctx.optim_cfg, fresh
+    state), stopping early when `stopper` (warm-up, patience, EMA decay) says so.
+    Returns (state, info dict: steps, stopped_early, first_loss, last_loss, seconds)."""
+    labels = inversion_labels(state["params"], stage)
+    tx = synshot.make_optimizer(ctx.optim_cfg, labels)
     state = dict(state, opt_state=tx.init(state["params"]))
-    step_fn = jax.jit(functools.partial(
-        synshot.train_step, net=net, assets=assets, model_cfg=model_cfg, loss_cfg=loss_cfg, optim_cfg=optim_cfg,
-        width=width, height=height, labels=labels, backend=backend, extra_loss=extra_loss, lpips_fn=lpips_fn))
-    stopper = synshot.EarlyStopper(warmup=warmup, patience=patience, decay=ema_decay)
+    step_fn = jax.jit(functools.partial(synshot.train_step, ctx=ctx, labels=labels))
     t0, losses, done = time.time(), [], 0
     mesh_n = jax.device_count()
     if batch["image"].shape[0] % mesh_n:
@@ -189,8 +274,3 @@ def run_stage(state, batch, *, stage: int, steps: int, net, assets, model_cfg, l
             break
     return state, dict(steps=done, stopped_early=done < int(steps), first_loss=losses[0] if losses else float("nan"),
                        last_loss=losses[-1] if losses else float("nan"), seconds=time.time() - t0)
-
-
-def frozen_code(state, batch, *, net, assets, model_cfg):
-    """The stage-2 pivot q(E_id(x)) [B,h,w,n] (identical for all images of the subject)."""
-    return synshot.fixed_identity_code(state, batch, net=net, assets=assets, model_cfg=model_cfg)
