@@ -8,26 +8,17 @@
 
 Variants:
   tiny   CPU run with the landmark encoder (encoder.kind "landmarks",
-         `dhjax.capture.mica_landmarks`): a heatmap U-Net of width 16 finds the 68 iBUG
+         `dhjax.capture.mica.landmark_net`): a heatmap U-Net of width 16 finds the 68 iBUG
          landmarks in a 96 px five-point crop, the mapping network (3 x 64 hidden units) reads
          the shape off their similarity-normalised positions; 300 training identities x 2
          expressions x 2 views at 160 px (+ 32 validation identities and 256 test identities, 2
          views each), 1000 steps of batch 16, AdamW lr 2e-3 (cosine decay, 25 warm-up steps) and
          weight decay 0.05, validation every 25 steps. After training the mapping is calibrated
          (`mica.calibrate_mapping`): refitted as a ridge regression on the landmarks the network
-         finds in 900 other identities. The whole run takes about 8 minutes on 2 idle cores from
-         an empty data cache (data 1.5 + 2 for the calibration split, training 3, calibration
-         0.5, final benchmark 4). On the 256 test identities (experiments.mica_eval) its metric
-         error is below the mean face's: median / mean 1.214 / 1.545 mm against 1.241 / 1.588,
-         better on 140 of 256 identities (one-sided Wilcoxon p = 0.0015). A small gain: the
-         landmarks are about 3 px off, and the shape needs them to within a pixel (see
-         dhjax.capture.mica and dhjax.capture.mica_landmarks). Without the calibration the same
-         network is not better than the mean face (117 of 256, p = 0.90).
+         finds in 900 other identities.
   tiny_iresnet
          the same data and optimiser with MICA's own encoder trained from scratch: IResNet
-         (1,1,1,1), width 8, 32-d embedding, 400 steps of batch 32. It memorises the training
-         identities and does not beat the mean face (its 32 test identities, metric: 1.326 /
-         1.679 mm median / mean against 1.316 / 1.659).
+         (1,1,1,1), width 8, 32-d embedding, 400 steps of batch 32, 32 test identities.
   paper  the thesis setting: iresnet100 encoder (give insightface's Glint360K ONNX weights with
          --config.encoder.onnx_path; only the last 3 blocks train, BatchNorm statistics frozen;
          without weights the same architecture is trained from scratch), mapping 3 x 300 hidden
@@ -56,10 +47,9 @@ def get_config(arg=None):
     c.eval = ml_collections.ConfigDict(dict(scan_noise_mm=0.2, scan_points=8000, seed=0))
 
     if arg in ("tiny", "tiny_iresnet"):
-        # A small encoder for a 2-core CPU. Width 8 and a 32-d embedding (not 512): with ~1200
-        # training images the 512-d FC layer (3136 x 512) memorises the training set within a
-        # few epochs and generalises worse, and it is the slowest layer to train on CPU. The
-        # mapping network keeps its 3 hidden layers, 64 units wide.
+        # A small encoder for a 2-core CPU: width 8 and a 32-d embedding (not 512; the 512-d FC
+        # layer is the slowest to train on CPU and memorises a small training set). The mapping
+        # network keeps its 3 hidden layers, 64 units wide.
         c.encoder.update(layers=(1, 1, 1, 1), width=8, embedding=32)
         c.mapping.hidden_dim = 64
         d = c.data
@@ -68,21 +58,18 @@ def get_config(arg=None):
                  test_identities=(1_000_000, 32), train_expressions=2, train_views=2,
                  eval_expressions=1, eval_views=2)
         # From scratch on a CPU budget: a larger learning rate than the thesis's 1e-5 (which
-        # fine-tunes a pretrained encoder for 160k steps), decayed to 0 over the run, and a
-        # stronger weight decay against memorising the small training set. The validation
-        # error bottoms out after a few hundred steps (the network then memorises the 300
-        # training identities), so the run is short and model selection validates often.
+        # fine-tunes a pretrained encoder for 160k steps), decayed to 0 over the run, a stronger
+        # weight decay against memorising the small training set, a short run and frequent
+        # model selection.
         c.optim.update(lr=2e-3, weight_decay=0.05, warmup_steps=25, schedule="cosine")
         c.batch_size = 32
         c.select_every = 25
         c.train.update(steps=400, log_every=25, checkpoint_every=200, keep_checkpoints=2, eval_every=100)
         c.eval.scan_points = 4000
         if arg == "tiny":
-            # The landmark encoder (dhjax.capture.mica_landmarks): from scratch, the iresnet
-            # above memorises the 300 training identities and does not beat the mean face on
-            # held-out ones; a heatmap landmark network learns per-image targets and the
-            # mapping network reads the shape off its landmarks. Smaller batches and more steps
-            # for the CPU time.
+            # The landmark encoder (dhjax.capture.mica.landmark_net): a heatmap landmark network
+            # learns per-image targets and the mapping network reads the shape off its
+            # landmarks. Smaller batches and more steps for the CPU time.
             c.encoder.update(kind="landmarks", heatmap_width=16)
             c.batch_size = 16
             c.train.update(steps=1000, log_every=50, checkpoint_every=500, eval_every=250)
@@ -90,8 +77,8 @@ def get_config(arg=None):
             # network finds in 900 identities it never saw (mica.calibrate_mapping).
             c.calibration.enabled = True
             d.update(calib_identities=(250_000, 900), calib_expressions=1, calib_views=1)
-            # 256 test identities: the gain over the mean face is a few per cent, which 32
-            # identities cannot resolve (per-identity differences spread ~0.4 mm).
+            # 256 test identities, so that the per-identity comparison with the mean face can
+            # resolve a small difference.
             d.test_identities = (1_000_000, 256)
     elif arg == "paper":
         pass

@@ -1,5 +1,5 @@
 """MICA: mapping network, region weights, loss, fine-tuning mask, train step and model selection,
-prediction to .obj, synthetic scans, bad inputs; the landmark encoder (`mica_landmarks`: crop,
+prediction to .obj, synthetic scans, bad inputs; the landmark encoder (`mica.landmark_net`: crop,
 descriptor invariance, heatmap network, its train step); slow: data generation and train ->
 predict -> eval end to end in subprocesses, for both encoder kinds.
 
@@ -21,7 +21,7 @@ import pytest
 
 from dhjax import io as dio
 from dhjax.capture import mica
-from dhjax.capture import mica_landmarks as mlm
+from dhjax.capture.mica import landmark_net as mlm
 from dhjax.models import flame
 from dhjax.train import config as config_lib
 
@@ -242,7 +242,7 @@ def test_pretrained_encoder_trains_only_the_last_three_blocks(model):
     arch = {"layers": (1, 2, 2, 1), "width": 4, "embedding": 16, "bn_eps": 1e-5}
     cfg = small_cfg(onnx_path="given.onnx", last_blocks=3)   # the path is only a flag here
     cfg.encoder.update(layers=arch["layers"])
-    assert mica._bn_mode(cfg) == "frozen"
+    assert mica.bn_mode(cfg) == "frozen"
     net = mica.make_net(cfg, arch)
     enc = jax.eval_shape(net.init, jax.random.PRNGKey(0), jnp.zeros((1, 112, 112, 3)))
     rng = np.random.default_rng(3)
@@ -495,14 +495,14 @@ def test_calibration_settings_and_split():
     with pytest.raises(ValueError, match="at least 2 x calibration.folds = 10 identities, got 6"):
         mica.calibration_enabled(small)
     # the calibration split is its own identities; other splits' caches do not depend on it
-    assert mica._split_spec(tiny.data, "calib") == (250_000, 900, 1, 1)
+    assert mica.split_spec(tiny.data, "calib") == (250_000, 900, 1, 1)
     other = config_lib.load_config(os.path.join(ROOT, "configs/mica.py:tiny"))
     other.data.calib_identities = (250_000, 50)
     for split in ("train", "val", "test"):
-        assert mica._cache_path(tiny.data, split) == mica._cache_path(other.data, split)
-    assert mica._cache_path(tiny.data, "calib") != mica._cache_path(other.data, "calib")
+        assert mica.cache_path(tiny.data, split) == mica.cache_path(other.data, split)
+    assert mica.cache_path(tiny.data, "calib") != mica.cache_path(other.data, "calib")
     with pytest.raises(ValueError, match="'calib'"):
-        mica._split_spec(tiny.data, "holdout")
+        mica.split_spec(tiny.data, "holdout")
 
 
 @pytest.mark.slow
@@ -593,20 +593,18 @@ def test_bad_inputs_are_clear_errors(trained):
 
 
 def test_missing_run_and_checkpoint_are_clear_errors(tmp_path, model, capsys):
-    from experiments.mica_predict import load_run, load_run_or_exit
-
     with pytest.raises(FileNotFoundError, match="not a MICA training run.*config.json"):
-        load_run(str(tmp_path))
+        mica.run.load_run(str(tmp_path))
     with pytest.raises(SystemExit) as exit_info:       # the programs' shared exit path
-        load_run_or_exit(str(tmp_path))
+        mica.run.load_run_or_exit(str(tmp_path))
     assert exit_info.value.code == 2 and "error: " in capsys.readouterr().err
     cfg = small_cfg()
     config_lib.save_config(cfg, tmp_path)
     mica.write_run_model(tmp_path, cfg, TINY_ARCH, model)
     with pytest.raises(FileNotFoundError, match="has no checkpoint"):
-        load_run(str(tmp_path))
+        mica.run.load_run(str(tmp_path))
     with pytest.raises(SystemExit) as exit_info:
-        load_run_or_exit(str(tmp_path))
+        mica.run.load_run_or_exit(str(tmp_path))
     assert exit_info.value.code == 2 and "has no checkpoint" in capsys.readouterr().err
 
 
@@ -614,13 +612,81 @@ def test_missing_run_and_checkpoint_are_clear_errors(tmp_path, model, capsys):
 def test_image_without_a_face_is_a_clear_error(tmp_path, kind, request, model):
     pytest.importorskip("mediapipe", reason="face detection needs mediapipe (pip install 'dhjax[landmarks]')")
     from dhjax.capture import landmarks
-    from experiments.mica_predict import predict_image
 
     fixture = request.getfixturevalue("trained" if kind == "iresnet" else "trained_landmarks")
     path = dio.save_image(tmp_path / "wall.png", np.full((128, 128, 3), 0.5, np.float32))
     with pytest.raises(landmarks.NoFaceError, match="wall.png"):
-        predict_image(path, mica.best_variables(fixture["state"]), model, tmp_path / "out")
+        mica.run.predict_file(path, mica.best_variables(fixture["state"]), model, tmp_path / "out")
     assert not (tmp_path / "out" / "wall.obj").exists()
+
+
+def _fake_splits(monkeypatch):
+    """Replaces the synthetic data generator by random images (`random_batch`, with identities),
+    so that the run functions' flow can be tested in seconds."""
+    made = {"train": random_batch(8, seed=11), "val": random_batch(4, seed=12), "test": random_batch(4, seed=13),
+            "calib": random_batch(4, seed=14)}
+    for i, (name, d) in enumerate(made.items()):
+        n = len(d["image"])
+        d["identity"] = (1000 * i + np.arange(n) // (2 if name in ("train", "val", "test") else 1)).astype(np.int32)
+        d["shape"][1::2] = d["shape"][::2]      # two images per identity share their shape
+    monkeypatch.setattr(mica.data, "cached_splits", lambda data_cfg, names, verbose=True: {n: made[n] for n in names})
+    monkeypatch.setattr(mica.data, "cached_split", lambda data_cfg, name, verbose=True: made[name])
+    return made
+
+
+def test_run_train_predict_evaluate_in_process(tmp_path, model, monkeypatch, capsys):
+    """mica.run.train / predict / evaluate on a tiny landmark-encoder config (calibrated), with
+    random data in place of the synthetic generator."""
+    made = _fake_splits(monkeypatch)
+    cfg = landmark_cfg()
+    cfg.update(batch_size=4, select_every=2)
+    cfg.train.update(steps=4, log_every=2, checkpoint_every=2, eval_every=2)
+    cfg.eval.scan_points = 300
+    cfg.calibration.update(enabled=True, folds=2, lambdas=(1.0, 100.0))
+    cfg.data.calib_identities = (250_000, 4)
+    work = tmp_path / "run"
+    final = mica.run.train(cfg, work)
+    out = capsys.readouterr().out
+    assert "parameters:" in out and "heatmap/stem/kernel" in out       # the parameter overview
+    assert "calibrating the mapping on the landmarks of 4 images of 4 held-out identities" in out
+    assert final == json.loads((work / "final_metrics.json").read_text())
+    assert final["selected_step"] in (2, 4) and final["calibration/lam"] in (1.0, 100.0)
+    for split in ("val", "test"):
+        assert final[f"{split}/per_identity_metric/n"] == 2
+        for row in ("MICA_metric", "mean_face_metric"):
+            assert final[f"{split}/{row}/median_mm"] > 0
+    assert final["loss"] > 0                     # the training loop's metrics are merged, not replaced
+    assert int(np.load(work / mica.CALIBRATION_FILE)["step"]) == 4
+    assert json.loads((work / mica.RUN_MODEL_FILE).read_text())["encoder"]["kind"] == "landmarks"
+
+    # the run predicts with its calibrated network
+    _, variables, rec, step = mica.run.load_run(work)
+    assert step == 4 and mica.net_from_variables(variables).n_hidden == 0
+
+    # predict: two images with landmark files and one without a face (or without mediapipe)
+    images, lmks = tmp_path / "images", tmp_path / "lmk"
+    lmks.mkdir()
+    for i in range(2):
+        dio.save_image(images / f"face{i}.png", made["test"]["image"][i])
+        np.save(lmks / f"face{i}.npy", made["test"]["lmk68"][i])
+    dio.save_image(images / "wall.png", np.full((96, 96, 3), 0.4, np.float32))
+    paths = mica.run.image_files(images)
+    assert [p.name for p in paths] == ["face0.png", "face1.png", "wall.png"]
+    failed = mica.run.predict(paths, work, landmarks_dir=lmks, out=tmp_path / "pred")
+    assert [p.name for p, _ in failed] == ["wall.png"]
+    npz = np.load(tmp_path / "pred" / "face0.npz")
+    z, _ = mica.predict_image(variables, dio.load_image(images / "face0.png"), made["test"]["lmk68"][0])
+    np.testing.assert_allclose(npz["shape"], z, atol=1e-5)     # float32: the five points by another route
+    with pytest.raises(ValueError, match="no .png"):
+        mica.run.image_files(lmks)
+
+    # evaluate the run on its test split
+    res = mica.run.evaluate(work, tmp_path / "eval")
+    assert json.loads((tmp_path / "eval" / "results.json").read_text())["summary"] == res["summary"]
+    assert res["n_images"] == 4 and res["n_identities"] == 2 and res["checkpoint_step"] == 4
+    assert list(res["summary"]) == list(mica.run.EVAL_ROWS)
+    md = (tmp_path / "eval" / "results.md").read_text()
+    assert "Wilcoxon" in md and "| mean face | scaled |" in md
 
 
 # ----------------------------------------------------------------------------------------------
@@ -713,17 +779,20 @@ def _run(module, *args, check=True):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("variant", ["tiny_iresnet", "tiny"])
-def test_train_predict_eval_end_to_end(tmp_path, variant):
+def test_train_predict_eval_end_to_end(tmp_path, variant, capsys):
+    """mica.run.train / evaluate in-process on generated data; the programs (mica_train resuming
+    the finished run, mica_predict, mica_eval) in subprocesses."""
     work = tmp_path / "run"
-    over = ["--config.data.train_identities=(0, 4)", "--config.data.val_identities=(500000, 2)",
-            "--config.data.test_identities=(1000000, 2)", "--config.data.image_size=128",
-            "--config.data.synthetic.uv_size=64", f"--config.data.cache_dir={tmp_path / 'cache'}",
-            "--config.encoder.width=4", "--config.encoder.embedding=16", "--config.encoder.heatmap_width=4",
-            "--config.batch_size=4",
-            "--config.train.steps=6", "--config.train.log_every=2", "--config.train.checkpoint_every=3",
-            "--config.train.eval_every=3", "--config.select_every=2", "--config.eval.scan_points=500",
-            "--config.data.calib_identities=(250000, 4)", "--config.calibration.folds=2"]
-    out = _run("experiments.mica_train", f"--config=configs/mica.py:{variant}", f"--workdir={work}", *over).stdout
+    over = {"data.train_identities": (0, 4), "data.val_identities": (500000, 2),
+            "data.test_identities": (1000000, 2), "data.image_size": 128, "data.synthetic.uv_size": 64,
+            "data.cache_dir": str(tmp_path / "cache"), "encoder.width": 4, "encoder.embedding": 16,
+            "encoder.heatmap_width": 4, "batch_size": 4, "train.steps": 6, "train.log_every": 2,
+            "train.checkpoint_every": 3, "train.eval_every": 3, "select_every": 2, "eval.scan_points": 500,
+            "data.calib_identities": (250000, 4), "calibration.folds": 2}
+    cfg = config_lib.apply_overrides(config_lib.load_config(os.path.join(ROOT, f"configs/mica.py:{variant}")),
+                                     over)
+    mica.run.train(cfg, work)
+    out = capsys.readouterr().out
     kind = "landmarks" if variant == "tiny" else "iresnet"
     assert json.loads((work / "mica_model.json").read_text())["encoder"]["kind"] == kind
     assert "metric benchmark on the test split" in out
@@ -739,7 +808,8 @@ def test_train_predict_eval_end_to_end(tmp_path, variant):
         assert not (work / mica.CALIBRATION_FILE).exists()
     assert (work / "metrics.jsonl").read_text().count("\n") >= 3
     # resuming a finished run trains no more steps
-    out = _run("experiments.mica_train", f"--config=configs/mica.py:{variant}", f"--workdir={work}", *over).stdout
+    out = _run("experiments.mica_train", f"--config=configs/mica.py:{variant}", f"--workdir={work}",
+               *config_lib.override_flags(over)).stdout
     assert "resumed from" in out and "training: 0 steps" in out
 
     # predict: two test images with landmark files, one image without a face
@@ -765,7 +835,7 @@ def test_train_predict_eval_end_to_end(tmp_path, variant):
     assert dio.load_image(tmp_path / "pred" / "face0_crop.png").shape == (size, size, 3)
 
     # eval
-    _run("experiments.mica_eval", f"--workdir={work}", f"--out={tmp_path / 'eval'}")
+    mica.run.evaluate(work, tmp_path / "eval")
     res = json.loads((tmp_path / "eval" / "results.json").read_text())
     assert set(res["summary"]) == {"MICA metric", "MICA scaled", "mean face metric", "mean face scaled"}
     assert res["n_images"] == 4 and res["n_identities"] == 2

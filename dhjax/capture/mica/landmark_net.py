@@ -1,34 +1,10 @@
-"""MICA's landmark encoder: a heatmap network for 68 face landmarks and the shape descriptor
-made of them (`encoder.kind = "landmarks"` in `dhjax.capture.mica`).
+"""MICA's landmark encoder (`encoder.kind = "landmarks"`): the landmark crop, a heatmap network
+for the 68 iBUG face landmarks, and the shape descriptor made of them.
 
     crop = landmark_crop(image, five points)                     [96, 96, 3]  zoomed-out crop
     p    = HeatmapNet(crop)                                       [68, 2]      iBUG-68, crop pixels
     d    = descriptor(p)                                          [136]        similarity-normalised
     z    = 0.25 * M(d)                                            [300]        MICA's mapping network
-
-Why. Trained from scratch on a few hundred synthetic identities, an image-to-shape encoder
-(MICA's iresnet) memorises its training identities: the shape targets are per identity, so
-the cheapest way to fit them is to recognise the identity. A landmark network's targets are
-per image (the projected ground-truth landmarks move with expression, head pose, camera and
-the crop's jitter), so it has to learn to localise, which carries over to new faces; the
-face's proportions, which is what the shape space holds beyond the unreadable overall scale,
-are then read off the landmark positions by the mapping network (refitted after training
-on the network's landmarks of held-out identities: `dhjax.capture.mica.calibrate_mapping`).
-On the tiny config's first 32 test identities a ridge regression from the exact projected 68
-landmarks to the shape scores
-0.93 mm median metric error where the mean face scores 1.32 mm; with 1 px of Gaussian noise on
-the landmarks (160 px images) 1.17 mm, with 2 px hardly better than the mean face. So the
-landmarks have to be accurate, which is why they come from heatmaps (soft-argmax; translation
-equivariant): a fully connected landmark head on the tiny iresnet reached about 4.5 px on
-held-out faces, this network about 3 px (image pixels) at the same CPU budget.
-
-A pretrained alternative that a PyPI package ships, mediapipe's face mesh (468 3D points,
-`dhjax.capture.landmarks.detect`), was tried as the descriptor and rejected: on these
-renders its points are about 3.8 px off the true landmarks even after removing their mean
-offset, it finds no face in 12% of the training and 23% of the test images, and a ridge
-regression from its Procrustes-normalised 3D mesh to the shape removed 2% of the mean face's
-learnable error (5-fold cross-validation over 1085 identities), against 18% for the exact
-68 landmarks.
 
 Crop (`landmark_crop`, `CROP_TEMPLATE`): the same five-point similarity alignment as
 ArcFace's crop, but zoomed out (ArcFace's template x 0.6, shifted) into a 96 x 96 crop, so the
