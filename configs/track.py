@@ -7,18 +7,17 @@
 Variants:
   ''      settings for real videos (512-ish pixels): 300 landmark + 3 x 150 photometric steps on
           the first frame, 30 + 30/30/40 on every later frame.
-  'tiny'  three synthetic 192 x 192 sequences of 8 frames with ground truth (CPU, about 5 minutes);
-          compares the mean-shape initialisation with MICA's (mica_workdir) and with the true
-          shape, with the true focal length given (a calibrated camera). Add
-          --config.synthetic.known_focal="(False, True)" to also estimate the focal length (it is
-          barely observable at this resolution: see the README).
+  'tiny'  three synthetic 192 x 192 sequences of 8 frames with ground truth (CPU); compares the
+          mean-shape initialisation with MICA's (mica_workdir) and with the true shape, with the
+          true focal length given (a calibrated camera). Add
+          --config.synthetic.known_focal="(False, True)" to also estimate the focal length.
 
 Landmarks come from mediapipe (pip install 'dhjax[landmarks]') or --landmarks (a file or a
 folder of per-frame files, `dhjax.capture.landmarks.load`); synthetic input uses the projected
 true landmarks plus Gaussian noise (synthetic.landmark_noise_px), a perfect detector with noise.
 The identity shape starts from shape_init (an npz with 'shape', e.g. written by
 experiments.mica_predict), else from MICA run on the first frame when mica_workdir is set, else
-from the mean face.
+from the mean face (`dhjax.capture.track_run`).
 """
 
 import ml_collections

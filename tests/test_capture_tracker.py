@@ -1,4 +1,5 @@
-"""Tests of the metrical face tracker (dhjax.capture.tracker) and its experiment's input handling."""
+"""Tests of the metrical face tracker (dhjax.capture.tracker) and its runs (dhjax.capture.track_run:
+input handling, the synthetic benchmark)."""
 
 import json
 
@@ -7,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from dhjax.capture import track_run
 from dhjax.capture import tracker
 from dhjax.geometry import rotations
 from dhjax.models import flame
@@ -233,36 +235,35 @@ def test_bad_inputs(model):
         tracker.track_sequence(tracker.default_config(), model, [], log=None)
 
 
-def test_experiment_input_errors(tmp_path):
-    from experiments import track as track_exp
+def test_run_input_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="no such file"):
-        track_exp.read_frames(str(tmp_path / "missing.mp4"))
+        track_run.read_frames(str(tmp_path / "missing.mp4"))
     bad = tmp_path / "broken.mp4"
     bad.write_bytes(b"this is not a video")
     with pytest.raises(ValueError, match="cannot decode video"):
-        track_exp.read_frames(str(bad))
+        track_run.read_frames(str(bad))
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="holds no images"):
-        track_exp.read_frames(str(tmp_path / "empty"))
+        track_run.read_frames(str(tmp_path / "empty"))
     from dhjax import io as dio
     d = tmp_path / "frames"
     d.mkdir()
     dio.save_image(d / "a.png", np.zeros((16, 16, 3)))
     dio.save_image(d / "b.png", np.zeros((16, 16, 3)))
-    frames, names = track_exp.read_frames(str(d))
+    frames, names = track_run.read_frames(str(d))
     assert names == ["a", "b"] and frames[0].shape == (16, 16, 3)
     lm = tmp_path / "lmk.npy"
     np.save(lm, np.zeros((67, 2)) + 5)
     with pytest.raises(ValueError, match="67"):
-        track_exp.frame_landmarks(frames[:1], names[:1], str(lm))
+        track_run.frame_landmarks(frames[:1], names[:1], str(lm))
     np.save(lm, np.zeros((3, 68, 2)) + 5 + np.arange(68)[None, :, None] * 0.1)
     with pytest.raises(ValueError, match="3 landmark sets for 2 frames"):
-        track_exp.frame_landmarks(frames, names, str(lm))
+        track_run.frame_landmarks(frames, names, str(lm))
     lmd = tmp_path / "lmkdir"
     lmd.mkdir()
     np.save(lmd / "a.npy", np.zeros((68, 2)) + 5 + np.arange(68)[:, None] * 0.1)
     with pytest.raises(FileNotFoundError, match="frame b"):
-        track_exp.frame_landmarks(frames, names, str(lmd))
+        track_run.frame_landmarks(frames, names, str(lmd))
 
 
 @pytest.mark.peers
@@ -293,17 +294,17 @@ def test_real_photo_detect_and_fit(model, tmp_path):
 
 
 def test_synthetic_benchmark_smoke(tmp_path):
-    """experiments.track on synthetic input: every (sequence, initialisation) is tracked and
+    """track_run.run on synthetic input: every (sequence, initialisation) is tracked and
     scored against the ground truth, and the report averages over the sequences."""
     from configs import track as track_cfg
-    from experiments import track as track_exp
     cfg = track_cfg.get_config("tiny")
     cfg.synthetic.update(sequences=(0, 1), n_frames=2, width=64, height=64, uv_size=32, compare=("mean", "true"))
     cfg.tracker.pyramid = (0,)
     cfg.tracker.first.update(rigid_steps=20, landmark_steps=20, steps=(10,))
     cfg.tracker.frame.update(landmark_steps=5, steps=(5,))
-    track_exp.run_synthetic(cfg, tmp_path)
+    report = track_run.run(cfg, tmp_path, input="synthetic")
     rep = json.loads((tmp_path / "report.json").read_text())
+    assert rep == json.loads(json.dumps(report))
     assert [(r["sequence"], r["init"]) for r in rep["rows"]] == [(0, "mean"), (0, "true"), (1, "mean"), (1, "true")]
     for r in rep["rows"]:
         assert np.isfinite(r["vertex_median_mm"]) and np.isfinite(r["depth_rmse_mm"])
@@ -314,3 +315,25 @@ def test_synthetic_benchmark_smoke(tmp_path):
     assert mean_true["sequences"] == 2 and abs(mean_true["vertex_median_mm"] - want) < 1e-9
     assert "Mean over the 2 sequence(s)" in (tmp_path / "report.md").read_text()
     assert (tmp_path / "overlay.mp4").exists() and (tmp_path / "dataset" / "meta.json").exists()
+
+
+def test_run_on_one_image_with_a_landmark_file(tmp_path):
+    """track_run.run on one photo with given landmarks: parameters, cameras, overlay and the
+    per-frame report table."""
+    from configs import track as track_cfg
+    from dhjax import io as dio
+    cfg = track_cfg.get_config()
+    cfg.synthetic.update(n_frames=1, width=64, height=64, uv_size=32)
+    frames, _, _ = track_run.synthetic_sequence(cfg, 0)
+    dio.save_image(tmp_path / "face.png", frames[0].image)
+    np.save(tmp_path / "face.npy", frames[0].landmarks)
+    cfg.tracker.pyramid = (0,)
+    cfg.tracker.first.update(rigid_steps=10, landmark_steps=10, steps=(5,))
+    work = tmp_path / "out"
+    report = track_run.run(cfg, work, input=str(tmp_path / "face.png"), landmarks=str(tmp_path / "face.npy"))
+    assert report["frames"] == 1 and report["shape_init"] == "mean face"
+    assert json.loads((work / "report.json").read_text())["mean_landmark_error_px"] == report["mean_landmark_error_px"]
+    md = (work / "report.md").read_text()
+    assert "| frame | landmark error (px) | photometric L1 |\n|---|---|---|\n| face | " in md
+    assert (work / "overlay.png").exists() and "face" in json.loads((work / "cameras.json").read_text())
+    assert (work / "params" / "frame_0000.npz").exists()

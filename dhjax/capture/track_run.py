@@ -1,0 +1,319 @@
+"""Running the metrical face tracker (`dhjax.capture.tracker`) on a video, an image folder, one
+photo, or synthetic sequences with ground truth: `run(cfg, workdir, input=...)`.
+
+Real input (`track`): frames from `read_frames`, landmarks from files or mediapipe
+(`frame_landmarks`), the identity shape initialised from cfg.shape_init (an npz with 'shape'),
+else MICA on the first frame (cfg.mica_workdir, `mica_shape`), else the mean face. Synthetic
+input (`track_synthetic`): `dhjax.data.synthetic.VideoGenerator` sequences with noisy projected
+landmarks, each tracked from every compared initialisation (cfg.synthetic.compare: mean face,
+MICA, true shape; focal length estimated or given) and scored against the ground truth.
+
+Writes into the workdir: params/frame_XXXX.npz (FLAME parameters in `flame.forward`'s layout,
+SH light, and the tracker's raw parameters), cameras.json (per frame OpenCV K, R, t with
+x_cam = R x_flame + t, focal length and principal point), overlay.mp4 (or overlay.png for one
+image), report.json and report.md, dataset/ (`tracker.write_dataset`) and progress/ (every frame
+as soon as it is tracked; a run started again continues after the last finished frame).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from dhjax import io as dio
+from dhjax.capture import landmarks as lmk_lib
+from dhjax.capture import mica
+from dhjax.capture import tracker
+from dhjax.data import synthetic
+from dhjax.models import flame
+from dhjax.train import app
+
+SUMMARY_KEYS = ("init_shape_error_mm", "shape_error_mm", "vertex_median_mm", "vertex_aligned_median_mm",
+                "depth_rmse_mm", "focal_px", "landmark_error_px", "photometric_error")
+"""Per-row numbers of the synthetic benchmark that its summary averages over sequences."""
+
+
+def read_frames(path: str, max_frames: int = 0, stride: int = 1) -> tuple[list, list]:
+    """(frames [H, W, 3] float, names) of a video file, an image folder (`dhjax.io.IMAGE_SUFFIXES`,
+    sorted by name) or one image; every `stride`-th frame, at most `max_frames` (0: all).
+    Raises FileNotFoundError / ValueError naming the input when it cannot be read."""
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"--input {path}: no such file or folder")
+    if p.is_dir():
+        files = sorted(f for f in p.iterdir() if f.suffix.lower() in dio.IMAGE_SUFFIXES)
+        if not files:
+            raise ValueError(f"--input {path}: the folder holds no images ({', '.join(dio.IMAGE_SUFFIXES)})")
+        files = files[::stride][:max_frames or None]
+        frames = [dio.load_image(f) for f in files]
+        names = [f.stem for f in files]
+    elif p.suffix.lower() in dio.IMAGE_SUFFIXES:
+        frames, names = [dio.load_image(p)], [p.stem]
+    else:
+        video = dio.load_video(p)       # ValueError naming the file when ffmpeg cannot decode it
+        idx = list(range(0, len(video), stride))[:max_frames or None]
+        frames, names = [video[i] for i in idx], [f"frame_{i:04d}" for i in idx]
+    out = []
+    for f, n in zip(frames, names):
+        if f.shape[-1] == 1:
+            f = np.repeat(f, 3, -1)
+        out.append(f[..., :3])
+        if out[-1].shape != out[0].shape:
+            raise ValueError(f"--input {path}: {n} is {out[-1].shape[:2]}, the first frame {out[0].shape[:2]}")
+    return out, names
+
+
+def frame_landmarks(frames, names, landmarks_arg) -> list:
+    """Landmarks per frame: from `landmarks_arg` (one file, [T, N, 2] for a video, or a folder
+    of per-frame files named like the frames; `dhjax.capture.landmarks.load`) or, when it is
+    empty, mediapipe detection."""
+    if landmarks_arg:
+        p = Path(landmarks_arg)
+        if p.is_dir():
+            out = []
+            for n, f in zip(names, frames):
+                cands = [c for c in sorted(p.glob(n + ".*"))]
+                if not cands:
+                    raise FileNotFoundError(f"--landmarks {p}: no landmark file for frame {n} ({n}.npy/.txt/.pts/.json)")
+                out.append(lmk_lib.load(cands[0], image_size=(f.shape[1], f.shape[0])))
+            return out
+        loaded = lmk_lib.load(p, image_size=(frames[0].shape[1], frames[0].shape[0]))
+        loaded = loaded if isinstance(loaded, list) else [loaded]
+        if len(loaded) != len(frames):
+            raise ValueError(f"--landmarks {p}: {len(loaded)} landmark sets for {len(frames)} frames")
+        return loaded
+    out = []
+    for i, (n, f) in enumerate(zip(names, frames)):
+        out.append(lmk_lib.detect(f, name=f"frame {i} ({n})"))
+    return out
+
+
+def synthetic_sequence(cfg, sequence: int | None = None, assets=None):
+    """(frames, ground-truth samples, head model) of one synthetic video (default: the first of
+    cfg.synthetic.sequences) with noisy projected landmarks and skin masks (face + eyes labels,
+    what a face parser would give). assets: `synthetic.build_assets` output to reuse."""
+    sc = cfg.synthetic
+    seq = int(tuple(sc.sequences)[0] if sequence is None else sequence)
+    gcfg = synthetic.default_config()
+    gcfg.seed = int(sc.seed)
+    gcfg.uv_size = int(sc.uv_size)
+    gcfg.video.update(n_sequences=seq + 1, n_frames=int(sc.n_frames), width=int(sc.width),
+                      height=int(sc.height))
+    gen = synthetic.VideoGenerator(gcfg, assets)
+    model = synthetic.base_model(gen.assets)
+    rng = np.random.default_rng(int(sc.seed) + 7919 * seq)
+    samples, frames = [], []
+    for t in range(int(sc.n_frames)):
+        s = gen[seq * int(sc.n_frames) + t]
+        out = flame.forward(model, s["shape"][None], s["expression"][None], s["pose"][None], s["translation"][None])
+        l3 = np.asarray(out.landmarks[0]) @ s["R"].T + s["t"]
+        K = s["K"]
+        uv = l3[:, :2] / l3[:, 2:] * np.array([K[0, 0], K[1, 1]]) + K[:2, 2]
+        uv = uv + rng.normal(0.0, float(sc.landmark_noise_px), uv.shape)
+        mask = np.isin(s["seg"], (synthetic.LABEL["face"], synthetic.LABEL["eyes"]))
+        frames.append(tracker.frame_data(s["image"], uv, np.arange(68), mask, name=f"synthetic frame {t}"))
+        samples.append(s)
+    return frames, samples, model
+
+
+def mica_shape(workdir: str, image, lm, model) -> np.ndarray:
+    """MICA's shape coefficients [300] for one image (the first frame) from a trained MICA run
+    (`mica.run.load_run`): the crop its encoder reads, placed by the landmarks' five points,
+    then the run's network."""
+    _, variables, rec, step = mica.run.load_run(workdir)
+    mica.run.check_head_model(model, rec)
+    z = np.asarray(mica.predict_image(variables, image, lm)[0], np.float32)
+    print(f"MICA ({workdir}, checkpoint {step}) predicted the shape from the first frame", flush=True)
+    return z
+
+
+def write_outputs(work: Path, result, frames, names, model, fps: float, meta: dict, renders=None) -> dict:
+    """Writes params/, cameras.json, the overlay and dataset/ of a tracked sequence; returns the
+    report's numbers (per-frame and mean landmark / photometric errors, focal length)."""
+    (work / "params").mkdir(parents=True, exist_ok=True)
+    H, W = frames[0].image.shape[:2]
+    renders = tracker.render_result(result, model, W, H) if renders is None else renders
+    cams, overlays = {}, []
+    for i, (p, n) in enumerate(zip(result.params, names)):
+        fp = tracker.flame_parameters(p)
+        dio.save_params(work / "params" / f"frame_{i:04d}", dict(fp, **{f"raw_{k}": v for k, v in p.items()}),
+                        meta={"frame": n, "pose": "axis-angle [5, 3]: global (zero), neck, jaw, left eye, "
+                              "right eye; the rigid pose is the camera's R, t", "units": "metres"})
+        K = result.K[i]
+        cams[n] = {"K": K.tolist(), "R": result.R[i].tolist(), "t": result.t[i].tolist(), "width": W,
+                   "height": H, "focal": float(K[0, 0]), "principal_point": [float(K[0, 2]), float(K[1, 2])]}
+        overlays.append(tracker.overlay(frames[i], renders[i]))
+    (work / "cameras.json").write_text(json.dumps(cams, indent=1))
+    if len(overlays) == 1:
+        dio.save_image(work / "overlay.png", overlays[0])
+    else:
+        dio.save_video(work / "overlay.mp4", np.stack(overlays), fps=fps)
+        dio.save_image(work / "overlay_first.png", overlays[0])
+    tracker.write_dataset(work / "dataset", result, frames, model, meta=meta, renders=renders)
+    return dict(frames=len(frames), seconds=result.seconds,
+                landmark_error_px=[float(x) for x in result.landmark_error_px],
+                photometric_error=[float(x) for x in result.photometric_error],
+                mean_landmark_error_px=float(np.mean(result.landmark_error_px)),
+                mean_photometric_error=float(np.mean(result.photometric_error)),
+                focal_px=float(result.K[0, 0, 0]))
+
+
+def run(cfg, workdir, *, input: str, landmarks: str | None = None) -> dict:  # noqa: A002 - the flag's name
+    """Tracks `input` (a video file, an image folder, one image, or "synthetic") into `workdir`
+    (`track` or `track_synthetic`) and returns the report written to report.json."""
+    run_ = app.start(workdir)
+    work = Path(workdir)
+    if input == "synthetic":
+        report = track_synthetic(cfg, work)
+    else:
+        report = track(cfg, work, input, landmarks)
+    run_.done(str(work))
+    return report
+
+
+def track(cfg, work: Path, input_path: str, landmarks: str | None = None) -> dict:
+    """Tracks a video, an image folder or one image (see the module docstring); writes the
+    outputs and report.json / report.md (per-frame landmark and photometric error)."""
+    raw, names = read_frames(input_path, int(cfg.max_frames), int(cfg.stride))
+    print(f"{len(raw)} frame(s) of {raw[0].shape[1]}x{raw[0].shape[0]} from {input_path}", flush=True)
+    lms = frame_landmarks(raw, names, landmarks)
+    frames = [tracker.frame_data(f, lm.points, lm.ibug_ids, name=n) for f, lm, n in zip(raw, lms, names)]
+    model = flame.load()
+    shape_init, init = None, "mean face"
+    if cfg.shape_init:
+        shape_init, init = np.load(cfg.shape_init)["shape"], f"shape from {cfg.shape_init}"
+    elif cfg.mica_workdir:
+        shape_init, init = mica_shape(cfg.mica_workdir, raw[0], lms[0], model), f"MICA ({cfg.mica_workdir})"
+    print(f"shape initialisation: {init}; landmarks: {lms[0].source} ({len(lms[0])} points)", flush=True)
+    result = tracker.track_sequence(cfg.tracker, model, frames, shape_init=shape_init,
+                                    progress_dir=work / "progress")
+    report = write_outputs(work, result, frames, names, model, float(cfg.fps),
+                           meta={"input": input_path, "shape_init": init})
+    report.update(input=input_path, shape_init=init, landmarks=lms[0].source)
+    (work / "report.json").write_text(json.dumps(report, indent=1))
+    rows = [{"frame": n, "lmk": f"{a:.2f}", "photo": f"{b:.4f}"}
+            for n, a, b in zip(names, report["landmark_error_px"], report["photometric_error"])]
+    table = app.markdown_table(rows, ("frame", "lmk", "photo"),
+                               headers=("frame", "landmark error (px)", "photometric L1"))
+    (work / "report.md").write_text(
+        f"# Tracking report\n\ninput `{input_path}`, {len(frames)} frame(s), shape init: {init}, "
+        f"landmarks: {lms[0].source}\n\n" + table
+        + f"\nfocal length {report['focal_px']:.1f} px; {result.seconds:.0f} s\n")
+    print(f"landmark error {report['mean_landmark_error_px']:.2f} px, photometric "
+          f"{report['mean_photometric_error']:.4f}", flush=True)
+    return report
+
+
+def initialisations(cfg, frames, samples, model) -> dict:
+    """{name: shape coefficients or None (mean face)} for the initialisations of
+    cfg.synthetic.compare ("mean", "mica" (skipped without cfg.mica_workdir), "true")."""
+    inits = {}
+    for name in cfg.synthetic.compare:
+        if name == "mean":
+            inits[name] = None
+        elif name == "true":
+            inits[name] = samples[0]["shape"]
+        elif name == "mica":
+            if not cfg.mica_workdir:
+                print("  skipping the MICA initialisation: set --config.mica_workdir=<a MICA run>")
+                continue
+            lm = lmk_lib.from_ibug68(frames[0].landmarks)
+            inits[name] = mica_shape(cfg.mica_workdir, frames[0].image, lm, model)
+        else:
+            raise ValueError(f"synthetic.compare: unknown initialisation {name!r} (mean, mica, true)")
+    return inits
+
+
+def summarise(rows: Sequence[Mapping], known_focal: Sequence[bool]) -> list[dict]:
+    """Per (focal mode, initialisation): the number of sequences and the mean of `SUMMARY_KEYS`
+    over them."""
+    summary = []
+    for known in known_focal:
+        for name in dict.fromkeys(r["init"] for r in rows):
+            sel = [r for r in rows if r["init"] == name and r["known_focal"] == bool(known)]
+            if sel:
+                summary.append(dict(init=name, known_focal=bool(known), sequences=len(sel),
+                                    **{k: float(np.mean([r[k] for r in sel])) for k in SUMMARY_KEYS}))
+    return summary
+
+
+_TABLE_COLUMNS = (("init", "shape init", ""), ("focal", "focal", ""),
+                  ("init_shape_error_mm", "initial shape error (mm)", ".2f"),
+                  ("shape_error_mm", "tracked shape error (mm)", ".2f"),
+                  ("vertex_median_mm", "vertex median (mm)", ".2f"),
+                  ("vertex_aligned_median_mm", "vertex median, rigidly aligned (mm)", ".2f"),
+                  ("depth_rmse_mm", "depth RMSE (mm)", ".2f"), ("focal_px", "focal (px)", ".1f"),
+                  ("landmark_error_px", "landmark error (px)", ".2f"), ("photometric_error", "photometric L1", ".4f"))
+
+
+def results_table(items: Sequence[Mapping], with_sequence: bool) -> str:
+    """The synthetic benchmark's Markdown table of rows or summaries (`dhjax.train.app.markdown_table`)."""
+    cols = ((("sequence", "sequence", ""),) if with_sequence else ()) + _TABLE_COLUMNS
+    rows = []
+    for r in items:
+        r = dict(r, focal="given" if r["known_focal"] else "estimated")
+        rows.append({k: format(r[k], fmt) for k, _, fmt in cols})
+    return app.markdown_table(rows, [k for k, _, _ in cols], headers=[h for _, h, _ in cols])
+
+
+def track_synthetic(cfg, work: Path) -> dict:
+    """Tracks synthetic sequences with each compared initialisation (mean face, MICA, true shape;
+    focal length estimated or given) and reports errors against the ground truth, per sequence
+    and averaged over the sequences (report.json, report.md). The outputs (params, overlay,
+    dataset) are those of the first sequence's MICA (else mean-face) track."""
+    sc = cfg.synthetic
+    seqs = tuple(int(q) for q in sc.sequences)
+    rows, best, step_cache = [], None, {}
+    # One head model for all sequences, so that compiled optimisation steps are shared.
+    assets = synthetic.build_assets(None, int(sc.uv_size))
+    model = synthetic.base_model(assets)
+    for seq in seqs:
+        t0 = time.time()
+        frames, samples, _ = synthetic_sequence(cfg, seq, assets)
+        true_f = float(samples[0]["K"][0, 0])
+        print(f"synthetic sequence {seq}: {len(frames)} frames of {sc.width}x{sc.height}, true focal "
+              f"{true_f:.1f} px ({time.time() - t0:.0f} s)", flush=True)
+        inits = initialisations(cfg, frames, samples, model)
+        for known in sc.known_focal:
+            for name, z in inits.items():
+                tc = copy.deepcopy(cfg.tracker)
+                if known:
+                    tc.focal = true_f
+                focal = "given" if known else "estimated"
+                print(f"== sequence {seq}: {name} shape, {focal} focal", flush=True)
+                result = tracker.track_sequence(tc, model, frames, shape_init=z,
+                                                progress_dir=work / "progress" / f"seq{seq}_{name}_{focal}_focal",
+                                                step_cache=step_cache)
+                renders = tracker.render_result(result, model, int(sc.width), int(sc.height))
+                ev = tracker.evaluate_synthetic(result, samples, model, renders=renders)
+                ev["init_shape_error_mm"] = tracker.shape_error_mm(model, np.zeros(1) if z is None else z,
+                                                                    samples[0]["shape"])
+                ev.update(sequence=seq, init=name, known_focal=bool(known), seconds=result.seconds,
+                          focal_px=float(result.K[0, 0, 0]), true_focal_px=true_f)
+                rows.append(ev)
+                print(f"   shape error {ev['init_shape_error_mm']:.2f} -> {ev['shape_error_mm']:.2f} mm, "
+                      f"vertices median {ev['vertex_median_mm']:.2f} mm (rigidly aligned "
+                      f"{ev['vertex_aligned_median_mm']:.2f}), depth RMSE {ev['depth_rmse_mm']:.2f} mm, "
+                      f"focal {ev['focal_px']:.1f} px (true {true_f:.1f})", flush=True)
+                if best is None and name == ("mica" if "mica" in inits else "mean"):
+                    best = result, renders, frames
+    if best is None:
+        raise ValueError("synthetic.sequences, compare and known_focal must each name at least one entry")
+    result, renders, frames = best
+    names = [f"frame_{i:04d}" for i in range(len(frames))]
+    write_outputs(work, result, frames, names, model, float(cfg.fps), meta={"input": "synthetic"}, renders=renders)
+    summary = summarise(rows, sc.known_focal)
+    report = dict(sequences=seqs, rows=rows, summary=summary)
+    (work / "report.json").write_text(json.dumps(report, indent=1))
+    text = (f"# Synthetic tracking benchmark\n\nsequences {list(seqs)} (seed {sc.seed}), {sc.n_frames} frames of "
+            f"{sc.width}x{sc.height} each, landmark noise {sc.landmark_noise_px} px\n\n"
+            f"## Mean over the {len(seqs)} sequence(s)\n\n" + results_table(summary, False)
+            + "\n## Per sequence\n\n" + results_table(rows, True))
+    (work / "report.md").write_text(text)
+    print(text)
+    return report
