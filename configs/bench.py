@@ -14,11 +14,13 @@ Variants:
          kernel on a GPU, and gsplat on the same GPU when it can be built there.
   geometry  closest points (BVH kernel vs the brute-force reference, libigl, open3d/Embree) for
          1M points around the default head, and hash-grid encoding (kernel vs reference) for 1M
-         points, 16 levels x 2 features, T = 2^19 (experiments/bench_geometry.py).
+         points, 16 levels x 2 features, T = 2^19 (dhjax.bench.geometry).
 Results are printed and written to <workdir>/bench.json.
 """
 
 import ml_collections
+
+from dhjax.bench import geometry
 
 
 def get_config(arg=None):
@@ -44,9 +46,7 @@ def get_config(arg=None):
             reference_max_n=250_000,  # larger scenes skip the reference
         ))
     if c.suite == "geometry":
-        from experiments import bench_geometry
-
-        c.geometry = bench_geometry.default_config()
+        c.geometry = geometry.default_config()
     if c.suite not in ("flame", "synthetic", "splat", "geometry"):
         raise ValueError(f"unknown bench variant {c.suite!r}; available: flame, synthetic, splat, geometry")
     return c

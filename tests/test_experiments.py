@@ -1,14 +1,18 @@
-"""Smoke tests of the experiment entry points (thin: they call the library)."""
+"""The experiment entry points: their library functions in-process (tiny settings), and the
+command line itself (flag parsing, exit codes) in subprocesses."""
 
+import csv
 import json
 import os
 import subprocess
 import sys
+import types
 
 import numpy as np
 import pytest
 
 from dhjax import io as dio
+from dhjax.train import config as config_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -21,10 +25,21 @@ def run(module, *args):
     return proc.stdout
 
 
+def config(spec):
+    return config_lib.load_config(os.path.join(ROOT, "configs", spec))
+
+
 def test_sample_heads_writes_grid_meshes_and_params(tmp_path):
-    out = run("experiments.sample_heads", "--config=configs/sample_heads.py:tiny",
-              "--config.num_heads=2", "--config.image_size=48", f"--workdir={tmp_path}")
-    assert "rendered 2 heads x 3 views" in out
+    from dhjax.data import head_samples
+    from dhjax.train import app as run_app
+
+    cfg = config("sample_heads.py:tiny")
+    cfg.num_heads, cfg.image_size = 2, 48
+    run = run_app.start(tmp_path, cfg)
+    lines = []
+    summary = head_samples.write(cfg, str(run.workdir), log=lines.append)
+    assert any("rendered 2 heads x 3 views" in line for line in lines)
+    assert summary["num_heads"] == 2 and summary["num_views"] == 3
     grid = dio.load_image(tmp_path / "grid.png")
     assert grid.shape[0] > 2 * 48 and grid.shape[1] > 3 * 48
     assert grid.std() > 0.05  # not a blank image
@@ -32,8 +47,8 @@ def test_sample_heads_writes_grid_meshes_and_params(tmp_path):
     assert verts.shape == (5270, 3) and faces.shape == (10416, 3)
     params = dio.load_params(tmp_path / "params" / "head_001", required=("shape", "expression", "pose"))
     assert params["pose"].shape == (5, 3)
-    cfg = json.loads((tmp_path / "config.json").read_text())
-    assert cfg["num_heads"] == 2
+    assert json.loads((tmp_path / "config.json").read_text())["num_heads"] == 2
+    assert json.loads((tmp_path / "summary.json").read_text())["grid"] == "grid.png"
     # The saved mesh is the forward pass of the saved parameters.
     from dhjax.models import flame
     m = flame.load()
@@ -51,17 +66,63 @@ def test_unknown_variant_is_a_clear_error(tmp_path):
 
 def test_bench_flame_writes_json(tmp_path):
     """A tiny bench run (not a timing check): the keys the issue asks for are there."""
-    out = run("experiments.bench", "--config=configs/bench.py:flame", "--config.repeats=1",
-              "--config.warmup=1", "--config.raster_size=64", f"--workdir={tmp_path}")
-    assert "FLAME forward B= 64" in out
+    from dhjax.bench import suite
+
+    cfg = config("bench.py:flame")
+    cfg.repeats, cfg.warmup, cfg.raster_size = 1, 1, 64
+    lines = []
+    suite.run(cfg, tmp_path, log=lines.append)
+    assert any("FLAME forward B= 64" in line for line in lines)
     res = json.loads((tmp_path / "bench.json").read_text())
+    assert res["suite"] == "flame" and res["V"] == 5270 and res["F"] == 10416
     for key in ("flame_b1_dhjax_s", "flame_b64_dhjax_s", "raster_64_s", "raster_64_faces"):
         assert res[key] > 0, key
+    assert 0.2 < res["raster_64_coverage"] < 1.0  # the head fills part of the frame
     try:
         import smplx  # noqa: F401
     except ImportError:
         return
     assert res["flame_b64_speedup_vs_smplx"] > 0
+
+
+def test_bench_unknown_suite_is_an_error(tmp_path):
+    from dhjax.bench import suite
+
+    with pytest.raises(ValueError, match="unknown bench suite 'nope'"):
+        suite.run(types.SimpleNamespace(suite="nope"), tmp_path)
+    assert not (tmp_path / "bench.json").exists()
+
+
+def test_bench_geometry_agrees_with_its_references(tmp_path):
+    """Tiny closest-point and hash-grid benchmarks: every implementation that ran agrees with the
+    reference (the benchmark reports these differences next to its timings)."""
+    from dhjax.bench import geometry
+
+    cfg = geometry.default_config()
+    geometry.set_n_points(cfg, 600)
+    assert cfg.closest_point.n_points == cfg.hashgrid.n_points == 600
+    cfg.repeats, cfg.closest_point.reference_points, cfg.closest_point.build_repeats = 1, 200, 2
+    cfg.hashgrid.update(n_levels=4, log2_hashmap_size=12, finest_resolution=128)
+    res = geometry.run(cfg, tmp_path, log=lambda *a: None)
+    assert json.loads((tmp_path / "bench_geometry.json").read_text()) == json.loads(json.dumps(res))
+    cp, hg = res["closest_point"], res["hashgrid"]
+    assert cp["n_points"] == 600 and cp["reference_pts_per_s"] > 0 and cp["F"] == 10416
+    assert hg["table_rows_per_level"] == 2 ** 12 and hg["hashgrid_reference_fwd_s"] > 0
+    if "cpu_kernel_s" in cp:
+        assert cp["cpu_vs_reference_max_abs_dist_m"] < 1e-6
+    if "hashgrid_cpu_fwd_s" in hg:
+        assert hg["hashgrid_cpu_vs_reference_max_abs"] < 1e-5
+        assert hg["hashgrid_cpu_speedup_vs_reference"] > 0
+    with pytest.raises(ValueError, match="unknown benchmark"):
+        geometry.run_all(cfg, only=["nope"])
+
+
+def test_bench_geometry_command_line_rejects_unknown_names(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "experiments.bench_geometry", f"--workdir={tmp_path}",
+                           "--only=closest_point,nope"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300, env=dict(os.environ, PYTHONPATH=ROOT))
+    assert proc.returncode != 0 and "--only takes names from ['closest_point', 'hashgrid']" in proc.stderr
+    assert not (tmp_path / "bench_geometry.json").exists()
 
 
 def _write_bad_and_good_scans(folder):
@@ -111,17 +172,74 @@ def test_sweep_dry_run_prints_every_variant(tmp_path):
     cmds = [line for line in dry.splitlines() if "experiments.register_flame" in line]
     assert len(cmds) == 4 and all("--config.registration.steps=20" in c for c in cmds)
     assert any("use_offsets=True" in c for c in cmds)
+    assert not tmp_path.joinpath("results.md").exists()
+
+
+def test_sweep_command_line_rejects_unknown_fields(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "experiments.sweep", "--config=configs/register_flame.py:tiny",
+                           f"--workdir={tmp_path}", "--dry_run", "--set=registration.nope=1"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300, env=dict(os.environ, PYTHONPATH=ROOT))
+    assert proc.returncode == 2 and "unknown config field 'registration.nope'" in proc.stderr
+
+
+def test_sweep_commands_and_tables(tmp_path):
+    """The variants' command lines, then a sweep whose runner fakes the experiments (one fails):
+    the table holds every variant, its overrides and the final metrics of those that succeeded."""
+    from dhjax.train import sweep
+
+    assert sweep.parse_sets(["a.b=1", "c=0.5", "d=True", "e=x"]) == {"a.b": 1, "c": 0.5, "d": True, "e": "x"}
+    with pytest.raises(ValueError, match="key=value"):
+        sweep.parse_sets(["a.b"])
+    spec = os.path.join(ROOT, "configs", "register_flame.py:tiny")
+    variants = sweep.commands(spec, str(tmp_path), {"registration.steps": 20})
+    assert len(variants) == 4
+    for i, v in enumerate(variants):
+        assert v.command[:3] == [sys.executable, "-m", "experiments.register_flame"]
+        assert f"--config={spec}" in v.command and "--config.registration.steps=20" in v.command
+        assert v.command[-1] == f"--workdir={v.workdir}"
+        assert os.path.dirname(v.workdir) == str(tmp_path)
+        assert os.path.basename(v.workdir) == sweep.variant_name(i, v.overrides)
+    with pytest.raises(KeyError, match="registration.nope"):
+        sweep.commands(spec, str(tmp_path), {"registration.nope": 1})
+
+    def fake_runner(cmd):
+        work = cmd[-1].partition("=")[2]
+        index = int(os.path.basename(work)[:2])
+        if index == 1:
+            return types.SimpleNamespace(returncode=3)
+        os.makedirs(work)
+        with open(os.path.join(work, "final_metrics.json"), "w") as f:
+            json.dump({"scan_median_mm": 0.5 + index, "loss": 1.23456789}, f)
+        return types.SimpleNamespace(returncode=0)
+
+    lines = []
+    rows = sweep.run_variants(variants, str(tmp_path), log=lines.append, runner=fake_runner)
+    assert [r["status"] for r in rows] == ["ok", "failed (3)", "ok", "ok"]
+    assert len(lines) == 4 and lines[0].startswith("[1/4] ")
+    table = (tmp_path / "results.md").read_text().splitlines()
+    header = [c.strip() for c in table[0].strip("|").split("|")]
+    assert header[:2] == ["variant", "status"] and "scan_median_mm" in header
+    assert table[1] == "|" + "---|" * len(header) and len(table) == 6
+    assert "| 1.2346 |" in table[2] and "| 2.5 |" in table[4]
+    assert "| failed (3) |" in table[3]
+    csv_rows = list(csv.DictReader(open(tmp_path / "results.csv")))
+    assert [r["scan_median_mm"] for r in csv_rows] == ["0.5", "", "2.5", "3.5"]
+    for v, r in zip(variants, rows):
+        for k, value in v.overrides.items():
+            assert r[k] == value
 
 
 @pytest.mark.slow
 def test_sweep_runs_every_variant_and_tabulates(tmp_path):
     """Four short registration runs (minutes on 2 cores: each variant compiles its own step)."""
-    out = run("experiments.sweep", "--config=configs/register_flame.py:tiny", f"--workdir={tmp_path}",
-              "--set=registration.steps=20", "--set=data.synthetic.n_scans=2",
-              "--set=registration.n_points=800")
-    table = (tmp_path / "results.md").read_text()
-    assert table.count("| ok |") == 4, out[-3000:]
-    import csv
+    from dhjax.train import sweep
 
-    rows = list(csv.DictReader(open(tmp_path / "results.csv")))
-    assert len(rows) == 4 and all(float(r["scan_median_mm"]) > 0 for r in rows)
+    lines = []
+    rows = sweep.run(os.path.join(ROOT, "configs", "register_flame.py:tiny"), str(tmp_path),
+                     {"registration.steps": 20, "data.synthetic.n_scans": 2, "registration.n_points": 800},
+                     log=lines.append)
+    table = (tmp_path / "results.md").read_text()
+    assert table.count("| ok |") == 4, "\n".join(lines)[-3000:]
+    assert [r["status"] for r in rows] == ["ok"] * 4
+    csv_rows = list(csv.DictReader(open(tmp_path / "results.csv")))
+    assert len(csv_rows) == 4 and all(float(r["scan_median_mm"]) > 0 for r in csv_rows)

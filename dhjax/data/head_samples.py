@@ -7,10 +7,15 @@ appearance (textures, hair, lighting variety) on the same model.
 
 from __future__ import annotations
 
+import json
+import os
+import time
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dhjax import io as dio
 from dhjax.models import flame
 from dhjax.render import camera as camera_lib
 from dhjax.render import shading
@@ -93,3 +98,50 @@ def sample_and_render(key, model: flame.FlameModel, num_heads: int, cameras: cam
         masks.append(r["mask"])
     return dict(params=params, vertices=out.vertices, landmarks=out.landmarks, colors=colors,
                 images=jnp.stack(images, 1), masks=jnp.stack(masks, 1))
+
+
+def write(cfg, workdir, log=print) -> dict:
+    """Samples cfg.num_heads heads, renders them from the rig of cfg and writes into workdir:
+    grid.png (rows: heads, columns: views), meshes/head_XXX.obj (with UVs and vertex colours, when
+    cfg.write_meshes), params/head_XXX.npz + .json (shape, expression, pose [5, 3] axis-angle) and
+    summary.json. Returns the summary ({num_heads, num_views, grid, seconds}).
+
+    cfg (configs/sample_heads.py): seed, num_heads, flame_path ("" = embedded default head),
+    image_size (pixels), fov_y_deg, camera_distance (metres), view_azimuths_deg,
+    view_elevation_deg, shape_std, expression_std, jaw_open_max and global_std (radians),
+    write_meshes.
+    """
+    t0 = time.time()
+    model = flame.load(cfg.flame_path or None)
+    log(f"model: {model.name}  V={model.num_vertices} F={model.faces.shape[0]}")
+    cams = camera_lib.rig_from_angles(cfg.view_azimuths_deg, cfg.view_elevation_deg,
+                                      cfg.camera_distance, target=(0.0, -0.02, 0.0),
+                                      fov_y_deg=cfg.fov_y_deg, width=cfg.image_size,
+                                      height=cfg.image_size)
+    res = sample_and_render(
+        jax.random.PRNGKey(cfg.seed), model, cfg.num_heads, cams, shape_std=cfg.shape_std,
+        expression_std=cfg.expression_std, jaw_open_max=cfg.jaw_open_max,
+        global_std=cfg.global_std)
+    images = np.asarray(res["images"])                      # [B, C, H, W, 3]
+    B, C = images.shape[:2]
+    grid = dio.image_grid(images.reshape((B * C,) + images.shape[2:]), ncols=C)
+    grid_path = os.path.join(workdir, "grid.png")
+    dio.save_image(grid_path, grid)
+    log(f"rendered {B} heads x {C} views in {time.time() - t0:.1f}s -> {grid_path}")
+    for b in range(B):
+        stem = f"head_{b:03d}"
+        if cfg.write_meshes:
+            dio.save_obj(os.path.join(workdir, "meshes", stem + ".obj"),
+                         np.asarray(res["vertices"][b]), np.asarray(model.faces),
+                         uv_coords=None if model.uv_coords is None else np.asarray(model.uv_coords),
+                         uv_faces=None if model.uv_faces is None else np.asarray(model.uv_faces),
+                         vertex_colors=np.asarray(res["colors"][b]))
+        dio.save_params(os.path.join(workdir, "params", stem),
+                        {k: np.asarray(v[b]) for k, v in res["params"].items()},
+                        meta={"model": model.name, "seed": cfg.seed, "index": b,
+                              "pose": "axis-angle [5,3]: global, neck, jaw, left eye, right eye"})
+    summary = {"num_heads": B, "num_views": C, "grid": "grid.png", "seconds": round(time.time() - t0, 2)}
+    with open(os.path.join(workdir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    log(f"wrote meshes/ params/ summary.json in {workdir}")
+    return summary

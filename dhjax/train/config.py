@@ -2,7 +2,7 @@
 
 A config file `configs/<exp>.py` defines `get_config(arg=None)`; `arg` picks a variant (e.g.
 `tiny`). It may define `sweep(arg=None)` returning a list of override dicts
-({"optim.lr": 1e-3, ...}) that `experiments.sweep` runs one by one.
+({"optim.lr": 1e-3, ...}) that `dhjax.train.sweep` (`python -m experiments.sweep`) runs one by one.
 
     cfg = load_config("configs/register_flame.py:tiny")
     cfg = apply_overrides(cfg, {"registration.lr": 1e-3})

@@ -1,4 +1,4 @@
-"""Timing helper shared by the benchmark entry points (experiments/bench*.py)."""
+"""Wall-clock timing of a blocking call, shared by every benchmark in `dhjax.bench`."""
 
 import statistics
 import time

@@ -1,17 +1,13 @@
 """Gaussian splatting benchmark: forward and forward+backward time of `dhjax.render.splat` for
 every available implementation in one run (no timed assertions anywhere).
 
-    python -m experiments.bench --config=configs/bench.py:splat --workdir=/tmp/bench
-
 Scenes: N Gaussians sampled on the default head's surface (flat, 1-4 mm, random colours, opacity
-0.3-1), seen frontally from 0.6 m so the head fills the frame; cases from the issue: 60k at
-512x512 and 550x802 (GEM), 250k at 1024x667 (D3GA). Implementations: the CPU kernel and the
-pure-JAX reference (`splat_cpu_speedup_vs_reference`), the CUDA kernel on a GPU, and gsplat on
+0.3-1), seen frontally from 0.6 m so the head fills the frame. Implementations: the CPU kernel and
+the pure-JAX reference (`splat_cpu_speedup_vs_reference`), the CUDA kernel on a GPU, and gsplat on
 the same GPU when it is installed and can build its CUDA extension there.
 """
 
 from __future__ import annotations
-
 
 import jax
 import jax.numpy as jnp
@@ -22,9 +18,7 @@ from dhjax.models import flame
 from dhjax.ops import splat as splat_op
 from dhjax.render import camera as camera_lib
 from dhjax.render import splat
-from experiments.benchlib import time_call as _time
-
-
+from dhjax.bench.timing import time_call as _time
 
 
 def head_scene(n: int, seed: int = 0) -> dict:
@@ -99,7 +93,11 @@ def _gsplat_fns(scene, cam):
 
 
 def run(cfg, log=print) -> dict:
-    """cfg.splat: cases ((n, width, height), ...), repeats, reference_repeats, reference_max_n."""
+    """Times every implementation on every case; returns {name: value} (seconds, counts, ratios).
+
+    cfg.splat: cases ((n, width, height), ...), repeats (timed calls per kernel, median),
+    reference_repeats, reference_max_n (larger scenes skip the reference). log: print-like.
+    """
     sc = cfg.splat
     on_gpu = jax.default_backend() == "gpu"
     results: dict = {"device": str(jax.devices()[0]), "tile": splat_op.TILE}

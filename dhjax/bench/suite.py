@@ -1,0 +1,41 @@
+"""The benchmark suites behind `python -m experiments.bench`: one run times one suite and writes
+<workdir>/bench.json.
+
+Suites: flame (`dhjax.bench.flame`), synthetic (`dhjax.bench.synthetic`), splat
+(`dhjax.bench.splat`), geometry (`dhjax.bench.geometry`, all of its benchmarks).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from pathlib import Path
+
+import jax
+
+from dhjax.bench import flame, geometry, splat, synthetic
+
+SUITES = {
+    "flame": flame.run,
+    "synthetic": synthetic.run,
+    "splat": splat.run,
+    "geometry": lambda cfg, log: geometry.run_all(cfg.geometry, log=log),
+}
+
+
+def run(cfg, workdir, log=print) -> dict:
+    """Times suite `cfg.suite` with the settings in cfg (configs/bench.py), writes the results to
+    <workdir>/bench.json and returns them: {"suite", "host", "jax", "cpu_count", <suite's keys>}.
+    Raises ValueError for an unknown suite."""
+    if cfg.suite not in SUITES:
+        raise ValueError(f"unknown bench suite {cfg.suite!r}; available: {', '.join(SUITES)}")
+    results = {"suite": cfg.suite, "host": platform.node(), "jax": jax.__version__,
+               "cpu_count": os.cpu_count()}
+    results.update(SUITES[cfg.suite](cfg, log=log))
+    path = Path(workdir) / "bench.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(results, f, indent=2)
+    log(f"wrote {path}")
+    return results

@@ -1,0 +1,78 @@
+"""Writes synthetic head datasets to disk: the multi-view identity set and the monocular videos of
+`dhjax.data.synthetic` in the layout of `dhjax.data.dataset`, plus a contact sheet.
+
+    summary = make_synthetic.write(cfg, "/tmp/syn")     # cfg: configs/make_synthetic.py
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import numpy as np
+
+from dhjax import io as dio
+from dhjax.data import dataset as ds
+from dhjax.data import synthetic
+
+
+def contact_sheet_samples(cfg, multiview, video) -> list[dict]:
+    """The samples of the contact sheet: cfg.sheet.n_identities identities x cfg.sheet.cameras
+    (those the rig has), then cfg.sheet.video_frames evenly spaced frames of each of the first
+    cfg.sheet.video_sequences videos."""
+    sh = cfg.sheet
+    samples = []
+    for i in range(int(sh.n_identities)):
+        samples += multiview.render_group(i, 0, [c for c in sh.cameras if c < multiview.n_cameras])
+    for s in range(int(sh.video_sequences)):
+        n = int(sh.video_frames)
+        step = max(video.n_frames // n, 1)
+        samples += [video[s * video.n_frames + t] for t in range(0, step * n, step)][:n]
+    return samples
+
+
+def write(cfg, workdir, log=print) -> dict:
+    """Generates and writes <workdir>/multiview/ and <workdir>/video/ (split "train"; when
+    cfg.shard_count > 1 only the whole identities or sequences of shard cfg.shard_index),
+    contact_sheet.png, contact_sheet_labels.png (the same samples' part labels) and summary.json.
+    Returns the summary: seed, shard, per dataset {images, seconds, path}, contact_sheet, seconds.
+
+    cfg: a generator config (`synthetic.default_config()` or `tiny_config()`) plus
+    write_multiview, write_video, shard_index, shard_count and sheet (see configs/make_synthetic.py).
+    """
+    t0 = time.time()
+    assets = synthetic.build_assets(None, int(cfg.uv_size))
+    multiview = synthetic.MultiviewGenerator(cfg, assets)
+    video = synthetic.VideoGenerator(cfg, assets)
+    log(f"assets ready in {time.time() - t0:.1f}s: {multiview.n_items} identities x "
+        f"{multiview.n_frames} expressions x {multiview.n_cameras} cameras, {video.n_items} videos "
+        f"x {video.n_frames} frames")
+    summary = {"seed": int(cfg.seed), "shard": [int(cfg.shard_index), int(cfg.shard_count)]}
+    meta = {"generator": json.loads(cfg.to_json_best_effort()), "model": assets.model.name}
+    for name, gen, on in (("multiview", multiview, cfg.write_multiview), ("video", video, cfg.write_video)):
+        if not on or len(gen) == 0:
+            continue
+        t1 = time.time()
+        # whole items per host: no two hosts write the same identity's or sequence's files
+        idx = ds.shard_indices(len(gen), int(cfg.shard_index), int(cfg.shard_count),
+                               group=gen.n_frames * gen.n_cameras)
+        ds.write_dataset(gen, os.path.join(workdir, name), "train", indices=idx, meta=meta,
+                         shard=(int(cfg.shard_index), int(cfg.shard_count)) if cfg.shard_count > 1 else None)
+        dt = time.time() - t1
+        summary[name] = {"images": len(idx), "seconds": round(dt, 1), "path": name}
+        log(f"{name}: wrote {len(idx)} images in {dt:.1f}s ({len(idx) / dt:.1f} images/s) "
+            f"-> {os.path.join(workdir, name)}")
+    samples = contact_sheet_samples(cfg, multiview, video)
+    ncols = len(cfg.sheet.cameras)
+    images = np.stack([s["image"] for s in samples])
+    dio.save_image(os.path.join(workdir, "contact_sheet.png"), ds.contact_sheet(images, ncols))
+    labels = np.stack([ds.colorize_seg(s["seg"]) for s in samples])
+    dio.save_image(os.path.join(workdir, "contact_sheet_labels.png"), ds.contact_sheet(labels, ncols))
+    summary["contact_sheet"] = {"images": len(samples), "path": "contact_sheet.png"}
+    summary["seconds"] = round(time.time() - t0, 1)
+    with open(os.path.join(workdir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    log(f"contact sheet of {len(samples)} samples -> {os.path.join(workdir, 'contact_sheet.png')} "
+        f"(total {summary['seconds']}s)")
+    return summary
