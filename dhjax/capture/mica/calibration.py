@@ -41,7 +41,7 @@ def _descriptors(heatmap_params, crops, *, width: int):
 
 
 def landmark_descriptors(variables, crops, batch_size: int = 64) -> np.ndarray:
-    """Descriptors [N, 136] (`mica_landmarks.descriptor`) of the 68 landmarks the landmark
+    """Descriptors [N, 136] (`landmark_net.descriptor`) of the 68 landmarks the landmark
     network of `variables` finds in landmark crops [N, 96, 96, 3] (uint8 or floats in [0, 1]).
     The descriptor is similarity invariant, so crop and image pixels give the same one."""
     if variables_kind(variables) != "landmarks":
