@@ -1,7 +1,6 @@
 """SynShot glue between datasets, the model's pure functions and the training harness: data
 opening, the prior's (init, train_step, evaluate, render) functions, held-out evaluation with
-the mean-image baseline, and picture grids. Used by experiments.synshot_prior / synshot_invert
-and by notebooks.
+the mean-image baseline, and picture grids. Used by `dhjax.synthesis.synshot_run`.
 """
 
 from __future__ import annotations
