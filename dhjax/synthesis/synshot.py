@@ -588,7 +588,9 @@ def train_step(state, batch, rng, ctx: Context, *, labels=None, q_id=None):
         d = net_cfg.ema_decay
         new_stats = jax.tree_util.tree_map(lambda n, o: d * o + jax.lax.psum(n - d * o, "data"), new_stats, stats)
         mse = jax.lax.pmean(metrics.pop("mse"), "data")
-        metrics["psnr"] = -10.0 * jnp.log10(jnp.maximum(mse, 1e-10))     # of the global batch's MSE
+        # of the global batch's MSE; clamped so a perfect batch logs 100 dB, not an inf the loop
+        # would count as a non-finite step
+        metrics["psnr"] = losses.psnr_from_mse(jnp.maximum(mse, 1e-10))
         if net_cfg.use_vq:
             for k in ("id", "expr"):
                 metrics[f"perplexity_{k}"] = vq.perplexity(jax.lax.psum(out[f"usage_{k}"], "data"))
