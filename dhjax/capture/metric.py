@@ -59,6 +59,7 @@ import numpy as np
 
 from dhjax.geometry import alignment
 from dhjax.ops.bvh import closest_point
+from dhjax.train import app
 
 __all__ = [
     "Alignment",
@@ -438,8 +439,7 @@ def results_table(rows: Mapping[str, Mapping]) -> str:
     if not isinstance(rows, Mapping) or not rows:
         raise ValueError("rows: expected a non-empty dict {name: summarise() dict}")
     esc = lambda s: str(s).replace("|", "\\|")
-    lines = ["| method | protocol | median (mm) | mean (mm) | std (mm) |",
-             "|---|---|---:|---:|---:|"]
+    table = []
     for name, stats in rows.items():
         vals = []
         for key in ("median_mm", "mean_mm", "std_mm"):
@@ -454,9 +454,11 @@ def results_table(rows: Mapping[str, Mapping]) -> str:
             method, protocol = m.group(1), m.group(2)
         else:
             method, protocol = str(name), stats.get("protocol", "-")
-        lines.append(f"| {esc(method)} | {esc(protocol)} | "
-                     + " | ".join(f"{v:.3f}" for v in vals) + " |")
-    return "\n".join(lines) + "\n"
+        table.append({"method": esc(method), "protocol": esc(protocol),
+                      **dict(zip(("median", "mean", "std"), vals))})
+    return app.markdown_table(table, ["method", "protocol", "median", "mean", "std"],
+                              headers=["method", "protocol", "median (mm)", "mean (mm)", "std (mm)"],
+                              floatfmt=".3f", align="llrrr")
 
 
 def plot_cumulative_errors(path, curves: Mapping[str, object], *, max_mm: float = 10.0,
