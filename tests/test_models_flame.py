@@ -156,6 +156,37 @@ def test_jit_vmap_grad():
     np.testing.assert_allclose(grads[0][0, 0], fd, rtol=1e-2)
 
 
+def test_empty_batch_gives_empty_outputs():
+    """B = 0 (e.g. an empty chunk of frames) gives [0, ...] outputs, eagerly, under jit and grad."""
+    model = flame.load(n_shape=10, n_expression=5)
+    V = model.num_vertices
+    L, M = model.lmk_faces.shape[0], model.mp_lmk_faces.shape[0]
+    p = random_params(3, B=0, S=10, E=5)
+    want = dict(vertices=(0, V, 3), joints=(0, 5, 3), landmarks=(0, L, 3), landmarks_mp=(0, M, 3),
+                v_shaped=(0, V, 3))
+    calls = {
+        "shape only": lambda: flame.forward(model, p["shape"]),
+        "pose only": lambda: flame.forward(model, pose=p["pose"]),
+        "all": lambda: flame.forward(model, p["shape"], p["expression"], p["pose"], p["translation"]),
+        "6d": lambda: flame.forward(model, pose=np.zeros((0, 5, 6), np.float32), pose_rep="6d"),
+        "jit": lambda: jax.jit(flame.forward)(model, p["shape"], p["expression"], p["pose"],
+                                              p["translation"]),
+    }
+    for name, call in calls.items():
+        out = call()
+        for key, shape in want.items():
+            got = getattr(out, key)
+            assert got.shape == shape and got.dtype == jnp.float32, (name, key, got.shape, got.dtype)
+    grads = jax.grad(lambda s, q: jnp.sum(flame.forward(model, s, pose=q).landmarks),
+                     argnums=(0, 1))(p["shape"], p["pose"])
+    assert grads[0].shape == (0, 10) and grads[1].shape == (0, 5, 3)
+    # The inputs are still checked when the batch is empty.
+    with pytest.raises(ValueError, match="shape"):
+        flame.forward(model, np.zeros((0, 11)))
+    with pytest.raises(ValueError, match="batch"):
+        flame.forward(model, np.zeros((0, 10)), pose=np.zeros((2, 5, 3)))
+
+
 def test_bad_inputs_name_the_problem():
     model = flame.load(n_shape=10, n_expression=5)
     with pytest.raises(ValueError, match="shape"):

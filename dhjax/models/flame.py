@@ -286,6 +286,7 @@ def forward(model: FlameModel, shape=None, expression=None, pose=None, translati
     Returns:
       FlameOutput with vertices [B, V, 3], joints [B, 5, 3] (posed, translated), landmarks
       [B, 68, 3] and landmarks_mp [B, M, 3] when the model has embeddings, v_shaped [B, V, 3].
+      B = 0 is allowed and gives empty [0, ...] arrays (under jit and grad too).
     """
     batch = _batch_size(shape, expression, pose, translation)
     betas = _coeffs(shape, model.num_shape, "shape", batch)
@@ -297,14 +298,20 @@ def forward(model: FlameModel, shape=None, expression=None, pose=None, translati
         rot = pose_to_matrices(pose, pose_rep, n_joints)
         if rot.shape[0] != batch:
             raise ValueError(f"pose has batch {rot.shape[0]}, other parameters {batch}")
+    if translation is not None:
+        translation = jnp.asarray(translation, jnp.float32)
+        if translation.shape != (batch, 3):
+            raise ValueError(f"translation must be [B={batch}, 3], got {translation.shape}")
+    if batch == 0:
+        # An empty batch (e.g. an empty chunk of frames): the shapes are static, so answer with
+        # empty arrays instead of running the skinning, whose reshapes cannot infer a size from
+        # zero elements.
+        return _empty_output(model)
     coeffs = jnp.concatenate([jnp.ones((batch, 1), jnp.float32), betas, psi], axis=1)
     v_shaped = lbs_lib.blend_shapes(coeffs, model.blend_basis)   # template + blendshapes
     verts, joints = lbs_lib.lbs(v_shaped, rot, model.posedirs, model.j_regressor,
                                 model.lbs_weights, model.parents)
     if translation is not None:
-        translation = jnp.asarray(translation, jnp.float32)
-        if translation.shape != (batch, 3):
-            raise ValueError(f"translation must be [B={batch}, 3], got {translation.shape}")
         verts = verts + translation[:, None]
         joints = joints + translation[:, None]
     lmk = None if model.lmk_faces is None else embed_landmarks(verts, model.faces, model.lmk_faces,
@@ -313,6 +320,17 @@ def forward(model: FlameModel, shape=None, expression=None, pose=None, translati
         verts, model.faces, model.mp_lmk_faces, model.mp_lmk_bary)
     return FlameOutput(vertices=verts, joints=joints, landmarks=lmk, landmarks_mp=lmk_mp,
                        v_shaped=v_shaped)
+
+
+def _empty_output(model: FlameModel) -> FlameOutput:
+    """The FlameOutput of a batch of 0 heads: float32 arrays with a leading 0."""
+    empty = lambda *shape: jnp.zeros((0,) + shape, jnp.float32)
+    V = model.num_vertices
+    return FlameOutput(
+        vertices=empty(V, 3), joints=empty(len(model.parents), 3),
+        landmarks=None if model.lmk_faces is None else empty(model.lmk_faces.shape[0], 3),
+        landmarks_mp=None if model.mp_lmk_faces is None else empty(model.mp_lmk_faces.shape[0], 3),
+        v_shaped=empty(V, 3))
 
 
 def embed_landmarks(vertices, faces, lmk_faces, lmk_bary):
