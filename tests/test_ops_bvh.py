@@ -312,6 +312,57 @@ def test_input_errors():
         cp.closest_point(v, f, p, backend="gpu")
 
 
+def _backends():
+    """Every backend of the op that can run here: the reference always, the kernels when built."""
+    out = ["reference", "auto"]
+    if cp.kernel_available("cpu"):
+        out.append("cpu")
+    if cp.kernel_available("cuda") and any(d.platform == "gpu" for d in jax.devices()):
+        out.append("cuda")
+    return out
+
+
+@pytest.mark.parametrize("backend", _backends())
+def test_empty_query_gives_empty_outputs(backend):
+    """0 query points (or an empty batch) give empty outputs of the right shapes and dtypes,
+    eagerly, under jit and through grad, on every backend."""
+    v, f = random_mesh(12, n_degenerate=0)
+    for pts_shape, verts in (((0, 3), v), ((2, 0, 3), v), ((0, 5, 3), v), ((2, 0, 3), np.stack([v, v]))):
+        pts = np.zeros(pts_shape, np.float32)
+        batch = jnp.broadcast_shapes(verts.shape[:-2], pts_shape[:-2])
+        n = pts_shape[-2]
+        for out in (cp.closest_point(verts, f, pts, backend=backend),
+                    jax.jit(lambda vv, pp: cp.closest_point(vv, f, pp, backend=backend))(verts, pts)):
+            assert out.face.shape == batch + (n,) and out.face.dtype == jnp.int32
+            assert out.point.shape == batch + (n, 3) and out.point.dtype == jnp.float32
+            assert out.bary.shape == batch + (n, 3) and out.bary.dtype == jnp.float32
+            assert out.sq_dist.shape == batch + (n,) and out.sq_dist.dtype == jnp.float32
+    empty = np.zeros((0, 3), np.float32)
+    ref = cp.closest_point_reference(v, f, empty)
+    assert ref.face.shape == (0,) and ref.point.shape == (0, 3)
+    gv, gp = _grad_fns(f, backend)(v, empty, np.zeros((0, 3), np.float32), np.zeros((0, 3), np.float32))
+    assert gv.shape == v.shape and np.all(np.asarray(gv) == 0) and gp.shape == (0, 3)
+    gv, gp = jax.jit(_grad_fns(f, backend))(v, empty, np.zeros((0, 3), np.float32), np.zeros((0, 3), np.float32))
+    assert gv.shape == v.shape and np.all(np.asarray(gv) == 0) and gp.shape == (0, 3)
+
+
+@pytest.mark.parametrize("backend", _backends())
+def test_empty_mesh_is_a_clear_error(backend):
+    """A mesh with no faces or no vertices is a ValueError naming the problem (not a crash),
+    whether there are query points or not, eagerly and under jit."""
+    v, f = random_mesh(13, n_degenerate=0)
+    jitted = jax.jit(lambda vv, ff, pp: cp.closest_point(vv, ff, pp, backend=backend))
+    for pts in (np.zeros((4, 3), np.float32), np.zeros((0, 3), np.float32)):
+        for call in (lambda vv, ff, pp: cp.closest_point(vv, ff, pp, backend=backend), jitted,
+                     cp.closest_point_reference):
+            with pytest.raises(ValueError, match="no faces"):
+                call(v, np.zeros((0, 3), np.int32), pts)
+            with pytest.raises(ValueError, match="no vertices"):
+                call(np.zeros((0, 3), np.float32), f, pts)
+            with pytest.raises(ValueError, match="no vertices"):
+                call(np.zeros((2, 0, 3), np.float32), f, pts)
+
+
 @pytest.mark.gpu
 def test_cuda_kernel_matches_reference(cuda_kernel):
     for seed in (0, 1):

@@ -95,7 +95,11 @@ def _check_inputs(vertices, faces, points):
     if np.ndim(faces) != 2 or np.shape(faces)[1] != 3:
         raise ValueError(f"faces: expected shape [F, 3], got {tuple(np.shape(faces))}")
     if np.shape(faces)[0] == 0:
-        raise ValueError("faces: the mesh has no faces")
+        raise ValueError(f"faces: the mesh has no faces (faces has shape {tuple(np.shape(faces))}); "
+                         "closest points need at least one triangle")
+    if vertices.shape[-2] == 0:
+        raise ValueError(f"vertices: the mesh has no vertices (vertices has shape "
+                         f"{tuple(vertices.shape)}); closest points need at least one triangle")
     if not isinstance(faces, jax.core.Tracer):  # concrete (numpy, list or jax.Array): check the range
         f = np.asarray(faces)
         if not np.issubdtype(f.dtype, np.integer):
@@ -158,12 +162,30 @@ def _reference_search(vertices, faces, points, batch):
 _reference_search_jit = jax.jit(_reference_search, static_argnums=(3,))
 
 
+def _empty_result(points, batch) -> ClosestPoint | None:
+    """The result for zero queries (no points, or an empty batch), else None.
+
+    The shapes are static, so this answers before any search: the chunking of the reference and
+    the flattening of the kernel call cannot infer a size from zero elements. The outputs do
+    not depend on the inputs, so gradients through them are zero.
+    """
+    n = points.shape[-2]
+    if n and math.prod(batch):
+        return None
+    dtype = points.dtype
+    return ClosestPoint(jnp.zeros(batch + (n,), jnp.int32), jnp.zeros(batch + (n, 3), dtype),
+                        jnp.zeros(batch + (n, 3), dtype), jnp.zeros(batch + (n,), dtype))
+
+
 def closest_point_reference(vertices, faces, points) -> ClosestPoint:
     """Brute-force closest points in pure JAX (no gradients through the search; see module doc).
 
     Ties between equally close faces go to the lowest face index. Shapes as `closest_point`.
     """
     vertices, faces, points, batch = _check_inputs(vertices, faces, points)
+    empty = _empty_result(points, batch)
+    if empty is not None:
+        return empty
     return jax.lax.stop_gradient(_reference_search_jit(vertices, faces, points, batch))
 
 
@@ -271,8 +293,10 @@ def closest_point(vertices, faces, points, *, backend: str = "auto") -> ClosestP
 
     Args:
       vertices: [V, 3] or [B..., V, 3] float vertex positions, metres.
-      faces: [F, 3] int vertex indices, F >= 1 (concrete indices are range-checked).
-      points: [N, 3] or [B..., N, 3] float query points, metres.
+      faces: [F, 3] int vertex indices, F >= 1 (concrete indices are range-checked); a mesh
+        with no faces or no vertices is a ValueError.
+      points: [N, 3] or [B..., N, 3] float query points, metres; N = 0 (or an empty batch)
+        gives empty outputs of the shapes below, with zero gradients.
       backend: "auto" | "reference" | "cpu" | "cuda" (see the module docstring).
 
     Returns:
@@ -283,6 +307,9 @@ def closest_point(vertices, faces, points, *, backend: str = "auto") -> ClosestP
     """
     vertices, faces, points, batch = _check_inputs(vertices, faces, points)
     impl = _ffi.resolve_backend(backend, _OP, _TARGETS)
+    empty = _empty_result(points, batch)
+    if empty is not None:
+        return empty
     return _closest_point_jit(vertices, faces, points, batch, impl)
 
 
