@@ -73,3 +73,93 @@ def test_bad_files(tmp_path):
         gaussians.save_gaussians_ply(tmp_path / "nan.ply", **dict(g, means=np.full((40, 3), np.nan, np.float32)))
     with pytest.raises(ValueError, match="SH coefficient count"):
         gaussians.save_gaussians_ply(tmp_path / "sh.ply", **dict(g, sh=np.zeros((40, 5, 3), np.float32)))
+
+
+def _with_header(tmp_path, name, data, old, new):
+    """A copy of the PLY `data` with `old` replaced by `new` in its header."""
+    head, sep, body = data.partition(b"end_header\n")
+    assert old in head
+    path = tmp_path / name
+    path.write_bytes(head.replace(old, new, 1) + sep + body)
+    return path
+
+
+@pytest.mark.parametrize("old, new, problem", [
+    (b"element vertex 40", b"element vertex -5", r"negative.*-5"),
+    (b"element vertex 40", b"element vertex abc", r"'abc'.*integer"),
+    (b"element vertex 40", b"element vertex 4.0", r"'4\.0'.*integer"),
+    (b"element vertex 40", b"element vertex", r"element line"),
+    (b"element vertex 40", b"element vertex 40 7", r"element line"),
+    (b"property float y\n", b"property float x\n", r"duplicate property 'x'"),
+    (b"property float y\n", b"property float\n", r"property line"),
+    (b"property float y\n", b"property flot y\n", r"property type 'flot'"),
+    (b"format binary_little_endian 1.0", b"format binary_middle_endian 1.0", r"format 'binary_middle_endian'"),
+    (b"format binary_little_endian 1.0", b"format ascii 1.0", r"format 'ascii'.*not supported"),
+    (b"format binary_little_endian 1.0\n", b"", r"no 'format' line"),
+    (b"format binary_little_endian 1.0", b"format", r"format line"),
+    (b"element vertex 40\n", b"element vertex 40\nelement vertex 40\n", r"more than one 'vertex' element"),
+    (b"element vertex 40\n", b"property float w\nelement vertex 40\n", r"before any element"),
+    (b"element vertex 40\n", b"frobnicate 3\nelement vertex 40\n", r"unknown header line 'frobnicate 3'"),
+    (b"element vertex 40\n", b"element face 2\nproperty list uchar int vertex_indices\nelement vertex 40\n",
+     r"element before 'vertex'"),
+    (b"property float x\n", b"property list uchar float x\n", r"list"),
+    (b"property float opacity\n", b"property float opaque\n", r"missing 3DGS properties \['opacity'\]"),
+    (b"element vertex 40", b"element vertex 41", r"truncated"),
+    (b"element vertex 40", b"element vertex 99999999999", r"truncated"),
+])
+def test_bad_headers_raise_value_error_naming_file_and_problem(tmp_path, old, new, problem):
+    data = gaussians.save_gaussians_ply(tmp_path / "good.ply", **random_splats(m=1)).read_bytes()
+    path = _with_header(tmp_path, "bad.ply", data, old, new)
+    with pytest.raises(ValueError, match=problem) as info:
+        gaussians.load_gaussians_ply(path)
+    assert str(path) in str(info.value)
+
+
+def test_bad_magic_and_missing_end_header_name_the_file(tmp_path):
+    data = gaussians.save_gaussians_ply(tmp_path / "good.ply", **random_splats(m=1)).read_bytes()
+    for name, content, problem in (("magic.ply", b"plyx" + data[3:], "not a PLY"),
+                                   ("empty.ply", b"", "not a PLY"),
+                                   ("noend.ply", data.replace(b"end_header", b"end_headr"), "end_header"),
+                                   ("cut.ply", data[:40], "end_header"),
+                                   ("bin.ply", b"ply\n\xff\xfe\x00garbage\n", "not ASCII")):
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(ValueError, match=problem) as info:
+            gaussians.load_gaussians_ply(tmp_path / name)
+        assert str(tmp_path / name) in str(info.value)
+
+
+def test_header_variants_that_are_valid_load(tmp_path):
+    """Comments (even one mentioning end_header), CRLF header lines, big endian, elements after the
+    vertices and zero vertices all load."""
+    g = random_splats(n=5, m=4)
+    data = gaussians.save_gaussians_ply(tmp_path / "good.ply", **g).read_bytes()
+    want = gaussians.load_gaussians_ply(tmp_path / "good.ply")
+    p = _with_header(tmp_path, "comment.ply", data, b"ply\n", b"ply\ncomment written before end_header\n")
+    np.testing.assert_array_equal(gaussians.load_gaussians_ply(p)["means"], want["means"])
+    head, sep, body = data.partition(b"end_header\n")
+    (tmp_path / "crlf.ply").write_bytes(head.replace(b"\n", b"\r\n") + b"end_header\r\n" + body)
+    np.testing.assert_array_equal(gaussians.load_gaussians_ply(tmp_path / "crlf.ply")["sh"], want["sh"])
+    big = np.frombuffer(body, "<f4").astype(">f4").tobytes()
+    (tmp_path / "big.ply").write_bytes(head.replace(b"binary_little_endian", b"binary_big_endian") + sep + big)
+    np.testing.assert_array_equal(gaussians.load_gaussians_ply(tmp_path / "big.ply")["quats"], want["quats"])
+    p = _with_header(tmp_path, "after.ply", data, b"property float rot_3\n",
+                     b"property float rot_3\nelement face 0\nproperty list uchar int vertex_indices\n")
+    np.testing.assert_array_equal(gaussians.load_gaussians_ply(p)["scales"], want["scales"])
+    empty = gaussians.save_gaussians_ply(tmp_path / "empty.ply", **random_splats(n=0, m=4))
+    back = gaussians.load_gaussians_ply(empty)
+    assert back["means"].shape == (0, 3) and back["sh"].shape == (0, 4, 3) and back["sh_degree"] == 1
+
+
+def test_bad_sh_property_sets_name_the_file(tmp_path):
+    data = gaussians.save_gaussians_ply(tmp_path / "good.ply", **random_splats(m=4)).read_bytes()
+    cases = (
+        (b"property float f_rest_8\n", b"property float extra\n", "not a multiple of 3"),
+        (b"property float f_rest_6\nproperty float f_rest_7\nproperty float f_rest_8\n",
+         b"property float a\nproperty float b\nproperty float c\n", "SH coefficient count"),
+        (b"property float f_rest_4\n", b"property float f_rest_44\n", r"gaps.*f_rest_44"),
+    )
+    for k, (old, new, problem) in enumerate(cases):
+        path = _with_header(tmp_path, f"sh{k}.ply", data, old, new)
+        with pytest.raises(ValueError, match=problem) as info:
+            gaussians.load_gaussians_ply(path)
+        assert str(path) in str(info.value)

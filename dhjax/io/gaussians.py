@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dhjax.io._common import existing_file
+from dhjax.io._common import existing_file, parse_ply_header
 
 SH_C0 = 0.28209479177387814
 
@@ -99,58 +99,39 @@ def save_gaussians_ply(path, means, quats, scales, opacities, sh=None, colors=No
     return path
 
 
-_PLY_TYPES = {"float": "f4", "float32": "f4", "double": "f8", "float64": "f8", "uchar": "u1", "uint8": "u1",
-              "char": "i1", "int8": "i1", "short": "i2", "int16": "i2", "ushort": "u2", "uint16": "u2",
-              "int": "i4", "int32": "i4", "uint": "u4", "uint32": "u4"}
-
-
 def load_gaussians_ply(path) -> dict:
     """Read a 3DGS PLY file (any property order, binary little/big endian; extra properties ignored).
 
     Returns:
       dict with means [N, 3], quats [N, 4] (as stored, w first), scales [N, 3] (metres, exp of the
       stored logs), opacities [N] (sigmoid of the stored logits), sh [N, M, 3] and sh_degree; all
-      float32 numpy arrays.
+      float32 numpy arrays. N = 0 is allowed.
     Raises:
-      FileNotFoundError for a missing file, ValueError naming the problem for anything else
-      (not a PLY, ASCII format, missing properties, truncated data).
+      FileNotFoundError for a missing file, ValueError naming the file and the problem for
+      anything else: not a PLY, a malformed header (a negative or non-integer count, a duplicate
+      property, an unknown format or property type, ...; see `io._common.parse_ply_header`),
+      ASCII format, missing properties, truncated data.
     """
     path = existing_file(path)
     with open(path, "rb") as f:
         raw = f.read()
-    end = raw.find(b"end_header")
-    if not raw.startswith(b"ply") or end < 0:
-        raise ValueError(f"{path}: not a PLY file (no 'ply' magic or no end_header)")
-    nl = raw.find(b"\n", end)
-    header = raw[:end].decode("ascii", "replace").splitlines()
-    body = raw[nl + 1:]
-    fmt = next((l.split()[1] for l in header if l.startswith("format")), None)
-    if fmt not in ("binary_little_endian", "binary_big_endian"):
-        raise ValueError(f"{path}: PLY format {fmt!r} is not supported (binary little/big endian only)")
-    order = "<" if fmt == "binary_little_endian" else ">"
-    n, props, in_vertex, seen_vertex = 0, [], False, False
-    for line in header:
-        parts = line.split()
-        if parts[:1] == ["element"]:
-            in_vertex = parts[1] == "vertex"
-            if in_vertex:
-                if seen_vertex:
-                    raise ValueError(f"{path}: more than one vertex element")
-                seen_vertex = True
-                n = int(parts[2])
-            elif seen_vertex:
-                break  # elements after the vertices are not read
-            else:
-                raise ValueError(f"{path}: an element before 'vertex' ({parts[1]}) is not supported")
-        elif parts[:1] == ["property"] and in_vertex:
-            if parts[1] == "list":
-                raise ValueError(f"{path}: list properties in the vertex element are not supported")
-            if parts[1] not in _PLY_TYPES:
-                raise ValueError(f"{path}: unknown PLY property type {parts[1]!r}")
-            props.append((parts[2], order + _PLY_TYPES[parts[1]]))
-    if not seen_vertex:
+    header = parse_ply_header(path, raw)
+    if header.format not in ("binary_little_endian", "binary_big_endian"):
+        raise ValueError(f"{path}: PLY format {header.format!r} is not supported (binary little/big "
+                         "endian only)")
+    order = "<" if header.format == "binary_little_endian" else ">"
+    vertex = header.element("vertex")
+    if vertex is None:
         raise ValueError(f"{path}: no vertex element")
-    dtype = np.dtype(props)
+    if header.elements[0].name != "vertex":
+        raise ValueError(f"{path}: an element before 'vertex' ({header.elements[0].name}) is not "
+                         "supported")
+    if any(p.is_list for p in vertex.properties):
+        lists = [p.name for p in vertex.properties if p.is_list]
+        raise ValueError(f"{path}: list properties in the vertex element are not supported: {lists}")
+    n = vertex.count
+    dtype = np.dtype([(p.name, order + p.dtype) for p in vertex.properties])
+    body = raw[header.data_offset:]
     if len(body) < n * dtype.itemsize:
         raise ValueError(f"{path}: truncated: {n} vertices need {n * dtype.itemsize} bytes, found {len(body)}")
     v = np.frombuffer(body, dtype=dtype, count=n)
@@ -163,10 +144,18 @@ def load_gaussians_ply(path) -> dict:
     n_rest = 0
     while f"f_rest_{n_rest}" in names:
         n_rest += 1
+    stray = sorted(p for p in names if p.startswith("f_rest_") and p not in
+                   {f"f_rest_{i}" for i in range(n_rest)})
+    if stray:
+        raise ValueError(f"{path}: the f_rest properties are not numbered 0..{n_rest - 1} without gaps "
+                         f"(also found {stray})")
     if n_rest % 3:
         raise ValueError(f"{path}: {n_rest} f_rest properties is not a multiple of 3")
     m = 1 + n_rest // 3
-    degree = _sh_degree(m)
+    try:
+        degree = _sh_degree(m)
+    except ValueError as e:
+        raise ValueError(f"{path}: {n_rest} f_rest properties ({m} SH coefficients per channel): {e}") from None
     col = lambda names_: np.stack([v[p].astype(np.float32) for p in names_], axis=1) if names_ else np.zeros((n, 0), np.float32)
     rest = col([f"f_rest_{i}" for i in range(n_rest)]).reshape(n, 3, m - 1).transpose(0, 2, 1)
     sh = np.concatenate([col(["f_dc_0", "f_dc_1", "f_dc_2"])[:, None, :], rest], axis=1)
