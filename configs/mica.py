@@ -42,7 +42,8 @@ def get_config(arg=None):
     c.seed = 0
     c.batch_size = 8                      # ref impl: batch 8 (2 images per subject)
     c.train = ml_collections.ConfigDict(dict(steps=160_000, log_every=100, checkpoint_every=5000,
-                                             keep_checkpoints=3, eval_every=5000, on_nonfinite="skip"))
+                                             keep_checkpoints=3, eval_every=5000, on_nonfinite="skip",
+                                             max_skipped_fraction=0.1))
     # Final benchmark (experiments.mica_train's final metrics and experiments.mica_eval).
     c.eval = ml_collections.ConfigDict(dict(scan_noise_mm=0.2, scan_points=8000, seed=0))
 

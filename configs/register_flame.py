@@ -29,7 +29,8 @@ def get_config(arg=None):
     c.data.synthetic = ml_collections.ConfigDict(dict(n_scans=8, noise_mm=0.3, points_per_scan=6000))
     c.registration = registration.default_config()
     c.train = ml_collections.ConfigDict(dict(
-        log_every=25, checkpoint_every=100, keep_checkpoints=2, eval_every=0, on_nonfinite="skip"))
+        log_every=25, checkpoint_every=100, keep_checkpoints=2, eval_every=0, on_nonfinite="skip",
+        max_skipped_fraction=0.1))
     c.train.steps = c.registration.get_ref("steps")   # one number: the optimiser schedule uses it
     if arg == "tiny":
         c.data.synthetic.n_scans = 4

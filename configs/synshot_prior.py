@@ -45,7 +45,8 @@ def get_config(arg=None):
     c.eval = ml_collections.ConfigDict(dict(n_images=8, grid_identities=4, grid_views=(0, 3, 6), batch_size=8,
                                             max_test_images=0))
     c.train = ml_collections.ConfigDict(dict(steps=500_000, log_every=100, checkpoint_every=5000,
-                                             keep_checkpoints=3, eval_every=10_000, on_nonfinite="skip"))
+                                             keep_checkpoints=3, eval_every=10_000, on_nonfinite="skip",
+                                             max_skipped_fraction=0.1))
 
     if arg in ("tiny", "tiny_sweep"):
         s = c.data.synthetic

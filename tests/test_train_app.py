@@ -24,8 +24,44 @@ def test_start_writes_config_and_rejects_a_file(tmp_path):
     assert run.lead and run.workdir == tmp_path / "run"
     assert json.loads((tmp_path / "run" / "config.json").read_text())["width"] == 3
     (tmp_path / "file").write_text("x")
-    with pytest.raises(NotADirectoryError, match="not a folder"):
+    with pytest.raises(app.RunError, match="not a folder"):
         app.start(tmp_path / "file", _cfg())
+
+
+def test_start_refuses_another_config_before_writing_anything(tmp_path):
+    app.start(tmp_path, _cfg())
+    changed = _cfg()
+    changed.width = 4
+    changed.extra = "new"
+    with pytest.raises(app.RunError) as err:
+        app.start(tmp_path, changed)
+    assert "2 field(s) differ" in str(err.value)
+    assert "extra: '(absent)' in the run, 'new' now" in str(err.value)
+    assert "width: 3 in the run, 4 now" in str(err.value)
+    assert json.loads((tmp_path / "config.json").read_text())["width"] == 3
+    # --allow_config_change covers only fields that cannot change a state's meaning.
+    with pytest.raises(app.RunError, match="width"):
+        app.start(tmp_path, changed, allow_config_change=True)
+    app.start(tmp_path, _cfg())  # the same config resumes
+
+
+def test_start_checks_train_fields_and_accepts_resumable_changes(tmp_path, capsys):
+    cfg = _cfg()
+    cfg.train = ml_collections.ConfigDict(dict(steps=10, log_every=5, checkpoint_every=5, keep_checkpoints=1,
+                                               eval_every=0, on_nonfinite="skip"))
+    app.start(tmp_path, cfg)
+    more = ml_collections.ConfigDict(cfg.to_dict())
+    more.train.steps = 20
+    with pytest.raises(app.RunError, match="allow_config_change accepts these"):
+        app.start(tmp_path, more)
+    app.start(tmp_path, more, allow_config_change=True)
+    assert "config changes accepted on resume: train.steps 10 -> 20" in capsys.readouterr().out
+    assert json.loads((tmp_path / "config.json").read_text())["train"]["steps"] == 20
+    bad = ml_collections.ConfigDict(more.to_dict())
+    bad.train.log_every = 0
+    with pytest.raises(app.RunError, match="config field train.log_every must be an integer >= 1, got 0"):
+        app.start(tmp_path / "other", bad)
+    assert not (tmp_path / "other").exists()
 
 
 def test_merge_final_metrics_keeps_earlier_entries(tmp_path):

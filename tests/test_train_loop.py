@@ -72,20 +72,29 @@ def test_same_seed_same_metrics_and_other_seed_differs(reference, tmp_path):
 def test_sigkill_after_first_checkpoint_then_resume_matches(reference, tmp_path):
     proc = subprocess.Popen([sys.executable, TOY, str(tmp_path)], env=env_with(1, TOY_SLEEP=0.05),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    ckdir = tmp_path / "checkpoints" / "20"
+    # Killed after the row of step 30 reached metrics.jsonl: checkpoint 20 exists, 40 does not,
+    # so the resumed run redoes steps 21-30 and must not log them twice.
     deadline = time.time() + 120
-    while not ckdir.exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.05)
-    assert ckdir.exists(), "no first checkpoint appeared"
+    jl = tmp_path / "metrics.jsonl"
+    while time.time() < deadline and proc.poll() is None and not (
+            jl.exists() and '"step": 30' in jl.read_text()):
+        time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    assert (tmp_path / "checkpoints" / "20").exists() and not (tmp_path / "checkpoints" / "40").exists()
     assert not (tmp_path / "final_params.npy").exists()  # really killed mid-run
     out = toy(tmp_path).stdout
-    assert "resumed from" in out
+    assert "resumed from" in out and "at step 20" in out
     np.testing.assert_allclose(params(tmp_path), params(reference), atol=0)
+    assert jsonl(tmp_path) == jsonl(reference)  # each step once, the same values
+    from tensorboard.backend.event_processing import event_accumulator
+
+    acc = event_accumulator.EventAccumulator(str(tmp_path / "tb"))
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("loss")] == [10, 20, 30, 40, 50, 60]
 
 
-def test_sigterm_checkpoints_and_stops(reference, tmp_path):
+def test_sigterm_checkpoints_stops_without_final_outputs_and_resumes(reference, tmp_path):
     proc = subprocess.Popen([sys.executable, TOY, str(tmp_path)], env=env_with(1, TOY_SLEEP=0.05),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 120
@@ -94,24 +103,84 @@ def test_sigterm_checkpoints_and_stops(reference, tmp_path):
         time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 0 and "SIGTERM: checkpointed step" in out, out[-2000:]
+    from dhjax.train import app
+
+    assert proc.returncode == app.EXIT_INTERRUPTED == 143, out[-2000:]
+    assert "SIGTERM: checkpointed step" in out and "rerun the same command to resume" in out, out[-2000:]
     stopped_at = int(out.split("SIGTERM: checkpointed step ")[1].split(",")[0])
     assert 0 < stopped_at < 60
+    # Nothing final from the half-trained state.
+    assert not (tmp_path / "final_params.npy").exists()
+    assert not (tmp_path / "final_metrics.json").exists()
     toy(tmp_path)
     np.testing.assert_allclose(params(tmp_path), params(reference), atol=0)
 
 
-def test_nonfinite_step_is_skipped_and_counted(tmp_path):
-    toy(tmp_path, "nan_step=5")
+def test_resume_with_another_config_is_refused_and_keeps_the_run(reference, tmp_path):
+    wd = tmp_path / "run"
+    shutil.copytree(reference, wd)
+    before = {p: p.read_bytes() for p in wd.rglob("*") if p.is_file()}
+    proc = toy(wd, "lr=0.01", "train.log_every=5", check=False)
+    assert proc.returncode != 0
+    assert "holds a run with another config (2 field(s) differ)" in proc.stderr, proc.stderr[-2000:]
+    assert "lr: 0.05 in the run, 0.01 now" in proc.stderr
+    assert "train.log_every: 10 in the run, 5 now" in proc.stderr
+    after = {p: p.read_bytes() for p in wd.rglob("*") if p.is_file()}
+    assert after == before  # nothing moved aside, rewritten or appended
+    # The flag accepts the fields that cannot change the state, and only those.
+    proc = toy(wd, "lr=0.01", check=False, TOY_ALLOW=1)
+    assert proc.returncode != 0 and "lr: 0.05 in the run, 0.01 now" in proc.stderr
+    out = toy(wd, "train.steps=80", "train.log_every=5", TOY_ALLOW=1).stdout
+    assert "config changes accepted on resume: train.log_every 10 -> 5, train.steps 60 -> 80" in out
+    assert "resumed from" in out and "at step 60" in out
+    assert json.load(open(wd / "config.json"))["train"]["steps"] == 80
+    assert [r["step"] for r in train_rows(wd)][-5:] == [60, 65, 70, 75, 80]
+
+
+@pytest.mark.parametrize("override, field", [
+    ("train.checkpoint_every=0", "train.checkpoint_every"), ("train.log_every=0", "train.log_every"),
+    ("train.keep_checkpoints=0", "train.keep_checkpoints"), ("train.steps=-3", "train.steps"),
+    ("train.on_nonfinite='ignore'", "train.on_nonfinite"),
+    ("train.max_skipped_fraction=1.5", "train.max_skipped_fraction")])
+def test_bad_train_config_is_refused_before_any_work(tmp_path, override, field):
+    t0 = time.time()
+    proc = toy(tmp_path, override, check=False)
+    assert proc.returncode != 0 and f"config field {field} must be" in proc.stderr, proc.stderr[-1500:]
+    assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "config.json").exists()
+    assert "step 1" not in proc.stdout
+
+
+def test_unusable_workdir_is_refused_before_any_work(tmp_path):
+    afile = tmp_path / "a_file"
+    afile.write_text("x")
+    proc = toy(afile, check=False)
+    assert proc.returncode != 0 and f"workdir '{afile}' exists and is not a folder" in proc.stderr
+    proc = toy(afile / "run", check=False)
+    assert proc.returncode != 0 and f"workdir '{afile / 'run'}' is not writable" in proc.stderr
+
+
+def test_nonfinite_step_is_skipped_counted_and_reported(tmp_path):
+    proc = toy(tmp_path, "nan_step=5")
     final = json.load(open(tmp_path / "final_metrics.json"))
     assert final["skipped_steps"] == 1
     assert np.all(np.isfinite(params(tmp_path)))
+    assert "warning: 1 of 10 steps skipped so far as non-finite (first at step 5)" in proc.stdout
+
+
+def test_too_many_skipped_steps_fail_the_run(tmp_path):
+    proc = toy(tmp_path, "nan_from=0", check=False)
+    assert proc.returncode != 0
+    assert "warning: 10 of 10 steps skipped so far as non-finite (first at step 0)" in proc.stdout
+    assert "more than train.max_skipped_fraction=0.1 allows" in proc.stderr, proc.stderr[-1500:]
+    assert not (tmp_path / "final_metrics.json").exists() and not (tmp_path / "final_params.npy").exists()
+    # A run whose skips stay under the fraction passes: 5 of 60 steps at a fraction of 0.1.
+    toy(tmp_path / "ok", "nan_from=55")
 
 
 def test_nonfinite_step_can_stop_the_run(tmp_path):
     proc = toy(tmp_path, "nan_step=5", "train.on_nonfinite='stop'", check=False)
     assert proc.returncode != 0
-    assert "non-finite loss/gradients" in proc.stderr
+    assert "non-finite loss/gradients at step 5" in proc.stderr
     # The checkpoint it left holds the last finite state.
     from dhjax.train import checkpoint
 
@@ -131,6 +200,54 @@ def test_corrupt_latest_checkpoint_falls_back(reference, tmp_path):
     assert "checkpoint 60 is unreadable" in out and "resumed from" in out
     assert any(p.startswith("60.unreadable") for p in os.listdir(wd / "checkpoints"))
     np.testing.assert_allclose(params(wd), params(reference), atol=0)
+
+
+def test_flipped_bytes_in_a_checkpoint_fail_its_checksum_and_fall_back(tmp_path, capsys):
+    import jax.numpy as jnp
+
+    from dhjax.train import checkpoint
+
+    # Random values do not compress, so orbax stores them raw, where flipped bytes decode as
+    # wrong numbers without any error from the storage layer.
+    w = np.random.default_rng(0).normal(size=5000).astype(np.float32)
+    ck = checkpoint.Checkpointer(str(tmp_path))
+    ck.save(1, {"w": jnp.asarray(w - 1)}, {"next_step": 1})
+    ck.save(2, {"w": jnp.asarray(w)}, {"next_step": 2})
+    data = max((p for p in (tmp_path / "checkpoints" / "2").rglob("*") if p.is_file()),
+               key=lambda p: p.stat().st_size)
+    raw = data.read_bytes()
+    i = len(raw) // 2
+    data.write_bytes(raw[:i] + bytes(x ^ 0xFF for x in raw[i:i + 8]) + raw[i + 8:])
+    state, meta = ck.restore_latest({"w": jnp.zeros(5000)})
+    np.testing.assert_array_equal(state["w"], w - 1)  # the previous, intact checkpoint
+    assert meta == {"next_step": 1}
+    out = capsys.readouterr().out
+    assert "warning: checkpoint 2 is unreadable (CorruptCheckpoint: 1 array(s) fail their checksum" in out
+    assert len(out.strip().splitlines()) == 2, out
+    assert ck.steps() == [1] and any(p.startswith("2.unreadable") for p in os.listdir(ck.directory))
+    ck.close()
+    # The read-only loader refuses it too.
+    shutil.move(os.path.join(ck.directory, next(p for p in os.listdir(ck.directory) if "unreadable" in p)),
+                os.path.join(ck.directory, "3"))
+    with pytest.raises(checkpoint.CorruptCheckpoint, match="checkpoint 3 .* is corrupt"):
+        checkpoint.load_latest(str(tmp_path), {"w": jnp.zeros(5000)})
+
+
+def test_checkpoint_of_another_layout_is_a_mismatch_not_unreadable(tmp_path):
+    import jax.numpy as jnp
+
+    from dhjax.train import checkpoint
+
+    ck = checkpoint.Checkpointer(str(tmp_path))
+    ck.save(5, {"w": jnp.ones((4,)), "b": jnp.zeros(())}, {"next_step": 5})
+    with pytest.raises(checkpoint.CheckpointMismatch, match=r"w has shape \(4,\) float32 in the checkpoint, "
+                                                            r"the model needs \(6,\) float32"):
+        ck.restore_latest({"w": jnp.ones((6,)), "b": jnp.zeros(())})
+    assert ck.steps() == [5] and os.listdir(ck.directory) == ["5"]  # left in place
+    state, meta = ck.restore_latest({"w": jnp.zeros((4,)), "b": jnp.ones(())})
+    np.testing.assert_array_equal(state["w"], np.ones(4))
+    assert meta == {"next_step": 5}
+    ck.close()
 
 
 def test_logs_tensorboard_jsonl_config(reference):

@@ -1,7 +1,8 @@
 """A toy method for the harness tests: linear regression trained with Adam.
 
 Run as a script: python tests/train_toy.py WORKDIR [key=value ...] (config overrides).
-Writes WORKDIR/final_params.npy. Env TOY_SLEEP=seconds slows every batch (for kill tests).
+Writes WORKDIR/final_params.npy. Env TOY_SLEEP=seconds slows every batch (for kill tests);
+TOY_ALLOW=1 resumes with the config changes dhjax.train.app.RESUMABLE_CHANGES allows.
 """
 
 import os
@@ -28,9 +29,11 @@ def get_config():
     c.seed = 0
     c.batch_size = 8
     c.lr = 0.05
-    c.nan_step = -1
+    c.nan_step = -1       # this step's batch holds a NaN
+    c.nan_from = -1       # every batch from this step on holds a NaN (-1: none)
     c.train = ml_collections.ConfigDict(dict(steps=60, log_every=10, checkpoint_every=20,
-                                             keep_checkpoints=3, eval_every=0, on_nonfinite="skip"))
+                                             keep_checkpoints=3, eval_every=0, on_nonfinite="skip",
+                                             max_skipped_fraction=0.1))
     return c
 
 
@@ -44,7 +47,7 @@ class Data:
         rng = np.random.default_rng(1000 + step)
         x = rng.normal(size=(self.cfg.batch_size, DIM)).astype(np.float32)
         y = x @ self.w_true + 0.01 * rng.normal(size=self.cfg.batch_size).astype(np.float32)
-        if step == self.cfg.nan_step:
+        if step == self.cfg.nan_step or 0 <= self.cfg.nan_from <= step:
             y[0] = np.nan
         return {"x": x, "y": y}
 
@@ -86,10 +89,11 @@ def main():
     app.init_distributed()
     cfg = config_lib.apply_overrides(get_config(), overrides)
     data = Data(cfg)
-    res = loop.train(cfg, workdir, make_method(cfg), data, eval_batch=data.get_batch(10 ** 6))
+    res = loop.train(cfg, workdir, make_method(cfg), data, eval_batch=data.get_batch(10 ** 6),
+                     allow_config_change=os.environ.get("TOY_ALLOW") == "1")
     if jax.process_index() == 0:
         np.save(os.path.join(workdir, "final_params.npy"), np.asarray(res.state["params"]["w"]))
-        print("done", res.steps_run, res.interrupted, flush=True)
+        print("done", res.steps_run, flush=True)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,18 @@ Files of a run folder (the same for every experiment): `config.json` (the resolv
 `checkpoints/` (orbax; `dhjax.train.checkpoint`), `metrics.jsonl` and `tb/` (`dhjax.train.logs`),
 `final_metrics.json` (flat {name: number}: the harness's last training and evaluation metrics,
 then whatever the method adds after training).
+
+Guarantees `start` gives every run, before any data is generated or anything compiles:
+  - the harness's config fields are valid (`config.check_train_config`, messages name the field);
+  - the workdir is a writable folder;
+  - a workdir that already holds a run (its config.json) is only resumed with the same config:
+    any differing field is refused with a `RunError` listing them, except that
+    `--allow_config_change` (or `allow_config_change=True`) accepts changes of the fields in
+    `RESUMABLE_CHANGES` (step counts and logging/checkpoint intervals; note that a schedule
+    derived from train.steps, such as MICA's cosine decay, changes from the resume point).
+An interrupted run (SIGTERM: the harness checkpoints and stops) raises `Interrupted`, a
+SystemExit with status `EXIT_INTERRUPTED` (143, as a process ended by SIGTERM reports), so no
+final outputs are written and the command exits non-zero; rerunning it resumes.
 """
 
 from __future__ import annotations
@@ -24,12 +36,47 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import jax
 import ml_collections
+from absl import flags
 
 from dhjax.train import checkpoint as ckpt_lib
 from dhjax.train import config as config_lib
 
 FINAL_METRICS = "final_metrics.json"
 CONFIG_FILE = "config.json"
+EXIT_INTERRUPTED = 143     # the exit status of an interrupted run (128 + SIGTERM)
+
+# Config fields whose change cannot alter a checkpointed state's meaning: how long to train and
+# how often to log, evaluate and checkpoint. `--allow_config_change` accepts changes to these on
+# resume; any other difference is refused.
+RESUMABLE_CHANGES = ("train.steps", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
+                     "train.eval_every", "train.on_nonfinite", "train.max_skipped_fraction")
+
+_ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
+    "allow_config_change", False,
+    "resume a run whose config.json differs from the given config in the fields of "
+    "dhjax.train.app.RESUMABLE_CHANGES only (step counts, logging and checkpoint intervals)")
+
+
+class RunError(ValueError):
+    """A run that cannot start as asked: a config that differs from the workdir's run, a bad
+    config value, an unusable workdir. The message says what and how to proceed."""
+
+
+class Interrupted(SystemExit):
+    """Training stopped by SIGTERM after writing a checkpoint. A SystemExit with status
+    `EXIT_INTERRUPTED`, so that nothing after training runs (no final outputs from a
+    half-trained state) unless a caller catches it on purpose.
+
+    Attributes: step (the checkpointed step), directory (the checkpoints folder).
+    """
+
+    def __init__(self, step: int, directory: str):
+        super().__init__(EXIT_INTERRUPTED)
+        self.step, self.directory = int(step), str(directory)
+
+    def __str__(self) -> str:
+        return (f"interrupted: checkpointed step {self.step} in {self.directory}; rerun the same "
+                f"command to resume (exit status {EXIT_INTERRUPTED})")
 
 
 def quiet_library_logs() -> None:
@@ -91,19 +138,80 @@ class Run:
         self.log(f"done in {self.elapsed():.0f}s: {what}")
 
 
-def start(workdir: str | os.PathLike, cfg: ml_collections.ConfigDict | None = None) -> Run:
-    """Start-up of every experiment: joins a multi-process run, turns library logs down, creates
-    the workdir and (lead process, when cfg is given) writes the resolved config to
-    <workdir>/config.json. Raises NotADirectoryError when workdir exists and is not a folder."""
-    init_distributed()
-    quiet_library_logs()
+def _allow_flag() -> bool:
+    return bool(_ALLOW_CONFIG_CHANGE.value) if flags.FLAGS.is_parsed() else False
+
+
+def check_workdir(workdir: str | os.PathLike) -> Path:
+    """Creates `workdir` when needed and checks that it is a writable folder; raises RunError
+    naming it otherwise. Returns it as a Path."""
     work = Path(workdir)
     if work.exists() and not work.is_dir():
-        raise NotADirectoryError(f"workdir '{work}' exists and is not a folder")
-    lead = jax.process_index() == 0
-    if lead:
+        raise RunError(f"workdir '{work}' exists and is not a folder")
+    try:
         work.mkdir(parents=True, exist_ok=True)
-        if cfg is not None:
+        probe = work / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise RunError(f"workdir '{work}' is not writable ({type(err).__name__}: {err.strerror or err})") from err
+    return work
+
+
+def check_resume_config(workdir: str | os.PathLike, cfg: ml_collections.ConfigDict,
+                        allow_config_change: bool | None = None, log: Callable = print) -> list:
+    """Compares the config.json of a run already in `workdir` with `cfg`.
+
+    Returns the accepted differences [(field, old, new)] ([] for a new or identical run).
+    Raises RunError listing the differing fields when they differ, unless allow_config_change
+    (default: the --allow_config_change flag) is set and every difference is in
+    `RESUMABLE_CHANGES`. An unreadable config.json is an error too (the run cannot be checked).
+    """
+    path = Path(workdir) / CONFIG_FILE
+    if not path.is_file():
+        return []
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise RunError(f"{path} is unreadable ({err}); cannot check that this config matches the run "
+                       f"in '{workdir}' (move the folder away or use another --workdir)") from err
+    diffs = config_lib.config_differences(old, cfg)
+    if not diffs:
+        return []
+    allow = _allow_flag() if allow_config_change is None else bool(allow_config_change)
+    blocked = [d for d in diffs if not (allow and d[0] in RESUMABLE_CHANGES)]
+    if blocked:
+        shown = "\n".join(f"  {k}: {a!r} in the run, {b!r} now" for k, a, b in blocked[:20])
+        more = f"\n  ... and {len(blocked) - 20} more" if len(blocked) > 20 else ""
+        hint = ("" if allow or any(k not in RESUMABLE_CHANGES for k, _, _ in blocked) else
+                "; --allow_config_change accepts these")
+        raise RunError(f"'{workdir}' holds a run with another config ({len(blocked)} field(s) differ):\n"
+                       f"{shown}{more}\nuse another --workdir for a new run, or the run's own config to "
+                       f"resume it{hint}")
+    log("config changes accepted on resume: " + ", ".join(f"{k} {a!r} -> {b!r}" for k, a, b in diffs))
+    return diffs
+
+
+def start(workdir: str | os.PathLike, cfg: ml_collections.ConfigDict | None = None, *,
+          allow_config_change: bool | None = None) -> Run:
+    """Start-up of every experiment: joins a multi-process run, turns library logs down, and,
+    before any work: checks the harness's config fields (`config.check_train_config`), that the
+    workdir is (or can be created as) a writable folder, and that a run already in it has the
+    same config (`check_resume_config`; allow_config_change defaults to the
+    --allow_config_change flag). Then the lead process writes the resolved config to
+    <workdir>/config.json. Raises RunError (a ValueError) naming the problem."""
+    init_distributed()
+    quiet_library_logs()
+    lead = jax.process_index() == 0
+    if cfg is not None:
+        try:
+            config_lib.check_train_config(cfg)
+        except ValueError as err:
+            raise RunError(str(err)) from err
+    work = check_workdir(workdir) if lead else Path(workdir)
+    if cfg is not None:
+        check_resume_config(work, cfg, allow_config_change, log=print if lead else (lambda *a: None))
+        if lead:
             config_lib.save_config(cfg, str(work))
     return Run(work, lead, time.time())
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import json
 import os
 from typing import Any, Mapping
 
@@ -83,3 +84,69 @@ def save_config(cfg: ml_collections.ConfigDict, workdir: str) -> str:
 def override_flags(overrides: Mapping[str, Any]) -> list[str]:
     """Command-line flags (--config.a.b=value) for a dict of overrides."""
     return [f"--config.{k}={v}" for k, v in overrides.items()]
+
+
+# The fields of `cfg.train` that `dhjax.train.loop.train` reads, with their checks. A bad value
+# is reported before any data is generated or anything compiles.
+TRAIN_DEFAULTS = {"max_skipped_fraction": 0.1}
+
+
+def check_train_config(cfg: ml_collections.ConfigDict) -> None:
+    """Raises ValueError, naming the field, when `cfg.train` (the harness's fields: steps,
+    log_every, checkpoint_every, keep_checkpoints, eval_every, on_nonfinite,
+    max_skipped_fraction) or `cfg.seed` cannot run. A config without `train` passes."""
+    if "train" not in cfg:
+        return
+    tc = cfg.train
+    missing = [k for k in ("steps", "log_every", "checkpoint_every", "keep_checkpoints", "on_nonfinite")
+               if k not in tc]
+    if missing:
+        raise ValueError(f"config field train.{missing[0]} is missing (the training harness needs "
+                         f"train.{', train.'.join(missing)})")
+
+    def integer(name, low):
+        value = tc.get(name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"config field train.{name} must be an integer >= {low}, got {value!r}")
+
+    integer("steps", 1)
+    integer("log_every", 1)
+    integer("checkpoint_every", 1)
+    integer("keep_checkpoints", 1)
+    if "eval_every" in tc:
+        integer("eval_every", 0)
+    if tc.on_nonfinite not in ("skip", "stop"):
+        raise ValueError(f"config field train.on_nonfinite must be 'skip' or 'stop', got {tc.on_nonfinite!r}")
+    frac = tc.get("max_skipped_fraction", TRAIN_DEFAULTS["max_skipped_fraction"])
+    if isinstance(frac, bool) or not isinstance(frac, (int, float)) or not 0.0 <= float(frac) <= 1.0:
+        raise ValueError(f"config field train.max_skipped_fraction must be a number in [0, 1], got {frac!r}")
+    if "seed" in cfg and (isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int)):
+        raise ValueError(f"config field seed must be an integer, got {cfg.seed!r}")
+
+
+def config_dict(cfg: ml_collections.ConfigDict | Mapping) -> dict:
+    """The config as plain JSON values (what config.json holds), for comparisons."""
+    if isinstance(cfg, ml_collections.ConfigDict):
+        return json.loads(cfg.to_json_best_effort(sort_keys=True))
+    return json.loads(json.dumps(cfg, sort_keys=True, default=str))
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, dict) and tree:
+        out = {}
+        for k, v in tree.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: tree}
+
+
+MISSING = "(absent)"
+
+
+def config_differences(old: Mapping, new: Mapping) -> list[tuple[str, Any, Any]]:
+    """[(dotted field, old value, new value)] where two configs (ConfigDicts or the dicts of
+    config.json files) differ, sorted by field; a field only one of them has shows "(absent)"
+    on the other side."""
+    a, b = _flatten(config_dict(old)), _flatten(config_dict(new))
+    return [(k, a.get(k, MISSING), b.get(k, MISSING)) for k in sorted(set(a) | set(b))
+            if a.get(k, MISSING) != b.get(k, MISSING)]

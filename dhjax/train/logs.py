@@ -29,14 +29,41 @@ def _png_bytes(image: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+def truncate_jsonl(path: str, last_step: int) -> int:
+    """Drops the rows of a metrics.jsonl whose step is after `last_step` (and a torn last line
+    of a killed writer); the file is replaced atomically. Returns the number of rows dropped."""
+    if not os.path.isfile(path):
+        return 0
+    with open(path) as f:
+        lines = f.read().splitlines()
+    kept = []
+    for line in lines:
+        try:
+            if int(json.loads(line)["step"]) <= last_step:
+                kept.append(line)
+        except (ValueError, KeyError, TypeError):
+            continue  # a line cut short by a kill
+    dropped = len(lines) - len(kept)
+    if dropped:
+        tmp = f"{path}.tmp-{os.getpid()}"
+        with open(tmp, "w") as f:
+            f.write("".join(line + "\n" for line in kept))
+        os.replace(tmp, path)
+    return dropped
+
+
 class MetricWriter:
     """Writes scalars/images to TensorBoard (<workdir>/tb) and scalars to metrics.jsonl.
 
     Args:
       workdir: run folder. enabled: False on processes other than 0 (writes nothing).
+      resume_step: the step a resumed run continues after. Rows a killed run wrote for later
+        steps (after its last checkpoint) are removed from metrics.jsonl, and TensorBoard is
+        told to drop its events from step resume_step + 1 on (a SessionLog START event, which
+        TensorBoard's loader honours), so each step appears once.
     """
 
-    def __init__(self, workdir: str, enabled: bool = True):
+    def __init__(self, workdir: str, enabled: bool = True, resume_step: int | None = None):
         self.enabled = enabled
         self._tb = None
         self._jsonl = None
@@ -45,8 +72,17 @@ class MetricWriter:
         from tensorboard.summary.writer.event_file_writer import EventFileWriter
 
         os.makedirs(workdir, exist_ok=True)
+        jsonl = os.path.join(workdir, "metrics.jsonl")
+        if resume_step is not None:
+            truncate_jsonl(jsonl, resume_step)
         self._tb = EventFileWriter(os.path.join(workdir, "tb"))
-        self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+        if resume_step is not None:
+            from tensorboard.compat.proto import event_pb2
+
+            self._tb.add_event(event_pb2.Event(
+                wall_time=time.time(), step=int(resume_step) + 1,
+                session_log=event_pb2.SessionLog(status=event_pb2.SessionLog.START)))
+        self._jsonl = open(jsonl, "a")
 
     def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
         """scalars: {name: float}; non-finite values are written as strings in the jsonl."""

@@ -10,14 +10,27 @@ resumed run reads exactly the batches an uninterrupted one would:
   dataset.get_batch(step) -> pytree of numpy arrays with leading axis = global batch size
 
 `train` shards every batch over all devices of all processes (NamedSharding over a 1-D
-"data" mesh), replicates the state, jits the step with the state donated, folds the RNG with
-the step, skips (and counts) steps whose loss, metrics or new state are not finite (or stops,
-per config) so a NaN never reaches a checkpoint, saves every N steps, at the end and on
-SIGTERM, resumes from the newest readable checkpoint, and writes TensorBoard + metrics.jsonl +
-a progress line from process 0 only.
+"data" mesh), replicates the state, jits the step with the state donated and folds the RNG
+with the step. What it guarantees:
+  - config: the harness's fields are checked before anything runs, and a workdir holding a run
+    of another config is refused (`dhjax.train.app.check_resume_config`);
+  - resume: checkpoints every `checkpoint_every` steps and at the end (checksummed; an
+    unreadable one falls back to the previous); a rerun resumes from the newest readable one
+    and, with the same config, ends with the same state as an uninterrupted run, bit for bit
+    on the same machine and software; metrics.jsonl and TensorBoard drop the rows a killed run
+    wrote after its last checkpoint;
+  - interruption: on SIGTERM it checkpoints the next step boundary and raises
+    `app.Interrupted` (exit status 143), so the caller writes no final outputs;
+  - non-finite steps: a step whose loss, metrics or new state is not finite is skipped (the
+    state is kept) and counted, so a NaN never reaches a checkpoint; each log line reports new
+    skips (count and first skipped step); more than `max_skipped_fraction` of `steps` skipped
+    fails the run with FloatingPointError (after checkpointing the last finite state), as does
+    any skip with on_nonfinite="stop";
+  - logs: TensorBoard + metrics.jsonl + a progress line from process 0 only.
 
 Config fields read (`cfg.train`): steps, log_every, checkpoint_every, keep_checkpoints,
-eval_every (0 = only at the end), on_nonfinite ("skip" | "stop"); and `cfg.seed`.
+eval_every (0 = only at the end), on_nonfinite ("skip" | "stop"), max_skipped_fraction
+(default 0.1); and `cfg.seed`.
 """
 
 from __future__ import annotations
@@ -48,7 +61,6 @@ class TrainResult(NamedTuple):
     state: Any
     metrics: dict          # last training metrics + final evaluation (host floats)
     steps_run: int         # steps executed by this call (0 when resumed at the end)
-    interrupted: bool      # stopped by SIGTERM (a checkpoint was written)
 
 
 def data_mesh():
@@ -105,13 +117,29 @@ class _Sigterm:
             signal.signal(signal.SIGTERM, self._old)
 
 
-def train(cfg, workdir: str, method: Method, dataset, *, eval_batch=None) -> TrainResult:
-    """Runs (or resumes) training. See the module docstring for the contract."""
+def _skip_report(skipped: int, first: int, done: int) -> str:
+    return (f"warning: {skipped} of {done} steps skipped so far as non-finite (first at step {first}); "
+            f"set train.on_nonfinite='stop' to stop at the first one")
+
+
+def train(cfg, workdir: str, method: Method, dataset, *, eval_batch=None,
+          allow_config_change: bool | None = None) -> TrainResult:
+    """Runs (or resumes) training. See the module docstring for the contract.
+
+    Raises app.RunError (bad config, another run's workdir), app.Interrupted (SIGTERM; a
+    checkpoint was written), FloatingPointError (non-finite steps, per the config),
+    checkpoint.CheckpointMismatch (a checkpoint of another state layout).
+    """
+    try:
+        config_lib.check_train_config(cfg)
+    except ValueError as err:
+        raise app.RunError(str(err)) from err
     tc = cfg.train
-    if tc.on_nonfinite not in ("skip", "stop"):
-        raise ValueError(f"train.on_nonfinite must be 'skip' or 'stop', got {tc.on_nonfinite!r}")
+    max_skipped = float(tc.get("max_skipped_fraction", config_lib.TRAIN_DEFAULTS["max_skipped_fraction"]))
     lead = jax.process_index() == 0
-    os.makedirs(workdir, exist_ok=True)
+    if lead:
+        app.check_workdir(workdir)
+    app.check_resume_config(workdir, cfg, allow_config_change, log=print if lead else (lambda *a: None))
     if lead:
         config_lib.save_config(cfg, workdir)
     mesh = data_mesh()
@@ -121,15 +149,16 @@ def train(cfg, workdir: str, method: Method, dataset, *, eval_batch=None) -> Tra
     state = jax.jit(method.init, out_shardings=replicated)(
         jax.random.fold_in(base_rng, -1 % (2 ** 31)), shard_batch(dataset.get_batch(0), mesh))
     ckpt = ckpt_lib.Checkpointer(workdir, keep=tc.keep_checkpoints)
-    start, skipped = 0, 0
+    start, skipped, first_skipped = 0, 0, -1
     restored = ckpt.restore_latest(state)
     if restored is not None:
         state, meta = restored
         start, skipped = int(meta["next_step"]), int(meta["skipped"])
+        first_skipped = int(meta.get("first_skipped", -1))
         if lead:
             print(f"resumed from {ckpt.directory} at step {start}", flush=True)
 
-    def guarded(state, skipped, batch, rng):
+    def guarded(state, counts, batch, rng, step):
         new_state, metrics = method.train_step(state, batch, rng)
         if "loss" not in metrics:
             raise ValueError("train_step must return metrics with a 'loss' entry")
@@ -137,64 +166,87 @@ def train(cfg, workdir: str, method: Method, dataset, *, eval_batch=None) -> Tra
         # A cond, not an elementwise select over the state: XLA:CPU fuses such a select into the
         # whole backward pass, which made compiling SynShot's step exhaust 24 GB of memory.
         state = jax.lax.cond(ok, lambda: new_state, lambda: state)
-        return state, skipped + (~ok).astype(jnp.int32), dict(metrics, finite=ok.astype(jnp.float32))
+        n, first = counts
+        counts = (n + (~ok).astype(jnp.int32), jnp.where(~ok & (first < 0), step, first))
+        return state, counts, dict(metrics, finite=ok.astype(jnp.float32))
 
     step_fn = jax.jit(guarded, donate_argnums=(0,), out_shardings=replicated)
-    writer = logs.MetricWriter(workdir, enabled=lead)
+    writer = logs.MetricWriter(workdir, enabled=lead, resume_step=start if restored is not None else None)
     progress = logs.Progress(tc.steps, start, enabled=lead)
-    skipped_dev = jnp.asarray(skipped, jnp.int32)
+    counts = (jnp.asarray(skipped, jnp.int32), jnp.asarray(first_skipped, jnp.int32))
     metrics_host: dict = {}
-    interrupted = False
+    reported = skipped
 
     def save(next_step):
-        ckpt.save(next_step, state, {"next_step": int(next_step), "skipped": int(skipped_dev)})
+        ckpt.save(next_step, state, {"next_step": int(next_step), "skipped": int(counts[0]),
+                                     "first_skipped": int(counts[1])})
 
-    def check_nonfinite(step):
-        if tc.on_nonfinite == "stop" and int(skipped_dev) > 0:
-            save(step)
+    def check_skips(done):
+        """Reports new skips; fails the run when they exceed what the config allows."""
+        nonlocal reported
+        n, first = int(counts[0]), int(counts[1])
+        if n > reported and lead:
+            print(_skip_report(n, first, done), flush=True)
+        reported = n
+        if tc.on_nonfinite == "stop" and n > 0:
+            save(done)
             raise FloatingPointError(
-                f"non-finite loss/gradients at or before step {step}; the last finite state is "
+                f"non-finite loss/gradients at step {first}; the last finite state is "
                 f"checkpointed in {ckpt.directory} (set train.on_nonfinite='skip' to skip such steps)")
+        if n > max_skipped * tc.steps:
+            save(done)
+            raise FloatingPointError(
+                f"{n} of the run's {tc.steps} steps were non-finite and skipped (first at step {first}), "
+                f"more than train.max_skipped_fraction={max_skipped:g} allows; the last finite state is "
+                f"checkpointed in {ckpt.directory}")
 
-    with _Sigterm() as sigterm:
-        step = start
-        for step in range(start, tc.steps):
-            batch = shard_batch(dataset.get_batch(step), mesh)
-            state, skipped_dev, metrics = step_fn(state, skipped_dev, batch,
-                                                  jax.random.fold_in(base_rng, step))
-            done = step + 1
-            if tc.on_nonfinite == "stop" and float(metrics["finite"]) < 1:
-                check_nonfinite(done)
-            if done % tc.log_every == 0 or done == tc.steps:
-                metrics_host = _host(metrics)
-                metrics_host["skipped_steps"] = float(skipped_dev)
-                writer.write_scalars(done, metrics_host)
-                progress.update(done, {"loss": metrics_host["loss"]})
-            if tc.eval_every and done % tc.eval_every == 0 and method.evaluate and eval_batch is not None:
-                writer.write_scalars(done, {f"eval/{k}": v for k, v in _host(
-                    method.evaluate(state, shard_batch(eval_batch, mesh))).items()})
-            if sigterm.received:
-                save(done)
-                interrupted = True
-                if lead:
-                    print(f"SIGTERM: checkpointed step {done}, stopping", flush=True)
-                break
-            if done % tc.checkpoint_every == 0 and done < tc.steps:
-                save(done)
-        steps_run = max(step + 1 - start, 0) if start < tc.steps else 0
-    final = dict(metrics_host)
-    if not interrupted:
+    try:
+        with _Sigterm() as sigterm:
+            step = start
+            for step in range(start, tc.steps):
+                batch = shard_batch(dataset.get_batch(step), mesh)
+                state, counts, metrics = step_fn(state, counts, batch, jax.random.fold_in(base_rng, step),
+                                                 jnp.asarray(step, jnp.int32))
+                done = step + 1
+                if tc.on_nonfinite == "stop" and float(metrics["finite"]) < 1:
+                    check_skips(done)
+                if done % tc.log_every == 0 or done == tc.steps:
+                    metrics_host = _host(metrics)
+                    metrics_host["skipped_steps"] = float(counts[0])
+                    writer.write_scalars(done, metrics_host)
+                    progress.update(done, {"loss": metrics_host["loss"]})
+                    check_skips(done)
+                if tc.eval_every and done % tc.eval_every == 0 and method.evaluate and eval_batch is not None:
+                    writer.write_scalars(done, {f"eval/{k}": v for k, v in _host(
+                        method.evaluate(state, shard_batch(eval_batch, mesh))).items()})
+                if sigterm.received:
+                    save(done)
+                    if lead:
+                        print(f"SIGTERM: checkpointed step {done}, stopping without final outputs; rerun the "
+                              f"same command to resume (exit status {app.EXIT_INTERRUPTED})", flush=True)
+                    raise app.Interrupted(done, ckpt.directory)
+                if done % tc.checkpoint_every == 0 and done < tc.steps:
+                    save(done)
+            steps_run = max(step + 1 - start, 0) if start < tc.steps else 0
+        final = dict(metrics_host)
         if start < tc.steps:
             save(tc.steps)
+        check_skips(tc.steps)
+        final.setdefault("skipped_steps", float(counts[0]))
+        # A run resumed at its end (all steps done before) evaluates again for its caller but
+        # logs nothing: those rows are already in metrics.jsonl and TensorBoard.
+        log_final = start < tc.steps
         if method.evaluate and eval_batch is not None:
             ev = _host(method.evaluate(state, shard_batch(eval_batch, mesh)))
             final.update({f"eval/{k}": v for k, v in ev.items()})
-            writer.write_scalars(tc.steps, {f"eval/{k}": v for k, v in ev.items()})
-        if method.render and eval_batch is not None:
+            if log_final:
+                writer.write_scalars(tc.steps, {f"eval/{k}": v for k, v in ev.items()})
+        if method.render and eval_batch is not None and log_final:
             images = method.render(state, shard_batch(eval_batch, mesh))
             writer.write_images(tc.steps, {k: np.asarray(v) for k, v in images.items()})
         if lead:
             app.merge_final_metrics(workdir, final)
-    writer.close()
-    ckpt.close()
-    return TrainResult(state=state, metrics=final, steps_run=steps_run, interrupted=interrupted)
+    finally:
+        writer.close()
+        ckpt.close()
+    return TrainResult(state=state, metrics=final, steps_run=steps_run)
