@@ -18,7 +18,8 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "where bench.json goes", require
 
 def main(argv):
     del argv
-    run = run_app.start(_WORKDIR.value, _CONFIG.value)
+    run = run_app.exit_on_user_error(lambda: run_app.start(_WORKDIR.value, _CONFIG.value),
+                                     errors=(run_app.RunError,))
     suite.run(_CONFIG.value, run.workdir, log=run.log)
 
 

@@ -26,7 +26,7 @@ def main(argv):
     cfg = geometry.default_config()
     if _N_POINTS.value:
         geometry.set_n_points(cfg, _N_POINTS.value)
-    run = run_app.start(_WORKDIR.value, cfg)
+    run = run_app.exit_on_user_error(lambda: run_app.start(_WORKDIR.value, cfg), errors=(run_app.RunError,))
     geometry.run(cfg, run.workdir, only=_ONLY.value, log=run.log)
 
 

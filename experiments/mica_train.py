@@ -17,6 +17,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from dhjax.capture import mica
+from dhjax.train import app as run_app
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/mica.py[:variant]", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "output folder (created; resumed when it holds checkpoints)",
@@ -25,7 +26,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "output folder (created; resumed
 
 def main(argv):
     del argv
-    mica.run.train(_CONFIG.value, _WORKDIR.value)
+    run_app.exit_on_user_error(lambda: mica.run.train(_CONFIG.value, _WORKDIR.value), errors=(run_app.RunError,))
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from dhjax.capture import registration_run
+from dhjax.train import app as run_app
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/register_flame.py[:variant]",
                                           lock_config=True)
@@ -18,7 +19,8 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "output folder (resumes if it ho
 
 def main(argv):
     del argv
-    registration_run.run(_CONFIG.value, _WORKDIR.value)
+    run_app.exit_on_user_error(lambda: registration_run.run(_CONFIG.value, _WORKDIR.value),
+                               errors=(run_app.RunError,))
 
 
 if __name__ == "__main__":

@@ -18,7 +18,8 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "output folder (created)", requi
 
 def main(argv):
     del argv
-    run = run_app.start(_WORKDIR.value, _CONFIG.value)
+    run = run_app.exit_on_user_error(lambda: run_app.start(_WORKDIR.value, _CONFIG.value),
+                                     errors=(run_app.RunError,))
     head_samples.write(_CONFIG.value, str(run.workdir), log=run.log)
 
 

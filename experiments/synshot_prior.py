@@ -10,6 +10,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from dhjax.synthesis import synshot_run
+from dhjax.train import app as run_app
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/synshot_prior.py[:variant]",
                                           lock_config=True)
@@ -19,7 +20,8 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "output folder (created; resumed
 
 def main(argv):
     del argv
-    synshot_run.run_prior(_CONFIG.value, _WORKDIR.value)
+    run_app.exit_on_user_error(lambda: synshot_run.run_prior(_CONFIG.value, _WORKDIR.value),
+                               errors=(run_app.RunError,))
 
 
 if __name__ == "__main__":

@@ -46,12 +46,12 @@ def _save_avatar(path, out) -> None:
 # The prior.
 
 
-def run_prior(cfg, workdir: str) -> dict | None:
+def run_prior(cfg, workdir: str) -> dict:
     """Trains (or resumes) the prior of `configs/synshot_prior.py`, then evaluates it on every
     held-out image against the mean-image baseline and writes the pictures (module docstring).
 
-    Returns the held-out metrics (`synshot_data.heldout_metrics`), or None when training was
-    interrupted (SIGTERM: a checkpoint was written, a rerun resumes).
+    Returns the held-out metrics (`synshot_data.heldout_metrics`). Raises app.Interrupted when
+    training was interrupted (SIGTERM: a checkpoint was written, nothing else; a rerun resumes).
     """
     run = app.start(workdir, cfg)
     root = synshot_data.dataset_root(cfg)
@@ -72,8 +72,6 @@ def run_prior(cfg, workdir: str) -> dict | None:
     pipeline = synshot_data.pipeline(train_ds, cfg.batch_size, seed=cfg.seed)
     eval_batch = synshot_data.eval_batch(test_ds, int(cfg.eval.n_images), jax.device_count())
     result = loop.train(cfg, str(run.workdir), method, pipeline, eval_batch=eval_batch)
-    if result.interrupted:
-        return None
     state = result.state
     predict = synshot_data.predictor(ctx)
     metrics = synshot_data.heldout_metrics(predict, state, train_ds, test_ds, int(cfg.eval.batch_size),

@@ -184,7 +184,7 @@ def split_benchmark(model: flame.FlameModel, variables, data: Mapping[str, np.nd
     return out
 
 
-def train(cfg, workdir) -> dict | None:
+def train(cfg, workdir) -> dict:
     """Trains MICA on synthetic image / shape pairs and benchmarks it.
 
     Generates (once, cached) the train / validation / test splits (and the calibration split
@@ -193,8 +193,8 @@ def train(cfg, workdir) -> dict | None:
     calibration split when the config says so (`calibration.calibrate_mapping`, written to the
     workdir; rerunning on a finished run recalibrates), then measures the network the run
     predicts with and the mean face on the validation and test identities with the metric
-    protocol (`split_benchmark`). Returns the merged final_metrics.json, or None when training
-    was interrupted (SIGTERM; a checkpoint was written).
+    protocol (`split_benchmark`). Returns the merged final_metrics.json. Raises app.Interrupted
+    when training was interrupted (SIGTERM; a checkpoint was written, nothing else).
     """
     run = app.start(workdir, cfg)
     log = run.log
@@ -215,8 +215,6 @@ def train(cfg, workdir) -> dict | None:
                            int(cfg.batch_size), seed=int(cfg.seed))
     t1 = time.time()
     result = loop.train(cfg, str(workdir), method, pipeline, eval_batch=val)
-    if result.interrupted:
-        return None
     best = result.state["best"]
     log(f"training: {result.steps_run} steps in {time.time() - t1:.0f}s; selected step "
         f"{int(best['step'])} (validation face error {float(best['val_mm']):.3f} mm)"
