@@ -744,6 +744,37 @@ def test_compare_per_identity_averages_an_identitys_images():
         mica.compare_per_identity(rows, np.array([7, 3, 7]))
 
 
+def test_cached_split_cleans_temp_files_of_killed_runs(tmp_path, monkeypatch):
+    """A run killed while saving a split leaves a hidden temp .npz next to the cache; the next
+    call removes it when its process is gone, keeps a live process's, and leaves none of its own."""
+    import time
+
+    from dhjax.data import cache as cache_lib
+
+    d = mica.default_data_config()
+    d.update(cache_dir=str(tmp_path))
+    fake = {"image": np.zeros((2, 4, 4, 3), np.uint8), "five": np.zeros((2, 5, 2), np.float32),
+            "shape": np.zeros((2, 3), np.float32)}
+    monkeypatch.setattr(mica.data, "generate_split", lambda data_cfg, split, assets=None, verbose=True: fake)
+    folder = mica.cache_path(d, "train").parent
+    folder.mkdir(parents=True)
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    host = cache_lib.host_tag()
+    stale = folder / f".train.tmp.{host}.{proc.pid}.abc123_x.npz"
+    live = folder / f".val.tmp.{host}.{os.getpid()}.abc123_x.npz"
+    legacy = folder / ".train-k2j4h5g6.npz"         # the unowned name of earlier versions
+    for p in (stale, live, legacy):
+        p.write_bytes(b"partial")
+    month_ago = time.time() - 30 * 24 * 3600
+    os.utime(legacy, (month_ago, month_ago))
+    data = mica.cached_split(d, "train", verbose=False)
+    np.testing.assert_array_equal(data["five"], fake["five"])
+    assert mica.cache_path(d, "train").exists()
+    assert not stale.exists() and not legacy.exists() and live.exists()
+    assert sorted(p.name for p in folder.iterdir()) == sorted([live.name, "key.json", "train.npz"])
+
+
 # ----------------------------------------------------------------------------------------------
 # Slow: data generation and the experiments end to end.
 

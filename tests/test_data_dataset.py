@@ -2,6 +2,9 @@
 
 import json
 import os
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -192,3 +195,89 @@ def test_pipeline_over_the_generator_feeds_the_train_loop(tmp_path):
     res = loop.train(cfg, str(tmp_path), loop.Method(init, train_step), pipe)
     assert res.steps_run == 2 and np.isfinite(res.metrics["loss"])
     assert jax.device_get(res.state["c"]).max() > 0.02
+
+
+# ----------------------------------------------------------------------------------------------
+# The on-disk cache of generated datasets (dhjax.data.cache).
+
+
+def _dead_pid() -> int:
+    """The pid of a process that has exited (and been reaped)."""
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def _make_temp(parent, name, *, host=None, pid=None, age_s=0.0, file=False):
+    """A temp entry named as `cache.make_temp_dir` names them, with a chosen owner and age."""
+    from dhjax.data import cache
+
+    host = cache.host_tag() if host is None else host
+    path = parent / f".{name}.tmp.{host}.{os.getpid() if pid is None else pid}.abc123_x"
+    if file:
+        path = path.with_name(path.name + ".npz")
+        path.write_bytes(b"partial")
+        stamp = [path]
+    else:
+        (path / "train" / "images").mkdir(parents=True)
+        (path / "train" / "images" / "0.png").write_bytes(b"partial")
+        stamp = [path / "train" / "images" / "0.png", path / "train" / "images", path / "train", path]
+    when = time.time() - age_s
+    for p in stamp:
+        os.utime(p, (when, when))
+    return path
+
+
+def test_temp_names_carry_the_owner_and_stale_ones_are_cleaned(tmp_path):
+    from dhjax.data import cache
+
+    tmp = cache.make_temp_dir(tmp_path, "synthetic-0123456789ab")
+    assert tmp.parent == tmp_path and tmp.name.startswith(".synthetic-0123456789ab.tmp.")
+    assert f".{cache.host_tag()}.{os.getpid()}." in tmp.name
+    f = cache.make_temp_file(tmp_path, "train", suffix=".npz")
+    assert f.is_file() and f.name.endswith(".npz") and f".{os.getpid()}." in f.name
+    day = 24 * 3600
+    dead = _make_temp(tmp_path, "a", pid=_dead_pid())
+    dead_file = _make_temp(tmp_path, "b", pid=_dead_pid(), file=True)
+    live = _make_temp(tmp_path, "c")                                  # os.getpid(): alive
+    far_old = _make_temp(tmp_path, "d", host="other-host", pid=_dead_pid(), age_s=30 * day)
+    far_new = _make_temp(tmp_path, "e", host="other-host", pid=_dead_pid(), age_s=60)
+    unrelated = tmp_path / ".hidden-but-not-ours"
+    unrelated.mkdir()
+    removed = cache.clean_stale_temps(tmp_path)
+    assert sorted(removed) == sorted([dead, dead_file, far_old])
+    for p in (dead, dead_file, far_old):
+        assert not p.exists()
+    for p in (tmp, f, live, far_new, unrelated):
+        assert p.exists()
+    assert cache.clean_stale_temps(tmp_path / "missing") == []
+
+
+def test_cached_multiview_cleans_temp_folders_of_killed_runs(tmp_path, monkeypatch):
+    """A generation killed (SIGKILL) before its rename leaves a hidden temp folder; the next run
+    removes it when its process is gone, and keeps the one of a live process."""
+    from dhjax.data import cache
+
+    assets = common.tiny_assets()  # built once per process; the cache would build its own
+    monkeypatch.setattr(cache.synthetic, "build_assets", lambda model, uv_size: assets)
+    cfg = common.tiny_config(n_frontal=1, n_upper=0)
+    cfg.multiview.n_expressions = 1
+    root_dir = tmp_path / "cache"
+    root_dir.mkdir()
+    name = "synthetic-0123456789ab"
+    stale = _make_temp(root_dir, name, pid=_dead_pid())
+    live = _make_temp(root_dir, name)
+    foreign = _make_temp(root_dir, name, host="other-host", pid=1, age_s=60)
+    legacy_old = root_dir / f".{name}-k2j4h5g6"     # the unowned names of earlier versions
+    legacy_old.mkdir()
+    os.utime(legacy_old, (time.time() - 30 * 24 * 3600,) * 2)
+    root = cache.cached_multiview(cfg, {"train": (0, 1)}, cache_dir=root_dir, verbose=False)
+    assert (root / "meta.json").exists() and len(ds.FolderDataset(root, "train")) == 1
+    assert not stale.exists() and not legacy_old.exists()
+    assert live.exists() and foreign.exists()
+    # No temp folder of this run is left behind, and a cached root is reused (and still cleans).
+    ours = [p for p in root_dir.iterdir() if p.name.startswith(".") and f".{os.getpid()}." in p.name]
+    assert ours == [live]
+    stale2 = _make_temp(root_dir, name, pid=_dead_pid())
+    assert cache.cached_multiview(cfg, {"train": (0, 1)}, cache_dir=root_dir, verbose=False) == root
+    assert not stale2.exists()

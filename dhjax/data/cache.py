@@ -5,6 +5,12 @@ generator config; the first call renders the dataset (`dhjax.data.dataset.write_
 `<cache>/<name>-<hash>/` (atomically: a temporary folder renamed when complete), later calls and
 every run of a sweep reuse it. Everything is a pure function of the config, so deleting the
 cache only costs time. The cache folder is $DHJAX_CACHE, else ~/.cache/dhjax.
+
+Temporary folders and files are hidden and carry their owner in the name,
+`.<name>.tmp.<host>.<pid>.<random>[<suffix>]` (`make_temp_dir`, `make_temp_file`), so a run that
+was killed before its rename (SIGKILL, out of memory, a lost node) can be cleaned up by the next:
+`clean_stale_temps` removes those of this host whose process is gone, and those of other hosts
+(a shared cache folder) untouched for `FOREIGN_TEMP_AGE_S`.
 """
 
 from __future__ import annotations
@@ -12,7 +18,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
+import socket
 import tempfile
 import time
 from pathlib import Path
@@ -26,6 +34,100 @@ def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
     if cache_dir:
         return Path(cache_dir)
     return Path(os.environ.get("DHJAX_CACHE", Path.home() / ".cache" / "dhjax"))
+
+
+# A temp entry of another host (whose processes cannot be checked from here) is stale when
+# nothing in it has changed for this long; so is one in the unowned naming of earlier versions.
+FOREIGN_TEMP_AGE_S = 2 * 24 * 3600.0
+_TEMP_RE = re.compile(r"^\.(?P<name>.+)\.tmp\.(?P<host>[A-Za-z0-9-]+)\.(?P<pid>\d+)\.[a-z0-9_]+(\.[A-Za-z0-9]+)?$")
+# Temp folders of `cached_multiview` before owners were recorded: `.<name>-<hash>-<8 random>`.
+_LEGACY_DIR_RE = re.compile(r"^\..+-[0-9a-f]{12}-[a-z0-9_]{8}$")
+
+
+def host_tag() -> str:
+    """This host's name as it appears in temp names (characters other than [A-Za-z0-9-] -> '-')."""
+    return re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname()) or "localhost"
+
+
+def _temp_prefix(name: str) -> str:
+    return f".{name}.tmp.{host_tag()}.{os.getpid()}."
+
+
+def make_temp_dir(parent: str | os.PathLike, name: str) -> Path:
+    """A new hidden temp folder in `parent` named after `name` and its owner (host, pid)."""
+    return Path(tempfile.mkdtemp(prefix=_temp_prefix(name), dir=parent))
+
+
+def make_temp_file(parent: str | os.PathLike, name: str, suffix: str = "") -> Path:
+    """A new empty hidden temp file in `parent` named after `name` and its owner (host, pid);
+    `suffix` (e.g. ".npz", which np.savez would otherwise append) ends the name."""
+    fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(name), suffix=suffix, dir=parent)
+    os.close(fd)
+    return Path(tmp)
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process `pid` exists on this host (another user's counts; unknown -> True)."""
+    if os.name != "posix":
+        return True  # os.kill(pid, 0) is not a probe there; never treat a process as gone
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # PermissionError: it exists but belongs to someone else
+        return True
+    return True
+
+
+def _last_change(path: Path) -> float:
+    """The newest modification time of `path` and, for a folder, of everything in it."""
+    newest = path.lstat().st_mtime
+    if path.is_dir() and not path.is_symlink():
+        for dirpath, dirnames, filenames in os.walk(path):
+            for n in dirnames + filenames:
+                try:
+                    newest = max(newest, os.lstat(os.path.join(dirpath, n)).st_mtime)
+                except OSError:
+                    pass
+    return newest
+
+
+def clean_stale_temps(parent: str | os.PathLike, *, legacy: re.Pattern | None = _LEGACY_DIR_RE,
+                      foreign_age_s: float = FOREIGN_TEMP_AGE_S) -> list[Path]:
+    """Removes the temp entries that killed runs left in `parent` (not recursive).
+
+    An entry named by `make_temp_dir`/`make_temp_file` is removed when it belongs to this host
+    and its process is gone, or belongs to another host and nothing in it changed for
+    `foreign_age_s` seconds; an entry matching `legacy` (unowned names) on the age alone.
+    Everything else is left alone. Returns the removed paths ([] when `parent` does not exist).
+    """
+    parent = Path(parent)
+    try:
+        entries = sorted(parent.iterdir())
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    host, now, removed = host_tag(), time.time(), []
+    for path in entries:
+        m = _TEMP_RE.match(path.name)
+        try:
+            if m is not None and m["host"] == host:
+                stale = not pid_alive(int(m["pid"]))
+            elif m is not None or (legacy is not None and legacy.match(path.name)):
+                stale = now - _last_change(path) > foreign_age_s
+            else:
+                continue
+            if not stale:
+                continue
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+        except FileNotFoundError:  # another process cleaned it first
+            continue
+        removed.append(path)
+    return removed
 
 
 def config_hash(config) -> str:
@@ -51,10 +153,13 @@ def cached_multiview(config, splits: dict, *, name: str = "synthetic", cache_dir
     key = {"generator": config.to_dict() if hasattr(config, "to_dict") else dict(config),
            "splits": {k: list(v) for k, v in splits.items()}, "format": ds.FORMAT}
     root = cache_root(cache_dir) / f"{name}-{config_hash(key)}"
+    for stale in clean_stale_temps(root.parent):
+        if verbose:
+            print(f"removed the temp data of an interrupted run: {stale}", flush=True)
     if (root / "meta.json").exists():
         return root
     root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}-", dir=root.parent))
+    tmp = make_temp_dir(root.parent, root.name)
     try:
         assets = synthetic.build_assets(None, int(config.uv_size))
         for split, (first, count) in splits.items():

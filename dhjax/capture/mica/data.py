@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+import re
 import time
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -146,12 +146,21 @@ def cache_path(data_cfg, split: str) -> Path:
     return cache_lib.cache_root(data_cfg.cache_dir or None) / f"mica-{cache_lib.config_hash(key)}" / f"{split}.npz"
 
 
+# Temp files of `cached_split` before owners were recorded: `.<split>-<8 random>.npz`.
+_LEGACY_TEMP_RE = re.compile(r"^\.[A-Za-z0-9_]+-[a-z0-9_]{8}\.npz$")
+
+
 def cached_split(data_cfg, split: str, *, assets=None, verbose: bool = True) -> dict:
     """`generate_split` once per (data config, split), cached as an npz under
-    <cache>/mica-<hash>/<split>.npz (`dhjax.data.cache.cache_root`; written atomically)."""
+    <cache>/mica-<hash>/<split>.npz (`dhjax.data.cache.cache_root`; written atomically through a
+    temp file named after its owner; temp files that killed runs left in that folder are removed
+    first, `dhjax.data.cache.clean_stale_temps`)."""
     key = _cache_key(data_cfg, split)
     path = cache_path(data_cfg, split)
     root = path.parent
+    for stale in cache_lib.clean_stale_temps(root, legacy=_LEGACY_TEMP_RE):
+        if verbose:
+            print(f"removed the temp file of an interrupted run: {stale}", flush=True)
     if path.exists():
         with np.load(path) as f:
             data = {k: f[k] for k in f.files}
@@ -164,8 +173,8 @@ def cached_split(data_cfg, split: str, *, assets=None, verbose: bool = True) -> 
               f"expressions x {n_views} views at {data_cfg.image_size}px -> {path}", flush=True)
     data = generate_split(data_cfg, split, assets=assets, verbose=verbose)
     root.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{split}-", suffix=".npz", dir=root)
-    os.close(fd)
+    # Named after its owner (host, pid): a run killed while saving leaves it for the next to clean.
+    tmp = cache_lib.make_temp_file(root, split, suffix=".npz")
     try:
         np.savez(tmp, **data)
         os.replace(tmp, path)
