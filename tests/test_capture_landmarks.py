@@ -4,6 +4,7 @@ problem, overlays, and (with mediapipe, a peer) detection on a real photo: geome
 the pixel-centre convention by mirroring, and the ArcFace crop built from the detection."""
 
 import json
+import re
 import sys
 
 import numpy as np
@@ -275,6 +276,73 @@ def test_missing_mediapipe_says_how_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "mediapipe", None)  # makes `import mediapipe` fail
     with pytest.raises(ImportError, match=r"pip install 'dhjax\[landmarks\]'.*file"):
         L.detect(np.zeros((32, 32, 3), np.uint8))
+
+
+# What each way in must be told: the command-line flag and the Python keyword of its callers
+# (experiments.track and experiments.mica_predict take --landmarks; landmarks_for_image
+# landmarks_path; track_run.run landmarks).
+_GENERIC_HINT = [r"--landmarks=", r"experiments\.track", r"experiments\.mica_predict",
+                 r"landmarks_path=", r"landmarks_for_image"]
+_TRACK_HINT = [r"--landmarks=", r"python -m experiments\.track", r"track_run\.run\(.*landmarks="]
+
+
+def _no_face_mesh(monkeypatch):
+    """A stand-in for mediapipe's face mesh that never finds a face."""
+
+    class FaceMesh:
+        def __init__(self, **kwargs):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def process(self, rgb):
+            return type("Result", (), {"multi_face_landmarks": None})()
+
+    monkeypatch.setattr(L, "_face_mesh_module", lambda *hint: type("Module", (), {"FaceMesh": FaceMesh}))
+
+
+def _assert_hint(message, patterns, absent=()):
+    for pattern in patterns:
+        assert re.search(pattern, message), (pattern, message)
+    for pattern in absent:
+        assert not re.search(pattern, message), (pattern, message)
+
+
+def test_missing_mediapipe_and_no_face_name_the_flag_and_the_keyword(monkeypatch):
+    image = np.zeros((32, 32, 3), np.uint8)
+    monkeypatch.setitem(sys.modules, "mediapipe", None)
+    for call in (lambda: L.detect(image), lambda: L.landmarks_for_image(image, path="a.png")):
+        with pytest.raises(ImportError) as info:
+            call()
+        _assert_hint(str(info.value), [r"pip install 'dhjax\[landmarks\]'"] + _GENERIC_HINT)
+    monkeypatch.delitem(sys.modules, "mediapipe")
+    _no_face_mesh(monkeypatch)
+    with pytest.raises(L.NoFaceError) as info:
+        L.landmarks_for_image(image, path="frames/0007.jpg")
+    _assert_hint(str(info.value), [r"frames/0007\.jpg: no face found"] + _GENERIC_HINT)
+    with pytest.raises(L.NoFaceError) as info:
+        L.detect(image, name="a.png", file_hint="pass --my-flag")
+    _assert_hint(str(info.value), [r"a\.png: no face found", r"or pass --my-flag"], absent=[r"landmarks_path"])
+
+
+def test_track_without_mediapipe_or_face_names_its_own_flag(monkeypatch):
+    from dhjax.capture import track_run
+
+    frames, names = [np.zeros((32, 32, 3), np.uint8)], ["frame_0000"]
+    monkeypatch.setitem(sys.modules, "mediapipe", None)
+    with pytest.raises(ImportError) as info:
+        track_run.frame_landmarks(frames, names, None)
+    _assert_hint(str(info.value), _TRACK_HINT, absent=[r"landmarks_path", r"mica_predict"])
+    monkeypatch.delitem(sys.modules, "mediapipe")
+    _no_face_mesh(monkeypatch)
+    with pytest.raises(L.NoFaceError) as info:
+        track_run.frame_landmarks(frames, names, "")
+    _assert_hint(str(info.value), [r"frame 0 \(frame_0000\): no face found"] + _TRACK_HINT,
+                 absent=[r"landmarks_path", r"mica_predict"])
 
 
 # ----------------------------------------------------------------------------------------------

@@ -72,8 +72,16 @@ _RIGHT_EYE = tuple(range(42, 48))
 _NOSE_TIP, _MOUTH_LEFT, _MOUTH_RIGHT = 30, 48, 54
 _FIVE_IDS = _LEFT_EYE + _RIGHT_EYE + (_NOSE_TIP, _MOUTH_LEFT, _MOUTH_RIGHT)
 
-_INSTALL_HINT = ("pip install 'dhjax[landmarks]' (mediapipe; Python < 3.13), or give the "
-                 "landmarks as a file (landmarks_path=..., read by dhjax.capture.landmarks.load)")
+_INSTALL = "pip install 'dhjax[landmarks]' (mediapipe; Python < 3.13)"
+# How to do without detection, for the callers of `landmarks_for_image` / `detect`: the
+# command-line flag of the experiments that detect, and the Python keyword. A caller with its own
+# way of passing files (e.g. `track_run`) gives `detect` its own `file_hint`.
+LANDMARK_FILE_HINT = (
+    "give the landmarks as files instead: on the command line with --landmarks=... "
+    "(python -m experiments.track: one file, [T, N, 2] for a video, or a folder of per-frame files "
+    "named like the frames; python -m experiments.mica_predict: a folder of "
+    "<image stem>.npy/.txt/.pts/.json), in Python with landmarks_for_image(..., landmarks_path=...) "
+    "(any file dhjax.capture.landmarks.load reads)")
 
 
 class NoFaceError(ValueError):
@@ -443,7 +451,7 @@ def _rgb_uint8(image, name: str) -> np.ndarray:
     return np.ascontiguousarray(pixels[..., :3])
 
 
-def _face_mesh_module():
+def _face_mesh_module(file_hint: str = LANDMARK_FILE_HINT):
     """mediapipe's legacy face-mesh solution, imported on first use (quietly)."""
     os.environ.setdefault("GLOG_minloglevel", "2")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -451,16 +459,17 @@ def _face_mesh_module():
         import mediapipe as mp
     except ImportError as exc:
         raise ImportError(f"face detection needs mediapipe, which is not installed: "
-                          f"{_INSTALL_HINT}") from exc
+                          f"{_INSTALL}, or {file_hint}") from exc
     try:
         return mp.solutions.face_mesh
     except AttributeError as exc:  # mediapipe builds without the legacy solutions
         raise ImportError(f"this mediapipe ({getattr(mp, '__version__', '?')}) has no "
                           f"solutions.face_mesh; dhjax is tested with mediapipe 0.10.14: "
-                          f"{_INSTALL_HINT}") from exc
+                          f"{_INSTALL}, or {file_hint}") from exc
 
 
-def detect(image, *, name: str = "image", min_confidence: float = 0.5) -> Landmarks:
+def detect(image, *, name: str = "image", min_confidence: float = 0.5,
+           file_hint: str | None = None) -> Landmarks:
     """Finds one face and its landmarks with mediapipe's face mesh (offline, CPU).
 
     Args:
@@ -468,6 +477,10 @@ def detect(image, *, name: str = "image", min_confidence: float = 0.5) -> Landma
         alpha is ignored).
       name: how error messages name the image (e.g. its path).
       min_confidence: mediapipe's minimum face-detection confidence, in [0, 1].
+      file_hint: how the caller's user gives landmark files instead, ending the messages of
+        NoFaceError and ImportError after "or " (e.g. "give the landmarks as a file:
+        --landmarks=..."); None = `LANDMARK_FILE_HINT` (the flags of experiments.track and
+        experiments.mica_predict, and `landmarks_for_image`'s landmarks_path).
 
     Returns:
       Landmarks with source 'mediapipe': 51 points, iBUG 17..67 (face-mesh points
@@ -481,9 +494,10 @@ def detect(image, *, name: str = "image", min_confidence: float = 0.5) -> Landma
     """
     if not 0.0 <= float(min_confidence) <= 1.0:
         raise ValueError(f"min_confidence: expected a value in [0, 1], got {min_confidence!r}")
+    hint = LANDMARK_FILE_HINT if file_hint is None else file_hint
     rgb = _rgb_uint8(image, name)
     h, w = rgb.shape[:2]
-    face_mesh = _face_mesh_module()
+    face_mesh = _face_mesh_module(hint)
     with warnings.catch_warnings():
         # protobuf >= 4 warns on every call of the legacy solution API
         warnings.filterwarnings("ignore", message=r"SymbolDatabase\.GetPrototype\(\) is deprecated")
@@ -494,8 +508,7 @@ def detect(image, *, name: str = "image", min_confidence: float = 0.5) -> Landma
     if not faces:
         raise NoFaceError(
             f"{name}: no face found by mediapipe's face mesh (min_confidence={min_confidence}); "
-            f"use a photo with a clearly visible, roughly frontal face, or give the landmarks as "
-            f"a file (landmarks_path=...)")
+            f"use a photo with a clearly visible, roughly frontal face, or {hint}")
     uv = np.array([(p.x, p.y) for p in faces[0].landmark], dtype=np.float64)
     if uv.shape[0] < N_MEDIAPIPE:
         raise RuntimeError(f"{name}: mediapipe returned {uv.shape[0]} face-mesh points, expected "

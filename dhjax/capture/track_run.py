@@ -89,8 +89,15 @@ def frame_landmarks(frames, names, landmarks_arg) -> list:
         return loaded
     out = []
     for i, (n, f) in enumerate(zip(names, frames)):
-        out.append(lmk_lib.detect(f, name=f"frame {i} ({n})"))
+        out.append(lmk_lib.detect(f, name=f"frame {i} ({n})", file_hint=LANDMARKS_HINT))
     return out
+
+
+# The way around detection in this entry point's own terms (detect's default names other callers).
+LANDMARKS_HINT = ("give the landmarks as files instead: --landmarks=FILE_OR_FOLDER of "
+                  "python -m experiments.track (one file, [T, N, 2] for a video, or a folder of "
+                  "per-frame files named like the frames, <frame>.npy/.txt/.pts/.json), in Python "
+                  "track_run.run(..., landmarks=...)")
 
 
 def synthetic_sequence(cfg, sequence: int | None = None, assets=None):
