@@ -3,9 +3,11 @@ command line itself (flag parsing, exit codes) in subprocesses."""
 
 import csv
 import json
+import signal
 import os
 import subprocess
 import sys
+import time
 import types
 
 import numpy as np
@@ -166,6 +168,40 @@ def test_register_flame_skips_bad_scans_and_writes_outputs(tmp_path):
     assert dio.load_params(tmp_path / "run" / "params" / "good", required=("shape", "translation"))
 
 
+@pytest.mark.slow
+def test_register_flame_interrupted_exits_143_without_outputs_and_refuses_another_config(tmp_path):
+    """The defects of the reliability issue, as a user meets them on the command line: a
+    SIGTERM leaves a checkpoint and no outputs (exit 143); rerunning with one changed override
+    is refused, naming the field, with the run untouched; the same command resumes and ends."""
+    work = tmp_path / "run"
+    flags_ = ["--config=configs/register_flame.py:tiny", "--config.data.synthetic.n_scans=2",
+              "--config.registration.n_points=800", "--config.registration.steps=100",
+              "--config.train.log_every=5", "--config.train.checkpoint_every=50", f"--workdir={work}"]
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.Popen([sys.executable, "-m", "experiments.register_flame", *flags_], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    out = ""
+    for line in proc.stdout:  # the first progress line: training runs
+        out += line
+        if line.startswith("step "):
+            proc.send_signal(signal.SIGTERM)
+            break
+    out += proc.communicate(timeout=300)[0]
+    assert proc.returncode == 143, out[-3000:]
+    assert "SIGTERM: checkpointed step" in out
+    produced = sorted(p.name for p in work.iterdir())
+    assert not {"params", "meshes", "report.json", "report.md", "final_metrics.json"} & set(produced), produced
+    before = {p: p.read_bytes() for p in work.rglob("*") if p.is_file()}
+    bad = subprocess.run([sys.executable, "-m", "experiments.register_flame",
+                          *[f if "n_scans" not in f else "--config.data.synthetic.n_scans=3" for f in flags_]],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2, bad.stdout[-2000:] + bad.stderr[-2000:]
+    assert "data.synthetic.n_scans: 2 in the run, 3 now" in bad.stderr
+    assert {p: p.read_bytes() for p in work.rglob("*") if p.is_file()} == before
+    out = run("experiments.register_flame", *flags_)
+    assert "resumed from" in out and (work / "report.json").exists() and (work / "final_metrics.json").exists()
+
+
 def test_sweep_dry_run_prints_every_variant(tmp_path):
     dry = run("experiments.sweep", "--config=configs/register_flame.py:tiny", f"--workdir={tmp_path}",
               "--dry_run", "--set=registration.steps=20")
@@ -215,7 +251,7 @@ def test_sweep_commands_and_tables(tmp_path):
     lines = []
     rows = sweep.run_variants(variants, str(tmp_path), log=lines.append, runner=fake_runner)
     assert [r["status"] for r in rows] == ["ok", "failed (3)", "ok", "ok"]
-    assert len(lines) == 4 and lines[0].startswith("[1/4] ")
+    assert len(lines) == 5 and lines[0].startswith("[1/4] ") and lines[2] == f"  {os.path.basename(variants[1].workdir)}: failed (3)"
     table = (tmp_path / "results.md").read_text().splitlines()
     header = [c.strip() for c in table[0].strip("|").split("|")]
     assert header[:2] == ["variant", "status"] and "scan_median_mm" in header
@@ -227,6 +263,66 @@ def test_sweep_commands_and_tables(tmp_path):
     for v, r in zip(variants, rows):
         for k, value in v.overrides.items():
             assert r[k] == value
+
+
+def test_sweep_reports_interrupted_variants_and_resumes_them(tmp_path):
+    """Exit 143 (an experiment stopped by SIGTERM) or a signal is "interrupted", not ok or
+    failed; the next call keeps the finished variants and runs the others again, and a finished
+    variant whose config changed runs again too."""
+    from dhjax.train import config as config_lib
+    from dhjax.train import sweep
+
+    spec = os.path.join(ROOT, "configs", "register_flame.py:tiny")
+    variants = sweep.commands(spec, str(tmp_path), {"registration.steps": 20})
+    by_dir = {v.workdir: v for v in variants}
+    codes = {0: [0, 0, 0], 1: [143, 0], 2: [-15, 0], 3: [3, 0]}
+    calls = []
+
+    def fake_runner(cmd):
+        work = cmd[-1].partition("=")[2]
+        index = int(os.path.basename(work)[:2])
+        calls.append(index)
+        code = codes[index].pop(0)
+        os.makedirs(work, exist_ok=True)
+        config_lib.save_config(by_dir[work].config, work)
+        if code == 0:
+            with open(os.path.join(work, "final_metrics.json"), "w") as f:
+                json.dump({"scan_median_mm": 0.5 + index}, f)
+        return types.SimpleNamespace(returncode=code)
+
+    lines = []
+    rows = sweep.run_variants(variants, str(tmp_path), log=lines.append, runner=fake_runner)
+    assert [r["status"] for r in rows] == ["ok", "interrupted", "interrupted", "failed (3)"]
+    assert any(line.endswith("interrupted (resumes on the next call of the sweep)") for line in lines)
+    assert "scan_median_mm" not in rows[1]
+    calls.clear()
+    rows = sweep.run_variants(variants, str(tmp_path), log=lines.append, runner=fake_runner)
+    assert calls == [1, 2, 3]
+    assert [r["status"] for r in rows] == ["ok"] * 4
+    assert [r["scan_median_mm"] for r in rows] == [0.5, 1.5, 2.5, 3.5]
+    calls.clear()
+    changed = sweep.commands(spec, str(tmp_path), {"registration.steps": 30})
+    by_dir.update({v.workdir: v for v in changed})
+    codes.update({1: [0], 2: [0], 3: [0]})
+    sweep.run_variants(changed, str(tmp_path), log=lines.append, runner=fake_runner)
+    assert calls == [0, 1, 2, 3]  # every config changed
+
+
+def test_sweep_passes_sigterm_to_the_running_variant_and_stops(tmp_path):
+    import threading
+
+    from dhjax.train import sweep
+
+    child = ("import signal, sys, time; signal.signal(signal.SIGTERM, lambda *a: sys.exit(143)); "
+             "time.sleep(60)")
+    variants = [sweep.Variant({"x": i}, str(tmp_path / f"v{i}"), [sys.executable, "-c", child]) for i in range(2)]
+    threading.Timer(2.0, lambda: os.kill(os.getpid(), signal.SIGTERM)).start()
+    t0 = time.time()
+    with pytest.raises(SystemExit) as stop:
+        sweep.run_variants(variants, str(tmp_path), log=lambda *a: None)
+    assert stop.value.code == 143 and time.time() - t0 < 30
+    rows = list(csv.DictReader(open(tmp_path / "results.csv")))
+    assert [r["status"] for r in rows] == ["interrupted"]  # the second variant never started
 
 
 @pytest.mark.slow

@@ -8,6 +8,14 @@ Each variant runs `python -m experiments.<cfg.experiment> --config=<spec> --conf
 (for a cluster launcher). Results: <workdir>/results.csv and results.md, one row per variant
 (variant, status, its overrides, then its final_metrics.json), rewritten after every variant so a
 killed sweep keeps its table. A failing variant is reported in its row; the others go on.
+
+Statuses: "ok" (exit 0), "interrupted" (the experiment stopped on SIGTERM after a checkpoint,
+exit status `app.EXIT_INTERRUPTED`, or was ended by a signal), "failed (<status>)". Only "ok"
+variants have metrics in the table. Calling the sweep again resumes it: a variant whose row in
+the previous results.csv says "ok" and whose config.json still matches is kept as it is, every
+other one runs again (the experiment resumes from its own checkpoints). A SIGTERM to the sweep
+is passed on to the running variant; the sweep then writes its table and stops with status
+`app.EXIT_INTERRUPTED`.
 """
 
 from __future__ import annotations
@@ -16,6 +24,7 @@ import csv
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
 from typing import Any, Callable, NamedTuple
@@ -28,6 +37,7 @@ class Variant(NamedTuple):
     overrides: dict        # {dotted.field: value} of this variant (without the common ones)
     workdir: str           # <sweep workdir>/<variant name>
     command: list          # argv of the experiment process
+    config: Any = None     # the resolved config the command runs (ConfigDict), when known
 
 
 def variant_name(index: int, overrides: dict) -> str:
@@ -65,11 +75,11 @@ def commands(spec: str, workdir: str, common: dict | None = None) -> list[Varian
         raise ValueError(f"{spec}: the config needs an 'experiment' field naming experiments.<name>")
     out = []
     for i, overrides in enumerate(config_lib.load_sweep(spec)):
-        config_lib.apply_overrides(cfg, {**(common or {}), **overrides})  # unknown fields fail here
+        resolved = config_lib.apply_overrides(cfg, {**(common or {}), **overrides})  # unknown fields fail here
         sub = os.path.join(workdir, variant_name(i, overrides))
         cmd = [sys.executable, "-m", f"experiments.{cfg.experiment}", f"--config={spec}",
                *config_lib.override_flags({**(common or {}), **overrides}), f"--workdir={sub}"]
-        out.append(Variant(overrides, sub, cmd))
+        out.append(Variant(overrides, sub, cmd, resolved))
     return out
 
 
@@ -89,22 +99,97 @@ def write_tables(rows: list[dict], workdir: str) -> str:
     return path
 
 
+def status_of(returncode: int) -> str:
+    """The table's status of an experiment's exit status (see the module docstring)."""
+    if returncode == 0:
+        return "ok"
+    if returncode == app.EXIT_INTERRUPTED or returncode < 0:
+        return "interrupted"
+    return f"failed ({returncode})"
+
+
+def previous_rows(workdir: str) -> dict[str, dict]:
+    """{variant: row} of <workdir>/results.csv from an earlier call ({} when there is none)."""
+    path = os.path.join(workdir, "results.csv")
+    if not os.path.isfile(path):
+        return {}
+    with open(path, newline="") as f:
+        return {r["variant"]: r for r in csv.DictReader(f) if r.get("variant")}
+
+
+def finished(variant: Variant, previous: dict[str, dict]) -> bool:
+    """Whether an earlier call ran `variant` to the end ("ok") with the same config."""
+    row = previous.get(os.path.basename(variant.workdir))
+    if not row or row.get("status") != "ok" or not os.path.isfile(os.path.join(variant.workdir, app.FINAL_METRICS)):
+        return False
+    if variant.config is None:
+        return True
+    try:
+        return not config_lib.config_differences(app.read_config(variant.workdir), variant.config)
+    except (FileNotFoundError, ValueError):
+        return False
+
+
+def run_forwarding_sigterm(command: list) -> subprocess.CompletedProcess:
+    """Runs `command`; a SIGTERM to this process is passed on to it (so that it checkpoints and
+    stops) and then raises app.Interrupted here once it has ended."""
+    proc = subprocess.Popen(command)
+    received = []
+
+    def forward(signum, frame):
+        received.append(signum)
+        proc.send_signal(signal.SIGTERM)
+
+    try:
+        old = signal.signal(signal.SIGTERM, forward)
+    except ValueError:  # not the main thread: no forwarding
+        old = None
+    try:
+        returncode = proc.wait()
+    finally:
+        if old is not None:
+            signal.signal(signal.SIGTERM, old)
+    result = subprocess.CompletedProcess(command, returncode)
+    result.sigterm = bool(received)
+    return result
+
+
 def run_variants(variants: list[Variant], workdir: str, log: Callable = print,
-                 runner: Callable = subprocess.run) -> list[dict]:
-    """Runs the variants one after another (runner(command) -> object with returncode) and
-    tabulates them (`write_tables` after each); returns the rows."""
+                 runner: Callable = run_forwarding_sigterm) -> list[dict]:
+    """Runs the variants one after another (runner(command) -> object with returncode),
+    skipping those an earlier call finished (`finished`), and tabulates them (`write_tables`
+    after each); returns the rows. Exits with status app.EXIT_INTERRUPTED (SystemExit) after a
+    SIGTERM, once the running variant has stopped and its row is written."""
     os.makedirs(workdir, exist_ok=True)
+    previous = previous_rows(workdir)
     rows = []
     for i, v in enumerate(variants):
-        log(f"[{i + 1}/{len(variants)}] {shlex.join(v.command)}")
-        proc = runner(v.command)
-        ok = proc.returncode == 0
-        row = {"variant": os.path.basename(v.workdir), "status": "ok" if ok else f"failed ({proc.returncode})"}
+        name = os.path.basename(v.workdir)
+        row = {"variant": name}
+        stopped = False
+        if finished(v, previous):
+            log(f"[{i + 1}/{len(variants)}] {name}: finished earlier, kept")
+            row["status"] = "ok"
+        else:
+            log(f"[{i + 1}/{len(variants)}] {shlex.join(v.command)}")
+            proc = runner(v.command)
+            row["status"] = status_of(proc.returncode)
+            stopped = bool(getattr(proc, "sigterm", False))
         row.update(v.overrides)
-        if ok:
+        if row["status"] == "ok":
             row.update(app.read_final_metrics(v.workdir))
         rows.append(row)
-        write_tables(rows, workdir)  # after every variant: a killed sweep keeps its table
+        # After every variant, with the earlier call's rows of the variants still to come: a
+        # killed or stopped sweep keeps its whole table.
+        later = [previous[os.path.basename(u.workdir)] for u in variants[i + 1:]
+                 if os.path.basename(u.workdir) in previous]
+        write_tables(rows + later, workdir)
+        if row["status"] != "ok":
+            log(f"  {name}: {row['status']}" + (" (resumes on the next call of the sweep)"
+                                                 if row["status"] == "interrupted" else ""))
+        if stopped:
+            log(f"SIGTERM: stopped at variant {i + 1}/{len(variants)}; call the sweep again to resume")
+            raise SystemExit(app.EXIT_INTERRUPTED)
     return rows
 
 
