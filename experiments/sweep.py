@@ -6,7 +6,9 @@
 Each variant runs `python -m experiments.<cfg.experiment> --config=<spec> --config.k=v ...` in
 its own subfolder; --dry_run prints those commands (for a cluster launcher) and runs nothing.
 Results: <workdir>/results.csv and results.md (`dhjax.train.sweep`). A wrong config file or
-override is an error (exit status 2) before anything runs.
+override is an error (exit status 2) before anything runs. Rerunning the same command resumes
+the sweep: finished variants are kept, interrupted or failed ones run again (resuming from their
+checkpoints); a SIGTERM stops the running variant at a checkpoint and the sweep with status 143.
 """
 
 from absl import app, flags
