@@ -73,11 +73,14 @@ def apply_overrides(cfg: ml_collections.ConfigDict, overrides: Mapping[str, Any]
 
 
 def save_config(cfg: ml_collections.ConfigDict, workdir: str) -> str:
-    """Writes the resolved config to <workdir>/config.json and returns the path."""
+    """Writes the resolved config to <workdir>/config.json (atomically: other processes of a
+    multi-process run read it at start) and returns the path."""
     os.makedirs(workdir, exist_ok=True)
     path = os.path.join(workdir, "config.json")
-    with open(path, "w") as f:
+    tmp = os.path.join(workdir, f".config.json.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
         f.write(cfg.to_json_best_effort(indent=2, sort_keys=True))
+    os.replace(tmp, path)
     return path
 
 
