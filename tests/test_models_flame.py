@@ -255,3 +255,14 @@ def test_load_errors_name_the_file(tmp_path):
         flame.load(bad)
     with pytest.raises(ValueError, match="landmarks"):
         flame.load(landmarks=tmp_path / "x.npy")
+
+
+def test_lbs_itself_takes_an_empty_batch():
+    """The skinning function alone (not only flame.forward's early return) accepts B = 0."""
+    from dhjax.geometry import lbs as lbs_lib
+
+    m = flame.load()
+    v = jnp.zeros((0,) + m.v_template.shape, jnp.float32)
+    rot = jnp.zeros((0, m.j_regressor.shape[0], 3, 3), jnp.float32)
+    verts, joints = lbs_lib.lbs(v, rot, m.posedirs, m.j_regressor, m.lbs_weights, m.parents)
+    assert verts.shape == (0,) + m.v_template.shape and joints.shape == (0, m.j_regressor.shape[0], 3)

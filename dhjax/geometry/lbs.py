@@ -99,7 +99,8 @@ def lbs(v_shaped, rot_mats, posedirs, j_regressor, weights, parents: Sequence[in
     # [B, J, 3]; as an einsum, 5x faster on CPU than a broadcast matmul.
     joints = jnp.einsum("jv,bvc->bjc", j_regressor, v_shaped, precision=jax.lax.Precision.HIGHEST)
     eye = jnp.eye(3, dtype=rot_mats.dtype)
-    pose_feature = (rot_mats[:, 1:] - eye).reshape(batch, -1)  # [B, 9(J-1)]
+    # An explicit size, not -1: a batch of 0 leaves -1 undetermined.
+    pose_feature = (rot_mats[:, 1:] - eye).reshape(batch, 9 * (rot_mats.shape[1] - 1))  # [B, 9(J-1)]
     v_posed = v_shaped + blend_shapes(pose_feature, posedirs)
     posed_joints, rel = batch_rigid_transform(rot_mats, joints, parents)
     # Per-vertex blended transforms, laid out [B, 16, V] so that applying them is a few fused
