@@ -291,3 +291,55 @@ def test_two_processes_on_localhost(reference, tmp_path):
     assert all(p.returncode == 0 for p in procs), outs[0][-2000:] + outs[1][-2000:]
     # 2 processes x 2 devices = 4 devices: same result as one device.
     np.testing.assert_allclose(params(tmp_path), params(reference), atol=1e-6)
+
+
+def _synshot_state(workdir, step):
+    import orbax.checkpoint as ocp
+
+    with ocp.StandardCheckpointer() as ck:
+        tree = ck.restore(os.path.join(workdir, "checkpoints", str(step), "state"))
+    import jax
+
+    return {jax.tree_util.keystr(k): np.asarray(v) for k, v in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+@pytest.mark.slow
+def test_synshot_prior_is_reproducible_and_a_sigkilled_run_resumes_bit_identical(tmp_path):
+    """SynShot's tiny prior with the default kernel thread count: two runs end with the same
+    bits, and so does one SIGKILLed after its first checkpoint and resumed (the C++ splat
+    backward reduces its per-thread gradients in a fixed order)."""
+    env = env_with(1, PYTHONPATH=os.path.dirname(HERE))
+    env.pop("DHJAX_NUM_THREADS", None)
+    flags_ = ["--config=configs/synshot_prior.py:tiny", "--config.data.train_identities=(0, 2)",
+              "--config.data.test_identities=(1000000, 1)", f"--config.data.cache_dir={tmp_path / 'cache'}",
+              "--config.train.steps=6", "--config.train.checkpoint_every=3", "--config.train.log_every=1",
+              "--config.train.eval_every=0", "--config.eval.max_test_images=2"]
+
+    def command(work):
+        return [sys.executable, "-m", "experiments.synshot_prior", *flags_, f"--workdir={work}"]
+
+    def finish(work):
+        proc = subprocess.run(command(work), cwd=os.path.dirname(HERE), env=env, capture_output=True, text=True,
+                              timeout=1200)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        return proc.stdout
+
+    finish(tmp_path / "a")
+    finish(tmp_path / "b")
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(command(killed), cwd=os.path.dirname(HERE), env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 1200
+    while not (killed / "checkpoints" / "3").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert (killed / "checkpoints" / "3").exists() and not (killed / "checkpoints" / "6").exists()
+    assert "resumed from" in finish(killed)
+    a = _synshot_state(tmp_path / "a", 6)
+    for other in ("b", "killed"):
+        b = _synshot_state(tmp_path / other, 6)
+        assert a.keys() == b.keys()
+        differ = [k for k in a if not np.array_equal(a[k], b[k], equal_nan=True)]
+        assert not differ, f"{other}: {len(differ)} of {len(a)} arrays differ, first {differ[:3]}"
+        assert jsonl(tmp_path / other) == jsonl(tmp_path / "a")
