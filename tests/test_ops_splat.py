@@ -1,6 +1,9 @@
 """Tile compositing op: the C++ kernel against the pure-JAX reference (values and gradients),
 edge cases (behind the camera, off-image, tiny/huge, one tile, empty), directional finite
-differences, vmap/jit, and the reference's own capacity handling."""
+differences, vmap/jit, the reference's own capacity handling, determinism of the kernel's
+backward, and the dropping of non-finite Gaussians (the same in every backend)."""
+
+import functools
 
 import numpy as np
 import pytest
@@ -275,3 +278,152 @@ def test_kernel_backward_is_independent_of_the_thread_count(cpu_kernel):
         assert run.returncode == 0, run.stderr[-2000:]
         digests[threads] = run.stdout.strip().splitlines()[-1]
     assert len(set(digests.values())) == 1, digests
+
+
+# ----------------------------------------------------------------------------------------------
+# Non-finite Gaussians are dropped, the same way by every backend: the output is finite and equals
+# the render without that Gaussian, and the Gaussian's gradients are zero (not NaN).
+
+BACKENDS = ("reference", "cpu")
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request):
+    if request.param == "cpu":
+        need_kernel(op.kernel_available("cpu"), "the CPU splat kernel")
+    return request.param
+
+
+def visible_index(s, cams, **kw):
+    """A Gaussian that every camera sees (radius > 0), so dropping it changes the image."""
+    r = np.asarray(jrender(s, cams, "reference", return_meta=True, **kw).meta["radii"]).min(-1)  # [C, N]
+    seen = np.nonzero(r.min(0) >= 3)[0]
+    assert seen.size, "the scene must have a Gaussian seen by every camera"
+    return int(seen[0])
+
+
+def without(s, i):
+    return {k: np.delete(v, i, axis=0) for k, v in s.items()}
+
+
+@functools.cache
+def cached_value_and_grads(backend, **kw):
+    """`value_and_grads` with one jitted function per (backend, kwargs): the scenes below share
+    their shapes, so they share compilations (compiling dominates these tests' time)."""
+    fn = jax.jit(jax.value_and_grad(lambda p, c: weighted_loss(p, c, backend, **kw), has_aux=True))
+
+    def run(s, cams):
+        (loss, out), g = fn({k: jnp.asarray(s[k]) for k in PARAMS}, cams)
+        return loss, out, tuple(g[k] for k in PARAMS)
+
+    return run
+
+
+# name: (parameter, entry of Gaussian i set to the value, value, extra render kwargs)
+POISON = {
+    "colour_nan": ("colors", (1,), np.nan, {}),
+    "sh_nan": ("colors", (2, 1), np.nan, dict(sh_degree=3)),  # one SH coefficient of band 1
+    "opacity_nan": ("opacities", (), np.nan, {}),
+    "quat_inf": ("quats", (2,), np.inf, {}),
+    "mean_nan": ("means", (0,), np.nan, {}),
+    "scale_inf": ("scales", (1,), np.inf, {}),
+    "colour_neg_inf": ("colors", (0,), -np.inf, {}),
+}
+
+
+def poison_scene(case):
+    name, entry, value, kw = POISON[case]
+    s = scene(30, n=40, spread=0.1)
+    if "sh_degree" in kw:
+        s["colors"] = np.random.default_rng(31).normal(0, 0.3, (40, 16, 3)).astype(np.float32)
+    cams = rig(n_cams=2, width=40, height=32)
+    i = visible_index(s, cams, **kw)
+    bad = {k: v.copy() for k, v in s.items()}
+    bad[name][(i,) + entry] = value
+    return s, bad, i, cams, kw
+
+
+@pytest.mark.parametrize("case", sorted(POISON))
+def test_non_finite_gaussian_is_dropped(backend, case):
+    s, bad, i, cams, kw = poison_scene(case)
+    vg = cached_value_and_grads(backend, **kw)
+    _, out, g = vg(bad, cams)
+    _, want, g_want = vg(without(s, i), cams)
+    full = vg(s, cams)[1]
+    # the dropped Gaussian is visible: without the rule this comparison would be vacuous
+    assert float(jnp.abs(full.image - want.image).max()) > 1e-2
+    assert_same_render(want, out, atol=1e-6)
+    for name, gb, gw in zip(PARAMS, g, g_want):
+        gb = np.asarray(gb)
+        assert np.all(np.isfinite(gb)), f"{name}: non-finite gradient"
+        assert np.all(gb[i] == 0), f"{name}: the dropped Gaussian has gradient {gb[i]}"
+    assert_same_grads(g_want, tuple(np.delete(np.asarray(x), i, axis=0) for x in g), rel=1e-5)
+
+
+@pytest.mark.parametrize("case", ["colour_nan", "opacity_nan", "quat_inf", "sh_nan"])
+def test_non_finite_gaussian_kernel_matches_reference(cpu_kernel, case):
+    _, bad, _, cams, kw = poison_scene(case)
+    _, ref, g_ref = cached_value_and_grads("reference", **kw)(bad, cams)
+    _, ker, g_ker = cached_value_and_grads("cpu", **kw)(bad, cams)
+    assert_same_render(ref, ker)
+    assert_same_grads(g_ref, g_ker)
+
+
+def test_non_finite_covariance_is_dropped(backend):
+    s = scene(32, n=40, spread=0.1)
+    cams = rig(n_cams=2, width=40, height=32)
+    i = visible_index(s, cams)
+    covs = np.asarray(splat.covariance(s["quats"], s["scales"]))
+    bad_covs = covs.copy()
+    bad_covs[i, 0, 1] = np.nan
+    _, out, g = value_and_grads(s, cams, backend, covariances=jnp.asarray(bad_covs))
+    _, want, g_want = value_and_grads(without(s, i), cams, backend, covariances=jnp.asarray(np.delete(covs, i, 0)))
+    assert_same_render(want, out, atol=1e-6)
+    for name, gb in zip(PARAMS, g):
+        assert np.all(np.isfinite(np.asarray(gb))) and np.all(np.asarray(gb)[i] == 0), name
+    # quats and scales are ignored with covariances: their non-finite values do not drop anything
+    odd = dict(s, quats=np.full_like(s["quats"], np.nan))
+    assert_same_render(jrender(s, cams, backend, covariances=jnp.asarray(covs)),
+                       jrender(odd, cams, backend, covariances=jnp.asarray(covs)), atol=0)
+
+
+def test_op_drops_non_finite_entries(backend):
+    """The op (projected Gaussians) applies the rule per (camera, Gaussian) entry, also to entries
+    whose rectangle would bin them (the kernels never see the non-finite values)."""
+    rng = np.random.default_rng(40)
+    b, n, k, w, h = 2, 30, 3, 40, 32
+    sigma = rng.uniform(2.0, 6.0, (b, n, 2))
+    means2d = rng.uniform(0, [w, h], (b, n, 2))
+    conics = np.stack([1 / sigma[..., 0] ** 2, np.zeros((b, n)), 1 / sigma[..., 1] ** 2], -1)
+    colors = rng.uniform(0, 1, (b, n, k))
+    opac = rng.uniform(0.3, 0.9, (b, n))
+    depths = rng.uniform(1, 3, (b, n))
+    f32 = lambda a: jnp.asarray(a, jnp.float32)
+    rects = op.tile_rects(f32(means2d), np.ceil(3 * sigma), w, h)
+    args = [f32(a) for a in (means2d, conics, colors, opac, depths)]
+    w_img = f32(rng.normal(size=(b, h, w, k)))
+    w_t = f32(rng.normal(size=(b, h, w)))
+
+    def run(m, q, c, o, d, r):
+        def loss(m, q, c, o):
+            img, t = op.rasterize(m, q, c, o, d, r, w, h, backend=backend)
+            return jnp.sum(img * w_img) + jnp.sum(t * w_t), (img, t)
+        (_, (img, t)), g = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3), has_aux=True))(m, q, c, o)
+        return np.asarray(img), np.asarray(t), [np.asarray(x) for x in g]
+
+    j = 7  # entry (camera 1, Gaussian 7)
+    want = run(*[a.at[1, j].set(0.0) if a.ndim == 2 else a for a in args[:3]], args[3].at[1, j].set(0.0), args[4], rects)
+    for which, index, value in (("means2d", (1, j, 0), np.nan), ("conics", (1, j, 2), np.inf),
+                                ("colors", (1, j, 1), np.nan), ("opacities", (1, j), np.nan),
+                                ("depths", (1, j), np.nan)):
+        bad = list(args)
+        pos = ("means2d", "conics", "colors", "opacities", "depths").index(which)
+        bad[pos] = bad[pos].at[index].set(value)
+        img, t, g = run(*bad, rects)
+        assert np.all(np.isfinite(img)) and np.all(np.isfinite(t)), which
+        # equal to the same scene with that entry's opacity at zero (= not composited anywhere)
+        np.testing.assert_allclose(img, want[0], atol=1e-6, rtol=0, err_msg=which)
+        np.testing.assert_allclose(t, want[1], atol=1e-6, rtol=0, err_msg=which)
+        for x in g:
+            assert np.all(np.isfinite(x)) and np.all(x[1, j] == 0), which
+        np.testing.assert_allclose(g[0][0], want[2][0][0], rtol=1e-5, atol=1e-7)  # camera 0 is untouched

@@ -284,3 +284,64 @@ def test_render_end_to_end():
         scale = max(float(np.max(np.abs(b))), 1e-6)
         err = float(np.max(np.abs(a - b)))
         assert err <= 1e-3 * scale, f"d{name}: max |cuda - ref| = {err:.3g}, max |ref| = {scale:.3g}"
+
+
+# ----------------------------------------------------------------------------------------------
+# Non-finite Gaussians are dropped (dhjax.ops.splat.drop_non_finite), on CUDA as elsewhere.
+
+
+@pytest.mark.parametrize("which", ["means2d", "conics", "colors", "opacities", "depths"])
+def test_non_finite_entry_is_dropped(which):
+    """An entry with one NaN / inf value but a rect that bins it: the CUDA output equals the
+    output with that entry's opacity at zero (composited nowhere) and the reference's, and the
+    entry's gradients are zero."""
+    w, h = 48, 40
+    args = list(_scene(30, (2,), 120, w, h, 3, cull_frac=0.0))
+    j = int(np.argmax(np.prod(args[5][1, :, 2:] - args[5][1, :, :2], -1)))  # camera 1's widest rect
+    zeroed = [a.copy() for a in args]
+    zeroed[3][1, j] = 0.0
+    bad = [a.copy() for a in args]
+    pos = ("means2d", "conics", "colors", "opacities", "depths").index(which)
+    bad[pos][(1, j) + (0,) * (bad[pos].ndim - 2)] = np.inf if which == "conics" else np.nan
+    out_b, tr_b = _forward(bad, w, h, "cuda")
+    out_z, tr_z = _forward(zeroed, w, h, "cuda")
+    assert np.all(np.isfinite(out_b)) and np.all(np.isfinite(tr_b))
+    np.testing.assert_allclose(out_b, out_z, atol=1e-6, rtol=0)
+    np.testing.assert_allclose(tr_b, tr_z, atol=1e-6, rtol=0)
+    _assert_values_close(bad, w, h)
+    _assert_grads_close(bad, w, h)
+    for name, g in zip(NAMES, _grads(bad, w, h, "cuda")):
+        assert np.all(np.isfinite(g)) and np.all(g[1, j] == 0), name
+
+
+@pytest.mark.parametrize("attr", ["colors", "opacities", "quats"])
+def test_render_drops_non_finite_gaussian(attr):
+    """End to end: one Gaussian with a NaN colour / opacity or an infinite quaternion renders as
+    if it were absent, with zero gradients, on CUDA."""
+    from dhjax.render import camera as C
+    from dhjax.render import splat as R
+
+    w, h = 48, 40
+    cams = C.orbit_rig(2, 2.0, elevation_deg=15.0, fov_y_deg=45.0, width=w, height=h)
+    keys = ("means", "quats", "scales", "opacities", "colors")  # rasterize's argument order
+    params = dict(zip(keys, _world(22, 150)))
+    meta = R.rasterize(*params.values(), cams, backend="cuda", return_meta=True).meta
+    i = int(np.argmax(np.asarray(meta["radii"]).min(-1).min(0)))  # seen by both cameras
+    bad = dict(params)
+    bad[attr] = params[attr].at[i].set(np.inf if attr == "quats" else np.nan)
+    rest = {k: jnp.delete(v, i, axis=0) for k, v in params.items()}
+
+    def loss(p):
+        r = R.rasterize(*(p[k] for k in keys), cams, render_mode="rgb+depth", backend="cuda")
+        return jnp.sum(r.image * jnp.arange(3.0)) + jnp.sum(r.alpha), r
+
+    (_, out), g = jax.value_and_grad(loss, has_aux=True)(bad)
+    (_, want), g_want = jax.value_and_grad(loss, has_aux=True)(rest)
+    np.testing.assert_allclose(np.asarray(out.image), np.asarray(want.image), atol=1e-6, rtol=0)
+    np.testing.assert_allclose(np.asarray(out.alpha), np.asarray(want.alpha), atol=1e-6, rtol=0)
+    for k in params:
+        a = np.asarray(g[k])
+        assert np.all(np.isfinite(a)) and np.all(a[i] == 0), k
+        b = np.asarray(g_want[k])
+        scale = max(float(np.max(np.abs(b))), 1e-6)
+        assert float(np.max(np.abs(np.delete(a, i, 0) - b))) <= 1e-3 * scale, k

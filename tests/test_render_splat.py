@@ -171,6 +171,8 @@ def test_bad_input_errors():
         splat.rasterize(*args[:4], s["colors"], cams, sh_degree=2)
     with pytest.raises(ValueError, match="needs 16 coefficients"):
         splat.rasterize(*args[:4], s["sh"][:, :9], cams, sh_degree=3)
+    with pytest.raises(ValueError, match="colors must be"):  # checked in every render mode
+        splat.rasterize(*args[:4], s["colors"][:5], cams, render_mode="alpha")
     with pytest.raises(ValueError, match="background"):
         splat.rasterize(*args, background=jnp.zeros(4))
     with pytest.raises(ValueError, match="covariances"):

@@ -15,6 +15,14 @@ cameras and composites them front to back, per 16x16 pixel tile:
 * Compositing: C = sum_i c_i alpha_i T_i with T_i = prod_{j<i} (1 - alpha_j); a pixel stops
   before the first Gaussian that would bring its transmittance below 1e-4 (that Gaussian is not
   composited). Outputs the accumulated channels (no background) and the final transmittance.
+* Non-finite Gaussians are dropped: an entry (camera, Gaussian) with a NaN or infinite value in
+  its mean, conic, colour channels, opacity or depth is culled (its rectangle emptied) and its
+  values replaced by zeros before any backend sees them (`drop_non_finite`), so the output is
+  finite and equals the output without that entry, and its gradients are zero, not NaN. This
+  happens once, in `rasterize`, so the three backends cannot disagree on such input (left to
+  themselves they did: the reference's per-tile sums spread a NaN colour over whole tiles, the
+  C++ kernel only over the pixels it covers; the CPU kernel skips a NaN opacity where the CUDA
+  code clamps it to alpha 0.99).
 
 Three implementations of this one op:
 * `backend="reference"`: pure JAX (`rasterize_reference`), differentiable by autodiff; the oracle.
@@ -107,6 +115,23 @@ def num_intersections(rects) -> jax.Array:
     return jnp.sum(area, axis=-1)
 
 
+def drop_non_finite(means2d, conics, colors, opacities, depths, rects):
+    """Culls the entries with a non-finite value (the rule of the module docstring).
+
+    Args: as `rasterize` (float32 / int32 arrays of matching leading shape [..., N]).
+    Returns:
+      (means2d, conics, colors, opacities, depths, rects) where every entry (camera, Gaussian)
+      with a NaN or infinite value in any of the five float arrays has rect (0, 0, 0, 0) (binned
+      nowhere) and zeros in the float arrays. `jnp.where` passes a zero cotangent to the values
+      it replaces, so such an entry's gradients are exactly zero.
+    """
+    finite = (jnp.all(jnp.isfinite(means2d), -1) & jnp.all(jnp.isfinite(conics), -1)
+              & jnp.all(jnp.isfinite(colors), -1) & jnp.isfinite(opacities) & jnp.isfinite(depths))
+    per_row = finite[..., None]
+    return (jnp.where(per_row, means2d, 0.0), jnp.where(per_row, conics, 0.0), jnp.where(per_row, colors, 0.0),
+            jnp.where(finite, opacities, 0.0), jnp.where(finite, depths, 0.0), jnp.where(per_row, rects, 0))
+
+
 # ----------------------------------------------------------------------------------------------
 # Pure-JAX reference.
 
@@ -193,7 +218,13 @@ def rasterize_reference(means2d, conics, colors, opacities, depths, rects, width
     n = means2d.shape[-2]
     if capacity is None:
         rc = _concrete(rects)
-        capacity = int(np.max(np.asarray(tile_counts(rc, width, height)), initial=0)) if rc is not None else n
+        if rc is not None:
+            # Concrete rects (e.g. closed over by a jitted function) while tracing: count them now,
+            # not in the traced program (np.asarray of a traced count would raise).
+            with jax.ensure_compile_time_eval():
+                capacity = int(np.max(np.asarray(tile_counts(rc, width, height)), initial=0))
+        else:
+            capacity = n
     capacity = max(1, min(int(capacity), max(n, 1))) if n else 1
     if tile_batch == "auto":
         # All tiles at once while the per-tile arrays ([capacity, 256] pixels and the [N] hit
@@ -296,12 +327,19 @@ def rasterize(means2d, conics, colors, opacities, depths, rects, width: int, hei
       image: [..., H, W, K] float32 accumulated channels, without background.
       transmittance: [..., H, W] float32 final transmittance T (alpha = 1 - T).
     Gradients flow to means2d, conics, colors and opacities in every backend.
+
+    Non-finite Gaussians are dropped: an entry (camera, Gaussian) with a NaN or infinite value in
+    its means2d, conics, colors, opacities or depths row is culled whatever its rect says, the same
+    way for every backend (`drop_non_finite`): the outputs are finite and equal those without
+    that entry, and its gradients are zero.
     """
     args = _check(means2d, conics, colors, opacities, depths, rects)
     width, height = int(width), int(height)
     if width <= 0 or height <= 0:
         raise ValueError(f"image size must be positive, got {width}x{height}")
     impl = _ffi.resolve_backend(backend, "splat", _TARGETS)
+    # Once, here, for every backend: non-finite entries never reach an implementation.
+    args = drop_non_finite(*args)
     if args[0].shape[-2] == 0:  # no Gaussians: nothing to composite or launch
         lead = args[0].shape[:-2]
         k = args[2].shape[-1]

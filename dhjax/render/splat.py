@@ -13,8 +13,9 @@ Image formation, as in Kerbl et al. 2023 (3DGS), with the conventions of `dhjax.
    A 0.3 pixel^2 low-pass is added to the diagonal. Antialiased mode (Mip-Splatting / gsplat's
    "antialiased") multiplies the opacity by sqrt(det(Sigma') / det(Sigma' + 0.3 I)).
 3. Culling and extent: a Gaussian is dropped when z <= near, z >= far, or its box lies outside
-   the image. Its screen extent is the axis-aligned box of the 3-sigma ellipse, radius
-   ceil(3 sqrt(Sigma'_uu)) by ceil(3 sqrt(Sigma'_vv)) pixels (`radius_sigma`).
+   the image, and in every camera when any of its inputs is NaN or infinite (`rasterize`). Its
+   screen extent is the axis-aligned box of the 3-sigma ellipse, radius ceil(3 sqrt(Sigma'_uu))
+   by ceil(3 sqrt(Sigma'_vv)) pixels (`radius_sigma`).
 4. Colour: either given per Gaussian, or spherical harmonics up to degree 3 evaluated at the
    view direction (mean - camera centre, normalised) with 3DGS's real SH basis, plus 0.5,
    clamped at 0.
@@ -30,6 +31,7 @@ covariances, for every backend (the kernels' backward equals the reference's aut
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import jax
@@ -235,6 +237,7 @@ class RenderOutput(NamedTuple):
 
 
 def _check_gaussians(means, quats, scales, opacities, covariances):
+    """Shapes checked; returns (means, quats or None, scales or None, opacities, covariances or None)."""
     means = jnp.asarray(means, jnp.float32)
     if means.ndim != 2 or means.shape[-1] != 3:
         raise ValueError(f"means must be [N, 3], got {means.shape}")
@@ -246,7 +249,7 @@ def _check_gaussians(means, quats, scales, opacities, covariances):
         covariances = jnp.asarray(covariances, jnp.float32)
         if covariances.shape != (n, 3, 3):
             raise ValueError(f"covariances must be [N, 3, 3] = [{n}, 3, 3], got {covariances.shape}")
-        return means, covariances, opacities
+        return means, None, None, opacities, covariances
     if quats is None or scales is None:
         raise ValueError("pass quats [N, 4] and scales [N, 3], or covariances [N, 3, 3]")
     quats = jnp.asarray(quats, jnp.float32)
@@ -255,19 +258,37 @@ def _check_gaussians(means, quats, scales, opacities, covariances):
         raise ValueError(f"quats must be [N, 4] = [{n}, 4] (w, x, y, z), got {quats.shape}")
     if scales.shape != (n, 3):
         raise ValueError(f"scales must be [N, 3] = [{n}, 3] (standard deviations, metres), got {scales.shape}")
-    return means, covariance(quats, scales), opacities
+    return means, quats, scales, opacities, None
 
 
-def _colors(colors_or_sh, sh_degree, means, cams: Camera, n: int, c: int) -> jax.Array:
+def _check_colors(colors_or_sh, sh_degree, n: int, c: int) -> jax.Array:
+    """Shape checked (in every render mode); colours [N, D] or [C, N, D], or SH [N, M, 3]."""
     x = jnp.asarray(colors_or_sh, jnp.float32)
     if sh_degree is None:
-        if x.ndim == 2 and x.shape[0] == n:
-            return jnp.broadcast_to(x[None], (c,) + x.shape)
-        if x.ndim == 3 and x.shape[:2] == (c, n):
-            return x
-        raise ValueError(f"colors must be [N, D] or [C, N, D] with N={n}, C={c}, got {x.shape}")
-    if x.ndim != 3 or x.shape[0] != n or x.shape[2] != 3:
+        if not ((x.ndim == 2 and x.shape[0] == n) or (x.ndim == 3 and x.shape[:2] == (c, n))):
+            raise ValueError(f"colors must be [N, D] or [C, N, D] with N={n}, C={c}, got {x.shape}")
+    elif x.ndim != 3 or x.shape[0] != n or x.shape[2] != 3:
         raise ValueError(f"SH coefficients must be [N, M, 3] with N={n}, got {x.shape}")
+    return x
+
+
+def _rows_finite(x, axis: int = 0) -> jax.Array:
+    """[N] bool: every value of Gaussian i's row of x (Gaussians along `axis`) is finite."""
+    x = jnp.moveaxis(x, axis, 0)
+    return jnp.all(jnp.isfinite(x.reshape(x.shape[:1] + (math.prod(x.shape[1:]),))), -1)  # N may be 0
+
+
+def _where_rows(ok, x, fill, axis: int = 0) -> jax.Array:
+    """x with Gaussian i's row (Gaussians along `axis`) replaced by `fill` where ok[i] is False."""
+    shape = [1] * x.ndim
+    shape[axis] = ok.shape[0]
+    return jnp.where(ok.reshape(shape), x, fill)
+
+
+def _colors(x, sh_degree, means, cams: Camera, n: int, c: int) -> jax.Array:
+    """[C, N, D] colours from `_check_colors`' result."""
+    if sh_degree is None:
+        return jnp.broadcast_to(x[None], (c,) + x.shape) if x.ndim == 2 else x
     dirs = means[None] - camera_centre(cams)[:, None, :]  # [C, N, 3]
     rgb = eval_sh(int(sh_degree), dirs, jnp.broadcast_to(x[None], (c,) + x.shape))
     return jnp.maximum(rgb + 0.5, 0.0)
@@ -301,15 +322,41 @@ def rasterize(means, quats, scales, opacities, colors_or_sh, cameras: Camera, wi
       return_meta: also return the projection and tiling in `meta`.
     Returns:
       `RenderOutput(image [C,H,W,D] or None, alpha [C,H,W,1], depth [C,H,W,1] or None, meta)`.
+
+    Non-finite Gaussians are dropped: Gaussian i is culled in every camera, by every backend, when
+    any value of its row of means, quats or scales (of covariances instead when they are given;
+    quats and scales are then not read), opacities or colors_or_sh (every channel or SH
+    coefficient, in every camera for per-camera colours, in every render mode) is NaN or
+    infinite. The outputs are then finite and equal the render without Gaussian i (its radii in
+    `meta` are 0), and its gradients are zero for all its attributes, not NaN. After projection,
+    `dhjax.ops.splat.rasterize` applies the same rule per (camera, Gaussian) to what is derived
+    (e.g. SH colours that overflow to infinity).
     """
     if render_mode not in RENDER_MODES:
         raise ValueError(f"render_mode must be one of {RENDER_MODES}, got {render_mode!r}")
     cams = _as_camera_batch(cameras)
     width = int(cams.width if width is None else width)
     height = int(cams.height if height is None else height)
-    means, covs, opacities = _check_gaussians(means, quats, scales, opacities, covariances)
+    means, quats, scales, opacities, covs = _check_gaussians(means, quats, scales, opacities, covariances)
     n, c = means.shape[0], cams.t.shape[0]
+    colors_or_sh = _check_colors(colors_or_sh, sh_degree, n, c)
+    # Non-finite Gaussians are dropped (docstring): replaced by finite stand-ins *before* any
+    # arithmetic, so that no NaN is formed anywhere (a NaN partial derivative times a zero
+    # cotangent is still NaN) and jnp.where passes them zero gradients; then culled below.
+    col_axis = 1 if sh_degree is None and colors_or_sh.ndim == 3 else 0  # [C, N, D]: per camera
+    ok = _rows_finite(means) & jnp.isfinite(opacities) & _rows_finite(colors_or_sh, col_axis)
+    if covs is None:
+        ok = ok & _rows_finite(quats) & _rows_finite(scales)
+        covs = covariance(_where_rows(ok, quats, jnp.array([1.0, 0.0, 0.0, 0.0], jnp.float32)),
+                          _where_rows(ok, scales, 0.0))
+    else:
+        ok = ok & _rows_finite(covs)
+        covs = _where_rows(ok, covs, 0.0)
+    means = _where_rows(ok, means, 0.0)
+    opacities = _where_rows(ok, opacities, 0.0)
+    colors_or_sh = _where_rows(ok, colors_or_sh, 0.0, col_axis)
     proj = project(means, covs, cams, width, height, eps2d=eps2d, near=near, far=far, radius_sigma=radius_sigma)
+    proj = proj._replace(radii=jnp.where(ok[None, :, None], proj.radii, 0))  # culled in every camera
     opac = jnp.broadcast_to(opacities[None], (c, n))
     if antialiased:
         opac = opac * proj.compensations
