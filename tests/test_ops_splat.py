@@ -427,3 +427,15 @@ def test_op_drops_non_finite_entries(backend):
         for x in g:
             assert np.all(np.isfinite(x)) and np.all(x[1, j] == 0), which
         np.testing.assert_allclose(g[0][0], want[2][0][0], rtol=1e-5, atol=1e-7)  # camera 0 is untouched
+
+
+def test_deterministic_flag_on_cpu_and_reference(cpu_kernel):
+    """`deterministic=True` selects the CUDA backward's fixed-order mode; the CPU backward is
+    always deterministic (the flag maps to the same handler: the same bits) and the reference
+    ignores it."""
+    s, cams = scene(11, n=60), rig(width=40, height=32)
+    for backend in ("cpu", "reference"):
+        plain = value_and_grads(s, cams, backend)[2]
+        det = value_and_grads(s, cams, backend, deterministic=True)[2]
+        for name, a, b in zip(PARAMS, plain, det):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=f"{backend} {name}")

@@ -31,7 +31,12 @@ Three implementations of this one op:
 The kernels are XLA FFI custom calls with a `jax.custom_vjp` whose backward is a second custom
 call (front-to-back, exact transmittances, no division by (1 - alpha) to recover T). The CPU
 backward sums each Gaussian's gradient in a fixed order (the same bits for any thread count);
-the CUDA backward adds with atomics, so its last bits vary from call to call.
+the CUDA backward adds with atomics, so its last bits vary from call to call, unless
+`deterministic=True`: then it writes one gradient record per (tile, Gaussian) intersection
+into scratch memory and sums each Gaussian's records in row-major tile order, like the CPU
+(the same bits on every call; extra GPU memory of about n_intersections x (6 + K) floats). That
+deterministic CUDA path is compiled but has not yet run on a GPU (no device was available
+when it was written); `pytest -m gpu tests/test_ops_splat_cuda.py` is its first check.
 `backend="auto"` picks the kernel of JAX's default backend when it is built, else the reference.
 
 Number of intersections: the kernels bin on their own (CPU with growing buffers, CUDA with one
@@ -57,9 +62,33 @@ ALPHA_MAX = 0.99
 T_MIN = 1e-4
 
 _TARGETS = {
-    "cpu": (("dhjax_splat_fwd", "SplatForward"), ("dhjax_splat_bwd", "SplatBackward")),
+    # The CPU backward is deterministic already: the deterministic target is the same handler.
+    "cpu": (("dhjax_splat_fwd", "SplatForward"), ("dhjax_splat_bwd", "SplatBackward"),
+            ("dhjax_splat_bwd_deterministic", "SplatBackward")),
     "cuda": (("dhjax_splat_fwd", "SplatForwardCuda"), ("dhjax_splat_bwd", "SplatBackwardCuda")),
 }
+# The deterministic CUDA backward has its own target (the handler signatures, and with them the
+# kernel ABI, are unchanged). Registered on first use only, so that a CUDA library built before
+# this handler existed keeps serving everything else.
+_CUDA_DETERMINISTIC = (("dhjax_splat_bwd_deterministic", "SplatBackwardDeterministicCuda"),)
+
+
+def _register_cuda_deterministic(required: bool) -> None:
+    """Registers the deterministic CUDA backward; raises only when `required` (backend "cuda")."""
+    try:
+        ok = _ffi.register("splat", "cuda", _CUDA_DETERMINISTIC)
+    except AttributeError as e:  # the library lacks the symbol: built before the handler existed
+        if required:
+            raise RuntimeError("the CUDA splat library predates the deterministic backward "
+                               "(no SplatBackwardDeterministicCuda): rebuild it with "
+                               "`bash kernels/build_inplace.sh -DDHJAX_CUDA=ON`") from e
+        return
+    except (OSError, RuntimeError):  # e.g. a CUDA library without a CUDA runtime here
+        if required:
+            raise
+        return
+    if required and not ok:
+        raise RuntimeError("the cuda kernel of 'splat' is not built")
 
 
 def num_tiles(width: int, height: int) -> tuple[int, int]:
@@ -261,18 +290,18 @@ def _kernel_forward(means2d, conics, colors, opacities, depths, rects, width, he
     return call(means2d, conics, colors, opacities, depths, rects)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
-def _kernel_raster(means2d, conics, colors, opacities, depths, rects, width, height):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
+def _kernel_raster(means2d, conics, colors, opacities, depths, rects, width, height, deterministic=False):
     out, trans, _ = _kernel_forward(means2d, conics, colors, opacities, depths, rects, width, height)
     return out, trans
 
 
-def _kernel_raster_fwd(means2d, conics, colors, opacities, depths, rects, width, height):
+def _kernel_raster_fwd(means2d, conics, colors, opacities, depths, rects, width, height, deterministic=False):
     out, trans, last = _kernel_forward(means2d, conics, colors, opacities, depths, rects, width, height)
     return (out, trans), (means2d, conics, colors, opacities, depths, rects, out, trans, last)
 
 
-def _kernel_raster_bwd(width, height, res, cts):
+def _kernel_raster_bwd(width, height, deterministic, res, cts):
     means2d, conics, colors, opacities, depths, rects, out, trans, last = res
     g_out, g_trans = cts
     out_types = (
@@ -281,7 +310,9 @@ def _kernel_raster_bwd(width, height, res, cts):
         jax.ShapeDtypeStruct(colors.shape, jnp.float32),
         jax.ShapeDtypeStruct(opacities.shape, jnp.float32),
     )
-    call = jax.ffi.ffi_call("dhjax_splat_bwd", out_types, vmap_method="broadcast_all")
+    # One target per mode; on the CPU both are the (deterministic) SplatBackward.
+    target = "dhjax_splat_bwd_deterministic" if deterministic else "dhjax_splat_bwd"
+    call = jax.ffi.ffi_call(target, out_types, vmap_method="broadcast_all")
     g_m, g_q, g_c, g_o = call(
         means2d, conics, colors, opacities, depths, rects, out, trans, last,
         jnp.asarray(g_out, jnp.float32), jnp.asarray(g_trans, jnp.float32),
@@ -310,7 +341,8 @@ def _check(means2d, conics, colors, opacities, depths, rects):
     return means2d, out["conics"], out["colors"], out["opacities"], out["depths"], out["rects"]
 
 
-def rasterize(means2d, conics, colors, opacities, depths, rects, width: int, height: int, *, backend: str = "auto", capacity=None):
+def rasterize(means2d, conics, colors, opacities, depths, rects, width: int, height: int, *, backend: str = "auto",
+              capacity=None, deterministic: bool = False):
     """Composite projected Gaussians per 16x16 tile (see the module docstring for the exact rule).
 
     Args:
@@ -323,6 +355,12 @@ def rasterize(means2d, conics, colors, opacities, depths, rects, width: int, hei
       width, height: image size in pixels (static).
       backend: "auto" | "reference" | "cpu" | "cuda".
       capacity: reference only, see `rasterize_reference`.
+      deterministic: CUDA only (static): the backward sums every Gaussian's gradient in a fixed
+        order instead of with atomics, so repeated calls give the same bits. It costs GPU memory
+        of about n_intersections x (6 + K) floats (x (6 ceil(K/8) + K) for K > 8) plus two int32
+        per intersection, and an extra pass. Not yet run on a GPU: it compiles, but no device
+        was available when it was written (`pytest -m gpu tests/test_ops_splat_cuda.py`).
+        Ignored by the CPU kernel (always deterministic) and by the reference (XLA autodiff).
     Returns:
       image: [..., H, W, K] float32 accumulated channels, without background.
       transmittance: [..., H, W] float32 final transmittance T (alpha = 1 - T).
@@ -347,7 +385,11 @@ def rasterize(means2d, conics, colors, opacities, depths, rects, width: int, hei
         return jnp.zeros(lead + (height, width, k), jnp.float32) + zero, jnp.ones(lead + (height, width), jnp.float32) + zero
     if impl == "reference":
         return rasterize_reference(*args, width, height, capacity=capacity)
-    return _kernel_raster(*args, width, height)
+    deterministic = bool(deterministic)
+    if deterministic:
+        # With "cpu" too: a CUDA build on this host must lower the target on either platform.
+        _register_cuda_deterministic(required=impl == "cuda")
+    return _kernel_raster(*args, width, height, deterministic)
 
 
 def kernel_available(platform: str = "cpu") -> bool:

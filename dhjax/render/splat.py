@@ -298,7 +298,7 @@ def rasterize(means, quats, scales, opacities, colors_or_sh, cameras: Camera, wi
               height: int | None = None, *, sh_degree: int | None = None, covariances=None, background=None,
               near: float = 0.01, far: float = 1e10, render_mode: str = "rgb", antialiased: bool = False,
               eps2d: float = 0.3, radius_sigma: float = 3.0, backend: str = "auto", capacity: int | None = None,
-              return_meta: bool = False) -> RenderOutput:
+              deterministic: bool = False, return_meta: bool = False) -> RenderOutput:
     """Render 3D Gaussians into C cameras (image formation: module docstring).
 
     Args:
@@ -319,6 +319,9 @@ def rasterize(means, quats, scales, opacities, colors_or_sh, cameras: Camera, wi
       eps2d, radius_sigma: low-pass (pixels^2) and box extent (sigmas), 0.3 and 3 in 3DGS.
       backend: "auto" | "reference" | "cpu" | "cuda" (see `dhjax.ops.splat`).
       capacity: per-tile capacity of the reference backend (see `dhjax.ops.splat`).
+      deterministic: CUDA backend: a backward with the same bits on every call (fixed-order
+        sums instead of atomics; more GPU memory; not yet run on a GPU). Ignored by the CPU
+        kernel, which is always deterministic, and by the reference (see `dhjax.ops.splat`).
       return_meta: also return the projection and tiling in `meta`.
     Returns:
       `RenderOutput(image [C,H,W,D] or None, alpha [C,H,W,1], depth [C,H,W,1] or None, meta)`.
@@ -371,7 +374,7 @@ def rasterize(means, quats, scales, opacities, colors_or_sh, cameras: Camera, wi
     rects = splat_op.tile_rects(jax.lax.stop_gradient(proj.means2d), proj.radii, width, height)
     acc, trans = splat_op.rasterize(
         proj.means2d, proj.conics, feats, opac, jax.lax.stop_gradient(proj.depths), rects, width, height,
-        backend=backend, capacity=capacity,
+        backend=backend, capacity=capacity, deterministic=deterministic,
     )
     alpha = (1.0 - trans)[..., None]
     image = depth = None

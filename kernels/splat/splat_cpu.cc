@@ -20,7 +20,9 @@
 // per list entry into its own slice of a buffer laid out like the tile lists (one record per
 // (tile, Gaussian) intersection); then every Gaussian sums its records in tile order. No atomics
 // and no per-thread buffers: the gradients are the same bits for any thread count and any
-// scheduling.
+// scheduling. So dhjax/ops/splat.py registers SplatBackward as both dhjax_splat_bwd and
+// dhjax_splat_bwd_deterministic (the target that `deterministic=True` asks for; on CUDA it is
+// a separate handler).
 
 #include <algorithm>
 #include <cmath>

@@ -28,8 +28,21 @@
 //   with exact transmittances (no division by 1 - alpha to recover T), using
 //     dC_k/dalpha_i = c_ik T_i - (C_k - P_ik) / (1 - alpha_i),   dT/dalpha_i = -T / (1 - alpha_i)
 //   with P_ik the composited prefix up to and including i. Per-Gaussian gradients are summed
-//   over each warp with shuffles and added to the zeroed outputs with atomicAdd (so their
-//   float summation order is not deterministic).
+//   over each warp with shuffles (a fixed tree), then:
+//   * SplatBackwardCuda (target dhjax_splat_bwd): added to the zeroed outputs with atomicAdd, so
+//     their float summation order, and the gradients' last bits, vary from call to call.
+//   * SplatBackwardDeterministicCuda (target dhjax_splat_bwd_deterministic, Python
+//     `deterministic=True`): the CPU handler's scheme. The block sums each list entry's warp
+//     partials in warp order (staged in shared memory, kGroup entries per barrier pair) into one
+//     record per (tile, Gaussian) intersection, in a scratch buffer of M x (6 * chunks + K)
+//     floats in sorted-list order. The radix sort carries each entry's emit position (step 4
+//     sorts positions instead of indices; gather_kernel recovers the indices and the inverse
+//     permutation), so reduce_kernel can sum every Gaussian's records in emit order, i.e. its
+//     tiles in row-major order, one thread per (Gaussian, gradient column). The same bits on
+//     every call. Extra cost: the records (4 (6 + K) bytes per intersection for K <= 8), two
+//     int32 per intersection, one more pass over the records, and two barriers per 32 list
+//     entries in the backward kernel. Compiled here but NOT yet run on a GPU (none was
+//     available): tests/test_ops_splat_cuda.py::test_deterministic_backward checks it.
 // Channels: K is arbitrary. Kernels are templated on a channel chunk CH in {1, 2, 3, 4, 8};
 //   K > 8 runs ceil(K / 8) chunks (grid.y), each recomputing the alphas (which do not depend on
 //   the channels). The mean / conic / opacity gradients are linear in dL/dalpha, whose channel
@@ -161,10 +174,12 @@ __global__ void count_kernel(const int32_t* __restrict__ rects, int64_t* __restr
   counts[i] = c;
 }
 
-// Writes Gaussian i's entries at offsets[i] .. offsets[i+1]-1, tiles in row-major order.
+// Writes Gaussian i's entries at offsets[i] .. offsets[i+1]-1, tiles in row-major order. With
+// `positions` (deterministic backward only), also each entry's emit position o at positions[o].
 __global__ void emit_kernel(const int32_t* __restrict__ rects, const float* __restrict__ depths,
                             const int64_t* __restrict__ offsets, uint64_t* __restrict__ keys,
-                            int32_t* __restrict__ values, int64_t BN, int64_t N, int tx, int ty, int64_t T) {
+                            int32_t* __restrict__ values, int32_t* __restrict__ positions, int64_t BN, int64_t N,
+                            int tx, int ty, int64_t T) {
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= BN) return;
   int x0, y0, x1, y1;
@@ -177,6 +192,7 @@ __global__ void emit_kernel(const int32_t* __restrict__ rects, const float* __re
       const uint64_t tile = static_cast<uint64_t>(b * T + static_cast<int64_t>(y) * tx + x);
       keys[o] = (tile << 32) | dk;
       values[o] = static_cast<int32_t>(i);
+      if (positions != nullptr) positions[o] = static_cast<int32_t>(o);  // o < M <= 2^31 - 1
       ++o;
     }
   }
@@ -198,6 +214,20 @@ __global__ void ranges_kernel(const uint64_t* __restrict__ keys, int M, int* __r
     }
   }
   if (i == M - 1) ranges[2 * static_cast<int64_t>(tile) + 1] = M;
+}
+
+// Deterministic backward only: the radix sort carried emit positions (sorted[e] = emit position
+// of sorted entry e) instead of Gaussian indices. Recovers the sorted Gaussian indices
+// ids[e] = gauss_of_pos[sorted[e]] (the same as sorting the indices: the keys and their order
+// are the same) and the inverse permutation slot_of_pos[sorted[e]] = e, where Gaussian i's
+// entries are slot_of_pos[offsets[i] .. offsets[i+1]-1] in row-major tile order.
+__global__ void gather_kernel(const int32_t* __restrict__ sorted, const int32_t* __restrict__ gauss_of_pos,
+                              int32_t* __restrict__ ids, int32_t* __restrict__ slot_of_pos, int M) {
+  const int e = blockIdx.x * blockDim.x + threadIdx.x;
+  if (e >= M) return;
+  const int32_t o = sorted[e];
+  ids[e] = gauss_of_pos[o];
+  slot_of_pos[o] = e;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -320,18 +350,39 @@ struct Grads {
   float* g_opac;         // [B*N], zeroed
 };
 
+// Per-intersection gradient records of the deterministic backward: record e (sorted tile-list
+// entry e) is rec[e * stride ...] with stride = 6 * chunks + K: the mean (2), conic (3) and
+// opacity (1) gradients of each channel chunk c at 6c .. 6c+5 (each chunk contributes its part of
+// dL/dalpha), then the K colour gradients at 6 * chunks + k. Zeroed before the backward kernel,
+// which writes the entries its pixels walk; reduce_kernel sums them per Gaussian.
+struct Records {
+  float* rec;          // [M, stride]
+  int64_t stride;      // 6 * chunks + K
+  int chunks;          // channel chunks of the launch
+};
+
 __device__ __forceinline__ void add_if_nonzero(float* dst, float v) {
   if (v != 0.0f) atomicAdd(dst, v);
 }
 
+constexpr int kWarps = kBlock / 32;  // warps per render block
+constexpr int kGroup = 32;           // list entries whose warp partials are staged at once (deterministic)
+
 // grid (B*T, chunks), block (16, 16).
-template <int CH>
-__global__ void __launch_bounds__(kBlock) backward_kernel(Scene s, Geometry g, Grads io) {
+// Deterministic = false: each warp's per-entry sum is added to the gradients with atomicAdd.
+// Deterministic = true: the lane 0 of each warp stages its warp's per-entry sums in shared memory
+// for kGroup entries at a time; then the block sums the kWarps partials of each entry in warp
+// order and writes the entry's record (Records). No atomics: the same bits on every run.
+template <int CH, bool Deterministic>
+__global__ void __launch_bounds__(kBlock) backward_kernel(Scene s, Geometry g, Grads io, Records recs) {
   constexpr int R = 6 + CH;  // record: d mean (2), d conic (3), d opacity, d colour (CH)
   __shared__ Batch<CH> sh;
   __shared__ int s_walk;
+  // [kWarps][kGroup][R] warp partials (deterministic only; 14 KiB at CH = 8, plus 15 KiB of
+  // batch: within the 48 KiB of static shared memory).
+  __shared__ float part[Deterministic ? kWarps * kGroup * R : 1];
   const auto [gt, chunk, k0, b, px, py, tid] = block_pixel<CH>(g);
-  const int lane = tid & 31;
+  const int lane = tid & 31, warp = tid >> 5;
   const bool inside = px < g.W && py < g.H;
   const int start = s.ranges[2 * static_cast<int64_t>(gt)];
   const int n = s.ranges[2 * static_cast<int64_t>(gt) + 1] - start;
@@ -362,7 +413,7 @@ __global__ void __launch_bounds__(kBlock) backward_kernel(Scene s, Geometry g, G
       }
     }
     if (any) walk = max(0, min(io.last[p], n));
-    if (walk > 0) atomicMax(&s_walk, walk);
+    if (walk > 0) atomicMax(&s_walk, walk);  // a maximum: the same whatever the order
   }
   __syncthreads();
   const int max_walk = s_walk;  // block-uniform
@@ -373,56 +424,117 @@ __global__ void __launch_bounds__(kBlock) backward_kernel(Scene s, Geometry g, G
     __syncthreads();  // the previous batch is no longer read
     if (tid < cnt) load_entry<CH>(s, g, k0, start + base + tid, tid, sh);
     __syncthreads();
-    for (int j = 0; j < cnt; ++j) {  // uniform over the block: all lanes reach the shuffles
-      float rec[R];
+    for (int j0 = 0; j0 < cnt; j0 += kGroup) {  // block-uniform bounds: every thread reaches the barriers
+      const int group = min(kGroup, cnt - j0);
+      for (int jj = 0; jj < group; ++jj) {  // uniform over the block: all lanes reach the shuffles
+        const int j = j0 + jj;
+        float rec[R];
 #pragma unroll
-      for (int r = 0; r < R; ++r) rec[r] = 0.0f;
-      bool has = false;
-      float dx, dy, gauss, raw, alpha;
-      const float4 q = sh.cono[j];
-      if (base + j < walk && eval_alpha(fx, fy, sh.mean[j], q, dx, dy, gauss, raw, alpha)) {
-        has = true;
-        const float w = __fmul_rn(alpha, tr);
-        const float inv = __frcp_rn(__fsub_rn(1.0f, alpha));
-        float d_alpha = -g_t * t_final * inv;
-#pragma unroll
-        for (int k = 0; k < CH; ++k) {
-          const float c = sh.col[j * CH + k];
-          rec[6 + k] = w * gk[k];
-          prefix[k] += w * c;
-          d_alpha += gk[k] * (c * tr - (c_out[k] - prefix[k]) * inv);
-        }
-        tr = __fmul_rn(tr, __fsub_rn(1.0f, alpha));
-        if (!(raw > kAlphaMax)) {  // clamped: alpha no longer depends on o or the Gaussian
-          rec[5] = d_alpha * gauss;
-          const float d_power = d_alpha * raw;
-          rec[0] = d_power * (q.x * dx + q.y * dy);
-          rec[1] = d_power * (q.z * dy + q.y * dx);
-          rec[2] = d_power * (-0.5f * dx * dx);
-          rec[3] = d_power * (-dx * dy);
-          rec[4] = d_power * (-0.5f * dy * dy);
-        }
-      }
-      if (__any_sync(0xffffffffu, has)) {
-#pragma unroll
-        for (int off = 16; off > 0; off >>= 1) {
-#pragma unroll
-          for (int r = 0; r < R; ++r) rec[r] += __shfl_down_sync(0xffffffffu, rec[r], off);
-        }
-        if (lane == 0) {
-          const int64_t gi = sh.id[j];
-          add_if_nonzero(io.g_means2d + 2 * gi, rec[0]);
-          add_if_nonzero(io.g_means2d + 2 * gi + 1, rec[1]);
-          add_if_nonzero(io.g_conics + 3 * gi, rec[2]);
-          add_if_nonzero(io.g_conics + 3 * gi + 1, rec[3]);
-          add_if_nonzero(io.g_conics + 3 * gi + 2, rec[4]);
-          add_if_nonzero(io.g_opac + gi, rec[5]);
+        for (int r = 0; r < R; ++r) rec[r] = 0.0f;
+        bool has = false;
+        float dx, dy, gauss, raw, alpha;
+        const float4 q = sh.cono[j];
+        if (base + j < walk && eval_alpha(fx, fy, sh.mean[j], q, dx, dy, gauss, raw, alpha)) {
+          has = true;
+          const float w = __fmul_rn(alpha, tr);
+          const float inv = __frcp_rn(__fsub_rn(1.0f, alpha));
+          float d_alpha = -g_t * t_final * inv;
 #pragma unroll
           for (int k = 0; k < CH; ++k) {
-            if (k0 + k < g.K) add_if_nonzero(io.g_colors + gi * g.K + k0 + k, rec[6 + k]);
+            const float c = sh.col[j * CH + k];
+            rec[6 + k] = w * gk[k];
+            prefix[k] += w * c;
+            d_alpha += gk[k] * (c * tr - (c_out[k] - prefix[k]) * inv);
+          }
+          tr = __fmul_rn(tr, __fsub_rn(1.0f, alpha));
+          if (!(raw > kAlphaMax)) {  // clamped: alpha no longer depends on o or the Gaussian
+            rec[5] = d_alpha * gauss;
+            const float d_power = d_alpha * raw;
+            rec[0] = d_power * (q.x * dx + q.y * dy);
+            rec[1] = d_power * (q.z * dy + q.y * dx);
+            rec[2] = d_power * (-0.5f * dx * dx);
+            rec[3] = d_power * (-dx * dy);
+            rec[4] = d_power * (-0.5f * dy * dy);
+          }
+        }
+        const bool warp_has = __any_sync(0xffffffffu, has);
+        if (warp_has) {  // a fixed shuffle tree: the warp's sum is the same bits on every run
+#pragma unroll
+          for (int off = 16; off > 0; off >>= 1) {
+#pragma unroll
+            for (int r = 0; r < R; ++r) rec[r] += __shfl_down_sync(0xffffffffu, rec[r], off);
+          }
+        }
+        if (lane == 0) {
+          if constexpr (Deterministic) {
+            // Zeros too when no lane of the warp composited entry j (rec stayed 0).
+#pragma unroll
+            for (int r = 0; r < R; ++r) part[(warp * kGroup + jj) * R + r] = rec[r];
+          } else if (warp_has) {
+            const int64_t gi = sh.id[j];
+            add_if_nonzero(io.g_means2d + 2 * gi, rec[0]);
+            add_if_nonzero(io.g_means2d + 2 * gi + 1, rec[1]);
+            add_if_nonzero(io.g_conics + 3 * gi, rec[2]);
+            add_if_nonzero(io.g_conics + 3 * gi + 1, rec[3]);
+            add_if_nonzero(io.g_conics + 3 * gi + 2, rec[4]);
+            add_if_nonzero(io.g_opac + gi, rec[5]);
+#pragma unroll
+            for (int k = 0; k < CH; ++k) {
+              if (k0 + k < g.K) add_if_nonzero(io.g_colors + gi * g.K + k0 + k, rec[6 + k]);
+            }
           }
         }
       }
+      if constexpr (Deterministic) {
+        __syncthreads();  // the group's warp partials are in `part`
+        for (int idx = tid; idx < group * R; idx += kBlock) {
+          const int jj = idx / R, r = idx - jj * R;
+          float v = 0.0f;
+#pragma unroll
+          for (int w = 0; w < kWarps; ++w) v += part[(w * kGroup + jj) * R + r];  // warp order
+          const int64_t e = static_cast<int64_t>(start) + base + j0 + jj;  // sorted-list entry
+          if (r < 6) {
+            recs.rec[e * recs.stride + 6 * chunk + r] = v;
+          } else if (k0 + r - 6 < g.K) {
+            recs.rec[e * recs.stride + 6 * static_cast<int64_t>(recs.chunks) + k0 + (r - 6)] = v;
+          }
+        }
+        __syncthreads();  // `part` may be overwritten by the next group
+      }
+    }
+  }
+}
+
+// Deterministic backward: gradient column c of flattened Gaussian i (c < 2 mean, < 5 conic, 5
+// opacity, 6 + k colour k), one thread per (i, c), consecutive threads on the columns of one
+// Gaussian (coalesced reads of its records). Sums Gaussian i's records in emit order (its tiles
+// in row-major order, the CPU handler's order), the chunks of each record in chunk order, and
+// writes the result (zero for a Gaussian without intersections): every output is written.
+__global__ void reduce_kernel(Records recs, const int64_t* __restrict__ offsets, const int32_t* __restrict__ slot_of_pos,
+                              int64_t BN, int K, Grads io) {
+  const int64_t C = 6 + static_cast<int64_t>(K);
+  const int64_t total = BN * C;
+  for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < total;
+       idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t i = idx / C;
+    const int c = static_cast<int>(idx - i * C);
+    float v = 0.0f;
+    for (int64_t o = offsets[i]; o < offsets[i + 1]; ++o) {
+      const float* rec = recs.rec + static_cast<int64_t>(slot_of_pos[o]) * recs.stride;
+      if (c < 6) {
+        for (int ch = 0; ch < recs.chunks; ++ch) v += rec[6 * ch + c];
+      } else {
+        v += rec[6 * static_cast<int64_t>(recs.chunks) + (c - 6)];
+      }
+    }
+    if (c < 2) {
+      io.g_means2d[2 * i + c] = v;
+    } else if (c < 5) {
+      io.g_conics[3 * i + (c - 2)] = v;
+    } else if (c == 5) {
+      io.g_opac[i] = v;
+    } else {
+      io.g_colors[i * K + (c - 6)] = v;
     }
   }
 }
@@ -484,10 +596,20 @@ ffi::Error get_dims(ffi::Buffer<ffi::F32>& means2d, ffi::Span<const int64_t> img
   return ffi::Error::Success();
 }
 
+// What the deterministic backward needs beyond the tile lists: Gaussian i's entries in the sorted
+// list are slot_of_pos[offsets[i] .. offsets[i+1]-1], its tiles in row-major order.
+struct EntryIndex {
+  const int64_t* offsets = nullptr;      // [B*N + 1] exclusive scan of the tile counts
+  const int32_t* slot_of_pos = nullptr;  // [M] sorted-list entry of each emit position
+  int M = 0;                             // number of intersections
+};
+
 // Bins the Gaussians of all B cameras into tiles (steps 1-5 of the file comment). On success,
 // tiles->ranges is [B*T, 2] and tiles->ids the sorted list (nullptr when there is no entry).
+// With `index` (deterministic backward), the sort carries emit positions instead of Gaussian
+// indices and gather_kernel derives both the same tile->ids and *index.
 ffi::Error bin_gaussians(cudaStream_t stream, ffi::ScratchAllocator& scratch, const Dims& d, const float* depths,
-                         const int32_t* rects, Scene* tiles) {
+                         const int32_t* rects, Scene* tiles, EntryIndex* index = nullptr) {
   const int64_t BN = d.B * d.N, BT = d.B * d.T;
   int* ranges = nullptr;
   if (auto e = scratch_alloc(scratch, 2 * BT, &ranges, "tile ranges"); e.failure()) return e;
@@ -531,6 +653,10 @@ ffi::Error bin_gaussians(cudaStream_t stream, ffi::ScratchAllocator& scratch, co
   }
   if (total == 0) return ffi::Error::Success();
   const int M = static_cast<int>(total);
+  if (index != nullptr) {
+    index->offsets = offsets;
+    index->M = M;
+  }
 
   // 3. Keys and values, in Gaussian index order.
   uint64_t *keys_in = nullptr, *keys_out = nullptr;
@@ -540,7 +666,12 @@ ffi::Error bin_gaussians(cudaStream_t stream, ffi::ScratchAllocator& scratch, co
   if (auto e = scratch_alloc(scratch, M, &vals_in, "sort values"); e.failure()) return e;
   if (auto e = scratch_alloc(scratch, M, &vals_out, "sorted values"); e.failure()) return e;
   const unsigned gauss_blocks = static_cast<unsigned>((BN + kLinear - 1) / kLinear);
-  emit_kernel<<<gauss_blocks, kLinear, 0, stream>>>(rects, depths, offsets, keys_in, vals_in, BN, d.N,
+  int32_t *pos_in = nullptr, *pos_out = nullptr;
+  if (index != nullptr) {
+    if (auto e = scratch_alloc(scratch, M, &pos_in, "emit positions"); e.failure()) return e;
+    if (auto e = scratch_alloc(scratch, M, &pos_out, "sorted emit positions"); e.failure()) return e;
+  }
+  emit_kernel<<<gauss_blocks, kLinear, 0, stream>>>(rects, depths, offsets, keys_in, vals_in, pos_in, BN, d.N,
                                                     static_cast<int>(d.tx), static_cast<int>(d.ty), d.T);
   if (auto e = check_launch("emit_kernel"); e.failure()) return e;
 
@@ -548,13 +679,25 @@ ffi::Error bin_gaussians(cudaStream_t stream, ffi::ScratchAllocator& scratch, co
   int tile_bits = 0;
   while ((int64_t{1} << tile_bits) < BT) ++tile_bits;
   const int end_bit = 32 + tile_bits;
+  // The deterministic backward sorts the emit positions along (same keys, so the same stable
+  // order) and gathers the indices from them.
+  int32_t* sort_in = index != nullptr ? pos_in : vals_in;
+  int32_t* sort_out = index != nullptr ? pos_out : vals_out;
   if (auto e = run_cub(scratch, "cub::DeviceRadixSort::SortPairs",
                        [&](void* temp, size_t& bytes) {
-                         return cub::DeviceRadixSort::SortPairs(temp, bytes, keys_in, keys_out, vals_in, vals_out, M,
+                         return cub::DeviceRadixSort::SortPairs(temp, bytes, keys_in, keys_out, sort_in, sort_out, M,
                                                                 0, end_bit, stream);
                        });
       e.failure())
     return e;
+  if (index != nullptr) {
+    // pos_in is free after the sort (cub leaves its inputs unchanged and the sort is complete in
+    // stream order): it becomes slot_of_pos.
+    gather_kernel<<<static_cast<unsigned>((M + kLinear - 1) / kLinear), kLinear, 0, stream>>>(pos_out, vals_in,
+                                                                                              vals_out, pos_in, M);
+    if (auto e = check_launch("gather_kernel"); e.failure()) return e;
+    index->slot_of_pos = pos_in;
+  }
 
   // 5. Per-tile ranges.
   ranges_kernel<<<static_cast<unsigned>((M + kLinear - 1) / kLinear), kLinear, 0, stream>>>(keys_out, M, ranges);
@@ -634,6 +777,12 @@ ffi::Error SplatForwardCudaImpl(cudaStream_t stream, ffi::ScratchAllocator scrat
   });
 }
 
+// Deterministic = false (target dhjax_splat_bwd): warp sums added with atomicAdd, so the last
+// bits of the gradients vary from call to call. Deterministic = true (target
+// dhjax_splat_bwd_deterministic): per-intersection records (M x (6 * chunks + K) floats of
+// scratch memory) summed per Gaussian in a fixed order by reduce_kernel: the same bits on every
+// call. Both compute the same formulas and make the same decisions.
+template <bool Deterministic>
 ffi::Error SplatBackwardCudaImpl(cudaStream_t stream, ffi::ScratchAllocator scratch, ffi::Buffer<ffi::F32> means2d,
                                  ffi::Buffer<ffi::F32> conics, ffi::Buffer<ffi::F32> colors,
                                  ffi::Buffer<ffi::F32> opac, ffi::Buffer<ffi::F32> depths,
@@ -649,7 +798,8 @@ ffi::Error SplatBackwardCudaImpl(cudaStream_t stream, ffi::ScratchAllocator scra
     return e;
   const int64_t HW = d.H * d.W, BN = d.B * d.N;
 
-  // Gradients are accumulated with atomics into zeroed outputs.
+  // Zeroed outputs: the atomics accumulate into them; the deterministic reduction overwrites every
+  // element, but only runs when there is at least one intersection.
   for (auto* res : {&g_means2d, &g_conics, &g_colors, &g_opac}) {
     if ((*res)->size_bytes() == 0) continue;
     if (cudaError_t err = cudaMemsetAsync((*res)->typed_data(), 0, (*res)->size_bytes(), stream);
@@ -660,15 +810,47 @@ ffi::Error SplatBackwardCudaImpl(cudaStream_t stream, ffi::ScratchAllocator scra
   if (BN == 0 || HW == 0) return ffi::Error::Success();
 
   Scene s;
-  if (auto e = bin_gaussians(stream, scratch, d, depths.typed_data(), rects.typed_data(), &s); e.failure()) return e;
+  EntryIndex index;
+  if (auto e = bin_gaussians(stream, scratch, d, depths.typed_data(), rects.typed_data(), &s,
+                             Deterministic ? &index : nullptr);
+      e.failure())
+    return e;
   if (s.ids == nullptr) return ffi::Error::Success();  // no intersections: all gradients are zero
   const Geometry g = fill_scene(d, means2d, conics, colors, opac, &s);
   const Grads io{out.typed_data(),        trans.typed_data(),      last.typed_data(),
                  d_out.typed_data(),      d_trans.typed_data(),    g_means2d->typed_data(),
                  g_conics->typed_data(),  g_colors->typed_data(),  g_opac->typed_data()};
-  return launch_tiles(d, "backward_kernel", [&](auto ch, dim3 grid) {
-    backward_kernel<decltype(ch)::value><<<grid, dim3(kTile, kTile), 0, stream>>>(s, g, io);
-  });
+  Records recs{nullptr, 0, 0};
+  if constexpr (Deterministic) {
+    int width = 1;  // the chunk width launch_tiles will pick
+    with_chunk(d.K, [&](auto ch) { width = decltype(ch)::value; });
+    const int64_t chunks = num_chunks(d.K, width);
+    if (chunks > 65535) return ffi::Error::InvalidArgument("dhjax_splat CUDA: too many channels");
+    recs.chunks = static_cast<int>(chunks);
+    recs.stride = 6 * chunks + d.K;
+    const int64_t count = static_cast<int64_t>(index.M) * recs.stride;  // M < 2^31: no overflow
+    if (auto e = scratch_alloc(scratch, count, &recs.rec, "per-intersection gradient records"); e.failure()) return e;
+    // Entries beyond a tile's longest walk are not written by backward_kernel: they stay zero.
+    if (cudaError_t err = cudaMemsetAsync(recs.rec, 0, sizeof(float) * static_cast<size_t>(count), stream);
+        err != cudaSuccess) {
+      return cuda_error(err, "memset of the gradient records");
+    }
+  }
+  if (auto e = launch_tiles(d, "backward_kernel",
+                            [&](auto ch, dim3 grid) {
+                              backward_kernel<decltype(ch)::value, Deterministic>
+                                  <<<grid, dim3(kTile, kTile), 0, stream>>>(s, g, io, recs);
+                            });
+      e.failure())
+    return e;
+  if constexpr (Deterministic) {
+    const int64_t total = BN * (6 + d.K);
+    const int64_t blocks = std::min<int64_t>((total + kLinear - 1) / kLinear, int64_t{1} << 20);  // grid-stride
+    reduce_kernel<<<static_cast<unsigned>(blocks), kLinear, 0, stream>>>(recs, index.offsets, index.slot_of_pos, BN,
+                                                                        static_cast<int>(d.K), io);
+    return check_launch("reduce_kernel");
+  }
+  return ffi::Error::Success();
 }
 
 }  // namespace
@@ -680,7 +862,15 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SplatForwardCuda, SplatForwardCudaImpl,
                                   .Ctx<ffi::PlatformStream<cudaStream_t>>()
                                   .Ctx<ffi::ScratchAllocator>() DHJAX_SPLAT_FORWARD_SIGNATURE);
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(SplatBackwardCuda, SplatBackwardCudaImpl,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SplatBackwardCuda, SplatBackwardCudaImpl<false>,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<cudaStream_t>>()
+                                  .Ctx<ffi::ScratchAllocator>() DHJAX_SPLAT_BACKWARD_SIGNATURE);
+
+// The deterministic backward: same signature, its own target (dhjax_splat_bwd_deterministic), so
+// that neither the shared FFI signature nor the CPU library changes (the CPU registers that target
+// to its SplatBackward, which is deterministic already).
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SplatBackwardDeterministicCuda, SplatBackwardCudaImpl<true>,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::PlatformStream<cudaStream_t>>()
                                   .Ctx<ffi::ScratchAllocator>() DHJAX_SPLAT_BACKWARD_SIGNATURE);
