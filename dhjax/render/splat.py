@@ -346,6 +346,11 @@ def rasterize(means, quats, scales, opacities, colors_or_sh, cameras: Camera, wi
     # Non-finite Gaussians are dropped (docstring): replaced by finite stand-ins *before* any
     # arithmetic, so that no NaN is formed anywhere (a NaN partial derivative times a zero
     # cotangent is still NaN) and jnp.where passes them zero gradients; then culled below.
+    # The barrier keeps these checks from changing how XLA fuses the inputs' producers (typically
+    # a network in the same jitted program): extra consumers changed their fusion and with it
+    # their float rounding (SynShot's stage-1 loss moved by 7e-5 relative). Forward: identity.
+    means, quats, scales, opacities, covs, colors_or_sh = jax.lax.optimization_barrier(
+        (means, quats, scales, opacities, covs, colors_or_sh))
     col_axis = 1 if sh_degree is None and colors_or_sh.ndim == 3 else 0  # [C, N, D]: per camera
     ok = _rows_finite(means) & jnp.isfinite(opacities) & _rows_finite(colors_or_sh, col_axis)
     if covs is None:
