@@ -38,6 +38,7 @@ def get_config(arg=None):
     c.ema_decay = 0.9
     c.baselines = True            # also run the from-scratch network on the same images
     c.backend = "auto"
+    c.deterministic_kernels = False   # CUDA splat backward in a fixed order (CPU: always)
     if arg == "tiny":
         c.optim.lr = 3e-4
         c.stage1.update(steps_per_frame=40, warmup=30, patience=20)

@@ -42,6 +42,7 @@ def get_config(arg=None):
                                              clip=0.0))
     c.batch_size = 16
     c.backend = "auto"                    # splatting backend (dhjax.ops.splat)
+    c.deterministic_kernels = False       # CUDA splat backward in a fixed order (CPU: always)
     c.eval = ml_collections.ConfigDict(dict(n_images=8, grid_identities=4, grid_views=(0, 3, 6), batch_size=8,
                                             max_test_images=0))
     c.train = ml_collections.ConfigDict(dict(steps=500_000, log_every=100, checkpoint_every=5000,

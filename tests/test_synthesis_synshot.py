@@ -678,3 +678,26 @@ def test_hair_part_comes_from_the_head_model_and_covers_every_generated_shell(se
     i = np.clip(((1 - uv[:, 1]) * S).astype(int), 0, S - 1)
     j = np.clip((uv[:, 0] * S).astype(int), 0, S - 1)
     assert np.all(baked[i, j] > 0.05) and hair.count > 0
+
+
+def test_context_passes_the_deterministic_flag_to_the_splatting(setup, monkeypatch):
+    """Context.deterministic (config field deterministic_kernels) reaches splat.rasterize; on the
+    CPU, whose backward is always deterministic, the renders are the same bits either way."""
+    from dhjax.synthesis import synshot_gaussians as gs_mod
+
+    seen = []
+    real = gs_mod.splat.rasterize
+
+    def recording(*args, **kwargs):
+        seen.append(kwargs.get("deterministic"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(gs_mod.splat, "rasterize", recording)
+    batch = {k: v[:1] for k, v in setup["batch"].items()}
+    images = {}
+    for flag in (False, True):
+        ctx = setup["ctx"].replace(deterministic=flag)
+        images[flag] = np.asarray(synshot.predict(setup["state"], batch, ctx)[0])
+        assert seen and set(seen) == {flag}
+        seen.clear()
+    np.testing.assert_array_equal(images[False], images[True])

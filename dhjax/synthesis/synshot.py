@@ -348,7 +348,9 @@ class Context:
     net: SynShotNet; assets: Assets; model_cfg: the `default_model_config()`-like ConfigDict both
     were built from; width, height: image size in pixels; loss_cfg (`default_loss_config()`-like)
     and optim_cfg (lr, gamma, milestones, clip): for training and `init_state` (None when only
-    predicting); backend: the splatting backend (`dhjax.ops.splat`); lpips_fn: optional
+    predicting); backend: the splatting backend (`dhjax.ops.splat`); deterministic: the CUDA
+    splat backward in a fixed summation order (`dhjax.render.splat.rasterize`; the CPU kernel
+    always is, so it changes nothing there); lpips_fn: optional
     (a, b) -> [B] perceptual distance (used with loss.lpips > 0); extra_loss: optional
     (render [B,H,W,3], batch) -> (scalar, metrics) added to the loss (the inversion's ArcFace
     terms).
@@ -362,6 +364,7 @@ class Context:
     loss_cfg: ml_collections.ConfigDict | None = None
     optim_cfg: ml_collections.ConfigDict | None = None
     backend: str = "auto"
+    deterministic: bool = False
     lpips_fn: Callable | None = None
     extra_loss: Callable | None = None
 
@@ -372,8 +375,8 @@ class Context:
 
 def make_context(model_cfg, assets: Assets, width: int, height: int, **fields) -> Context:
     """Context of a model config (its network is built here), its `build_assets` result and the
-    image size; `fields`: the optional Context fields (loss_cfg, optim_cfg, backend, lpips_fn,
-    extra_loss)."""
+    image size; `fields`: the optional Context fields (loss_cfg, optim_cfg, backend, deterministic,
+    lpips_fn, extra_loss)."""
     return Context(net=make_net(model_cfg), assets=assets, model_cfg=model_cfg, width=int(width),
                    height=int(height), **fields)
 
@@ -483,7 +486,8 @@ def loss_fn(params, stats, batch, ctx: Context, *, train: bool = True, q_id=None
     geom = lc.geom * (losses.l1(out["verts"], x_verts, m) + losses.l1(out["expr"], x_expr, m))
     params_b = {k: batch[k] for k in PARAM_KEYS}
     image, alpha = gs.render_gaussians(out["gaussians"], params_b, assets, batch["K"], batch["R"], batch["t"],
-                                    ctx.width, ctx.height, backend=ctx.backend)
+                                    ctx.width, ctx.height, backend=ctx.backend,
+                                    deterministic=ctx.deterministic)
     mask = batch["mask"][..., None]
     target = batch["image"] * mask
     l1 = jnp.mean(jnp.abs(image - target))
@@ -638,5 +642,6 @@ def predict(state, batch, ctx: Context, *, q_id=None):
     out, _ = forward(net_variables(state["params"], state["stats"]), batch_maps(batch, ctx), ctx, train=False,
                      q_id=q_id)
     image, alpha = gs.render_gaussians(out["gaussians"], {k: batch[k] for k in PARAM_KEYS}, ctx.assets,
-                                    batch["K"], batch["R"], batch["t"], ctx.width, ctx.height, backend=ctx.backend)
+                                    batch["K"], batch["R"], batch["t"], ctx.width, ctx.height, backend=ctx.backend,
+                                    deterministic=ctx.deterministic)
     return image, alpha, out

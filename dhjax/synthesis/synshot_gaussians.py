@@ -185,8 +185,9 @@ def make_cameras(K, R, t, width: int, height: int) -> camera_lib.Camera:
 
 
 def render_gaussians(g: Gaussians, params: Mapping, assets, K, R, t, width: int, height: int,
-                     *, backend: str = "auto"):
-    """Poses and splats each example's Gaussians into its camera.
+                     *, backend: str = "auto", deterministic: bool = False):
+    """Poses and splats each example's Gaussians into its camera (`backend` and `deterministic`:
+    those of `dhjax.render.splat.rasterize`; deterministic only changes the CUDA backward).
 
     Args:
       g: Gaussians [B, N, ...] (model space); params: shape, expression, pose, translation [B, ...];
@@ -203,7 +204,7 @@ def render_gaussians(g: Gaussians, params: Mapping, assets, K, R, t, width: int,
             k, r, tt = k[None], r[None], tt[None]
         cams = make_cameras(k, r, tt, width, height)
         out = splat.rasterize(m, None, None, o, sh, cams, sh_degree=3, covariances=c, render_mode="rgb",
-                              backend=backend)
+                              backend=backend, deterministic=deterministic)
         img, alpha = out.image, out.alpha
         return (img, alpha) if multi else (img[0], alpha[0])
 

@@ -64,7 +64,7 @@ def run_prior(cfg, workdir: str) -> dict:
             f"({', '.join(f'{p.name} {p.count}' for p in assets.parts)}); devices: {jax.device_count()}")
     lpips_fn = synshot_data.lpips_from_config(cfg.loss, log=run.log)
     ctx = synshot.make_context(cfg.model, assets, width, height, loss_cfg=cfg.loss, optim_cfg=cfg.optim,
-                               backend=cfg.backend, lpips_fn=lpips_fn)
+                               backend=cfg.backend, deterministic=bool(cfg.deterministic_kernels), lpips_fn=lpips_fn)
     first = synshot_data.model_batch(synshot_data.stack([train_ds[0]]))
     shapes = jax.eval_shape(lambda b: synshot.init_state(jax.random.PRNGKey(0), b, ctx), first)
     run.log(app.parameter_overview(shapes["params"]))
@@ -169,7 +169,8 @@ def run_invert(cfg, workdir: str) -> dict:
             f"texture seen in {float((maps['texture_weight'] > 0).mean()) * 100:.0f}% of the UV square")
 
     assets = synshot.build_assets(prior_cfg.model)
-    prior_ctx = synshot.make_context(prior_cfg.model, assets, w, h, optim_cfg=prior_cfg.optim, backend=cfg.backend)
+    prior_ctx = synshot.make_context(prior_cfg.model, assets, w, h, optim_cfg=prior_cfg.optim, backend=cfg.backend,
+                                    deterministic=bool(cfg.deterministic_kernels))
     _, prior_state, prior_step = app.load_run(
         cfg.prior_workdir, lambda pcfg: synshot.init_state(jax.random.PRNGKey(0), batch_in, prior_ctx),
         experiment=PRIOR_EXPERIMENT)
