@@ -216,12 +216,6 @@ def start(workdir: str | os.PathLike, cfg: ml_collections.ConfigDict | None = No
     return Run(work, lead, time.time())
 
 
-def _write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
-
-
 def read_final_metrics(workdir: str | os.PathLike) -> dict:
     """<workdir>/final_metrics.json as a dict ({} when there is none)."""
     path = Path(workdir) / FINAL_METRICS
@@ -243,7 +237,7 @@ def merge_final_metrics(workdir: str | os.PathLike, metrics: Mapping[str, Any]) 
             v = v.item()
         merged[str(k)] = v
     Path(workdir).mkdir(parents=True, exist_ok=True)
-    _write_json_atomic(Path(workdir) / FINAL_METRICS, merged)
+    config_lib.write_text_atomic(Path(workdir) / FINAL_METRICS, json.dumps(merged, indent=2, sort_keys=True) + "\n")
     return merged
 
 

@@ -72,15 +72,23 @@ def apply_overrides(cfg: ml_collections.ConfigDict, overrides: Mapping[str, Any]
     return cfg
 
 
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Writes `text` to `path` through a hidden temp file in the same folder and a rename, so a
+    reader (another process, a resumed run) sees the old file or the new one, never half."""
+    path = os.fspath(path)
+    folder, name = os.path.split(path)
+    tmp = os.path.join(folder, f".{name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
 def save_config(cfg: ml_collections.ConfigDict, workdir: str) -> str:
     """Writes the resolved config to <workdir>/config.json (atomically: other processes of a
     multi-process run read it at start) and returns the path."""
     os.makedirs(workdir, exist_ok=True)
     path = os.path.join(workdir, "config.json")
-    tmp = os.path.join(workdir, f".config.json.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(cfg.to_json_best_effort(indent=2, sort_keys=True))
-    os.replace(tmp, path)
+    write_text_atomic(path, cfg.to_json_best_effort(indent=2, sort_keys=True))
     return path
 
 

@@ -17,6 +17,8 @@ from typing import Mapping
 
 import numpy as np
 
+from dhjax.train import config as config_lib
+
 
 def _png_bytes(image: np.ndarray) -> bytes:
     import imageio.v2 as imageio
@@ -45,10 +47,7 @@ def truncate_jsonl(path: str, last_step: int) -> int:
             continue  # a line cut short by a kill
     dropped = len(lines) - len(kept)
     if dropped:
-        tmp = f"{path}.tmp-{os.getpid()}"
-        with open(tmp, "w") as f:
-            f.write("".join(line + "\n" for line in kept))
-        os.replace(tmp, path)
+        config_lib.write_text_atomic(path, "".join(line + "\n" for line in kept))
     return dropped
 
 
