@@ -1,7 +1,7 @@
 """Synthetic datasets generated once and cached on disk, keyed by their generator config.
 
 Experiments that train on synthetic data (SynShot's prior, MICA) call `cached_multiview` with a
-generator config; the first call renders the dataset (`dhjax.data.dataset.write_dataset`) into
+generator config (INSTA's monocular videos: `cached_video`); the first call renders the dataset (`dhjax.data.dataset.write_dataset`) into
 `<cache>/<name>-<hash>/` (atomically: a temporary folder renamed when complete), later calls and
 every run of a sweep reuse it. Everything is a pure function of the config, so deleting the
 cache only costs time. The cache folder is $DHJAX_CACHE, else ~/.cache/dhjax.
@@ -153,11 +153,78 @@ def cached_multiview(config, splits: dict, *, name: str = "synthetic", cache_dir
     key = {"generator": config.to_dict() if hasattr(config, "to_dict") else dict(config),
            "splits": {k: list(v) for k, v in splits.items()}, "format": ds.FORMAT}
     root = cache_root(cache_dir) / f"{name}-{config_hash(key)}"
+
+    def write(tmp):
+        assets = synthetic.build_assets(None, int(config.uv_size))
+        for split, (first, count) in splits.items():
+            cfg = config.copy_and_resolve_references() if hasattr(config, "copy_and_resolve_references") else config
+            cfg.multiview.first_identity = int(first)
+            cfg.multiview.n_identities = int(count)
+            gen = synthetic.MultiviewGenerator(cfg, assets)
+            t0 = time.time()
+            if verbose:
+                print(f"generating synthetic split '{split}': {len(gen)} images "
+                      f"({count} identities x {gen.n_frames} expressions x {gen.n_cameras} cameras) -> {root}",
+                      flush=True)
+            ds.write_dataset(gen, tmp, split, meta={"generator": json.loads(cfg.to_json_best_effort())})
+            if verbose:
+                print(f"  {split}: {len(gen)} images in {time.time() - t0:.0f}s", flush=True)
+
+    return _build_once(root, write, verbose)
+
+
+def cached_video(config, *, name: str = "video", cache_dir=None, verbose: bool = True) -> Path:
+    """Renders (once) the monocular synthetic videos of a generator config and returns the root.
+
+    Args:
+      config: `synthetic.default_config()`-like generator config; its `video` block sets the
+        sequences (n_sequences from first_identity), frames, image size and camera motion.
+      name: folder name prefix; cache_dir: see `cache_root`.
+    Returns:
+      Path of a dataset root of kind 'video' with one split 'train' holding every sequence
+      (`dhjax.data.dataset.FolderDataset(root, "train")`, items = sequences).
+    """
+    key = {"generator": config.to_dict() if hasattr(config, "to_dict") else dict(config), "kind": "video",
+           "format": ds.FORMAT}
+    root = cache_root(cache_dir) / f"{name}-{config_hash(key)}"
+
+    def write(tmp):
+        gen = synthetic.VideoGenerator(config, synthetic.build_assets(None, int(config.uv_size)))
+        t0 = time.time()
+        if verbose:
+            print(f"generating synthetic video: {gen.n_items} sequence(s) x {gen.n_frames} frames -> {root}",
+                  flush=True)
+        meta = {"generator": json.loads(config.to_json_best_effort()) if hasattr(config, "to_json_best_effort")
+                else dict(config)}
+        ds.write_dataset(gen, tmp, "train", meta=meta)
+        if verbose:
+            print(f"  {len(gen)} frames in {time.time() - t0:.0f}s", flush=True)
+
+    return _build_once(root, write, verbose)
+
+
+def _build_once(root: Path, write, verbose: bool) -> Path:
+    """Runs write(tmp) into a temporary folder renamed to `root` when complete (module docstring);
+    returns root at once when it exists."""
     for stale in clean_stale_temps(root.parent):
         if verbose:
             print(f"removed the temp data of an interrupted run: {stale}", flush=True)
     if (root / "meta.json").exists():
         return root
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = make_temp_dir(root.parent, root.name)
+    try:
+        write(tmp)
+        try:
+            os.rename(tmp, root)
+        except OSError:
+            if not (root / "meta.json").exists():   # nobody else finished it first
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return root
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = make_temp_dir(root.parent, root.name)
     try:

@@ -15,9 +15,12 @@ Two constructions used by the avatar methods of the thesis:
   and the point's gradient is the weighted average over T and its (up to 3) neighbours across
   its edges, A = {T} + N(T):
 
-      F_hat = sum_{f in A} w_f F_f / sum_{f in A} w_f,   w_T = 1,  w_f = exp(-beta |c_f - p|),
+      F_hat = sum_{f in A} w_f F_f / sum_{f in A} w_f,   w_f = exp(-beta |c_f - p|)  (f != T),
 
   with ``c_f`` the centroid of the deformed triangle f and beta = 4 (positions in metres). The
+  thesis gives the nearest triangle itself "beta = 1", which reads two ways: its weight is 1
+  (``nearest_beta=None``, the default), or it decays with beta = 1, ``w_T = exp(-|c_T - p|)``
+  (``nearest_beta=1.0``). INSTA (`dhjax.synthesis.insta`) chooses between them by an ablation. The
   canonical point is ``p' = F_hat p`` (homogeneous). The averaging softens, but does not remove,
   the jumps of the map where the nearest triangle changes. Where the nearest surface point is a
   vertex or an edge (a region of positive volume off the surface), several triangles are equally
@@ -168,8 +171,8 @@ def _gather_faces(x, idx):
 
 
 def canonicalize(points, def_verts, canon_verts, faces, *, face, beta: float = 4.0,
-                 scale: str = "area_ratio", neighbours=None, uv_coords=None,
-                 uv_faces=None) -> Canonicalized:
+                 nearest_beta: float | None = None, scale: str = "area_ratio", neighbours=None,
+                 uv_coords=None, uv_faces=None) -> Canonicalized:
     """INSTA's map from deformed to canonical space (thesis eqs. 2-4, see the module docstring).
 
     The nearest triangle of every point is an input (an integer, so constant under
@@ -187,6 +190,8 @@ def canonicalize(points, def_verts, canon_verts, faces, *, face, beta: float = 4
       face: [..., N] int index of the face of the deformed mesh nearest to each point (T in the
         module docstring), batch dims broadcasting with those of points and def_verts.
       beta: decay of the neighbour weights exp(-beta |c_f - p|), per metre (thesis: 4).
+      nearest_beta: None: the nearest triangle has weight 1; a number b: its weight is
+        exp(-b |c_T - p|) (the other reading of the thesis's "beta = 1" for T).
       scale: "area_ratio" (thesis) or "length_ratio"; see `insta_face_gradients`.
       neighbours: optional [F, 3] int face neighbour table (`face_neighbours(faces)`), needed
         when `faces` is traced.
@@ -234,7 +239,10 @@ def canonicalize(points, def_verts, canon_verts, faces, *, face, beta: float = 4
     cs = _gather_faces(cent, flat).reshape(Fs.shape[:-2] + (3,))  # [B..., N, 4, 3]
     dist = safe_norm(cs - points[..., None, :])  # [B..., N, 4]
     w = jnp.exp(-beta * dist)
-    w = w.at[..., 0].set(1.0)  # the nearest triangle itself has weight 1
+    if nearest_beta is None:
+        w = w.at[..., 0].set(1.0)  # the nearest triangle itself has weight 1
+    else:
+        w = w.at[..., 0].set(jnp.exp(-float(nearest_beta) * dist[..., 0]))
     w = jnp.where(valid, w, 0.0)
     F_hat = jnp.sum(w[..., None, None] * Fs, axis=-3) / jnp.sum(w, axis=-1)[..., None, None]
     out = jnp.einsum("...ij,...j->...i", F_hat[..., :3, :3], points) + F_hat[..., :3, 3]
