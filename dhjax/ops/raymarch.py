@@ -35,7 +35,7 @@ Marching rule (`march`; identical in the reference and both kernels, bit for bit
 Compositing (`composite`), per ray over its stored samples n = 0 .. ray_count - 1 in order:
 
 * x_n = sigma_n delta_n, S_0 = 0, S_{n+1} = S_n + x_n (the optical depth; float32, summed in
-  order in the kernels, by a segmented associative scan in the reference),
+  order in the kernels, by a segmented log-step scan in the reference),
   T_n = exp(-S_n), alpha_n = 1 - exp(-x_n) (computed as -expm1(-x_n)), w_n = T_n alpha_n.
 * early termination: sample n is processed only while T_n >= min_transmittance, decided as
   S_n <= s_max = float32(-log(min_transmittance)) (a comparison of sums, so exp's last bits never
@@ -56,7 +56,7 @@ Compositing (`composite`), per ray over its stored samples n = 0 .. ray_count - 
 Implementations of both ops:
 * `backend="reference"`: pure JAX, jit-able with static shapes (march: two vectorised
   `while_loop`s over the candidate index, a counting and a writing one, scattering into the slots;
-  composite: segmented associative scans and segment sums over the compacted list), differentiated
+  composite: segmented scans (log-step doubling) and segment sums over the compacted list), differentiated
   by autodiff; the oracle of the tests and the fallback.
 * `backend="cpu"`: C++ handlers (kernels/raymarch/raymarch_cpu.cc), threads over rays
   (dhjax_parallel.h), deterministic (the same bits for any thread count).
@@ -379,14 +379,22 @@ def _s_max(min_transmittance) -> float:
 
 
 def _seg_scan(x, reset):
-    """Inclusive scan along axis 1 restarting where `reset` is True (segmented, associative)."""
+    """Inclusive scan along axis 1 restarting where `reset` is True (segmented; Hillis-Steele
+    doubling in a fori_loop: log2(C) steps, small to compile, differentiable)."""
+    G, C = x.shape
+    if C <= 1:
+        return x
+    zeros = jnp.zeros((G, C), x.dtype)
+    ones = jnp.ones((G, C), bool)
 
-    def comb(a, b):
-        fa, va = a
-        fb, vb = b
-        return fa | fb, jnp.where(fb, vb, va + vb)
+    def body(j, state):
+        f, v = state
+        shift = jnp.left_shift(jnp.int32(1), j)
+        v_prev = jax.lax.dynamic_slice_in_dim(jnp.concatenate([zeros, v], axis=1), C - shift, C, axis=1)
+        f_prev = jax.lax.dynamic_slice_in_dim(jnp.concatenate([ones, f], axis=1), C - shift, C, axis=1)
+        return f | f_prev, jnp.where(f, v, v + v_prev)
 
-    return jax.lax.associative_scan(comb, (reset, x), axis=1)[1]
+    return jax.lax.fori_loop(0, (C - 1).bit_length(), body, (reset, x))[1]
 
 
 def _layout(ray_start, ray_count, C):
@@ -411,6 +419,7 @@ def _layout(ray_start, ray_count, C):
     return jnp.where(valid, seg, -1), valid, first
 
 
+@functools.partial(jax.jit, static_argnames=("s_max",))
 def _composite_core_reference(sigma, rgb, t, delta, ray_start, ray_count, s_max):
     """(color without background [G,R,3], depth [G,R], trans = T_end [G,R], weights [G,C])."""
     G, C = sigma.shape
@@ -521,7 +530,7 @@ def composite(sigma, rgb, samples: Samples, background, *, min_transmittance=1e-
         jnp.asarray(samples.ray_count, jnp.int32),
     )
     if impl == "reference":
-        acc, depth, trans, weights = _composite_core_reference(*args, s_max)
+        acc, depth, trans, weights = _composite_core_reference(*args, s_max=s_max)
     else:
         acc, depth, trans, weights = _composite_kernel(*args, s_max, impl)
     color = acc + trans[..., None] * jnp.broadcast_to(background.astype(f32), (G, R, 3))
