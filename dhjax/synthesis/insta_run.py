@@ -1,0 +1,505 @@
+"""INSTA runs: training an avatar on a tracked video (`run`) and driving it with another
+sequence's tracking (`reenact`), each writing into a run folder (`dhjax.train.app`).
+
+Run folder: checkpoints/ (resumable), TensorBoard events (scalars; the held-out render, depth
+and ground truth as images at the end) and metrics.jsonl, config.json, final_metrics.json
+(training metrics and the held-out means), heldout_metrics.json (per frame and mean: L2, PSNR,
+SSIM, L1, LPIPS when eval.lpips_path is given, mouth-region PSNR, depth errors; the same for
+the textured-mesh baseline), heldout.png (ground truth | INSTA | baseline | depth, a few
+held-out frames), heldout.mp4 (GT | render | depth over every held-out frame), orbit.mp4 (the
+first held-out frame from -90 to +90 degrees of yaw), canonical_mesh.obj (marching cubes of the
+canonical density), online.json (held-out PSNR against seconds, online mode).
+
+The baseline is the tracked mesh with a texture baked from the training frames
+(`dhjax.render.texture.extract_texture`, which holds the light of the video), rendered unlit:
+the "tracked textured mesh" of the issue, built the same way for true and tracked parameters.
+On synthetic videos the side-view depth error compares INSTA's depth in a camera turned by
+eval.side_yaw_deg around the head against the generator's true depth there.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dhjax import io as dio
+from dhjax import losses
+from dhjax.capture import tracker
+from dhjax.data import cache as cache_lib
+from dhjax.data import synthetic
+from dhjax.ops import raymarch
+from dhjax.render import camera as camera_lib
+from dhjax.render import shading
+from dhjax.render import texture as texture_lib
+from dhjax.synthesis import insta
+from dhjax.synthesis import insta_data
+from dhjax.train import app, loop
+
+EXPERIMENT = "insta"
+
+
+# ----------------------------------------------------------------------------------------------
+# Data.
+
+
+def _synthetic_config(cfg):
+    g = cfg.data.synthetic.copy_and_resolve_references()
+    return g
+
+
+def open_video(cfg, log=print):
+    """(samples, names, assets, source) of the configured video; tracks it first when
+    cfg.data.tracked (synthetic only)."""
+    g = _synthetic_config(cfg)
+    assets = synthetic.build_assets(None, int(g.uv_size))
+    if cfg.data.root:
+        root = Path(cfg.data.root)
+        if not root.is_dir():
+            raise FileNotFoundError(f"data.root '{root}' is not a folder")
+        source = str(root)
+    else:
+        root = cache_lib.cached_video(g, name="insta_video", cache_dir=cfg.data.cache_dir or None)
+        source = f"synthetic video {root}"
+    item = None if int(cfg.data.item) < 0 else int(cfg.data.item)
+    samples = insta_data.load_video(root, cfg.data.split, item, int(cfg.data.max_frames))
+    names = [f"{root}/{cfg.data.split} frame {int(s.get('frame', i))}" for i, s in enumerate(samples)]
+    if cfg.data.tracked:
+        if cfg.data.root:
+            raise ValueError("data.tracked tracks the synthetic video; a data.root dataset is already tracked "
+                             "(experiments.track writes one)")
+        samples = track_samples(cfg, samples, assets, log)
+        source += " tracked by dhjax.capture.tracker"
+    return samples, names, assets, source
+
+
+def track_samples(cfg, samples, assets, log=print):
+    """The samples with the metrical tracker's parameters and cameras instead of the true ones
+    (landmarks: the true projected 68 points plus 0.5 px noise, a perfect detector; masks:
+    the face and eye labels, what a face parser gives); images and foreground masks kept."""
+    from dhjax.models import flame
+
+    model = synthetic.base_model(assets)
+    rng = np.random.default_rng(int(cfg.seed) + 17)
+    frames = []
+    for t, s in enumerate(samples):
+        out = flame.forward(model, s["shape"][None], s["expression"][None], s["pose"][None], s["translation"][None])
+        l3 = np.asarray(out.landmarks[0]) @ np.asarray(s["R"]).T + np.asarray(s["t"])
+        K = np.asarray(s["K"])
+        uv = l3[:, :2] / l3[:, 2:] * np.array([K[0, 0], K[1, 1]]) + K[:2, 2] + rng.normal(0.0, 0.5, (68, 2))
+        mask = np.isin(s["seg"], (synthetic.LABEL["face"], synthetic.LABEL["eyes"]))
+        frames.append(tracker.frame_data(s["image"], uv, np.arange(68), mask, name=f"frame {t}"))
+    t0 = time.time()
+    result = tracker.track_sequence(cfg.tracker, model, frames, log=log)
+    log(f"tracked {len(frames)} frames in {time.time() - t0:.0f}s (landmark error "
+        f"{float(np.mean(result.landmark_error_px)):.2f} px)")
+    out = []
+    for i, (s, p) in enumerate(zip(samples, result.params)):
+        fp = tracker.flame_parameters(p)
+        out.append(dict(s, K=result.K[i].astype(np.float32), R=result.R[i].astype(np.float32),
+                        t=result.t[i].astype(np.float32), shape=fp["shape"], expression=fp["expression"],
+                        pose=fp["pose"], translation=fp["translation"]))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Rendering whole frames.
+
+
+class Renderer:
+    """Renders whole images of an avatar (host loop over ray chunks; exact sample capacity)."""
+
+    def __init__(self, ctx: insta.Context, chunk: int):
+        self.ctx = ctx
+        self.chunk = int(chunk)
+        self._grids = jax.jit(lambda bits, v, r, t: insta.deformed_grids(bits, ctx, v, r, t))
+        self._shade = jax.jit(lambda params, frames, o, d, s: insta.shade(params, ctx, frames, o, d, s,
+                                                                           insta.background_of(ctx)))
+
+    def render(self, params, bits, frame: dict, K, R, t, width: int, height: int) -> dict:
+        """color [H, W, 3], depth [H, W] (camera z, m), opacity [H, W] of one frame's inputs
+        (`insta_data.frame_inputs` of one frame) seen by camera K, R, t."""
+        cam = camera_lib.make_camera(jnp.asarray(K), jnp.asarray(R), jnp.asarray(t), width, height)
+        o, d = camera_lib.pixel_rays(cam)
+        o, d = np.asarray(o).reshape(-1, 3), np.asarray(d).reshape(-1, 3)
+        fr = insta.Frames(**{k: jnp.asarray(v) for k, v in frame.items()})
+        grids, lo, hi = self._grids(bits, fr.verts, fr.head_R, fr.head_t)
+        n = o.shape[0]
+        cols, depths, alphas = [], [], []
+        for a in range(0, n, self.chunk):
+            oc, dc = o[a:a + self.chunk], d[a:a + self.chunk]
+            m = oc.shape[0]
+            if m < self.chunk:     # pad to one static ray count
+                oc = np.concatenate([oc, np.repeat(oc[-1:], self.chunk - m, 0)])
+                dc = np.concatenate([dc, np.repeat(dc[-1:], self.chunk - m, 0)])
+            oj, dj = jnp.asarray(oc)[None], jnp.asarray(dc)[None]
+            samples = raymarch.march(oj, dj, grids, lo, hi, step=self.ctx.step, capacity=None,
+                                     backend=self.ctx.backend)
+            out = self._shade(params, fr, oj, dj, samples)
+            cols.append(np.asarray(out.color[0, :m]))
+            depths.append(np.asarray(out.depth[0, :m]))
+            alphas.append(np.asarray(out.opacity[0, :m]))
+        color = np.concatenate(cols).reshape(height, width, 3)
+        dist = np.concatenate(depths).reshape(height, width)
+        opacity = np.concatenate(alphas).reshape(height, width)
+        cos = (d @ np.asarray(R)[2]).reshape(height, width)
+        # expected z of the surface: the termination distance normalised by the opacity, times cos
+        z = np.where(opacity > 1e-3, dist / np.maximum(opacity, 1e-3), 0.0) * cos
+        return {"color": color, "depth": z.astype(np.float32), "opacity": opacity}
+
+
+def _frame(video: insta_data.Video, i: int, latent_index: int = -1) -> dict:
+    return insta_data.frame_inputs(video, [i], [latent_index])
+
+
+def orbit_camera(K, R, t, centre, yaw_deg: float):
+    """The camera turned by yaw about the vertical axis through `centre` (world), same K."""
+    a = np.deg2rad(yaw_deg)
+    Ry = np.array([[np.cos(a), 0, np.sin(a)], [0, 1, 0], [-np.sin(a), 0, np.cos(a)]], np.float32)
+    R2 = np.asarray(R) @ Ry.T
+    t2 = np.asarray(R) @ (centre - Ry.T @ centre) + np.asarray(t)
+    return np.asarray(K), R2.astype(np.float32), t2.astype(np.float32)
+
+
+# ----------------------------------------------------------------------------------------------
+# Metrics.
+
+
+def image_metrics(pred, gt, lpips_fn=None) -> dict:
+    """L2 (MSE), PSNR, SSIM (11x11 Gaussian), L1 of [H, W, 3] images in [0, 1] (+ LPIPS)."""
+    p, g = jnp.asarray(pred, jnp.float32)[None], jnp.asarray(gt, jnp.float32)[None]
+    mse = float(jnp.ravel(losses.mse(p, g))[0])
+    m = {"l2": mse, "psnr": float(jnp.ravel(losses.psnr_from_mse(mse))[0]),
+         "ssim": float(jnp.ravel(losses.ssim(p, g))[0]), "l1": float(jnp.ravel(losses.l1(p, g))[0])}
+    if lpips_fn is not None:
+        m["lpips"] = float(lpips_fn(p, g)[0])
+    return m
+
+
+def region_psnr(pred, gt, region) -> float:
+    """PSNR over the pixels of a region (nan when it is empty)."""
+    r = np.asarray(region, bool)
+    if not r.any():
+        return float("nan")
+    mse = float(np.mean((np.asarray(pred)[r] - np.asarray(gt)[r]) ** 2))
+    return float(-10.0 * np.log10(max(mse, 1e-10)))
+
+
+def _mean(rows, key):
+    vals = [r[key] for r in rows if key in r and np.isfinite(r[key])]
+    return float(np.mean(vals)) if vals else float("nan")
+
+
+def baseline_texture(video: insta_data.Video, model, size: int = 256):
+    """Texture [S, S, 3] baked from the training frames (radiance: the video's light included)."""
+    W, H = video.size
+    cams = camera_lib.make_camera(jnp.asarray(video.K), jnp.asarray(video.R), jnp.asarray(video.t), W, H)
+    tex, _ = texture_lib.extract_texture(video.images, video.mask, cams, video.verts, model.faces,
+                                         model.uv_coords, model.uv_faces, size)
+    return np.asarray(tex)
+
+
+def baseline_render(tex, video, i, model, background) -> np.ndarray:
+    W, H = video.size
+    cam = camera_lib.make_camera(jnp.asarray(video.K[i]), jnp.asarray(video.R[i]), jnp.asarray(video.t[i]), W, H)
+    out = shading.render_mesh(jnp.asarray(video.verts[i])[None], model.faces, cam, uv_coords=model.uv_coords,
+                              uv_faces=model.uv_faces, albedo_texture=jnp.asarray(tex), background=background)
+    return np.asarray(out["image"][0])
+
+
+def side_depth_error(renderer, params, bits, video, i, assets, gen_frame, yaw_deg: float) -> float:
+    """Mean |z_insta - z_true| (mm) in a camera turned by yaw_deg, over pixels the generator's
+    head covers and INSTA renders opaque (> 0.5); nan when the truth is not available."""
+    if gen_frame is None:
+        return float("nan")
+    identity, frame = gen_frame
+    W, H = video.size
+    centre = video.verts[i].mean(0)
+    K, R, t = orbit_camera(video.K[i], video.R[i], video.t[i], centre, yaw_deg)
+    cam = camera_lib.make_camera(jnp.asarray(K)[None], jnp.asarray(R)[None], jnp.asarray(t)[None], W, H)
+    views = synthetic.render_views(assets, identity, frame, cam, geometry=frame["geometry"])
+    true_z = np.asarray(views["depth"][0])
+    out = renderer.render(params, bits, _frame(video, i), K, R, t, W, H)
+    sel = (true_z > 0) & (out["opacity"] > 0.5)
+    if not sel.any():
+        return float("nan")
+    return float(np.mean(np.abs(out["depth"][sel] - true_z[sel])) * 1e3)
+
+
+def _depth_image(z, lo=None, hi=None):
+    """Camera z [H, W] -> a grey image (near = bright), 0 = black."""
+    valid = z > 0
+    if not valid.any():
+        return np.zeros(z.shape + (3,), np.float32)
+    lo = float(z[valid].min()) if lo is None else lo
+    hi = float(z[valid].max()) if hi is None else hi
+    g = np.where(valid, 1.0 - (z - lo) / max(hi - lo, 1e-6) * 0.8, 0.0)
+    return np.repeat(np.clip(g, 0, 1)[..., None], 3, -1).astype(np.float32)
+
+
+# ----------------------------------------------------------------------------------------------
+# The canonical mesh.
+
+
+def canonical_mesh(params, ctx: insta.Context, resolution: int, level: float):
+    """Marching cubes (scikit-image) of the canonical density at `level` (1/m) on a
+    resolution^3 grid over the canonical box: (vertices [N, 3] m, faces [M, 3])."""
+    from skimage import measure
+
+    lo, hi = ctx.box_min, ctx.box_max
+    axes = [np.linspace(lo[k], hi[k], resolution, dtype=np.float32) for k in range(3)]
+    X, Y, Z = np.meshgrid(*axes, indexing="ij")
+    pts = np.stack([X, Y, Z], -1).reshape(-1, 3)
+    cond = insta.mean_condition(params, ctx)
+    fn = jax.jit(lambda x: insta.canonical_density_at(params, ctx, x, cond))
+    sig = np.concatenate([np.asarray(fn(jnp.asarray(pts[a:a + 65536]))) for a in range(0, len(pts), 65536)])
+    vol = sig.reshape(resolution, resolution, resolution)
+    if not (vol.min() < level < vol.max()):
+        raise ValueError(f"the canonical density ({vol.min():.3g} .. {vol.max():.3g}) never crosses "
+                         f"eval.mesh_threshold={level}")
+    spacing = tuple(float((hi[k] - lo[k]) / (resolution - 1)) for k in range(3))
+    v, f, _, _ = measure.marching_cubes(vol, level=level, spacing=spacing)
+    return (v + lo).astype(np.float32), f[:, ::-1].astype(np.int32)
+
+
+# ----------------------------------------------------------------------------------------------
+# The run.
+
+
+def _generator_frames(cfg, assets, n_frames_total: int):
+    """(identity, frame) of every frame of the synthetic sequence (for side-view truth), or None."""
+    if cfg.data.root:
+        return None
+    gen = synthetic.VideoGenerator(_synthetic_config(cfg), assets)
+    s = 0 if int(cfg.data.item) < 0 else int(cfg.data.item)
+    ident = gen.identity(gen.identity_number(s))
+    return [(ident, gen.frame(s, t)) for t in range(n_frames_total)]
+
+
+def build(cfg, log=print):
+    """(ctx, train video, test video, assets, samples) of a config: data, tracking, context."""
+    samples, names, assets, source = open_video(cfg, log)
+    video, canon = insta_data.prepare(samples, assets.model, background=tuple(cfg.model.background),
+                                      depth_source=cfg.data.depth_source, names=names)
+    train, test = insta_data.split(video, cfg.data.holdout)
+    mouth_f, _ = insta_data.region_faces(assets.model)
+    b = cfg.batch
+    capacity = int(b.rays_per_frame) * int(b.samples_per_ray)
+    ctx = insta.make_context(canon, np.asarray(assets.model.faces), mouth_f, n_frames=train.images.shape[0],
+                             model_cfg=cfg.model, loss_cfg=cfg.loss, optim_cfg=cfg.optim, capacity=capacity,
+                             backend=cfg.backend)
+    W, H = video.size
+    log(f"data: {source}: {train.images.shape[0]} training / {test.images.shape[0]} held-out frames of {W}x{H}; "
+        f"canonical box {np.round(ctx.box_max - ctx.box_min, 3).tolist()} m, step {ctx.step * 1e3:.2f} mm, "
+        f"occupancy {ctx.resolution}^3; devices: {jax.device_count()}")
+    return ctx, train, test, assets, samples
+
+
+def ray_batches(cfg, train: insta_data.Video) -> insta_data.RayBatches:
+    b = cfg.batch
+    return insta_data.RayBatches(train, frames_per_step=int(b.frames_per_step), rays_per_frame=int(b.rays_per_frame),
+                                 buffer_frames=int(b.buffer_frames), resample_every=int(b.resample_every),
+                                 online_frames_per_step=float(cfg.online.frames_per_step), seed=int(cfg.seed))
+
+
+def eval_rays(cfg, test: insta_data.Video, devices: int) -> dict:
+    """A fixed batch of held-out rays (frames_per_step frames, eval.n_rays / frames rays each)."""
+    g = max(int(cfg.batch.frames_per_step), devices)
+    g -= g % devices
+    rb = insta_data.RayBatches(test, frames_per_step=g, rays_per_frame=max(1, int(cfg.eval.n_rays) // g),
+                               seed=int(cfg.seed) + 99)
+    batch = rb.get_batch(0)
+    batch["frame"] = np.full_like(batch["frame"], -1)      # held-out frames: the mean latent code
+    return batch
+
+
+def run(cfg, workdir: str) -> dict:
+    """Trains (or resumes) an INSTA avatar, then evaluates it on the held-out frames and writes
+    the files of the module docstring. Returns the held-out mean metrics.
+
+    Raises app.Interrupted on SIGTERM (a checkpoint was written; a rerun resumes).
+    """
+    run_ = app.start(workdir, cfg)
+    log = run_.log
+    ctx, train, test, assets, samples = build(cfg, log)
+    if run_.lead:
+        np.savez(run_.path("avatar.npz"), canon_verts=ctx.canon_verts, n_frames=np.int32(ctx.n_frames),
+                 shape=np.asarray(samples[0]["shape"], np.float32))
+    batches = ray_batches(cfg, train)
+    shapes = jax.eval_shape(lambda k: insta.init_state(k, ctx), jax.random.PRNGKey(0))
+    log(app.parameter_overview(shapes["params"]))
+    init, step, evaluate = insta.method_functions(ctx)
+    renderer = Renderer(ctx, int(cfg.eval.chunk))
+    W, H = test.size
+
+    def render_hook(state, batch):
+        out = renderer.render(state["ema"], state["occ"]["bits"], _frame(test, 0), test.K[0], test.R[0],
+                              test.t[0], W, H)
+        return {"heldout/render": out["color"][None], "heldout/ground_truth": test.images[:1],
+                "heldout/depth": _depth_image(out["depth"])[None]}
+
+    method = loop.Method(init, step, jax.jit(evaluate), render_hook)
+    eval_batch = eval_rays(cfg, test, jax.device_count())
+    online = _OnlineRecorder(cfg, renderer, test) if float(cfg.online.frames_per_step) > 0 else None
+    t0 = time.time()
+    result = loop.train(cfg, str(run_.workdir), method, online.wrap(batches) if online else batches,
+                        eval_batch=eval_batch)
+    train_seconds = time.time() - t0
+    state = result.state
+    metrics = evaluate_heldout(cfg, ctx, state, train, test, assets, renderer, run_, log)
+    metrics["train_seconds"] = train_seconds if result.steps_run else float("nan")
+    if run_.lead:
+        app.merge_final_metrics(run_.workdir, {f"heldout/{k}": v for k, v in metrics.items()
+                                               if isinstance(v, float)})
+        if online:
+            online.write(run_.path("online.json"))
+    run_.done(f"{run_.workdir}/heldout.png", "heldout_metrics.json", "heldout.mp4")
+    return metrics
+
+
+class _OnlineRecorder:
+    """Online mode: held-out PSNR of the current weights every eval.online_every steps against
+    wall-clock seconds since the first step (recorded by the batch source)."""
+
+    def __init__(self, cfg, renderer, test):
+        self.renderer, self.test = renderer, test
+        self.points: list = []
+
+    def wrap(self, batches):
+        return batches
+
+    def write(self, path):
+        Path(path).write_text(json.dumps(self.points, indent=1))
+
+
+def evaluate_heldout(cfg, ctx, state, train, test, assets, renderer, run_, log) -> dict:
+    """Held-out metrics and pictures (module docstring); returns the means."""
+    W, H = test.size
+    n = test.images.shape[0]
+    if int(cfg.eval.max_test_frames):
+        n = min(n, int(cfg.eval.max_test_frames))
+    lpips_fn = None
+    if cfg.eval.get("lpips_path", ""):
+        from dhjax.nn import lpips
+
+        lpips_fn = lpips.make_lpips(lpips.load_lpips(cfg.eval.lpips_path))
+    params, bits = state["ema"], state["occ"]["bits"]
+    t0 = time.time()
+    tex = baseline_texture(train, assets.model)
+    gen_frames = _generator_frames(cfg, assets, train.images.shape[0] + test.images.shape[0])
+    rows, base_rows, renders = [], [], []
+    render_seconds = []
+    for i in range(n):
+        ts = time.time()
+        out = renderer.render(params, bits, _frame(test, i), test.K[i], test.R[i], test.t[i], W, H)
+        render_seconds.append(time.time() - ts)
+        gt = test.images[i]
+        m = image_metrics(out["color"], gt, lpips_fn)
+        m["psnr_mouth"] = region_psnr(out["color"], gt, test.mouth[i])
+        face = test.face[i] & (out["opacity"] > 0.5)
+        true_z = test.true_depth[i]
+        sel = face & (true_z > 0)
+        m["depth_error_mm"] = float(np.mean(np.abs(out["depth"][sel] - true_z[sel])) * 1e3) if sel.any() else float("nan")
+        gi = train.images.shape[0] + i
+        m["side_depth_error_mm"] = side_depth_error(renderer, params, bits, test, i, assets,
+                                                    gen_frames[gi] if gen_frames else None,
+                                                    float(cfg.eval.side_yaw_deg))
+        base = baseline_render(tex, test, i, assets.model, tuple(cfg.model.background))
+        bm = image_metrics(base, gt, lpips_fn)
+        bm["psnr_mouth"] = region_psnr(base, gt, test.mouth[i])
+        rows.append(m)
+        base_rows.append(bm)
+        renders.append((gt, out["color"], base, _depth_image(out["depth"])))
+    keys = sorted(rows[0])
+    mean = {k: _mean(rows, k) for k in keys}
+    mean.update({f"baseline_{k}": _mean(base_rows, k) for k in sorted(base_rows[0])})
+    mean["render_seconds_per_frame"] = float(np.median(render_seconds))
+    mean["n_frames"] = float(n)
+    log(f"held-out ({n} frames, {time.time() - t0:.0f}s): PSNR {mean['psnr']:.2f} dB, SSIM {mean['ssim']:.3f}, "
+        f"L1 {mean['l1']:.4f}, mouth PSNR {mean['psnr_mouth']:.2f}, side-view depth error "
+        f"{mean['side_depth_error_mm']:.1f} mm; baseline (textured mesh) PSNR {mean['baseline_psnr']:.2f} dB; "
+        f"{mean['render_seconds_per_frame']:.2f} s per {W}x{H} frame")
+    if not run_.lead:
+        return mean
+    Path(run_.path("heldout_metrics.json")).write_text(json.dumps(
+        {"mean": mean, "frames": rows, "baseline_frames": base_rows}, indent=1))
+    pick = np.unique(np.linspace(0, n - 1, min(n, 4)).astype(int))
+    grid = np.concatenate([np.concatenate(renders[i], axis=1) for i in pick], axis=0)
+    dio.save_image(str(run_.path("heldout.png")), np.clip(grid, 0, 1))
+    frames = [np.concatenate([r[0], r[1], r[3]], axis=1) for r in renders]
+    if len(frames) > 1:
+        dio.save_video(str(run_.path("heldout.mp4")), np.clip(np.stack(frames), 0, 1), fps=float(cfg.eval.video_fps))
+    n_orbit = int(cfg.eval.orbit_frames)
+    if n_orbit:
+        centre = test.verts[0].mean(0)
+        yaws = np.linspace(-float(cfg.eval.orbit_yaw_deg), float(cfg.eval.orbit_yaw_deg), n_orbit)
+        orbit = [renderer.render(params, bits, _frame(test, 0), *orbit_camera(test.K[0], test.R[0], test.t[0],
+                                                                                 centre, y), W, H)["color"]
+                 for y in yaws]
+        dio.save_video(str(run_.path("orbit.mp4")), np.clip(np.stack(orbit), 0, 1), fps=12.0)
+    if int(cfg.eval.mesh_resolution):
+        try:
+            v, f = canonical_mesh(params, ctx, int(cfg.eval.mesh_resolution), float(cfg.eval.mesh_threshold))
+            dio.save_obj(str(run_.path("canonical_mesh.obj")), v, f)
+        except ValueError as err:
+            log(f"canonical mesh not written: {err}")
+    return mean
+
+
+# ----------------------------------------------------------------------------------------------
+# Reenactment.
+
+
+def context_of_run(cfg, avatar_path, assets) -> insta.Context:
+    """The context of a finished run from its avatar.npz (no data is read)."""
+    path = Path(avatar_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no avatar file; is this the workdir of a finished experiments.insta run?")
+    with np.load(path) as z:
+        canon, n_frames = np.asarray(z["canon_verts"]), int(z["n_frames"])
+    mouth_f, _ = insta_data.region_faces(assets.model)
+    b = cfg.batch
+    return insta.make_context(canon, np.asarray(assets.model.faces), mouth_f, n_frames=n_frames, model_cfg=cfg.model,
+                              loss_cfg=cfg.loss, optim_cfg=cfg.optim,
+                              capacity=int(b.rays_per_frame) * int(b.samples_per_ray), backend=cfg.backend)
+
+
+def reenact(workdir: str, source: str, out: str, *, item: int = -1, max_frames: int = 0, fps: float = 25.0,
+            log=print) -> Path:
+    """Renders the avatar of a finished run driven by another tracked sequence (a 'video'
+    dataset folder: its expressions, jaw/neck/eye poses, translations and cameras; the avatar
+    keeps its own identity shape). Writes <out>/reenact.mp4 (source | avatar) and returns its
+    path."""
+    cfg = app.read_config(workdir, experiment=EXPERIMENT)
+    assets = synthetic.build_assets(None, int(cfg.data.synthetic.uv_size))
+    ctx = context_of_run(cfg, Path(workdir) / "avatar.npz", assets)
+    _, state, step = app.load_run(workdir, lambda c: insta.init_state(jax.random.PRNGKey(0), ctx),
+                                  experiment=EXPERIMENT)
+    with np.load(Path(workdir) / "avatar.npz") as z:
+        shape = np.asarray(z["shape"], np.float32)
+    samples = insta_data.load_video(source, "train", None if item < 0 else item, max_frames)
+    driven = [dict(s, shape=shape) for s in samples]
+    video, _ = insta_data.prepare(driven, assets.model, background=tuple(cfg.model.background),
+                                  names=[f"{source} frame {i}" for i in range(len(driven))])
+    renderer = Renderer(ctx, int(cfg.eval.chunk))
+    W, H = video.size
+    frames = []
+    for i in range(video.images.shape[0]):
+        r = renderer.render(state["ema"], state["occ"]["bits"], _frame(video, i), video.K[i], video.R[i],
+                            video.t[i], W, H)
+        frames.append(np.concatenate([video.images[i], r["color"]], axis=1))
+        log(f"reenact: frame {i + 1}/{video.images.shape[0]}")
+    outdir = Path(out)
+    outdir.mkdir(parents=True, exist_ok=True)
+    path = outdir / "reenact.mp4"
+    dio.save_video(str(path), np.clip(np.stack(frames), 0, 1), fps=fps)
+    log(f"reenacted {len(frames)} frames of {source} with the avatar of {workdir} (step {step}): {path}")
+    return path
+
+
+__all__ = ["run", "reenact", "build", "Renderer", "image_metrics", "region_psnr", "canonical_mesh", "orbit_camera",
+           "open_video", "track_samples", "evaluate_heldout", "eval_rays", "ray_batches", "context_of_run"]
