@@ -1,0 +1,357 @@
+"""INSTA (dhjax.synthesis.insta*): canonicalisation of surface samples, the occupancy grid, the
+kernels against the pure-JAX path inside the method, overfitting a tiny scene, the data checks,
+and one small end-to-end run with its reenactment."""
+
+import functools
+import json
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import insta as insta_config
+from dhjax import ops
+from dhjax.data import dataset as ds
+from dhjax.geometry import deformation
+from dhjax.ops import raymarch
+from dhjax.synthesis import insta, insta_data, insta_run
+import synthetic_common as sc
+
+
+@functools.lru_cache(maxsize=None)
+def _video_and_canon():
+    gen = sc.video()
+    samples = [gen[i] for i in range(gen.n_frames)]          # sequence 0: 6 frames of 64 x 64
+    video, canon = insta_data.prepare(samples, gen.assets.model)
+    return samples, video, canon
+
+
+def _small_model_cfg(**kw):
+    c = insta.default_model_config()
+    c.hash.update(n_levels=4, log2_hashmap_size=12, finest_resolution=64.0)
+    c.occupancy.update(resolution=16, every=4)
+    c.step_divisor = 96.0
+    c.update(kw)
+    return c
+
+
+def _context(model_cfg=None, backend="auto", capacity=1 << 14):
+    _, video, canon = _video_and_canon()
+    mouth, _ = insta_data.region_faces(sc.tiny_assets().model)
+    return insta.make_context(canon, np.asarray(sc.tiny_assets().model.faces), mouth, n_frames=video.images.shape[0],
+                              model_cfg=model_cfg or _small_model_cfg(), capacity=capacity, backend=backend)
+
+
+# ----------------------------------------------------------------------------------------------
+# Canonicalisation.
+
+
+def _surface_points(verts, faces, n, seed):
+    rng = np.random.default_rng(seed)
+    f = rng.integers(0, len(faces), n)
+    b = rng.dirichlet(np.ones(3), n)
+    return np.einsum("nk,nkc->nc", b, verts[faces[f]]).astype(np.float32)
+
+
+def test_surface_samples_of_a_rigid_frame_land_on_the_canonical_surface():
+    _, _, canon = _video_and_canon()
+    faces = np.asarray(sc.tiny_assets().model.faces)
+    a = 0.4
+    R = np.array([[np.cos(a), 0, np.sin(a)], [0, 1, 0], [-np.sin(a), 0, np.cos(a)]], np.float32)
+    verts = canon @ R.T + np.array([0.01, -0.02, 0.5], np.float32)
+    p = _surface_points(verts, faces, 2000, 0)
+    face = ops.closest_point(verts, faces, p).face
+    out = deformation.canonicalize(jnp.asarray(p), jnp.asarray(verts), jnp.asarray(canon), faces, face=face)
+    d = np.sqrt(np.asarray(ops.closest_point(canon, faces, out.points).sq_dist))
+    assert d.max() < 2e-5          # metres: exact up to float32 rounding for a rigid motion
+
+
+def test_surface_samples_of_tracked_frames_stay_near_the_canonical_surface():
+    """Expressions and jaw/neck poses deform the mesh non-rigidly; the smoothed map (eq. 4)
+    keeps surface points within a millimetre of the canonical surface for most samples."""
+    _, video, canon = _video_and_canon()
+    faces = np.asarray(sc.tiny_assets().model.faces)
+    for i in (0, 3):
+        p = _surface_points(video.verts[i], faces, 3000, i)
+        face = ops.closest_point(video.verts[i], faces, p).face
+        out = deformation.canonicalize(jnp.asarray(p), jnp.asarray(video.verts[i]), jnp.asarray(canon), faces,
+                                       face=face)
+        d = np.sqrt(np.asarray(ops.closest_point(canon, faces, out.points).sq_dist))
+        assert np.median(d) < 5e-4 and np.quantile(d, 0.95) < 3e-3, (np.median(d), np.quantile(d, 0.95))
+
+
+# ----------------------------------------------------------------------------------------------
+# Occupancy.
+
+
+def _constant_density_params(ctx, sigma):
+    params = insta.init_params(jax.random.PRNGKey(0), ctx)
+    params = jax.tree_util.tree_map(jnp.zeros_like, params)
+    last = f"layer_{len(params['density']) - 1}"
+    params["density"][last]["b"] = params["density"][last]["b"].at[0].set(np.log(sigma))
+    return params
+
+
+def test_occupancy_update_keeps_the_max_of_decayed_and_new_thickness():
+    ctx = _context()
+    d3 = ctx.resolution ** 3
+    occ = {"density": jnp.asarray(np.random.default_rng(0).uniform(0, 1.0, d3), jnp.float32),
+           "bits": jnp.ones((d3,), jnp.uint8)}
+    sigma = 3.0
+    new = insta.update_occupancy(occ, _constant_density_params(ctx, sigma), ctx, jax.random.PRNGKey(1))
+    expected = np.maximum(np.asarray(occ["density"]) * 0.95, sigma * ctx.step)
+    np.testing.assert_allclose(np.asarray(new["density"]), expected, rtol=1e-6)
+    thresh = min(0.01, expected.mean())
+    np.testing.assert_array_equal(np.asarray(new["bits"]), (expected > thresh).astype(np.uint8))
+
+
+def test_occupancy_update_of_a_cell_subset_decays_the_others():
+    cfg = _small_model_cfg()
+    cfg.occupancy.cells = 100
+    ctx = _context(cfg)
+    d3 = ctx.resolution ** 3
+    occ = {"density": jnp.full((d3,), 0.5, jnp.float32), "bits": jnp.ones((d3,), jnp.uint8)}
+    new = insta.update_occupancy(occ, _constant_density_params(ctx, 1e4), ctx, jax.random.PRNGKey(2))
+    dens = np.asarray(new["density"])
+    hot = dens > 0.5
+    assert hot.sum() == 100
+    np.testing.assert_allclose(dens[~hot], 0.5 * 0.95, rtol=1e-6)
+    np.testing.assert_allclose(dens[hot], 1e4 * ctx.step, rtol=1e-5)
+
+
+def test_empty_field_empties_the_grid_and_rays_get_no_samples():
+    ctx = _context()
+    occ = insta.update_occupancy(insta.init_occupancy(ctx), _constant_density_params(ctx, 1e-9), ctx,
+                                 jax.random.PRNGKey(0))
+    occ = insta.update_occupancy(occ, _constant_density_params(ctx, 1e-9), ctx, jax.random.PRNGKey(1))
+    _, video, _ = _video_and_canon()
+    assert np.asarray(occ["bits"]).sum() == 0
+    frames = insta.Frames(**{k: jnp.asarray(v) for k, v in insta_data.frame_inputs(video, [0]).items()})
+    o, d = insta_data.frame_rays(video, 0)
+    s = insta.march_frames(occ["bits"], ctx, frames, jnp.asarray(o.reshape(1, -1, 3)), jnp.asarray(d.reshape(1, -1, 3)))
+    assert int(s.n_samples[0]) == 0
+
+
+def test_deformed_grid_of_the_canonical_mesh_is_the_dilated_canonical_grid():
+    ctx = _context()
+    D = ctx.resolution
+    rng = np.random.default_rng(3)
+    bits = (rng.uniform(size=D ** 3) < 0.02).astype(np.uint8)
+    verts = jnp.asarray(ctx.canon_verts)[None]
+    grids, lo, hi = insta.deformed_grids(jnp.asarray(bits), ctx, verts, jnp.eye(3)[None], jnp.zeros((1, 3)))
+    np.testing.assert_allclose(np.asarray(lo[0]), ctx.box_min, atol=1e-6)
+    g = bits.reshape(D, D, D).transpose(2, 1, 0)            # [i, j, k]
+    pad = np.pad(g, 1)
+    dil = np.zeros_like(g)
+    for a in range(3):
+        for b in range(3):
+            for c in range(3):
+                dil |= pad[a:a + D, b:b + D, c:c + D]
+    np.testing.assert_array_equal(np.asarray(grids[0]), dil)
+
+
+def test_deformed_grid_follows_a_rigid_motion():
+    """A translated head moves its occupied cells with it (the grid's box moves too)."""
+    ctx = _context()
+    D = ctx.resolution
+    bits = np.zeros(D ** 3, np.uint8)
+    bits[D // 2 + D * (D // 2 + D * (D // 2))] = 1
+    shift = np.array([0.1, -0.05, 0.3], np.float32)
+    verts = (jnp.asarray(ctx.canon_verts) + shift)[None]
+    grids, lo, _ = insta.deformed_grids(jnp.asarray(bits), ctx, verts, jnp.eye(3)[None], jnp.asarray(shift)[None])
+    np.testing.assert_allclose(np.asarray(lo[0]), ctx.box_min + shift, atol=1e-5)
+    occ = np.argwhere(np.asarray(grids[0]))
+    assert len(occ) == 27 and np.all(occ.min(0) == D // 2 - 1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Kernels vs the pure-JAX path inside the method.
+
+
+def _ray_batch(ctx, n_frames=2, n_rays=96, seed=0):
+    _, video, _ = _video_and_canon()
+    rb = insta_data.RayBatches(video, frames_per_step=n_frames, rays_per_frame=n_rays, seed=seed)
+    return {k: jnp.asarray(v) for k, v in rb.get_batch(0).items()}
+
+
+@pytest.mark.skipif(not raymarch.kernel_available("cpu"), reason="kernels not built")
+def test_render_and_gradients_with_kernels_equal_the_reference(monkeypatch):
+    """The raymarch and hash-grid kernels against the pure-JAX path inside the method. The
+    nearest triangle comes from one closest-point backend in both runs: off the surface, where
+    the nearest point is a vertex or an edge, several triangles are equally near and the BVH
+    kernel and the brute-force reference may pick different ones (`deformation.canonicalize`)."""
+    closest = ops.closest_point
+    monkeypatch.setattr(insta.ops, "closest_point", lambda v, f, p, backend="auto": closest(v, f, p, backend="cpu"))
+    ctx_k = _context(backend="cpu", capacity=1 << 13)
+    ctx_r = ctx_k.replace(backend="reference")
+    batch = _ray_batch(ctx_k)
+    params = insta.init_params(jax.random.PRNGKey(0), ctx_k)
+    bits = insta.init_occupancy(ctx_k)["bits"]
+    frames = insta.batch_frames(batch)
+
+    def loss(params, ctx):
+        s = insta.march_frames(bits, ctx, frames, batch["origins"], batch["dirs"], capacity=ctx.capacity)
+        out = insta.shade(params, ctx, frames, batch["origins"], batch["dirs"], s, insta.background_of(ctx))
+        return insta.loss_terms(out, batch, ctx)[0], out
+
+    (lk, ok), gk = jax.value_and_grad(loss, has_aux=True)(params, ctx_k)
+    (lr, orr), gr = jax.value_and_grad(loss, has_aux=True)(params, ctx_r)
+    assert bool(jnp.all(ok.complete))
+    np.testing.assert_allclose(np.asarray(ok.color), np.asarray(orr.color), atol=2e-5)
+    np.testing.assert_allclose(np.asarray(ok.depth), np.asarray(orr.depth), atol=2e-5)
+    np.testing.assert_allclose(float(lk), float(lr), rtol=1e-5)
+    for a, b in zip(jax.tree_util.tree_leaves(gk), jax.tree_util.tree_leaves(gr)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5 + 1e-3 * float(jnp.max(jnp.abs(b))))
+
+
+def test_truncated_rays_leave_the_loss_and_are_counted():
+    ctx = _context(capacity=256)
+    batch = _ray_batch(ctx)
+    state = insta.init_state(jax.random.PRNGKey(0), ctx)
+    _, metrics = jax.jit(functools.partial(insta.train_step, ctx=ctx))(state, batch, jax.random.PRNGKey(1))
+    assert 0 < float(metrics["truncated_rays"]) < 1
+    assert np.isfinite(float(metrics["loss"]))
+
+
+# ----------------------------------------------------------------------------------------------
+# Training.
+
+
+def test_a_tiny_scene_overfits():
+    """Two frames at 64 x 64: the training PSNR of the rays climbs well above the start."""
+    cfg = _small_model_cfg()
+    cfg.hash.update(n_levels=8, log2_hashmap_size=14, finest_resolution=256.0)
+    cfg.step_divisor = 128.0
+    _, video, canon = _video_and_canon()
+    two = video.take([0, 1])
+    mouth, _ = insta_data.region_faces(sc.tiny_assets().model)
+    ctx = insta.make_context(canon, np.asarray(sc.tiny_assets().model.faces), mouth, n_frames=2, model_cfg=cfg,
+                             capacity=1 << 15)
+    rb = insta_data.RayBatches(two, frames_per_step=2, rays_per_frame=512, seed=0)
+    step = jax.jit(functools.partial(insta.train_step, ctx=ctx))
+    state = insta.init_state(jax.random.PRNGKey(0), ctx)
+    psnr = []
+    for i in range(150):
+        state, m = step(state, {k: jnp.asarray(v) for k, v in rb.get_batch(i).items()}, jax.random.PRNGKey(i))
+        psnr.append(float(m["psnr"]))
+    assert float(m["truncated_rays"]) == 0.0
+    assert np.mean(psnr[-10:]) > np.mean(psnr[:5]) + 8.0, (psnr[:5], psnr[-10:])
+    assert np.mean(psnr[-10:]) > 20.0
+    assert float(jnp.mean(state["occ"]["bits"].astype(jnp.float32))) < 0.9     # the grid pruned empty space
+
+
+# ----------------------------------------------------------------------------------------------
+# Data.
+
+
+def test_huber_is_eq_6():
+    e = np.array([0.0, 0.05 ** 2, 0.0999 ** 2, 0.1001 ** 2, 0.5 ** 2], np.float32)
+    n = np.sqrt(e)
+    expected = np.where(n < 0.1, 0.5 * e, 0.1 * (n - 0.05))
+    np.testing.assert_allclose(np.asarray(insta.huber(jnp.asarray(e), 0.1)), expected, rtol=1e-5)
+    g = jax.grad(lambda x: jnp.sum(insta.huber(x, 0.1)))(jnp.asarray(e))
+    assert np.all(np.isfinite(np.asarray(g)))
+
+
+def test_prepared_video_regions_depth_and_rays():
+    samples, video, canon = _video_and_canon()
+    assert video.images.shape == (6, 64, 64, 3) and canon.shape == video.verts.shape[1:]
+    assert video.mouth.any() and video.face.any()
+    assert not (video.face & video.mouth).all()
+    # mesh_t is the ray distance of the rasterised mesh: z = t * cos, close to the true depth on face skin
+    o, d = insta_data.frame_rays(video, 0)
+    cos = np.einsum("hwc,c->hw", d, video.R[0][2])
+    sel = video.face[0] & (video.true_depth[0] > 0)
+    err = np.abs(video.mesh_t[0][sel] * cos[sel] - video.true_depth[0][sel])
+    assert np.median(err) < 2e-3
+    # the rays of a batch go through the sampled pixels' colours
+    rb = insta_data.RayBatches(video, frames_per_step=2, rays_per_frame=5, seed=1)
+    b1, b2 = rb.get_batch(7), rb.get_batch(7)
+    for k in b1:
+        np.testing.assert_array_equal(b1[k], b2[k])
+    np.testing.assert_allclose(np.linalg.norm(b1["dirs"], axis=-1), 1.0, atol=1e-5)
+
+
+def test_frame_buffer_and_online_arrival():
+    _, video, _ = _video_and_canon()
+    rb = insta_data.RayBatches(video, frames_per_step=1, rays_per_frame=1, buffer_frames=3, resample_every=10)
+    assert len(rb.frames_at(0)) == 3
+    np.testing.assert_array_equal(rb.frames_at(0), rb.frames_at(9))
+    assert any(not np.array_equal(rb.frames_at(0), rb.frames_at(10 * k)) for k in range(1, 6))
+    online = insta_data.RayBatches(video, frames_per_step=1, rays_per_frame=1, online_frames_per_step=0.5)
+    assert [online.available(s) for s in (0, 1, 2, 4, 100)] == [1, 1, 2, 3, 6]
+    for s in range(12):
+        assert online.get_batch(s)["frame"][0] < online.available(s)
+
+
+def _write_video(tmp_path, n=3):
+    gen = sc.video()
+    root = tmp_path / "video"
+    ds.write_dataset(gen, root, "train", indices=range(n))
+    return root
+
+
+def test_bad_datasets_get_errors_naming_the_problem(tmp_path):
+    root = _write_video(tmp_path)
+    frame = sorted((root / "train").glob("*/frame_0001"))[0]
+    samples = insta_data.load_video(root)
+    assert len(samples) == 3
+    with pytest.raises(ValueError, match="at least 2 frames"):
+        insta_data.check_frames(samples[:1])
+    bad = [dict(s) for s in samples]
+    bad[1]["expression"] = bad[1]["expression"].copy()
+    bad[1]["expression"][0] = np.nan
+    with pytest.raises(ValueError, match="frame 1.*expression.*non-finite"):
+        insta_data.check_frames(bad)
+    no_depth = [{k: v for k, v in s.items() if k != "depth"} for s in samples]
+    with pytest.raises(ValueError, match="no depth map"):
+        insta_data.prepare(no_depth, sc.tiny_assets().model, depth_source="dataset")
+    shutil.move(frame / "cam_00_mask.png", tmp_path / "mask.png")
+    with pytest.raises(FileNotFoundError, match="cam_00_mask.png"):
+        insta_data.load_video(root)
+    shutil.move(tmp_path / "mask.png", frame / "cam_00_mask.png")
+    (frame / "params.npz").unlink()
+    with pytest.raises(FileNotFoundError, match="params"):
+        insta_data.load_video(root)
+    with pytest.raises(ValueError, match="no sequence with number 7"):
+        insta_data.load_video(root, item=7)
+
+
+def test_models_without_regions_are_refused():
+    model = sc.tiny_assets().model.replace(regions=None)
+    with pytest.raises(ValueError, match="region masks"):
+        insta_data.region_faces(model)
+
+
+# ----------------------------------------------------------------------------------------------
+# The run, as a user runs it.
+
+
+def test_run_writes_its_outputs_resumes_and_reenacts(tmp_path):
+    c = insta_config.get_config("tiny")
+    c.data.cache_dir = str(tmp_path / "cache")
+    c.data.synthetic = sc.tiny_config()
+    c.data.synthetic.video.update(n_sequences=1, n_frames=6)
+    c.data.holdout = 2
+    c.model = _small_model_cfg()
+    c.batch.update(rays_per_frame=128, samples_per_ray=64)
+    c.eval.update(orbit_frames=3, mesh_resolution=24, mesh_threshold=1.0, chunk=2048, n_rays=256)
+    c.train.update(steps=12, log_every=4, eval_every=6, checkpoint_every=6)
+    work = tmp_path / "run"
+    m = insta_run.run(c, str(work))
+    for name in ("heldout.png", "heldout.mp4", "orbit.mp4", "heldout_metrics.json", "final_metrics.json",
+                 "avatar.npz", "metrics.jsonl"):
+        assert (work / name).is_file(), name
+    rows = json.loads((work / "heldout_metrics.json").read_text())
+    assert len(rows["frames"]) == 2 and np.isfinite(rows["mean"]["psnr"]) and np.isfinite(rows["mean"]["baseline_psnr"])
+    assert np.isfinite(m["psnr"]) and m["n_frames"] == 2.0
+    assert list((work / "tb").iterdir())
+    # a rerun of the finished run trains no more and gives the same held-out numbers
+    m2 = insta_run.run(c, str(work))
+    assert m2["psnr"] == m["psnr"]
+    out = insta_run.reenact(str(work), str(insta_run.cache_lib.cached_video(c.data.synthetic, name="insta_video",
+                                                                          cache_dir=c.data.cache_dir)),
+                            str(tmp_path / "re"), max_frames=2)
+    assert out.is_file() and out.stat().st_size > 0
