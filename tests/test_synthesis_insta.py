@@ -339,6 +339,7 @@ def test_run_writes_its_outputs_resumes_and_reenacts(tmp_path):
     c.batch.update(rays_per_frame=128, samples_per_ray=64)
     c.eval.update(orbit_frames=3, mesh_resolution=24, mesh_threshold=1.0, chunk=2048, n_rays=256)
     c.train.update(steps=12, log_every=4, eval_every=6, checkpoint_every=6)
+    c.online.frames_per_step = 0.25          # online mode: frame i arrives at step 4 i
     work = tmp_path / "run"
     m = insta_run.run(c, str(work))
     for name in ("heldout.png", "heldout.mp4", "orbit.mp4", "heldout_metrics.json", "final_metrics.json",
@@ -348,6 +349,9 @@ def test_run_writes_its_outputs_resumes_and_reenacts(tmp_path):
     assert len(rows["frames"]) == 2 and np.isfinite(rows["mean"]["psnr"]) and np.isfinite(rows["mean"]["baseline_psnr"])
     assert np.isfinite(m["psnr"]) and m["n_frames"] == 2.0
     assert list((work / "tb").iterdir())
+    online = json.loads((work / "online.json").read_text())
+    assert [p["step"] for p in online] == [6, 12] and [p["frames_arrived"] for p in online] == [2, 3]
+    assert 0 < online[0]["seconds"] < online[1]["seconds"] and (work / "online.png").is_file()
     # a rerun of the finished run trains no more and gives the same held-out numbers
     m2 = insta_run.run(c, str(work))
     assert m2["psnr"] == m["psnr"]

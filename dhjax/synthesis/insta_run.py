@@ -344,10 +344,11 @@ def run(cfg, workdir: str) -> dict:
 
     method = loop.Method(init, step, jax.jit(evaluate), render_hook)
     eval_batch = eval_rays(cfg, test, jax.device_count())
-    online = _OnlineRecorder(cfg, renderer, test) if float(cfg.online.frames_per_step) > 0 else None
+    online = _OnlineRecorder(batches) if float(cfg.online.frames_per_step) > 0 else None
     t0 = time.time()
-    result = loop.train(cfg, str(run_.workdir), method, online.wrap(batches) if online else batches,
-                        eval_batch=eval_batch)
+    result = loop.train(cfg, str(run_.workdir), method, online or batches, eval_batch=eval_batch)
+    if online:
+        online.finished = time.time()
     train_seconds = time.time() - t0
     state = result.state
     metrics = evaluate_heldout(cfg, ctx, state, train, test, assets, renderer, run_, log)
@@ -356,24 +357,66 @@ def run(cfg, workdir: str) -> dict:
         app.merge_final_metrics(run_.workdir, {f"heldout/{k}": v for k, v in metrics.items()
                                                if isinstance(v, float)})
         if online:
-            online.write(run_.path("online.json"))
+            pts = online.write(run_)
+            if pts:
+                log("online: " + ", ".join(f"{p['seconds']:.0f}s {p['frames_arrived']} frames "
+                                           f"{p['heldout_psnr']:.2f} dB" for p in pts))
     run_.done(f"{run_.workdir}/heldout.png", "heldout_metrics.json", "heldout.mp4")
     return metrics
 
 
 class _OnlineRecorder:
-    """Online mode: held-out PSNR of the current weights every eval.online_every steps against
-    wall-clock seconds since the first step (recorded by the batch source)."""
+    """Online mode's record: the training loop's batch source is wrapped so that the wall-clock
+    time at which each step starts is known; after training, each periodic held-out evaluation
+    (eval/psnr of the held-out ray batch, every train.eval_every steps, in metrics.jsonl) is
+    paired with the seconds since the first step and the number of frames that had arrived.
+    Steps run before a resume have no time (they are left out)."""
 
-    def __init__(self, cfg, renderer, test):
-        self.renderer, self.test = renderer, test
-        self.points: list = []
+    def __init__(self, batches: insta_data.RayBatches):
+        self.batches = batches
+        self.started: dict[int, float] = {}
+        self.finished: float | None = None      # set when training returns
 
-    def wrap(self, batches):
-        return batches
+    def get_batch(self, step: int) -> dict:
+        self.started[int(step)] = time.time()
+        return self.batches.get_batch(step)
 
-    def write(self, path):
-        Path(path).write_text(json.dumps(self.points, indent=1))
+    def points(self, metrics_path) -> list[dict]:
+        if not self.started:
+            return []
+        t0 = min(self.started.values())
+        rows: dict = {}        # by step: the loop logs the final evaluation again at the last step
+        with open(metrics_path) as f:
+            for line in f:
+                row = json.loads(line)
+                step = int(row.get("step", -1))
+                end = self.started.get(step, self.finished if step == max(self.started) + 1 else None)
+                if "eval/psnr" in row and end is not None:
+                    rows[step] = ({"step": step, "seconds": end - t0,
+                                 "frames_arrived": self.batches.available(step - 1),
+                                 "heldout_psnr": float(row["eval/psnr"])})
+        return [rows[k] for k in sorted(rows)]
+
+    def write(self, run_) -> list[dict]:
+        """online.json and online.png (held-out PSNR against seconds)."""
+        pts = self.points(run_.path("metrics.jsonl"))
+        Path(run_.path("online.json")).write_text(json.dumps(pts, indent=1))
+        if pts:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+
+            fig, ax = plt.subplots(figsize=(5, 3.2), dpi=120)
+            ax.plot([p["seconds"] for p in pts], [p["heldout_psnr"] for p in pts], "o-")
+            ax.set_xlabel("seconds since the first step")
+            ax.set_ylabel("held-out PSNR (dB)")
+            ax.set_title("INSTA online: frames arrive while training")
+            ax.grid(alpha=0.3)
+            fig.tight_layout()
+            fig.savefig(run_.path("online.png"))
+            plt.close(fig)
+        return pts
 
 
 def evaluate_heldout(cfg, ctx, state, train, test, assets, renderer, run_, log) -> dict:
