@@ -15,12 +15,18 @@ Variants:
   geometry  closest points (BVH kernel vs the brute-force reference, libigl, open3d/Embree) for
          1M points around the default head, and hash-grid encoding (kernel vs reference) for 1M
          points, 16 levels x 2 features, T = 2^19 (dhjax.bench.geometry).
+  insta  INSTA (dhjax.synthesis.insta) on configs/insta.py:tiny built from an 8-frame synthetic
+         video: train_step with the kernels (Context.backend='auto') and the pure-JAX reference in
+         steps/s and rays/s (the reference on fewer rays), the parts of a step, and the render
+         time of a 512x512 frame (dhjax.bench.insta; sizes under insta.*, e.g.
+         --config.insta.config=configs/insta.py:paper); about 6 min on 2 CPU cores.
 Results are printed and written to <workdir>/bench.json.
 """
 
 import ml_collections
 
 from dhjax.bench import geometry
+from dhjax.bench import insta as insta_bench
 
 
 def get_config(arg=None):
@@ -47,6 +53,8 @@ def get_config(arg=None):
         ))
     if c.suite == "geometry":
         c.geometry = geometry.default_config()
-    if c.suite not in ("flame", "synthetic", "splat", "geometry"):
-        raise ValueError(f"unknown bench variant {c.suite!r}; available: flame, synthetic, splat, geometry")
+    if c.suite == "insta":
+        c.insta = insta_bench.default_config()
+    if c.suite not in ("flame", "synthetic", "splat", "geometry", "insta"):
+        raise ValueError(f"unknown bench variant {c.suite!r}; available: flame, synthetic, splat, geometry, insta")
     return c

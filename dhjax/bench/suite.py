@@ -2,7 +2,8 @@
 <workdir>/bench.json.
 
 Suites: flame (`dhjax.bench.flame`), synthetic (`dhjax.bench.synthetic`), splat
-(`dhjax.bench.splat`), geometry (`dhjax.bench.geometry`, all of its benchmarks).
+(`dhjax.bench.splat`), geometry (`dhjax.bench.geometry`, all of its benchmarks), insta
+(`dhjax.bench.insta`).
 """
 
 from __future__ import annotations
@@ -14,13 +15,14 @@ from pathlib import Path
 
 import jax
 
-from dhjax.bench import flame, geometry, splat, synthetic
+from dhjax.bench import flame, geometry, insta, splat, synthetic
 
 SUITES = {
     "flame": flame.run,
     "synthetic": synthetic.run,
     "splat": splat.run,
     "geometry": lambda cfg, log: geometry.run_all(cfg.geometry, log=log),
+    "insta": insta.run,
 }
 
 
