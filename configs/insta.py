@@ -13,7 +13,7 @@ Variants:
   tiny_tracked  `tiny`, but the video is tracked first by the metrical tracker
                 (`dhjax.capture.track_run`) and INSTA trains on the tracker's parameters and
                 cameras: the whole capture -> avatar chain on one command.
-  tiny_sweep    `tiny` with 600 steps, evaluated on 6 held-out frames, for the ablation sweep
+  tiny_sweep    `tiny` with 400 steps, evaluated on 4 held-out frames, for the ablation sweep
                 (sweep() lists the ablations).
   paper         the thesis: 16 levels x 2 features, T = 2^19, step sqrt(3)/1024 of the box, a
                 128^3 grid, 32k steps of 4 frames x 1024 rays (instant-ngp trains with ~4k rays
@@ -60,7 +60,8 @@ def get_config(arg=None):
     c.batch = ml_collections.ConfigDict(dict(
         frames_per_step=4, rays_per_frame=1024,
         samples_per_ray=64,              # sample capacity per step = frames x rays x this (overflow is counted)
-        buffer_frames=1700, resample_every=1500))
+        buffer_frames=1700, resample_every=1500,
+        random_background=True))         # random background colour per training ray (instant-ngp)
     c.online = ml_collections.ConfigDict(dict(frames_per_step=0.0))   # > 0: frame i arrives at step i / this
     c.eval = ml_collections.ConfigDict(dict(
         chunk=1 << 15,                   # rays per render call
@@ -90,8 +91,8 @@ def get_config(arg=None):
             c.tracker.first.update(landmark_steps=200, steps=(100, 100, 100))
             c.tracker.frame.update(landmark_steps=20, steps=(20, 20, 30))
         if arg == "tiny_sweep":
-            c.train.update(steps=600, eval_every=0, checkpoint_every=600)
-            c.eval.update(orbit_frames=0, mesh_resolution=0, max_test_frames=6)
+            c.train.update(steps=400, eval_every=0, checkpoint_every=400)
+            c.eval.update(orbit_frames=0, mesh_resolution=0, max_test_frames=4)
     elif arg == "paper":
         pass
     elif arg not in (None, ""):

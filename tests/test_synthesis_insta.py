@@ -272,6 +272,15 @@ def test_prepared_video_regions_depth_and_rays():
     for k in b1:
         np.testing.assert_array_equal(b1[k], b2[k])
     np.testing.assert_allclose(np.linalg.norm(b1["dirs"], axis=-1), 1.0, atol=1e-5)
+    # random backgrounds: background pixels take the ray's colour, foreground ones keep theirs
+    rr = insta_data.RayBatches(video, frames_per_step=2, rays_per_frame=400, seed=1, random_background=True)
+    b = rr.get_batch(3)
+    plain = insta_data.RayBatches(video, frames_per_step=2, rays_per_frame=400, seed=1).get_batch(3)
+    np.testing.assert_array_equal(b["origins"], plain["origins"])          # the same pixels
+    alpha = np.stack([video.mask[f].ravel()[b["pixel"][g]] for g, f in enumerate(b["frame"])])[..., None]
+    assert (alpha == 0).any() and (alpha == 1).any()
+    np.testing.assert_allclose(b["color"], plain["color"] + (1 - alpha) * (b["background"] - 1.0), atol=1e-6)
+    np.testing.assert_allclose(b["color"][alpha[..., 0] == 0], b["background"][alpha[..., 0] == 0], atol=1e-6)
 
 
 def test_frame_buffer_and_online_arrival():

@@ -461,6 +461,9 @@ def shade(params, ctx: Context, frames: Frames, origins, dirs, samples: raymarch
     o = jnp.take_along_axis(origins, ray[..., None], axis=1)
     d = jnp.take_along_axis(dirs, ray[..., None], axis=1)
     p = o + samples.t[..., None] * d                                                    # [G, C, 3]
+    # Unused slots (ray -1) would sit at the camera centre, far from the mesh, where a BVH query
+    # is slowest; park them on a vertex of the frame's mesh (their density is zeroed below).
+    p = jnp.where((samples.ray >= 0)[..., None], p, frames.verts[:, :1])
     cond_frame, ones = _frame_conditions(params, ctx, frames)
     if mc.deformation == "mesh":
         face = ops.closest_point(frames.verts, ctx.faces, jax.lax.stop_gradient(p), backend=ctx.backend).face
@@ -549,7 +552,8 @@ def background_of(ctx: Context):
 def train_step(state, batch, key, ctx: Context):
     """One step: (maybe) update the occupancy, render the batch's rays with the capacity of the
     context, Adam on eqs. 6-8, EMA of the weights. batch: `loss_terms`' keys plus origins/dirs
-    [G, R, 3] and the `Frames` keys."""
+    [G, R, 3], the `Frames` keys and optionally background [G, R, 3] (per-ray colours; default
+    the config's background)."""
     oc = ctx.model_cfg.occupancy
     k_occ, _ = jax.random.split(key)
     step = state["step"]
@@ -558,8 +562,10 @@ def train_step(state, batch, key, ctx: Context):
     frames = batch_frames(batch)
     samples = march_frames(occ["bits"], ctx, frames, batch["origins"], batch["dirs"], capacity=ctx.capacity)
 
+    background = batch["background"] if "background" in batch else background_of(ctx)
+
     def loss_fn(params):
-        out = shade(params, ctx, frames, batch["origins"], batch["dirs"], samples, background_of(ctx))
+        out = shade(params, ctx, frames, batch["origins"], batch["dirs"], samples, background)
         return loss_terms(out, batch, ctx)
 
     (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])

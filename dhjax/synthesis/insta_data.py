@@ -17,7 +17,11 @@ head transforms; and the canonical mesh (the identity's neutral head).
 `RayBatches` gives the training batches by step number (so a resumed run reads the same data):
 a frame buffer of `buffer_frames` training frames redrawn every `resample_every` steps (thesis:
 1700 frames every 1500 steps), from which each step takes `frames_per_step` frames and
-`rays_per_frame` random pixels of each. With `online_frames_per_step` > 0 the frames arrive
+`rays_per_frame` random pixels of each. With `random_background` every ray gets a random
+background colour (its target is recomposited with the mask, and the render uses the same
+colour), as instant-ngp trains on masked images: a fixed background would let haze of that
+colour stand in the empty space, invisible in the training views and in front of the face in
+novel ones. With `online_frames_per_step` > 0 the frames arrive
 over time (frame i is usable from step i / online_frames_per_step on): the online mode, where
 the avatar trains while the video is still coming in.
 """
@@ -256,11 +260,13 @@ def frame_inputs(video: Video, idx, frame_index=None) -> dict:
 
 class RayBatches:
     """Training ray batches by step (module docstring); `get_batch(step)` -> dict of numpy arrays
-    with leading axis G = frames_per_step (origins, dirs, color, mouth, face, mesh_t [G, R, ...]
-    and the frame inputs)."""
+    with leading axis G = frames_per_step (origins, dirs, color, mouth, face, mesh_t, pixel (flat
+    pixel index row * W + column) [G, R, ...], background [G, R, 3] with random backgrounds, and
+    the frame inputs)."""
 
     def __init__(self, video: Video, *, frames_per_step: int, rays_per_frame: int, buffer_frames: int = 0,
-                 resample_every: int = 0, online_frames_per_step: float = 0.0, seed: int = 0):
+                 resample_every: int = 0, online_frames_per_step: float = 0.0, seed: int = 0,
+                 random_background: bool = False, background=(1.0, 1.0, 1.0)):
         self.video = video
         self.n = int(video.images.shape[0])
         self.G, self.R = int(frames_per_step), int(rays_per_frame)
@@ -270,6 +276,8 @@ class RayBatches:
         self.every = int(resample_every)
         self.online = float(online_frames_per_step)
         self.seed = int(seed)
+        self.random_background = bool(random_background)
+        self.background = np.asarray(background, np.float32)
 
     def available(self, step: int) -> int:
         """Frames usable at a step (all, or the arrived ones in online mode; at least one)."""
@@ -297,7 +305,15 @@ class RayBatches:
         px = np.stack([cols, rows], -1).astype(np.float32)
         o, d = _camera_rays(v.K[idx], v.R[idx], v.t[idx], px)
         g = idx[:, None]
-        batch = dict(origins=o, dirs=d, color=v.images[g, rows, cols], mouth=v.mouth[g, rows, cols].astype(np.float32),
+        color = v.images[g, rows, cols]
+        batch = dict(origins=o, dirs=d, color=color, pixel=pix.astype(np.int32),
+                     mouth=v.mouth[g, rows, cols].astype(np.float32),
                      face=v.face[g, rows, cols].astype(np.float32), mesh_t=v.mesh_t[g, rows, cols])
+        if self.random_background:
+            # the video's images are composited over `background`; swap it for a random colour
+            bg = rng.uniform(0.0, 1.0, (self.G, self.R, 3)).astype(np.float32)
+            alpha = v.mask[g, rows, cols][..., None]
+            batch["color"] = (color + (1.0 - alpha) * (bg - self.background)).astype(np.float32)
+            batch["background"] = bg
         batch.update(frame_inputs(v, idx))
         return batch

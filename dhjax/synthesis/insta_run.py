@@ -303,7 +303,8 @@ def ray_batches(cfg, train: insta_data.Video) -> insta_data.RayBatches:
     b = cfg.batch
     return insta_data.RayBatches(train, frames_per_step=int(b.frames_per_step), rays_per_frame=int(b.rays_per_frame),
                                  buffer_frames=int(b.buffer_frames), resample_every=int(b.resample_every),
-                                 online_frames_per_step=float(cfg.online.frames_per_step), seed=int(cfg.seed))
+                                 online_frames_per_step=float(cfg.online.frames_per_step), seed=int(cfg.seed),
+                                 random_background=bool(b.random_background), background=tuple(cfg.model.background))
 
 
 def eval_rays(cfg, test: insta_data.Video, devices: int) -> dict:
