@@ -427,7 +427,7 @@ def evaluate_heldout(cfg, ctx, state, train, test, assets, renderer, run_, log) 
     if int(cfg.eval.max_test_frames):
         n = min(n, int(cfg.eval.max_test_frames))
     lpips_fn = None
-    if cfg.eval.get("lpips_path", ""):
+    if cfg.eval.lpips_path:
         from dhjax.nn import lpips
 
         lpips_fn = lpips.make_lpips(lpips.load_lpips(cfg.eval.lpips_path))
