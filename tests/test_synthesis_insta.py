@@ -364,6 +364,7 @@ def test_run_writes_its_outputs_resumes_and_reenacts(tmp_path):
     # a rerun of the finished run trains no more and gives the same held-out numbers
     m2 = insta_run.run(c, str(work))
     assert m2["psnr"] == m["psnr"]
+    assert json.loads((work / "online.json").read_text()) == online     # kept from the run that trained
     out = insta_run.reenact(str(work), str(insta_run.cache_lib.cached_video(c.data.synthetic, name="insta_video",
                                                                           cache_dir=c.data.cache_dir)),
                             str(tmp_path / "re"), max_frames=2)

@@ -42,6 +42,10 @@ Deliberate deviations and choices where the thesis is silent (also in the README
   invariance).
 * Samples whose canonical point leaves the canonical box have zero density (the hash grid would
   alias them).
+* The expression reaches the colour MLP only (the thesis: "concatenated" with the density
+  output for the colour network); mouth geometry moves with the mesh's canonicalisation.
+* The depth term is in metres (the marching step is scaled by the box, the depth is not), so
+  lambda_geom = 1.25 weighs metres, not box units.
 * Ablation "no deformation field" (NeRFace-like): samples are mapped into the head's rigid frame
   (inverse global pose) instead of canonicalised, and both MLPs get the expression and a learned
   per-frame latent code (the mean code at test time).
@@ -335,8 +339,10 @@ def canonical_density_at(params, ctx: Context, x_canon, mean_condition=None):
 
 
 def mean_condition(params, ctx: Context) -> jax.Array:
-    """The condition used where no frame is given (deformation='none': zero expression offset,
-    i.e. ones, and the mean latent code)."""
+    """The condition used where no frame is given: ones (the 'elsewhere' constant) with
+    deformation='mesh'; zero expression and the mean latent code with deformation='none' (the
+    occupancy grid of that ablation is updated with this one condition, so density that exists
+    only for other expressions or frames can be pruned: a bias against the ablation)."""
     mc = ctx.model_cfg
     cond = jnp.ones((int(mc.n_expression),), jnp.float32)
     if mc.deformation == "none":

@@ -211,18 +211,29 @@ def baseline_render(tex, video, i, model, background) -> np.ndarray:
     return np.asarray(out["image"][0])
 
 
-def side_depth_error(renderer, params, bits, video, i, assets, gen_frame, yaw_deg: float) -> float:
-    """Mean |z_insta - z_true| (mm) in a camera turned by yaw_deg, over pixels the generator's
-    head covers and INSTA renders opaque (> 0.5); nan when the truth is not available."""
-    if gen_frame is None:
+def side_depth_error(renderer, params, bits, video, i, assets, truth, yaw_deg: float) -> float:
+    """Mean |z_insta - z_true| (mm) in a camera turned by yaw_deg about the vertical axis through
+    the head centre, over pixels the generator's head covers and INSTA renders opaque (> 0.5);
+    nan when the truth is not available.
+
+    truth: (identity, frame, (K, R, t)) of the generator: its camera and head centre define the
+    true side view, the video's (possibly tracked) camera and mesh centre define INSTA's. With
+    tracked parameters the tracker moves the head's rigid pose into the camera, so the two
+    worlds differ by that pose; the side views agree exactly when it is a rotation about the
+    vertical axis (the synthetic videos' head motion is mostly yaw) and up to its pitch and roll
+    otherwise.
+    """
+    if truth is None:
         return float("nan")
-    identity, frame = gen_frame
+    identity, frame, (Kt, Rt, tt) = truth
     W, H = video.size
-    centre = video.verts[i].mean(0)
-    K, R, t = orbit_camera(video.K[i], video.R[i], video.t[i], centre, yaw_deg)
-    cam = camera_lib.make_camera(jnp.asarray(K)[None], jnp.asarray(R)[None], jnp.asarray(t)[None], W, H)
+    n_model = assets.n_model_vertices
+    true_centre = np.asarray(frame["geometry"][0][:n_model]).mean(0)
+    K0, R0, t0 = orbit_camera(Kt, Rt, tt, true_centre, yaw_deg)
+    cam = camera_lib.make_camera(jnp.asarray(K0)[None], jnp.asarray(R0)[None], jnp.asarray(t0)[None], W, H)
     views = synthetic.render_views(assets, identity, frame, cam, geometry=frame["geometry"])
     true_z = np.asarray(views["depth"][0])
+    K, R, t = orbit_camera(video.K[i], video.R[i], video.t[i], video.verts[i].mean(0), yaw_deg)
     out = renderer.render(params, bits, _frame(video, i), K, R, t, W, H)
     sel = (true_z > 0) & (out["opacity"] > 0.5)
     if not sel.any():
@@ -270,14 +281,18 @@ def canonical_mesh(params, ctx: insta.Context, resolution: int, level: float):
 # The run.
 
 
-def _generator_frames(cfg, assets, n_frames_total: int):
-    """(identity, frame) of every frame of the synthetic sequence (for side-view truth), or None."""
+def _generator_truth(cfg, assets, frame_numbers):
+    """{frame number: (identity, frame, (K, R, t))} of the synthetic sequence for the given frames
+    (the truth of the side views), or None for a dataset from disk."""
     if cfg.data.root:
         return None
     gen = synthetic.VideoGenerator(_synthetic_config(cfg), assets)
     s = 0 if int(cfg.data.item) < 0 else int(cfg.data.item)
     ident = gen.identity(gen.identity_number(s))
-    return [(ident, gen.frame(s, t)) for t in range(n_frames_total)]
+    cams = gen.sequence(s)["cameras"]
+    return {int(t): (ident, gen.frame(s, int(t)), (np.asarray(cams.K[int(t)]), np.asarray(cams.R[int(t)]),
+                                                   np.asarray(cams.t[int(t)])))
+            for t in frame_numbers}
 
 
 def build(cfg, log=print):
@@ -285,6 +300,9 @@ def build(cfg, log=print):
     samples, names, assets, source = open_video(cfg, log)
     video, canon = insta_data.prepare(samples, assets.model, background=tuple(cfg.model.background),
                                       depth_source=cfg.data.depth_source, names=names)
+    if video.expression.shape[1] < int(cfg.model.n_expression):
+        raise ValueError(f"the frames have {video.expression.shape[1]} expression coefficients, fewer than "
+                         f"model.n_expression={cfg.model.n_expression} (the condition's size)")
     train, test = insta_data.split(video, cfg.data.holdout)
     mouth_f, _ = insta_data.region_faces(assets.model)
     b = cfg.batch
@@ -357,7 +375,7 @@ def run(cfg, workdir: str) -> dict:
     if run_.lead:
         app.merge_final_metrics(run_.workdir, {f"heldout/{k}": v for k, v in metrics.items()
                                                if isinstance(v, float)})
-        if online:
+        if online and result.steps_run:
             pts = online.write(run_)
             if pts:
                 log("online: " + ", ".join(f"{p['seconds']:.0f}s {p['frames_arrived']} frames "
@@ -371,15 +389,20 @@ class _OnlineRecorder:
     time at which each step starts is known; after training, each periodic held-out evaluation
     (eval/psnr of the held-out ray batch, every train.eval_every steps, in metrics.jsonl) is
     paired with the seconds since the first step and the number of frames that had arrived.
-    Steps run before a resume have no time (they are left out)."""
+    Steps run before a resume have no time (they are left out), and a rerun of a finished run
+    leaves the files of the run that trained."""
 
     def __init__(self, batches: insta_data.RayBatches):
         self.batches = batches
         self.started: dict[int, float] = {}
         self.finished: float | None = None      # set when training returns
+        self.calls = 0
 
     def get_batch(self, step: int) -> dict:
-        self.started[int(step)] = time.time()
+        now = time.time()
+        if self.calls:        # the loop's first call builds the initial state, before any step
+            self.started[int(step)] = now
+        self.calls += 1
         return self.batches.get_batch(step)
 
     def points(self, metrics_path) -> list[dict]:
@@ -434,7 +457,7 @@ def evaluate_heldout(cfg, ctx, state, train, test, assets, renderer, run_, log) 
     params, bits = state["ema"], state["occ"]["bits"]
     t0 = time.time()
     tex = baseline_texture(train, assets.model)
-    gen_frames = _generator_frames(cfg, assets, train.images.shape[0] + test.images.shape[0])
+    truth = _generator_truth(cfg, assets, test.frame[:n])
     rows, base_rows, renders = [], [], []
     render_seconds = []
     for i in range(n):
@@ -448,9 +471,8 @@ def evaluate_heldout(cfg, ctx, state, train, test, assets, renderer, run_, log) 
         true_z = test.true_depth[i]
         sel = face & (true_z > 0)
         m["depth_error_mm"] = float(np.mean(np.abs(out["depth"][sel] - true_z[sel])) * 1e3) if sel.any() else float("nan")
-        gi = train.images.shape[0] + i
         m["side_depth_error_mm"] = side_depth_error(renderer, params, bits, test, i, assets,
-                                                    gen_frames[gi] if gen_frames else None,
+                                                    truth[int(test.frame[i])] if truth else None,
                                                     float(cfg.eval.side_yaw_deg))
         base = baseline_render(tex, test, i, assets.model, tuple(cfg.model.background))
         bm = image_metrics(base, gt, lpips_fn)
