@@ -20,7 +20,8 @@ Two constructions used by the avatar methods of the thesis:
   with ``c_f`` the centroid of the deformed triangle f and beta = 4 (positions in metres). The
   thesis gives the nearest triangle itself "beta = 1", which reads two ways: its weight is 1
   (``nearest_beta=None``, the default), or it decays with beta = 1, ``w_T = exp(-|c_T - p|)``
-  (``nearest_beta=1.0``). INSTA (`dhjax.synthesis.insta`) chooses between them by an ablation. The
+  (``nearest_beta=1.0``). INSTA (`dhjax.synthesis.insta`) chose between them, and between the
+  two scales below, by an ablation: weight 1 (no measurable difference) and the length ratio. The
   canonical point is ``p' = F_hat p`` (homogeneous). The averaging softens, but does not remove,
   the jumps of the map where the nearest triangle changes. Where the nearest surface point is a
   vertex or an edge (a region of positive volume off the surface), several triangles are equally

@@ -37,6 +37,10 @@ Deliberate deviations and choices where the thesis is silent (also in the README
   thesis's "additional set of triangles in the mouth region"); the per-pixel mouth and face
   regions of the loss come from the rasterised tracked mesh (triangle labels), not from a face
   parser, intersected with the dataset's segmentation when it has one.
+* The scale lambda of eq. 3 is the inverse length ratio sqrt(a_canon / a_def) (the map that
+  sends a uniformly scaled triangle back exactly), not the area ratio a_def / a_canon as
+  written; the nearest triangle's own weight is 1. Both readings were decided by an ablation
+  (README).
 * The view direction is rotated into canonical space by F_hat before its SH encoding.
 * The loss is the mean over rays (the thesis writes a sum; the same up to Adam's scale
   invariance).
@@ -88,7 +92,11 @@ def default_model_config() -> ml_collections.ConfigDict:
       expression coefficients of the condition (16); conditioning: 'local' (mouth region only,
       thesis) or 'global'; deformation: 'mesh' (canonicalisation) or 'none' (per-frame latent
       codes in the rigid head frame, the NeRFace ablation); latent_dim: size of those codes;
-      beta, nearest_beta, scale: the canonicalisation's options (`deformation.canonicalize`);
+      beta, nearest_beta, scale: the canonicalisation's options (`deformation.canonicalize`;
+      nearest_beta < 0: the nearest triangle weighs 1; scale 'length_ratio', sqrt(a_canon /
+      a_def), instead of the thesis's literal a_def / a_canon: the two readings the thesis leaves
+      open, decided by the tiny ablation in the README, where the length ratio was better on
+      every held-out metric and the nearest triangle's weight made no measurable difference);
       margin: canonical and deformed boxes grow by this around the meshes (m); step_divisor:
       the marching step is sqrt(3) * box_extent / step_divisor (thesis: 1024); occupancy:
       resolution, every (steps between updates), cells (cells evaluated per update, 0 = all),
@@ -109,7 +117,7 @@ def default_model_config() -> ml_collections.ConfigDict:
     c.latent_dim = 32
     c.beta = 4.0
     c.nearest_beta = -1.0          # < 0: the nearest triangle has weight 1; >= 0: exp(-nearest_beta d)
-    c.scale = "area_ratio"
+    c.scale = "length_ratio"       # decided by the ablation (README): the thesis's area ratio scored lower
     c.margin = 0.04
     c.step_divisor = 1024.0
     c.occupancy = ml_collections.ConfigDict(dict(resolution=128, every=16, cells=0, decay=0.95,
