@@ -51,7 +51,7 @@ from dhjax.ops import hashgrid as hg_op
 from dhjax.ops import raymarch
 from dhjax.train import config as config_lib
 
-RAY_KEYS = ("origins", "dirs", "color", "mouth", "face", "mesh_t")
+RAY_KEYS = ("origins", "dirs", "color", "mouth", "face", "mesh_t", "pixel", "background")
 OCCUPANCY = ("shell", "full")
 
 
