@@ -225,30 +225,3 @@ def _build_once(root: Path, write, verbose: bool) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return root
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = make_temp_dir(root.parent, root.name)
-    try:
-        assets = synthetic.build_assets(None, int(config.uv_size))
-        for split, (first, count) in splits.items():
-            cfg = config.copy_and_resolve_references() if hasattr(config, "copy_and_resolve_references") else config
-            cfg.multiview.first_identity = int(first)
-            cfg.multiview.n_identities = int(count)
-            gen = synthetic.MultiviewGenerator(cfg, assets)
-            t0 = time.time()
-            if verbose:
-                print(f"generating synthetic split '{split}': {len(gen)} images "
-                      f"({count} identities x {gen.n_frames} expressions x {gen.n_cameras} cameras) -> {root}",
-                      flush=True)
-            ds.write_dataset(gen, tmp, split, meta={"generator": json.loads(cfg.to_json_best_effort())})
-            if verbose:
-                print(f"  {split}: {len(gen)} images in {time.time() - t0:.0f}s", flush=True)
-        try:
-            os.rename(tmp, root)
-        except OSError:
-            if not (root / "meta.json").exists():   # nobody else finished it first
-                raise
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return root
