@@ -34,6 +34,8 @@
 #include <optional>
 #include <string>
 
+#define DHJAX_CUDA_OP "dhjax_raymarch"
+#include "dhjax_cuda.h"
 #include "dhjax_parallel.h"
 #include "raymarch_common.h"
 #include "raymarch_ffi.h"
@@ -46,41 +48,10 @@ namespace {
 
 constexpr int kThreads = 256;
 
-ffi::Error cuda_error(cudaError_t err, const char* what) {
-  return ffi::Error::Internal(std::string("dhjax_raymarch CUDA: ") + what + ": " + cudaGetErrorString(err));
-}
-
-ffi::Error check_launch(const char* what) {
-  const cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess) return cuda_error(err, what);
-  return ffi::Error::Success();
-}
-
-template <typename T>
-ffi::Error scratch_alloc(ffi::ScratchAllocator& scratch, int64_t count, T** ptr, const char* what) {
-  const size_t bytes = static_cast<size_t>(std::max<int64_t>(count, 1)) * sizeof(T);
-  std::optional<void*> p = scratch.Allocate(bytes, 256);
-  if (!p.has_value() || *p == nullptr) {
-    return ffi::Error(ffi::ErrorCode::kResourceExhausted, std::string("dhjax_raymarch CUDA: cannot allocate ") +
-                                                              std::to_string(bytes) + " bytes of scratch memory for " +
-                                                              what);
-  }
-  *ptr = static_cast<T*>(*p);
-  return ffi::Error::Success();
-}
-
-// cub's size query, the scratch allocation and the run (as splat_cuda.cu's run_cub).
-template <typename Algo>
-ffi::Error run_cub(ffi::ScratchAllocator& scratch, const char* what, Algo&& algo) {
-  size_t bytes = 0;
-  if (cudaError_t err = algo(nullptr, bytes); err != cudaSuccess) {
-    return cuda_error(err, (std::string(what) + " (size query)").c_str());
-  }
-  char* temp = nullptr;
-  if (auto e = scratch_alloc(scratch, static_cast<int64_t>(bytes), &temp, what); e.failure()) return e;
-  if (cudaError_t err = algo(temp, bytes); err != cudaSuccess) return cuda_error(err, what);
-  return ffi::Error::Success();
-}
+using dhjax_cuda::check_launch;
+using dhjax_cuda::cuda_error;
+using dhjax_cuda::run_cub;
+using dhjax_cuda::scratch_alloc;
 
 unsigned blocks_for(int64_t n) { return static_cast<unsigned>((n + kThreads - 1) / kThreads); }
 

@@ -79,6 +79,8 @@
 #include <string>
 #include <type_traits>
 
+#define DHJAX_CUDA_OP "dhjax_splat"
+#include "dhjax_cuda.h"
 #include "dhjax_parallel.h"
 #include "splat_common.h"
 #include "splat_ffi.h"
@@ -542,43 +544,10 @@ __global__ void reduce_kernel(Records recs, const int64_t* __restrict__ offsets,
 // ---------------------------------------------------------------------------------------------
 // Host side.
 
-ffi::Error cuda_error(cudaError_t err, const char* what) {
-  return ffi::Error::Internal(std::string("dhjax_splat CUDA: ") + what + ": " + cudaGetErrorString(err));
-}
-
-ffi::Error check_launch(const char* what) {
-  const cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess) return cuda_error(err, what);
-  return ffi::Error::Success();
-}
-
-template <typename T>
-ffi::Error scratch_alloc(ffi::ScratchAllocator& scratch, int64_t count, T** ptr, const char* what) {
-  const size_t bytes = static_cast<size_t>(std::max<int64_t>(count, 1)) * sizeof(T);
-  std::optional<void*> p = scratch.Allocate(bytes, 256);
-  if (!p.has_value() || *p == nullptr) {
-    return ffi::Error(ffi::ErrorCode::kResourceExhausted,
-                      std::string("dhjax_splat CUDA: cannot allocate ") + std::to_string(bytes) +
-                          " bytes of scratch memory for " + what);
-  }
-  *ptr = static_cast<T*>(*p);
-  return ffi::Error::Success();
-}
-
-// Runs a cub device algorithm with its temporary storage from the scratch allocator: the size
-// query, the allocation and the run. `algo(temp, bytes)` calls the algorithm (temp = nullptr is
-// cub's size query); `what` names it in the errors.
-template <typename Algo>
-ffi::Error run_cub(ffi::ScratchAllocator& scratch, const char* what, Algo&& algo) {
-  size_t bytes = 0;
-  if (cudaError_t err = algo(nullptr, bytes); err != cudaSuccess) {
-    return cuda_error(err, (std::string(what) + " (size query)").c_str());
-  }
-  char* temp = nullptr;
-  if (auto e = scratch_alloc(scratch, static_cast<int64_t>(bytes), &temp, what); e.failure()) return e;
-  if (cudaError_t err = algo(temp, bytes); err != cudaSuccess) return cuda_error(err, what);
-  return ffi::Error::Success();
-}
+using dhjax_cuda::check_launch;
+using dhjax_cuda::cuda_error;
+using dhjax_cuda::run_cub;
+using dhjax_cuda::scratch_alloc;
 
 // Dimensions from means2d [...,N,2] and the image [...,H,W,K] (dhjax_splat::get_dims), the sizes
 // of the per-Gaussian inputs, and this handler's index limits.
