@@ -1,0 +1,640 @@
+"""The GEM experiment: Net (stage A) -> distillation (B) -> refinement (C) -> drivers (D) on one
+subject's multi-view capture, with evaluation, pictures, videos and the eigenmodel file.
+
+`run(cfg, workdir)` writes into workdir:
+  checkpoints/, metrics.jsonl, TensorBoard events     stage A (the Net), resumable
+  distilled.npz                                       stage B: the eigenmodel straight from the PCA
+                                                      (+ the training frames' coefficients k_*)
+  refine/ (checkpoints, metrics)                      stage C, resumable
+  gem.npz                                             the refined eigenmodel (the product)
+  gem_<M>.npz                                         truncated eigenmodels of the size table
+  metrics.json                                        every table below, machine-readable
+  tables.md                                           novel view, novel expression, size/speed tables
+  comparison.png                                      GT | Net | GEM (distilled) | GEM (refined)
+  novel_view.mp4, novel_expression.mp4                GT | Net | GEM over the held-out sets
+  cross_reenactment.mp4                               another identity drives the GEM (regressor)
+  frame_<n>.ply                                       3DGS PLY of the GEM at a held-out frame (world)
+Each stage resumes: the Net and the refinement from their checkpoints, the distillation from
+distilled.npz; the drivers and evaluation (seconds to minutes) are recomputed.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from dhjax import io as dio
+from dhjax.data import cache
+from dhjax.data import synthetic
+from dhjax.models import flame
+from dhjax.render import camera as camera_lib
+from dhjax.synthesis import gem
+from dhjax.synthesis import gem_data
+from dhjax.synthesis.insta_run import image_metrics
+from dhjax.train import app
+from dhjax.train import loop
+
+ATTRS = gem.ATTRIBUTES
+
+
+# ----------------------------------------------------------------------------------------------
+# Data and context.
+
+
+def synthetic_generator_config(cfg) -> ml_collections.ConfigDict:
+    s = cfg.data.synthetic.copy_and_resolve_references()
+    s.multiview.first_identity = int(cfg.data.identity)
+    s.multiview.n_identities = 1
+    return s
+
+
+def open_capture(cfg, log=print) -> tuple[gem_data.Capture, object, str]:
+    """(capture, head model, source description) of a config."""
+    if cfg.data.root:
+        root, split = cfg.data.root, cfg.data.split
+        model = flame.load(cfg.data.model_path or None)
+    else:
+        s = synthetic_generator_config(cfg)
+        root = cache.cached_multiview(s, {"train": (int(cfg.data.identity), 1)}, name="gem",
+                                      cache_dir=cfg.data.cache_dir or None)
+        split = "train"
+        model = flame.load()
+    cap = gem_data.load_capture(root, split, int(cfg.data.item), max_frames=int(cfg.data.max_frames), log=log)
+    if cap.expression.shape[1] > model.num_expression:
+        raise ValueError(f"the capture has {cap.expression.shape[1]} expression coefficients, the head model "
+                         f"{model.num_expression}; give data.model_path of the model the data was made with")
+    return cap, model, str(root)
+
+
+def head_cameras_of(ctx: gem.Context, cap: gem_data.Capture, f: int, views) -> camera_lib.Camera:
+    """Cameras [V] of frame position f moved into its head frame."""
+    v = np.asarray(views)
+    R0, T = gem.head_rigid(ctx, cap.shape, cap.pose[f], cap.translation[f])
+    W, H = cap.size
+    return gem.head_cameras(camera_lib.Camera(jnp.asarray(cap.K[f, v]), jnp.asarray(cap.R[f, v]),
+                                              jnp.asarray(cap.t[f, v]), W, H), R0, T)
+
+
+def gt_images(ctx: gem.Context, cap: gem_data.Capture, f: int, views, background=None) -> np.ndarray:
+    """Frame f's images [V, H, W, 3] composited on the background (default ctx.background)."""
+    v = np.asarray(views)
+    bg = ctx.background if background is None else background
+    return np.asarray(gem.composite(cap.images[f, v].astype(np.float32) / 255.0, cap.masks[f, v], bg))
+
+
+# ----------------------------------------------------------------------------------------------
+# Stage A.
+
+
+def train_net(cfg, run_, ctx, cap, sp, log):
+    init, step, evaluate = gem.method_functions(ctx)
+    batches = gem_data.FrameBatches(cap, sp, frames_per_step=int(cfg.batch.frames_per_step),
+                                    views_per_step=int(cfg.batch.views_per_step), seed=int(cfg.seed),
+                                    random_background=bool(cfg.batch.random_background),
+                                    background=tuple(cfg.model.background))
+    g = max(int(cfg.batch.frames_per_step), jax.device_count())
+    g -= g % jax.device_count()
+    ev = [gem_data.frame_batch(cap, int(f), sp.test_views, np.asarray(cfg.model.background, np.float32))
+          for f in sp.train_frames[np.linspace(0, len(sp.train_frames) - 1, g).astype(int)]]
+    eval_batch = {k: np.stack([e[k] for e in ev]) for k in ev[0]}
+    shapes = jax.eval_shape(lambda k: gem.init_state(k, ctx), jax.random.PRNGKey(0))
+    log(app.parameter_overview(shapes["params"], "Net parameters"))
+
+    def render_hook(state, batch):
+        f = int(sp.train_frames[0])
+        img = np.asarray(jax.jit(lambda p: gem.render_net(ctx, p, cap.frame_params(f), _world_cams(cap, f, sp.test_views)))(
+            state["params"]))
+        return {"novel_view/net": img[:1], "novel_view/ground_truth": gt_images(ctx, cap, f, sp.test_views)[:1]}
+
+    method = loop.Method(init, step, jax.jit(evaluate), render_hook)
+    t0 = time.time()
+    result = loop.train(cfg, str(run_.workdir), method, batches, eval_batch=eval_batch)
+    return result.state["params"], (time.time() - t0 if result.steps_run else float("nan"))
+
+
+def _world_cams(cap, f, views) -> camera_lib.Camera:
+    v = np.asarray(views)
+    W, H = cap.size
+    return camera_lib.Camera(jnp.asarray(cap.K[f, v]), jnp.asarray(cap.R[f, v]), jnp.asarray(cap.t[f, v]), W, H)
+
+
+# ----------------------------------------------------------------------------------------------
+# Stage B.
+
+
+def collect(ctx, net_params, cap, frames) -> dict:
+    """The Net's head-frame attributes of the given frame positions: {attribute: [N, G, A]}."""
+    fn = jax.jit(lambda p, fr: gem.net_gaussians(ctx, p, fr)[0])
+    rows = [fn(net_params, cap.frame_params(int(f))) for f in frames]
+    return {a: np.stack([np.asarray(r[a]) for r in rows]) for a in ATTRS}
+
+
+def distil_stage(cfg, run_, ctx, net_params, cap, sp, log):
+    """(distilled EigenModel, k {attribute: [N, M]}, explained variance ratios, seconds)."""
+    path = run_.path("distilled.npz")
+    M = int(cfg.gem.n_components)
+    if path.is_file():
+        model = gem.load_eigenmodel(path)
+        with np.load(path) as z:
+            k = {a: jnp.asarray(z[f"k_{a}"]) for a in ATTRS}
+            ratio = {a: np.asarray(z[f"ratio_{a}"]) for a in ATTRS}
+            secs = float(z["build_seconds"])
+        if model.n_components == M and k["position"].shape[0] == len(sp.train_frames):
+            log(f"distillation: read {path}")
+            return model, k, ratio, secs
+    n = len(sp.train_frames)
+    if M > n - 1:
+        raise ValueError(f"gem.n_components={M} needs at least {M + 1} training frames, the capture has {n}")
+    t0 = time.time()
+    data = collect(ctx, net_params, cap, sp.train_frames)
+    t1 = time.time()
+    model, k, ratio = gem.distil(data, net_params_sh(net_params), M, sh_degree=ctx.sh_degree,
+                                 background=ctx.background, method=cfg.gem.pca_method)
+    jax.block_until_ready(model)
+    secs = time.time() - t0
+    log(f"distillation: {n} frames x {ctx.n_gaussians} Gaussians collected in {t1 - t0:.1f}s, 4 PCAs of "
+        f"{M} components in {time.time() - t1:.1f}s; explained variance "
+        + ", ".join(f"{a} {float(np.sum(ratio[a])):.4f}" for a in ATTRS))
+    if run_.lead:
+        gem.save_eigenmodel(path, model, extra={**{f"k_{a}": np.asarray(k[a]) for a in ATTRS},
+                                                 **{f"ratio_{a}": ratio[a] for a in ATTRS},
+                                                 "build_seconds": np.float64(secs)})
+    return model, k, ratio, secs
+
+
+def net_params_sh(params):
+    return params["sh"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Stage C.
+
+
+def refine_stage(cfg, run_, ctx, model, k_train, cap, sp, log):
+    """Photometric refinement of means and bases (loop.train in workdir/refine). Returns the
+    refined (EigenModel, k {attribute: [N, M]})."""
+    rc = cfg.refine
+    sub = ml_collections.ConfigDict({"experiment": "gem_refine", "seed": int(cfg.seed),
+                                     "refine": rc.to_dict(), "model": cfg.model.to_dict(),
+                                     "n_components": model.n_components})
+    sub.train = rc.train
+    qr_every = int(rc.qr_every)
+    opt = optax.adam(float(rc.lr))
+    fixed = model
+
+    def init(key, batch):
+        p = gem.refine_params(fixed)
+        return {"p": p, "opt": opt.init(p), "k": dict(k_train), "sigma": dict(fixed.sigma),
+                "step": jnp.zeros((), jnp.int32)}
+
+    def one_loss(p, b, k_all):
+        R0, T = gem.head_rigid(ctx, b["shape"], b["pose"], b["translation"])
+        W, H = b["image"].shape[-2], b["image"].shape[-3]
+        cams = gem.head_cameras(camera_lib.Camera(b["K"], b["R"], b["t"], W, H), R0, T)
+        k = {a: k_all[a][b["index"]] for a in ATTRS}
+        gt = gem.composite(b["image"], b["mask"], b["background"])
+        return gem.refine_loss(p, fixed, k, gt, cams, b["background"], ctx.ssim_weight, ctx.backend)
+
+    def step(state, batch, key):
+        del key
+
+        def lossf(p):
+            tot, m = jax.vmap(lambda b: one_loss(p, b, state["k"]))(batch)
+            return jnp.mean(tot), jax.tree.map(jnp.mean, m)
+
+        (_, metrics), g = jax.value_and_grad(lossf, has_aux=True)(state["p"])
+        u, o = opt.update(g, state["opt"], state["p"])
+        p = optax.apply_updates(state["p"], u)
+        n = state["step"] + 1
+
+        def qr(args):
+            p, k, s = args
+            m, k2 = gem.reorthonormalise(gem.with_params(fixed, p)._replace(sigma=s), k)
+            return gem.refine_params(m), k2, m.sigma
+
+        p, k, s = jax.lax.cond(n % qr_every == 0, qr, lambda a: a, (p, state["k"], state["sigma"]))
+        return {"p": p, "opt": o, "k": k, "sigma": s, "step": n}, metrics
+
+    batches = gem_data.FrameBatches(cap, sp, frames_per_step=int(cfg.batch.frames_per_step),
+                                    views_per_step=int(rc.views_per_step), seed=int(cfg.seed) + 7,
+                                    random_background=bool(cfg.batch.random_background),
+                                    background=tuple(cfg.model.background))
+    t0 = time.time()
+    result = loop.train(sub, str(run_.path("refine")), loop.Method(init, step), batches)
+    st = result.state
+    refined = gem.with_params(fixed, st["p"])._replace(sigma=st["sigma"])
+    # A last re-orthonormalisation: the saved bases are orthonormal (renders unchanged).
+    refined, k = gem.reorthonormalise(refined, st["k"])
+    log(f"refinement: {int(rc.train.steps)} steps (QR every {qr_every}) in "
+        f"{time.time() - t0:.0f}s" if result.steps_run else "refinement: resumed at its end")
+    return refined, k
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation.
+
+
+def _rows_mean(rows) -> dict:
+    keys = sorted({k for r in rows for k in r})
+    return {k: float(np.mean([r[k] for r in rows if k in r])) for k in keys}
+
+
+def evaluate_images(pred, gt, lpips_fn=None) -> list[dict]:
+    return [image_metrics(p, g, lpips_fn) for p, g in zip(np.asarray(pred), np.asarray(gt))]
+
+
+def timed(fn, repeats: int) -> float:
+    """Frames per second of fn() (jitted, warm; the median of `repeats` calls)."""
+    jax.block_until_ready(fn())
+    ts = []
+    for _ in range(max(1, int(repeats))):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn())
+        ts.append(time.perf_counter() - t0)
+    return float(1.0 / np.median(ts))
+
+
+def _k_of(k_all, i):
+    return {a: k_all[a][i] for a in ATTRS}
+
+
+def _frontal_view(cap) -> int:
+    """Position of the camera looking most directly at the head (largest -z of its viewing axis
+    against the world's +z face direction)."""
+    axis = cap.R[0, :, 2, :]            # camera z axis in world coordinates per view
+    return int(np.argmin(axis[:, 2]))
+
+
+def neutral_position(cfg, cap, frames) -> int:
+    """Position (within `frames`) of the neutral reference frame (config or smallest params)."""
+    if int(cfg.regressor.neutral_frame) >= 0:
+        return int(cfg.regressor.neutral_frame)
+    energy = np.sum(cap.expression[frames] ** 2, 1) + 10.0 * np.sum(cap.pose[frames, 2:] ** 2, (1, 2))
+    return int(np.argmin(energy))
+
+
+def param_features(expression, pose) -> np.ndarray:
+    """The 'params' driver: expression [N, E], jaw and eye rotations of pose [N, 5, 3] -> [N, E + 9]."""
+    return np.concatenate([np.asarray(expression), np.asarray(pose)[:, 2:].reshape(len(pose), -1)], 1).astype(np.float32)
+
+
+def landmark_features(lmk2d, reference) -> np.ndarray:
+    """The 'landmarks' driver: 2D landmarks [N, L, 2] (pixels) similarity-aligned to a reference
+    [L, 2] (removes head position, scale and in-plane rotation), in units of the reference's
+    size, flattened: [N, 2L]."""
+    ref = np.asarray(reference, np.float64)
+    rc = ref - ref.mean(0)
+    size = np.sqrt(np.mean(np.sum(rc ** 2, 1)))
+    out = []
+    for x in np.asarray(lmk2d, np.float64):
+        s, R, t = _umeyama2d(x, ref)
+        y = (s * (R @ x.T)).T + t
+        out.append(((y - ref.mean(0)) / size).reshape(-1))
+    return np.asarray(out, np.float32)
+
+
+def _umeyama2d(x, y):
+    """Similarity (s, R, t) minimising |s R x + t - y|^2 for 2D point sets [L, 2]."""
+    mx, my = x.mean(0), y.mean(0)
+    xc, yc = x - mx, y - my
+    U, S, Vt = np.linalg.svd(yc.T @ xc / len(x))
+    d = np.sign(np.linalg.det(U @ Vt))
+    D = np.diag([1.0, d])
+    R = U @ D @ Vt
+    s = np.trace(np.diag(S) @ D) / np.mean(np.sum(xc ** 2, 1))
+    return s, R, my - s * R @ mx
+
+
+def project_landmarks(model, shape, expression, pose, translation, cam_K, cam_R, cam_t, W, H) -> np.ndarray:
+    """68 landmarks of the head model projected into a camera: [N, 68, 2] pixels (the synthetic
+    stand-in for a detector; real videos give landmark files, `dhjax.capture.landmarks`)."""
+    out = flame.forward(model, jnp.broadcast_to(jnp.asarray(shape), (len(expression), len(shape))),
+                        jnp.asarray(expression), jnp.asarray(pose), jnp.asarray(translation))
+    cam = camera_lib.Camera(jnp.asarray(cam_K), jnp.asarray(cam_R), jnp.asarray(cam_t), W, H)
+    uv, _ = camera_lib.project(cam, out.landmarks)
+    return np.asarray(uv)
+
+
+# ----------------------------------------------------------------------------------------------
+# The run.
+
+
+class _Renderers:
+    """Jitted renders of one context: the Net of a frame, a GEM at coefficients k."""
+
+    def __init__(self, ctx: gem.Context):
+        self.ctx = ctx
+        self.net = jax.jit(lambda p, fr, cams: gem.render_net(ctx, p, fr, cams))
+        self.gem = jax.jit(lambda m, k, cams: gem.render(m, k, cams, backend=ctx.backend))
+
+
+def _params_jnp(cap, f):
+    return {k: jnp.asarray(v) for k, v in cap.frame_params(int(f)).items()}
+
+
+def novel_view(ctx, rnd, net_params, models: dict, cap, sp, frames, lpips_fn, log) -> tuple[dict, dict]:
+    """Train frames x held-out cameras: per method mean metrics; models {name: (EigenModel, k)}
+    rendered at the frames' training coefficients. Returns (means, one example image per method)."""
+    rows = {"net": [], **{n: [] for n in models}}
+    example = {}
+    for i, f in enumerate(frames):
+        gt = gt_images(ctx, cap, f, sp.test_views)
+        pred = {"net": np.asarray(rnd.net(net_params, _params_jnp(cap, f), _world_cams(cap, f, sp.test_views)))}
+        cams = head_cameras_of(ctx, cap, f, sp.test_views)
+        for n, (m, k) in models.items():
+            pred[n] = np.asarray(rnd.gem(m, _k_of(k, int(f)), cams))
+        for n, p in pred.items():
+            rows[n] += evaluate_images(p, gt, lpips_fn)
+        if i == 0:
+            example = {"ground truth": gt[0], **{n: p[0] for n, p in pred.items()}}
+    return {n: _rows_mean(r) for n, r in rows.items()}, example
+
+
+def novel_expression(cfg, ctx, rnd, net_params, models: dict, cap, sp, lpips_fn, log, regressors=None):
+    """Held-out frames x all cameras. GEMs get their coefficients by analysis-by-synthesis on the
+    frame's training cameras (warm-started from the previous frame: sequential fitting), and from
+    each regressor; metrics on the held-out camera(s) and on all cameras. Returns (means
+    {method: {view set: metrics}}, example images, per-frame predictions for the video)."""
+    fc = cfg.fit
+    all_views = np.arange(cap.images.shape[1])
+    test_pos = np.searchsorted(all_views, sp.test_views)
+    rows: dict = {}
+    frames_out = []
+    example = {}
+    prev = {n: None for n in models}
+
+    def add(name, pred, gt):
+        r = rows.setdefault(name, {"all cameras": [], "held-out cameras": []})
+        ms = evaluate_images(pred, gt, lpips_fn)
+        r["all cameras"] += ms
+        r["held-out cameras"] += [ms[j] for j in test_pos]
+
+    for i, f in enumerate(sp.test_frames):
+        gt = gt_images(ctx, cap, f, all_views)
+        preds = {"net": np.asarray(rnd.net(net_params, _params_jnp(cap, f), _world_cams(cap, f, all_views)))}
+        cams_all = head_cameras_of(ctx, cap, f, all_views)
+        cams_train = head_cameras_of(ctx, cap, f, sp.train_views)
+        gt_train = gt_images(ctx, cap, f, sp.train_views)
+        for n, (m, _) in models.items():
+            k, _ = gem.fit_coefficients(m, gt_train, cams_train, k0=prev[n], steps=int(fc.steps), lr=float(fc.lr),
+                                        ssim_weight=ctx.ssim_weight, prior_weight=float(fc.prior_weight),
+                                        backend=ctx.backend)
+            prev[n] = k
+            preds[f"{n} (fit)"] = np.asarray(rnd.gem(m, k, cams_all))
+        for n, (reg, m, feats) in (regressors or {}).items():
+            k = gem.regressor_apply(reg, jnp.asarray(feats[i]))
+            preds[n] = np.asarray(rnd.gem(m, k, cams_all))
+        for n, p in preds.items():
+            add(n, p, gt)
+        frames_out.append({"ground truth": gt[test_pos[0]], **{n: p[test_pos[0]] for n, p in preds.items()}})
+        if i == 0:
+            example = frames_out[0]
+    means = {n: {s: _rows_mean(v) for s, v in r.items()} for n, r in rows.items()}
+    return means, example, frames_out
+
+
+def size_table(cfg, ctx, rnd, net_params, distilled, k_train, cap, sp, frames, lpips_fn, workdir, lead):
+    """Thesis Table 4 analogue: per M in gem.table_components, the distilled GEM truncated to M
+    (novel-view PSNR at the training coefficients, MB, frames/s of one camera) and the Net."""
+    f0 = int(frames[0])
+    cam1 = _world_cams(cap, f0, sp.test_views[:1])
+    hcam1 = head_cameras_of(ctx, cap, f0, sp.test_views[:1])
+    reps = int(cfg.eval.fps_repeats)
+    p0 = _params_jnp(cap, f0)
+    net_mb = 4 * sum(int(np.prod(x.shape)) for x in jax.tree.leaves(net_params)) / 2 ** 20
+    rows = []
+    net_fps = timed(lambda: rnd.net(net_params, p0, cam1), reps)
+    nv, _ = novel_view(ctx, rnd, net_params, {}, cap, sp, frames, lpips_fn, None)
+    rows.append({"model": "Net", "components": "-", "gaussians": ctx.n_gaussians, "psnr": nv["net"]["psnr"],
+                 "mb": net_mb, "fps": net_fps})
+    for m in cfg.gem.table_components:
+        m = int(m)
+        if m > distilled.n_components:
+            continue
+        tm = gem.truncate(distilled, m)
+        tk = {a: k_train[a][:, :m] for a in ATTRS}
+        nvm, _ = novel_view(ctx, rnd, net_params, {"gem": (tm, tk)}, cap, sp, frames, lpips_fn, None)
+        k0 = _k_of(tk, f0)
+        fps = timed(lambda: rnd.gem(tm, k0, hcam1), reps)
+        if lead:
+            gem.save_eigenmodel(Path(workdir) / f"gem_{m}.npz", tm)
+        rows.append({"model": "GEM", "components": m, "gaussians": ctx.n_gaussians, "psnr": nvm["gem"]["psnr"],
+                     "mb": gem.size_bytes(tm) / 2 ** 20, "fps": fps})
+    return rows
+
+
+def train_regressors(cfg, ctx, cap, sp, model, k_train, log):
+    """One regressor per configured driver on the training frames. Returns {driver: (Regressor,
+    features of the held-out frames [T, F])} and the neutral frame's position."""
+    rc = cfg.regressor
+    tf = sp.train_frames
+    neutral = neutral_position(cfg, cap, tf)
+    out = {}
+    for driver in rc.drivers:
+        if driver == "params":
+            ftr = param_features(cap.expression[tf], cap.pose[tf])
+            fte = param_features(cap.expression[sp.test_frames], cap.pose[sp.test_frames])
+        elif driver == "landmarks":
+            ftr, fte = _landmark_driver(cfg, ctx, cap, sp, neutral)
+        else:
+            raise ValueError(f"unknown regressor driver {driver!r}; use 'params' or 'landmarks'")
+        t0 = time.time()
+        reg = gem.train_regressor(ftr, {a: k_train[a] for a in ATTRS}, model.sigma, neutral,
+                                  steps=int(rc.steps), lr=float(rc.lr), n_pca=int(rc.n_pca), seed=int(cfg.seed))
+        log(f"regressor '{driver}': {ftr.shape[1]} features -> PCA {reg.pca.components.shape[0]} -> MLP 3x256 -> "
+            f"{len(ATTRS)} x {model.n_components} coefficients, trained in {time.time() - t0:.0f}s")
+        out[driver] = (reg, fte)
+    return out, neutral
+
+
+def _landmark_view(cfg, cap) -> int:
+    if int(cfg.regressor.landmark_view) >= 0:
+        return int(np.searchsorted(cap.view, int(cfg.regressor.landmark_view)))
+    return _frontal_view(cap)
+
+
+def _landmark_driver(cfg, ctx, cap, sp, neutral):
+    v = _landmark_view(cfg, cap)
+    W, H = cap.size
+    lm = project_landmarks(ctx.model, cap.shape, cap.expression, cap.pose, cap.translation,
+                           cap.K[:, v], cap.R[:, v], cap.t[:, v], W, H)
+    ref = lm[sp.train_frames[neutral]]
+    feats = landmark_features(lm, ref)
+    return feats[sp.train_frames], feats[sp.test_frames]
+
+
+def cross_reenactment(cfg, ctx, rnd, model, regs, neutral, cap, sp, out_path, log):
+    """Another synthetic identity drives the GEM through each regressor: the source's frames
+    (its own neutral as reference) -> k -> the GEM rendered from the frontal camera at the
+    subject's neutral head pose. Writes an mp4 (source | GEM per driver); returns the frame count."""
+    n = int(cfg.eval.cross_frames)
+    if n <= 0 or not regs:
+        return 0
+    s = synthetic_generator_config(cfg)
+    s.multiview.update(first_identity=int(cfg.data.identity) + 1, n_expressions=n)
+    gen = synthetic.MultiviewGenerator(s)
+    v = _frontal_view(cap)
+    src_frames = [gen.frame(0, e) for e in range(n)]
+    expr = np.stack([np.asarray(fr["expression"]) for fr in src_frames])
+    pose = np.stack([np.asarray(fr["pose"]) for fr in src_frames])
+    trans = np.stack([np.asarray(fr["translation"]) for fr in src_frames])
+    src_shape = np.asarray(gen.identity(gen.identity_number(0))["shape"])
+    energy = np.sum(expr ** 2, 1) + 10.0 * np.sum(pose[:, 2:] ** 2, (1, 2))
+    src_neutral = int(np.argmin(energy))
+    feats = {}
+    for driver in regs:
+        if driver == "params":
+            f = param_features(expr, pose)
+            # relative transfer: the source's offsets from its own neutral on the subject's neutral
+            f = f - f[src_neutral] + regs[driver][0].neutral
+        else:
+            W, H = cap.size
+            lm = project_landmarks(ctx.model, src_shape, expr, pose, trans,
+                                   cap.K[0, v][None].repeat(n, 0), cap.R[0, v][None].repeat(n, 0),
+                                   cap.t[0, v][None].repeat(n, 0), W, H)
+            f = landmark_features(lm, lm[src_neutral])
+            f = f - f[src_neutral] + regs[driver][0].neutral
+        feats[driver] = f
+    fneutral = int(sp.train_frames[neutral])
+    cams = head_cameras_of(ctx, cap, fneutral, [v])
+    frames = []
+    for e in range(n):
+        src = np.asarray(gen.render_group(0, e, [int(cap.view[v])])[0]["image"])
+        row = [src]
+        for driver, (reg, _) in regs.items():
+            k = gem.regressor_apply(reg, jnp.asarray(feats[driver][e]))
+            row.append(np.asarray(rnd.gem(model, k, cams))[0])
+        frames.append(np.concatenate(row, 1))
+    dio.save_video(out_path, np.stack(frames), fps=float(cfg.eval.video_fps))
+    log(f"cross-reenactment: {n} frames of identity {int(cfg.data.identity) + 1} -> {out_path} "
+        f"(source | " + " | ".join(f"GEM via {d}" for d in regs) + ")")
+    return n
+
+
+def _fmt_table(title: str, rows: dict, keys=("psnr", "ssim", "l1", "lpips")) -> str:
+    present = [k for k in keys if any(k in r for r in rows.values())]
+    lines = [f"### {title}", "", "| method | " + " | ".join(present) + " |", "|---" * (len(present) + 1) + "|"]
+    for n, r in rows.items():
+        lines.append(f"| {n} | " + " | ".join(f"{r[k]:.4f}" if k in r else "-" for k in present) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _picture(path, examples: list[tuple[str, dict]]):
+    """Rows of labelled images (one row per example set) -> png."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ncol = max(len(e) for _, e in examples)
+    fig, axes = plt.subplots(len(examples), ncol, figsize=(2.0 * ncol, 2.6 * len(examples)), dpi=110, squeeze=False)
+    for r, (title, ex) in enumerate(examples):
+        for c in range(ncol):
+            ax = axes[r, c]
+            ax.axis("off")
+            if c < len(ex):
+                name, img = list(ex.items())[c]
+                ax.imshow(np.clip(img, 0, 1))
+                ax.set_title(f"{title}\n{name}" if c == 0 else name, fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def run(cfg, workdir: str) -> dict:
+    """Runs (or resumes) GEM's stages A -> D on one subject and writes the files of the module
+    docstring. Returns metrics.json's content.
+
+    Raises app.Interrupted on SIGTERM during a training stage (a checkpoint was written).
+    """
+    run_ = app.start(workdir, cfg)
+    log = run_.log
+    cap, model, source = open_capture(cfg, log)
+    sp = gem_data.split(cap, tuple(cfg.data.test_views), cfg.data.test_frames)
+    ctx = gem.make_context(model, cap.shape, cfg.model, cfg.loss, cfg.optim)
+    log(f"data: {source}: {len(sp.train_frames)} training / {len(sp.test_frames)} held-out frames, "
+        f"{len(sp.train_views)} training / {len(sp.test_views)} held-out cameras; {ctx.n_gaussians} Gaussians "
+        f"({ctx.map_size}^2 map); devices: {jax.device_count()}")
+    lpips_fn = None
+    if cfg.eval.lpips_path:
+        from dhjax.nn import lpips
+
+        lpips_fn = lpips.make_lpips(lpips.load_lpips(cfg.eval.lpips_path))
+
+    # A: the Net.
+    net_params, net_seconds = train_net(cfg, run_, ctx, cap, sp, log)
+    # B: distillation.
+    distilled, k_train, ratio, build_seconds = distil_stage(cfg, run_, ctx, net_params, cap, sp, log)
+    # C: refinement.
+    refined, k_refined = refine_stage(cfg, run_, ctx, distilled, k_train, cap, sp, log)
+    if run_.lead:
+        gem.save_eigenmodel(run_.path("gem.npz"), refined)
+    rnd = _Renderers(ctx)
+    nvf = sp.train_frames
+    if int(cfg.eval.max_novel_view_frames):
+        nvf = nvf[np.linspace(0, len(nvf) - 1, min(len(nvf), int(cfg.eval.max_novel_view_frames))).astype(int)]
+    models = {"GEM": (distilled, k_train), "GEM refined": (refined, k_refined)}
+    t0 = time.time()
+    nv, nv_example = novel_view(ctx, rnd, net_params, models, cap, sp, nvf, lpips_fn, log)
+    log(f"novel view ({len(nvf)} training frames x {len(sp.test_views)} held-out cameras, {time.time() - t0:.0f}s): "
+        + ", ".join(f"{n} {r['psnr']:.2f} dB" for n, r in nv.items()))
+    # Training-view PSNR before/after refinement (the thesis's 34.75 -> 36.85 figure).
+    tv, _ = novel_view(ctx, rnd, net_params, models, cap, sp._replace(test_views=sp.train_views), nvf[:4],
+                       lpips_fn, log)
+    # D: drivers.
+    regs, neutral = train_regressors(cfg, ctx, cap, sp, refined, k_refined, log)
+    t0 = time.time()
+    reg_models = {f"GEM refined (regressor: {d})": (r, refined, f) for d, (r, f) in regs.items()}
+    ne, ne_example, ne_frames = novel_expression(cfg, ctx, rnd, net_params, models, cap, sp, lpips_fn, log,
+                                                 reg_models)
+    log(f"novel expression ({len(sp.test_frames)} frames x {cap.images.shape[1]} cameras, {time.time() - t0:.0f}s): "
+        + ", ".join(f"{n} {r['held-out cameras']['psnr']:.2f} dB" for n, r in ne.items()) + " (held-out cameras)")
+    table = size_table(cfg, ctx, rnd, net_params, distilled, k_train, cap, sp, nvf, lpips_fn, run_.workdir, run_.lead)
+    log("size table: " + "; ".join(f"{r['model']} M={r['components']}: {r['psnr']:.2f} dB {r['mb']:.2f} MB "
+                                   f"{r['fps']:.0f} fps" for r in table))
+    result = {
+        "stage_a": {"train_seconds": net_seconds, "gaussians": ctx.n_gaussians, "map_size": ctx.map_size},
+        "stage_b": {"build_seconds": build_seconds, "components": distilled.n_components,
+                    "explained_variance": {a: float(np.sum(ratio[a])) for a in ATTRS}},
+        "training_views": tv, "novel_view": nv, "novel_expression": ne, "size_table": table,
+        "regressor": {"drivers": list(regs), "neutral_frame": int(sp.train_frames[neutral])},
+        "gem_mb": gem.size_bytes(refined) / 2 ** 20,
+    }
+    if run_.lead:
+        Path(run_.path("metrics.json")).write_text(json.dumps(result, indent=1, default=float))
+        md = [_fmt_table(f"Training views ({len(nvf[:4])} frames, all training cameras)", tv),
+              _fmt_table(f"Novel view ({len(nvf)} training frames, held-out cameras {list(map(int, cap.view[sp.test_views]))})", nv),
+              _fmt_table("Novel expression, held-out cameras", {n: r["held-out cameras"] for n, r in ne.items()}),
+              _fmt_table("Novel expression, all cameras", {n: r["all cameras"] for n, r in ne.items()}),
+              app.markdown_table(table, ["model", "components", "gaussians", "psnr", "mb", "fps"])]
+        Path(run_.path("tables.md")).write_text("\n".join(md))
+        app.merge_final_metrics(run_.workdir, {
+            "novel_view/net_psnr": nv["net"]["psnr"], "novel_view/gem_psnr": nv["GEM"]["psnr"],
+            "novel_view/gem_refined_psnr": nv["GEM refined"]["psnr"],
+            "novel_expression/net_psnr": ne["net"]["held-out cameras"]["psnr"],
+            "novel_expression/gem_refined_fit_psnr": ne["GEM refined (fit)"]["held-out cameras"]["psnr"]})
+        _picture(run_.path("comparison.png"), [("novel view", nv_example), ("novel expression", ne_example)])
+        dio.save_video(run_.path("novel_expression.mp4"),
+                       np.stack([np.concatenate(list(fr.values()), 1) for fr in ne_frames]), fps=float(cfg.eval.video_fps))
+        vid = []
+        for f in nvf:
+            gt = gt_images(ctx, cap, f, sp.test_views[:1])[0]
+            net = np.asarray(rnd.net(net_params, _params_jnp(cap, f), _world_cams(cap, f, sp.test_views[:1])))[0]
+            g = np.asarray(rnd.gem(refined, _k_of(k_refined, int(f)), head_cameras_of(ctx, cap, f, sp.test_views[:1])))[0]
+            vid.append(np.concatenate([gt, net, g], 1))
+        dio.save_video(run_.path("novel_view.mp4"), np.stack(vid), fps=float(cfg.eval.video_fps))
+        # A PLY of the refined GEM at the last training frame's coefficients, placed in the world.
+        f = int(sp.train_frames[-1])
+        R0, T = gem.head_rigid(ctx, cap.shape, cap.pose[f], cap.translation[f])
+        gem.export_ply(run_.path(f"frame_{int(cap.frame[f]):04d}.ply"),
+                       gem.eigen_attributes(refined, _k_of(k_refined, f)), refined.sh, R0=R0, T=T)
+        cross_reenactment(cfg, ctx, rnd, refined, regs, neutral, cap, sp, run_.path("cross_reenactment.mp4"), log)
+    run_.done(f"{run_.workdir}/tables.md", "comparison.png", "gem.npz")
+    return result

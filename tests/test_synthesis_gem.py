@@ -1,0 +1,286 @@
+"""GEM (dhjax.synthesis.gem, gem_data, gem_run): posing, distillation, eigenmodel rendering and
+file, refinement invariants, fitting, the regressor, data errors and a small end-to-end run."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dhjax.geometry import pca as pca_lib
+from dhjax.geometry import rotations
+from dhjax.models import flame
+from dhjax.render import camera as camera_lib
+from dhjax.render import splat
+from dhjax.synthesis import gem
+from dhjax.synthesis import gem_data
+
+
+@pytest.fixture(scope="module")
+def ctx():
+    m = flame.load()
+    mc = gem.default_model_config()
+    mc.update(map_size=32, widths=(8, 16, 16), style_dim=8, sh_degree=1)
+    shape = np.random.default_rng(0).normal(size=10).astype(np.float32) * 0.5
+    return gem.make_context(m, shape, mc)
+
+
+def _cams(n=3, w=40, h=48):
+    return camera_lib.synshot_rig(radius=1.0, width=w, height=h, n_frontal=n, n_upper=0, fov_y_deg=22.0,
+                                  target=(0.0, -0.035, 0.0))
+
+
+def test_head_frame_is_the_rigid_part_of_the_pose(ctx):
+    rng = np.random.default_rng(1)
+    shape = np.random.default_rng(0).normal(size=10).astype(np.float32) * 0.5
+    pose = (rng.normal(size=(5, 3)) * 0.3).astype(np.float32)
+    expr = rng.normal(size=10).astype(np.float32)
+    tr = np.array([0.02, -0.01, 0.05], np.float32)
+    full = flame.forward(ctx.model, shape[None], expr[None], pose[None], tr[None]).vertices[0]
+    head = gem.head_vertices(ctx, shape, expr, pose)
+    R0, T = gem.head_rigid(ctx, shape, pose, tr)
+    np.testing.assert_allclose(gem.head_to_world(head, R0, T), full, atol=1e-6)
+    # Cameras moved into the head frame see head-frame points where world cameras see world points.
+    cams = _cams()
+    uv_w, _ = camera_lib.project(cams, full)
+    uv_h, _ = camera_lib.project(gem.head_cameras(cams, R0, T), head)
+    np.testing.assert_allclose(uv_h, uv_w, atol=1e-3)
+
+
+def test_pose_gaussians_at_rest_and_under_rigid_motion(ctx):
+    G = ctx.n_gaussians
+    raw = jnp.zeros((G, gem.NET_OUT))
+    rest = gem.pose_gaussians(ctx, raw, ctx.canon_verts)
+    np.testing.assert_allclose(rest["position"], ctx.canon_position, atol=1e-6)
+    np.testing.assert_allclose(rest["scale"], np.broadcast_to(np.asarray(ctx.log_spacing)[:, None], (G, 3)), atol=1e-5)
+    np.testing.assert_allclose(np.abs(np.sum(np.asarray(rest["rotation"]) * np.asarray(ctx.ref_quat), -1)), 1.0,
+                               atol=1e-5)
+    # A rigid motion with uniform scale s: positions move with it, rotations are composed with
+    # it (same hemisphere as the reference), log-scales grow by log s.
+    R = np.asarray(rotations.axis_angle_to_matrix(jnp.array([0.1, -0.3, 0.2])))
+    s, t = 1.2, np.array([0.01, 0.02, -0.03], np.float32)
+    verts = s * np.asarray(ctx.canon_verts) @ R.T + t
+    rng = np.random.default_rng(2)
+    raw = jnp.asarray(rng.normal(size=(G, gem.NET_OUT)) * 0.1, jnp.float32)
+    a0 = gem.pose_gaussians(ctx, raw, ctx.canon_verts)
+    a1 = gem.pose_gaussians(ctx, raw, jnp.asarray(verts, jnp.float32))
+    np.testing.assert_allclose(a1["position"], s * np.asarray(a0["position"]) @ R.T + t, atol=2e-5)
+    np.testing.assert_allclose(a1["scale"], np.asarray(a0["scale"]) + np.log(s), atol=1e-4)
+    R0 = np.asarray(rotations.quaternion_to_matrix(a0["rotation"]))
+    R1 = np.asarray(rotations.quaternion_to_matrix(a1["rotation"]))
+    np.testing.assert_allclose(R1, R @ R0, atol=1e-4)
+    assert np.all(np.sum(np.asarray(a1["rotation"]) * np.asarray(ctx.ref_quat), -1) >= 0)
+
+
+def _random_collected(ctx, n, rng):
+    G = ctx.n_gaussians
+    base = gem.pose_gaussians(ctx, jnp.zeros((G, gem.NET_OUT)), ctx.canon_verts)
+    lat = rng.normal(size=(n, 3))
+    out = {}
+    for a in gem.ATTRIBUTES:
+        d = gem.ATTRIBUTE_DIMS[a]
+        dirs = rng.normal(size=(3, G, d)) * 1e-3
+        out[a] = np.asarray(base[a])[None] + np.einsum("nk,kgd->ngd", lat, dirs) + rng.normal(size=(n, G, d)) * 1e-5
+    return out
+
+
+def test_distil_reconstructs_training_attributes_and_k0_is_the_mean(ctx):
+    rng = np.random.default_rng(3)
+    data = _random_collected(ctx, 12, rng)
+    sh = jnp.asarray(rng.normal(size=(ctx.n_gaussians, 4, 3)) * 0.1, jnp.float32)
+    model, k, ratio = gem.distil(data, sh, 5, sh_degree=1)
+    assert model.n_components == 5 and k["position"].shape == (12, 5)
+    for a in gem.ATTRIBUTES:
+        flat = data[a].reshape(12, -1)
+        rec = np.asarray(model.mean[a]) + np.asarray(k[a]) @ np.asarray(model.basis[a])
+        # 3 latent directions + small noise: 5 components leave only the noise's residual.
+        p = pca_lib.fit(flat, 11)
+        expected = float(np.sum(np.asarray(p.explained_variance)[5:])) * 11 / 12
+        err = float(np.mean(np.sum((rec - flat) ** 2, 1)))
+        assert err == pytest.approx(expected, rel=0.05, abs=1e-12)
+        assert float(np.sum(ratio[a])) > 0.99
+    # k = 0 renders the mean Gaussians exactly.
+    cams = _cams()
+    img = gem.render(model, gem.zero_coefficients(model), cams, backend="reference")
+    mean = gem.unflatten_attributes(model.mean, ctx.n_gaussians)
+    q = mean["rotation"] / jnp.linalg.norm(mean["rotation"], axis=-1, keepdims=True)
+    ref = splat.rasterize(mean["position"], q, jnp.exp(mean["scale"]), jax.nn.sigmoid(mean["opacity"][:, 0]), sh, cams,
+                          sh_degree=1, background=jnp.ones(3), backend="reference").image
+    np.testing.assert_allclose(img, ref, atol=1e-6)
+    assert float(jnp.std(img)) > 0.01      # something is in view
+
+
+def test_reorthonormalise_keeps_renders_and_orthonormality(ctx):
+    rng = np.random.default_rng(4)
+    data = _random_collected(ctx, 10, rng)
+    sh = jnp.zeros((ctx.n_gaussians, 4, 3))
+    model, k, _ = gem.distil(data, sh, 4, sh_degree=1)
+    # perturb the bases as a refinement would
+    model = model._replace(basis={a: b + 0.05 * jnp.asarray(rng.normal(size=b.shape), jnp.float32) * jnp.std(b)
+                                  for a, b in model.basis.items()})
+    before = {a: np.asarray(k[a]) @ np.asarray(model.basis[a]) for a in gem.ATTRIBUTES}
+    m2, k2 = gem.reorthonormalise(model, k)
+    for a in gem.ATTRIBUTES:
+        B = np.asarray(m2.basis[a])
+        np.testing.assert_allclose(B @ B.T, np.eye(4), atol=2e-5)
+        after = np.asarray(k2[a]) @ B
+        np.testing.assert_allclose(after, before[a], atol=1e-5 * np.abs(before[a]).max() + 1e-9)
+        np.testing.assert_allclose(np.asarray(m2.sigma[a]), np.std(np.asarray(k2[a]), 0, ddof=1), rtol=1e-4)
+
+
+def test_eigenmodel_file_round_trip_and_errors(ctx, tmp_path):
+    rng = np.random.default_rng(5)
+    model, k, _ = gem.distil(_random_collected(ctx, 8, rng), jnp.zeros((ctx.n_gaussians, 4, 3)), 3, sh_degree=1)
+    path = gem.save_eigenmodel(tmp_path / "g.npz", model)
+    back = gem.load_eigenmodel(path)
+    for a in gem.ATTRIBUTES:
+        np.testing.assert_array_equal(back.mean[a], model.mean[a])
+        np.testing.assert_array_equal(back.basis[a], model.basis[a])
+        np.testing.assert_array_equal(back.sigma[a], model.sigma[a])
+    assert back.sh_degree == 1 and back.background == model.background
+    G, M = ctx.n_gaussians, 3
+    assert gem.size_bytes(back) == 4 * (sum(G * d * (M + 1) + M for d in gem.ATTRIBUTE_DIMS.values()) + G * 4 * 3)
+    with np.load(path) as z:
+        arrays = {n: z[n] for n in z.files if n != "basis_scale"}
+    np.savez(tmp_path / "bad.npz", **arrays)
+    with pytest.raises(ValueError, match="missing arrays.*basis_scale"):
+        gem.load_eigenmodel(tmp_path / "bad.npz")
+    arrays["basis_scale"] = np.zeros((3, 5), np.float32)
+    np.savez(tmp_path / "bad2.npz", **arrays)
+    with pytest.raises(ValueError, match="basis_scale"):
+        gem.load_eigenmodel(tmp_path / "bad2.npz")
+    with pytest.raises(FileNotFoundError, match="nope.npz"):
+        gem.load_eigenmodel(tmp_path / "nope.npz")
+    # coefficients of the wrong size or missing attributes
+    k0 = gem.zero_coefficients(model)
+    with pytest.raises(ValueError, match=r"'scale' must be \[\.\.\., 3\]"):
+        gem.eigen_attributes(model, dict(k0, scale=jnp.zeros(5)))
+    with pytest.raises(ValueError, match="lack.*opacity"):
+        gem.eigen_attributes(model, {a: k0[a] for a in ("position", "rotation", "scale")})
+    with pytest.raises(ValueError, match="cannot keep 4 of 3"):
+        gem.truncate(model, 4)
+
+
+def test_fit_coefficients_recovers_a_rendered_state(ctx):
+    rng = np.random.default_rng(6)
+    data = _random_collected(ctx, 10, rng)
+    # make the variation visible: larger position modes
+    data["position"] = data["position"] + np.einsum("n,gd->ngd", rng.normal(size=10), rng.normal(size=(ctx.n_gaussians, 3)) * 4e-3)
+    sh = jnp.asarray(rng.normal(size=(ctx.n_gaussians, 4, 3)) * 0.3, jnp.float32)
+    model, k, _ = gem.distil(data, sh, 3, sh_degree=1)
+    cams = _cams(4)
+    target_k = {a: k[a][1] for a in gem.ATTRIBUTES}
+    images = gem.render(model, target_k, cams)
+    start = gem.render(model, gem.zero_coefficients(model), cams)
+    fit_k, m = gem.fit_coefficients(model, images, cams, steps=80, lr=0.05, prior_weight=0.0)
+    fitted = gem.render(model, fit_k, cams)
+    err0 = float(jnp.mean(jnp.abs(start - images)))
+    err1 = float(jnp.mean(jnp.abs(fitted - images)))
+    assert err1 < 0.3 * err0, (err0, err1)
+
+
+def test_regressor_bounds_and_fit():
+    rng = np.random.default_rng(7)
+    n, F, M = 40, 12, 4
+    feats = rng.normal(size=(n, F)).astype(np.float32)
+    A = rng.normal(size=(F, M)) * 0.2
+    sigma = {a: jnp.full((M,), 2.0) for a in gem.ATTRIBUTES}
+    coeffs = {a: jnp.asarray((feats - feats[0]) @ A, jnp.float32) for a in gem.ATTRIBUTES}
+    reg = gem.train_regressor(feats, coeffs, sigma, 0, steps=600, lr=3e-3, n_pca=8)
+    assert reg.pca.components.shape == (8, F)
+    pred = gem.regressor_apply(reg, feats)
+    for a in gem.ATTRIBUTES:
+        assert np.all(np.abs(np.asarray(pred[a])) <= 3.0 * 2.0 + 1e-6)
+        resid = np.mean((np.asarray(pred[a]) - np.asarray(coeffs[a])) ** 2) / np.mean(np.asarray(coeffs[a]) ** 2)
+        assert resid < 0.1
+    # extreme features stay within +-3 sigma
+    far = gem.regressor_apply(reg, feats[:1] * 1e3)
+    assert all(np.all(np.abs(np.asarray(far[a])) <= 6.0 + 1e-6) for a in gem.ATTRIBUTES)
+    with pytest.raises(ValueError, match="neutral_index 40"):
+        gem.train_regressor(feats, coeffs, sigma, 40, steps=1)
+    with pytest.raises(ValueError, match="finite"):
+        gem.train_regressor(np.full((n, F), np.nan), coeffs, sigma, 0, steps=1)
+
+
+def test_net_step_lowers_the_loss(ctx):
+    ctx = ctx.replace(color_lr=0.05, lr=2e-3)
+    rng = np.random.default_rng(8)
+    shape = np.random.default_rng(0).normal(size=10).astype(np.float32) * 0.5
+    fr = dict(shape=shape, expression=(rng.normal(size=10) * 0.5).astype(np.float32),
+              pose=np.zeros((5, 3), np.float32), translation=np.zeros(3, np.float32))
+    cams = _cams(2)
+    state = gem.init_state(jax.random.PRNGKey(0), ctx)
+    # the target: the template Gaussians in another colour
+    target = jnp.asarray(np.broadcast_to(np.array([0.8, 0.3, 0.2], np.float32), (2, 48, 40, 3)))
+    mask = np.asarray(gem.render_net(ctx, state["params"], fr, cams, background=jnp.zeros(3)).mean(-1) > 0.05, np.float32)
+    batch = dict(fr, image=target, mask=mask, K=cams.K, R=cams.R, t=cams.t, background=np.ones(3, np.float32))
+    batch = jax.tree.map(lambda x: jnp.asarray(x)[None], batch)
+    step = jax.jit(lambda s, b: gem.train_step(s, b, None, ctx))
+    losses = []
+    for _ in range(25):
+        state, m = step(state, batch)
+        losses.append(float(m["loss"]))
+    assert np.all(np.isfinite(losses)) and losses[-1] < 0.7 * losses[0], losses
+
+
+def _capture(F=5, C=3, H=8, W=6):
+    rng = np.random.default_rng(0)
+    return gem_data.Capture(
+        images=rng.integers(0, 255, (F, C, H, W, 3), dtype=np.uint8), masks=np.ones((F, C, H, W), bool),
+        K=np.tile(np.eye(3, dtype=np.float32), (F, C, 1, 1)), R=np.tile(np.eye(3, dtype=np.float32), (F, C, 1, 1)),
+        t=np.zeros((F, C, 3), np.float32), shape=np.zeros(4, np.float32), expression=np.zeros((F, 6), np.float32),
+        pose=np.zeros((F, 5, 3), np.float32), translation=np.zeros((F, 3), np.float32),
+        frame=np.arange(F, dtype=np.int32), view=np.array([0, 4, 7], np.int32)[:C])
+
+
+def test_split_and_batches():
+    cap = _capture()
+    sp = gem_data.split(cap, (4,), 2)
+    assert list(sp.train_frames) == [0, 1, 2] and list(sp.test_frames) == [3, 4]
+    assert list(sp.train_views) == [0, 2] and list(sp.test_views) == [1]
+    assert list(gem_data.split(cap, (4,), 0.4).test_frames) == [3, 4]
+    with pytest.raises(ValueError, match=r"held-out cameras \[5\] are not among.*\[0, 4, 7\]"):
+        gem_data.split(cap, (5,), 1)
+    with pytest.raises(ValueError, match="cannot hold out 4 of 5 frames"):
+        gem_data.split(cap, (4,), 4)
+    with pytest.raises(ValueError, match="every camera is held out"):
+        gem_data.split(cap, (0, 4, 7), 1)
+    b = gem_data.FrameBatches(cap, sp, frames_per_step=2, views_per_step=5, seed=1)
+    x = b.get_batch(3)
+    assert x["image"].shape == (2, 2, 8, 6, 3) and x["background"].shape == (2, 3)
+    assert set(np.unique(x["index"])) <= {0, 1, 2}
+    np.testing.assert_array_equal(b.get_batch(3)["image"], x["image"])    # deterministic
+
+
+def test_load_capture_errors(tmp_path):
+    from dhjax.data import dataset as ds
+
+    def sample(frame, view, H=8, W=6):
+        return dict(image=np.zeros((H, W, 3), np.float32), mask=np.ones((H, W), np.float32),
+                    K=np.eye(3, dtype=np.float32), R=np.eye(3, dtype=np.float32), t=np.zeros(3, np.float32),
+                    shape=np.zeros(4, np.float32), expression=np.zeros(6, np.float32),
+                    pose=np.zeros((5, 3), np.float32), translation=np.zeros(3, np.float32),
+                    item=np.int32(0), frame=np.int32(frame), view=np.int32(view))
+
+    w = ds.Writer(tmp_path / "one", "train", kind="multiview")
+    w.add(sample(0, 0)), w.add(sample(0, 1))
+    w.close()
+    with pytest.raises(ValueError, match="1 frame"):
+        gem_data.load_capture(tmp_path / "one", log=lambda *a: None)
+    w = ds.Writer(tmp_path / "mixed", "train", kind="multiview")
+    w.add(sample(0, 0)), w.add(sample(0, 1)), w.add(sample(1, 0))
+    w.close()
+    with pytest.raises(ValueError, match="cameras .* differ from the first frame"):
+        gem_data.load_capture(tmp_path / "mixed", log=lambda *a: None)
+    with pytest.raises(FileNotFoundError):
+        gem_data.load_capture(tmp_path / "absent", log=lambda *a: None)
+    w = ds.Writer(tmp_path / "ok", "train", kind="multiview")
+    for f in range(3):
+        for v in range(2):
+            w.add(sample(f, v))
+    w.close()
+    cap = gem_data.load_capture(tmp_path / "ok", log=lambda *a: None)
+    assert cap.images.shape == (3, 2, 8, 6, 3) and cap.images.dtype == np.uint8
