@@ -20,11 +20,15 @@ Variants:
          steps/s and rays/s (the reference on fewer rays), the parts of a step, and the render
          time of a 512x512 frame (dhjax.bench.insta; sizes under insta.*, e.g.
          --config.insta.config=configs/insta.py:paper); about 6 min on 2 CPU cores.
+  gem    GEM (dhjax.synthesis.gem): frames/s of the Net against the eigenmodel (mean + k B, no
+         network) for Gaussian maps of 64^2, 128^2, 256^2 and M = 10, 20, 50 components, one
+         550x802 camera, the same splatting backend (dhjax.bench.gem; sizes under gem.*).
 Results are printed and written to <workdir>/bench.json.
 """
 
 import ml_collections
 
+from dhjax.bench import gem as gem_bench
 from dhjax.bench import geometry
 from dhjax.bench import insta as insta_bench
 
@@ -55,6 +59,8 @@ def get_config(arg=None):
         c.geometry = geometry.default_config()
     if c.suite == "insta":
         c.insta = insta_bench.default_config()
-    if c.suite not in ("flame", "synthetic", "splat", "geometry", "insta"):
-        raise ValueError(f"unknown bench variant {c.suite!r}; available: flame, synthetic, splat, geometry, insta")
+    if c.suite == "gem":
+        c.gem = gem_bench.default_config()
+    if c.suite not in ("flame", "synthetic", "splat", "geometry", "insta", "gem"):
+        raise ValueError(f"unknown bench variant {c.suite!r}; available: flame, synthetic, splat, geometry, insta, gem")
     return c

@@ -7,11 +7,11 @@ drivers).
     python -m experiments.gem_drive --workdir=runs/gem --out=runs/gem_drive
 
 Variants:
-  tiny        one synthetic subject, 72 expressions (the last 8 held out) x 16 cameras
-              (12 on a frontal arc, 4 above; camera 5 held out) at 96 x 128, one light for all
-              frames; 64^2 Gaussian maps (~2.5k Gaussians), a 4-level StyleUNet of widths
+  tiny        one synthetic subject, 72 expressions (the last 8 held out; 16 expression
+              coefficients, jaw and eyes vary) x 16 cameras (12 on a frontal arc, 4 above;
+              camera 5 held out) at 96 x 128, one light for all frames; 64^2 Gaussian maps (~2.5k Gaussians), a 4-level StyleUNet of widths
               16..64, SH degree 1; Net 1500 steps of 1 frame x 4 views; M = 50 components;
-              refinement 600 steps (QR every 200); fitting 60 steps per frame (CPU).
+              refinement 600 steps (QR every 200); fitting 40 steps per frame on 4 of the training cameras (CPU).
   tiny_table  `tiny` for the size table (thesis Table 4): sweep() over three map sizes, each
               run evaluating M in (10, 20, 50) (fewer steps).
   paper       the thesis: 256^2 maps (~60k Gaussians), SH degree 3, a 5-level StyleUNet of
@@ -47,7 +47,7 @@ def get_config(arg=None):
     c.data.identity = 0                  # synthetic: the subject's identity number
     c.data.synthetic = synthetic.default_config()
     c.data.synthetic.multiview.update(n_identities=1, n_expressions=400, width=550, height=802,
-                                      n_frontal=12, n_upper=4, fixed_light=True)
+                                      n_frontal=12, n_upper=4, fixed_light=True, expression_dims=16)
     c.model = gem.default_model_config()
     c.loss = gem.default_loss_config()
     c.optim = gem.default_optim_config()
@@ -59,12 +59,13 @@ def get_config(arg=None):
         n_components=50,                 # M
         pca_method="auto",               # dhjax.geometry.pca.fit method
         table_components=(10, 20, 50),   # evaluated in the size table (<= n_components)
-        local_regions=False))            # also build a localised PCA (per face region) for comparison
+        local_regions=True))             # also compare a localised PCA (per face region) at equal size
     c.refine = ml_collections.ConfigDict(dict(lr=1e-4, qr_every=1000, views_per_step=4))
     c.refine.train = ml_collections.ConfigDict(dict(steps=30_000, log_every=100, checkpoint_every=2000,
                                                     keep_checkpoints=2, eval_every=0, on_nonfinite="skip",
                                                     max_skipped_fraction=0.1))
-    c.fit = ml_collections.ConfigDict(dict(steps=200, lr=0.05, prior_weight=1e-3))
+    c.fit = ml_collections.ConfigDict(dict(steps=200, lr=0.05, prior_weight=1e-3,
+                                           views=0))        # training cameras used to fit (0: all)
     c.regressor = ml_collections.ConfigDict(dict(
         drivers=("params", "landmarks"),  # features: tracked head-model parameters; 2D face landmarks
         n_pca=50, steps=3000, lr=1e-3,
@@ -88,7 +89,7 @@ def get_config(arg=None):
         c.train.update(steps=1500, log_every=50, checkpoint_every=500, keep_checkpoints=2, eval_every=500)
         c.refine.update(qr_every=200)
         c.refine.train.update(steps=600, log_every=50, checkpoint_every=300)
-        c.fit.update(steps=60)
+        c.fit.update(steps=40, views=4)
         c.regressor.update(steps=1500)
         c.eval.update(max_novel_view_frames=16, fps_repeats=10, cross_frames=24)
         if arg == "tiny_table":

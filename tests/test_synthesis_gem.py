@@ -55,7 +55,7 @@ def test_pose_gaussians_at_rest_and_under_rigid_motion(ctx):
     raw = jnp.zeros((G, gem.NET_OUT))
     rest = gem.pose_gaussians(ctx, raw, ctx.canon_verts)
     np.testing.assert_allclose(rest["position"], ctx.canon_position, atol=1e-6)
-    np.testing.assert_allclose(rest["scale"], np.broadcast_to(np.asarray(ctx.log_spacing)[:, None], (G, 3)), atol=1e-5)
+    np.testing.assert_allclose(rest["scale"], np.asarray(ctx.log_spacing)[:, None] + gem.INIT_LOG_SCALE, atol=1e-5)
     np.testing.assert_allclose(np.abs(np.sum(np.asarray(rest["rotation"]) * np.asarray(ctx.ref_quat), -1)), 1.0,
                                atol=1e-5)
     # A rigid motion with uniform scale s: positions move with it, rotations are composed with

@@ -67,7 +67,8 @@ def default_config() -> ml_collections.ConfigDict:
     seed; uv_size (UV maps S x S); shape_std, expression_std (coefficient std); jaw_open_max
     (rad); beard_prob; multiview: n_identities, first_identity, n_expressions, width, height,
     radius (m), fov_y_deg, n_frontal, n_upper, global_std (rad), translation_std (m), and
-    optionally fixed_light (bool, default False: one light per identity, not per expression);
+    optionally fixed_light (bool, default False: one light per identity, not per expression) and
+    expression_dims (int, default 0 = all: only the first coefficients vary);
     video: n_sequences, first_identity, n_frames, width, height, fov_range_deg, head_fraction
     (head height / image height), yaw_deg, pitch_deg, roll_deg (head motion amplitudes),
     shake_m / shake_deg (camera shake), smooth_frames (time scale of the motion), blink_every.
@@ -698,6 +699,11 @@ class MultiviewGenerator(_Generator):
             p = sample_frame_params(key(self.seed, STREAM_EXPRESSION, n, e), self.assets.model.num_expression,
                                     expression_std=float(c.expression_std), jaw_open_max=float(c.jaw_open_max),
                                     global_std=float(mv.global_std), translation_std=float(mv.translation_std))
+            # expression_dims (optional key, 0 = all): only the first coefficients vary, the rest
+            # are 0 (a performance of low intrinsic dimension, as one subject's capture session).
+            dims = int(mv.get("expression_dims", 0))
+            if dims:
+                p["expression"] = p["expression"].at[dims:].set(0.0)
             # fixed_light (optional key): one light per identity for all its expressions, as in a
             # light stage (GEM's capture); otherwise a light per (identity, expression).
             p.update(sample_light(key(self.seed, STREAM_LIGHT, n, 0 if mv.get("fixed_light", False) else e)))

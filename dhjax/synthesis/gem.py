@@ -19,7 +19,8 @@ A. **Net** (`init_state`, `net_gaussians`, `loss_terms`, `train_step`): a StyleU
        rotation  q = quat(U_f R_tbn,f R(q_net))                  (U_f: rotation of J_f's polar
                                                                     decomposition; R_tbn: canonical
                                                                     tangent frame of the texel's face)
-       log-scale s = s_0 + ds + log det(J_f)^(1/3)                (s_0: log texel spacing)
+       log-scale s = s_0 + ds + log det(J_f)^(1/3)                (s_0: log of the texel spacing
+                                                                    x (1, 1, 1/4): thin discs)
        opacity   o = logit(0.9) + do
 
    Deviation, stated: 3DGS-on-mesh methods carry the covariance as J Sigma J^T; GEM needs
@@ -92,6 +93,9 @@ ATTRIBUTE_DIMS = {"position": 3, "rotation": 4, "scale": 3, "opacity": 1}
 NET_OUT = 11
 NET_IN = 9
 INIT_OPACITY = 0.9
+# Initial log-scales relative to the texel spacing along (tangent, bitangent, normal): discs as
+# wide as the spacing and a quarter of it thick (surface elements; 3DGS starts isotropic).
+INIT_LOG_SCALE = np.log(np.array([1.0, 1.0, 0.25], np.float32))
 EIGENMODEL_FORMAT = "dhjax.gem/1"
 
 
@@ -300,7 +304,7 @@ def pose_gaussians(ctx: Context, raw, verts) -> dict:
     R_net = rotations.quaternion_to_matrix(q_net / jnp.linalg.norm(q_net, axis=-1, keepdims=True))
     R = jnp.matmul(jnp.matmul(U, ctx.canon_frame, precision=_HI), R_net, precision=_HI)
     q = _align_hemisphere(rotations.matrix_to_quaternion(R), ctx.ref_quat)
-    scale = ctx.log_spacing[:, None] + raw[:, 7:10] + log_stretch[:, None]
+    scale = ctx.log_spacing[:, None] + INIT_LOG_SCALE + raw[:, 7:10] + log_stretch[:, None]
     opacity = float(np.log(INIT_OPACITY / (1 - INIT_OPACITY))) + raw[:, 10:11]
     return dict(position=position, rotation=q, scale=scale, opacity=opacity)
 
@@ -369,7 +373,7 @@ def photometric(ctx: Context, pred, gt) -> jax.Array:
 def regularisers(ctx: Context, raw) -> dict:
     """{offset: mean squared position offset (units of offset_scale), scale: mean hinge of
     posed log-scales above log(max_scale)} on raw [G, 11] (scale from the raw output + spacing)."""
-    s = ctx.log_spacing[:, None] + raw[:, 7:10]
+    s = ctx.log_spacing[:, None] + INIT_LOG_SCALE + raw[:, 7:10]
     return {"offset": jnp.mean(jnp.sum(raw[:, 0:3] ** 2, -1)),
             "scale": jnp.mean(jax.nn.relu(s - float(np.log(ctx.max_scale))))}
 
@@ -612,13 +616,15 @@ def fit_coefficients(model: EigenModel, images, cameras, *, k0=None, steps: int 
     bg = jnp.asarray(model.background if background is None else background, jnp.float32)
     sig = {a: jnp.maximum(model.sigma[a], 1e-8) for a in ATTRIBUTES}
     z0 = {a: (jnp.zeros_like(sig[a]) if k0 is None else jnp.asarray(k0[a]) / sig[a]) for a in ATTRIBUTES}
-    opt = optax.adam(lr)
-    return _fit_loop(model, jnp.asarray(images, jnp.float32), cameras, bg, z0, sig, opt, int(steps),
+    return _fit_loop(model, jnp.asarray(images, jnp.float32), cameras, bg, z0, sig, jnp.float32(lr), int(steps),
                      float(ssim_weight), float(prior_weight), backend)
 
 
-@functools.partial(jax.jit, static_argnames=("opt", "steps", "ssim_weight", "prior_weight", "backend"))
-def _fit_loop(model, images, cameras, bg, z0, sig, opt, steps, ssim_weight, prior_weight, backend):
+@functools.partial(jax.jit, static_argnames=("steps", "ssim_weight", "prior_weight", "backend"))
+def _fit_loop(model, images, cameras, bg, z0, sig, lr, steps, ssim_weight, prior_weight, backend):
+    # The learning rate is traced (not static), so fitting frame after frame compiles once.
+    opt = optax.adam(lr)
+
     def loss_z(z):
         k = {a: z[a] * sig[a] for a in ATTRIBUTES}
         return fit_loss(k, model, images, cameras, bg, ssim_weight, prior_weight, backend)
@@ -714,6 +720,46 @@ def train_regressor(features, coeffs: Mapping, sigma: Mapping, neutral_index: in
 def _pca_f32(p):
     return p._replace(**{f: (jnp.asarray(getattr(p, f), jnp.float32) if isinstance(getattr(p, f), (np.ndarray, jax.Array))
                              else getattr(p, f)) for f in p._fields})
+
+
+def save_regressor(path, reg: Regressor, driver: str) -> Path:
+    """Writes a regressor as one npz: driver name, neutral features, the relative-feature PCA
+    (mean, components, sigma), the MLP's weights (mlp/<layer>/<kernel|bias>) and sigma_<a>."""
+    arrays = {"driver": np.asarray(str(driver)), "neutral": np.asarray(reg.neutral, np.float32),
+              "pca_mean": np.asarray(reg.pca.mean, np.float32), "pca_components": np.asarray(reg.pca.components, np.float32),
+              "pca_sigma": np.asarray(reg.pca.sigma, np.float32)}
+    for layer, leaves in reg.mlp.items():
+        for name, v in leaves.items():
+            arrays[f"mlp/{layer}/{name}"] = np.asarray(v, np.float32)
+    for a in ATTRIBUTES:
+        arrays[f"sigma_{a}"] = np.asarray(reg.sigma[a], np.float32)
+    path = Path(path)
+    np.savez(path, **arrays)
+    return path
+
+
+def load_regressor(path) -> tuple[Regressor, str]:
+    """Reads `save_regressor`'s file: (Regressor, driver name)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no GEM regressor file '{path}'")
+    with np.load(path, allow_pickle=False) as z:
+        data = {k: z[k] for k in z.files}
+    need = ["driver", "neutral", "pca_mean", "pca_components", "pca_sigma"] + [f"sigma_{a}" for a in ATTRIBUTES]
+    missing = [k for k in need if k not in data]
+    if missing or not any(k.startswith("mlp/") for k in data):
+        raise ValueError(f"{path}: not a GEM regressor, missing arrays {missing or ['mlp/...']}")
+    mlp: dict = {}
+    for k, v in data.items():
+        if k.startswith("mlp/"):
+            _, layer, name = k.split("/")
+            mlp.setdefault(layer, {})[name] = jnp.asarray(v)
+    sig2 = jnp.asarray(data["pca_sigma"]) ** 2
+    p = pca_lib.PCA(mean=jnp.asarray(data["pca_mean"]), components=jnp.asarray(data["pca_components"]),
+                    explained_variance=sig2, explained_variance_ratio=sig2 / jnp.maximum(jnp.sum(sig2), 1e-30),
+                    sigma=jnp.asarray(data["pca_sigma"]), n_samples=0)
+    reg = Regressor(jnp.asarray(data["neutral"]), p, mlp, {a: jnp.asarray(data[f"sigma_{a}"]) for a in ATTRIBUTES})
+    return reg, str(data["driver"])
 
 
 # ----------------------------------------------------------------------------------------------

@@ -31,12 +31,15 @@ import numpy as np
 import optax
 
 from dhjax import io as dio
+from dhjax import losses
 from dhjax.data import cache
 from dhjax.data import synthetic
 from dhjax.models import flame
+from dhjax.geometry import pca as pca_lib
 from dhjax.render import camera as camera_lib
 from dhjax.synthesis import gem
 from dhjax.synthesis import gem_data
+from dhjax.synthesis import gem_local
 from dhjax.synthesis.insta_run import image_metrics
 from dhjax.train import app
 from dhjax.train import loop
@@ -130,8 +133,9 @@ def _world_cams(cap, f, views) -> camera_lib.Camera:
 
 
 def collect(ctx, net_params, cap, frames) -> dict:
-    """The Net's head-frame attributes of the given frame positions: {attribute: [N, G, A]}."""
-    fn = jax.jit(lambda p, fr: gem.net_gaussians(ctx, p, fr)[0])
+    """The Net's head-frame attributes of the given frame positions: {attribute: [N, G, A]}.
+    net_params: the stage-A parameters {net, sh}."""
+    fn = jax.jit(lambda p, fr: gem.net_gaussians(ctx, p["net"], fr)[0])
     rows = [fn(net_params, cap.frame_params(int(f))) for f in frames]
     return {a: np.stack([np.asarray(r[a]) for r in rows]) for a in ATTRS}
 
@@ -312,14 +316,32 @@ def _umeyama2d(x, y):
     return s, R, my - s * R @ mx
 
 
+INNER_IBUG = tuple(range(17, 68))     # the 51 inner iBUG points: mediapipe and 68-point files give them
+
+
 def project_landmarks(model, shape, expression, pose, translation, cam_K, cam_R, cam_t, W, H) -> np.ndarray:
-    """68 landmarks of the head model projected into a camera: [N, 68, 2] pixels (the synthetic
-    stand-in for a detector; real videos give landmark files, `dhjax.capture.landmarks`)."""
+    """The 51 inner iBUG landmarks (17..67) of the head model projected into per-frame cameras:
+    [N, 51, 2] pixels (the synthetic stand-in for a detector; real videos give landmarks through
+    `dhjax.capture.landmarks`: mediapipe detection or files)."""
     out = flame.forward(model, jnp.broadcast_to(jnp.asarray(shape), (len(expression), len(shape))),
                         jnp.asarray(expression), jnp.asarray(pose), jnp.asarray(translation))
     cam = camera_lib.Camera(jnp.asarray(cam_K), jnp.asarray(cam_R), jnp.asarray(cam_t), W, H)
     uv, _ = camera_lib.project(cam, out.landmarks)
-    return np.asarray(uv)
+    return np.asarray(uv)[:, INNER_IBUG[0]:]
+
+
+def inner_landmarks(lms) -> np.ndarray:
+    """`dhjax.capture.landmarks.Landmarks` per frame -> [T, 51, 2] pixels of iBUG 17..67;
+    ValueError naming the frame when a point is missing."""
+    out = []
+    for i, lm in enumerate(lms):
+        pos = {int(j): p for j, p in zip(lm.ibug_ids, lm.points)}
+        missing = [j for j in INNER_IBUG if j not in pos]
+        if missing:
+            raise ValueError(f"landmarks of frame {i} lack iBUG points {missing[:5]}...: the landmark driver "
+                             f"needs the 51 inner points 17..67 (mediapipe or 68-point files give them)")
+        out.append(np.stack([pos[j] for j in INNER_IBUG]))
+    return np.asarray(out, np.float32)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -359,11 +381,14 @@ def novel_view(ctx, rnd, net_params, models: dict, cap, sp, frames, lpips_fn, lo
 
 def novel_expression(cfg, ctx, rnd, net_params, models: dict, cap, sp, lpips_fn, log, regressors=None):
     """Held-out frames x all cameras. GEMs get their coefficients by analysis-by-synthesis on the
-    frame's training cameras (warm-started from the previous frame: sequential fitting), and from
+    frame's training cameras (fit.views of them, spread; 0 = all), warm-started from the previous frame: sequential fitting), and from
     each regressor; metrics on the held-out camera(s) and on all cameras. Returns (means
     {method: {view set: metrics}}, example images, per-frame predictions for the video)."""
     fc = cfg.fit
     all_views = np.arange(cap.images.shape[1])
+    fit_views = sp.train_views
+    if 0 < int(fc.views) < len(fit_views):       # a spread subset of the training cameras
+        fit_views = fit_views[np.linspace(0, len(fit_views) - 1, int(fc.views)).round().astype(int)]
     test_pos = np.searchsorted(all_views, sp.test_views)
     rows: dict = {}
     frames_out = []
@@ -380,8 +405,8 @@ def novel_expression(cfg, ctx, rnd, net_params, models: dict, cap, sp, lpips_fn,
         gt = gt_images(ctx, cap, f, all_views)
         preds = {"net": np.asarray(rnd.net(net_params, _params_jnp(cap, f), _world_cams(cap, f, all_views)))}
         cams_all = head_cameras_of(ctx, cap, f, all_views)
-        cams_train = head_cameras_of(ctx, cap, f, sp.train_views)
-        gt_train = gt_images(ctx, cap, f, sp.train_views)
+        cams_train = head_cameras_of(ctx, cap, f, fit_views)
+        gt_train = gt_images(ctx, cap, f, fit_views)
         for n, (m, _) in models.items():
             k, _ = gem.fit_coefficients(m, gt_train, cams_train, k0=prev[n], steps=int(fc.steps), lr=float(fc.lr),
                                         ssim_weight=ctx.ssim_weight, prior_weight=float(fc.prior_weight),
@@ -590,6 +615,13 @@ def run(cfg, workdir: str) -> dict:
                        lpips_fn, log)
     # D: drivers.
     regs, neutral = train_regressors(cfg, ctx, cap, sp, refined, k_refined, log)
+    if run_.lead:
+        for d, (r, _) in regs.items():
+            gem.save_regressor(run_.path(f"regressor_{d}.npz"), r, d)
+        v, fn = _frontal_view(cap), int(sp.train_frames[neutral])
+        cam = head_cameras_of(ctx, cap, fn, [v])
+        np.savez(run_.path("drive_camera.npz"), K=np.asarray(cam.K[0]), R=np.asarray(cam.R[0]),
+                 t=np.asarray(cam.t[0]), width=np.int32(cam.width), height=np.int32(cam.height))
     t0 = time.time()
     reg_models = {f"GEM refined (regressor: {d})": (r, refined, f) for d, (r, f) in regs.items()}
     ne, ne_example, ne_frames = novel_expression(cfg, ctx, rnd, net_params, models, cap, sp, lpips_fn, log,
@@ -599,7 +631,10 @@ def run(cfg, workdir: str) -> dict:
     table = size_table(cfg, ctx, rnd, net_params, distilled, k_train, cap, sp, nvf, lpips_fn, run_.workdir, run_.lead)
     log("size table: " + "; ".join(f"{r['model']} M={r['components']}: {r['psnr']:.2f} dB {r['mb']:.2f} MB "
                                    f"{r['fps']:.0f} fps" for r in table))
+    local = (local_pca_comparison(cfg, ctx, net_params, cap, sp, lpips_fn, log)
+             if bool(cfg.gem.local_regions) else None)
     result = {
+        "local_pca": local,
         "stage_a": {"train_seconds": net_seconds, "gaussians": ctx.n_gaussians, "map_size": ctx.map_size},
         "stage_b": {"build_seconds": build_seconds, "components": distilled.n_components,
                     "explained_variance": {a: float(np.sum(ratio[a])) for a in ATTRS}},
@@ -638,3 +673,134 @@ def run(cfg, workdir: str) -> dict:
         cross_reenactment(cfg, ctx, rnd, refined, regs, neutral, cap, sp, run_.path("cross_reenactment.mp4"), log)
     run_.done(f"{run_.workdir}/tables.md", "comparison.png", "gem.npz")
     return result
+
+
+def local_pca_comparison(cfg, ctx, net_params, cap, sp, lpips_fn, log) -> dict:
+    """Global vs localised PCA (`gem_local.compare`: per-attribute reconstruction RMSE on training
+    and held-out frames at equal size and at equal coefficient count), plus the held-out frames'
+    PSNR of both GEMs at their projected coefficients (the Net's attributes of the frame projected
+    onto the basis: the best any driver can reach), rendered from every camera."""
+    M = int(cfg.gem.n_components)
+    assign = gem_local.region_assignment(ctx)
+    train = collect(ctx, net_params, cap, sp.train_frames)
+    test = collect(ctx, net_params, cap, sp.test_frames)
+    report = gem_local.compare(train, test, net_params["sh"], assign.labels, M, names=assign.names,
+                               method=cfg.gem.pca_method)
+    glob, _, _ = gem.distil(train, net_params["sh"], M, sh_degree=ctx.sh_degree, background=ctx.background,
+                            method=cfg.gem.pca_method)
+    loc, _ = gem_local.distil_local(train, net_params["sh"], M, assign.labels, sh_degree=ctx.sh_degree,
+                                    background=ctx.background, method=cfg.gem.pca_method)
+    views = np.arange(cap.images.shape[1])
+    flat = gem.flatten_attributes({a: jnp.asarray(test[a]) for a in ATTRS})
+    kg = {a: jnp.einsum("nd,md->nm", flat[a] - glob.mean[a], glob.basis[a]) for a in ATTRS}
+    psnr = {"global": [], "local_equal_size": []}
+    rg = jax.jit(lambda k, cams: gem.render(glob, k, cams, backend=ctx.backend))
+    rl = jax.jit(lambda k, cams: gem_local.render_local(loc, k, cams, backend=ctx.backend))
+    for i, f in enumerate(sp.test_frames):
+        gt = jnp.asarray(gt_images(ctx, cap, f, views))
+        cams = head_cameras_of(ctx, cap, f, views)
+        psnr["global"].append(float(losses.psnr(rg(_k_of(kg, i), cams), gt)))
+        k_loc = {a: pca_lib.project_local(loc.pca[a], jnp.asarray(test[a][i])) for a in ATTRS}
+        psnr["local_equal_size"].append(float(losses.psnr(rl(k_loc, cams), gt)))
+    report["heldout_psnr_projected"] = {k: float(np.mean(v)) for k, v in psnr.items()}
+    log(f"localised PCA ({report['n_regions']} regions {list(assign.names)}): held-out PSNR at projected "
+        f"coefficients: global {report['heldout_psnr_projected']['global']:.2f} dB, local (equal size) "
+        f"{report['heldout_psnr_projected']['local_equal_size']:.2f} dB; position RMSE held-out: global "
+        f"{report['global']['rmse_test']['position'] * 1e3:.3f} mm, local "
+        f"{report['local_equal_size']['rmse_test']['position'] * 1e3:.3f} mm")
+    return report
+
+
+# ----------------------------------------------------------------------------------------------
+# Driving a finished GEM with another sequence.
+
+
+def _source_frames(root, split: str, item: int, max_frames: int):
+    """(images [T, H, W, 3] of each frame's first view, expression [T, E], pose [T, 5, 3]) of one
+    item of a dataset folder (tracked video or multi-view)."""
+    from dhjax.data import dataset as ds
+
+    reader = ds.FolderDataset(root, split)
+    items = sorted({e[3] for e in reader.entries})
+    ordinal = items[0] if int(item) < 0 else int(item)
+    if ordinal not in items:
+        raise ValueError(f"{root}/{split}: no item {item}")
+    first: dict = {}
+    for i, e in enumerate(reader.entries):
+        if e[3] == ordinal and e[1] not in first:
+            first[e[1]] = i
+    idx = [first[k] for k in sorted(first, key=ds._numbered)]
+    if max_frames:
+        idx = idx[: int(max_frames)]
+    samples = [reader[i] for i in idx]
+    return (np.stack([s["image"] for s in samples]), np.stack([s["expression"] for s in samples]),
+            np.stack([s["pose"] for s in samples]))
+
+
+def drive(workdir, out, *, source: str = "", split: str = "train", item: int = -1, landmarks_path: str = "",
+          neutral: int = -1, max_frames: int = 0, fps: float = 12.0, log=print) -> Path:
+    """Drives the GEM of a finished run (`run`'s workdir: gem.npz, regressor_<driver>.npz,
+    drive_camera.npz) with another sequence, through a regressor, with no network but the
+    regressor's MLP and no head model:
+
+    * source: a dataset folder (a tracked video from `experiments.track`, or any multi-view
+      dataset): the 'params' driver on its per-frame expression and jaw/eye rotations;
+    * landmarks_path: 2D landmarks of a video ([T, N, 2] array or per-frame files that
+      `dhjax.capture.landmarks.load` reads; 68, 51 or mediapipe points): the 'landmarks' driver.
+    Features are taken relative to the source's neutral frame (`neutral`; -1: the smallest
+    parameters for 'params', the first frame for 'landmarks') and added to the subject's
+    neutral (relative transfer). Writes <out>/drive.mp4 (source | GEM when images are known) and
+    <out>/coefficients.npz; returns the video's path.
+    """
+    work = Path(workdir)
+    if bool(source) == bool(landmarks_path):
+        raise ValueError("give exactly one of source (a dataset folder) or landmarks_path (a landmark file)")
+    model = gem.load_eigenmodel(work / "gem.npz")
+    cam_file = work / "drive_camera.npz"
+    if not cam_file.is_file():
+        raise FileNotFoundError(f"no '{cam_file}': '{work}' is not a finished GEM run")
+    with np.load(cam_file) as z:
+        cam = camera_lib.Camera(jnp.asarray(z["K"])[None], jnp.asarray(z["R"])[None], jnp.asarray(z["t"])[None],
+                                int(z["width"]), int(z["height"]))
+    driver = "params" if source else "landmarks"
+    reg, _ = gem.load_regressor(work / f"regressor_{driver}.npz")
+    images = None
+    if source:
+        images, expr, pose = _source_frames(source, split, item, max_frames)
+        feats = param_features(expr, pose)
+        if feats.shape[1] != reg.neutral.shape[0]:
+            raise ValueError(f"{source}: {expr.shape[1]} expression coefficients give {feats.shape[1]} features; the "
+                             f"regressor was trained on {reg.neutral.shape[0]}")
+        n0 = int(np.argmin(np.sum(expr ** 2, 1) + 10.0 * np.sum(pose[:, 2:] ** 2, (1, 2)))) if neutral < 0 else int(neutral)
+    else:
+        from dhjax.capture import landmarks as lmk_lib
+
+        lms = lmk_lib.load(landmarks_path)
+        lms = lms if isinstance(lms, list) else [lms]
+        if max_frames:
+            lms = lms[: int(max_frames)]
+        pts = inner_landmarks(lms)
+        n0 = 0 if neutral < 0 else int(neutral)
+        feats = landmark_features(pts, pts[n0])
+    if not 0 <= n0 < len(feats):
+        raise ValueError(f"neutral frame {n0} outside the source's {len(feats)} frames")
+    feats = feats - feats[n0] + np.asarray(reg.neutral)
+    k = gem.regressor_apply(reg, jnp.asarray(feats))
+    rnd = jax.jit(lambda kk: gem.render(model, kk, cam))
+    frames = []
+    for i in range(len(feats)):
+        img = np.asarray(rnd({a: k[a][i] for a in ATTRS}))[0]
+        if images is not None:
+            src = images[i]
+            if src.shape[0] != img.shape[0]:
+                import skimage.transform
+
+                src = skimage.transform.resize(src, (img.shape[0], round(src.shape[1] * img.shape[0] / src.shape[0])))
+            img = np.concatenate([src, img], 1)
+        frames.append(img)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    np.savez(out / "coefficients.npz", **{a: np.asarray(k[a]) for a in ATTRS})
+    path = dio.save_video(out / "drive.mp4", np.stack(frames), fps=float(fps))
+    log(f"drove the GEM of {work} with {len(feats)} frames ({driver} driver) -> {path}")
+    return path
