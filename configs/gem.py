@@ -68,7 +68,7 @@ def get_config(arg=None):
                                            views=0))        # training cameras used to fit (0: all)
     c.regressor = ml_collections.ConfigDict(dict(
         drivers=("params", "landmarks"),  # features: tracked head-model parameters; 2D face landmarks
-        n_pca=50, steps=3000, lr=1e-3,
+        n_pca=50, steps=3000, lr=1e-3, weight_decay=1.0,
         neutral_frame=-1,                # training frame position of the neutral reference (-1: the
                                          # one with the smallest expression and jaw parameters)
         landmark_view=-1))               # camera number whose landmarks drive (-1: the most frontal)

@@ -1,4 +1,6 @@
 """Geometry floor: rotations, rigid/similarity alignment, mesh operations, linear blend skinning.
 
-Submodules: `rotations`, `alignment`, `mesh`, `lbs` (pure functions, metres, jit/vmap/grad).
+Submodules: `rotations`, `alignment`, `mesh`, `lbs` (pure functions, metres, jit/vmap/grad),
+`deformation` (deformation gradients), `vectors` (normalisation, nearest neighbours), `pca`
+(principal component analysis, GEM's eigenbases).
 """

@@ -285,8 +285,9 @@ def neutral_position(cfg, cap, frames) -> int:
 
 
 def param_features(expression, pose) -> np.ndarray:
-    """The 'params' driver: expression [N, E], jaw and eye rotations of pose [N, 5, 3] -> [N, E + 9]."""
-    return np.concatenate([np.asarray(expression), np.asarray(pose)[:, 2:].reshape(len(pose), -1)], 1).astype(np.float32)
+    """The 'params' driver: expression [N, E] and the neck, jaw and eye rotations of pose
+    [N, 5, 3] (everything but the rigid global pose, which the head frame removes) -> [N, E + 12]."""
+    return np.concatenate([np.asarray(expression), np.asarray(pose)[:, 1:].reshape(len(pose), -1)], 1).astype(np.float32)
 
 
 def landmark_features(lmk2d, reference) -> np.ndarray:
@@ -472,7 +473,8 @@ def train_regressors(cfg, ctx, cap, sp, model, k_train, log):
             raise ValueError(f"unknown regressor driver {driver!r}; use 'params' or 'landmarks'")
         t0 = time.time()
         reg = gem.train_regressor(ftr, {a: k_train[a] for a in ATTRS}, model.sigma, neutral,
-                                  steps=int(rc.steps), lr=float(rc.lr), n_pca=int(rc.n_pca), seed=int(cfg.seed))
+                                  steps=int(rc.steps), lr=float(rc.lr), weight_decay=float(rc.weight_decay),
+                                  n_pca=int(rc.n_pca), seed=int(cfg.seed))
         log(f"regressor '{driver}': {ftr.shape[1]} features -> PCA {reg.pca.components.shape[0]} -> MLP 3x256 -> "
             f"{len(ATTRS)} x {model.n_components} coefficients, trained in {time.time() - t0:.0f}s")
         out[driver] = (reg, fte)
@@ -654,7 +656,9 @@ def run(cfg, workdir: str) -> dict:
             "novel_view/net_psnr": nv["net"]["psnr"], "novel_view/gem_psnr": nv["GEM"]["psnr"],
             "novel_view/gem_refined_psnr": nv["GEM refined"]["psnr"],
             "novel_expression/net_psnr": ne["net"]["held-out cameras"]["psnr"],
-            "novel_expression/gem_refined_fit_psnr": ne["GEM refined (fit)"]["held-out cameras"]["psnr"]})
+            "novel_expression/gem_refined_fit_psnr": ne["GEM refined (fit)"]["held-out cameras"]["psnr"],
+            **{f"size/{'net' if r['model'] == 'Net' else 'm' + str(r['components'])}_{k}": float(r[k])
+               for r in table for k in ("psnr", "mb", "fps")}})
         _picture(run_.path("comparison.png"), [("novel view", nv_example), ("novel expression", ne_example)])
         dio.save_video(run_.path("novel_expression.mp4"),
                        np.stack([np.concatenate(list(fr.values()), 1) for fr in ne_frames]), fps=float(cfg.eval.video_fps))
@@ -699,9 +703,9 @@ def local_pca_comparison(cfg, ctx, net_params, cap, sp, lpips_fn, log) -> dict:
     for i, f in enumerate(sp.test_frames):
         gt = jnp.asarray(gt_images(ctx, cap, f, views))
         cams = head_cameras_of(ctx, cap, f, views)
-        psnr["global"].append(float(losses.psnr(rg(_k_of(kg, i), cams), gt)))
+        psnr["global"].append(float(jnp.mean(losses.psnr(rg(_k_of(kg, i), cams), gt))))
         k_loc = {a: pca_lib.project_local(loc.pca[a], jnp.asarray(test[a][i])) for a in ATTRS}
-        psnr["local_equal_size"].append(float(losses.psnr(rl(k_loc, cams), gt)))
+        psnr["local_equal_size"].append(float(jnp.mean(losses.psnr(rl(k_loc, cams), gt))))
     report["heldout_psnr_projected"] = {k: float(np.mean(v)) for k, v in psnr.items()}
     log(f"localised PCA ({report['n_regions']} regions {list(assign.names)}): held-out PSNR at projected "
         f"coefficients: global {report['heldout_psnr_projected']['global']:.2f} dB, local (equal size) "
