@@ -685,7 +685,9 @@ def local_pca_comparison(cfg, ctx, net_params, cap, sp, lpips_fn, log) -> dict:
     PSNR of both GEMs at their projected coefficients (the Net's attributes of the frame projected
     onto the basis: the best any driver can reach), rendered from every camera."""
     M = int(cfg.gem.n_components)
-    assign = gem_local.region_assignment(ctx)
+    # Regions smaller than M Gaussians cannot hold M components (opacity has one value per
+    # Gaussian): they are merged into the rest.
+    assign = gem_local.region_assignment(ctx, min_items=max(16, M))
     train = collect(ctx, net_params, cap, sp.train_frames)
     test = collect(ctx, net_params, cap, sp.test_frames)
     report = gem_local.compare(train, test, net_params["sh"], assign.labels, M, names=assign.names,
