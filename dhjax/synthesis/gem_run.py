@@ -633,8 +633,13 @@ def run(cfg, workdir: str) -> dict:
     table = size_table(cfg, ctx, rnd, net_params, distilled, k_train, cap, sp, nvf, lpips_fn, run_.workdir, run_.lead)
     log("size table: " + "; ".join(f"{r['model']} M={r['components']}: {r['psnr']:.2f} dB {r['mb']:.2f} MB "
                                    f"{r['fps']:.0f} fps" for r in table))
-    local = (local_pca_comparison(cfg, ctx, net_params, cap, sp, lpips_fn, log)
-             if bool(cfg.gem.local_regions) else None)
+    local = None
+    if bool(cfg.gem.local_regions):
+        try:
+            local = local_pca_comparison(cfg, ctx, net_params, cap, sp, lpips_fn, log)
+        except ValueError as err:       # an optional comparison must not lose the run's results
+            log(f"localised PCA comparison skipped: {err}")
+            local = {"skipped": str(err)}
     result = {
         "local_pca": local,
         "stage_a": {"train_seconds": net_seconds, "gaussians": ctx.n_gaussians, "map_size": ctx.map_size},
