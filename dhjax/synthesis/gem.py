@@ -63,7 +63,6 @@ network. Units are metres; images [C, H, W, 3] in [0, 1].
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from pathlib import Path
 from typing import Any, Mapping, NamedTuple
