@@ -70,7 +70,6 @@ import numpy as np
 
 from dhjax import io as dio
 from dhjax import losses
-from dhjax.data import dataset as ds
 from dhjax.data import synthetic
 from dhjax.data import textures
 from dhjax.geometry import rotations
@@ -79,9 +78,9 @@ from dhjax.render import camera as camera_lib
 from dhjax.render import splat
 from dhjax.synthesis import gem
 from dhjax.synthesis import synshot
-from dhjax.synthesis import synshot_data
 from dhjax.synthesis import synshot_gaussians as gs
 from dhjax.synthesis import synshot_invert as inv
+from dhjax.synthesis import synshot_run
 from dhjax.train import app
 from dhjax.train import checkpoint as ckpt_lib
 
@@ -591,7 +590,6 @@ def evaluate(model: gem.EigenModel, state: Mapping, ctx: synshot.Context, identi
 # A SynShot inversion run -> its GEM.
 
 INVERT_EXPERIMENT = "synshot_invert"
-PRIOR_EXPERIMENT = "synshot_prior"
 
 
 def load_inverted_avatar(workdir) -> dict:
@@ -610,13 +608,7 @@ def load_inverted_avatar(workdir) -> dict:
     cfg = app.read_config(workdir, experiment=INVERT_EXPERIMENT)
     if not cfg.prior_workdir:
         raise ValueError(f"{workdir}/config.json names no prior_workdir: not a finished inversion run")
-    prior_cfg = app.read_config(cfg.prior_workdir, experiment=PRIOR_EXPERIMENT)
-    root = cfg.data.root or str(synshot_data.dataset_root(prior_cfg))
-    samples = inv.subject_samples(ds.FolderDataset(root, cfg.data.split), int(cfg.data.item))
-    inputs, heldout = inv.split_inputs(samples, int(cfg.data.input_frame), tuple(cfg.data.input_views))
-    inv.check_subject(inputs)
-    if cfg.data.max_heldout:
-        heldout = heldout[: int(cfg.data.max_heldout)]
+    prior_cfg, _, inputs, heldout = synshot_run.invert_subject(cfg)
     h, w = inputs[0]["image"].shape[:2]
     assets = synshot.build_assets(prior_cfg.model)
     ctx = synshot.make_context(prior_cfg.model, assets, w, h, backend=cfg.backend)

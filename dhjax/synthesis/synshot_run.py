@@ -139,6 +139,20 @@ def _save_pictures(run, inputs, maps, batch_held, renders) -> None:
     dio.save_image(str(run.path("renders.png")), np.clip(np.concatenate(rows, axis=0), 0, 1))
 
 
+def invert_subject(cfg):
+    """(prior config, dataset root, input samples, held-out samples) of an inversion config: the
+    subject read from cfg.data.root (or the prior's synthetic dataset), split into the input frame's views and
+    the rest (at most data.max_heldout), checked."""
+    prior_cfg = app.read_config(cfg.prior_workdir, experiment=PRIOR_EXPERIMENT)
+    root = cfg.data.root or str(synshot_data.dataset_root(prior_cfg))
+    samples = inv.subject_samples(ds.FolderDataset(root, cfg.data.split), int(cfg.data.item))
+    inputs, heldout = inv.split_inputs(samples, int(cfg.data.input_frame), tuple(cfg.data.input_views))
+    inv.check_subject(inputs)
+    if cfg.data.max_heldout:
+        heldout = heldout[: int(cfg.data.max_heldout)]
+    return prior_cfg, root, inputs, heldout
+
+
 def run_invert(cfg, workdir: str) -> dict:
     """Few-shot inversion of `configs/synshot_invert.py`: loads the prior of cfg.prior_workdir,
     builds the subject's maps from its input images, runs stage 1 (identity encoder) and stage 2
@@ -150,13 +164,7 @@ def run_invert(cfg, workdir: str) -> dict:
     run = app.start(workdir, cfg)
     if not cfg.prior_workdir:
         raise ValueError("no prior given: point --config.prior_workdir at the workdir of experiments.synshot_prior")
-    prior_cfg = app.read_config(cfg.prior_workdir, experiment=PRIOR_EXPERIMENT)
-    root = cfg.data.root or str(synshot_data.dataset_root(prior_cfg))
-    samples = inv.subject_samples(ds.FolderDataset(root, cfg.data.split), int(cfg.data.item))
-    inputs, heldout = inv.split_inputs(samples, int(cfg.data.input_frame), tuple(cfg.data.input_views))
-    inv.check_subject(inputs)
-    if cfg.data.max_heldout:
-        heldout = heldout[: int(cfg.data.max_heldout)]
+    prior_cfg, root, inputs, heldout = invert_subject(cfg)
     model = flame.load()
     S = int(prior_cfg.model.map_size)
     h, w = inputs[0]["image"].shape[:2]
