@@ -23,11 +23,16 @@ Variants:
   gem    GEM (dhjax.synthesis.gem): frames/s of the Net against the eigenmodel (mean + k B, no
          network) for Gaussian maps of 64^2, 128^2, 256^2 and M = 10, 20, 50 components, one
          550x802 camera, the same splatting backend (dhjax.bench.gem; sizes under gem.*).
+  body   SMPL-X-layout body forward (B=1, 16, 64) of the embedded default body vs smplx.lbs.lbs on
+         the same arrays (torch, CPU), with the largest vertex difference (dhjax.bench.body;
+         --config.body.model=random times a random official-layout model of --config.body.vertices
+         vertices instead, e.g. 10475 as SMPL-X).
 Results are printed and written to <workdir>/bench.json.
 """
 
 import ml_collections
 
+from dhjax.bench import body as body_bench
 from dhjax.bench import gem as gem_bench
 from dhjax.bench import geometry
 from dhjax.bench import insta as insta_bench
@@ -61,6 +66,9 @@ def get_config(arg=None):
         c.insta = insta_bench.default_config()
     if c.suite == "gem":
         c.gem = gem_bench.default_config()
-    if c.suite not in ("flame", "synthetic", "splat", "geometry", "insta", "gem"):
-        raise ValueError(f"unknown bench variant {c.suite!r}; available: flame, synthetic, splat, geometry, insta, gem")
+    if c.suite == "body":
+        c.batch_sizes = (1, 16, 64)
+        c.body = body_bench.default_config()
+    if c.suite not in ("flame", "synthetic", "splat", "geometry", "insta", "gem", "body"):
+        raise ValueError(f"unknown bench variant {c.suite!r}; available: flame, synthetic, splat, geometry, insta, gem, body")
     return c

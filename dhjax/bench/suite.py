@@ -3,7 +3,7 @@
 
 Suites: flame (`dhjax.bench.flame`), synthetic (`dhjax.bench.synthetic`), splat
 (`dhjax.bench.splat`), geometry (`dhjax.bench.geometry`, all of its benchmarks), insta
-(`dhjax.bench.insta`), gem (`dhjax.bench.gem`).
+(`dhjax.bench.insta`), gem (`dhjax.bench.gem`), body (`dhjax.bench.body`).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import jax
 
-from dhjax.bench import flame, gem, geometry, insta, splat, synthetic
+from dhjax.bench import body, flame, gem, geometry, insta, splat, synthetic
 
 SUITES = {
     "flame": flame.run,
@@ -24,6 +24,7 @@ SUITES = {
     "geometry": lambda cfg, log: geometry.run_all(cfg.geometry, log=log),
     "insta": insta.run,
     "gem": gem.run,
+    "body": body.run,
 }
 
 
