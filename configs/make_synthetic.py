@@ -12,8 +12,16 @@ and contact_sheet_labels.png (the same samples' part labels), summary.json and c
 With shard_count > 1 only this process's contiguous block of images is written (any host can
 generate any shard: everything is a pure function of seed and index).
 
-Variants: '' (default sizes) and 'tiny' (128 x 128 images, 128 x 128 UV maps, 8 identities x 1
-expression x 28 cameras, 2 videos of 16 frames; a few minutes on a laptop CPU).
+Variants: '' (default sizes), 'tiny' (128 x 128 images, 128 x 128 UV maps, 8 identities x 1
+expression x 28 cameras, 2 videos of 16 frames; a few minutes on a laptop CPU), 'bodies' (16
+subjects x 300 frames x a 200-camera dome at 667 x 1024) and 'bodies_tiny' (4 subjects x 24
+frames x 6 cameras at 96 x 128).
+
+The bodies variants (`dhjax.data.body_synthetic`, D3GA's data) write <workdir>/bodies/,
+body_contact_sheet.png (subjects x two frames x a few cameras) and
+body_contact_sheet_layers.png (body / upper / lower garment labels):
+
+    python -m experiments.make_synthetic --config=configs/make_synthetic.py:bodies_tiny --workdir=/tmp/bodies
 """
 
 import ml_collections
@@ -22,12 +30,22 @@ from dhjax.data import synthetic
 
 
 def get_config(arg=None):
+    if arg in ("bodies", "bodies_tiny"):
+        from dhjax.data import body_synthetic
+
+        c = body_synthetic.tiny_config() if arg == "bodies_tiny" else body_synthetic.default_config()
+        c.shard_index = 0
+        c.shard_count = 1
+        c.sheet = ml_collections.ConfigDict(dict(
+            n_subjects=4, frames=(0, c.n_frames // 2), cameras=(0, 2, 4) if arg == "bodies_tiny" else
+            (0, 25, 50, 75, 100, 125)))
+        return c
     if arg == "tiny":
         c = synthetic.tiny_config()
     elif arg in (None, ""):
         c = synthetic.default_config()
     else:
-        raise ValueError(f"unknown variant {arg!r}; use '' or 'tiny'")
+        raise ValueError(f"unknown variant {arg!r}; use '', 'tiny', 'bodies' or 'bodies_tiny'")
     c.write_multiview = True
     c.write_video = True
     c.shard_index = 0

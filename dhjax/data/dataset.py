@@ -11,17 +11,22 @@ videos, so real data loads through the same pipeline):
 
     <root>/meta.json                      format, kind, part labels, splits, units, generator config
     <root>/<split>/<item>/identity.npz    shape [S] float32 (+ optional skin_tone, hair_style,
-                                          beard_style, item); a .json describes it
+                                          beard_style, upper_kind, lower_kind, item); a .json
+                                          describes it
     <root>/<split>/<item>/uv.npz          optional: uv_position [T, T, 3] (metres, neutral)
     <root>/<split>/<item>/uv_albedo.png   optional: albedo in the model's UV layout (8-bit RGB)
     <root>/<split>/<item>/<frame>/params.npz   expression [E], pose [5, 3] axis-angle (global,
-                                          neck, jaw, left eye, right eye), optional translation [3]
-                                          (default 0), sh [9, 3], uv_expression_offset [T, T, 3]
+                                          neck, jaw, left eye, right eye; bodies: [55, 3] in
+                                          SMPL-X order, meta.json "pose_joints": 55), optional
+                                          translation [3] (default 0), sh [9, 3],
+                                          uv_expression_offset [T, T, 3], keypoints [K, 3]
     <root>/<split>/<item>/<frame>/cameras.json {"<view>": {"K": 3x3, "R": 3x3, "t": [3],
                                           "width": W, "height": H}} OpenCV, x_cam = R x + t, metres
     <root>/<split>/<item>/<frame>/<view>.png        RGB image
     <root>/<split>/<item>/<frame>/<view>_mask.png   foreground mask (8-bit, > 127 = foreground)
-    <root>/<split>/<item>/<frame>/<view>_seg.png    optional: part labels (8-bit values, PART_LABELS)
+    <root>/<split>/<item>/<frame>/<view>_seg.png    optional: part labels (8-bit values, meta.json
+                                          "labels": PART_LABELS for heads, body_synthetic's
+                                          LAYER_LABELS for bodies)
     <root>/<split>/<item>/<frame>/<view>_depth.png  optional: 16-bit camera z in units of 0.1 mm
                                           (value / 10000 = metres; 0 = background; max 6.5535 m)
 
@@ -57,6 +62,10 @@ REQUIRED_KEYS = ("image", "mask", "K", "R", "t", "shape", "expression", "pose", 
 SAMPLE_KEYS = REQUIRED_KEYS + (
     "seg", "depth", "sh", "uv_albedo", "uv_position", "uv_expression_offset",
     "skin_tone", "hair_style", "beard_style", "item", "frame", "view")
+# Optional per-item and per-frame entries beyond the head's (body datasets: `dhjax.data.body_synthetic`).
+IDENTITY_EXTRAS = (("skin_tone", np.float32), ("hair_style", np.int32), ("beard_style", np.int32),
+                   ("upper_kind", np.int32), ("lower_kind", np.int32))
+FRAME_EXTRAS = ("sh", "uv_expression_offset", "keypoints")
 DEPTH_SCALE = 10000.0          # depth PNG units per metre (0.1 mm)
 # Colours of the part labels in `colorize_seg` (background, face, hair, mouth, eyes, neck).
 SEG_COLOURS = np.array([[0, 0, 0], [230, 180, 140], [90, 50, 20], [200, 30, 60], [60, 140, 255],
@@ -100,8 +109,10 @@ class Writer:
     """
 
     def __init__(self, root, split: str = "train", *, kind: str = "multiview",
-                 meta: Mapping[str, Any] | None = None, shard: tuple[int, int] | None = None):
+                 meta: Mapping[str, Any] | None = None, shard: tuple[int, int] | None = None,
+                 labels: Sequence[str] = PART_LABELS):
         self.root, self.split, self.kind = Path(root), str(split), kind
+        self.labels = tuple(labels)
         self.shard = None if shard is None else (int(shard[0]), int(shard[1]))
         self.meta = dict(meta or {})
         self._items: set = set()
@@ -125,7 +136,7 @@ class Writer:
         frame_dir.mkdir(parents=True, exist_ok=True)
         if item not in self._items:
             ident = {"shape": sample["shape"], "item": np.int64(sample["item"])}
-            for k in ("skin_tone", "hair_style", "beard_style"):
+            for k, _ in IDENTITY_EXTRAS:
                 if k in sample:
                     ident[k] = sample[k]
             dio.save_params(item_dir / "identity", ident, meta={"what": "identity of the item"})
@@ -137,10 +148,15 @@ class Writer:
                 dio.save_image(item_dir / "uv_albedo.png", sample["uv_albedo"])
             self._items.add(item)
         if (item, frame) not in self._frames:
-            params = {k: sample[k] for k in ("expression", "pose", "translation", "sh", "uv_expression_offset")
+            # The reader checks poses against this (5 FLAME joints, 55 SMPL-X joints).
+            self.meta.setdefault("pose_joints", int(np.shape(sample["pose"])[0]))
+            params = {k: sample[k] for k in ("expression", "pose", "translation") + FRAME_EXTRAS
                       if k in sample}
+            n_joints = int(np.shape(sample["pose"])[0])
             dio.save_params(frame_dir / "params", params,
-                            meta={"pose": "axis-angle [5, 3]: global, neck, jaw, left eye, right eye",
+                            meta={"pose": ("axis-angle [5, 3]: global, neck, jaw, left eye, right eye"
+                                           if n_joints == 5 else
+                                           f"axis-angle [{n_joints}, 3] in the body model's joint order"),
                                   "units": "metres"})
             self._frames.add((item, frame))
         image = np.asarray(sample["image"])
@@ -172,7 +188,7 @@ class Writer:
     def _update_meta(self) -> Path:
         path = self.root / "meta.json"
         meta = json.loads(path.read_text()) if path.exists() else {}
-        meta.update({"format": FORMAT, "kind": self.kind, "labels": list(PART_LABELS),
+        meta.update({"format": FORMAT, "kind": self.kind, "labels": list(self.labels),
                      "units": "metres", "camera": "OpenCV: x_cam = R x_world + t, K in pixels",
                      "depth_png_units_per_metre": DEPTH_SCALE})
         meta.update(self.meta)
@@ -192,7 +208,8 @@ class Writer:
 
 
 def write_dataset(dataset, root, split: str = "train", indices: Iterable[int] | None = None,
-                  meta: Mapping[str, Any] | None = None, shard: tuple[int, int] | None = None) -> Path:
+                  meta: Mapping[str, Any] | None = None, shard: tuple[int, int] | None = None,
+                  labels: Sequence[str] | None = None) -> Path:
     """Writes samples `indices` (default all) of a dataset into the on-disk layout.
 
     Multi-view generators render all requested views of a frame in one batched call. With
@@ -201,7 +218,8 @@ def write_dataset(dataset, root, split: str = "train", indices: Iterable[int] | 
     Returns the path of meta.json.
     """
     kind = getattr(dataset, "kind", "tracked")
-    writer = Writer(root, split, kind=kind, meta=meta, shard=shard)
+    labels = getattr(dataset, "labels", PART_LABELS) if labels is None else labels
+    writer = Writer(root, split, kind=kind, meta=meta, shard=shard, labels=labels)
     indices = range(len(dataset)) if indices is None else [int(i) for i in indices]
     if hasattr(dataset, "render_group"):
         groups: dict = {}
@@ -318,7 +336,7 @@ class FolderDataset:
             raise ValueError(f"{item_dir / 'identity.npz'}: 'shape' must be [S], got {ident['shape'].shape}")
         if params["expression"].ndim != 1:
             raise ValueError(f"{ppath}: 'expression' must be [E], got {params['expression'].shape}")
-        _check_shape(ppath, "pose", params["pose"], (5, 3))
+        _check_shape(ppath, "pose", params["pose"], (int(self.meta.get("pose_joints", 5)), 3))
         translation = params.get("translation", np.zeros(3, np.float32))
         _check_shape(ppath, "translation", translation, (3,))
         sample = dict(image=image, mask=(mask > 0.5).astype(np.float32), K=K, R=R, t=t,
@@ -341,6 +359,10 @@ class FolderDataset:
                 raise ValueError(f"{depth_path}: depth must be a 16-bit PNG, got {raw.dtype}")
             _check_shape(depth_path, "depth", raw, (H, W))
             sample["depth"] = (raw.astype(np.float64) / DEPTH_SCALE).astype(np.float32)
+        if "keypoints" in params:
+            if params["keypoints"].ndim != 2 or params["keypoints"].shape[1] != 3:
+                raise ValueError(f"{ppath}: 'keypoints' must be [K, 3], got {params['keypoints'].shape}")
+            sample["keypoints"] = params["keypoints"].astype(np.float32)
         if "sh" in params:
             _check_shape(ppath, "sh", params["sh"], (9, 3))
             sample["sh"] = params["sh"].astype(np.float32)
@@ -351,7 +373,7 @@ class FolderDataset:
                 "uv_position"].astype(np.float32)
         if "uv_expression_offset" in params:
             sample["uv_expression_offset"] = params["uv_expression_offset"].astype(np.float32)
-        for k, dtype in (("skin_tone", np.float32), ("hair_style", np.int32), ("beard_style", np.int32)):
+        for k, dtype in IDENTITY_EXTRAS:
             if k in ident:
                 sample[k] = np.asarray(ident[k], dtype)
         sample["item"] = np.int32(ident["item"]) if "item" in ident else np.int32(ordinal)

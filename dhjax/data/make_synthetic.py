@@ -1,7 +1,8 @@
-"""Writes synthetic head datasets to disk: the multi-view identity set and the monocular videos of
-`dhjax.data.synthetic` in the layout of `dhjax.data.dataset`, plus a contact sheet.
+"""Writes synthetic datasets to disk in the layout of `dhjax.data.dataset`, plus a contact sheet:
+the multi-view identity set and the monocular videos of heads (`dhjax.data.synthetic`), or the
+multi-view video of clothed bodies (`dhjax.data.body_synthetic`, a config with kind="bodies").
 
-    summary = make_synthetic.write(cfg, "/tmp/syn")     # cfg: configs/make_synthetic.py
+    summary = make_synthetic.write(cfg, "/tmp/syn")     # cfg: configs/make_synthetic.py[:bodies]
 """
 
 from __future__ import annotations
@@ -32,6 +33,57 @@ def contact_sheet_samples(cfg, multiview, video) -> list[dict]:
     return samples
 
 
+def body_sheet_samples(cfg, gen) -> list[dict]:
+    """The body contact sheet's samples: cfg.sheet.n_subjects subjects x cfg.sheet.frames
+    frames, each from the cameras cfg.sheet.cameras (those the dome has)."""
+    sh = cfg.sheet
+    cams = [c for c in sh.cameras if c < gen.n_cameras]
+    samples = []
+    for s in range(min(int(sh.n_subjects), gen.n_items)):
+        for t in sh.frames:
+            if t < gen.n_frames:
+                samples += gen.render_group(s, int(t), cams)
+    return samples
+
+
+def write_bodies(cfg, workdir, log=print) -> dict:
+    """Generates and writes <workdir>/bodies/ (clothed bodies in motion on a camera dome,
+    `dhjax.data.body_synthetic`; with cfg.shard_count > 1 only whole subjects of shard
+    cfg.shard_index), body_contact_sheet.png, body_contact_sheet_layers.png and summary.json.
+    Returns the summary (as `write`'s, with "bodies" and images per second)."""
+    from dhjax.data import body_synthetic
+
+    t0 = time.time()
+    gen = body_synthetic.BodyVideoGenerator(cfg)
+    log(f"body model and dome ready in {time.time() - t0:.1f}s: {gen.n_items} subjects x {gen.n_frames} "
+        f"frames x {gen.n_cameras} cameras at {cfg.dome.width}x{cfg.dome.height}")
+    summary = {"seed": int(cfg.seed), "shard": [int(cfg.shard_index), int(cfg.shard_count)]}
+    meta = {"generator": json.loads(cfg.to_json_best_effort()), "model": gen.model.name}
+    t1 = time.time()
+    idx = ds.shard_indices(len(gen), int(cfg.shard_index), int(cfg.shard_count),
+                           group=gen.n_frames * gen.n_cameras)
+    ds.write_dataset(gen, os.path.join(workdir, "bodies"), "train", indices=idx, meta=meta,
+                     shard=(int(cfg.shard_index), int(cfg.shard_count)) if cfg.shard_count > 1 else None)
+    dt = time.time() - t1
+    summary["bodies"] = {"images": len(idx), "seconds": round(dt, 1), "images_per_s": round(len(idx) / dt, 2),
+                         "path": "bodies"}
+    log(f"bodies: wrote {len(idx)} images in {dt:.1f}s ({len(idx) / dt:.2f} images/s) -> "
+        f"{os.path.join(workdir, 'bodies')}")
+    samples = body_sheet_samples(cfg, gen)
+    ncols = len([c for c in cfg.sheet.cameras if c < gen.n_cameras])
+    dio.save_image(os.path.join(workdir, "body_contact_sheet.png"),
+                   ds.contact_sheet(np.stack([s["image"] for s in samples]), ncols))
+    dio.save_image(os.path.join(workdir, "body_contact_sheet_layers.png"),
+                   ds.contact_sheet(np.stack([ds.colorize_seg(s["seg"]) for s in samples]), ncols))
+    summary["contact_sheet"] = {"images": len(samples), "path": "body_contact_sheet.png"}
+    summary["seconds"] = round(time.time() - t0, 1)
+    with open(os.path.join(workdir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    log(f"contact sheet of {len(samples)} samples -> {os.path.join(workdir, 'body_contact_sheet.png')} "
+        f"(total {summary['seconds']}s)")
+    return summary
+
+
 def write(cfg, workdir, log=print) -> dict:
     """Generates and writes <workdir>/multiview/ and <workdir>/video/ (split "train"; when
     cfg.shard_count > 1 only the whole identities or sequences of shard cfg.shard_index),
@@ -41,6 +93,8 @@ def write(cfg, workdir, log=print) -> dict:
     cfg: a generator config (`synthetic.default_config()` or `tiny_config()`) plus
     write_multiview, write_video, shard_index, shard_count and sheet (see configs/make_synthetic.py).
     """
+    if cfg.get("kind") == "bodies":
+        return write_bodies(cfg, workdir, log)
     t0 = time.time()
     assets = synthetic.build_assets(None, int(cfg.uv_size))
     multiview = synthetic.MultiviewGenerator(cfg, assets)
