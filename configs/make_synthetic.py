@@ -19,7 +19,8 @@ frames x 6 cameras at 96 x 128).
 
 The bodies variants (`dhjax.data.body_synthetic`, D3GA's data) write <workdir>/bodies/,
 body_contact_sheet.png (subjects x two frames x a few cameras) and
-body_contact_sheet_layers.png (body / upper / lower garment labels):
+body_contact_sheet_layers.png (body / upper / lower garment labels), and the first subject's
+tetrahedral cages (cages.png, cages.json: tets per part and build time):
 
     python -m experiments.make_synthetic --config=configs/make_synthetic.py:bodies_tiny --workdir=/tmp/bodies
 """
@@ -39,6 +40,8 @@ def get_config(arg=None):
         c.sheet = ml_collections.ConfigDict(dict(
             n_subjects=4, frames=(0, c.n_frames // 2), cameras=(0, 2, 4) if arg == "bodies_tiny" else
             (0, 25, 50, 75, 100, 125)))
+        # The first subject's rest cages (D3GA's layers; dhjax.data.body_cages), metres.
+        c.cages = ml_collections.ConfigDict(dict(body_spacing=0.025, shell_radius=0.02, shell_spacing=0.015))
         return c
     if arg == "tiny":
         c = synthetic.tiny_config()

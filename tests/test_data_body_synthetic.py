@@ -144,3 +144,30 @@ def test_bad_inputs(arrays):
         bs.motion_sequence("dance", None, 4, 30.0, arrays["joint_limits"])
     with pytest.raises(ValueError, match="subject"):
         bs.BodyVideoGenerator(_config(n_subjects=0))
+
+
+def test_part_cages_hold_their_surfaces(arrays):
+    from dhjax.data import body_cages
+    from dhjax.geometry import tetra
+    from dhjax.ops import closest_point
+
+    gs = {"upper": G.make_garment(arrays, "shirt"), "lower": G.make_garment(arrays, "skirt")}
+    cages = body_cages.build_cages(arrays, gs, body_spacing=0.03, shell_radius=0.02, shell_spacing=0.017)
+    for name, c in cages.items():
+        assert c.stats["tets"] > 1000 and c.stats["min_quality"] > 1e-3, name
+        assert not tetra.inverted_tets(c.mesh.nodes, c.mesh.tets).any(), name
+        np.testing.assert_allclose(c.weights.sum(1), 1.0, atol=1e-4)
+    for name, g in gs.items():           # every garment point lies in its cage (shell_cage checks too)
+        _, _, inside = tetra.locate_points(cages[name].mesh, g.vertices[g.outer], closest_point=closest_point)
+        assert np.asarray(inside).all(), name
+    # The inflated body cage holds the body surface, except the thin mitten fingers' tips.
+    _, _, inside = tetra.locate_points(cages["body"].mesh, arrays["v_template"], closest_point=closest_point)
+    hands = np.isin(arrays["part_labels"], [bd.PART_NAMES.index("left_hand"), bd.PART_NAMES.index("right_hand")])
+    assert np.asarray(inside)[~hands].mean() > 0.999
+    # Body cage volume: the body's volume plus the inflation shell (margin x area), within 10%.
+    v, f = arrays["v_template"].astype(np.float64), arrays["faces"]
+    p = v[f]
+    vol = np.einsum("ij,ij->i", p[:, 0], np.cross(p[:, 1], p[:, 2])).sum() / 6
+    area = 0.5 * np.linalg.norm(np.cross(p[:, 1] - p[:, 0], p[:, 2] - p[:, 0]), axis=1).sum()
+    expect = vol + body_cages.default_body_margin(0.03) * area
+    assert abs(cages["body"].stats["volume"] - expect) < 0.1 * expect

@@ -46,10 +46,32 @@ def body_sheet_samples(cfg, gen) -> list[dict]:
     return samples
 
 
+def write_cages(cfg, gen, workdir, log=print) -> dict:
+    """The rest cages of subject 0 (`dhjax.data.body_cages`): cages.png (the clothed body, then
+    each cage cut open) and cages.json (per part: nodes, tets, volume, quality, build_s)."""
+    from dhjax.data import body_cages
+
+    subj = gen.subject(0)
+    garments = dict(zip(("upper", "lower"), subj["garments"]))
+    cc = cfg.cages
+    cages = body_cages.build_cages(gen.arrays, garments, body_spacing=float(cc.body_spacing),
+                                   shell_radius=float(cc.shell_radius), shell_spacing=float(cc.shell_spacing))
+    stats = {name: c.stats for name, c in cages.items()}
+    with open(os.path.join(workdir, "cages.json"), "w") as f:
+        json.dump({"subject": gen.identity_number(0), "garments": [subj["upper"], subj["lower"]],
+                   "config": cc.to_dict(), "parts": stats}, f, indent=2)
+    dio.save_image(os.path.join(workdir, "cages.png"), body_cages.cage_picture(gen.arrays, cages, garments))
+    for name, st in stats.items():
+        log(f"cage {name}: {st['tets']} tets, {st['nodes']} nodes, {st['volume'] * 1000:.1f} litres, "
+            f"min quality {st['min_quality']:.3f}, built in {st['build_s']:.2f}s")
+    return stats
+
+
 def write_bodies(cfg, workdir, log=print) -> dict:
     """Generates and writes <workdir>/bodies/ (clothed bodies in motion on a camera dome,
     `dhjax.data.body_synthetic`; with cfg.shard_count > 1 only whole subjects of shard
-    cfg.shard_index), body_contact_sheet.png, body_contact_sheet_layers.png and summary.json.
+    cfg.shard_index), body_contact_sheet.png, body_contact_sheet_layers.png, summary.json and,
+    when cfg.cages is set, the first subject's cages (`write_cages`).
     Returns the summary (as `write`'s, with "bodies" and images per second)."""
     from dhjax.data import body_synthetic
 
@@ -76,6 +98,8 @@ def write_bodies(cfg, workdir, log=print) -> dict:
     dio.save_image(os.path.join(workdir, "body_contact_sheet_layers.png"),
                    ds.contact_sheet(np.stack([ds.colorize_seg(s["seg"]) for s in samples]), ncols))
     summary["contact_sheet"] = {"images": len(samples), "path": "body_contact_sheet.png"}
+    if cfg.get("cages"):
+        summary["cages"] = write_cages(cfg, gen, workdir, log)
     summary["seconds"] = round(time.time() - t0, 1)
     with open(os.path.join(workdir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
