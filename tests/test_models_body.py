@@ -99,6 +99,33 @@ def test_forward_equals_smplx_v11_layout(official):
 
 
 @pytest.mark.peers
+@pytest.mark.parametrize("weights,posedirs,batch", [("sparse", "random", 3), ("dense", "random", 3),
+                                                   ("sparse", "zero", 32), ("dense", "zero", 32)])
+def test_fast_paths_equal_smplx(tmp_path, weights, posedirs, batch):
+    """Sparse (<= 8 influences) vs dense skinning, skipped all-zero pose correctives, and joints
+    regressed from the basis (batch > basis rows) all keep smplx's results."""
+    content = body_files.random_smplx_content(11, n_vertices=240, n_components=20)
+    if weights == "dense":
+        w = np.random.default_rng(0).uniform(size=content["weights"].shape) ** 4
+        content["weights"] = w / w.sum(1, keepdims=True)
+    if posedirs == "zero":
+        content["posedirs"] = np.zeros_like(content["posedirs"])
+    path = tmp_path / "SMPLX_NEUTRAL.npz"
+    np.savez(path, **content)
+    model = body.load(path)
+    assert (model.skin_index is None) == (weights == "dense")
+    assert model.pose_correctives == (posedirs == "random")
+    assert (batch > model.blend_basis.shape[0]) == (batch == 32)
+    rng = np.random.default_rng(batch)
+    betas, expr = (rng.normal(size=(batch, 10)).astype(np.float32) for _ in range(2))
+    trans = rng.normal(scale=0.2, size=(batch, 3)).astype(np.float32)
+    parts = random_parts(6, batch=batch)
+    out = jax.jit(body.forward)(model, betas, expr, body.pose_from_parts(**parts), trans)
+    m, n_extra = smplx_model(path, batch_size=batch)
+    assert_matches_smplx(out, *smplx_forward(m, parts, betas, expr, trans), n_extra)
+
+
+@pytest.mark.peers
 def test_forward_equals_smplx_legacy_20_component_layout(tmp_path):
     path = tmp_path / "SMPLX_NEUTRAL.npz"
     write_official(path, seed=3, n_components=20)

@@ -260,8 +260,8 @@ def random_smplx_content(seed: int = 0, n_vertices: int = 300, n_faces: int | No
                          parents=None) -> dict[str, np.ndarray]:
     """Random arrays in the official SMPL-X file layout, for tests, benchmarks and peer checks.
 
-    NOT a body: the vertices are noise. Skinning weights and regressor rows are positive and sum
-    to 1, faces index real vertices, landmark barycentrics sum to 1, hand components are
+    NOT a body: the vertices are noise. Skinning weights have four positive influences per
+    vertex (sparse rows, as SMPL's), regressor rows are positive; both sum to 1; faces index real vertices, landmark barycentrics sum to 1, hand components are
     orthonormal. ``np.savez(path, **random_smplx_content())`` writes a file that both
     :func:`load_smplx_arrays` and ``smplx.SMPLX(path)`` read.
 
@@ -280,7 +280,10 @@ def random_smplx_content(seed: int = 0, n_vertices: int = 300, n_faces: int | No
     V = int(n_vertices)
     F = 2 * V if n_faces is None else int(n_faces)
     parents = SMPLX_PARENTS if parents is None else parents
-    weights = rng.uniform(size=(V, N_JOINTS)) ** 4
+    # Four influences per vertex, as SMPL's skinning weights (sparse rows).
+    weights = np.zeros((V, N_JOINTS))
+    for v in range(V):
+        weights[v, rng.choice(N_JOINTS, 4, replace=False)] = rng.uniform(0.05, 1.0, 4)
     weights /= weights.sum(1, keepdims=True)
     j_reg = rng.uniform(size=(N_JOINTS, V)) * (rng.uniform(size=(N_JOINTS, V)) < 0.1)
     j_reg[:, 0] += 1e-3  # no empty row

@@ -102,6 +102,13 @@ class BodyModel:
       rows are PCA components of the [15, 3] axis-angle hand pose) and hands_mean [2, 45] radians.
     Static: num_shape (S), parents (the kinematic tree, 55 entries), name (where it came from).
     `official_arrays(model)` gives the arrays back in the official layout.
+
+    Derived by `from_arrays` for speed (rebuild the model with `from_arrays` after replacing
+    posedirs or lbs_weights): skin_index [V, K] int32, the joints of each vertex's nonzero
+    weights when no row has more than 8 (SMPL-style sparse skinning; None: dense skinning);
+    pose_correctives (static), False when posedirs are all zero (the forward pass then skips
+    their product, which is exact). Gradients w.r.t. lbs_weights flow only into the entries of
+    skin_index when it is set.
     """
 
     blend_basis: jax.Array
@@ -117,7 +124,9 @@ class BodyModel:
     joint_limits: Any = None
     hands_components: Any = None
     hands_mean: Any = None
+    skin_index: Any = None
     num_shape: int = flax.struct.field(pytree_node=False, default=0)
+    pose_correctives: bool = flax.struct.field(pytree_node=False, default=True)
     parents: tuple = flax.struct.field(pytree_node=False, default=SMPLX_PARENTS)
     name: str = flax.struct.field(pytree_node=False, default="")
 
@@ -263,6 +272,7 @@ def from_arrays(arrays: Mapping[str, Any], name: str = "", n_shape: int | None =
 
     basis = np.concatenate([template[None], np.moveaxis(sd[..., :n_shape], -1, 0),
                             np.moveaxis(ed[..., :n_expression], -1, 0)], axis=0)
+    sparse = lbs_lib.sparse_weights(np.asarray(arrays["lbs_weights"], np.float32))
     return BodyModel(
         blend_basis=jnp.asarray(basis, jnp.float32),
         faces=jnp.asarray(faces, jnp.int32),
@@ -273,7 +283,9 @@ def from_arrays(arrays: Mapping[str, Any], name: str = "", n_shape: int | None =
         uv_coords=opt("uv_coords"), uv_faces=opt("uv_faces", jnp.int32),
         part_labels=opt("part_labels", jnp.int32), joint_limits=opt("joint_limits"),
         hands_components=hands_components, hands_mean=hands_mean,
+        skin_index=None if sparse is None else jnp.asarray(sparse[0], jnp.int32),
         num_shape=int(n_shape), parents=parents, name=name,
+        pose_correctives=bool(np.any(np.asarray(arrays["posedirs"]) != 0)),
     )
 
 
@@ -415,8 +427,21 @@ def forward(model: BodyModel, betas=None, expression=None, pose=None, translatio
                           keypoints=empty(model.num_keypoints, 3), v_shaped=empty(V, 3))
     coeffs = jnp.concatenate([jnp.ones((batch, 1), jnp.float32), beta, psi], axis=1)
     v_shaped = lbs_lib.blend_shapes(coeffs, model.blend_basis)
-    verts, joints = lbs_lib.lbs(v_shaped, rot, model.posedirs, model.j_regressor,
-                                model.lbs_weights, model.parents)
+    hi = jax.lax.Precision.HIGHEST
+    if batch > model.blend_basis.shape[0]:
+        # Regress the joints of the basis once ([K, 55, 3]) instead of every shaped body.
+        joint_basis = jnp.einsum("jv,kvc->kjc", model.j_regressor, model.blend_basis, precision=hi)
+        rest_joints = jnp.einsum("bk,kjc->bjc", coeffs, joint_basis, precision=hi)
+    else:
+        rest_joints = jnp.einsum("jv,bvc->bjc", model.j_regressor, v_shaped, precision=hi)
+    v_posed = (lbs_lib.pose_correctives(v_shaped, rot, model.posedirs) if model.pose_correctives
+               else v_shaped)
+    joints, rel = lbs_lib.batch_rigid_transform(rot, rest_joints, model.parents)
+    if model.skin_index is None:
+        verts = lbs_lib.skin_dense(v_posed, rel, model.lbs_weights)
+    else:
+        w = jnp.take_along_axis(model.lbs_weights, model.skin_index, axis=1)
+        verts = lbs_lib.skin_sparse(v_posed, rel, model.skin_index, w)
     if translation is not None:
         verts = verts + translation[:, None]
         joints = joints + translation[:, None]
