@@ -256,7 +256,7 @@ def _skirt(arrays, params) -> Garment:
 DEFAULTS = {
     "shirt": dict(hem_y=-0.12, collar_y=0.45, sleeve_x=0.34, looseness=0.012, thickness=0.004,
                   weight_smoothing=30),
-    "jacket": dict(hem_y=-0.2, collar_y=0.47, sleeve_x=0.64, looseness=0.025, thickness=0.008,
+    "jacket": dict(hem_y=-0.13, collar_y=0.47, sleeve_x=0.64, looseness=0.025, thickness=0.008,
                    weight_smoothing=40),
     "trousers": dict(waist_y=0.03, hem_y=-0.84, looseness=0.008, thickness=0.004, weight_smoothing=20),
     "skirt": dict(waist_y=0.04, hem_y=-0.5, looseness=0.01, thickness=0.004, flare=0.12, hip_share=0.7,

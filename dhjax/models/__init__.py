@@ -1,2 +1,4 @@
-"""Parametric models: `flame` (FLAME as pure functions + file loading) and `head_default` (the
-embedded procedural head with FLAME's layout; not a statistical model of real people)."""
+"""Parametric models: `flame` (FLAME as pure functions + file loading), `head_default` (the
+embedded procedural head with FLAME's layout), `body` (an SMPL-X-layout body as pure functions +
+file loading) and `body_default` (the embedded procedural body with SMPL-X's layout). The
+embedded defaults are not statistical models of real people."""
