@@ -51,6 +51,23 @@ def test_sample_layout(gen):
         gen[len(gen)]
 
 
+def test_samples_do_not_share_memory_and_sway_is_smooth(gen):
+    a = gen[0]
+    a["pose"] += 1.0
+    a["shape"] += 1.0
+    b = gen[0]
+    np.testing.assert_allclose(a["pose"] - b["pose"], 1.0, atol=1e-6)
+    np.testing.assert_allclose(a["shape"] - b["shape"], 1.0, atol=1e-6)
+    root = gen.subject(0)["motion"]["root"]
+    sway = np.stack([bs.hem_sway(root, t, 30.0) for t in range(gen.n_frames)])
+    # The ends use the nearest triple: no spike at the first or last frame.
+    np.testing.assert_allclose(sway[0], sway[1], atol=1e-6)
+    np.testing.assert_allclose(sway[-1], sway[-2], atol=1e-6)
+    # The global orientation is continuous in time (no 2 pi jumps of the axis-angle).
+    m = bs.motion_sequence("walk", bs.key(0, bs.STREAM_MOTION, 0), 300, 30.0, gen.limits)
+    assert np.linalg.norm(np.diff(m["pose"][:, 0], axis=0), axis=1).max() < 0.2
+
+
 def test_deterministic_and_shardable(gen):
     other = bs.BodyVideoGenerator(_config(), model=gen.model)
     for i in (0, 7, 23):            # any index, any order, any process: the same bytes

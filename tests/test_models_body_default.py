@@ -102,6 +102,11 @@ def test_parts_uv_and_keypoints(arrays):
     uv, uvf = arrays["uv_coords"], arrays["uv_faces"]
     assert uvf.shape == arrays["faces"].shape and uvf.max() < uv.shape[0]
     assert (uv >= 0).all() and (uv <= 1).all()
+    # UV triangles keep the mesh's orientation (as the head's layout), except a few around the
+    # charts' poles (the ends of limbs, the top of the head) that the cylindrical map folds.
+    p = uv[uvf]
+    area = np.cross(np.c_[p[:, 1] - p[:, 0], np.zeros(len(p))], np.c_[p[:, 2] - p[:, 0], np.zeros(len(p))])[:, 2]
+    assert (area > 0).mean() > 0.97
     # each part's chart stays in its own tile of the 4 x 3 grid
     fp = arrays["face_part_labels"]
     for k in range(len(bd.PART_NAMES)):

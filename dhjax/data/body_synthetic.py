@@ -14,7 +14,9 @@ pattern (plain, stripes, checks), one SH light and background, and one motion se
 
 Arms hang from the T-pose rest (shoulders lowered) in every motion, the face moves through
 small smooth expressions and jaw openings, the fingers curl together. Secondary motion of
-garment hems follows the pelvis's acceleration (`garments.pose_garment(sway=...)`).
+garment hems follows the horizontal acceleration of the root translation (`hem_sway`,
+`garments.pose_garment(sway=...)`). The global orientation is stored unwrapped (continuous in
+time).
 
 Everything is a pure function of (seed, subject, frame): `synthetic.key(seed, stream, ...)`
 derives every random number, so any host can render any shard, in any order, with the same
@@ -56,7 +58,7 @@ def default_config() -> ml_collections.ConfigDict:
     """Paper-scale settings: a 200-camera dome at 667 x 1024 (D3GA's captures), 16 subjects
     x 300 frames at 30 fps."""
     return ml_collections.ConfigDict(dict(
-        kind="bodies", seed=0, model_path="", n_subjects=16, first_subject=0, n_frames=300, fps=30.0,
+        kind="bodies", seed=0, n_subjects=16, first_subject=0, n_frames=300, fps=30.0,
         motions=MOTIONS,                 # subject s performs motions[s % len(motions)]
         shape_std=1.0, expression_std=0.5, skirt_prob=0.4, jacket_prob=0.4,
         motion_scale=1.0,                # amplitude of the "random" motion, fraction of the limits
@@ -149,6 +151,19 @@ def _compose(*aas):
         r = np.asarray(rotations.axis_angle_to_matrix(jnp.asarray(a, jnp.float32)))
         m = r if m is None else m @ r
     return np.asarray(rotations.matrix_to_axis_angle(jnp.asarray(m)))
+
+
+def _unwrap_axis_angle(aa):
+    """[T, 3] axis-angles made continuous in time: each frame takes the representative of its
+    rotation (angle + 2 pi k about the same axis) nearest the previous frame's."""
+    out = np.array(aa, np.float64)
+    for t in range(1, len(out)):
+        th = np.linalg.norm(out[t])
+        if th < 1e-8:
+            continue
+        cands = out[t][None] * (1.0 + 2.0 * np.pi * np.arange(-3, 4)[:, None] / th)
+        out[t] = cands[np.argmin(np.linalg.norm(cands - out[t - 1], axis=1))]
+    return out
 
 
 def _smooth_noise(k, n, dims, sigma):
@@ -251,7 +266,7 @@ def motion_sequence(kind: str, k, n_frames: int, fps: float, limits, *, walk_rad
                 pose[:, J[f"{side}_{fng}{i}"]] = 0
                 pose[:, J[f"{side}_{fng}{i}"], 2] = sgn * curl
     pose[:, 1:] = np.clip(pose[:, 1:], limits[1:, :, 0], limits[1:, :, 1])
-    pose[:, 0] = _compose(np.stack([np.zeros(T), yaw, np.zeros(T)], 1), pose[:, 0])
+    pose[:, 0] = _unwrap_axis_angle(_compose(np.stack([np.zeros(T), yaw, np.zeros(T)], 1), pose[:, 0]))
     # Face: smooth small expressions and jaw.
     expr = expression_std * _smooth_noise(jax.random.fold_in(k, 4), T, n_expression, sigma=0.5 * fps)
     pose[:, J["jaw"], 0] = np.clip(0.12 * _smooth_noise(jax.random.fold_in(k, 5), T, 1, sigma=0.4 * fps)[:, 0] + 0.05,
@@ -261,11 +276,14 @@ def motion_sequence(kind: str, k, n_frames: int, fps: float, limits, *, walk_rad
 
 
 def hem_sway(root, t: int, fps: float, tau: float = 0.12, max_offset: float = 0.08):
-    """[3] hem lag of frame t: -tau^2 times the pelvis acceleration (central differences),
-    horizontal, clipped to max_offset metres."""
+    """[3] hem lag of frame t: -tau^2 times the horizontal acceleration of the root translation
+    [T, 3] (second differences; one-sided at the first and last frame), clipped to max_offset
+    metres. Only the translation's acceleration counts (turning on the spot gives none)."""
     T = root.shape[0]
-    a = root[min(t + 1, T - 1)] - 2 * root[t] + root[max(t - 1, 0)]
-    a = a * fps * fps
+    if T < 3:
+        return np.zeros(3, np.float32)
+    c = min(max(t, 1), T - 2)        # one-sided at the ends: the second difference of the nearest triple
+    a = (root[c + 1] - 2 * root[c] + root[c - 1]) * fps * fps
     a[1] = 0.0
     off = -tau * tau * a
     n = np.linalg.norm(off)
@@ -329,9 +347,11 @@ class BodyVideoGenerator:
     """Subjects x frames x cameras of clothed bodies in motion, one image per index.
 
     Args:
-      config: `default_config()`-like ConfigDict; model: a BodyModel (default: `body.load()`
-        or config.model_path). The procedural default carries what the renderer needs (part
-        labels, face keypoints); an official model needs part_labels (added by `body.load`).
+      config: `default_config()`-like ConfigDict; model: a BodyModel (default: `body.load()`,
+        the procedural body). The garment regions, hair and shoe colours are placed in the
+        default body's frame and proportions (heights in metres), and motions need joint
+        limits: the generator is made and tested for the default body only. Another model must
+        at least carry joint_limits, part_labels and face keypoints (else ValueError).
     """
 
     kind = "multiview-video"
@@ -341,17 +361,17 @@ class BodyVideoGenerator:
         self.config = default_config() if config is None else config
         c = self.config
         if model is None:
-            model = body_lib.load(c.model_path or None)
+            model = body_lib.load()
+        missing = [k for k in ("joint_limits", "part_labels", "lmk_faces") if getattr(model, k) is None]
+        if missing:
+            raise ValueError(f"the body generator needs a model with {missing} (the procedural default "
+                             f"has them; official files have no joint limits)")
         self.model = model
         self.arrays = {**body_lib.official_arrays(model),
                        "part_labels": np.asarray(model.part_labels),
                        "lmk_faces": None if model.lmk_faces is None else np.asarray(model.lmk_faces),
                        "lmk_bary": None if model.lmk_bary is None else np.asarray(model.lmk_bary)}
-        if self.arrays["lmk_faces"] is None:
-            raise ValueError("the body model has no face keypoints (lmk_faces); the generator "
-                             "paints eyes and lips from them")
-        self.limits = (np.asarray(model.joint_limits) if model.joint_limits is not None
-                       else np.stack([np.full((55, 3), -0.3), np.full((55, 3), 0.3)], -1))
+        self.limits = np.asarray(model.joint_limits)
         d = c.dome
         self.cameras = dome_cameras(int(d.n_cameras), int(d.width), int(d.height), radius=float(d.radius),
                                     fov_y_deg=float(d.fov_y_deg), elevations_deg=tuple(d.elevations_deg),
@@ -454,10 +474,12 @@ class BodyVideoGenerator:
             out.append(dict(
                 image=np.asarray(image[k], np.float32), mask=np.asarray(frags.mask[k], np.float32),
                 K=np.asarray(cam.K[k], np.float32), R=np.asarray(cam.R[k], np.float32),
-                t=np.asarray(cam.t[k], np.float32), shape=subj["betas"], expression=fr["expression"],
-                pose=fr["pose"], translation=fr["translation"], seg=np.asarray(seg[k], np.int32),
-                depth=np.asarray(frags.depth[k], np.float32), sh=np.asarray(subj["sh"], np.float32),
-                keypoints=fr["keypoints"].astype(np.float32),
+                # Copies: a sample never shares memory with the generator's caches.
+                t=np.asarray(cam.t[k], np.float32), shape=np.array(subj["betas"], np.float32),
+                expression=np.array(fr["expression"], np.float32), pose=np.array(fr["pose"], np.float32),
+                translation=np.array(fr["translation"], np.float32), seg=np.asarray(seg[k], np.int32),
+                depth=np.asarray(frags.depth[k], np.float32), sh=np.array(subj["sh"], np.float32),
+                keypoints=np.array(fr["keypoints"], np.float32),
                 upper_kind=np.int32(garments_lib.UPPER_KINDS.index(subj["upper"])),
                 lower_kind=np.int32(garments_lib.LOWER_KINDS.index(subj["lower"])),
                 item=np.int32(self.identity_number(s)), frame=np.int32(t), view=np.int32(c)))

@@ -260,9 +260,11 @@ class FolderDataset:
     Args:
       root: dataset folder (with meta.json, optional for real data); split: subfolder.
     Samples hold REQUIRED_KEYS (image [H, W, 3] float32 in [0, 1], mask [H, W] float32, K, R,
-    t, shape [S], expression [E], pose [5, 3], translation [3]) plus whichever optional files
-    exist (seg [H, W] int32, depth [H, W] metres, sh, uv_albedo, uv_position,
-    uv_expression_offset, skin_tone, hair_style, beard_style) and item / frame / view ints.
+    t, shape [S], expression [E], pose [J, 3] with J = meta.json's "pose_joints" (5 FLAME
+    joints by default, 55 for bodies), translation [3]) plus whichever optional files and keys
+    exist (seg [H, W] int32 with meta.json's "labels", depth [H, W] metres, sh, keypoints [K, 3],
+    uv_albedo, uv_position, uv_expression_offset, skin_tone, hair_style, beard_style, upper_kind,
+    lower_kind) and item / frame / view ints.
     Missing required files or keys and wrong shapes raise errors naming the file.
     """
 

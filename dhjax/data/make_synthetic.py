@@ -91,6 +91,11 @@ def write_bodies(cfg, workdir, log=print) -> dict:
                          "path": "bodies"}
     log(f"bodies: wrote {len(idx)} images in {dt:.1f}s ({len(idx) / dt:.2f} images/s) -> "
         f"{os.path.join(workdir, 'bodies')}")
+    if int(cfg.shard_index) != 0:        # the sheet and the cages are the first shard's job
+        summary["seconds"] = round(time.time() - t0, 1)
+        with open(os.path.join(workdir, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=2)
+        return summary
     samples = body_sheet_samples(cfg, gen)
     ncols = len([c for c in cfg.sheet.cameras if c < gen.n_cameras])
     dio.save_image(os.path.join(workdir, "body_contact_sheet.png"),

@@ -853,6 +853,8 @@ def neo_hookean_energy(J, lam: float = 1.0, mu: float = 1.0, weights=None, *, st
       [...] energies (mean over the M axis); differentiable (jit/vmap/grad).
     """
     J = jnp.asarray(J)
+    if stable and not lam > 0:
+        raise ValueError(f"the rest-stable Neo-Hookean energy needs lam > 0, got {lam}")
     if J.ndim < 3 or J.shape[-2:] != (3, 3):
         raise ValueError(f"J must be [..., M, 3, 3], got shape {tuple(J.shape)}")
     shift = mu / lam if stable else 0.0

@@ -58,8 +58,8 @@ PART_NAMES = ("head", "torso", "left_arm", "right_arm", "left_hand", "right_hand
               "right_leg", "left_foot", "right_foot")
 
 _JOINT_PART_NAMES = (
-    ("torso", ("pelvis", "spine1", "spine2", "spine3", "left_collar", "right_collar")),
-    ("head", ("neck", "head", "jaw", "left_eye_smplhf", "right_eye_smplhf")),
+    ("torso", ("pelvis", "spine1", "spine2", "spine3", "left_collar", "right_collar", "neck")),
+    ("head", ("head", "jaw", "left_eye_smplhf", "right_eye_smplhf")),
     ("left_arm", ("left_shoulder", "left_elbow")),
     ("right_arm", ("right_shoulder", "right_elbow")),
     ("left_leg", ("left_hip", "left_knee")),
@@ -81,7 +81,8 @@ def _joint_parts() -> tuple:
 
 #: [55] index into PART_NAMES of the part each joint moves (a joint moves the bone below it:
 #: hips and knees the leg, ankles and feet the foot, shoulders and elbows the arm, wrists and
-#: fingers the hand, the neck the head).
+#: fingers the hand; the neck joint's bone, the neck, counts as torso so that the head part is the
+#: head itself; `body_default` labels its vertices with the same table).
 JOINT_PARTS = _joint_parts()
 
 
@@ -107,7 +108,8 @@ class BodyModel:
     posedirs or lbs_weights): skin_index [V, K] int32, the joints of each vertex's nonzero
     weights when no row has more than 8 (SMPL-style sparse skinning; None: dense skinning);
     pose_correctives (static), False when posedirs are all zero (the forward pass then skips
-    their product, which is exact). Gradients w.r.t. lbs_weights flow only into the entries of
+    their product, which is exact; it also means no gradient reaches such posedirs: to learn
+    correctives from zero, set pose_correctives=True with `model.replace`). Gradients w.r.t. lbs_weights flow only into the entries of
     skin_index when it is set.
     """
 
@@ -403,6 +405,10 @@ def forward(model: BodyModel, betas=None, expression=None, pose=None, translatio
       ValueError: a parameter of the wrong size (named, with the expected shape), mismatched
         batch sizes, or non-finite values in a concrete (not traced) parameter (named).
     """
+    for what, x in (("betas", betas), ("expression", expression), ("translation", translation)):
+        if x is not None and np.ndim(x) == 1:      # the first dimension would be read as the batch
+            raise ValueError(f"{what} needs a leading batch dimension: [B, {'3' if what == 'translation' else 'K'}], "
+                             f"got shape {np.shape(x)}")
     batch = _batch_size(betas=betas, expression=expression, pose=pose, translation=translation)
     _check_finite(betas=betas, expression=expression, pose=pose, translation=translation)
     beta = flame._coeffs(betas, model.num_shape, "betas", batch)

@@ -436,22 +436,12 @@ def _expression_fields(v):
 # ----------------------------------------------------------------------------------------------
 # Labels, UVs, limits, keypoints.
 
-_PART_OF_JOINT = {}
-for _n in JOINT_NAMES:
-    _side = "left" if _n.startswith("left") else "right"
-    if _n in ("head", "jaw") or "eye" in _n:
-        _PART_OF_JOINT[_n] = "head"
-    elif any(k in _n for k in ("pelvis", "spine", "neck", "collar")):
-        _PART_OF_JOINT[_n] = "torso"
-    elif any(k in _n for k in ("shoulder", "elbow")):
-        _PART_OF_JOINT[_n] = f"{_side}_arm"
-    elif any(k in _n for k in ("wrist", *_FINGERS)):
-        _PART_OF_JOINT[_n] = f"{_side}_hand"
-    elif any(k in _n for k in ("hip", "knee")):
-        _PART_OF_JOINT[_n] = f"{_side}_leg"
-    else:
-        _PART_OF_JOINT[_n] = f"{_side}_foot"
-JOINT_PART = np.array([PART_NAMES.index(_PART_OF_JOINT[n]) for n in JOINT_NAMES])
+def _joint_part() -> np.ndarray:
+    """[55] part of each joint: `dhjax.models.body.JOINT_PARTS`, one table for both models."""
+    from dhjax.models import body
+
+    assert body.PART_NAMES == PART_NAMES and body.JOINT_NAMES == JOINT_NAMES
+    return np.asarray(body.JOINT_PARTS)
 
 
 def _charts(joints):
@@ -474,8 +464,8 @@ def _uv_layout(v, f, face_part, joints):
     for k, name in enumerate(PART_NAMES):
         sel = face_part == k
         centre, axis, ref = charts[name]
-        side = np.cross(axis, ref)
-        d = v[f[sel]] - centre
+        side = np.cross(ref, axis)          # u grows clockwise seen along the axis: UV triangles
+        d = v[f[sel]] - centre              # keep the mesh's (counter-clockwise) orientation
         theta[sel] = np.arctan2(d @ side, d @ ref)
         t[sel] = d @ axis
     # Faces across the seam (corners on both sides of theta = +-pi): move the corners below
@@ -573,7 +563,7 @@ def _build(spacing: float = SPACING) -> dict:
     v = _relax(v, f, fn)
     w = _skinning(v, f, prims, joints, ends)
     reg = _regressor(v, w, joints)
-    vertex_part = JOINT_PART[w.argmax(1)]
+    vertex_part = _joint_part()[w.argmax(1)]
     counts = np.stack([(vertex_part[f] == k).sum(1) for k in range(len(PART_NAMES))], 1)
     face_part = counts.argmax(1)
     uv_coords, uv_faces = _uv_layout(v, f, face_part, joints)
