@@ -1,7 +1,8 @@
 """Synthetic datasets generated once and cached on disk, keyed by their generator config.
 
 Experiments that train on synthetic data (SynShot's prior, MICA) call `cached_multiview` with a
-generator config (INSTA's monocular videos: `cached_video`); the first call renders the dataset (`dhjax.data.dataset.write_dataset`) into
+generator config (INSTA's monocular videos: `cached_video`; D3GA's clothed bodies:
+`cached_bodies`); the first call renders the dataset (`dhjax.data.dataset.write_dataset`) into
 `<cache>/<name>-<hash>/` (atomically: a temporary folder renamed when complete), later calls and
 every run of a sweep reuse it. Everything is a pure function of the config, so deleting the
 cache only costs time. The cache folder is $DHJAX_CACHE, else ~/.cache/dhjax.
@@ -199,6 +200,39 @@ def cached_video(config, *, name: str = "video", cache_dir=None, verbose: bool =
         ds.write_dataset(gen, tmp, "train", meta=meta)
         if verbose:
             print(f"  {len(gen)} frames in {time.time() - t0:.0f}s", flush=True)
+
+    return _build_once(root, write, verbose)
+
+
+def cached_bodies(config, *, name: str = "bodies", cache_dir=None, verbose: bool = True) -> Path:
+    """Renders (once) the clothed-body videos of a body generator config and returns the root.
+
+    Args:
+      config: `body_synthetic.default_config()`-like config (subjects, frames, camera dome,
+        image size); name: folder name prefix; cache_dir: see `cache_root`.
+    Returns:
+      Path of a body dataset root (kind 'multiview-video', layer labels, poses [55, 3],
+      keypoints) with one split 'train' holding every subject
+      (`dhjax.data.dataset.FolderDataset(root, "train")`, items = subjects; D3GA reads one with
+      `dhjax.synthesis.d3ga_data.load_capture`).
+    """
+    from dhjax.data import body_synthetic
+
+    key = {"generator": config.to_dict() if hasattr(config, "to_dict") else dict(config), "kind": "bodies",
+           "format": ds.FORMAT}
+    root = cache_root(cache_dir) / f"{name}-{config_hash(key)}"
+
+    def write(tmp):
+        gen = body_synthetic.BodyVideoGenerator(config)
+        t0 = time.time()
+        if verbose:
+            print(f"generating synthetic bodies: {gen.n_items} subject(s) x {gen.n_frames} frames x "
+                  f"{gen.n_cameras} cameras -> {root}", flush=True)
+        meta = {"generator": json.loads(config.to_json_best_effort()) if hasattr(config, "to_json_best_effort")
+                else dict(config), "model": gen.model.name}
+        ds.write_dataset(gen, tmp, "train", meta=meta)
+        if verbose:
+            print(f"  {len(gen)} images in {time.time() - t0:.0f}s", flush=True)
 
     return _build_once(root, write, verbose)
 
