@@ -27,12 +27,16 @@ Variants:
          the same arrays (torch, CPU), with the largest vertex difference (dhjax.bench.body;
          --config.body.model=random times a random official-layout model of --config.body.vertices
          vertices instead, e.g. 10475 as SMPL-X).
+  d3ga   D3GA (dhjax.synthesis.d3ga): frames/s of a posed render of an avatar (cages, MLPs,
+         appearance, splat) and its parts, at the tiny setting (7.2k Gaussians, 96x128) and the
+         paper's (48k Gaussians, 667x1024) (dhjax.bench.d3ga; settings under d3ga.*).
 Results are printed and written to <workdir>/bench.json.
 """
 
 import ml_collections
 
 from dhjax.bench import body as body_bench
+from dhjax.bench import d3ga as d3ga_bench
 from dhjax.bench import gem as gem_bench
 from dhjax.bench import geometry
 from dhjax.bench import insta as insta_bench
@@ -69,6 +73,9 @@ def get_config(arg=None):
     if c.suite == "body":
         c.batch_sizes = (1, 16, 64)
         c.body = body_bench.default_config()
-    if c.suite not in ("flame", "synthetic", "splat", "geometry", "insta", "gem", "body"):
-        raise ValueError(f"unknown bench variant {c.suite!r}; available: flame, synthetic, splat, geometry, insta, gem, body")
+    if c.suite == "d3ga":
+        c.d3ga = d3ga_bench.default_config()
+    if c.suite not in ("flame", "synthetic", "splat", "geometry", "insta", "gem", "body", "d3ga"):
+        raise ValueError(f"unknown bench variant {c.suite!r}; available: flame, synthetic, splat, geometry, insta, gem, "
+                         f"body, d3ga")
     return c

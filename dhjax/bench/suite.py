@@ -3,7 +3,7 @@
 
 Suites: flame (`dhjax.bench.flame`), synthetic (`dhjax.bench.synthetic`), splat
 (`dhjax.bench.splat`), geometry (`dhjax.bench.geometry`, all of its benchmarks), insta
-(`dhjax.bench.insta`), gem (`dhjax.bench.gem`), body (`dhjax.bench.body`).
+(`dhjax.bench.insta`), gem (`dhjax.bench.gem`), body (`dhjax.bench.body`), d3ga (`dhjax.bench.d3ga`).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import jax
 
-from dhjax.bench import body, flame, gem, geometry, insta, splat, synthetic
+from dhjax.bench import body, d3ga, flame, gem, geometry, insta, splat, synthetic
 
 SUITES = {
     "flame": flame.run,
@@ -25,6 +25,7 @@ SUITES = {
     "insta": insta.run,
     "gem": gem.run,
     "body": body.run,
+    "d3ga": d3ga.run,
 }
 
 

@@ -208,7 +208,7 @@ def make_context(parts: Sequence[Mapping], rest_joints, parents, *, n_frames: in
 
 
 # ----------------------------------------------------------------------------------------------
-# MLPs (plain pytrees: a list of {"w", "b"}).
+# MLPs (plain pytrees: {"layers": {"l0": {"w_in", "w_cond", "b"}, "l1": {"w", "b"}, ...}}).
 
 
 def mlp_init(key, n_in: int, n_cond: int, hidden: int, depth: int, n_out: int, out_bias=None) -> dict:
@@ -223,12 +223,17 @@ def mlp_init(key, n_in: int, n_cond: int, hidden: int, depth: int, n_out: int, o
         layers.append({"w": he(ks[i], hidden, hidden), "b": jnp.zeros(hidden, jnp.float32)})
     bias = jnp.zeros(n_out, jnp.float32) if out_bias is None else jnp.asarray(out_bias, jnp.float32)
     layers.append({"w": jnp.zeros((hidden, n_out), jnp.float32), "b": bias})
-    return {"layers": layers}
+    return {"layers": {f"l{i}": layer for i, layer in enumerate(layers)}}
+
+
+def _layers(params) -> list:
+    d = params["layers"]
+    return [d[f"l{i}"] for i in range(len(d))]
 
 
 def mlp_apply(params, x, cond):
     """x [..., n_in], cond [n_cond] -> [..., n_out]."""
-    layers = params["layers"]
+    layers = _layers(params)
     h = jax.nn.relu(jnp.matmul(x, layers[0]["w_in"], precision=_HI)
                     + (jnp.matmul(cond, layers[0]["w_cond"], precision=_HI) + layers[0]["b"]))
     for layer in layers[1:-1]:
@@ -263,11 +268,11 @@ def init_params(key, ctx: Context) -> dict:
         }
     out = {"parts": parts, "frame_embed": 0.01 * jax.random.normal(keys[-2], (ctx.n_frames, ed), jnp.float32)}
     if "face" in ctx.drivers:
-        out["face_net"] = {"layers": [
-            {"w": jax.random.normal(keys[-1], (3 * N_FACE_KEYPOINTS, 64), jnp.float32) * np.sqrt(2.0 / 153),
-             "b": jnp.zeros(64, jnp.float32)},
-            {"w": jax.random.normal(jax.random.fold_in(keys[-1], 1), (64, int(ctx.m("face_dim"))), jnp.float32)
-             * np.sqrt(1.0 / 64), "b": jnp.zeros(int(ctx.m("face_dim")), jnp.float32)}]}
+        out["face_net"] = {"layers": {
+            "l0": {"w": jax.random.normal(keys[-1], (3 * N_FACE_KEYPOINTS, 64), jnp.float32) * np.sqrt(2.0 / 153),
+                   "b": jnp.zeros(64, jnp.float32)},
+            "l1": {"w": jax.random.normal(jax.random.fold_in(keys[-1], 1), (64, int(ctx.m("face_dim"))), jnp.float32)
+                   * np.sqrt(1.0 / 64), "b": jnp.zeros(int(ctx.m("face_dim")), jnp.float32)}}}
     return out
 
 
@@ -293,7 +298,7 @@ def face_keypoints_local(rel, translation, keypoints):
 def face_code(params, ctx: Context, rel, translation, keypoints):
     """[face_dim] code of the face keypoints (normalised by the training statistics)."""
     z = ((face_keypoints_local(rel, translation, keypoints) - ctx.face_mean) / ctx.face_std).reshape(-1)
-    l0, l1 = params["face_net"]["layers"]
+    l0, l1 = _layers(params["face_net"])
     return jnp.tanh(jnp.matmul(jax.nn.relu(jnp.matmul(z, l0["w"], precision=_HI) + l0["b"]), l1["w"],
                                precision=_HI) + l1["b"])
 

@@ -292,11 +292,12 @@ class FrameBatches:
         for f, v in zip(fpos, vpos):
             bg = rng.uniform(0, 1, 3).astype(np.float32) if self.random_background else self.background
             r = frame_batch(self.capture, int(f), [int(v)], bg)
-            rows.append({k: (a[0] if k in _VIEW_KEYS else a) for k, a in r.items()})
+            rows.append({k: (a[0] if k in VIEW_KEYS else a) for k, a in r.items()})
         return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
 
 
-_VIEW_KEYS = ("image", "mask", "layers", "background", "K", "R", "t", "view")
+#: The per-image keys of `frame_batch` (they carry a view axis).
+VIEW_KEYS = ("image", "mask", "layers", "background", "K", "R", "t", "view")
 
 
 # ----------------------------------------------------------------------------------------------
