@@ -22,7 +22,8 @@ def test_d3ga_bench_smoke(tmp_path):
     lines = []
     res = suite.run(cfg, tmp_path, log=lines.append)
     assert res["suite"] == "d3ga" and res["d3ga_tiny_gaussians"] == 7200 and res["d3ga_tiny_tets"] > 10_000
-    for k in ("render_s", "render_fps", "pose_s", "splat_s"):
+    assert res["d3ga_tiny_parameters"] > 300_000
+    for k in ("render_s", "render_fps", "pose_s", "splat_s", "megabytes"):
         assert math.isfinite(res[f"d3ga_tiny_{k}"]) and res[f"d3ga_tiny_{k}"] > 0
     assert any("d3ga tiny" in line for line in lines)
     cfg.d3ga.settings = ("huge",)

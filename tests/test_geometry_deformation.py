@@ -237,3 +237,13 @@ def test_sumner_gradients():
     Jb = dfm.triangle_deformation_gradients(v, np.stack([vd, v]), f)
     assert Jb.shape == (2, len(f), 3, 3)
     np.testing.assert_allclose(np.asarray(Jb[1]), np.broadcast_to(np.eye(3), J.shape), atol=1e-5)
+
+
+def test_triangle_gradients_with_a_precomputed_canonical_inverse():
+    rng = np.random.default_rng(4)
+    canon = jnp.asarray(rng.normal(size=(30, 3)), jnp.float32)
+    faces = jnp.asarray(rng.integers(0, 30, (40, 3)), jnp.int32)
+    posed = canon @ jnp.asarray(np.eye(3) + 0.2 * rng.normal(size=(3, 3)), jnp.float32)
+    inv = dfm.triangle_canonical_inverse(canon, faces)
+    np.testing.assert_allclose(dfm.triangle_deformation_gradients(None, posed, faces, canon_inv=inv),
+                               dfm.triangle_deformation_gradients(canon, posed, faces), rtol=1e-5, atol=1e-5)

@@ -42,8 +42,9 @@ def default_config() -> ml_collections.ConfigDict:
 def run(cfg, log=print) -> dict:
     """Times D3GA renders; returns {name: value}.
 
-    cfg: d3ga (`default_config`). Keys per setting S: d3ga_<S>_gaussians, _tets,
-    _render_s, _render_fps, _pose_s, _splat_s.
+    cfg: d3ga (`default_config`). Keys per setting S: d3ga_<S>_gaussians, _tets, _parameters,
+    _megabytes (the avatar's size, frame embeddings of one frame), _render_s, _render_fps,
+    _pose_s, _splat_s.
     """
     c = cfg.d3ga
     model = body_lib.load()
@@ -87,9 +88,12 @@ def run(cfg, log=print) -> dict:
                             c.warmup)
         tets = sum(int(p["stats"]["tets"]) for p in parts)
         key = f"d3ga_{name}"
+        size = d3ga.size_table(params)
+        results.update({f"{key}_parameters": size["parameters"], f"{key}_megabytes": size["megabytes"]})
         results.update({f"{key}_gaussians": N, f"{key}_tets": tets, f"{key}_render_s": t_render,
                         f"{key}_render_fps": 1.0 / t_render, f"{key}_pose_s": t_pose, f"{key}_splat_s": t_splat,
                         f"{key}_size": f"{s['width']}x{s['height']}"})
-        log(f"d3ga {name}: {N} Gaussians, {tets} tets, {s['width']}x{s['height']}: render {t_render * 1e3:.1f} ms "
+        log(f"d3ga {name}: {N} Gaussians, {tets} tets, {size['parameters']} parameters ({size['megabytes']:.1f} MB), "
+            f"{s['width']}x{s['height']}: render {t_render * 1e3:.1f} ms "
             f"({1.0 / t_render:.1f} frames/s); posing {t_pose * 1e3:.1f} ms, splat {t_splat * 1e3:.1f} ms")
     return results

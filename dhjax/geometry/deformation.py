@@ -250,7 +250,28 @@ def canonicalize(points, def_verts, canon_verts, faces, *, face, beta: float = 4
     return Canonicalized(out, face, F_hat)
 
 
-def triangle_deformation_gradients(canon_verts, def_verts, faces):
+def _triangle_frames(verts, faces):
+    tri = mesh_lib.face_vertices(verts, faces)
+    e1 = tri[..., 1, :] - tri[..., 0, :]
+    e2 = tri[..., 2, :] - tri[..., 0, :]
+    n = jnp.cross(e1, e2)
+    n2 = jnp.sum(n * n, axis=-1, keepdims=True)
+    scale2 = jnp.maximum(jnp.sum(e1 * e1, -1), jnp.sum(e2 * e2, -1))[..., None]
+    ok = (n2 > mesh_lib._TINY_SQ) & (n2 > 1e-12 * scale2 * scale2)
+    e3 = jnp.where(ok, n * jnp.where(ok, n2, 1.0) ** -0.25, 0.0)  # n / sqrt(|n|)
+    return jnp.stack([e1, e2, e3], axis=-1), ok[..., 0]
+
+
+def triangle_canonical_inverse(canon_verts, faces):
+    """[..., F, 3, 3] the inverse canonical frames E_canon^-1 of `triangle_deformation_gradients`
+    (zero for degenerate triangles, whose J is then the identity), to precompute once for a fixed
+    canonical mesh."""
+    Ec, ok = _triangle_frames(jnp.asarray(canon_verts), faces)
+    eye = jnp.eye(3, dtype=Ec.dtype)
+    return jnp.where(ok[..., None, None], jnp.linalg.inv(jnp.where(ok[..., None, None], Ec, eye)), 0.0)
+
+
+def triangle_deformation_gradients(canon_verts, def_verts, faces, canon_inv=None):
     """Per-triangle 3x3 deformation gradients from canonical to deformed (Sumner & Popovic 2004).
 
     ``J = E_def E_canon^-1`` with ``E = [v2 - v1, v3 - v1, n / sqrt(|n|)]`` and
@@ -263,25 +284,21 @@ def triangle_deformation_gradients(canon_verts, def_verts, faces):
       canon_verts: [..., V, 3] float canonical vertex positions, metres.
       def_verts: [..., V, 3] float deformed vertex positions (batch dims broadcast).
       faces: [F, 3] int vertex indices.
+      canon_inv: optional [..., F, 3, 3] `triangle_canonical_inverse(canon_verts, faces)`: with
+        it no matrix is inverted here (and canon_verts is not read). Precomputing it also keeps
+        LAPACK calls out of a jitted step (several batched inverses in one XLA:CPU program
+        were seen to deadlock with jax 0.10).
 
     Returns:
       [..., F, 3, 3] float matrices J (deformed = J canonical, for vectors in the triangle's
       local frame).
     """
-
-    def edges(verts):
-        tri = mesh_lib.face_vertices(verts, faces)
-        e1 = tri[..., 1, :] - tri[..., 0, :]
-        e2 = tri[..., 2, :] - tri[..., 0, :]
-        n = jnp.cross(e1, e2)
-        n2 = jnp.sum(n * n, axis=-1, keepdims=True)
-        scale2 = jnp.maximum(jnp.sum(e1 * e1, -1), jnp.sum(e2 * e2, -1))[..., None]
-        ok = (n2 > mesh_lib._TINY_SQ) & (n2 > 1e-12 * scale2 * scale2)
-        e3 = jnp.where(ok, n * jnp.where(ok, n2, 1.0) ** -0.25, 0.0)  # n / sqrt(|n|)
-        return jnp.stack([e1, e2, e3], axis=-1), ok[..., 0]
-
-    Ec, ok_c = edges(jnp.asarray(canon_verts))
-    Ed, _ = edges(jnp.asarray(def_verts))
+    Ed, _ = _triangle_frames(jnp.asarray(def_verts), faces)
+    if canon_inv is not None:
+        inv = jnp.asarray(canon_inv, Ed.dtype)
+        degenerate = jnp.all(inv == 0, axis=(-2, -1), keepdims=True)
+        return jnp.where(degenerate, jnp.eye(3, dtype=Ed.dtype), jnp.matmul(Ed, inv))
+    Ec, ok_c = _triangle_frames(jnp.asarray(canon_verts), faces)
     eye = jnp.eye(3, dtype=Ec.dtype)
     Ec_safe = jnp.where(ok_c[..., None, None], Ec, eye)
     J = jnp.matmul(Ed, jnp.linalg.inv(Ec_safe))

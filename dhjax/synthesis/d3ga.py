@@ -92,8 +92,8 @@ class Part:
     """One layer's geometry (arrays; `d3ga_data.build_parts` makes them).
 
     rest_nodes [N, 3] (metres, rest space), cells [M, K] node ids (K = 4 tetrahedra, or K = 3
-    triangles in the triangle ablation), rest_inv [M, 3, 3] (tetrahedra: E_rest^-1; triangles:
-    unused zeros), node_weights [N, 55] skinning weights, node_enc [N, P] positional encoding of
+    triangles in the triangle ablation), rest_inv [M, 3, 3] (the inverse rest edge frames:
+    tetrahedra E_rest^-1, triangles [e1, e2, n / sqrt|n|]^-1), node_weights [N, 55] skinning weights, node_enc [N, P] positional encoding of
     the rest nodes, gauss_cell [G] the fixed cell of each Gaussian, and initial bary [G, K],
     log_scale [G, 3], quat [G, 4] (w, x, y, z).
     """
@@ -186,7 +186,9 @@ def make_context(parts: Sequence[Mapping], rest_joints, parents, *, n_frames: in
             cell, bary = p["gauss_tet"], p["gauss_bary"]
         else:
             nodes, cells = p["surf_vertices"], p["surf_faces"]
-            rest_inv, w = np.zeros((len(cells), 3, 3), np.float32), p["surf_weights"]
+            rest_inv = np.asarray(deformation.triangle_canonical_inverse(
+                jnp.asarray(nodes, jnp.float32), jnp.asarray(cells, jnp.int32)))
+            w = p["surf_weights"]
             cell, bary = p["gauss_face"], p["gauss_face_bary"]
         nodes = np.asarray(nodes, np.float32)
         built.append(Part(
@@ -323,7 +325,7 @@ def part_gaussians(ctx: Context, i: int, pp, cond, rel, translation) -> dict:
     if ctx.m("geometry") == "tets":
         J = tetra.deformation_gradients(None, posed, part.cells, part.rest_inv)         # [M, 3, 3]
     else:
-        J = deformation.triangle_deformation_gradients(part.rest_nodes, posed, part.cells)
+        J = deformation.triangle_deformation_gradients(None, posed, part.cells, canon_inv=part.rest_inv)
     K = part.cells.shape[1]
     corr = mlp_apply(pp["pi"], jnp.concatenate([pp["bary"], pp["quat"], pp["log_scale"]], -1), cond)
     bary = pp["bary"] + float(ctx.m("bary_scale")) * jnp.tanh(corr[:, :K])
