@@ -43,7 +43,7 @@ def test_run_writes_every_output(trained):
     assert len(list((run / "ply").glob("frame_*.ply"))) == 2          # one per held-out frame
     m = json.loads((run / "metrics.json").read_text())
     for split in ("novel_view", "novel_pose", "training_views"):
-        assert set(m[split]) == {"psnr", "ssim", "l1"} and np.isfinite(m[split]["psnr"])
+        assert set(m[split]) == {"psnr", "ssim", "l1", "layers_l1"} and np.isfinite(m[split]["psnr"])
     assert set(m["parts"]) == {"body", "face", "upper", "lower"}
     assert m["size"]["parameters"] > 0 and m["size"]["megabytes"] == pytest.approx(m["size"]["parameters"] * 4 / 2 ** 20)
     final = json.loads((run / "final_metrics.json").read_text())

@@ -102,7 +102,8 @@ class Renderer:
 
 def evaluate(rnd: Renderer, params, cap, frames, views, seed: int, lpips_fn=None, keep: int = 0):
     """Metrics (mean over frames x views) of renders against the ground truth on random
-    backgrounds, and up to `keep` example triples (gt, render, layers)."""
+    backgrounds (psnr, ssim, l1, lpips with weights, and layers_l1: the layer render against the
+    layer labels), and up to `keep` examples (gt, render, layers, layer labels)."""
     rows, examples = [], []
     for n, f in enumerate(frames):
         b = d3ga_data.frame_batch(cap, int(f), views, _backgrounds([seed, int(f)], len(views)))
@@ -110,7 +111,9 @@ def evaluate(rnd: Renderer, params, cap, frames, views, seed: int, lpips_fn=None
         gt = b["image"]
         for v in range(len(views)):
             r = {"psnr": float(losses.psnr(img[v], gt[v])), "ssim": float(losses.ssim(img[v], gt[v])),
-                 "l1": float(losses.l1(img[v], gt[v]))}
+                 "l1": float(losses.l1(img[v], gt[v])),
+                 # how cleanly the layers separate: the one-colour-per-layer render against the labels
+                 "layers_l1": float(np.mean(np.abs(lay[v] - np.asarray(d3ga.layer_targets(b["layers"][v])))))}
             if lpips_fn is not None:
                 r["lpips"] = float(lpips_fn(img[v:v + 1], gt[v:v + 1]))
             rows.append(r)
@@ -161,7 +164,7 @@ def _picture(examples) -> np.ndarray:
     return np.clip(np.concatenate(rows, 0), 0, 1)
 
 
-def _fmt(title, rows: dict, keys=("psnr", "ssim", "l1", "lpips")) -> str:
+def _fmt(title, rows: dict, keys=("psnr", "ssim", "l1", "lpips", "layers_l1")) -> str:
     table = [dict(split=k, **{m: v[m] for m in keys if m in v}) for k, v in rows.items()]
     return f"### {title}\n\n" + app.markdown_table(table)
 
