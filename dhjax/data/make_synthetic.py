@@ -33,6 +33,22 @@ def contact_sheet_samples(cfg, multiview, video) -> list[dict]:
     return samples
 
 
+def _write_sheets(workdir, samples, ncols: int, name: str, labels_name: str) -> dict:
+    """Writes the samples' images and part labels as two contact sheets; returns the summary entry."""
+    dio.save_image(os.path.join(workdir, name), ds.contact_sheet(np.stack([s["image"] for s in samples]), ncols))
+    dio.save_image(os.path.join(workdir, labels_name),
+                   ds.contact_sheet(np.stack([ds.colorize_seg(s["seg"]) for s in samples]), ncols))
+    return {"images": len(samples), "path": name}
+
+
+def _finish(workdir, summary: dict, t0: float) -> dict:
+    """Stamps the total time and writes summary.json."""
+    summary["seconds"] = round(time.time() - t0, 1)
+    with open(os.path.join(workdir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    return summary
+
+
 def body_sheet_samples(cfg, gen) -> list[dict]:
     """The body contact sheet's samples: cfg.sheet.n_subjects subjects x cfg.sheet.frames
     frames, each from the cameras cfg.sheet.cameras (those the dome has)."""
@@ -92,22 +108,14 @@ def write_bodies(cfg, workdir, log=print) -> dict:
     log(f"bodies: wrote {len(idx)} images in {dt:.1f}s ({len(idx) / dt:.2f} images/s) -> "
         f"{os.path.join(workdir, 'bodies')}")
     if int(cfg.shard_index) != 0:        # the sheet and the cages are the first shard's job
-        summary["seconds"] = round(time.time() - t0, 1)
-        with open(os.path.join(workdir, "summary.json"), "w") as f:
-            json.dump(summary, f, indent=2)
-        return summary
+        return _finish(workdir, summary, t0)
     samples = body_sheet_samples(cfg, gen)
     ncols = len([c for c in cfg.sheet.cameras if c < gen.n_cameras])
-    dio.save_image(os.path.join(workdir, "body_contact_sheet.png"),
-                   ds.contact_sheet(np.stack([s["image"] for s in samples]), ncols))
-    dio.save_image(os.path.join(workdir, "body_contact_sheet_layers.png"),
-                   ds.contact_sheet(np.stack([ds.colorize_seg(s["seg"]) for s in samples]), ncols))
-    summary["contact_sheet"] = {"images": len(samples), "path": "body_contact_sheet.png"}
+    summary["contact_sheet"] = _write_sheets(workdir, samples, ncols, "body_contact_sheet.png",
+                                             "body_contact_sheet_layers.png")
     if cfg.get("cages"):
         summary["cages"] = write_cages(cfg, gen, workdir, log)
-    summary["seconds"] = round(time.time() - t0, 1)
-    with open(os.path.join(workdir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
+    _finish(workdir, summary, t0)
     log(f"contact sheet of {len(samples)} samples -> {os.path.join(workdir, 'body_contact_sheet.png')} "
         f"(total {summary['seconds']}s)")
     return summary
@@ -147,15 +155,9 @@ def write(cfg, workdir, log=print) -> dict:
         log(f"{name}: wrote {len(idx)} images in {dt:.1f}s ({len(idx) / dt:.1f} images/s) "
             f"-> {os.path.join(workdir, name)}")
     samples = contact_sheet_samples(cfg, multiview, video)
-    ncols = len(cfg.sheet.cameras)
-    images = np.stack([s["image"] for s in samples])
-    dio.save_image(os.path.join(workdir, "contact_sheet.png"), ds.contact_sheet(images, ncols))
-    labels = np.stack([ds.colorize_seg(s["seg"]) for s in samples])
-    dio.save_image(os.path.join(workdir, "contact_sheet_labels.png"), ds.contact_sheet(labels, ncols))
-    summary["contact_sheet"] = {"images": len(samples), "path": "contact_sheet.png"}
-    summary["seconds"] = round(time.time() - t0, 1)
-    with open(os.path.join(workdir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
+    summary["contact_sheet"] = _write_sheets(workdir, samples, len(cfg.sheet.cameras), "contact_sheet.png",
+                                             "contact_sheet_labels.png")
+    _finish(workdir, summary, t0)
     log(f"contact sheet of {len(samples)} samples -> {os.path.join(workdir, 'contact_sheet.png')} "
         f"(total {summary['seconds']}s)")
     return summary

@@ -41,6 +41,7 @@ from dhjax.data import dataset as ds
 from dhjax.data import garments as garments_lib
 from dhjax.geometry import lbs as lbs_lib
 from dhjax.geometry import rotations, tetra
+from dhjax.synthesis import gem_data
 
 LAYER_LABELS = ("background", "body", "upper", "lower")      # body_synthetic.LAYER_LABELS
 PART_NAMES = ("body", "face", "upper", "lower")              # parts of layers="full", in order
@@ -213,32 +214,16 @@ def load_capture(root, split: str = "train", item: int = -1, *, max_frames: int 
 # Splits and batches.
 
 
-class Split(NamedTuple):
-    """Frame and camera positions of the three sets: train (train frames x train cameras),
-    novel view (train frames x test cameras) and novel pose (test frames x all cameras)."""
-
-    train_frames: np.ndarray
-    test_frames: np.ndarray
-    train_views: np.ndarray
-    test_views: np.ndarray
+#: Frame and camera positions of the three sets (GEM's): train (train frames x train cameras),
+#: novel view (train frames x test cameras) and novel pose (test frames x all cameras).
+Split = gem_data.Split
 
 
 def split(capture: Capture, test_views: Sequence[int], n_test_frames) -> Split:
     """Held-out cameras by view number (`capture.view`) and the last frames (a count, or a
-    fraction < 1 of the frames); at least one frame and one camera stay for training."""
-    F, C = capture.images.shape[:2]
-    n_test = int(round(float(n_test_frames) * F)) if 0 < float(n_test_frames) < 1 else int(n_test_frames)
-    if not 0 <= n_test <= F - 1:
-        raise ValueError(f"cannot hold out {n_test} of {F} frames (at least 1 must remain for training)")
-    pos = {int(v): i for i, v in enumerate(capture.view)}
-    bad = [v for v in test_views if int(v) not in pos]
-    if bad:
-        raise ValueError(f"held-out cameras {bad} are not among the capture's cameras {sorted(pos)}")
-    tv = np.asarray(sorted({pos[int(v)] for v in test_views}), np.int64)
-    trv = np.asarray([i for i in range(C) if i not in set(tv.tolist())], np.int64)
-    if trv.size == 0:
-        raise ValueError("every camera is held out; none is left for training")
-    return Split(np.arange(F - n_test), np.arange(F - n_test, F), trv, tv)
+    fraction < 1 of the frames); at least one frame and one camera stay for training
+    (`gem_data.split`)."""
+    return gem_data.split(capture, test_views, n_test_frames, min_train_frames=1)
 
 
 def frame_batch(capture: Capture, f: int, views, background) -> dict:

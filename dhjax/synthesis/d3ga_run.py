@@ -46,19 +46,13 @@ def open_capture(cfg, log=print):
     return cap, source
 
 
-def _n_test_frames(cfg, n_frames):
-    t = float(cfg.data.test_frames)
-    return int(round(t * n_frames)) if 0 < t < 1 else int(t)
-
-
 def build(cfg, cap, log=print):
     """(Split, Context, parts, model) of a capture under a config."""
-    n_test = _n_test_frames(cfg, cap.images.shape[0])
-    views = [int(np.nonzero(cap.view == v)[0][0]) for v in cfg.data.test_views if v in set(cap.view.tolist())]
-    if len(views) != len(cfg.data.test_views):
+    if not set(cfg.data.test_views) <= set(cap.view.tolist()):
         raise ValueError(f"data.test_views {tuple(cfg.data.test_views)} are not all cameras of the capture "
                          f"(cameras: {cap.view.tolist()})")
-    sp = d3ga_data.split(cap, views, n_test)
+    # split takes camera numbers (not positions) and the count or fraction of held-out frames
+    sp = d3ga_data.split(cap, tuple(cfg.data.test_views), cfg.data.test_frames)
     model = body_lib.load()
     t0 = time.time()
     parts = d3ga_data.build_parts(model, cap.shape, cap.upper_kind, cap.lower_kind, cfg.parts)

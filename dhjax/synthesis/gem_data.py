@@ -125,18 +125,20 @@ class Split(NamedTuple):
     test_views: np.ndarray
 
 
-def split(capture: Capture, test_views: Sequence[int], n_test_frames) -> Split:
+def split(capture, test_views: Sequence[int], n_test_frames, *, min_train_frames: int = 2) -> Split:
     """Held-out cameras by view number (`capture.view`) and the last frames (a count, or a
-    fraction < 1 of the frames)."""
+    fraction < 1 of the frames); at least `min_train_frames` frames and one camera stay for
+    training. Any capture with images [F, C, ...] and view numbers [C] (also D3GA's)."""
     F, C = capture.images.shape[:2]
     n_test = int(round(float(n_test_frames) * F)) if 0 < float(n_test_frames) < 1 else int(n_test_frames)
-    if not 0 <= n_test <= F - 2:
-        raise ValueError(f"cannot hold out {n_test} of {F} frames (at least 2 must remain for training)")
+    if not 0 <= n_test <= F - min_train_frames:
+        raise ValueError(f"cannot hold out {n_test} of {F} frames (at least {min_train_frames} must remain "
+                         f"for training)")
     pos = {int(v): i for i, v in enumerate(capture.view)}
     bad = [v for v in test_views if int(v) not in pos]
     if bad:
         raise ValueError(f"held-out cameras {bad} are not among the capture's cameras {sorted(pos)}")
-    tv = np.asarray(sorted(pos[int(v)] for v in test_views), np.int64)
+    tv = np.asarray(sorted({pos[int(v)] for v in test_views}), np.int64)
     trv = np.asarray([i for i in range(C) if i not in set(tv.tolist())], np.int64)
     if trv.size == 0:
         raise ValueError("every camera is held out; none is left for training")
