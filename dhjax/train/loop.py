@@ -200,6 +200,15 @@ def train(cfg, workdir: str, method: Method, dataset, *, eval_batch=None,
                 f"more than train.max_skipped_fraction={max_skipped:g} allows; the last finite state is "
                 f"checkpointed in {ckpt.directory}")
 
+    def evaluate_and_log(done):
+        """Evaluation metrics and the method's images (ground truth next to render) at one step."""
+        if method.evaluate:
+            writer.write_scalars(done, {f"eval/{k}": v for k, v in _host(
+                method.evaluate(state, shard_batch(eval_batch, mesh))).items()})
+        if method.render:  # every process renders (a jitted global computation); process 0 writes
+            images = method.render(state, shard_batch(eval_batch, mesh))
+            writer.write_images(done, {k: np.asarray(v) for k, v in images.items()})
+
     try:
         with _Sigterm() as sigterm:
             step = start
@@ -216,9 +225,8 @@ def train(cfg, workdir: str, method: Method, dataset, *, eval_batch=None,
                     writer.write_scalars(done, metrics_host)
                     progress.update(done, {"loss": metrics_host["loss"]})
                     check_skips(done)
-                if tc.eval_every and done % tc.eval_every == 0 and method.evaluate and eval_batch is not None:
-                    writer.write_scalars(done, {f"eval/{k}": v for k, v in _host(
-                        method.evaluate(state, shard_batch(eval_batch, mesh))).items()})
+                if tc.eval_every and done % tc.eval_every == 0 and done < tc.steps and eval_batch is not None:
+                    evaluate_and_log(done)
                 if sigterm.received:
                     save(done)
                     if lead:
