@@ -3,7 +3,7 @@
 The package is built in floors, lowest first:
 
     geometry, losses, io  <-  ops  <-  models, render  <-  nn  <-  data  <-  train  <-  capture
-      <-  synthesis  <-  bench  <-  experiments
+      <-  synthesis  <-  bench, doctor  <-  experiments
 
 A module imports its own package and the floors to its left, never a floor to its right (also
 not inside a function); the packages that share a floor do not import each other, and this file

@@ -22,6 +22,7 @@ libraries are missing.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import functools
 import os
 from pathlib import Path
@@ -31,7 +32,7 @@ import jax
 # Bumped whenever a handler's signature changes; every library exports dhjax_kernel_abi().
 KERNEL_ABI = 1
 
-_BUILD_HINT = (
+BUILD_HINT = (
     "build the kernels with `pip install .` (CUDA: `pip install . -C cmake.define.DHJAX_CUDA=ON`) "
     "or in the source tree with `bash kernels/build_inplace.sh [-DDHJAX_CUDA=ON]`"
 )
@@ -65,21 +66,48 @@ def library_path(op: str, platform: str = "cpu") -> Path | None:
     return None
 
 
+@dataclasses.dataclass(frozen=True)
+class LibraryInfo:
+    """What opening one kernel library found (see `inspect_library`)."""
+    path: Path
+    abi: int | None        # the ABI the library reports; None when it could not be read
+    error: str | None      # why the library is unusable (fails to load, no ABI symbol, stale ABI)
+    _lib: ctypes.CDLL | None = None
+
+    def symbols(self, names) -> set[str]:
+        """The subset of `names` the library exports."""
+        if self._lib is None:
+            return set()
+        return {n for n in names if hasattr(self._lib, n)}
+
+
+def inspect_library(path: str | os.PathLike) -> LibraryInfo:
+    """Opens a kernel library and reads its ABI without registering anything or raising (for
+    `python -m dhjax.doctor`); the loader below raises on the same problems."""
+    path = Path(path)
+    try:
+        lib = ctypes.CDLL(str(path))
+    except OSError as err:  # e.g. a CUDA library on a machine without the CUDA runtime
+        return LibraryInfo(path, None, f"fails to load: {err}")
+    if not hasattr(lib, "dhjax_kernel_abi"):
+        return LibraryInfo(path, None, "exports no dhjax_kernel_abi(): not a dhjax kernel library", lib)
+    fn = lib.dhjax_kernel_abi
+    fn.restype = ctypes.c_int
+    abi = int(fn())
+    if abi != KERNEL_ABI:
+        return LibraryInfo(path, abi, f"stale: built for kernel ABI {abi}, this dhjax expects {KERNEL_ABI}", lib)
+    return LibraryInfo(path, abi, None, lib)
+
+
 @functools.cache
 def _load(op: str, platform: str) -> ctypes.CDLL | None:
     path = library_path(op, platform)
     if path is None:
         return None
-    lib = ctypes.CDLL(str(path))
-    abi = ctypes.c_int
-    fn = lib.dhjax_kernel_abi
-    fn.restype = abi
-    got = int(fn())
-    if got != KERNEL_ABI:
-        raise RuntimeError(
-            f"{path} was built for kernel ABI {got} but this dhjax expects {KERNEL_ABI}: the library "
-            f"is stale; rebuild it ({_BUILD_HINT})"
-        )
+    lib = ctypes.CDLL(str(path))  # OSError when it cannot load (callers may catch it)
+    info = inspect_library(path)
+    if info.error:
+        raise RuntimeError(f"{path}: {info.error}; rebuild it ({BUILD_HINT})")
     return lib
 
 
@@ -125,7 +153,7 @@ def resolve_backend(backend: str, op: str, targets_by_platform: dict[str, tuple[
                 pass
         return platform if register(op, platform, targets_by_platform[platform]) else "reference"
     if not register(op, backend, targets_by_platform[backend]):
-        raise RuntimeError(f"the {backend} kernel of '{op}' is not built: {_BUILD_HINT}")
+        raise RuntimeError(f"the {backend} kernel of '{op}' is not built: {BUILD_HINT}")
     return backend
 
 

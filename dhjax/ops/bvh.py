@@ -329,7 +329,7 @@ def build_seconds(vertices, faces, repeats: int = 20) -> dict:
 
     lib = _ffi._load(_OP, "cpu")
     if lib is None:
-        raise RuntimeError(f"the cpu kernel of '{_OP}' is not built: {_ffi._BUILD_HINT}")
+        raise RuntimeError(f"the cpu kernel of '{_OP}' is not built: {_ffi.BUILD_HINT}")
     v = np.ascontiguousarray(np.asarray(vertices, np.float32).reshape(-1, 3))
     f = np.ascontiguousarray(np.asarray(faces, np.int32).reshape(-1, 3))
     fn = lib.dhjax_bvh_build_seconds

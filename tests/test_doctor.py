@@ -1,0 +1,93 @@
+"""`python -m dhjax.doctor`: the environment report, its fallback and stale-library warnings."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dhjax import doctor
+from dhjax.ops import _ffi
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_cli_reports_backend_devices_processes_and_kernels():
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    out = subprocess.run([sys.executable, "-m", "dhjax.doctor"], capture_output=True, text=True,
+                         env=env, cwd=ROOT, timeout=120)
+    assert out.returncode == 0, out.stderr
+    text = out.stdout
+    assert "default backend: cpu" in text
+    assert "device 0: cpu" in text
+    assert "processes: 1 (this is process 0)" in text
+    for op in doctor.KERNEL_MODULES:
+        assert f"{op} -> " in text
+    assert f"kernel ABI {_ffi.KERNEL_ABI}" in text
+
+
+def test_built_kernels_are_used_by_auto():
+    if _ffi.library_path("bvh", "cpu") is None:
+        if _ffi.require_kernels():
+            pytest.fail("DHJAX_REQUIRE_KERNELS=1 but the CPU kernels are not built")
+        pytest.skip("CPU kernels not built")
+    report = doctor.diagnose()
+    for op in doctor.KERNEL_MODULES:
+        cpu = next(s for s in report.kernels if s.op == op and s.platform == "cpu")
+        assert cpu.usable and cpu.abi == _ffi.KERNEL_ABI, cpu.describe()
+        assert report.auto[op] == "cpu"
+    assert not [w for w in report.warnings if "falls back" in w]
+    assert doctor.main(["--strict"]) == 0
+
+
+def test_missing_libraries_warn_of_the_reference_fallback(monkeypatch, capsys):
+    monkeypatch.setattr(_ffi, "library_path", lambda op, platform="cpu": None)
+    report = doctor.diagnose()
+    assert report.auto == {op: "reference" for op in doctor.KERNEL_MODULES}
+    for op in doctor.KERNEL_MODULES:
+        assert any(w.startswith(f"{op}: backend='auto' falls back to the pure-JAX reference") for w in report.warnings)
+    assert doctor.main([]) == 0
+    assert doctor.main(["--strict"]) == 1
+    assert "WARNING: bvh: backend='auto' falls back" in capsys.readouterr().out
+
+
+def _compile_library(tmp_path: Path, body: str) -> Path:
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        pytest.skip("no C compiler to build a test library")
+    src = tmp_path / "lib.c"
+    src.write_text(body)
+    lib = tmp_path / "libfake.so"
+    subprocess.run([cc, "-shared", "-fPIC", str(src), "-o", str(lib)], check=True)
+    return lib
+
+
+def test_stale_library_is_reported_not_raised(tmp_path, monkeypatch):
+    lib = _compile_library(tmp_path, f"int dhjax_kernel_abi(void) {{ return {_ffi.KERNEL_ABI + 41}; }}\n")
+    real = _ffi.library_path
+    monkeypatch.setattr(_ffi, "library_path",
+                        lambda op, platform="cpu": lib if (op, platform) == ("bvh", "cpu") else real(op, platform))
+    st = doctor.kernel_status("bvh", "cpu")
+    assert not st.usable and st.abi == _ffi.KERNEL_ABI + 41 and "stale" in st.error
+    report = doctor.diagnose()
+    assert report.auto["bvh"] == "reference"
+    assert any("bvh cpu library is unusable" in w and "stale" in w for w in report.warnings)
+
+
+def test_library_without_handlers_lists_the_missing_symbols(tmp_path, monkeypatch):
+    lib = _compile_library(tmp_path, f"int dhjax_kernel_abi(void) {{ return {_ffi.KERNEL_ABI}; }}\n")
+    monkeypatch.setattr(_ffi, "library_path", lambda op, platform="cpu": lib if op == "splat" and platform == "cpu" else None)
+    st = doctor.kernel_status("splat", "cpu")
+    assert st.abi == _ffi.KERNEL_ABI and not st.usable
+    assert set(st.symbols_missing) == {sym for _, sym in doctor.kernel_targets("splat")["cpu"]}
+
+
+def test_inspect_library_names_an_unloadable_file(tmp_path):
+    bad = tmp_path / "libdhjax_bvh.so"
+    bad.write_bytes(b"not an ELF file")
+    info = _ffi.inspect_library(bad)
+    assert info.abi is None and info.error.startswith("fails to load")
