@@ -1,5 +1,6 @@
-"""3DGS PLY export/import: round trip, the exact 3DGS property layout read back by an independent
-PLY parser (trimesh), and clear errors for bad files."""
+"""3DGS PLY export/import: round trip, the exact 3DGS property layout read back by independent PLY
+parsers (trimesh, and plyfile, the reader of the original 3DGS code and of much splat tooling),
+files written with plyfile the way 3DGS writes them read back, and clear errors for bad files."""
 
 import numpy as np
 import pytest
@@ -44,6 +45,60 @@ def test_layout_matches_3dgs(tmp_path):
     np.testing.assert_allclose(raw["opacity"], np.log(g["opacities"] / (1 - g["opacities"])), rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(raw["scale_2"], np.log(g["scales"][:, 2]), rtol=1e-6)
     np.testing.assert_allclose(raw["rot_0"], g["quats"][:, 0])
+
+
+def _load_like_3dgs(path, max_sh_degree):
+    """The attribute reading of 3DGS's GaussianModel.load_ply, restated with plyfile + numpy:
+    activated values (sigmoid opacity, exp scales) and SH [N, M, 3]."""
+    plyfile = pytest.importorskip("plyfile")
+    el = plyfile.PlyData.read(str(path)).elements[0]
+    xyz = np.stack([np.asarray(el[k]) for k in ("x", "y", "z")], axis=1)
+    dc = np.stack([np.asarray(el[f"f_dc_{i}"]) for i in range(3)], axis=1)[:, None, :]
+    rest_names = sorted((p.name for p in el.properties if p.name.startswith("f_rest_")),
+                        key=lambda n: int(n.split("_")[-1]))
+    assert len(rest_names) == 3 * (max_sh_degree + 1) ** 2 - 3
+    rest = np.stack([np.asarray(el[n]) for n in rest_names], axis=1) if rest_names else np.zeros((len(xyz), 0))
+    rest = rest.reshape(len(xyz), 3, (max_sh_degree + 1) ** 2 - 1).transpose(0, 2, 1)
+    scales = np.stack([np.asarray(el[f"scale_{i}"]) for i in range(3)], axis=1)
+    rots = np.stack([np.asarray(el[f"rot_{i}"]) for i in range(4)], axis=1)
+    return dict(means=xyz, sh=np.concatenate([dc, rest], axis=1), scales=np.exp(scales), quats=rots,
+                opacities=1 / (1 + np.exp(-np.asarray(el["opacity"], np.float64))))
+
+
+@pytest.mark.parametrize("m", [1, 16])
+def test_plyfile_reads_what_we_write_as_3dgs_does(tmp_path, m):
+    g = random_splats(n=25, m=m)
+    p = gaussians.save_gaussians_ply(tmp_path / "s.ply", **g)
+    got = _load_like_3dgs(p, int(np.sqrt(m)) - 1)
+    for k in ("means", "quats", "sh"):
+        np.testing.assert_array_equal(got[k], g[k])
+    np.testing.assert_allclose(got["scales"], g["scales"], rtol=1e-5)
+    np.testing.assert_allclose(got["opacities"], g["opacities"], rtol=1e-5, atol=1e-6)
+
+
+def test_we_read_what_plyfile_writes_as_3dgs_does(tmp_path):
+    """A file written the way 3DGS's GaussianModel.save_ply writes it (plyfile, one float32 vertex
+    element: xyz, normals, f_dc, f_rest channel-major, opacity logit, log scales, quaternion)."""
+    plyfile = pytest.importorskip("plyfile")
+    g = random_splats(n=30, m=9)
+    n = 30
+    rest = g["sh"][:, 1:, :].transpose(0, 2, 1).reshape(n, -1)
+    attrs = np.concatenate([g["means"], np.zeros((n, 3), np.float32), g["sh"][:, 0, :], rest,
+                            np.log(g["opacities"] / (1 - g["opacities"]))[:, None], np.log(g["scales"]),
+                            g["quats"]], axis=1)
+    names = (["x", "y", "z", "nx", "ny", "nz", "f_dc_0", "f_dc_1", "f_dc_2"]
+             + [f"f_rest_{i}" for i in range(rest.shape[1])]
+             + ["opacity", "scale_0", "scale_1", "scale_2", "rot_0", "rot_1", "rot_2", "rot_3"])
+    rec = np.empty(n, dtype=[(k, "f4") for k in names])
+    rec[:] = list(map(tuple, attrs.astype(np.float32)))
+    path = tmp_path / "from_plyfile.ply"
+    plyfile.PlyData([plyfile.PlyElement.describe(rec, "vertex")]).write(str(path))
+    back = gaussians.load_gaussians_ply(path)
+    assert back["sh_degree"] == 2
+    for k in ("means", "quats", "sh"):
+        np.testing.assert_array_equal(back[k], g[k])
+    np.testing.assert_allclose(back["scales"], g["scales"], rtol=1e-5)
+    np.testing.assert_allclose(back["opacities"], g["opacities"], rtol=1e-5, atol=1e-6)
 
 
 def test_colors_as_degree_zero(tmp_path):
