@@ -3,6 +3,18 @@
 TensorBoard files are written with the `tensorboard` package's own event writer and protos,
 which do not import TensorFlow (clu.metric_writers would pull TensorFlow, ~500 MB, into every
 install only to write event files). Only process 0 writes.
+
+Images (`comparison_grid`): every experiment logs ground truth next to its render as one grid
+image per tag, rows = examples, columns = ground truth | render | optional diagnostics (depth,
+layers, error colours, the input), each column [H, W] with a 2-pixel grey gap between cells.
+
+HParams (TensorBoard's HParams dashboard): a run's hyper-parameters are a session-start summary
+in its TensorBoard folder (`MetricWriter.write_hparams`; a `MetricWriter` writes the run's
+config.json there by itself), a finished run gets a session-end summary, and a sweep writes the
+experiment summary (the hyper-parameters it varies and the metrics to compare) at its root
+(`write_hparams_events`, used by `dhjax.train.sweep`). The summaries are built here from the
+hparams plugin's protos (`tensorboard.plugins.hparams.summary` imports TensorFlow; its protos
+and `metadata` do not).
 """
 
 from __future__ import annotations
@@ -18,6 +30,202 @@ from typing import Mapping
 import numpy as np
 
 from dhjax.train import config as config_lib
+
+GRID_GAP = 2                # pixels between the cells of a comparison grid
+GRID_GAP_VALUE = 0.5        # their grey
+HPARAMS_SUFFIX = ".hparams"  # file name suffix of the event files `write_hparams_events` owns
+CONFIG_HPARAMS = "config.json"
+
+
+def _host_array(x) -> np.ndarray:
+    """A numpy copy of x; a jax.Array spread over several processes is gathered first (a
+    collective: every process must call it, as every process calls a method's render)."""
+    if hasattr(x, "is_fully_addressable") and not x.is_fully_addressable:
+        from jax.experimental import multihost_utils
+
+        x = multihost_utils.process_allgather(x, tiled=True)
+    return np.asarray(x)
+
+
+def _as_rgb_float(x, what: str) -> np.ndarray:
+    """[N, H, W], [N, H, W, 1] or [N, H, W, 3] floats in [0, 1] or uint8 -> [N, H, W, 3] float32."""
+    a = _host_array(x)
+    if a.dtype == np.uint8:
+        a = a.astype(np.float32) / 255.0
+    a = a.astype(np.float32)
+    if a.ndim == 3:
+        a = a[..., None]
+    if a.ndim != 4 or a.shape[-1] not in (1, 3):
+        raise ValueError(f"comparison_grid: {what} must be [N, H, W], [N, H, W, 1] or [N, H, W, 3], "
+                         f"got shape {a.shape}")
+    if a.shape[-1] == 1:
+        a = np.repeat(a, 3, axis=-1)
+    return np.clip(np.nan_to_num(a, nan=0.0), 0.0, 1.0)
+
+
+def comparison_grid(ground_truth, render, *extras, max_rows: int | None = None) -> np.ndarray:
+    """The images convention of every experiment: ground truth next to the render.
+
+    Args:
+      ground_truth, render: [N, H, W(, C)] in [0, 1] (or uint8), C = 1 or 3; numpy or jax arrays.
+      extras: more columns of the same shape (diagnostics: depth, layers, error colours, the
+        network's input), drawn right of the render in the order given.
+      max_rows: at most this many examples (rows), the first ones; None: all N.
+    Returns:
+      [1, R*H + (R-1)*GRID_GAP, K*W + (K-1)*GRID_GAP, 3] float32 in [0, 1], R rows (examples),
+      K = 2 + len(extras) columns, grey gaps between the cells: one image, ready for
+      `MetricWriter.write_images` under one tag.
+    Raises:
+      ValueError: shapes that differ between the columns or are not images.
+    """
+    cols = [_as_rgb_float(ground_truth, "ground_truth"), _as_rgb_float(render, "render")]
+    cols += [_as_rgb_float(e, f"extra column {i}") for i, e in enumerate(extras)]
+    if any(c.shape != cols[0].shape for c in cols):
+        raise ValueError("comparison_grid: every column must have the shape of the ground truth; got "
+                         + ", ".join(str(c.shape[:3]) for c in cols))
+    n, h, w, _ = cols[0].shape
+    rows = n if max_rows is None else min(n, int(max_rows))
+    if rows < 1:
+        raise ValueError("comparison_grid: no examples to show")
+    g = GRID_GAP
+    out = np.full((rows * h + (rows - 1) * g, len(cols) * w + (len(cols) - 1) * g, 3), GRID_GAP_VALUE,
+                  np.float32)
+    for r in range(rows):
+        for c, col in enumerate(cols):
+            out[r * (h + g):r * (h + g) + h, c * (w + g):c * (w + g) + w] = col[r]
+    return out[None]
+
+
+# ----------------------------------------------------------------------------------------------
+# HParams summaries (TensorBoard's hparams plugin), without TensorFlow.
+
+
+def hparam_value(value):
+    """A hyper-parameter value as the HParams plugin stores it: bool, float (ints, floats) or
+    str (anything else: lists and tuples as their JSON text, None as "None")."""
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, (int, float, np.integer, np.floating)):
+        return float(value)
+    if isinstance(value, str):
+        return value
+    if value is None:
+        return "None"
+    try:
+        return json.dumps(value)
+    except TypeError:
+        return str(value)
+
+
+def flatten_hparams(config) -> dict:
+    """{dotted field: `hparam_value`} of a config (ConfigDict, nested dicts, or config.json's
+    dict); every leaf field, lists and tuples as one string."""
+    return {k: hparam_value(v) for k, v in config_lib._flatten(config_lib.config_dict(config)).items()}
+
+
+def _hparams_summary(tag: str, data):
+    """A Summary holding the hparams plugin data `data` (HParamsPluginData) under `tag`, as
+    `tensorboard.plugins.hparams.summary._summary` builds it (that module imports TensorFlow)."""
+    from tensorboard.compat.proto import summary_pb2
+    from tensorboard.plugins.hparams import metadata
+
+    return summary_pb2.Summary(value=[summary_pb2.Summary.Value(
+        tag=tag, metadata=metadata.create_summary_metadata(data), tensor=metadata.NULL_TENSOR)])
+
+
+def session_start_summary(hparams: Mapping, *, group_name: str = "", start_time: float | None = None):
+    """The session-start summary of one run: {name: value} (values through `hparam_value`)."""
+    from tensorboard.plugins.hparams import metadata, plugin_data_pb2
+
+    info = plugin_data_pb2.SessionStartInfo(group_name=group_name,
+                                            start_time_secs=time.time() if start_time is None else start_time)
+    for name, value in hparams.items():
+        v = hparam_value(value)
+        if isinstance(v, bool):
+            info.hparams[str(name)].bool_value = v
+        elif isinstance(v, float):
+            info.hparams[str(name)].number_value = v
+        else:
+            info.hparams[str(name)].string_value = v
+    return _hparams_summary(metadata.SESSION_START_INFO_TAG,
+                            plugin_data_pb2.HParamsPluginData(session_start_info=info))
+
+
+SESSION_STATUS = {"ok": "STATUS_SUCCESS", "failed": "STATUS_FAILURE", "running": "STATUS_RUNNING",
+                  "unknown": "STATUS_UNKNOWN"}
+
+
+def session_end_summary(status: str, *, end_time: float | None = None):
+    """The session-end summary of a run that ended: status "ok" | "failed" | "running" | "unknown"
+    (the plugin's Status; it has no "interrupted")."""
+    from tensorboard.plugins.hparams import api_pb2, metadata, plugin_data_pb2
+
+    if status not in SESSION_STATUS:
+        raise ValueError(f"session status must be one of {sorted(SESSION_STATUS)}, got {status!r}")
+    info = plugin_data_pb2.SessionEndInfo(status=api_pb2.Status.Value(SESSION_STATUS[status]),
+                                          end_time_secs=time.time() if end_time is None else end_time)
+    return _hparams_summary(metadata.SESSION_END_INFO_TAG, plugin_data_pb2.HParamsPluginData(session_end_info=info))
+
+
+def experiment_summary(hparams: Mapping[str, list], metrics: Mapping[str, str], *, description: str = ""):
+    """The experiment summary (what the HParams dashboard shows as columns).
+
+    Args:
+      hparams: {name: the values the runs take}: each becomes an HParamInfo with that discrete
+        domain, typed bool / float64 / string when all its values are (else every value as a string).
+      metrics: {scalar tag in the sessions' runs: display name}.
+      description: Markdown shown above the table.
+    """
+    from google.protobuf import struct_pb2
+    from tensorboard.plugins.hparams import api_pb2, metadata, plugin_data_pb2
+
+    infos = []
+    for name, values in hparams.items():
+        vs = [hparam_value(v) for v in values]
+        kinds = {type(v) for v in vs}
+        if len(kinds) > 1:
+            vs = [str(v) for v in vs]
+        kind = type(vs[0]) if vs else str
+        dtype = {bool: api_pb2.DATA_TYPE_BOOL, float: api_pb2.DATA_TYPE_FLOAT64}.get(kind, api_pb2.DATA_TYPE_STRING)
+        domain = struct_pb2.ListValue()
+        domain.extend(list(dict.fromkeys(vs)))
+        infos.append(api_pb2.HParamInfo(name=str(name), type=dtype, domain_discrete=domain))
+    metric_infos = [api_pb2.MetricInfo(name=api_pb2.MetricName(tag=str(tag)), display_name=str(display))
+                    for tag, display in metrics.items()]
+    experiment = api_pb2.Experiment(description=description, time_created_secs=time.time(),
+                                    hparam_infos=infos, metric_infos=metric_infos)
+    return _hparams_summary(metadata.EXPERIMENT_TAG, plugin_data_pb2.HParamsPluginData(experiment=experiment))
+
+
+def scalars_summary(scalars: Mapping[str, float]):
+    """A Summary of simple scalar values {tag: float}."""
+    from tensorboard.compat.proto import summary_pb2
+
+    return summary_pb2.Summary(value=[summary_pb2.Summary.Value(tag=str(k), simple_value=float(v))
+                                      for k, v in scalars.items()])
+
+
+def write_hparams_events(directory: str, summaries) -> str:
+    """Writes [(step, Summary)] into one event file of `directory` named *.hparams, after
+    deleting the *.hparams event files written there before, so that calling it again replaces
+    what it wrote (TensorBoard keeps the first metadata it reads for a tag, so appending would not
+    update an experiment or a session status). Other event files in the folder are left alone.
+    Returns the new file's path."""
+    from tensorboard.compat.proto import event_pb2
+    from tensorboard.summary.writer.event_file_writer import EventFileWriter
+
+    os.makedirs(directory, exist_ok=True)
+    for name in os.listdir(directory):
+        if "tfevents" in name and name.endswith(HPARAMS_SUFFIX):
+            os.remove(os.path.join(directory, name))
+    writer = EventFileWriter(directory, filename_suffix=HPARAMS_SUFFIX)
+    try:
+        for step, summary in summaries:
+            writer.add_event(event_pb2.Event(wall_time=time.time(), step=int(step), summary=summary))
+    finally:
+        writer.close()
+    written = [f for f in os.listdir(directory) if "tfevents" in f and f.endswith(HPARAMS_SUFFIX)]
+    return os.path.join(directory, max(written))
 
 
 def _png_bytes(image: np.ndarray) -> bytes:
@@ -59,10 +267,16 @@ class MetricWriter:
       resume_step: the step a resumed run continues after. Rows a killed run wrote for later
         steps (after its last checkpoint) are removed from metrics.jsonl, and TensorBoard is
         told to drop its events from step resume_step + 1 on (a SessionLog START event, which
-        TensorBoard's loader honours), so each step appears once.
+        TensorBoard's loader honours), so each step appears once. -1 drops everything an
+        earlier writer wrote (for runs that write their whole log again when rerun).
+      hparams: the run's hyper-parameters for the HParams dashboard (`write_hparams`):
+        CONFIG_HPARAMS ("config.json", the default) = every field of <workdir>/config.json when
+        the file exists (the harness and `dhjax.train.app.start` write it before), a mapping =
+        these, None = none.
     """
 
-    def __init__(self, workdir: str, enabled: bool = True, resume_step: int | None = None):
+    def __init__(self, workdir: str, enabled: bool = True, resume_step: int | None = None,
+                 hparams: Mapping | str | None = CONFIG_HPARAMS):
         self.enabled = enabled
         self._tb = None
         self._jsonl = None
@@ -82,6 +296,27 @@ class MetricWriter:
                 wall_time=time.time(), step=int(resume_step) + 1,
                 session_log=event_pb2.SessionLog(status=event_pb2.SessionLog.START)))
         self._jsonl = open(jsonl, "a")
+        if isinstance(hparams, str):
+            if hparams != CONFIG_HPARAMS:
+                raise ValueError(f"hparams must be a mapping, None or {CONFIG_HPARAMS!r}, got {hparams!r}")
+            path = os.path.join(workdir, CONFIG_HPARAMS)
+            hparams = None
+            if os.path.isfile(path):
+                with open(path) as f:
+                    hparams = flatten_hparams(json.load(f))
+        if hparams:
+            self.write_hparams(hparams)
+
+    def write_hparams(self, hparams: Mapping, *, group_name: str = "") -> None:
+        """The run's session-start summary for TensorBoard's HParams dashboard, at step 0:
+        {name: value} (bool, number, string; anything else as text, `hparam_value`). A run
+        has one: TensorBoard keeps the first it reads for the run's folder."""
+        if not self.enabled:
+            return
+        from tensorboard.compat.proto import event_pb2
+
+        self._tb.add_event(event_pb2.Event(wall_time=time.time(), step=0,
+                                           summary=session_start_summary(hparams, group_name=group_name)))
 
     def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
         """scalars: {name: float}; non-finite values are written as strings in the jsonl."""

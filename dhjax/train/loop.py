@@ -5,6 +5,12 @@ A method is four pure functions (a `Method`):
   train_step(state, batch, rng) -> (state, metrics)   # metrics: {name: scalar}, must hold "loss"
   evaluate(state, batch) -> metrics              # optional
   render(state, batch) -> {name: images [N, H, W, 3] in [0, 1]}   # optional
+render's convention (every experiment follows it): ground truth next to the render, one grid
+per tag, `{"eval/<what>": logs.comparison_grid(ground_truth, render, *diagnostics)}`, rows =
+a few examples of the eval batch (or a fixed held-out view), columns = ground truth | render |
+optional diagnostics (depth, layers, error colours, the input). The harness calls it on the
+eval batch at every evaluation step (`train.eval_every`) and once at the end, and writes the
+images to TensorBoard (`logs.MetricWriter.write_images`, tag = the key); it is not jitted here.
 A dataset gives batches by index, so the step number is the input pipeline's position and a
 resumed run reads exactly the batches an uninterrupted one would:
   dataset.get_batch(step) -> pytree of numpy arrays with leading axis = global batch size
@@ -26,7 +32,8 @@ with the step. What it guarantees:
     skips (count and first skipped step); more than `max_skipped_fraction` of `steps` skipped
     fails the run with FloatingPointError (after checkpointing the last finite state), as does
     any skip with on_nonfinite="stop";
-  - logs: TensorBoard + metrics.jsonl + a progress line from process 0 only.
+  - logs: TensorBoard + metrics.jsonl + a progress line from process 0 only; TensorBoard also
+    gets the run's config as its HParams session (`logs.MetricWriter`).
 
 Config fields read (`cfg.train`): steps, log_every, checkpoint_every, keep_checkpoints,
 eval_every (0 = only at the end), on_nonfinite ("skip" | "stop"), max_skipped_fraction
