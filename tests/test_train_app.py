@@ -120,3 +120,69 @@ def test_parameter_overview_counts_parameters():
     text = app.parameter_overview({"dense": {"kernel": np.zeros((3, 4), np.float32), "bias": np.zeros(4, np.float32)}})
     assert "dense/kernel" in text and "Total: 16" in text
     assert jax.process_index() == 0
+
+
+def test_sweep_writes_the_hparams_experiment_and_each_variants_session(tmp_path):
+    """Two toy variants (tests/train_toy.py, a few seconds each) and one that fails: TensorBoard's
+    HParams data names each variant's overridden fields with its values, its status and its
+    final metrics, and the experiment at the sweep root lists the fields and the metrics."""
+    import importlib.util
+    import os
+    import sys
+
+    from tensorboard.backend.event_processing import event_accumulator
+    from tensorboard.plugins.hparams import api_pb2, metadata
+
+    from dhjax.train import config as config_lib
+    from dhjax.train import logs, sweep
+
+    toy_path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train_toy.py")
+    spec = importlib.util.spec_from_file_location("train_toy_config", toy_path)
+    toy = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(toy)
+    variants = []
+    for i, (lr, steps) in enumerate(((0.05, 20), (0.2, 30), (1.0, 20))):
+        overrides = {"lr": lr, "train.steps": steps}
+        work = str(tmp_path / sweep.variant_name(i, overrides))
+        command = ([sys.executable, toy_path, work, f"lr={lr}", f"train.steps={steps}"] if i < 2 else
+                   [sys.executable, "-c", "import sys; sys.exit(3)"])
+        variants.append(sweep.Variant(overrides, work, command, config_lib.apply_overrides(toy.get_config(), overrides)))
+    rows = sweep.run_variants(variants, str(tmp_path), log=lambda *a: None)
+    assert [r["status"] for r in rows] == ["ok", "ok", "failed (3)"]
+
+    def hparams_data(folder):
+        acc = event_accumulator.EventAccumulator(str(folder))
+        acc.Reload()
+        return acc, acc.PluginTagToContent("hparams")
+
+    _, content = hparams_data(tmp_path)
+    experiment = metadata.parse_experiment_plugin_data(content[metadata.EXPERIMENT_TAG])
+    infos = {h.name: h for h in experiment.hparam_infos}
+    assert set(infos) == {"lr", "train.steps"}
+    assert infos["lr"].type == api_pb2.DATA_TYPE_FLOAT64
+    assert [v.number_value for v in infos["lr"].domain_discrete.values] == [0.05, 0.2, 1.0]
+    assert [v.number_value for v in infos["train.steps"].domain_discrete.values] == [20, 30]
+    metric_tags = {m.name.tag: m.display_name for m in experiment.metric_infos}
+    assert metric_tags["final/eval/mse"] == "eval/mse" and "final/loss" in metric_tags
+    assert "final/lr" not in metric_tags
+
+    for v, status in zip(variants, (api_pb2.STATUS_SUCCESS, api_pb2.STATUS_SUCCESS, api_pb2.STATUS_FAILURE)):
+        acc, content = hparams_data(os.path.join(v.workdir, "tb"))
+        start = metadata.parse_session_start_info_plugin_data(content[metadata.SESSION_START_INFO_TAG])
+        for k, value in v.overrides.items():
+            assert start.hparams[k].number_value == value
+        end = metadata.parse_session_end_info_plugin_data(content[metadata.SESSION_END_INFO_TAG])
+        assert end.status == status
+        if status == api_pb2.STATUS_SUCCESS:
+            final = app.read_final_metrics(v.workdir)
+            assert "seed" in start.hparams      # the run itself logged its whole config first
+            (event,) = acc.Scalars("final/eval/mse")
+            assert event.step == v.overrides["train.steps"]
+            assert event.value == pytest.approx(final["eval/mse"], rel=1e-6)
+        else:
+            assert "final/loss" not in acc.Tags()["scalars"]
+
+    # A second call keeps the finished variants and replaces (does not add to) the HParams files.
+    sweep.run_variants(variants, str(tmp_path), log=lambda *a: None)
+    for folder in [tmp_path] + [os.path.join(v.workdir, "tb") for v in variants]:
+        assert len([f for f in os.listdir(folder) if f.endswith(logs.HPARAMS_SUFFIX)]) == 1

@@ -269,6 +269,25 @@ def test_logs_tensorboard_jsonl_config(reference):
     assert final["eval/mse"] < 0.01
 
 
+def test_images_at_every_evaluation_step_and_once_at_the_end(tmp_path):
+    """eval_every=20 of 60 steps: the method's images (and evaluation scalars) at steps 20, 40
+    and 60, each once; a rerun that resumes at the end logs none again. TensorBoard also holds
+    the run's config as its HParams session."""
+    from tensorboard.backend.event_processing import event_accumulator
+    from tensorboard.plugins.hparams import metadata
+
+    toy(tmp_path, "train.eval_every=20")
+    toy(tmp_path, "train.eval_every=20")      # resumed at its end
+    acc = event_accumulator.EventAccumulator(str(tmp_path / "tb"), size_guidance={"images": 0})
+    acc.Reload()
+    assert [e.step for e in acc.Images("weights")] == [20, 40, 60]
+    assert [e.step for e in acc.Scalars("eval/mse")] == [20, 40, 60]
+    assert [r["step"] for r in jsonl(tmp_path) if "eval/mse" in r] == [20, 40, 60]
+    start = metadata.parse_session_start_info_plugin_data(
+        acc.PluginTagToContent("hparams")[metadata.SESSION_START_INFO_TAG])
+    assert start.hparams["train.eval_every"].number_value == 20 and start.hparams["lr"].number_value == 0.05
+
+
 def test_unknown_config_field_is_an_error(tmp_path):
     proc = toy(tmp_path, "train.stepz=3", check=False)
     assert proc.returncode != 0 and "unknown config field 'train.stepz'" in proc.stderr

@@ -16,6 +16,14 @@ the previous results.csv says "ok" and whose config.json still matches is kept a
 other one runs again (the experiment resumes from its own checkpoints). A SIGTERM to the sweep
 is passed on to the running variant; the sweep then writes its table and stops with status
 `app.EXIT_INTERRUPTED`.
+
+TensorBoard's HParams dashboard (`tensorboard --logdir <workdir>`, HPARAMS tab) compares the
+variants: the sweep writes the experiment summary at <workdir> (the overridden fields with the
+values the variants give them, and the metrics final/<name> for every number in the variants'
+final_metrics.json) and, into each variant's TensorBoard folder <workdir>/<variant>/tb, its
+session (the variant's overrides; an end status "ok" -> success, "failed" -> failure, none while
+interrupted) and its final metrics as scalars final/<name> at its last step. Both are rewritten
+after every variant (`logs.write_hparams_events`), like the tables.
 """
 
 from __future__ import annotations
@@ -31,6 +39,9 @@ from typing import Any, Callable, NamedTuple
 
 from dhjax.train import app
 from dhjax.train import config as config_lib
+from dhjax.train import logs
+
+FINAL_PREFIX = "final/"   # tag prefix of the final metrics the sweep writes for the HParams view
 
 
 class Variant(NamedTuple):
@@ -130,6 +141,52 @@ def finished(variant: Variant, previous: dict[str, dict]) -> bool:
         return False
 
 
+def final_scalars(metrics: dict) -> dict:
+    """{final/<name>: float} of the numbers (and bools) in a final_metrics.json dict."""
+    return {FINAL_PREFIX + k: float(v) for k, v in metrics.items()
+            if isinstance(v, (int, float)) and not isinstance(v, str)}
+
+
+def _last_step(variant: Variant) -> int:
+    cfg = variant.config
+    try:
+        return int(cfg.train.steps)
+    except (AttributeError, KeyError, TypeError, ValueError):
+        return 0
+
+
+def write_session(variant: Variant, status: str) -> str:
+    """The variant's HParams session in <variant workdir>/tb (module docstring): its overrides,
+    its end status and (when "ok") its final metrics as final/<name> scalars. Returns the file."""
+    summaries = [(0, logs.session_start_summary(variant.overrides))]
+    if status == "ok":
+        summaries.append((0, logs.session_end_summary("ok")))
+        scalars = final_scalars(app.read_final_metrics(variant.workdir))
+        if scalars:
+            summaries.append((_last_step(variant), logs.scalars_summary(scalars)))
+    elif status.startswith("failed"):
+        summaries.append((0, logs.session_end_summary("failed")))
+    return logs.write_hparams_events(os.path.join(variant.workdir, "tb"), summaries)
+
+
+def write_experiment(variants: list[Variant], rows: list[dict], workdir: str) -> str:
+    """The HParams experiment summary at `workdir`: the variants' overridden fields with their
+    values, and final/<name> metrics for every number in the rows of "ok" variants."""
+    hparams: dict = {}
+    for v in variants:
+        for k, value in v.overrides.items():
+            hparams.setdefault(k, []).append(value)
+    metrics: dict = {}
+    for r in rows:
+        if r.get("status") == "ok":
+            metrics.update({t: t[len(FINAL_PREFIX):] for t in final_scalars(
+                {k: v for k, v in r.items() if k not in ("variant", "status") and k not in hparams})})
+    text = (f"{len(variants)} variants; metrics: the numbers of each variant's {app.FINAL_METRICS} "
+            f"(tags {FINAL_PREFIX}<name>)")
+    return logs.write_hparams_events(workdir, [(0, logs.experiment_summary(hparams, dict(sorted(metrics.items())),
+                                                                            description=text))])
+
+
 def run_forwarding_sigterm(command: list) -> subprocess.CompletedProcess:
     """Runs `command`; a SIGTERM to this process is passed on to it (so that it checkpoints and
     stops) and then raises app.Interrupted here once it has ended."""
@@ -159,10 +216,12 @@ def run_variants(variants: list[Variant], workdir: str, log: Callable = print,
     """Runs the variants one after another (runner(command) -> object with returncode),
     skipping those an earlier call finished (`finished`), and tabulates them (`write_tables`
     after each); returns the rows. Exits with status app.EXIT_INTERRUPTED (SystemExit) after a
-    SIGTERM, once the running variant has stopped and its row is written."""
+    SIGTERM, once the running variant has stopped and its row is written. Writes the HParams
+    experiment and sessions (module docstring) as it goes."""
     os.makedirs(workdir, exist_ok=True)
     previous = previous_rows(workdir)
     rows = []
+    write_experiment(variants, [], workdir)
     for i, v in enumerate(variants):
         name = os.path.basename(v.workdir)
         row = {"variant": name}
@@ -184,6 +243,8 @@ def run_variants(variants: list[Variant], workdir: str, log: Callable = print,
         later = [previous[os.path.basename(u.workdir)] for u in variants[i + 1:]
                  if os.path.basename(u.workdir) in previous]
         write_tables(rows + later, workdir)
+        write_session(v, row["status"])
+        write_experiment(variants, rows, workdir)
         if row["status"] != "ok":
             log(f"  {name}: {row['status']}" + (" (resumes on the next call of the sweep)"
                                                  if row["status"] == "interrupted" else ""))
