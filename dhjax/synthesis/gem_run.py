@@ -2,10 +2,14 @@
 subject's multi-view capture, with evaluation, pictures, videos and the eigenmodel file.
 
 `run(cfg, workdir)` writes into workdir:
-  checkpoints/, metrics.jsonl, TensorBoard events     stage A (the Net), resumable
+  checkpoints/, metrics.jsonl, TensorBoard events     stage A (the Net), resumable; TensorBoard:
+                                                      scalars, the config as HParams, and the image
+                                                      eval/novel_view (ground truth | Net) at every
+                                                      evaluation step and the end
   distilled.npz                                       stage B: the eigenmodel straight from the PCA
                                                       (+ the training frames' coefficients k_*)
-  refine/ (checkpoints, metrics)                      stage C, resumable
+  refine/ (checkpoints, metrics, TensorBoard)         stage C, resumable; eval/novel_view
+                                                      (ground truth | refined GEM) likewise
   gem.npz                                             the refined eigenmodel (the product)
   gem_<M>.npz                                         truncated eigenmodels of the size table
   metrics.json                                        every table below, machine-readable
@@ -42,6 +46,7 @@ from dhjax.synthesis import gem_data
 from dhjax.synthesis import gem_local
 from dhjax.synthesis.insta_run import image_metrics
 from dhjax.train import app
+from dhjax.train import logs
 from dhjax.train import loop
 
 ATTRS = gem.ATTRIBUTES
@@ -110,11 +115,14 @@ def train_net(cfg, run_, ctx, cap, sp, log):
     shapes = jax.eval_shape(lambda k: gem.init_state(k, ctx), jax.random.PRNGKey(0))
     log(app.parameter_overview(shapes["params"], "Net parameters"))
 
+    f0 = int(sp.train_frames[0])
+    net_view = jax.jit(lambda p: gem.render_net(ctx, p, cap.frame_params(f0), _world_cams(cap, f0, sp.test_views[:1])))
+
     def render_hook(state, batch):
-        f = int(sp.train_frames[0])
-        img = np.asarray(jax.jit(lambda p: gem.render_net(ctx, p, cap.frame_params(f), _world_cams(cap, f, sp.test_views)))(
-            state["params"]))
-        return {"novel_view/net": img[:1], "novel_view/ground_truth": gt_images(ctx, cap, f, sp.test_views)[:1]}
+        """eval/novel_view: ground truth | Net render of the first training frame from the
+        first held-out camera."""
+        return {"eval/novel_view": logs.comparison_grid(gt_images(ctx, cap, f0, sp.test_views[:1]),
+                                                        np.asarray(net_view(state["params"])))}
 
     method = loop.Method(init, step, jax.jit(evaluate), render_hook)
     t0 = time.time()
@@ -230,8 +238,25 @@ def refine_stage(cfg, run_, ctx, model, k_train, cap, sp, log):
                                     views_per_step=int(rc.views_per_step), seed=int(cfg.seed) + 7,
                                     random_background=bool(cfg.batch.random_background),
                                     background=tuple(cfg.model.background))
+    # Images: the first training frame (its training coefficients, row 0 of k) from the first
+    # held-out camera, refined GEM against the ground truth, at every evaluation and the end.
+    f0 = int(sp.train_frames[0])
+    view_cams = head_cameras_of(ctx, cap, f0, sp.test_views[:1])
+    gem_view = jax.jit(lambda p, sigma, k: gem.render(gem.with_params(fixed, p)._replace(sigma=sigma),
+                                                      {a: k[a][0] for a in ATTRS}, view_cams, backend=ctx.backend))
+
+    def render(state, batch):
+        """eval/novel_view: ground truth | refined GEM (first training frame, first held-out camera)."""
+        return {"eval/novel_view": logs.comparison_grid(gt_images(ctx, cap, f0, sp.test_views[:1]),
+                                                        np.asarray(gem_view(state["p"], state["sigma"], state["k"])))}
+
+    g = max(int(cfg.batch.frames_per_step), jax.device_count())
+    g -= g % jax.device_count()
+    ev = [gem_data.frame_batch(cap, f0, sp.test_views[:1], np.asarray(cfg.model.background, np.float32))] * g
+    eval_batch = {key: np.stack([e[key] for e in ev]) for key in ev[0]}
     t0 = time.time()
-    result = loop.train(sub, str(run_.path("refine")), loop.Method(init, step), batches)
+    result = loop.train(sub, str(run_.path("refine")), loop.Method(init, step, render=render), batches,
+                        eval_batch=eval_batch)
     st = result.state
     refined = gem.with_params(fixed, st["p"])._replace(sigma=st["sigma"])
     # A last re-orthonormalisation: the saved bases are orthonormal (renders unchanged).

@@ -1,8 +1,9 @@
 """INSTA runs: training an avatar on a tracked video (`run`) and driving it with another
 sequence's tracking (`reenact`), each writing into a run folder (`dhjax.train.app`).
 
-Run folder: checkpoints/ (resumable), TensorBoard events (scalars; the held-out render, depth
-and ground truth as images at the end) and metrics.jsonl, config.json, final_metrics.json
+Run folder: checkpoints/ (resumable), TensorBoard events (scalars; the image eval/heldout:
+ground truth | render | depth of the first held-out frame, at every evaluation step and at the
+end; the config as HParams) and metrics.jsonl, config.json, final_metrics.json
 (training metrics and the held-out means), heldout_metrics.json (per frame and mean: L2, PSNR,
 SSIM, L1, LPIPS when eval.lpips_path is given, mouth-region PSNR, depth errors; the same for
 the textured-mesh baseline), heldout.png (ground truth | INSTA | baseline | depth, a few
@@ -38,7 +39,7 @@ from dhjax.render import shading
 from dhjax.render import texture as texture_lib
 from dhjax.synthesis import insta
 from dhjax.synthesis import insta_data
-from dhjax.train import app, loop
+from dhjax.train import app, logs, loop
 
 EXPERIMENT = "insta"
 
@@ -358,8 +359,8 @@ def run(cfg, workdir: str) -> dict:
     def render_hook(state, batch):
         out = renderer.render(state["ema"], state["occ"]["bits"], _frame(test, 0), test.K[0], test.R[0],
                               test.t[0], W, H)
-        return {"heldout/render": out["color"][None], "heldout/ground_truth": test.images[:1],
-                "heldout/depth": _depth_image(out["depth"])[None]}
+        return {"eval/heldout": logs.comparison_grid(test.images[:1], np.asarray(out["color"])[None],
+                                                     _depth_image(np.asarray(out["depth"]))[None])}
 
     method = loop.Method(init, step, jax.jit(evaluate), render_hook)
     eval_batch = eval_rays(cfg, test, jax.device_count())
