@@ -5,7 +5,9 @@ avatar with a new pose sequence.
     run(cfg, workdir)             # python -m experiments.d3ga --config=configs/d3ga.py:tiny --workdir=...
     drive(workdir, out, ...)      # python -m experiments.d3ga_drive --workdir=... --out=...
 
-Files of a run: config.json, checkpoints/, TensorBoard logs and metrics.jsonl (the harness),
+Files of a run: config.json, checkpoints/, TensorBoard logs and metrics.jsonl (the harness;
+TensorBoard also holds the config as HParams and the image eval/novel_view, ground truth |
+render | layers of one training frame from a held-out camera, at every evaluation and the end),
 parts.json (tets and Gaussians per part), metrics.json + final_metrics.json (novel view:
 training frames seen from held-out cameras; novel pose: held-out frames from every camera;
 PSNR, SSIM, L1, LPIPS when weights are given; all on random background colours), tables.md
@@ -30,7 +32,7 @@ from dhjax.data import cache
 from dhjax.models import body as body_lib
 from dhjax.render import camera as camera_lib
 from dhjax.synthesis import d3ga, d3ga_data
-from dhjax.train import app, loop
+from dhjax.train import app, logs, loop
 
 
 def open_capture(cfg, log=print):
@@ -132,10 +134,12 @@ def train(cfg, run_, ctx, cap, sp, log):
     rnd = Renderer(ctx)
 
     def render_hook(state, batch):
+        """eval/novel_view: ground truth | render | layers of the middle training frame from the
+        first held-out camera, on white."""
         f = int(sp.train_frames[len(sp.train_frames) // 2])
         b = d3ga_data.frame_batch(cap, f, sp.test_views[:1], np.ones((1, 3), np.float32))
         img, lay = rnd(state["params"], b)
-        return {"novel_view/render": img[:1], "novel_view/layers": lay[:1], "novel_view/ground_truth": b["image"][:1]}
+        return {"eval/novel_view": logs.comparison_grid(b["image"][:1], img[:1], lay[:1])}
 
     method = loop.Method(init, step, jax.jit(evaluate_fn), render_hook)
     return loop.train(cfg, str(run_.workdir), method, batches, eval_batch=eval_batch)
