@@ -15,6 +15,7 @@ import numpy as np
 from dhjax.data import cache as cache_lib
 from dhjax.data import dataset as ds
 from dhjax.synthesis import synshot
+from dhjax.train import logs
 
 REQUIRED_MAP_KEYS = synshot.MAP_KEYS
 
@@ -123,12 +124,23 @@ def prior_functions(ctx: synshot.Context):
         image, _, _ = synshot.predict(state, model_batch(batch), ctx)
         return synshot.image_metrics(image, batch["image"] * batch["mask"][..., None])
 
+    @jax.jit
+    def _first_renders(state, batch):
+        few = jax.tree_util.tree_map(lambda x: x[:RENDER_ROWS], model_batch(batch))
+        image, _, _ = synshot.predict(state, few, ctx)
+        return few["image"] * batch["mask"][:RENDER_ROWS, ..., None], image
+
     def render(state, batch):
-        image, _, _ = synshot.predict(state, model_batch(batch), ctx)
-        target = batch["image"] * batch["mask"][..., None]
-        return {"heldout": jnp.concatenate([target, image], axis=1)}
+        """eval/heldout: masked ground truth | render of the eval batch's first RENDER_ROWS
+        held-out images (`dhjax.train.logs.comparison_grid`; the prediction is jitted)."""
+        target, image = _first_renders(state, batch)
+        return {"eval/heldout": logs.comparison_grid(target, image)}
 
     return init, train_step, evaluate, render
+
+
+RENDER_ROWS = 4
+"""Held-out images the prior's render shows at each evaluation (rows of its grid)."""
 
 
 def predictor(ctx: synshot.Context):
