@@ -1,7 +1,9 @@
 """SynShot runs: training the prior (`run_prior`) and inverting it on a few images of one subject
 (`run_invert`), each writing its outputs into a run folder (`dhjax.train.app`).
 
-Prior run folder: checkpoints/ (resumable), TensorBoard events and metrics.jsonl,
+Prior run folder: checkpoints/ (resumable), TensorBoard events (scalars, the config as
+HParams, and the image eval/heldout: masked ground truth | render of 4 held-out images, at every
+evaluation step and the end) and metrics.jsonl,
 final_metrics.json (training metrics + held-out metrics + the mean-image baseline),
 heldout_metrics.json, heldout_grid.png (held-out identities: ground truth above the render, for
 several views and every expression), avatar_heldout0.ply (the first held-out identity's Gaussians
@@ -13,7 +15,11 @@ trained from scratch on the same images; the stages' step counts and losses), fi
 (the same held-out metrics, flat), renders.png (held-out views and expressions: ground truth,
 prior, inverted, scratch), inputs.png (the input images and the extracted texture), avatar.ply
 (3DGS file of the subject's neutral avatar, model space), checkpoints/ (the tuned parameters and
-the pivot code) and config.json.
+the pivot code), config.json, and TensorBoard events + metrics.jsonl at the evaluation points
+(step = optimisation steps so far: 0 the prior, then after stage 1 and after stage 2; the
+from-scratch baseline at its own step count): the held-out numbers as eval/<metric>
+(eval_scratch/<metric>) and the image eval/heldout (eval/heldout_scratch), masked ground truth
+| render of 4 held-out images; a rerun replaces them.
 """
 
 from __future__ import annotations
@@ -31,10 +37,11 @@ from dhjax.models import flame
 from dhjax.synthesis import synshot, synshot_data
 from dhjax.synthesis import synshot_gaussians as gs
 from dhjax.synthesis import synshot_invert as inv
-from dhjax.train import app, loop
+from dhjax.train import app, logs, loop
 from dhjax.train import checkpoint as ckpt_lib
 
 PRIOR_EXPERIMENT = "synshot_prior"
+INVERT_IMAGE_ROWS = 4    # held-out images in the inversion's TensorBoard grids
 
 
 def _save_avatar(path, out) -> None:
@@ -195,23 +202,42 @@ def run_invert(cfg, workdir: str) -> dict:
         return inv.run_stage(state, batch_in, ctx, stage=number, steps=steps, stopper=stopper, q_id=q_id,
                              seed=seed, log=run.log)
 
+    # TensorBoard at each evaluation point (step = optimisation steps so far): the held-out
+    # metrics and ground truth | render; a rerun starts over, so it replaces the earlier log.
+    writer = logs.MetricWriter(str(run.workdir), enabled=run.lead, resume_step=-1)
+
+    def log_point(step, metrics, images, scratch=False):
+        """The avatar's (or, scratch=True, the from-scratch baseline's) held-out numbers and images."""
+        if metrics:
+            writer.write_scalars(step, {f"{'eval_scratch' if scratch else 'eval'}/{k}": v for k, v in metrics.items()})
+        if images is not None:
+            writer.write_images(step, {f"eval/heldout{'_scratch' if scratch else ''}": logs.comparison_grid(
+                batch_held["image"] * batch_held["mask"][..., None], images, max_rows=INVERT_IMAGE_ROWS)})
+
     results, renders = {}, {}
-    results["prior"], renders["prior"] = evaluate(prior_state)
-    run.log(f"prior encoder-only on held-out views: {results['prior']}")
-    s1, s2 = int(cfg.stage1.steps_per_frame) * n, int(cfg.stage2.steps_per_frame) * n
-    state, info1 = stage(prior_state, 1, s1, cfg.stage1.warmup, cfg.stage1.patience)
-    results["stage1"], renders["stage1"] = evaluate(state)
-    run.log(f"after stage 1 ({info1['steps']} steps): {results['stage1']}")
-    q_id = inv.frozen_code(state, synshot_data.model_batch(batch_in), ctx)
-    state, info2 = stage(state, 2, s2, cfg.stage2.warmup, cfg.stage2.patience, q_id=q_id)
-    results["inverted"], renders["inverted"] = evaluate(state, q_id)
-    run.log(f"after stage 2 ({info2['steps']} steps): {results['inverted']}")
-    info = {"stage1": info1, "stage2": info2}
-    if cfg.baselines:
-        scratch = synshot.init_state(jax.random.PRNGKey(seed + 1), batch_in, ctx)
-        scratch, info["scratch"] = stage(scratch, 0, s1 + s2, s1 + s2, s1 + s2)     # no early stop
-        results["scratch"], renders["scratch"] = evaluate(scratch)
-        run.log(f"from scratch ({info['scratch']['steps']} steps, same images): {results['scratch']}")
+    try:
+        results["prior"], renders["prior"] = evaluate(prior_state)
+        log_point(0, results["prior"], renders["prior"])
+        run.log(f"prior encoder-only on held-out views: {results['prior']}")
+        s1, s2 = int(cfg.stage1.steps_per_frame) * n, int(cfg.stage2.steps_per_frame) * n
+        state, info1 = stage(prior_state, 1, s1, cfg.stage1.warmup, cfg.stage1.patience)
+        results["stage1"], renders["stage1"] = evaluate(state)
+        log_point(info1["steps"], results["stage1"], renders["stage1"])
+        run.log(f"after stage 1 ({info1['steps']} steps): {results['stage1']}")
+        q_id = inv.frozen_code(state, synshot_data.model_batch(batch_in), ctx)
+        state, info2 = stage(state, 2, s2, cfg.stage2.warmup, cfg.stage2.patience, q_id=q_id)
+        results["inverted"], renders["inverted"] = evaluate(state, q_id)
+        log_point(info1["steps"] + info2["steps"], results["inverted"], renders["inverted"])
+        run.log(f"after stage 2 ({info2['steps']} steps): {results['inverted']}")
+        info = {"stage1": info1, "stage2": info2}
+        if cfg.baselines:
+            scratch = synshot.init_state(jax.random.PRNGKey(seed + 1), batch_in, ctx)
+            scratch, info["scratch"] = stage(scratch, 0, s1 + s2, s1 + s2, s1 + s2)     # no early stop
+            results["scratch"], renders["scratch"] = evaluate(scratch)
+            log_point(info["scratch"]["steps"], results["scratch"], renders["scratch"], scratch=True)
+            run.log(f"from scratch ({info['scratch']['steps']} steps, same images): {results['scratch']}")
+    finally:
+        writer.close()
 
     summary = {"n_inputs": n, "n_heldout": len(heldout), "prior_step": prior_step, "heldout": results,
                "stages": info, "seconds": run.elapsed()}
