@@ -48,10 +48,14 @@ def test_sh_basis_orthonormal():
 
 @pytest.mark.peers
 def test_projection_matches_gsplat():
+    """The same cameras in gsplat's pixel convention (centres at +0.5, so cx_gsplat = cx + 0.5):
+    2D means differ by exactly 0.5 px, everything else (window clamp, conics, radii, culling at
+    the image's true edges) is equal, also for Gaussians far outside the frustum."""
     torch = pytest.importorskip("torch")
     ti = pytest.importorskip("gsplat.cuda._torch_impl")
     means, quats, scales = gaussians(1)
     means[:20, 2] += 3.0  # some behind the cameras / beyond
+    means[20:60, 0] *= 6.0  # some far to the sides: their x/z is clamped to the window
     cams = camera.orbit_rig(3, 1.0, width=120, height=90, fov_y_deg=50)
     covs = np.asarray(splat.covariance(quats, scales))
     ours = splat.project(means, covs, cams, 120, 90, radius_sigma=3.33)
@@ -59,24 +63,74 @@ def test_projection_matches_gsplat():
     viewmats[:, :3, :3] = np.asarray(cams.R)
     viewmats[:, :3, 3] = np.asarray(cams.t)
     viewmats[:, 3, 3] = 1
+    K_gs = np.array(cams.K)
+    K_gs[:, :2, 2] += 0.5
     radii, m2d, depths, conics, comp = ti._fully_fused_projection(
-        torch.tensor(means), torch.tensor(covs), torch.tensor(viewmats), torch.tensor(np.asarray(cams.K)),
+        torch.tensor(means), torch.tensor(covs), torch.tensor(viewmats), torch.tensor(K_gs),
         120, 90, eps2d=0.3, near_plane=0.01, far_plane=1e10, calc_compensations=True)
     valid = (depths.numpy() > 0.01)
     assert valid.sum() > 500 and (~valid).sum() > 10
+    pc = np.einsum("cij,nj->cni", np.asarray(cams.R), means) + np.asarray(cams.t)[:, None]
+    clamped = valid & (np.abs(pc[..., 0] / pc[..., 2]) > 1.3 * 60 / np.asarray(cams.K)[:, None, 0, 0])
+    assert clamped.sum() > 20
     np.testing.assert_allclose(np.asarray(ours.depths), depths.numpy(), rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(np.asarray(ours.means2d)[valid], m2d.numpy()[valid], rtol=1e-4, atol=1e-3)
+    np.testing.assert_allclose(np.asarray(ours.means2d)[valid] + 0.5, m2d.numpy()[valid], rtol=1e-4, atol=1e-3)
     np.testing.assert_allclose(np.asarray(ours.conics)[valid], conics.numpy()[valid], rtol=1e-3, atol=1e-6)
     np.testing.assert_allclose(np.asarray(ours.compensations)[valid], comp.numpy()[valid], rtol=1e-4, atol=1e-6)
-    # radii: gsplat keeps a box when it reaches [0, W] x [0, H] (pixel centres at +0.5), dhjax when it
-    # reaches [-0.5, W - 0.5] (pixel centres at integers): compare where both are clear of the border
-    r_ours, r_gs = np.asarray(ours.radii), radii.numpy()
-    m = m2d.numpy()
-    clear = valid & (m[..., 0] - r_gs[..., 0] > 1) & (m[..., 0] + r_gs[..., 0] < 119) \
-        & (m[..., 1] - r_gs[..., 1] > 1) & (m[..., 1] + r_gs[..., 1] < 89)
-    assert clear.sum() > 300
-    np.testing.assert_array_equal(r_ours[clear], r_gs[clear])
-    np.testing.assert_array_equal(r_ours[~valid], 0)
+    np.testing.assert_array_equal(np.asarray(ours.radii)[valid], radii.numpy()[valid])
+    np.testing.assert_array_equal(np.asarray(ours.radii)[~valid], 0)
+
+
+def test_a_mirrored_scene_renders_mirrored():
+    """A centred camera (c = (W - 1) / 2) and the scene mirrored in its y-z plane: the image is
+    the mirror image, also for large Gaussians beyond the image edge, whose covariance depends on
+    the clamp window (it is symmetric about the image's true edges). W is a multiple of the tile
+    size, so tiles mirror onto tiles; boxes of 5 sigma make the tile binning irrelevant (3DGS's
+    tile rectangles, which dhjax keeps, may take one extra tile on the low side of a 3-sigma box,
+    and alpha at 3 sigma is above the 1/255 cut)."""
+    W, H = 64, 48
+    cam = camera.camera_from_fov(60.0, W, H, np.eye(3), np.zeros(3))
+    rng = np.random.default_rng(3)
+    n = 60
+    z = rng.uniform(1.0, 2.0, n)
+    x = rng.uniform(-1.6, 1.6, n) * z            # tan(fov_x / 2) = 0.77: many are clamped
+    y = rng.uniform(-0.4, 0.4, n) * z
+    means = np.stack([x, y, z], 1).astype(np.float32)
+    A = rng.normal(size=(n, 3, 3)) * rng.uniform(0.05, 0.3, (n, 1, 1))
+    covs = (A @ np.swapaxes(A, 1, 2) + 1e-4 * np.eye(3)).astype(np.float32)
+    colors = rng.uniform(0, 1, (n, 3)).astype(np.float32)
+    opac = rng.uniform(0.3, 0.9, n).astype(np.float32)
+    M = np.diag([-1.0, 1.0, 1.0]).astype(np.float32)
+    kw = dict(backend="reference", radius_sigma=5.0)
+    img = splat.rasterize(means, None, None, opac, colors, cam, covariances=covs, **kw).image
+    img_m = splat.rasterize(means @ M, None, None, opac, colors, cam, covariances=M @ covs @ M, **kw).image
+    assert float(jnp.std(img)) > 0.05
+    pc = means / means[:, 2:]
+    assert np.sum(np.abs(pc[:, 0]) > 1.3 * 0.5 * W / float(cam.K[0, 0])) > 10   # the clamp matters
+    np.testing.assert_allclose(np.asarray(img_m)[:, :, ::-1], np.asarray(img), atol=2e-5)
+
+
+def test_projection_jacobian_includes_skew():
+    """With a skewed camera (K[0, 1] != 0) the 2D covariance is J Sigma J^T with J the Jacobian of
+    the pinhole projection itself, here by central differences in float64."""
+    K = np.array([[300.0, 40.0, 61.0], [0.0, 280.0, 47.0], [0.0, 0.0, 1.0]], np.float32)
+    cam = camera.make_camera(K[None], np.eye(3)[None], np.zeros((1, 3)), 120, 90)
+    rng = np.random.default_rng(5)
+    means = np.stack([rng.uniform(-0.15, 0.15, 30), rng.uniform(-0.1, 0.1, 30), rng.uniform(0.8, 1.5, 30)], 1)
+    A = rng.normal(size=(30, 3, 3)) * 0.02
+    covs = A @ np.swapaxes(A, 1, 2)
+    proj = splat.project(means.astype(np.float32), covs.astype(np.float32), cam, 120, 90, eps2d=0.0)
+
+    def uv(p):
+        q = K.astype(np.float64) @ p
+        return q[:2] / q[2]
+
+    h = 1e-6
+    for i in range(30):
+        J = np.stack([(uv(means[i] + h * e) - uv(means[i] - h * e)) / (2 * h) for e in np.eye(3)], 1)
+        want = J @ covs[i] @ J.T
+        np.testing.assert_allclose(np.asarray(proj.cov2d)[0, i], want, rtol=2e-4, atol=1e-6)
+        np.testing.assert_allclose(np.asarray(proj.means2d)[0, i], uv(means[i]), rtol=1e-5, atol=1e-3)
 
 
 @pytest.mark.peers

@@ -8,8 +8,11 @@ Image formation, as in Kerbl et al. 2023 (3DGS), with the conventions of `dhjax.
    given directly (`covariances`, e.g. a deformed J Sigma J^T).
 2. EWA projection: camera-space mean t = R_cam mu + t_cam; 2D covariance
    Sigma' = J W Sigma W^T J^T with the perspective Jacobian
-   J = [[fx/z, 0, -fx x/z^2], [0, fy/z, -fy y/z^2]], where x/z and y/z are clamped to 1.3x the
-   field of view (as gsplat and 3DGS do, so Gaussians far outside the frustum stay bounded).
+   J = [[fx/z, s/z, -(fx x + s y)/z^2], [0, fy/z, -fy y/z^2]] (s = K[0, 1], the skew), where
+   x/z and y/z are clamped to a window 0.3 tan(fov/2) beyond the image's edges at -0.5 and
+   W - 0.5 (H - 0.5), so Gaussians far outside the frustum stay bounded: 3DGS's 1.3x the field
+   of view for a centred camera (c = (W - 1) / 2), and gsplat's window for pixel centres at
+   +0.5 translated to dhjax's pixel centres at integers; a mirrored scene renders mirrored.
    A 0.3 pixel^2 low-pass is added to the diagonal. Antialiased mode (Mip-Splatting / gsplat's
    "antialiased") multiplies the opacity by sqrt(det(Sigma') / det(Sigma' + 0.3 I)).
 3. Culling and extent: a Gaussian is dropped when z <= near, z >= far, or its box lies outside
@@ -197,15 +200,19 @@ def project(means, covs, cameras: Camera, width: int, height: int, *, eps2d: flo
     z = pc[..., 2]
     depth_ok = (z > near) & (z < far)
     zs = jnp.where(depth_ok, z, 1.0)
-    fx, fy = K[:, 0, 0][:, None], K[:, 1, 1][:, None]
+    fx, fy, skew = K[:, 0, 0][:, None], K[:, 1, 1][:, None], K[:, 0, 1][:, None]
     cx, cy = K[:, 0, 2][:, None], K[:, 1, 2][:, None]
     tan_x, tan_y = 0.5 * width / fx, 0.5 * height / fy
-    lim_xp, lim_xn = (width - cx) / fx + 0.3 * tan_x, cx / fx + 0.3 * tan_x
-    lim_yp, lim_yn = (height - cy) / fy + 0.3 * tan_y, cy / fy + 0.3 * tan_y
+    # The image spans [-0.5, W - 0.5] x [-0.5, H - 0.5] (pixel centres at integers); the window
+    # reaches 0.3 tan(fov / 2) beyond its edges, so a centred camera gets 3DGS's symmetric 1.3 x fov.
+    lim_xp, lim_xn = (width - 0.5 - cx) / fx + 0.3 * tan_x, (cx + 0.5) / fx + 0.3 * tan_x
+    lim_yp, lim_yn = (height - 0.5 - cy) / fy + 0.3 * tan_y, (cy + 0.5) / fy + 0.3 * tan_y
     tx = zs * jnp.clip(pc[..., 0] / zs, -lim_xn, lim_xp)
     ty = zs * jnp.clip(pc[..., 1] / zs, -lim_yn, lim_yp)
     zero = jnp.zeros_like(zs)
-    J = jnp.stack([fx / zs, zero, -fx * tx / (zs * zs), zero, fy / zs, -fy * ty / (zs * zs)], -1).reshape(zs.shape + (2, 3))
+    # d(u, v)/d(x, y, z) of u = (fx x + s y) / z + cx, v = fy y / z + cy (s = K[0, 1], the skew)
+    J = jnp.stack([fx / zs, skew / zs, -(fx * tx + skew * ty) / (zs * zs),
+                   zero, fy / zs, -fy * ty / (zs * zs)], -1).reshape(zs.shape + (2, 3))
     cov2d = jnp.einsum("cnij,cnjk,cnlk->cnil", J, cov_c, J, precision=_HI)
     uv = jnp.einsum("cij,cnj->cni", K[:, :2, :3], jnp.where(depth_ok[..., None], pc, jnp.array([0.0, 0.0, 1.0])), precision=_HI)
     means2d = uv / zs[..., None]
