@@ -418,3 +418,98 @@ def test_bad_inputs_raise(pair):
         rasterize_uv(np.zeros((4, 3)), faces[:1] % 4, 8, 8)
     with pytest.raises(ValueError, match="attrs"):
         interpolate(jnp.zeros((6,)), faces, rasterize(verts, faces, cam))
+
+
+# ----------------------------------------------------------------------------------------------
+# Fill rule: no cracks and no double coverage on shared edges and vertices.
+
+
+def _pixel_camera(n, size=64):
+    """Cameras at the origin looking along +z with K = I, so a vertex (u, v, 1) projects to the
+    pixel coordinates (u, v) exactly (division by 1)."""
+    K = np.broadcast_to(np.eye(3, dtype=np.float32), (n, 3, 3))
+    R = np.broadcast_to(np.eye(3, dtype=np.float32), (n, 3, 3))
+    return C.make_camera(K, R, np.zeros((n, 3), np.float32), size, size)
+
+
+def _edge_pairs(n, seed):
+    """n pairs of triangles (A, B, C1) and (B, A, C2) sharing an edge AB drawn through an integer
+    pixel centre P in a random direction (float32 endpoints: P lies on AB up to rounding)."""
+    rng = np.random.default_rng(seed)
+    P = rng.integers(12, 52, (n, 2)).astype(np.float64)
+    d = rng.normal(size=(n, 2))
+    d /= np.linalg.norm(d, axis=1, keepdims=True)
+    nrm = np.stack([-d[:, 1], d[:, 0]], 1)
+    A = P + rng.uniform(1, 8, (n, 1)) * d
+    B = P - rng.uniform(1, 8, (n, 1)) * d
+    C1 = P + rng.uniform(2, 8, (n, 1)) * nrm + rng.uniform(-3, 3, (n, 1)) * d
+    C2 = P - rng.uniform(2, 8, (n, 1)) * nrm + rng.uniform(-3, 3, (n, 1)) * d
+    verts = np.stack([A, B, C1, C2], 1)
+    verts = np.concatenate([verts, np.ones((n, 4, 1))], 2).astype(np.float32)
+    return verts, P.astype(np.int64)
+
+
+def test_shared_edges_through_pixel_centres_cover_each_centre_exactly_once():
+    """The crack of the former inclusive rule: a pixel centre on a shared edge was covered by
+    neither triangle for ~1% of random edges (the two edge functions were evaluated with different
+    rounding); now exactly one triangle covers it, whichever winding the pair has."""
+    from dhjax.render.raster import _eval_pixels
+
+    n = 4000
+    verts, P = _edge_pairs(n, seed=0)
+    px, py = jnp.asarray(P[:, 0], jnp.float32), jnp.asarray(P[:, 1], jnp.float32)
+    one = jnp.ones((n,), jnp.float32)
+
+    def covers(i, j, k):
+        u, v = verts[:, :, 0], verts[:, :, 1]
+        return np.asarray(_eval_pixels(px, py, (u[:, i], u[:, j], u[:, k]), (v[:, i], v[:, j], v[:, k]),
+                                       (one, one, one))[0])
+
+    for first, second in (((0, 1, 2), (1, 0, 3)), ((0, 1, 2), (0, 1, 3))):  # consistent, flipped winding
+        c1, c2 = covers(*first), covers(*second)
+        assert np.sum(c1 & c2) == 0, "a pixel centre covered by both triangles"
+        assert np.sum(~c1 & ~c2) == 0, "a pixel centre covered by neither triangle (crack)"
+    # End to end: every pair rendered into its own image; the pixel P is never left empty.
+    faces = np.array([[0, 1, 2], [1, 0, 3]], np.int32)
+    frags = rasterize(verts[:600], faces, _pixel_camera(600))
+    mask = np.asarray(frags.mask)
+    assert mask[np.arange(600), P[:600, 1], P[:600, 0]].all()
+
+
+def test_top_left_rule_on_axis_aligned_squares():
+    """A 4 x 4 pixel square from (0, 0) to (4, 4) split along either diagonal: the pixel centres
+    of columns 0..3 and rows 0..3 are covered (left and top edges are in), column 4 and row 4
+    are not (right and bottom edges are out), each by exactly one of the two triangles."""
+    from dhjax.render.raster import _eval_pixels
+
+    jj, ii = np.meshgrid(np.arange(-1, 7), np.arange(-1, 7))
+    px, py = jnp.asarray(jj, jnp.float32), jnp.asarray(ii, jnp.float32)
+    sq = {0: (0.0, 0.0), 1: (4.0, 0.0), 2: (4.0, 4.0), 3: (0.0, 4.0)}
+    want = (jj >= 0) & (jj <= 3) & (ii >= 0) & (ii <= 3)
+    for tris in (((0, 1, 2), (0, 2, 3)), ((0, 1, 3), (1, 2, 3)), ((2, 1, 0), (3, 2, 0))):
+        count = np.zeros(jj.shape, int)
+        for t in tris:
+            u = tuple(jnp.float32(sq[k][0]) for k in t)
+            v = tuple(jnp.float32(sq[k][1]) for k in t)
+            count += np.asarray(_eval_pixels(px, py, u, v, (1.0, 1.0, 1.0))[0]).astype(int)
+        np.testing.assert_array_equal(count, want.astype(int))
+
+
+def test_fan_around_a_pixel_centre_covers_it_once():
+    """Eight triangles around a vertex placed exactly on a pixel centre: that centre, and the
+    centres on the eight spokes, are each covered by exactly one triangle."""
+    from dhjax.render.raster import _eval_pixels
+
+    c = np.array([10.0, 10.0])
+    ring = c + 6.0 * np.array([[1, 0], [1, 1], [0, 1], [-1, 1], [-1, 0], [-1, -1], [0, -1], [1, -1]], float)
+    jj, ii = np.meshgrid(np.arange(0, 21), np.arange(0, 21))
+    px, py = jnp.asarray(jj, jnp.float32), jnp.asarray(ii, jnp.float32)
+    count = np.zeros(jj.shape, int)
+    for k in range(8):
+        a, b = ring[k], ring[(k + 1) % 8]
+        u = (jnp.float32(c[0]), jnp.float32(a[0]), jnp.float32(b[0]))
+        v = (jnp.float32(c[1]), jnp.float32(a[1]), jnp.float32(b[1]))
+        count += np.asarray(_eval_pixels(px, py, u, v, (1.0, 1.0, 1.0))[0]).astype(int)
+    assert count[10, 10] == 1
+    inner = (np.abs(jj - 10) < 6) & (np.abs(ii - 10) < 6)
+    np.testing.assert_array_equal(count[inner], 1)

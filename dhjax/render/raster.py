@@ -3,10 +3,15 @@
 Conventions: cameras and pixel centres as in `dhjax.render.camera` (OpenCV; the centre of the
 pixel in column j, row i is at image coordinates (u, v) = (j, i)).
 
-Coverage rule: a pixel is covered by a triangle when its centre lies inside or on the boundary
-of the projected triangle (all screen-space barycentrics >= 0, inclusive) and inside the
-triangle's screen bounding box. One helper, `_eval_pixels`, decides coverage and depth for
-both the tiled rasterizer and the brute-force oracle, so the two agree bit for bit.
+Coverage rule: a pixel is covered by a triangle when its centre lies strictly inside the
+projected triangle, or exactly on one of its top or left edges (the top-left fill rule of
+Direct3D/OpenGL: with image v pointing down, a top edge is horizontal with the interior below
+it, a left edge has the interior to its right), and inside the triangle's screen bounding box.
+Edge functions are evaluated so that the two triangles sharing an edge get exactly opposite
+values (`_edge_function`), so a pixel centre on a shared edge is covered by exactly one of them:
+no cracks, no double coverage, in floating point. One helper, `_eval_pixels`, decides coverage
+and depth for both the tiled rasterizer and the brute-force oracle, so the two agree bit for
+bit.
 
 Visibility: the smallest camera-space depth z wins; among candidates with exactly that depth
 the largest face index wins (deterministic tie rule).
@@ -89,6 +94,26 @@ class Fragments:
 # Shared per-pixel helper (coverage, barycentrics, depth).
 
 
+def _edge_function(ua, va, ub, vb, px, py):
+    """cross(a - p, b - p) = (ua - px)(vb - py) - (va - py)(ub - px), exactly antisymmetric in
+    (a, b): the endpoints are put in a canonical (lexicographic) order before the products, so
+    the two triangles sharing an edge evaluate it with the same floating-point operations (XLA
+    may contract a*b - c*d into an FMA, which is not antisymmetric) and get exactly opposite
+    values. Broadcasting; the canonical order is decided on the vertex arrays only."""
+    swap = (ua > ub) | ((ua == ub) & (va > vb))
+    u0, v0 = jnp.where(swap, ub, ua), jnp.where(swap, vb, va)
+    u1, v1 = jnp.where(swap, ua, ub), jnp.where(swap, va, vb)
+    raw = (u0 - px) * (v1 - py) - (v0 - py) * (u1 - px)
+    return jnp.where(swap, -raw, raw)
+
+
+def _top_left(eu, ev):
+    """Top-left rule for an edge vector (eu, ev) oriented with the triangle's interior on the
+    positive side of its edge function (image v points down): a left edge points up (ev < 0), a
+    top edge is horizontal and points right."""
+    return (ev < 0) | ((ev == 0) & (eu > 0))
+
+
 def _eval_pixels(px, py, tu, tv, tz):
     """Coverage, perspective-correct barycentrics and depth of pixel centres w.r.t. triangles.
 
@@ -96,7 +121,7 @@ def _eval_pixels(px, py, tu, tv, tz):
       px, py: [...] float32 pixel-centre image coordinates.
       tu, tv, tz: tuples of three [...] arrays: screen u, v and camera z of the vertices.
     Returns:
-      inside: [...] bool (inclusive edge test and bounding-box test, needs positive depth),
+      inside: [...] bool (top-left fill rule, bounding-box test, needs positive depth),
       bary: [..., 3] float32 perspective-correct barycentrics,
       depth: [...] float32 camera-space z.
     Finite values and gradients for any finite input (safe divisions).
@@ -104,22 +129,25 @@ def _eval_pixels(px, py, tu, tv, tz):
     u0, u1, u2 = tu
     v0, v1, v2 = tv
     z0, z1, z2 = tz
-    du0, du1, du2 = u0 - px, u1 - px, u2 - px
-    dv0, dv1, dv2 = v0 - py, v1 - py, v2 - py
-    w0 = du1 * dv2 - dv1 * du2
-    w1 = du2 * dv0 - dv2 * du0
-    w2 = du0 * dv1 - dv0 * du1
+    w0 = _edge_function(u1, v1, u2, v2, px, py)  # edge 1 -> 2
+    w1 = _edge_function(u2, v2, u0, v0, px, py)  # edge 2 -> 0
+    w2 = _edge_function(u0, v0, u1, v1, px, py)  # edge 0 -> 1
     wsum = w0 + w1 + w2
-    pos = (w0 >= 0) & (w1 >= 0) & (w2 >= 0)
-    neg = (w0 <= 0) & (w1 <= 0) & (w2 <= 0)
+    area2 = (u1 - u0) * (v2 - v0) - (v1 - v0) * (u2 - u0)
+    s = jnp.where(area2 < 0, -1.0, 1.0).astype(w0.dtype)
+    # An edge k from vertex i to j has w_k(p) = cross(e, p - p_i) with e = p_j - p_i; inside means
+    # s w_k > 0, or w_k == 0 on a top-left edge of the oriented (s e) triangle.
+    cover = []
+    for w, (ua, va, ub, vb) in ((w0, (u1, v1, u2, v2)), (w1, (u2, v2, u0, v0)), (w2, (u0, v0, u1, v1))):
+        cover.append((s * w > 0) | ((w == 0) & _top_left(s * (ub - ua), s * (vb - va))))
     in_box = (
         (px >= jnp.minimum(jnp.minimum(u0, u1), u2))
         & (px <= jnp.maximum(jnp.maximum(u0, u1), u2))
         & (py >= jnp.minimum(jnp.minimum(v0, v1), v2))
         & (py <= jnp.maximum(jnp.maximum(v0, v1), v2))
     )
-    ok_w = wsum != 0
-    ws = jnp.where(ok_w, wsum, 1.0)
+    ok_w = (wsum != 0) & (area2 != 0)
+    ws = jnp.where(wsum != 0, wsum, 1.0)
     b0, b1, b2 = w0 / ws, w1 / ws, w2 / ws
     ok_z = (z0 != 0) & (z1 != 0) & (z2 != 0)
     q0 = b0 / jnp.where(ok_z, z0, 1.0)
@@ -128,7 +156,7 @@ def _eval_pixels(px, py, tu, tv, tz):
     qsum = q0 + q1 + q2
     ok_q = qsum > 0
     qs = jnp.where(ok_q, qsum, 1.0)
-    inside = (pos | neg) & in_box & ok_w & ok_z & ok_q
+    inside = cover[0] & cover[1] & cover[2] & in_box & ok_w & ok_z & ok_q
     bary = jnp.stack([q0 / qs, q1 / qs, q2 / qs], -1)
     depth = 1.0 / qs
     return inside, bary, depth
