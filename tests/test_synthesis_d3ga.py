@@ -144,6 +144,26 @@ def test_face_part_and_triangle_ablation():
     assert np.isfinite(float(total)) and float(m["neo"]) == 0.0
 
 
+def test_single_layer_gaussians_keep_their_surface_labels():
+    """The single-layer ablation: one part whose Gaussians carry per-Gaussian layer labels
+    (gauss_layer), which the layer render and so the garment loss use."""
+    part = _part(G=90)
+    part["gauss_layer"] = np.repeat(np.array([1, 2, 3], np.int32), 30)
+    ctx = _context([part])
+    st = d3ga.init_state(jax.random.PRNGKey(0), ctx)
+    av = d3ga.posed_avatar(st["params"], ctx, _batch())
+    np.testing.assert_array_equal(np.asarray(av["layer"]), part["gauss_layer"])
+    out = d3ga.render(st["params"], ctx, _batch(), camera_lib.Camera(*(jnp.asarray(_batch()[k]) for k in "KRt"), W, H),
+                      _batch()["background"])
+    lay = np.asarray(out["layers"])
+    assert min(float(lay[..., c].max()) for c in range(3)) > 0.2     # all three layer colours appear
+    # Without labels every Gaussian takes its part's layer.
+    ctx1 = _context([_part(G=90)])
+    assert set(np.unique(np.asarray(d3ga.posed_avatar(st["params"], ctx1, _batch())["layer"]))) == {1}
+    with pytest.raises(ValueError, match="gauss_layer"):
+        _context([dict(part, gauss_layer=np.zeros(90, np.int32))])
+
+
 def test_bad_inputs():
     b = _batch()
     d3ga.check_batch(b)

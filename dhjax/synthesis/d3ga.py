@@ -31,9 +31,11 @@ switches to the rest-stable form). The colour and layers come from ONE splatting
 channels. Adam 5e-4 with a multistep decay of 0.33, batch 1. The perceptual term is not used
 (no VGG weights ship; LPIPS is reported when weights are given).
 
-Ablations (config `model.geometry`, `loss.garment_weight`, `data.layers`): Gaussians on the
+Ablations (config `model.geometry`, `loss.garment_weight`, `parts.layers`): Gaussians on the
 surface triangles of each part with triangle deformation gradients instead of tetrahedra;
-no garment loss; one layer (`d3ga_data.build_parts`).
+no garment loss; one layer (`d3ga_data.build_parts`): one cage and one set of MLPs for body and
+garments, each Gaussian labelled with the layer of the surface it was sampled on
+(`Part.gauss_layer`), so the garment loss still supervises its layer render.
 
 Units: metres; images in [0, 1].
 """
@@ -94,8 +96,10 @@ class Part:
     rest_nodes [N, 3] (metres, rest space), cells [M, K] node ids (K = 4 tetrahedra, or K = 3
     triangles in the triangle ablation), rest_inv [M, 3, 3] (the inverse rest edge frames:
     tetrahedra E_rest^-1, triangles [e1, e2, n / sqrt|n|]^-1), node_weights [N, 55] skinning weights, node_enc [N, P] positional encoding of
-    the rest nodes, gauss_cell [G] the fixed cell of each Gaussian, and initial bary [G, K],
-    log_scale [G, 3], quat [G, 4] (w, x, y, z).
+    the rest nodes, gauss_cell [G] the fixed cell of each Gaussian, gauss_layer [G] int32 the
+    layer label of each Gaussian (the layer of the surface it was sampled on: the part's own
+    layer, except in the single-layer ablation, whose one part holds body and garment
+    Gaussians), and initial bary [G, K], log_scale [G, 3], quat [G, 4] (w, x, y, z).
     """
 
     rest_nodes: jax.Array
@@ -104,6 +108,7 @@ class Part:
     node_weights: jax.Array
     node_enc: jax.Array
     gauss_cell: jax.Array
+    gauss_layer: jax.Array
     bary: jax.Array
     log_scale: jax.Array
     quat: jax.Array
@@ -164,7 +169,8 @@ def make_context(parts: Sequence[Mapping], rest_joints, parents, *, n_frames: in
 
     Args:
       parts: part dicts (name, layer, driver, rest_nodes, tets, rest_inv, node_weights, gauss_tet,
-        gauss_bary, gauss_log_scale, gauss_quat, and for geometry="triangles" surf_vertices,
+        gauss_bary, gauss_log_scale, gauss_quat, optionally gauss_layer [G] (default: the part's
+        layer for every Gaussian), and for geometry="triangles" surf_vertices,
         surf_faces, surf_weights, gauss_face, gauss_face_bary).
       rest_joints: [55, 3] the subject's rest joints (metres); parents: the kinematic tree.
       n_frames: training frames (frame embeddings); face_mean / face_std: [51, 3] statistics of
@@ -191,10 +197,16 @@ def make_context(parts: Sequence[Mapping], rest_joints, parents, *, n_frames: in
             w = p["surf_weights"]
             cell, bary = p["gauss_face"], p["gauss_face_bary"]
         nodes = np.asarray(nodes, np.float32)
+        n_g = np.asarray(cell).shape[0]
+        g_layer = np.asarray(p.get("gauss_layer", np.full(n_g, int(p["layer"]))), np.int32)
+        if g_layer.shape != (n_g,) or not np.isin(g_layer, (1, 2, 3)).all():
+            raise ValueError(f"part {p['name']!r}: gauss_layer must be [{n_g}] layer ids in {{1, 2, 3}}, "
+                             f"got shape {g_layer.shape}")
         built.append(Part(
             rest_nodes=jnp.asarray(nodes), cells=jnp.asarray(cells, jnp.int32),
             rest_inv=jnp.asarray(rest_inv, jnp.float32), node_weights=jnp.asarray(w, jnp.float32),
             node_enc=posenc(nodes, int(mc.posenc)), gauss_cell=jnp.asarray(cell, jnp.int32),
+            gauss_layer=jnp.asarray(g_layer),
             bary=jnp.asarray(bary, jnp.float32), log_scale=jnp.asarray(p["gauss_log_scale"], jnp.float32),
             quat=jnp.asarray(p["gauss_quat"], jnp.float32)))
     drivers = tuple(str(p["driver"]) for p in parts)
@@ -374,8 +386,7 @@ def posed_avatar(params, ctx: Context, frame: Mapping) -> dict:
     conds = conditioning(params, ctx, frame, rel)
     outs = [part_gaussians(ctx, i, params["parts"][name], conds[drv], rel, t)
             for i, (name, drv) in enumerate(zip(ctx.names, ctx.drivers))]
-    layer = jnp.concatenate([jnp.full(ctx.parts[i].n_gaussians, ctx.layers[i], jnp.int32)
-                             for i in range(len(ctx.parts))])
+    layer = jnp.concatenate([part.gauss_layer for part in ctx.parts])
     part_id = jnp.concatenate([jnp.full(ctx.parts[i].n_gaussians, i, jnp.int32) for i in range(len(ctx.parts))])
     return {"means": jnp.concatenate([o["means"] for o in outs]),
             "covariances": jnp.concatenate([o["covariances"] for o in outs]),
