@@ -106,7 +106,8 @@ from dhjax.geometry.vectors import knn_indices
 from dhjax.models import flame
 from dhjax.render import camera as camera_lib
 from dhjax.render import shading
-from dhjax.train import loop
+from dhjax.render import splat
+from dhjax.train import logs, loop
 
 __all__ = [
     "Static",
@@ -534,10 +535,44 @@ def evaluate(static: Static, state, batch) -> dict:
     return out
 
 
+@functools.partial(jax.jit, static_argnames=("chunk",))
+def _nearest_sq(X, points, valid, *, chunk: int) -> jax.Array:
+    """Squared distance [S, V] from each vertex X [S, V, 3] to its nearest valid scan point."""
+
+    def one(x, p, m):
+        idx = knn_indices(x, p, 1, ref_valid=m, chunk=chunk)[:, 0]
+        diff = x - p[idx]
+        return jnp.sum(diff * diff, -1)
+
+    return jax.vmap(one)(X, points, valid)
+
+
+@functools.partial(jax.jit, static_argnames=("pixel_m", "chunk"))
+def _scan_view(points, normals, valid, cam, light, pixel_m: float, chunk: int) -> jax.Array:
+    """One scan's points (head frame) splatted as small grey Lambert-shaded discs into `cam`
+    (`dhjax.render.splat`; padding points and points whose normal faces away from the camera
+    are transparent): [H, W, 3] on white. The disc size follows the scan's median
+    nearest-neighbour spacing (at least half a pixel). Jitted."""
+    valid = valid & (jnp.sum(normals * (camera_lib.camera_centre(cam)[0] - points), -1) > 0)
+    idx = knn_indices(points, points, 2, ref_valid=valid, chunk=chunk)[:, 1]
+    gap = jnp.linalg.norm(points - points[idx], axis=-1)
+    spacing = jnp.nanmedian(jnp.where(valid & (gap > 0), gap, jnp.nan))
+    sigma = jnp.maximum(jnp.nan_to_num(spacing, nan=pixel_m), 0.5 * pixel_m)
+    shade = 0.25 + 0.75 * jnp.clip(normals @ light, 0.0, 1.0)
+    n = points.shape[0]
+    out = splat.rasterize(points, jnp.tile(jnp.array([1.0, 0.0, 0.0, 0.0]), (n, 1)),
+                          jnp.full((n, 3), 1.0) * sigma, jnp.where(valid, 0.95, 0.0),
+                          (0.85 * shade)[:, None] * jnp.ones(3), cam, background=jnp.ones(3))
+    return out.image[0]
+
+
 def render(static: Static, state, batch) -> dict:
-    """Up to `render_count` registered heads, frontal, in the head's own frame, as
-    {'registered': normal-shaded grey, 'distance': vertex colour = distance to the nearest scan
-    point, white 0 mm -> red >= 2 mm}, each [n, H, W, 3] in [0, 1] (H = W = render_size).
+    """The harness's images (ground truth next to the render): {"eval/registration": grid} with,
+    for each of the first `render_count` scans (rows), the scan | the registered head | the
+    registered head coloured by the distance to the nearest scan point (white 0 mm -> red >= 2 mm),
+    frontal in the head's own frame (the scan moved there by the inverse of the fitted rigid
+    transform); the scan's points are splatted as shaded discs, the head is rasterised, each
+    render_size x render_size pixels (`dhjax.train.logs.comparison_grid`: [1, H', W', 3]).
     Eager (not jit-able: the rasterizer sizes its buffers on the host)."""
     c = static.cfg
     n = min(int(c["render_count"]), batch["points"].shape[0])
@@ -550,24 +585,23 @@ def render(static: Static, state, batch) -> dict:
     verts, _ = model_space(static.model, params)
     X = to_scan_frame(R, t, verts)
     pts, valid = batch["points"][:n], batch["valid"][:n]
-
-    def nearest_sq(x, p, m):
-        idx = knn_indices(x, p, 1, ref_valid=m, chunk=chunk)[:, 0]
-        diff = x - p[idx]
-        return jnp.sum(diff * diff, -1)
-
-    d2 = jax.vmap(nearest_sq)(X, pts, valid)
+    d2 = _nearest_sq(X, pts, valid, chunk=chunk)
     frac = jnp.clip(jnp.sqrt(d2) * MM / 2.0, 0.0, 1.0)[..., None]
     colors = (1.0 - frac) * jnp.ones(3) + frac * jnp.array([0.85, 0.1, 0.1])
     size = int(c["render_size"])
-    cam = camera_lib.rig_from_angles([0.0], 0.0, 0.95, target=(0.0, -0.02, 0.0),
-                                     fov_y_deg=20.0, width=size, height=size)
-    cam = jax.tree_util.tree_map(lambda a: jnp.broadcast_to(a[0], (n,) + a.shape[1:]), cam)
+    fov = 20.0
+    cam1 = camera_lib.rig_from_angles([0.0], 0.0, 0.95, target=(0.0, -0.02, 0.0),
+                                      fov_y_deg=fov, width=size, height=size)
+    cam = jax.tree_util.tree_map(lambda a: jnp.broadcast_to(a[0], (n,) + a.shape[1:]), cam1)
     out = shading.render_mesh(verts, faces, cam, vertex_colors=colors)
     light = jnp.array([0.2, 0.3, 1.0]) / jnp.linalg.norm(jnp.array([0.2, 0.3, 1.0]))
     shade = 0.25 + 0.75 * jnp.clip(jnp.sum(out["normals"] * light, -1, keepdims=True), 0.0, 1.0)
     mask = out["mask"]
-    grey = shade * 0.85 * mask + (1.0 - mask)
+    grey = jnp.broadcast_to(shade * 0.85 * mask + (1.0 - mask), out["image"].shape)
     dist_img = out["image"] * shade * mask + (1.0 - mask)
-    return dict(registered=jnp.clip(jnp.broadcast_to(grey, dist_img.shape), 0.0, 1.0),
-                distance=jnp.clip(dist_img, 0.0, 1.0))
+    # The scan in the head frame: x_head = R^T (x_scan - t).
+    pts_head = jnp.einsum("sji,snj->sni", R, pts - t[:, None], precision="highest")
+    nrm_head = jnp.einsum("sji,snj->sni", R, batch["normals"][:n], precision="highest")
+    pixel_m = 2.0 * 0.95 * float(np.tan(np.radians(fov / 2.0))) / size
+    scans = jnp.stack([_scan_view(pts_head[i], nrm_head[i], valid[i], cam1, light, pixel_m, chunk) for i in range(n)])
+    return {"eval/registration": logs.comparison_grid(scans, grey, dist_img)}
