@@ -210,7 +210,8 @@ def train(cfg, workdir) -> dict:
         write_run_model(workdir, cfg, arch, model)
     kind = model_lib.arch_kind(arch)
     val = data_lib.eval_batch(splits["val"], jax.device_count(), kind=kind)
-    method = loop.Method(*train_lib.method_functions(cfg, arch, model, encoder_variables=enc_vars, val=val))
+    method = loop.Method(*train_lib.method_functions(cfg, arch, model, encoder_variables=enc_vars, val=val),
+                         render=train_lib.render_function(cfg, arch, model))
     pipeline = ds.Pipeline(data_lib.split_dataset(splits["train"], landmarks=kind == "landmarks"),
                            int(cfg.batch_size), seed=int(cfg.seed))
     t1 = time.time()

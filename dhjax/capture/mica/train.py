@@ -13,6 +13,11 @@ Model selection: the training state keeps a copy of the network with the lowest 
 error seen so far (`validation_error`: mean face-region vertex distance in mm between predicted
 and true neutral meshes in the model's canonical frame, no alignment), evaluated every
 `select_every` steps inside the jitted step; `best_variables(state)` returns it.
+
+Images (`render_function`, the harness's images convention): eval/meshes, for the first
+RENDER_ROWS validation crops, the true neutral mesh | the current network's prediction (both
+shaded grey, from the front, `front_views`) | the prediction coloured by vertex error (white 0 mm
+-> red >= ERROR_RED_MM) | the input crop.
 """
 
 from __future__ import annotations
@@ -27,12 +32,17 @@ import optax
 
 from dhjax.capture.mica import landmark_net as mlm
 from dhjax.capture.mica.crops import crop_images
-from dhjax.capture.mica.loss import loss_fn, region_weights, vertex_errors_mm
+from dhjax.capture.mica.loss import loss_fn, neutral_vertices, region_weights, vertex_errors_mm
 from dhjax.capture.mica.model import LandmarkMicaNet, arch_kind, check_kind, crop_size, make_net
 from dhjax.models import flame
 from dhjax.nn import iresnet
+from dhjax.render import camera as camera_lib
+from dhjax.render import shading
+from dhjax.train import logs
 
 _NO_BEST = 1e30  # validation error before the first selection (finite: the loop skips non-finite states)
+RENDER_ROWS = 4        # validation images in the render's grid
+ERROR_RED_MM = 5.0     # vertex error drawn fully red in the render
 
 
 def bn_mode(cfg) -> str:
@@ -245,8 +255,27 @@ def train_step(state, batch, rng, *, cfg, net, model, weights, face_mask, val=No
     return dict(step=step, params=params, batch_stats=stats, opt_state=opt_state, best=best), metrics
 
 
+def front_views(model: flame.FlameModel, vertices, size: int, vertex_colors=None) -> jax.Array:
+    """Head meshes in the model's canonical frame seen from the front (0.95 m, 20 degrees field of
+    view), Lambert-shaded from the upper right on white (`dhjax.render.shading.render_mesh`).
+
+    vertices [N, V, 3] metres; vertex_colors [N, V, 3] in [0, 1] (default light grey).
+    Returns [N, size, size, 3] in [0, 1]. Eager: the rasterizer sizes its buffers on the host."""
+    vertices = jnp.asarray(vertices, jnp.float32)
+    n = vertices.shape[0]
+    cam = camera_lib.rig_from_angles([0.0], 0.0, 0.95, target=(0.0, -0.02, 0.0), fov_y_deg=20.0,
+                                     width=int(size), height=int(size))
+    cam = jax.tree_util.tree_map(lambda a: jnp.broadcast_to(a[0], (n,) + a.shape[1:]), cam)
+    colors = jnp.full(vertices.shape, 0.85, jnp.float32) if vertex_colors is None else vertex_colors
+    out = shading.render_mesh(vertices, model.faces, cam, vertex_colors=colors)
+    light = jnp.array([0.2, 0.3, 1.0]) / jnp.linalg.norm(jnp.array([0.2, 0.3, 1.0]))
+    shade = 0.25 + 0.75 * jnp.clip(jnp.sum(out["normals"] * light, -1, keepdims=True), 0.0, 1.0)
+    mask = out["mask"]
+    return jnp.clip(out["image"] * shade * mask + (1.0 - mask), 0.0, 1.0)
+
+
 def method_functions(cfg, arch, model: flame.FlameModel, *, encoder_variables=None, val=None):
-    """(init, train_step, evaluate) for `dhjax.train.loop.Method`.
+    """(init, train_step, evaluate) for `dhjax.train.loop.Method` (its render: `render_function`).
 
     evaluate(state, batch) with batch {"crops", "shape"} gives the current network's face_mm /
     mean_mm and the selected one's best_mm on it."""
@@ -277,3 +306,27 @@ def method_functions(cfg, arch, model: flame.FlameModel, *, encoder_variables=No
                     loss=float(cfg.loss.scale) * loss_fn(z, gt, model, weights))
 
     return init, step, evaluate
+
+
+def render_function(cfg, arch, model: flame.FlameModel):
+    """render(state, batch) for `dhjax.train.loop.Method`: with batch {"crops", "shape"} (the
+    evaluation batch), {"eval/meshes": grid [1, H', W', 3]} of the module docstring (the current
+    network on the first RENDER_ROWS crops; the network runs jitted, the rasterizer eagerly)."""
+    net = make_net(cfg, arch)
+
+    @jax.jit
+    def _predict_few(state, batch):
+        crops = batch["crops"][:RENDER_ROWS]
+        z = net.apply({"params": state["params"], "batch_stats": state["batch_stats"]}, crops)
+        gt = batch["shape"][:RENDER_ROWS].astype(jnp.float32)
+        frac = jnp.clip(vertex_errors_mm(model, z, gt) / ERROR_RED_MM, 0.0, 1.0)[..., None]
+        colours = (1.0 - frac) * jnp.ones(3) + frac * jnp.array([0.85, 0.1, 0.1])
+        return crops, neutral_vertices(model, gt), neutral_vertices(model, z), colours
+
+    def render(state, batch):
+        crops, v_true, v_pred, colours = (np.asarray(a) for a in _predict_few(state, batch))
+        size = crops.shape[1]
+        return {"eval/meshes": logs.comparison_grid(front_views(model, v_true, size), front_views(model, v_pred, size),
+                                                    front_views(model, v_pred, size, colours), crops)}
+
+    return render
