@@ -2,9 +2,11 @@
 and a deterministic, shardable input pipeline.
 
 A dataset is anything with `len()` and random access `ds[i]` -> sample dict (numpy arrays, the
-keys of `SAMPLE_KEYS`; real data carries at least `REQUIRED_KEYS`). The
-synthetic generators (`MultiviewGenerator`, `VideoGenerator`) and `FolderDataset` (the disk
-reader) are datasets; `Pipeline` turns one into batches for `dhjax.train.loop`.
+keys of `SAMPLE_KEYS`; real data carries at least `REQUIRED_KEYS`), which is also Grain's
+random-access data source protocol. The synthetic generators (`MultiviewGenerator`,
+`VideoGenerator`) and `FolderDataset` (the disk reader) are datasets; `Pipeline` turns one into
+batches for `dhjax.train.loop`, and `dhjax.data.grain_pipeline.GrainPipeline` gives the same
+batches through Grain (decoding threads and worker processes, a checkpointable iterator).
 
 On-disk layout (format "dhjax.dataset/1"; the same for synthetic data and for tracked real
 videos, so real data loads through the same pipeline):
@@ -266,6 +268,9 @@ class FolderDataset:
     uv_albedo, uv_position, uv_expression_offset, skin_tone, hair_style, beard_style, upper_kind,
     lower_kind) and item / frame / view ints.
     Missing required files or keys and wrong shapes raise errors naming the file.
+
+    A Grain random-access data source (`grain.MapDataset.source(FolderDataset(...))`): reads are
+    thread-safe and deterministic, and the object pickles (paths only) into worker processes.
     """
 
     kind = "folder"
@@ -298,15 +303,21 @@ class FolderDataset:
                     raise ValueError(f"{cam_path}: expected a non-empty {{view: camera}} mapping")
                 for view in sorted(cams, key=lambda v: (_trailing_number(v, -1), v)):
                     self.entries.append((item_dir, frame_dir, view, n))
-        self._cams: dict = {}
+        self._cams: tuple | None = None   # (frame folder, its cameras.json) of the last read
 
     def __len__(self):
         return len(self.entries)
 
+    def __repr__(self) -> str:
+        return f"FolderDataset('{self.split_dir}', {len(self)} images)"
+
     def _camera(self, frame_dir: Path, view: str):
-        if frame_dir not in self._cams:
-            self._cams = {frame_dir: json.loads((frame_dir / "cameras.json").read_text())}
-        cam = self._cams[frame_dir][view]
+        # One (folder, cameras) tuple swapped atomically: Grain reads samples from several threads.
+        cached = self._cams
+        if cached is None or cached[0] != frame_dir:
+            cached = (frame_dir, json.loads((frame_dir / "cameras.json").read_text()))
+            self._cams = cached
+        cam = cached[1][view]
         path = frame_dir / "cameras.json"
         for k in ("K", "R", "t", "width", "height"):
             if k not in cam:
@@ -450,6 +461,7 @@ class Pipeline:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if len(self.indices) < self.batch_size:
             raise ValueError(f"{len(self.indices)} samples cannot fill a batch of {self.batch_size}")
+        self._order: tuple | None = None   # (epoch, its order of the indices), the last one drawn
 
     @property
     def steps_per_epoch(self) -> int:
@@ -460,12 +472,24 @@ class Pipeline:
 
     def batch_indices(self, step: int) -> np.ndarray:
         """Dataset indices [B] of the global batch at `step`."""
+        if int(step) < 0:
+            raise ValueError(f"step must be >= 0, got {step}")
         epoch, pos = divmod(int(step), self.steps_per_epoch)
+        return self.epoch_order(epoch)[pos * self.batch_size:(pos + 1) * self.batch_size]
+
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        """The indices in the order epoch `epoch` reads them [len(indices)] (the permutation of
+        (seed, epoch), or the plain order with shuffle=False). The last epoch's is kept, so a
+        batch costs no permutation of the whole dataset."""
+        cached = self._order           # one tuple read: safe with several reading threads
+        if cached is not None and cached[0] == epoch:
+            return cached[1]
         order = self.indices
         if self.shuffle:
             rng = np.random.default_rng([self.seed, epoch])
             order = order[rng.permutation(len(order))]
-        return order[pos * self.batch_size:(pos + 1) * self.batch_size]
+        self._order = (epoch, order)
+        return order
 
     def get_batch(self, step: int) -> dict:
         """Global batch of `step`: dict of numpy arrays with leading axis B."""

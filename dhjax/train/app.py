@@ -18,7 +18,9 @@ Guarantees `start` gives every run, before any data is generated or anything com
     any differing field is refused with a `RunError` listing them, except that
     `--allow_config_change` (or `allow_config_change=True`) accepts changes of the fields in
     `RESUMABLE_CHANGES` (step counts and logging/checkpoint intervals; note that a schedule
-    derived from train.steps, such as MICA's cosine decay, changes from the resume point).
+    derived from train.steps, such as MICA's cosine decay, changes from the resume point);
+    changes of `INPUT_PIPELINE_FIELDS` (how the batches are read: loader kind, worker processes,
+    threads) are accepted without it, since they change no batch.
 An interrupted run (SIGTERM: the harness checkpoints and stops) raises `Interrupted`, a
 SystemExit with status `EXIT_INTERRUPTED` (143, as a process ended by SIGTERM reports), so no
 final outputs are written and the command exits non-zero; rerunning it resumes.
@@ -50,6 +52,11 @@ EXIT_INTERRUPTED = 143     # the exit status of an interrupted run (128 + SIGTER
 # resume; any other difference is refused.
 RESUMABLE_CHANGES = ("train.steps", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
                      "train.eval_every", "train.on_nonfinite", "train.max_skipped_fraction")
+
+# Config fields that choose how the training batches are read, never which: the input pipeline
+# gives the same batches for any of their values (`dhjax.data.grain_pipeline`), so a resume
+# accepts their changes without --allow_config_change (and says so).
+INPUT_PIPELINE_FIELDS = ("loader.kind", "loader.workers", "loader.threads")
 
 _ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
     "allow_config_change", False,
@@ -165,7 +172,8 @@ def check_resume_config(workdir: str | os.PathLike, cfg: ml_collections.ConfigDi
     Returns the accepted differences [(field, old, new)] ([] for a new or identical run).
     Raises RunError listing the differing fields when they differ, unless allow_config_change
     (default: the --allow_config_change flag) is set and every difference is in
-    `RESUMABLE_CHANGES`. An unreadable config.json is an error too (the run cannot be checked).
+    `RESUMABLE_CHANGES`; differences in `INPUT_PIPELINE_FIELDS` are always accepted. An
+    unreadable config.json is an error too (the run cannot be checked).
     """
     path = Path(workdir) / CONFIG_FILE
     if not path.is_file():
@@ -179,7 +187,7 @@ def check_resume_config(workdir: str | os.PathLike, cfg: ml_collections.ConfigDi
     if not diffs:
         return []
     allow = _allow_flag() if allow_config_change is None else bool(allow_config_change)
-    blocked = [d for d in diffs if not (allow and d[0] in RESUMABLE_CHANGES)]
+    blocked = [d for d in diffs if d[0] not in INPUT_PIPELINE_FIELDS and not (allow and d[0] in RESUMABLE_CHANGES)]
     if blocked:
         shown = "\n".join(f"  {k}: {a!r} in the run, {b!r} now" for k, a, b in blocked[:20])
         more = f"\n  ... and {len(blocked) - 20} more" if len(blocked) > 20 else ""

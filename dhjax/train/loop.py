@@ -14,6 +14,15 @@ images to TensorBoard (`logs.MetricWriter.write_images`, tag = the key); it is n
 A dataset gives batches by index, so the step number is the input pipeline's position and a
 resumed run reads exactly the batches an uninterrupted one would:
   dataset.get_batch(step) -> pytree of numpy arrays with leading axis = global batch size
+A dataset may also offer an iterator of this process's rows (`dhjax.data.grain_pipeline.
+GrainPipeline`: decoding threads and worker processes, prefetching), which the loop then reads
+the training batches from:
+  dataset.iterator(start, stop, process_index=, process_count=) -> it; next(it) -> this
+    process's rows [p B / n, (p + 1) B / n) of step's global batch; it.get_state() -> JSON dict,
+    it.set_state(dict), it.close()
+Its state is saved in every checkpoint's meta ("data_state") and restored on resume (a state of
+other batches, e.g. a changed dataset, is refused); the iterator is closed (its workers stopped)
+when training ends, fails or is interrupted. get_batch(0) still gives the batch `init` sees.
 
 `train` shards every batch over all devices of all processes (NamedSharding over a 1-D
 "data" mesh), replicates the state, jits the step with the state donated and folds the RNG
@@ -94,6 +103,42 @@ def shard_batch(batch, mesh):
     return jax.tree_util.tree_map(one, batch)
 
 
+def shard_local_batch(local, mesh):
+    """This process's rows of a global batch (`dataset.iterator`'s batches: [B / process_count,
+    ...]) -> global jax.Array sharded over "data", the same array `shard_batch` makes of the
+    whole batch."""
+    sharding = NamedSharding(mesh, P("data"))
+    n_dev, n_proc = jax.device_count(), jax.process_count()
+
+    def one(x):
+        x = np.asarray(x)
+        if x.ndim == 0 or (x.shape[0] * n_proc) % n_dev:
+            raise ValueError(f"process-local batch of {x.shape[:1]} rows x {n_proc} processes must be divisible "
+                             f"by the {n_dev} devices (global batch size)")
+        return jax.make_array_from_process_local_data(sharding, x, (x.shape[0] * n_proc,) + x.shape[1:])
+
+    return jax.tree_util.tree_map(one, local)
+
+
+def _open_data_iterator(dataset, start: int, stop: int, saved_state):
+    """The dataset's iterator at `start` (None for datasets without one), restored from the
+    checkpoint's data state when there is one."""
+    if not callable(getattr(dataset, "iterator", None)):
+        return None
+    it = dataset.iterator(start, stop, process_index=jax.process_index(), process_count=jax.process_count())
+    if saved_state is not None:
+        try:
+            it.set_state(saved_state)
+        except ValueError as err:
+            it.close()
+            raise app.RunError(f"cannot resume: {err}") from err
+        if int(it.next_step) != int(start):
+            it.close()
+            raise app.RunError(f"the checkpoint's input pipeline state is at step {it.next_step} but its meta at "
+                             f"step {start}; the checkpoint is inconsistent")
+    return it
+
+
 def _all_finite(tree) -> jax.Array:
     leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)
               if jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact)]
@@ -133,7 +178,8 @@ def train(cfg, workdir: str, method: Method, dataset, *, eval_batch=None,
           allow_config_change: bool | None = None) -> TrainResult:
     """Runs (or resumes) training. See the module docstring for the contract.
 
-    Raises app.RunError (bad config, another run's workdir), app.Interrupted (SIGTERM; a
+    Raises app.RunError (bad config, another run's workdir, a checkpoint whose input pipeline
+    state is of other batches, e.g. of a changed dataset), app.Interrupted (SIGTERM; a
     checkpoint was written), FloatingPointError (non-finite steps, per the config),
     checkpoint.CheckpointMismatch (a checkpoint of another state layout).
     """
@@ -158,12 +204,19 @@ def train(cfg, workdir: str, method: Method, dataset, *, eval_batch=None,
     ckpt = ckpt_lib.Checkpointer(workdir, keep=tc.keep_checkpoints)
     start, skipped, first_skipped = 0, 0, -1
     restored = ckpt.restore_latest(state)
+    data_state = None
     if restored is not None:
         state, meta = restored
         start, skipped = int(meta["next_step"]), int(meta["skipped"])
         first_skipped = int(meta.get("first_skipped", -1))
+        data_state = meta.get("data_state")
         if lead:
             print(f"resumed from {ckpt.directory} at step {start}", flush=True)
+    try:
+        data_iter = _open_data_iterator(dataset, start, max(start, tc.steps), data_state)
+    except BaseException:
+        ckpt.close()
+        raise
 
     def guarded(state, counts, batch, rng, step):
         new_state, metrics = method.train_step(state, batch, rng)
@@ -185,8 +238,10 @@ def train(cfg, workdir: str, method: Method, dataset, *, eval_batch=None,
     reported = skipped
 
     def save(next_step):
-        ckpt.save(next_step, state, {"next_step": int(next_step), "skipped": int(counts[0]),
-                                     "first_skipped": int(counts[1])})
+        meta = {"next_step": int(next_step), "skipped": int(counts[0]), "first_skipped": int(counts[1])}
+        if data_iter is not None:
+            meta["data_state"] = data_iter.get_state()
+        ckpt.save(next_step, state, meta)
 
     def check_skips(done):
         """Reports new skips; fails the run when they exceed what the config allows."""
@@ -220,7 +275,10 @@ def train(cfg, workdir: str, method: Method, dataset, *, eval_batch=None,
         with _Sigterm() as sigterm:
             step = start
             for step in range(start, tc.steps):
-                batch = shard_batch(dataset.get_batch(step), mesh)
+                if data_iter is not None:
+                    batch = shard_local_batch(next(data_iter), mesh)
+                else:
+                    batch = shard_batch(dataset.get_batch(step), mesh)
                 state, counts, metrics = step_fn(state, counts, batch, jax.random.fold_in(base_rng, step),
                                                  jnp.asarray(step, jnp.int32))
                 done = step + 1
@@ -262,6 +320,8 @@ def train(cfg, workdir: str, method: Method, dataset, *, eval_batch=None,
         if lead:
             app.merge_final_metrics(workdir, final)
     finally:
+        if data_iter is not None:
+            data_iter.close()
         writer.close()
         ckpt.close()
     return TrainResult(state=state, metrics=final, steps_run=steps_run)
