@@ -11,8 +11,13 @@ MICA, true shape; focal length estimated or given) and scored against the ground
 Writes into the workdir: params/frame_XXXX.npz (FLAME parameters in `flame.forward`'s layout,
 SH light, and the tracker's raw parameters), cameras.json (per frame OpenCV K, R, t with
 x_cam = R x_flame + t, focal length and principal point), overlay.mp4 (or overlay.png for one
-image), report.json and report.md, dataset/ (`tracker.write_dataset`) and progress/ (every frame
-as soon as it is tracked; a run started again continues after the last finished frame).
+image), report.json and report.md, dataset/ (`tracker.write_dataset`), progress/ (every frame
+as soon as it is tracked; a run started again continues after the last finished frame), and
+TensorBoard events + metrics.jsonl (`log_tensorboard`, step = frame index): per frame
+track/landmark_error_px and track/photometric_error, and for up to TB_FRAMES frames spread over
+the sequence the image eval/tracked_frame, the frame | the tracked model's colours pasted over
+it | the tracked mesh's shading with the given (green) and fitted (red) landmarks (the images
+convention of `dhjax.train.loop.Method`); the config as HParams. A rerun replaces them.
 """
 
 from __future__ import annotations
@@ -31,7 +36,10 @@ from dhjax.capture import mica
 from dhjax.capture import tracker
 from dhjax.data import synthetic
 from dhjax.models import flame
-from dhjax.train import app
+from dhjax.train import app, logs
+
+TB_FRAMES = 16
+"""Frames of a tracked sequence whose images go to TensorBoard (spread evenly; all when fewer)."""
 
 SUMMARY_KEYS = ("init_shape_error_mm", "shape_error_mm", "vertex_median_mm", "vertex_aligned_median_mm",
                 "depth_rmse_mm", "focal_px", "landmark_error_px", "photometric_error")
@@ -139,9 +147,32 @@ def mica_shape(workdir: str, image, lm, model) -> np.ndarray:
     return z
 
 
-def write_outputs(work: Path, result, frames, names, model, fps: float, meta: dict, renders=None) -> dict:
-    """Writes params/, cameras.json, the overlay and dataset/ of a tracked sequence; returns the
-    report's numbers (per-frame and mean landmark / photometric errors, focal length)."""
+def log_tensorboard(work: Path, frames, overlays, result, hparams=None) -> None:
+    """TensorBoard (<work>/tb) and metrics.jsonl of a tracked sequence (module docstring), step =
+    frame index; written anew (a rerun replaces what an earlier run logged).
+
+    frames: [T] `tracker.FrameData`; overlays: [T] `tracker.overlay` images [H, 2W, 3] (shading
+    with landmarks | model colours); result: the `tracker.TrackResult`; hparams: {name: value}
+    for the HParams dashboard (None: none)."""
+    writer = logs.MetricWriter(str(work), resume_step=-1, hparams=hparams)
+    try:
+        for i in range(len(frames)):
+            writer.write_scalars(i, {"track/landmark_error_px": float(result.landmark_error_px[i]),
+                                     "track/photometric_error": float(result.photometric_error[i])})
+        W = frames[0].image.shape[1]
+        for i in np.unique(np.linspace(0, len(frames) - 1, min(len(frames), TB_FRAMES)).round().astype(int)):
+            ov = np.asarray(overlays[i])
+            writer.write_images(int(i), {"eval/tracked_frame": logs.comparison_grid(
+                frames[i].image[None], ov[None, :, W:], ov[None, :, :W])})
+    finally:
+        writer.close()
+
+
+def write_outputs(work: Path, result, frames, names, model, fps: float, meta: dict, renders=None,
+                  hparams=None) -> dict:
+    """Writes params/, cameras.json, the overlay, dataset/ and the TensorBoard log
+    (`log_tensorboard`, with `hparams`) of a tracked sequence; returns the report's numbers
+    (per-frame and mean landmark / photometric errors, focal length)."""
     (work / "params").mkdir(parents=True, exist_ok=True)
     H, W = frames[0].image.shape[:2]
     renders = tracker.render_result(result, model, W, H) if renders is None else renders
@@ -162,6 +193,7 @@ def write_outputs(work: Path, result, frames, names, model, fps: float, meta: di
         dio.save_video(work / "overlay.mp4", np.stack(overlays), fps=fps)
         dio.save_image(work / "overlay_first.png", overlays[0])
     tracker.write_dataset(work / "dataset", result, frames, model, meta=meta, renders=renders)
+    log_tensorboard(work, frames, overlays, result, hparams)
     return dict(frames=len(frames), seconds=result.seconds,
                 landmark_error_px=[float(x) for x in result.landmark_error_px],
                 photometric_error=[float(x) for x in result.photometric_error],
@@ -200,7 +232,7 @@ def track(cfg, work: Path, input_path: str, landmarks: str | None = None) -> dic
     result = tracker.track_sequence(cfg.tracker, model, frames, shape_init=shape_init,
                                     progress_dir=work / "progress")
     report = write_outputs(work, result, frames, names, model, float(cfg.fps),
-                           meta={"input": input_path, "shape_init": init})
+                           meta={"input": input_path, "shape_init": init}, hparams=logs.flatten_hparams(cfg))
     report.update(input=input_path, shape_init=init, landmarks=lms[0].source)
     (work / "report.json").write_text(json.dumps(report, indent=1))
     rows = [{"frame": n, "lmk": f"{a:.2f}", "photo": f"{b:.4f}"}
@@ -313,7 +345,8 @@ def track_synthetic(cfg, work: Path) -> dict:
         raise ValueError("synthetic.sequences, compare and known_focal must each name at least one entry")
     result, renders, frames = best
     names = [f"frame_{i:04d}" for i in range(len(frames))]
-    write_outputs(work, result, frames, names, model, float(cfg.fps), meta={"input": "synthetic"}, renders=renders)
+    write_outputs(work, result, frames, names, model, float(cfg.fps), meta={"input": "synthetic"}, renders=renders,
+                  hparams=logs.flatten_hparams(cfg))
     summary = summarise(rows, sc.known_focal)
     report = dict(sequences=seqs, rows=rows, summary=summary)
     (work / "report.json").write_text(json.dumps(report, indent=1))

@@ -1,0 +1,129 @@
+"""Every training experiment logs ground truth next to its render to TensorBoard at its evaluation
+points (the images convention of `dhjax.train.loop.Method` / `dhjax.train.logs.comparison_grid`).
+
+Fast: the grid itself, registration and MICA (short in-process runs on tiny settings), the
+tracker on one tiny synthetic frame. Slow (each compiles a full model): SynShot prior and
+inversion, GEM (Net and refinement), INSTA and D3GA on their tests' micro settings.
+"""
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dhjax.train import config as config_lib
+from dhjax.train import logs
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _config(spec, **overrides):
+    return config_lib.apply_overrides(config_lib.load_config(str(ROOT / "configs" / spec)), overrides)
+
+
+def images(tb_dir) -> dict:
+    """{tag: [(step, height, width)]} of the image events in a TensorBoard folder."""
+    from tensorboard.backend.event_processing import event_accumulator
+
+    acc = event_accumulator.EventAccumulator(str(tb_dir), size_guidance={"images": 0})
+    acc.Reload()
+    return {tag: [(e.step, e.height, e.width) for e in acc.Images(tag)] for tag in acc.Tags()["images"]}
+
+
+def image_steps(tb_dir) -> dict:
+    return {tag: [s for s, _, _ in events] for tag, events in images(tb_dir).items()}
+
+
+def last_image(tb_dir, tag) -> np.ndarray:
+    """The last image of `tag`, decoded: [H, W, 3] float in [0, 1]."""
+    import io
+
+    import imageio.v2 as imageio
+    from tensorboard.backend.event_processing import event_accumulator
+
+    acc = event_accumulator.EventAccumulator(str(tb_dir), size_guidance={"images": 0})
+    acc.Reload()
+    return imageio.imread(io.BytesIO(acc.Images(tag)[-1].encoded_image_string))[..., :3] / 255.0
+
+
+def test_comparison_grid_places_ground_truth_render_and_extras():
+    gt = np.zeros((3, 4, 5, 3), np.float32)
+    render = np.ones((3, 4, 5), np.float32)                # grey: broadcast to RGB
+    extra = np.full((3, 4, 5, 1), 255, np.uint8)           # uint8: scaled to [0, 1]
+    grid = logs.comparison_grid(gt, render, extra, max_rows=2)
+    g = logs.GRID_GAP
+    assert grid.shape == (1, 2 * 4 + g, 3 * 5 + 2 * g, 3) and grid.dtype == np.float32
+    assert np.all(grid[0, :4, :5] == 0.0) and np.all(grid[0, :4, 5 + g:10 + g] == 1.0)
+    assert np.all(grid[0, 4 + g:, 2 * (5 + g):] == 1.0)
+    assert np.all(grid[0, 4:4 + g] == logs.GRID_GAP_VALUE)
+    with pytest.raises(ValueError, match="shape of the ground truth"):
+        logs.comparison_grid(gt, np.ones((3, 4, 6, 3)))
+    with pytest.raises(ValueError, match="ground_truth must be"):
+        logs.comparison_grid(np.ones((4, 5, 3, 2)), np.ones((4, 5, 3, 2)))
+
+
+def test_registration_logs_scan_and_registered_head_at_each_evaluation(tmp_path):
+    from dhjax.capture import registration_run
+
+    cfg = _config("register_flame.py:tiny")
+    cfg.registration.update(steps=4, rigid_steps=2, n_points=400, render_size=32, render_count=2)
+    cfg.data.synthetic.update(n_scans=2, points_per_scan=400)
+    cfg.train.update(eval_every=2, log_every=2)
+    registration_run.run(cfg, str(tmp_path))
+    got = images(tmp_path / "tb")
+    g = logs.GRID_GAP
+    assert got == {"eval/registration": [(2, 2 * 32 + g, 3 * 32 + 2 * g), (4, 2 * 32 + g, 3 * 32 + 2 * g)]}
+    # The scan (splatted points, first column) lies where the registered head (second) is.
+    grid = last_image(tmp_path / "tb", "eval/registration")
+    for row in range(2):
+        cells = [grid[row * (32 + g):row * (32 + g) + 32, c * (32 + g):c * (32 + g) + 32] for c in range(2)]
+        scan, head = (cell.min(-1) < 0.97 for cell in cells)
+        assert head.mean() > 0.1 and (scan & head).sum() / (scan | head).sum() > 0.6
+
+
+def test_mica_logs_true_and_predicted_meshes_at_each_evaluation(tmp_path, monkeypatch):
+    from dhjax.capture import mica
+
+    import test_capture_mica as tm
+
+    tm._fake_splits(monkeypatch)
+    monkeypatch.setattr(mica.run, "split_benchmark", lambda *a, **k: {})   # the benchmark is not under test
+    cfg = tm.landmark_cfg()
+    cfg.update(batch_size=4, select_every=2)
+    cfg.train.update(steps=4, log_every=2, checkpoint_every=4, eval_every=2)
+    cfg.eval.scan_points = 300
+    cfg.calibration.enabled = False
+    mica.run.train(cfg, tmp_path)
+    got = images(tmp_path / "tb")
+    assert list(got) == ["eval/meshes"] and [s for s, _, _ in got["eval/meshes"]] == [2, 4]
+    _, h, w = got["eval/meshes"][0]
+    rows = min(mica.train.RENDER_ROWS, 4)
+    size = (h - (rows - 1) * logs.GRID_GAP) // rows
+    assert w == 4 * size + 3 * logs.GRID_GAP      # true | predicted | error | input crop
+
+
+def test_tracker_logs_each_frame_with_its_render(tmp_path):
+    """The synthetic tracker on one 3-frame sequence: per-frame errors, and frame | model colours
+    | shading with landmarks at every frame (fewer than TB_FRAMES); a rerun replaces the log."""
+    from tensorboard.backend.event_processing import event_accumulator
+    from tensorboard.plugins.hparams import metadata
+
+    from configs import track as track_cfg
+    from dhjax.capture import track_run
+
+    cfg = track_cfg.get_config("tiny")
+    cfg.synthetic.update(sequences=(0,), n_frames=3, width=48, height=48, uv_size=32, compare=("mean",))
+    cfg.tracker.pyramid = (0,)
+    cfg.tracker.first.update(rigid_steps=5, landmark_steps=5, steps=(3,))
+    cfg.tracker.frame.update(landmark_steps=2, steps=(2,))
+    for _ in range(2):
+        track_run.run(cfg, tmp_path, input="synthetic")
+    g = logs.GRID_GAP
+    assert images(tmp_path / "tb") == {"eval/tracked_frame": [(i, 48, 3 * 48 + 2 * g) for i in range(3)]}
+    acc = event_accumulator.EventAccumulator(str(tmp_path / "tb"))
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("track/landmark_error_px")] == [0, 1, 2]
+    start = metadata.parse_session_start_info_plugin_data(
+        acc.PluginTagToContent("hparams")[metadata.SESSION_START_INFO_TAG])
+    assert start.hparams["synthetic.n_frames"].number_value == 3
