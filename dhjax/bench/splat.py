@@ -21,10 +21,11 @@ from dhjax.render import splat
 from dhjax.bench.timing import time_call as _time
 
 
-def head_scene(n: int, seed: int = 0) -> dict:
+def head_scene(n: int, seed: int = 0, model: flame.FlameModel | None = None) -> dict:
     """N Gaussians on the default head's surface: means [N,3], quats [N,4], scales [N,3] (m),
-    opacities [N], colors [N,3]."""
-    model = flame.load()
+    opacities [N], colors [N,3]. model: the head to use (its mean face in the rest pose); None
+    builds the embedded default head (seconds), pass it when the caller already has it."""
+    model = flame.load() if model is None else model
     verts = flame.forward(model, jnp.zeros((1, 300)), jnp.zeros((1, 100)), jnp.zeros((1, 5, 3))).vertices[0]
     pts, face, _ = mesh_lib.sample_surface(jax.random.PRNGKey(seed), verts, model.faces, n)
     normals = mesh_lib.face_normals(verts, model.faces)[face]
