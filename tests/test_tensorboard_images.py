@@ -127,3 +127,91 @@ def test_tracker_logs_each_frame_with_its_render(tmp_path):
     start = metadata.parse_session_start_info_plugin_data(
         acc.PluginTagToContent("hparams")[metadata.SESSION_START_INFO_TAG])
     assert start.hparams["synthetic.n_frames"].number_value == 3
+
+
+# ----------------------------------------------------------------------------------------------
+# Slow: each compiles a full model (minutes on a 2-core CPU).
+
+
+def _grid_width_is(events, columns):
+    """Every event's grid is `columns` square-ish cells wide: width = columns * w + gaps."""
+    for _, h, w in events:
+        cell = (w - (columns - 1) * logs.GRID_GAP) / columns
+        assert cell == int(cell) and cell > 0, (h, w, columns)
+
+
+@pytest.mark.slow
+def test_synshot_prior_and_inversion_log_ground_truth_and_render(tmp_path):
+    from dhjax.synthesis import synshot_run
+
+    data = {"data.train_identities": (0, 2), "data.test_identities": (1_000_000, 1),
+            "data.cache_dir": str(tmp_path / "cache")}
+    prior = tmp_path / "prior"
+    synshot_run.run_prior(_config("synshot_prior.py:tiny", **data, **{
+        "train.steps": 3, "train.eval_every": 2, "train.log_every": 1, "eval.max_test_images": 2}), str(prior))
+    got = images(prior / "tb")
+    assert list(got) == ["eval/heldout"] and [s for s, _, _ in got["eval/heldout"]] == [2, 3]
+    _grid_width_is(got["eval/heldout"], 2)
+    out = tmp_path / "inv"
+    summary = synshot_run.run_invert(_config("synshot_invert.py:tiny", **{
+        "prior_workdir": str(prior), "stage1.steps_per_frame": 1, "stage2.steps_per_frame": 1,
+        "data.max_heldout": 2}), str(out))
+    s1, s2 = summary["stages"]["stage1"]["steps"], summary["stages"]["stage2"]["steps"]
+    got = image_steps(out / "tb")
+    assert got == {"eval/heldout": [0, s1, s1 + s2], "eval/heldout_scratch": [summary["stages"]["scratch"]["steps"]]}
+
+
+@pytest.mark.slow
+def test_gem_net_and_refinement_log_ground_truth_and_render(tmp_path):
+    from dhjax.synthesis import gem, gem_data, gem_run
+    from dhjax.train import app
+
+    import test_synthesis_gem as tg
+
+    cfg = tg._micro_config(tmp_path)
+    cfg.refine.train.update(eval_every=2)
+    run_ = app.start(tmp_path / "run", cfg)
+    cap, model, _ = gem_run.open_capture(cfg, log=lambda *a: None)
+    sp = gem_data.split(cap, tuple(cfg.data.test_views), cfg.data.test_frames)
+    ctx = gem.make_context(model, cap.shape, cfg.model, cfg.loss, cfg.optim)
+    net_params, _ = gem_run.train_net(cfg, run_, ctx, cap, sp, lambda *a: None)
+    distilled, k_train, _, _ = gem_run.distil_stage(cfg, run_, ctx, net_params, cap, sp, lambda *a: None)
+    gem_run.refine_stage(cfg, run_, ctx, distilled, k_train, cap, sp, lambda *a: None)
+    for tb in (tmp_path / "run" / "tb", tmp_path / "run" / "refine" / "tb"):
+        got = images(tb)
+        assert list(got) == ["eval/novel_view"] and [s for s, _, _ in got["eval/novel_view"]] == [2, 4], tb
+        _grid_width_is(got["eval/novel_view"], 2)
+
+
+@pytest.mark.slow
+def test_d3ga_logs_ground_truth_render_and_layers(tmp_path):
+    from dhjax.synthesis import d3ga_run
+
+    import test_synthesis_d3ga_run as td
+
+    d3ga_run.run(td._cfg(tmp_path), str(tmp_path / "run"))      # steps 4, eval_every 2
+    got = images(tmp_path / "run" / "tb")
+    assert list(got) == ["eval/novel_view"] and [s for s, _, _ in got["eval/novel_view"]] == [2, 4]
+    _grid_width_is(got["eval/novel_view"], 3)
+
+
+@pytest.mark.slow
+def test_insta_logs_ground_truth_render_and_depth(tmp_path):
+    from dhjax.synthesis import insta_run
+
+    import synthetic_common as sc
+    import test_synthesis_insta as ti
+
+    c = ti.insta_config.get_config("tiny")
+    c.data.cache_dir = str(tmp_path / "cache")
+    c.data.synthetic = sc.tiny_config()
+    c.data.synthetic.video.update(n_sequences=1, n_frames=6)
+    c.data.holdout = 2
+    c.model = ti._small_model_cfg()
+    c.batch.update(rays_per_frame=128, samples_per_ray=64)
+    c.eval.update(orbit_frames=3, mesh_resolution=24, mesh_threshold=1.0, chunk=2048, n_rays=256)
+    c.train.update(steps=4, log_every=2, eval_every=2, checkpoint_every=4)
+    insta_run.run(c, str(tmp_path / "run"))
+    got = images(tmp_path / "run" / "tb")
+    assert list(got) == ["eval/heldout"] and [s for s, _, _ in got["eval/heldout"]] == [2, 4]
+    _grid_width_is(got["eval/heldout"], 3)
