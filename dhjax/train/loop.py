@@ -145,6 +145,11 @@ def _all_finite(tree) -> jax.Array:
     return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
 
 
+def _replicated_int(value: int, sharding) -> jax.Array:
+    """An int32 scalar on every device of `sharding` (every process passes the same value)."""
+    return jax.make_array_from_callback((), sharding, lambda _: np.asarray(value, np.int32))
+
+
 def _host(metrics) -> dict:
     return {k: float(np.asarray(jax.device_get(v))) for k, v in metrics.items()}
 
@@ -233,7 +238,9 @@ def train(cfg, workdir: str, method: Method, dataset, *, eval_batch=None,
     step_fn = jax.jit(guarded, donate_argnums=(0,), out_shardings=replicated)
     writer = logs.MetricWriter(workdir, enabled=lead, resume_step=start if restored is not None else None)
     progress = logs.Progress(tc.steps, start, enabled=lead)
-    counts = (jnp.asarray(skipped, jnp.int32), jnp.asarray(first_skipped, jnp.int32))
+    # Placed like the step's outputs (replicated): uncommitted inputs on the first call and
+    # replicated ones from the second on made jit compile the whole step twice.
+    counts = (_replicated_int(skipped, replicated), _replicated_int(first_skipped, replicated))
     metrics_host: dict = {}
     reported = skipped
 
