@@ -35,7 +35,9 @@ with the step. What it guarantees:
     on the same machine and software; metrics.jsonl and TensorBoard drop the rows a killed run
     wrote after its last checkpoint;
   - interruption: on SIGTERM it checkpoints the next step boundary and raises
-    `app.Interrupted` (exit status 143), so the caller writes no final outputs;
+    `app.Interrupted` (exit status 143), so the caller writes no final outputs; with several
+    processes, a SIGTERM to any of them stops all at the same step boundary (jax's preemption
+    sync service, which jax.distributed.initialize starts);
   - non-finite steps: a step whose loss, metrics or new state is not finite is skipped (the
     state is kept) and counted, so a NaN never reaches a checkpoint; each log line reports new
     skips (count and first skipped step); more than `max_skipped_fraction` of `steps` skipped
@@ -154,12 +156,38 @@ def _host(metrics) -> dict:
     return {k: float(np.asarray(jax.device_get(v))) for k, v in metrics.items()}
 
 
+def _preemption_service():
+    """jax's preemption sync service when this is a multi-process run that has one (set up by
+    jax.distributed.initialize unless jax_enable_preemption_service is off), else None."""
+    if jax.process_count() <= 1:
+        return None
+    from jax._src import distributed
+
+    return getattr(distributed.global_state, "preemption_sync_manager", None)
+
+
 class _Sigterm:
+    """When to stop for a SIGTERM: `stop(done)` after each step.
+
+    One process: a handler of its own notes the signal and the next step boundary stops. Several
+    processes must stop at the same step, since one that stopped alone would wait in the
+    checkpoint's barrier while the others wait for it in the next step's collectives (a signal
+    reaches the processes at slightly different steps). There jax's preemption sync service
+    decides: it catches SIGTERM in any process (its handler is left in place) and all processes
+    agree on the first step that none of them has passed (`reached_preemption_sync_point`).
+    """
+
     def __init__(self):
         self.received = False
         self._old = None
+        self._service = _preemption_service()
 
     def __enter__(self):
+        if self._service is not None:
+            return self
+        if jax.process_count() > 1 and jax.process_index() == 0:
+            print("warning: jax's preemption service is off (jax_enable_preemption_service): a SIGTERM may stop "
+                  "the processes at different steps and leave them waiting for each other", flush=True)
         try:
             self._old = signal.signal(signal.SIGTERM, self._handle)
         except ValueError:  # not the main thread: no handler, no graceful stop
@@ -168,6 +196,12 @@ class _Sigterm:
 
     def _handle(self, signum, frame):
         self.received = True
+
+    def stop(self, done: int) -> bool:
+        """Whether to checkpoint step `done` and stop (called after every step, in order)."""
+        if self._service is not None:
+            self.received = bool(self._service.reached_sync_point(int(done)))
+        return self.received
 
     def __exit__(self, *exc):
         if self._old is not None:
@@ -299,7 +333,7 @@ def train(cfg, workdir: str, method: Method, dataset, *, eval_batch=None,
                     check_skips(done)
                 if tc.eval_every and done % tc.eval_every == 0 and done < tc.steps and eval_batch is not None:
                     evaluate_and_log(done)
-                if sigterm.received:
+                if sigterm.stop(done):
                     save(done)
                     if lead:
                         print(f"SIGTERM: checkpointed step {done}, stopping without final outputs; rerun the "
