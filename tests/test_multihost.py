@@ -123,6 +123,56 @@ def jsonl(workdir: Path) -> list[dict]:
 
 
 # ----------------------------------------------------------------------------------------------
+# When a process joins a distributed run.
+
+
+@pytest.fixture
+def no_join(monkeypatch):
+    """app.init_distributed in this process, with jax.distributed.initialize replaced by a
+    recorder (this test process must stay alone) and no launcher variables around."""
+    import jax
+
+    from dhjax.train import app
+
+    calls = []
+    monkeypatch.setattr(jax.distributed, "initialize", lambda *a, **k: calls.append((a, k)))
+    monkeypatch.setattr(jax.distributed, "is_initialized", lambda: False)
+    monkeypatch.setattr(jax.config, "update", lambda *a: None)
+    for key in ("DHJAX_COORDINATOR", "DHJAX_NUM_PROCESSES", "DHJAX_PROCESS_ID", "SLURM_NTASKS",
+                "SLURM_STEP_NUM_TASKS"):
+        monkeypatch.delenv(key, raising=False)
+    return app, calls
+
+
+def test_init_distributed_joins_only_multi_process_launches(no_join, monkeypatch):
+    app, calls = no_join
+    app.init_distributed()                                       # nothing set: alone
+    monkeypatch.setenv("SLURM_NTASKS", "8")
+    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "1")              # python run in the batch shell
+    app.init_distributed()
+    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "8")
+    monkeypatch.setenv("DHJAX_NUM_PROCESSES", "1")               # the user's way out
+    app.init_distributed()
+    assert calls == []
+    monkeypatch.delenv("DHJAX_NUM_PROCESSES")
+    app.init_distributed()                                       # an srun step of 8 tasks
+    assert calls == [((), {})]                                   # jax reads SLURM's variables
+    monkeypatch.setenv("DHJAX_NUM_PROCESSES", "2")
+    monkeypatch.setenv("DHJAX_COORDINATOR", "10.0.0.1:1234")
+    monkeypatch.setenv("DHJAX_PROCESS_ID", "1")
+    app.init_distributed()
+    assert calls[-1] == ((), {"coordinator_address": "10.0.0.1:1234", "num_processes": 2, "process_id": 1})
+
+
+def test_init_distributed_names_missing_variables(no_join, monkeypatch):
+    app, calls = no_join
+    monkeypatch.setenv("DHJAX_NUM_PROCESSES", "2")
+    with pytest.raises(app.RunError, match="DHJAX_NUM_PROCESSES=2 needs DHJAX_COORDINATOR and DHJAX_PROCESS_ID"):
+        app.init_distributed()
+    assert calls == []
+
+
+# ----------------------------------------------------------------------------------------------
 # The toy method: SIGTERM to one of two processes, then resume.
 
 

@@ -95,21 +95,34 @@ def quiet_library_logs() -> None:
 
 
 def init_distributed() -> None:
-    """Joins a multi-process run when launched as one.
+    """Joins a multi-process run when launched as one (`jax.distributed.initialize`).
 
-    Explicit: DHJAX_COORDINATOR (host:port), DHJAX_NUM_PROCESSES, DHJAX_PROCESS_ID. Otherwise a
-    cluster environment that jax.distributed recognises (e.g. SLURM with several tasks). Calling
-    it twice in one process is harmless.
+    Explicit: DHJAX_COORDINATOR (host:port of process 0), DHJAX_NUM_PROCESSES and
+    DHJAX_PROCESS_ID (0 .. n-1) in every process; DHJAX_NUM_PROCESSES=1 runs alone even under
+    SLURM. Otherwise a SLURM step of several tasks (srun; SLURM_STEP_NUM_TASKS, or SLURM_NTASKS,
+    > 1), whose coordinator, process count and id jax reads from SLURM's variables (each task
+    then takes the GPU numbered SLURM_LOCALID on its node: one task per GPU;
+    docs/slurm/synshot_prior.sbatch). On CPUs the processes exchange gradients over gloo. Calling
+    it twice in one process is harmless. Raises RunError when DHJAX_NUM_PROCESSES > 1 comes
+    without the other two variables.
     """
-    n = int(os.environ.get("DHJAX_NUM_PROCESSES", "1"))
-    slurm = int(os.environ.get("SLURM_NTASKS", "1")) > 1
-    if n <= 1 and not slurm:
+    explicit = os.environ.get("DHJAX_NUM_PROCESSES")
+    n = int(explicit or "1")
+    # srun sets SLURM_STEP_NUM_TASKS to its step's task count; SLURM_NTASKS, the fallback, may
+    # be the whole allocation's.
+    slurm_tasks = int(os.environ.get("SLURM_STEP_NUM_TASKS", os.environ.get("SLURM_NTASKS", "1")))
+    if n <= 1 and (explicit is not None or slurm_tasks <= 1):
         return
     if jax.distributed.is_initialized():
         return
-    # Cross-process collectives on CPU need gloo (GPUs use NCCL regardless of this flag).
+    # Cross-process collectives on CPU need gloo (jax 0.10's default, set in case another
+    # version defaults to none). GPUs use NCCL whatever this says.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     if n > 1:
+        missing = [k for k in ("DHJAX_COORDINATOR", "DHJAX_PROCESS_ID") if not os.environ.get(k)]
+        if missing:
+            raise RunError(f"DHJAX_NUM_PROCESSES={n} needs {' and '.join(missing)} too (the coordinator's "
+                           f"host:port, and this process's id 0..{n - 1})")
         jax.distributed.initialize(coordinator_address=os.environ["DHJAX_COORDINATOR"],
                                    num_processes=n, process_id=int(os.environ["DHJAX_PROCESS_ID"]))
     else:
