@@ -29,11 +29,15 @@ Variants:
 Data: generated once per data config and cached as npz files (`dhjax.capture.mica.cached_split`,
 under $DHJAX_CACHE or ~/.cache/dhjax; data.cache_dir overrides). Train / validation / test
 / calibration identities are disjoint ranges of identity numbers of the synthetic generator.
+The training batches are read by the Grain pipeline (`dhjax.data.grain_pipeline`; loader.workers,
+loader.threads; loader.kind = "index" reads them in the loop's thread): the same batches with
+every setting, and a run resumes with other loader settings.
 """
 
 import ml_collections
 
 from dhjax.capture import mica
+from dhjax.data import grain_pipeline
 
 
 def get_config(arg=None):
@@ -41,6 +45,7 @@ def get_config(arg=None):
     c.experiment = "mica"
     c.seed = 0
     c.batch_size = 8                      # ref impl: batch 8 (2 images per subject)
+    c.loader = grain_pipeline.default_loader_config()   # how batches are read (never which)
     c.train = ml_collections.ConfigDict(dict(steps=160_000, log_every=100, checkpoint_every=5000,
                                              keep_checkpoints=3, eval_every=5000, on_nonfinite="skip",
                                              max_skipped_fraction=0.1))

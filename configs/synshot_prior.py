@@ -16,11 +16,16 @@ Variants:
 
 Data: data.root = "" generates the synthetic dataset once and caches it (`dhjax.data.cache`);
 otherwise a folder in the `dhjax.data.dataset` layout with 'train' and 'test' splits whose
-samples carry uv_albedo, uv_position and uv_expression_offset maps.
+samples carry uv_albedo, uv_position and uv_expression_offset maps. The training batches are read
+by the Grain pipeline (`dhjax.data.grain_pipeline`): loader.workers worker processes decode them
+(0: decoding threads of the training process, loader.threads of them, ahead of the step);
+loader.kind = "index" reads them in the loop's thread instead. Every setting gives the same
+batches, and a run resumes with other loader settings.
 """
 
 import ml_collections
 
+from dhjax.data import grain_pipeline
 from dhjax.data import synthetic
 from dhjax.synthesis import synshot
 
@@ -36,6 +41,7 @@ def get_config(arg=None):
     c.data.synthetic = synthetic.default_config()
     c.data.train_identities = (0, 2000)   # (first identity number, count)
     c.data.test_identities = (1_000_000_000, 50)
+    c.loader = grain_pipeline.default_loader_config()   # how batches are read (never which)
     c.model = synshot.default_model_config()
     c.loss = synshot.default_loss_config()
     c.optim = ml_collections.ConfigDict(dict(lr=1.3e-5, gamma=0.66, milestones=(100_000, 200_000, 300_000, 400_000),

@@ -286,6 +286,32 @@ def test_a_state_of_other_batches_is_refused():
         next(it2)
 
 
+def test_loader_fields_never_block_a_resume(tmp_path):
+    """Worker count, threads and loader kind change no batch: a run resumes with other values (or
+    from a run made before the loader block existed) without --allow_config_change; other
+    fields are still refused."""
+    import ml_collections
+
+    from dhjax.data import grain_pipeline as gp
+    from dhjax.train import app
+    from dhjax.train import config as config_lib
+
+    base = ml_collections.ConfigDict(dict(seed=0, batch_size=8, train=dict(steps=10)))
+    config_lib.save_config(base, str(tmp_path))               # a run from before the loader block
+    cfg = ml_collections.ConfigDict(base.to_dict())
+    cfg.loader = gp.default_loader_config()
+    logged = []
+    diffs = app.check_resume_config(tmp_path, cfg, allow_config_change=False, log=logged.append)
+    assert [d[0] for d in diffs] == ["loader.kind", "loader.threads", "loader.workers"]
+    config_lib.save_config(cfg, str(tmp_path))
+    changed = config_lib.apply_overrides(cfg, {"loader.workers": 4, "loader.threads": 2, "loader.kind": "index"})
+    assert len(app.check_resume_config(tmp_path, changed, allow_config_change=False, log=logged.append)) == 3
+    assert "config changes accepted on resume: loader.kind 'grain' -> 'index'" in logged[-1]
+    with pytest.raises(app.RunError, match="batch_size: 8 in the run, 4 now"):
+        app.check_resume_config(tmp_path, config_lib.apply_overrides(changed, {"batch_size": 4}),
+                                allow_config_change=True, log=logged.append)
+
+
 # ----------------------------------------------------------------------------------------------
 # The training harness on the Grain pipeline (subprocesses: device counts, signals).
 

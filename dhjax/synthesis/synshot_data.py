@@ -14,6 +14,7 @@ import numpy as np
 
 from dhjax.data import cache as cache_lib
 from dhjax.data import dataset as ds
+from dhjax.data import grain_pipeline
 from dhjax.synthesis import synshot
 from dhjax.train import logs
 
@@ -23,7 +24,9 @@ REQUIRED_MAP_KEYS = synshot.MAP_KEYS
 class SelectedDataset:
     """A dataset view keeping only `keys` of each sample (optionally cached in memory).
 
-    Raises a KeyError naming the split folder and the missing keys when a sample lacks any.
+    Raises a KeyError naming the split folder and the missing keys when a sample lacks any. A
+    Grain random-access data source like its base (thread-safe reads; with worker processes,
+    each worker keeps its own in-memory cache).
     """
 
     def __init__(self, base, keys, *, in_memory: bool = False, name: str = ""):
@@ -78,8 +81,10 @@ def stack(samples) -> dict:
     return ds.stack_samples(samples)
 
 
-def pipeline(dataset, batch_size: int, seed: int = 0):
-    return ds.Pipeline(dataset, batch_size, seed=seed)
+def pipeline(dataset, batch_size: int, seed: int = 0, loader=None):
+    """The training pipeline over `dataset` (config block `loader`, None: the Grain pipeline with
+    its defaults; `dhjax.data.grain_pipeline.make_pipeline`)."""
+    return grain_pipeline.make_pipeline(dataset, batch_size, seed=seed, loader=loader)
 
 
 def eval_batch(dataset, n: int, devices: int = 1) -> dict:

@@ -76,7 +76,7 @@ def run_prior(cfg, workdir: str) -> dict:
     shapes = jax.eval_shape(lambda b: synshot.init_state(jax.random.PRNGKey(0), b, ctx), first)
     run.log(app.parameter_overview(shapes["params"]))
     method = loop.Method(*synshot_data.prior_functions(ctx))
-    pipeline = synshot_data.pipeline(train_ds, cfg.batch_size, seed=cfg.seed)
+    pipeline = synshot_data.pipeline(train_ds, cfg.batch_size, seed=cfg.seed, loader=cfg.get("loader"))
     eval_batch = synshot_data.eval_batch(test_ds, int(cfg.eval.n_images), jax.device_count())
     result = loop.train(cfg, str(run.workdir), method, pipeline, eval_batch=eval_batch)
     state = result.state

@@ -33,7 +33,7 @@ from dhjax.capture.mica import landmark_net as mlm
 from dhjax.capture.mica import loss as loss_lib
 from dhjax.capture.mica import model as model_lib
 from dhjax.capture.mica import train as train_lib
-from dhjax.data import dataset as ds
+from dhjax.data import grain_pipeline
 from dhjax.models import flame
 from dhjax.train import app
 from dhjax.train import loop
@@ -212,8 +212,8 @@ def train(cfg, workdir) -> dict:
     val = data_lib.eval_batch(splits["val"], jax.device_count(), kind=kind)
     method = loop.Method(*train_lib.method_functions(cfg, arch, model, encoder_variables=enc_vars, val=val),
                          render=train_lib.render_function(cfg, arch, model))
-    pipeline = ds.Pipeline(data_lib.split_dataset(splits["train"], landmarks=kind == "landmarks"),
-                           int(cfg.batch_size), seed=int(cfg.seed))
+    pipeline = grain_pipeline.make_pipeline(data_lib.split_dataset(splits["train"], landmarks=kind == "landmarks"),
+                                            int(cfg.batch_size), seed=int(cfg.seed), loader=cfg.get("loader"))
     t1 = time.time()
     result = loop.train(cfg, str(workdir), method, pipeline, eval_batch=val)
     best = result.state["best"]
