@@ -143,8 +143,7 @@ def finished(variant: Variant, previous: dict[str, dict]) -> bool:
 
 def final_scalars(metrics: dict) -> dict:
     """{final/<name>: float} of the numbers (and bools) in a final_metrics.json dict."""
-    return {FINAL_PREFIX + k: float(v) for k, v in metrics.items()
-            if isinstance(v, (int, float)) and not isinstance(v, str)}
+    return {FINAL_PREFIX + k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
 
 
 def _last_step(variant: Variant) -> int:
