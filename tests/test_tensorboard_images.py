@@ -1,8 +1,11 @@
 """Every training experiment logs ground truth next to its render to TensorBoard at its evaluation
 points (the images convention of `dhjax.train.loop.Method` / `dhjax.train.logs.comparison_grid`).
 
-Fast: the grid itself, registration and MICA (short in-process runs on tiny settings), the
-tracker on one tiny synthetic frame. Slow (each compiles a full model): SynShot prior and
+Default suite: the grid itself (the harness's images at every evaluation step are tested with
+the toy method in tests/test_train_loop.py). Slow, each a short in-process run that compiles
+its model (about a minute of CPU for registration, MICA and the tracker on tiny settings, several
+minutes for the others; the default suite already runs the same code paths, without these
+checks, in the experiments' own run tests): registration, MICA, the tracker, SynShot prior and
 inversion, GEM (Net and refinement), INSTA and D3GA on their tests' micro settings.
 """
 
@@ -63,6 +66,7 @@ def test_comparison_grid_places_ground_truth_render_and_extras():
         logs.comparison_grid(np.ones((4, 5, 3, 2)), np.ones((4, 5, 3, 2)))
 
 
+@pytest.mark.slow
 def test_registration_logs_scan_and_registered_head_at_each_evaluation(tmp_path):
     from dhjax.capture import registration_run
 
@@ -82,6 +86,7 @@ def test_registration_logs_scan_and_registered_head_at_each_evaluation(tmp_path)
         assert head.mean() > 0.1 and (scan & head).sum() / (scan | head).sum() > 0.6
 
 
+@pytest.mark.slow
 def test_mica_logs_true_and_predicted_meshes_at_each_evaluation(tmp_path, monkeypatch):
     from dhjax.capture import mica
 
@@ -103,6 +108,7 @@ def test_mica_logs_true_and_predicted_meshes_at_each_evaluation(tmp_path, monkey
     assert w == 4 * size + 3 * logs.GRID_GAP      # true | predicted | error | input crop
 
 
+@pytest.mark.slow
 def test_tracker_logs_each_frame_with_its_render(tmp_path):
     """The synthetic tracker on one 3-frame sequence: per-frame errors, and frame | model colours
     | shading with landmarks at every frame (fewer than TB_FRAMES); a rerun replaces the log."""
@@ -130,7 +136,7 @@ def test_tracker_logs_each_frame_with_its_render(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------
-# Slow: each compiles a full model (minutes on a 2-core CPU).
+# Larger models (minutes each on a 2-core CPU).
 
 
 def _grid_width_is(events, columns):
