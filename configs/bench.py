@@ -30,12 +30,20 @@ Variants:
   d3ga   D3GA (dhjax.synthesis.d3ga): frames/s of a posed render of an avatar (cages, MLPs,
          appearance, splat) and its parts, at the tiny setting (7.2k Gaussians, 96x128) and the
          paper's (48k Gaussians, 667x1024) (dhjax.bench.d3ga; settings under d3ga.*).
+  data   input pipeline (dhjax.bench.data): images/s of the index pipeline against the Grain
+         pipeline with 0 workers (1 and 2 decoding threads) and 2 worker processes, reading
+         SynShot's training split of configs/synshot_prior.py:tiny (480 images of 128x128, every
+         map decoded at each read) in batches of 8, as fast as possible and with a simulated
+         100 ms training step after each batch (what prefetching hides); the points timed
+         round-robin, 3 rounds, medians (settings under data.*, e.g. --config.data.root=DIR for
+         another dataset).
 Results are printed and written to <workdir>/bench.json.
 """
 
 import ml_collections
 
 from dhjax.bench import body as body_bench
+from dhjax.bench import data as data_bench
 from dhjax.bench import d3ga as d3ga_bench
 from dhjax.bench import gem as gem_bench
 from dhjax.bench import geometry
@@ -75,7 +83,9 @@ def get_config(arg=None):
         c.body = body_bench.default_config()
     if c.suite == "d3ga":
         c.d3ga = d3ga_bench.default_config()
-    if c.suite not in ("flame", "synthetic", "splat", "geometry", "insta", "gem", "body", "d3ga"):
+    if c.suite == "data":
+        c.data = data_bench.default_config()
+    if c.suite not in ("flame", "synthetic", "splat", "geometry", "insta", "gem", "body", "d3ga", "data"):
         raise ValueError(f"unknown bench variant {c.suite!r}; available: flame, synthetic, splat, geometry, insta, gem, "
-                         f"body, d3ga")
+                         f"body, d3ga, data")
     return c

@@ -3,7 +3,8 @@
 
 Suites: flame (`dhjax.bench.flame`), synthetic (`dhjax.bench.synthetic`), splat
 (`dhjax.bench.splat`), geometry (`dhjax.bench.geometry`, all of its benchmarks), insta
-(`dhjax.bench.insta`), gem (`dhjax.bench.gem`), body (`dhjax.bench.body`), d3ga (`dhjax.bench.d3ga`).
+(`dhjax.bench.insta`), gem (`dhjax.bench.gem`), body (`dhjax.bench.body`), d3ga (`dhjax.bench.d3ga`),
+data (`dhjax.bench.data`).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import jax
 
-from dhjax.bench import body, d3ga, flame, gem, geometry, insta, splat, synthetic
+from dhjax.bench import body, d3ga, data, flame, gem, geometry, insta, splat, synthetic
 
 SUITES = {
     "flame": flame.run,
@@ -26,6 +27,7 @@ SUITES = {
     "gem": gem.run,
     "body": body.run,
     "d3ga": d3ga.run,
+    "data": data.run,
 }
 
 
