@@ -276,8 +276,9 @@ def differing(a: dict, b: dict) -> list[str]:
 @pytest.mark.slow
 def test_synshot_prior_in_two_processes_matches_one_process(tmp_path):
     """Slow: four runs of the prior's command line (one process on 1 and on 2 devices, two
-    processes for one step, then resumed in two processes for the second), each compiling the
-    training step for a minute or more on a 2-core CPU: 10 to 20 minutes.
+    processes for one step, then resumed in two processes for the second), each starting up,
+    compiling the training step and the evaluation and evaluating: 34 minutes on 2 CPU cores
+    shared with four other jobs (load ~13), about 8 minutes per run.
 
     Two processes with one device each against one process with two devices: the same global
     batch, the same split of it over two devices, the same gradient all-reduce of two partial
@@ -287,7 +288,8 @@ def test_synshot_prior_in_two_processes_matches_one_process(tmp_path):
     Against one device, XLA reduces the batch in another order, and Adam's first steps
     (update ~ lr * g / |g|) turn round-off sized gradient differences into updates of up to
     lr per step, so the parameters agree only within 2 steps x 2 x lr (sign flips of such
-    elements), and most of them much closer."""
+    elements), and most of them much closer (measured: largest difference 2.3e-4 = 0.23 lr,
+    7 of 634,831 parameters beyond 0.1 lr, 99th percentile 2.6e-7)."""
     cache = tmp_path / "cache"
     one = tmp_path / "one_device"
     launch(synshot_command(one, cache, 2), tmp_path / "one_device", devices=1).wait(1500)   # generates the data
@@ -322,6 +324,10 @@ def test_synshot_prior_in_two_processes_matches_one_process(tmp_path):
     cfg, state, step = app.load_run(str(work), lambda c: template(work, 2),
                                     experiment="synshot_prior")
     assert step == 2 and cfg.train.steps == 2
+    import jax
+
+    loaded = {jax.tree_util.keystr(k): np.asarray(v) for k, v in jax.tree_util.tree_leaves_with_path(state)}
+    assert not differing(loaded, mp)
 
     # One device: close, within what Adam's first steps allow (see the docstring).
     lr = float(cfg.optim.lr)
@@ -329,7 +335,7 @@ def test_synshot_prior_in_two_processes_matches_one_process(tmp_path):
     params = [k for k in ref if k.startswith("['params']")]
     diffs = np.concatenate([np.abs(single[k] - ref[k]).ravel() for k in params])
     assert diffs.max() <= 2 * 2 * lr, diffs.max()
-    assert np.mean(diffs > 0.1 * lr) < 0.05, np.mean(diffs > 0.1 * lr)
+    assert np.mean(diffs > 0.1 * lr) < 1e-3, np.mean(diffs > 0.1 * lr)
 
 
 # ----------------------------------------------------------------------------------------------
