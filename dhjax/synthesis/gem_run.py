@@ -579,14 +579,13 @@ def _fmt_table(title: str, rows: dict, keys=("psnr", "ssim", "l1", "lpips")) -> 
 
 
 def _picture(path, examples: list[tuple[str, dict]]):
-    """Rows of labelled images (one row per example set) -> png."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """Rows of labelled images (one row per example set) -> png. A bare Figure (no pyplot): the
+    caller's matplotlib backend, e.g. a notebook's inline one, is left alone."""
+    from matplotlib.figure import Figure
 
     ncol = max(len(e) for _, e in examples)
-    fig, axes = plt.subplots(len(examples), ncol, figsize=(2.0 * ncol, 2.6 * len(examples)), dpi=110, squeeze=False)
+    fig = Figure(figsize=(2.0 * ncol, 2.6 * len(examples)), dpi=110)
+    axes = fig.subplots(len(examples), ncol, squeeze=False)
     for r, (title, ex) in enumerate(examples):
         for c in range(ncol):
             ax = axes[r, c]
@@ -597,7 +596,6 @@ def _picture(path, examples: list[tuple[str, dict]]):
                 ax.set_title(f"{title}\n{name}" if c == 0 else name, fontsize=7)
     fig.tight_layout()
     fig.savefig(path)
-    plt.close(fig)
 
 
 def run(cfg, workdir: str) -> dict:
@@ -773,6 +771,17 @@ def _source_frames(root, split: str, item: int, max_frames: int):
             np.stack([s["pose"] for s in samples]))
 
 
+def drive_camera(workdir) -> camera_lib.Camera:
+    """The head-frame camera [1] a finished run saved for driving (drive_camera.npz: the most
+    frontal capture camera at the neutral training frame), for `gem.render`."""
+    cam_file = Path(workdir) / "drive_camera.npz"
+    if not cam_file.is_file():
+        raise FileNotFoundError(f"no '{cam_file}': '{workdir}' is not a finished GEM run")
+    with np.load(cam_file) as z:
+        return camera_lib.Camera(jnp.asarray(z["K"])[None], jnp.asarray(z["R"])[None], jnp.asarray(z["t"])[None],
+                                 int(z["width"]), int(z["height"]))
+
+
 def drive(workdir, out, *, source: str = "", split: str = "train", item: int = -1, landmarks_path: str = "",
           neutral: int = -1, max_frames: int = 0, fps: float = 12.0, log=print) -> Path:
     """Drives the GEM of a finished run (`run`'s workdir: gem.npz, regressor_<driver>.npz,
@@ -792,12 +801,7 @@ def drive(workdir, out, *, source: str = "", split: str = "train", item: int = -
     if bool(source) == bool(landmarks_path):
         raise ValueError("give exactly one of source (a dataset folder) or landmarks_path (a landmark file)")
     model = gem.load_eigenmodel(work / "gem.npz")
-    cam_file = work / "drive_camera.npz"
-    if not cam_file.is_file():
-        raise FileNotFoundError(f"no '{cam_file}': '{work}' is not a finished GEM run")
-    with np.load(cam_file) as z:
-        cam = camera_lib.Camera(jnp.asarray(z["K"])[None], jnp.asarray(z["R"])[None], jnp.asarray(z["t"])[None],
-                                int(z["width"]), int(z["height"]))
+    cam = drive_camera(work)
     driver = "params" if source else "landmarks"
     reg, _ = gem.load_regressor(work / f"regressor_{driver}.npz")
     images = None

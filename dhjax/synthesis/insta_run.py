@@ -427,12 +427,10 @@ class _OnlineRecorder:
         pts = self.points(run_.path("metrics.jsonl"))
         Path(run_.path("online.json")).write_text(json.dumps(pts, indent=1))
         if pts:
-            import matplotlib
+            from matplotlib.figure import Figure   # no pyplot: the caller's backend is left alone
 
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
-
-            fig, ax = plt.subplots(figsize=(5, 3.2), dpi=120)
+            fig = Figure(figsize=(5, 3.2), dpi=120)
+            ax = fig.subplots()
             ax.plot([p["seconds"] for p in pts], [p["heldout_psnr"] for p in pts], "o-")
             ax.set_xlabel("seconds since the first step")
             ax.set_ylabel("held-out PSNR (dB)")
@@ -440,7 +438,6 @@ class _OnlineRecorder:
             ax.grid(alpha=0.3)
             fig.tight_layout()
             fig.savefig(run_.path("online.png"))
-            plt.close(fig)
         return pts
 
 
