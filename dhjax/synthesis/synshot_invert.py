@@ -30,6 +30,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from dhjax.capture import align
 from dhjax.data import textures
@@ -37,6 +38,7 @@ from dhjax.models import flame
 from dhjax.render import camera as camera_lib
 from dhjax.render import texture as texture_lib
 from dhjax.synthesis import synshot
+from dhjax.train import loop
 
 REQUIRED = ("image", "mask", "K", "R", "t", "shape", "expression", "pose", "translation")
 
@@ -255,8 +257,12 @@ def run_stage(state, batch, ctx: synshot.Context, *, stage: int, steps: int, sto
     Returns (state, info dict: steps, stopped_early, first_loss, last_loss, seconds)."""
     labels = inversion_labels(state["params"], stage)
     tx = synshot.make_optimizer(ctx.optim_cfg, labels)
-    state = dict(state, opt_state=tx.init(state["params"]))
-    step_fn = jax.jit(functools.partial(synshot.train_step, ctx=ctx, labels=labels))
+    # The state is placed like the step's outputs (replicated over the data mesh): an uncommitted
+    # state on the first call and a replicated one from the second on made jit compile the whole
+    # step twice (as `dhjax.train.loop.train` notes for the prior's step).
+    replicated = NamedSharding(loop.data_mesh(), P())
+    state = jax.device_put(dict(state, opt_state=tx.init(state["params"])), replicated)
+    step_fn = jax.jit(functools.partial(synshot.train_step, ctx=ctx, labels=labels), out_shardings=replicated)
     t0, losses, done = time.time(), [], 0
     mesh_n = jax.device_count()
     if batch["image"].shape[0] % mesh_n:

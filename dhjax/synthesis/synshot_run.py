@@ -186,8 +186,11 @@ def run_invert(cfg, workdir: str) -> dict:
     assets = synshot.build_assets(prior_cfg.model)
     prior_ctx = synshot.make_context(prior_cfg.model, assets, w, h, optim_cfg=prior_cfg.optim, backend=cfg.backend,
                                     deterministic=bool(cfg.deterministic_kernels))
+    # The template's shapes only (eval_shape): run for real, the network's initialisation went op by
+    # op through hundreds of small compiled programs just to be overwritten by the checkpoint.
     _, prior_state, prior_step = app.load_run(
-        cfg.prior_workdir, lambda pcfg: synshot.init_state(jax.random.PRNGKey(0), batch_in, prior_ctx),
+        cfg.prior_workdir,
+        lambda pcfg: jax.eval_shape(lambda: synshot.init_state(jax.random.PRNGKey(0), batch_in, prior_ctx)),
         experiment=PRIOR_EXPERIMENT)
     run.log(f"prior: {cfg.prior_workdir} step {prior_step}")
     run.log(app.parameter_overview(prior_state["params"]))
