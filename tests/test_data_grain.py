@@ -17,6 +17,7 @@ import time
 
 import numpy as np
 import pytest
+from harness_common import env_with, jsonl, params, run_toy
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
@@ -316,28 +317,8 @@ def test_loader_fields_never_block_a_resume(tmp_path):
 # The training harness on the Grain pipeline (subprocesses: device counts, signals).
 
 
-def env_with(devices=1, **extra):
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-    env.update({k: str(v) for k, v in extra.items()})
-    return env
-
-
 def toy(workdir, *overrides, devices=1, check=True, **extra):
-    proc = subprocess.run([sys.executable, __file__, str(workdir), *overrides], env=env_with(devices, **extra),
-                          capture_output=True, text=True, timeout=400)
-    if check:
-        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    return proc
-
-
-def params(workdir):
-    return np.load(os.path.join(workdir, "final_params.npy"))
-
-
-def jsonl(workdir):
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
+    return run_toy(__file__, workdir, *overrides, devices=devices, check=check, **extra)
 
 
 @pytest.fixture(scope="module")
@@ -475,20 +456,17 @@ def main():
     import jax
 
     import train_toy
+    from harness_common import parse_overrides, save_result
     from dhjax.data import grain_pipeline as gp
     from dhjax.train import app
     from dhjax.train import config as config_lib
     from dhjax.train import loop
 
     workdir = sys.argv[1]
-    overrides = {}
-    for arg in sys.argv[2:]:
-        k, v = arg.split("=", 1)
-        overrides[k] = eval(v)  # numbers or quoted strings
     app.init_distributed()
     cfg = train_toy.get_config()
     cfg.loader = gp.default_loader_config()
-    cfg = config_lib.apply_overrides(cfg, overrides)
+    cfg = config_lib.apply_overrides(cfg, parse_overrides(sys.argv[2:]))
     data = gp.make_pipeline(ToySamples(int(os.environ.get("TOY_SAMPLES", "64")), train_toy.DIM), cfg.batch_size,
                             seed=cfg.seed, loader=cfg.loader, required_keys=("x", "y"))
     eval_batch = train_toy.Data(cfg).get_batch(10 ** 6)
@@ -496,9 +474,7 @@ def main():
     if first is not None:
         print(f"process {jax.process_index()}: rows {len(first['x'])} of {cfg.batch_size}", flush=True)
     res = loop.train(cfg, workdir, train_toy.make_method(cfg), data, eval_batch=eval_batch)
-    if jax.process_index() == 0:
-        np.save(os.path.join(workdir, "final_params.npy"), np.asarray(res.state["params"]["w"]))
-        print("done", res.steps_run, flush=True)
+    save_result(workdir, res)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,5 @@
 """Synthetic data: determinism, ground truth that agrees with the model, part labels, rigs."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

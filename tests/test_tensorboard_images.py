@@ -9,7 +9,6 @@ checks, in the experiments' own run tests): registration, MICA, the tracker, Syn
 inversion, GEM (Net and refinement), INSTA and D3GA on their tests' micro settings.
 """
 
-import os
 from pathlib import Path
 
 import numpy as np

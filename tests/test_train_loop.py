@@ -13,33 +13,14 @@ import time
 
 import numpy as np
 import pytest
+from harness_common import env_with, jsonl, params, run_toy
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TOY = os.path.join(HERE, "train_toy.py")
 
 
-def env_with(devices=1, **extra):
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-    env.update({k: str(v) for k, v in extra.items()})
-    return env
-
-
 def toy(workdir, *overrides, devices=1, check=True, **extra):
-    proc = subprocess.run([sys.executable, TOY, str(workdir), *overrides], env=env_with(devices, **extra),
-                          capture_output=True, text=True, timeout=300)
-    if check:
-        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    return proc
-
-
-def params(workdir):
-    return np.load(os.path.join(workdir, "final_params.npy"))
-
-
-def jsonl(workdir):
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
+    return run_toy(TOY, workdir, *overrides, devices=devices, check=check, timeout=300, **extra)
 
 
 def train_rows(workdir):
@@ -143,7 +124,6 @@ def test_resume_with_another_config_is_refused_and_keeps_the_run(reference, tmp_
     ("train.on_nonfinite='ignore'", "train.on_nonfinite"),
     ("train.max_skipped_fraction=1.5", "train.max_skipped_fraction")])
 def test_bad_train_config_is_refused_before_any_work(tmp_path, override, field):
-    t0 = time.time()
     proc = toy(tmp_path, override, check=False)
     assert proc.returncode != 0 and f"config field {field} must be" in proc.stderr, proc.stderr[-1500:]
     assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "config.json").exists()

@@ -10,6 +10,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -20,6 +21,7 @@ import optax  # noqa: E402
 from dhjax.train import app  # noqa: E402
 from dhjax.train import config as config_lib  # noqa: E402
 from dhjax.train import loop  # noqa: E402
+from harness_common import parse_overrides, save_result  # noqa: E402
 
 DIM = 8
 
@@ -82,18 +84,12 @@ def make_method(cfg):
 
 def main():
     workdir = sys.argv[1]
-    overrides = {}
-    for arg in sys.argv[2:]:
-        k, v = arg.split("=", 1)
-        overrides[k] = eval(v)  # numbers or quoted strings
     app.init_distributed()
-    cfg = config_lib.apply_overrides(get_config(), overrides)
+    cfg = config_lib.apply_overrides(get_config(), parse_overrides(sys.argv[2:]))
     data = Data(cfg)
     res = loop.train(cfg, workdir, make_method(cfg), data, eval_batch=data.get_batch(10 ** 6),
                      allow_config_change=os.environ.get("TOY_ALLOW") == "1")
-    if jax.process_index() == 0:
-        np.save(os.path.join(workdir, "final_params.npy"), np.asarray(res.state["params"]["w"]))
-        print("done", res.steps_run, flush=True)
+    save_result(workdir, res)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,6 @@ import jax.numpy as jnp
 from dhjax.bench.timing import time_call
 from dhjax.data import body_synthetic
 from dhjax.models import body as body_lib
-from dhjax.render import camera as camera_lib
 from dhjax.render import splat
 from dhjax.synthesis import d3ga, d3ga_data
 

@@ -31,7 +31,7 @@ import numpy as np
 
 from dhjax.data import dataset as ds
 from dhjax.data import grain_pipeline as gp
-from dhjax.train import config as config_lib
+from dhjax.bench.timing import load_config
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -61,15 +61,6 @@ def default_config() -> ml_collections.ConfigDict:
     return c
 
 
-def _load_config(spec: str):
-    path, sep, variant = spec.partition(":")
-    p = Path(path)
-    if not p.is_file() and not p.is_absolute():
-        repo = Path(__file__).resolve().parents[2] / path
-        if repo.is_file():
-            p = repo
-    return config_lib.load_config(f"{p}{sep}{variant}")
-
 
 def dataset_root(c) -> Path:
     """The folder the bench reads: `root`, or the cached synthetic data of `config`."""
@@ -77,7 +68,7 @@ def dataset_root(c) -> Path:
         return Path(c.root)
     from dhjax.synthesis import synshot_data
 
-    cfg = _load_config(c.config)
+    cfg = load_config(c.config)
     if c.cache_dir:
         cfg.data.cache_dir = str(c.cache_dir)
     return synshot_data.dataset_root(cfg)

@@ -35,7 +35,6 @@ keeps init's all-occupied grid (the first steps of training, the most samples).
 from __future__ import annotations
 
 import functools
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -43,13 +42,12 @@ import ml_collections
 import numpy as np
 
 from dhjax import ops
-from dhjax.bench.timing import time_call
+from dhjax.bench.timing import load_config, time_call
 from dhjax.geometry import deformation
 from dhjax.ops import _ffi
 from dhjax.ops import bvh as bvh_op
 from dhjax.ops import hashgrid as hg_op
 from dhjax.ops import raymarch
-from dhjax.train import config as config_lib
 
 RAY_KEYS = ("origins", "dirs", "color", "mouth", "face", "mesh_t", "pixel", "background")
 OCCUPANCY = ("shell", "full")
@@ -86,19 +84,10 @@ def default_config() -> ml_collections.ConfigDict:
     return c
 
 
-def _load_insta_config(spec: str):
-    path, sep, variant = spec.partition(":")
-    p = Path(path)
-    if not p.is_file() and not p.is_absolute():
-        repo = Path(__file__).resolve().parents[2] / path
-        if repo.is_file():
-            p = repo
-    return config_lib.load_config(f"{p}{sep}{variant}")
-
 
 def insta_config(bc):
     """The INSTA ConfigDict the bench builds (bench settings applied)."""
-    cfg = _load_insta_config(bc.config)
+    cfg = load_config(bc.config)
     if bc.cache_dir:
         cfg.data.cache_dir = bc.cache_dir
     if int(bc.n_frames):

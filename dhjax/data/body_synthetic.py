@@ -32,7 +32,6 @@ lower_kind (indices into garments.UPPER_KINDS / LOWER_KINDS), item, frame, view.
 
 from __future__ import annotations
 
-import functools
 from typing import Mapping
 
 import jax

@@ -630,7 +630,6 @@ def _eyelid_params(mesh):
 
 def _embed_param_points(mesh, params):
     """Face index + barycentrics of (phi, theta, side) points on the skin grid."""
-    theta_rows, phi_cols = mesh["theta_rows"], mesh["phi_cols"]
     n_tri_pole = N_COLS
     faces_out, bary_out = [], []
     for ph, th, sd in params:

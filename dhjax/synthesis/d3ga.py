@@ -43,7 +43,7 @@ Units: metres; images in [0, 1].
 from __future__ import annotations
 
 import functools
-from typing import Any, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import flax.struct
 import jax

@@ -53,7 +53,6 @@ eval_every (0 = only at the end), on_nonfinite ("skip" | "stop"), max_skipped_fr
 
 from __future__ import annotations
 
-import os
 import signal
 from typing import Any, Callable, NamedTuple
 
