@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import gem_common as gc
 
 from dhjax.geometry import pca as pca_lib
 from dhjax.geometry import rotations
@@ -21,16 +22,8 @@ from dhjax.synthesis import gem_data
 
 @pytest.fixture(scope="module")
 def ctx():
-    m = flame.load()
-    mc = gem.default_model_config()
-    mc.update(map_size=32, widths=(8, 16, 16), style_dim=8, sh_degree=1)
-    shape = np.random.default_rng(0).normal(size=10).astype(np.float32) * 0.5
-    return gem.make_context(m, shape, mc)
+    return gc.small_context()
 
-
-def _cams(n=3, w=40, h=48):
-    return camera_lib.synshot_rig(radius=1.0, width=w, height=h, n_frontal=n, n_upper=0, fov_y_deg=22.0,
-                                  target=(0.0, -0.035, 0.0))
 
 
 def test_head_frame_is_the_rigid_part_of_the_pose(ctx):
@@ -44,7 +37,7 @@ def test_head_frame_is_the_rigid_part_of_the_pose(ctx):
     R0, T = gem.head_rigid(ctx, shape, pose, tr)
     np.testing.assert_allclose(gem.head_to_world(head, R0, T), full, atol=1e-6)
     # Cameras moved into the head frame see head-frame points where world cameras see world points.
-    cams = _cams()
+    cams = gc.cams()
     uv_w, _ = camera_lib.project(cams, full)
     uv_h, _ = camera_lib.project(gem.head_cameras(cams, R0, T), head)
     np.testing.assert_allclose(uv_h, uv_w, atol=1e-3)
@@ -75,21 +68,10 @@ def test_pose_gaussians_at_rest_and_under_rigid_motion(ctx):
     assert np.all(np.sum(np.asarray(a1["rotation"]) * np.asarray(ctx.ref_quat), -1) >= 0)
 
 
-def _random_collected(ctx, n, rng):
-    G = ctx.n_gaussians
-    base = gem.pose_gaussians(ctx, jnp.zeros((G, gem.NET_OUT)), ctx.canon_verts)
-    lat = rng.normal(size=(n, 3))
-    out = {}
-    for a in gem.ATTRIBUTES:
-        d = gem.ATTRIBUTE_DIMS[a]
-        dirs = rng.normal(size=(3, G, d)) * 1e-3
-        out[a] = np.asarray(base[a])[None] + np.einsum("nk,kgd->ngd", lat, dirs) + rng.normal(size=(n, G, d)) * 1e-5
-    return out
-
 
 def test_distil_reconstructs_training_attributes_and_k0_is_the_mean(ctx):
     rng = np.random.default_rng(3)
-    data = _random_collected(ctx, 12, rng)
+    data = gc.random_collected(ctx, 12, rng)
     sh = jnp.asarray(rng.normal(size=(ctx.n_gaussians, 4, 3)) * 0.1, jnp.float32)
     model, k, ratio = gem.distil(data, sh, 5, sh_degree=1)
     assert model.n_components == 5 and k["position"].shape == (12, 5)
@@ -103,7 +85,7 @@ def test_distil_reconstructs_training_attributes_and_k0_is_the_mean(ctx):
         assert err == pytest.approx(expected, rel=0.05, abs=1e-12)
         assert float(np.sum(ratio[a])) > 0.99
     # k = 0 renders the mean Gaussians exactly.
-    cams = _cams()
+    cams = gc.cams()
     img = gem.render(model, gem.zero_coefficients(model), cams, backend="reference")
     mean = gem.unflatten_attributes(model.mean, ctx.n_gaussians)
     q = mean["rotation"] / jnp.linalg.norm(mean["rotation"], axis=-1, keepdims=True)
@@ -115,7 +97,7 @@ def test_distil_reconstructs_training_attributes_and_k0_is_the_mean(ctx):
 
 def test_reorthonormalise_keeps_renders_and_orthonormality(ctx):
     rng = np.random.default_rng(4)
-    data = _random_collected(ctx, 10, rng)
+    data = gc.random_collected(ctx, 10, rng)
     sh = jnp.zeros((ctx.n_gaussians, 4, 3))
     model, k, _ = gem.distil(data, sh, 4, sh_degree=1)
     # perturb the bases as a refinement would
@@ -133,7 +115,7 @@ def test_reorthonormalise_keeps_renders_and_orthonormality(ctx):
 
 def test_eigenmodel_file_round_trip_and_errors(ctx, tmp_path):
     rng = np.random.default_rng(5)
-    model, k, _ = gem.distil(_random_collected(ctx, 8, rng), jnp.zeros((ctx.n_gaussians, 4, 3)), 3, sh_degree=1)
+    model, k, _ = gem.distil(gc.random_collected(ctx, 8, rng), jnp.zeros((ctx.n_gaussians, 4, 3)), 3, sh_degree=1)
     path = gem.save_eigenmodel(tmp_path / "g.npz", model)
     back = gem.load_eigenmodel(path)
     for a in gem.ATTRIBUTES:
@@ -166,12 +148,12 @@ def test_eigenmodel_file_round_trip_and_errors(ctx, tmp_path):
 
 def test_fit_coefficients_recovers_a_rendered_state(ctx):
     rng = np.random.default_rng(6)
-    data = _random_collected(ctx, 10, rng)
+    data = gc.random_collected(ctx, 10, rng)
     # make the variation visible: larger position modes
     data["position"] = data["position"] + np.einsum("n,gd->ngd", rng.normal(size=10), rng.normal(size=(ctx.n_gaussians, 3)) * 4e-3)
     sh = jnp.asarray(rng.normal(size=(ctx.n_gaussians, 4, 3)) * 0.3, jnp.float32)
     model, k, _ = gem.distil(data, sh, 3, sh_degree=1)
-    cams = _cams(4)
+    cams = gc.cams(4)
     target_k = {a: k[a][1] for a in gem.ATTRIBUTES}
     images = gem.render(model, target_k, cams)
     start = gem.render(model, gem.zero_coefficients(model), cams)
@@ -211,7 +193,7 @@ def test_net_step_lowers_the_loss(ctx):
     shape = np.random.default_rng(0).normal(size=10).astype(np.float32) * 0.5
     fr = dict(shape=shape, expression=(rng.normal(size=10) * 0.5).astype(np.float32),
               pose=np.zeros((5, 3), np.float32), translation=np.zeros(3, np.float32))
-    cams = _cams(2)
+    cams = gc.cams(2)
     state = gem.init_state(jax.random.PRNGKey(0), ctx)
     # the target: the template Gaussians in another colour
     target = jnp.asarray(np.broadcast_to(np.array([0.8, 0.3, 0.2], np.float32), (2, 48, 40, 3)))

@@ -8,9 +8,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import gem_common as gc
 
-from dhjax.models import flame
-from dhjax.render import camera as camera_lib
 from dhjax.render import splat
 from dhjax.synthesis import gem
 from dhjax.synthesis import gem_local
@@ -18,11 +17,7 @@ from dhjax.synthesis import gem_local
 
 @pytest.fixture(scope="module")
 def ctx():
-    m = flame.load()
-    mc = gem.default_model_config()
-    mc.update(map_size=32, widths=(8, 16, 16), style_dim=8, sh_degree=1)
-    shape = np.random.default_rng(0).normal(size=10).astype(np.float32) * 0.5
-    return gem.make_context(m, shape, mc)
+    return gc.small_context()
 
 
 @pytest.fixture(scope="module")
@@ -30,26 +25,7 @@ def regions(ctx):
     return gem_local.region_assignment(ctx)
 
 
-def _cams(n=3, w=40, h=48):
-    return camera_lib.synshot_rig(radius=1.0, width=w, height=h, n_frontal=n, n_upper=0, fov_y_deg=22.0,
-                                  target=(0.0, -0.035, 0.0))
 
-
-def _base(ctx):
-    return gem.pose_gaussians(ctx, jnp.zeros((ctx.n_gaussians, gem.NET_OUT)), ctx.canon_verts)
-
-
-def _random_collected(ctx, n, rng):
-    """Global variation: 3 latents moving every Gaussian, plus small noise (as test_synthesis_gem)."""
-    G = ctx.n_gaussians
-    base = _base(ctx)
-    lat = rng.normal(size=(n, 3))
-    out = {}
-    for a in gem.ATTRIBUTES:
-        d = gem.ATTRIBUTE_DIMS[a]
-        dirs = rng.normal(size=(3, G, d)) * 1e-3
-        out[a] = np.asarray(base[a])[None] + np.einsum("nk,kgd->ngd", lat, dirs) + rng.normal(size=(n, G, d)) * 1e-5
-    return out
 
 
 def _region_local_collected(ctx, labels, n, rank, rng, dirs=None):
@@ -58,7 +34,7 @@ def _region_local_collected(ctx, labels, n, rank, rng, dirs=None):
     same `dirs` give held-out frames of the same model."""
     G = ctx.n_gaussians
     R = int(labels.max()) + 1
-    base = _base(ctx)
+    base = gc.base_attributes(ctx)
     if dirs is None:
         dirs = {}
         for a in gem.ATTRIBUTES:
@@ -100,7 +76,7 @@ def test_region_labels_on_the_default_head(ctx, regions):
 
 def test_one_region_is_the_global_gem(ctx):
     rng = np.random.default_rng(1)
-    data = _random_collected(ctx, 10, rng)
+    data = gc.random_collected(ctx, 10, rng)
     sh = jnp.asarray(rng.normal(size=(ctx.n_gaussians, 4, 3)) * 0.1, jnp.float32)
     gmodel, gk, _ = gem.distil(data, sh, 4, sh_degree=1)
     lmodel, lk = gem_local.distil_local(data, sh, 4, np.zeros(ctx.n_gaussians, np.int32), sh_degree=1)
@@ -162,12 +138,12 @@ def test_local_pca_captures_region_local_variation_that_global_pca_at_equal_size
 def test_local_render_at_zero_is_the_splatted_local_means(ctx, regions):
     rng = np.random.default_rng(3)
     labels = regions.labels
-    data = _random_collected(ctx, 8, rng)
+    data = gc.random_collected(ctx, 8, rng)
     sh = jnp.asarray(rng.normal(size=(ctx.n_gaussians, 4, 3)) * 0.1, jnp.float32)
     model, _ = gem_local.distil_local(data, sh, 3, labels, sh_degree=1)
     assert model.n_regions == len(regions.names)
     np.testing.assert_array_equal(gem_local.region_index(model), labels)
-    cams = _cams()
+    cams = gc.cams()
     img = gem_local.render_local(model, gem_local.zero_coefficients(model), cams, backend="auto")
     mean = {a: np.zeros((ctx.n_gaussians, gem.ATTRIBUTE_DIMS[a]), np.float32) for a in gem.ATTRIBUTES}
     for a in gem.ATTRIBUTES:
@@ -199,7 +175,7 @@ def test_local_render_at_zero_is_the_splatted_local_means(ctx, regions):
 
 def test_size_bytes_equal_size_formula(ctx, regions):
     rng = np.random.default_rng(4)
-    data = _random_collected(ctx, 8, rng)
+    data = gc.random_collected(ctx, 8, rng)
     sh = jnp.zeros((ctx.n_gaussians, 4, 3), jnp.float32)
     G, R = ctx.n_gaussians, len(regions.names)
     for M in (1, 4):
@@ -218,7 +194,7 @@ def test_size_bytes_equal_size_formula(ctx, regions):
 def test_bad_inputs_raise_clear_errors(ctx, regions):
     rng = np.random.default_rng(5)
     G = ctx.n_gaussians
-    data = _random_collected(ctx, 6, rng)
+    data = gc.random_collected(ctx, 6, rng)
     sh = jnp.zeros((G, 4, 3), jnp.float32)
     labels = regions.labels
     model, k = gem_local.distil_local(data, sh, 2, labels, sh_degree=1)
@@ -229,9 +205,9 @@ def test_bad_inputs_raise_clear_errors(ctx, regions):
     with pytest.raises(ValueError, match=rf"'position' must be \[\.\.\., R, M\] = \[\.\.\., {R}, 2\].*\({R}, 3\)"):
         gem_local.local_attributes(model, {**k0, "position": jnp.zeros((R, 3))})
     with pytest.raises(ValueError, match=r"'opacity' must be \[\.\.\., R, M\]"):
-        gem_local.render_local(model, {**k0, "opacity": jnp.zeros((R + 1, 2))}, _cams(1))
+        gem_local.render_local(model, {**k0, "opacity": jnp.zeros((R + 1, 2))}, gc.cams(1))
     with pytest.raises(ValueError, match=r"renders one frame"):
-        gem_local.render_local(model, k, _cams(1))
+        gem_local.render_local(model, k, gc.cams(1))
     with pytest.raises(ValueError, match=rf"labels must be \[G\] int with G={G}"):
         gem_local.distil_local(data, sh, 2, labels[:-1], sh_degree=1)
     with pytest.raises(ValueError, match=r"labels must be \[G\] int"):
