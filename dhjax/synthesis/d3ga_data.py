@@ -90,12 +90,9 @@ class Capture(NamedTuple):
 
     def take(self, frames=None, views=None) -> "Capture":
         """A sub-capture of the given frame and view positions (index arrays or None = all)."""
-        f = np.arange(self.images.shape[0]) if frames is None else np.asarray(frames)
-        v = np.arange(self.images.shape[1]) if views is None else np.asarray(views)
-        fv = np.ix_(f, v)
-        return Capture(self.images[fv], self.masks[fv], self.layers[fv], self.K[fv], self.R[fv], self.t[fv],
-                       self.shape, self.expression[f], self.pose[f], self.translation[f], self.keypoints[f],
-                       self.frame[f], self.view[v], self.upper_kind, self.lower_kind)
+        return gem_data.take_frames_views(
+            self, frames, views, frame_view=("images", "masks", "layers", "K", "R", "t"),
+            per_frame=("expression", "pose", "translation", "keypoints", "frame"))
 
 
 def _kind(sample, key, kinds, default):

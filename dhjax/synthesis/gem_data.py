@@ -17,6 +17,18 @@ import numpy as np
 from dhjax.data import dataset as ds
 
 
+def take_frames_views(capture, frames, views, frame_view: Sequence[str], per_frame: Sequence[str],
+                      per_view: Sequence[str] = ("view",)):
+    """A copy of a frames x cameras NamedTuple keeping the given frame and view positions (index
+    arrays, or None for all): fields named in frame_view are indexed [frames][:, views], those in
+    per_frame by frames, those in per_view by views; the others (e.g. the identity) are kept."""
+    f = np.arange(capture.images.shape[0]) if frames is None else np.asarray(frames)
+    v = np.arange(capture.images.shape[1]) if views is None else np.asarray(views)
+    fv = np.ix_(f, v)
+    return capture._replace(**{n: getattr(capture, n)[fv] for n in frame_view},
+                            **{n: getattr(capture, n)[f] for n in per_frame},
+                            **{n: getattr(capture, n)[v] for n in per_view})
+
 class Capture(NamedTuple):
     """One subject's frames x cameras.
 
@@ -44,11 +56,8 @@ class Capture(NamedTuple):
 
     def take(self, frames=None, views=None) -> "Capture":
         """A sub-capture of the given frame and view positions (index arrays or None = all)."""
-        f = np.arange(self.images.shape[0]) if frames is None else np.asarray(frames)
-        v = np.arange(self.images.shape[1]) if views is None else np.asarray(views)
-        fv = np.ix_(f, v)
-        return Capture(self.images[fv], self.masks[fv], self.K[fv], self.R[fv], self.t[fv], self.shape,
-                       self.expression[f], self.pose[f], self.translation[f], self.frame[f], self.view[v])
+        return take_frames_views(self, frames, views, frame_view=("images", "masks", "K", "R", "t"),
+                                 per_frame=("expression", "pose", "translation", "frame"))
 
     def frame_params(self, i: int) -> dict:
         """shape, expression, pose, translation of frame position i (float32 numpy)."""
