@@ -701,3 +701,50 @@ def test_context_passes_the_deterministic_flag_to_the_splatting(setup, monkeypat
         assert seen and set(seen) == {flag}
         seen.clear()
     np.testing.assert_array_equal(images[False], images[True])
+
+
+def test_map_ssim_and_lpips_cover_every_decoded_map(setup):
+    """The thesis's "L1 + SSIM + LPIPS on maps": with loss.map_ssim_on naming all three decoded
+    maps, the map loss grows over the albedo-only loss (the pre-2026-12-05 default) by exactly
+    map_ssim (1 - SSIM) of the position and expression maps in the [0, 1] layout-masked units,
+    and an LPIPS function is applied to every named map with the `lpips` weight."""
+    ctx0, state, batch = setup["ctx"], setup["state"], setup["batch"]
+    params, stats = state["params"], state["stats"]
+
+    def run(ctx):
+        return synshot.loss_fn(params, stats, batch, ctx)[1][0]
+
+    lc_all = synshot.default_loss_config()
+    assert tuple(lc_all.map_ssim_on) == ("tex", "verts", "expr")
+    lc_tex = synshot.default_loss_config()
+    lc_tex.map_ssim_on = ("tex",)
+    m_all, m_tex = run(ctx0.replace(loss_cfg=lc_all)), run(ctx0.replace(loss_cfg=lc_tex))
+    out, _ = synshot.forward(synshot.net_variables(params, stats), synshot.batch_maps(batch, ctx0), ctx0, train=True)
+    maps_in = synshot.batch_maps(batch, ctx0)
+    mask = np.asarray(ctx0.assets.map_mask)[None, ..., None]
+
+    def dssim(a, b):
+        return 1.0 - float(np.mean(losses.ssim(np.asarray(a) * mask * 0.5 + 0.5, np.asarray(b) * mask * 0.5 + 0.5)))
+
+    extra = lc_all.map_ssim * (dssim(out["verts"], maps_in[1]) + dssim(out["expr"], maps_in[2]))
+    assert extra > 1e-3
+    np.testing.assert_allclose(float(m_all["map_loss"]) - float(m_tex["map_loss"]), extra, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(float(m_all["loss"]) - float(m_tex["loss"]), extra, rtol=1e-4, atol=1e-6)
+
+    def fake_lpips(a, b):                         # [B, H, W, 3] x 2 -> [B]: mean absolute difference
+        return jnp.mean(jnp.abs(a - b), axis=(1, 2, 3))
+
+    lc_lp = synshot.default_loss_config()
+    lc_lp.lpips = 0.5
+    m_lp = run(ctx0.replace(loss_cfg=lc_lp, lpips_fn=fake_lpips))
+    for name, x in zip(synshot.MAP_NAMES, maps_in):
+        want = float(np.mean(np.abs((np.asarray(out[name]) - np.asarray(x)) * mask * 0.5)))
+        np.testing.assert_allclose(float(m_lp[f"lpips_{name}_map"]), want, rtol=1e-4)
+    np.testing.assert_allclose(float(m_lp["map_loss"]) - float(m_all["map_loss"]),
+                               0.5 * sum(float(m_lp[f"lpips_{n}_map"]) for n in synshot.MAP_NAMES), rtol=1e-4)
+    assert "lpips" in m_lp and "lpips_tex_map" not in m_all
+
+    bad = synshot.default_loss_config()
+    bad.map_ssim_on = ("tex", "normals")
+    with pytest.raises(ValueError, match=r"loss.map_ssim_on must name distinct maps"):
+        synshot.make_context(setup["step_mc"], setup["step_assets"], W, H, loss_cfg=bad)

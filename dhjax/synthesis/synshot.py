@@ -90,15 +90,34 @@ def default_model_config() -> ml_collections.ConfigDict:
         nn_mode="grid", pos_scale=0.1, expr_scale=0.01, offset_scale=0.01))
 
 
+MAP_NAMES = ("tex", "verts", "expr")   # the decoded maps: albedo, neutral position, expression offset
+
+
 def default_loss_config() -> ml_collections.ConfigDict:
-    """Loss weights: L_color = l1 L1 + ssim (1 - SSIM) (+ lpips LPIPS) on the texture map and on
-    renders; L_geom = geom L1 on the position and expression maps (network units); L2
-    regularisers on position offsets, log-scale offsets, opacity offsets and SH bands >= 1;
+    """Loss weights, as the thesis's "L1 + SSIM + LPIPS on maps and renders + L1 geometry":
+
+    renders: l1 L1 + ssim (1 - SSIM) (+ lpips LPIPS when weights are given);
+    maps: map_l1 L1 on the albedo map, geom L1 on the position and expression maps (network
+    units), and map_ssim (1 - SSIM) (+ lpips LPIPS when weights are given) on each map named in
+    `map_ssim_on` (of MAP_NAMES; each map's network units mapped to x / 2 + 1/2 inside the UV
+    mask, the albedo's [-1, 1] to [0, 1], position and expression maps about [-1, 1] at
+    model.pos_scale and model.expr_scale). `map_ssim_on=("tex",)` is the loss of dhjax before
+    2026-12-05 (SSIM on the albedo map only, no LPIPS on maps);
+    L2 regularisers on position offsets, log-scale offsets, opacity offsets and SH bands >= 1;
     VQ losses (codebook + beta commitment) weighted by `vq`; `alpha` weights an optional L1
     between the rendered alpha and the mask (0 in the thesis)."""
     return ml_collections.ConfigDict(dict(
-        l1=1.0, ssim=0.2, lpips=0.0, map_l1=1.0, map_ssim=0.2, geom=1.0, reg_position=0.01,
-        reg_scale=0.001, reg_opacity=0.001, reg_sh=0.001, vq=1.0, alpha=0.0, lpips_path=""))
+        l1=1.0, ssim=0.2, lpips=0.0, map_l1=1.0, map_ssim=0.2, map_ssim_on=MAP_NAMES, geom=1.0,
+        reg_position=0.01, reg_scale=0.001, reg_opacity=0.001, reg_sh=0.001, vq=1.0, alpha=0.0,
+        lpips_path=""))
+
+
+def check_loss_config(loss_cfg) -> None:
+    """Raise ValueError naming the field when `loss_cfg.map_ssim_on` names an unknown map."""
+    on = tuple(loss_cfg.get("map_ssim_on", ("tex",)))
+    bad = [n for n in on if n not in MAP_NAMES]
+    if bad or len(set(on)) != len(on):
+        raise ValueError(f"config field loss.map_ssim_on must name distinct maps of {MAP_NAMES}, got {on}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -377,6 +396,8 @@ def make_context(model_cfg, assets: Assets, width: int, height: int, **fields) -
     """Context of a model config (its network is built here), its `build_assets` result and the
     image size; `fields`: the optional Context fields (loss_cfg, optim_cfg, backend, deterministic,
     lpips_fn, extra_loss)."""
+    if fields.get("loss_cfg") is not None:
+        check_loss_config(fields["loss_cfg"])
     return Context(net=make_net(model_cfg), assets=assets, model_cfg=model_cfg, width=int(width),
                    height=int(height), **fields)
 
@@ -481,8 +502,17 @@ def loss_fn(params, stats, batch, ctx: Context, *, train: bool = True, q_id=None
     x_tex, x_verts, x_expr = maps_in
     lc = ctx.loss_cfg
     map_color = lc.map_l1 * losses.l1(out["tex"], x_tex, m)
-    if lc.map_ssim:
-        map_color += lc.map_ssim * losses.one_minus_ssim(out["tex"] * m * 0.5 + 0.5, x_tex * m * 0.5 + 0.5)
+    targets = dict(zip(MAP_NAMES, maps_in))
+    use_lpips = ctx.lpips_fn is not None and lc.lpips > 0
+    metrics = {}
+    for name in tuple(lc.get("map_ssim_on", ("tex",))):
+        a, b = out[name] * m * 0.5 + 0.5, targets[name] * m * 0.5 + 0.5
+        if lc.map_ssim:
+            map_color += lc.map_ssim * losses.one_minus_ssim(a, b)
+        if use_lpips:
+            lp_map = jnp.mean(ctx.lpips_fn(a, b))
+            map_color += lc.lpips * lp_map
+            metrics[f"lpips_{name}_map"] = lp_map
     geom = lc.geom * (losses.l1(out["verts"], x_verts, m) + losses.l1(out["expr"], x_expr, m))
     params_b = {k: batch[k] for k in PARAM_KEYS}
     image, alpha = gs.render_gaussians(out["gaussians"], params_b, assets, batch["K"], batch["R"], batch["t"],
@@ -493,8 +523,7 @@ def loss_fn(params, stats, batch, ctx: Context, *, train: bool = True, q_id=None
     l1 = jnp.mean(jnp.abs(image - target))
     ssim = jnp.mean(losses.ssim(image, target))
     color = lc.l1 * l1 + lc.ssim * (1.0 - ssim)
-    metrics = {}
-    if ctx.lpips_fn is not None and lc.lpips > 0:
+    if use_lpips:
         lp = jnp.mean(ctx.lpips_fn(image, target))
         color += lc.lpips * lp
         metrics["lpips"] = lp

@@ -194,6 +194,7 @@ def run_invert(cfg, workdir: str) -> dict:
         experiment=PRIOR_EXPERIMENT)
     run.log(f"prior: {cfg.prior_workdir} step {prior_step}")
     run.log(app.parameter_overview(prior_state["params"]))
+    synshot.check_loss_config(cfg.loss)
     ctx = prior_ctx.replace(loss_cfg=cfg.loss, optim_cfg=cfg.optim, extra_loss=_arcface_terms(cfg, model, run.log),
                             lpips_fn=synshot_data.lpips_from_config(cfg.loss))
     predict = synshot_data.predictor(ctx)
