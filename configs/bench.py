@@ -37,6 +37,11 @@ Variants:
          100 ms training step after each batch (what prefetching hides); the points timed
          round-robin, 3 rounds, medians (settings under data.*, e.g. --config.data.root=DIR for
          another dataset).
+  synshot  SynShot's prior step on configs/synshot_prior.py:tiny's data (the main job): the first
+         train_step call (compilation) and its median, the parts of a step as forward+backward
+         (network, its convolutions, splatting, SSIM's window against the depthwise convolution it
+         replaced) and the minutes of the config's steps (dhjax.bench.synshot; settings under
+         synshot.*, e.g. --config.synshot.config=configs/synshot_prior.py:paper).
 Results are printed and written to <workdir>/bench.json.
 """
 
@@ -48,6 +53,7 @@ from dhjax.bench import d3ga as d3ga_bench
 from dhjax.bench import gem as gem_bench
 from dhjax.bench import geometry
 from dhjax.bench import insta as insta_bench
+from dhjax.bench import synshot as synshot_bench
 
 
 def get_config(arg=None):
@@ -85,7 +91,9 @@ def get_config(arg=None):
         c.d3ga = d3ga_bench.default_config()
     if c.suite == "data":
         c.data = data_bench.default_config()
-    if c.suite not in ("flame", "synthetic", "splat", "geometry", "insta", "gem", "body", "d3ga", "data"):
+    if c.suite == "synshot":
+        c.synshot = synshot_bench.default_config()
+    if c.suite not in ("flame", "synthetic", "splat", "geometry", "insta", "gem", "body", "d3ga", "data", "synshot"):
         raise ValueError(f"unknown bench variant {c.suite!r}; available: flame, synthetic, splat, geometry, insta, gem, "
-                         f"body, d3ga, data")
+                         f"body, d3ga, data, synshot")
     return c

@@ -82,8 +82,34 @@ def gaussian_window(window: int = 11, sigma: float = 1.5) -> np.ndarray:
     return (g / g.sum()).astype(np.float32)
 
 
+def _band_matrix(n: int, taps) -> np.ndarray:
+    """[n, n] matrix M with (M @ v)[i] = sum_j taps[j] v[i + j - k // 2] (zero padding)."""
+    t = np.asarray(taps, np.float64)
+    p = t.shape[0] // 2
+    i = np.arange(n)[:, None]
+    r = np.arange(n)[None, :]
+    j = r - i + p
+    inside = (j >= 0) & (j < t.shape[0])
+    return np.where(inside, t[np.clip(j, 0, t.shape[0] - 1)], 0.0)
+
+
 def _blur(x, taps):
-    """Separable 'same' correlation with zero padding. x: [N, H, W, K]; taps: [k] -> [N, H, W, K]."""
+    """Separable 'same' correlation with zero padding. x: [N, H, W, K]; taps: [k] -> [N, H, W, K].
+
+    Each pass is a product with a banded [H, H] (then [W, W]) matrix, which XLA runs far faster
+    on CPUs than the equivalent depthwise convolution, forward and backward (`configs/bench.py:
+    synshot` measures both); on GPUs it is a small matmul. Products are float32 at HIGHEST
+    precision (no TF32)."""
+    H, W = x.shape[1], x.shape[2]
+    my = jnp.asarray(_band_matrix(H, taps), x.dtype)
+    mx = jnp.asarray(_band_matrix(W, taps), x.dtype)
+    y = jnp.einsum("ij,njwk->niwk", my, x, precision=_HI)
+    return jnp.einsum("ij,nhjk->nhik", mx, y, precision=_HI)
+
+
+def _blur_depthwise(x, taps):
+    """`_blur` as two depthwise convolutions (the former implementation): the oracle of the
+    tests and the reference of `configs/bench.py:synshot`."""
     k = taps.shape[0]
     p = k // 2
     K = x.shape[-1]

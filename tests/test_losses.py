@@ -168,3 +168,16 @@ def test_bad_input():
         losses.l1(a, b, np.ones((16, 15)))
     with pytest.raises(ValueError, match="mask"):
         losses.psnr(a, b, np.ones((3, 16, 16)))
+
+
+@pytest.mark.parametrize("shape", [(2, 37, 50, 4), (1, 3, 5, 2), (1, 128, 96, 15)])
+def test_banded_blur_equals_the_depthwise_convolution(shape):
+    """SSIM's separable window as banded-matrix products equals the depthwise convolutions it
+    replaced (zero padding, images smaller than the window included), values and gradients."""
+    taps = losses.gaussian_window(11, 1.5)
+    x = jax.random.normal(jax.random.PRNGKey(3), shape)
+    np.testing.assert_allclose(losses._blur(x, taps), losses._blur_depthwise(x, taps), atol=2e-6, rtol=0)
+    w = jax.random.normal(jax.random.PRNGKey(4), shape)
+    g = jax.grad(lambda x: jnp.sum(w * losses._blur(x, taps)))(x)
+    g_ref = jax.grad(lambda x: jnp.sum(w * losses._blur_depthwise(x, taps)))(x)
+    np.testing.assert_allclose(g, g_ref, atol=2e-6, rtol=0)

@@ -4,7 +4,7 @@
 Suites: flame (`dhjax.bench.flame`), synthetic (`dhjax.bench.synthetic`), splat
 (`dhjax.bench.splat`), geometry (`dhjax.bench.geometry`, all of its benchmarks), insta
 (`dhjax.bench.insta`), gem (`dhjax.bench.gem`), body (`dhjax.bench.body`), d3ga (`dhjax.bench.d3ga`),
-data (`dhjax.bench.data`).
+data (`dhjax.bench.data`), synshot (`dhjax.bench.synshot`).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import jax
 
-from dhjax.bench import body, d3ga, data, flame, gem, geometry, insta, splat, synthetic
+from dhjax.bench import body, d3ga, data, flame, gem, geometry, insta, splat, synshot, synthetic
 
 SUITES = {
     "flame": flame.run,
@@ -28,6 +28,7 @@ SUITES = {
     "body": body.run,
     "d3ga": d3ga.run,
     "data": data.run,
+    "synshot": synshot.run,
 }
 
 

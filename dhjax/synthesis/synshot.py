@@ -96,9 +96,9 @@ MAP_NAMES = ("tex", "verts", "expr")   # the decoded maps: albedo, neutral posit
 def default_loss_config() -> ml_collections.ConfigDict:
     """Loss weights, as the thesis's "L1 + SSIM + LPIPS on maps and renders + L1 geometry":
 
-    renders: l1 L1 + ssim (1 - SSIM) (+ lpips LPIPS when weights are given);
-    maps: map_l1 L1 on the albedo map, geom L1 on the position and expression maps (network
-    units), and map_ssim (1 - SSIM) (+ lpips LPIPS when weights are given) on each map named in
+    on renders l1 L1 + ssim (1 - SSIM) (+ lpips LPIPS when weights are given); on the maps
+    map_l1 L1 on the albedo map, geom L1 on the position and expression maps (network units),
+    and map_ssim (1 - SSIM) (+ lpips LPIPS when weights are given) on each map named in
     `map_ssim_on` (of MAP_NAMES; each map's network units mapped to x / 2 + 1/2 inside the UV
     mask, the albedo's [-1, 1] to [0, 1], position and expression maps about [-1, 1] at
     model.pos_scale and model.expr_scale). `map_ssim_on=("tex",)` is the loss of dhjax before
