@@ -1,4 +1,4 @@
-"""Shared pytest setup: markers for peer-implementation and GPU tests."""
+"""Shared pytest setup: markers for peer-implementation and GPU tests; notebook wall times."""
 
 import jax
 import pytest
@@ -18,3 +18,15 @@ def _backend_ok():
         return True
     except RuntimeError:
         return False
+
+
+def pytest_terminal_summary(terminalreporter):
+    """One line per executed notebook with its own wall time (tests/test_colabs.py records it as
+    the user property `notebook_seconds`; the test's duration also counts waiting for a kernel)."""
+    rows = [(r.nodeid, dict(r.user_properties)["notebook_seconds"])
+            for key in ("passed", "failed") for r in terminalreporter.stats.get(key, [])
+            if r.when == "call" and "notebook_seconds" in dict(getattr(r, "user_properties", []))]
+    if rows:
+        terminalreporter.write_sep("-", "notebook wall times")
+        for nodeid, seconds in rows:
+            terminalreporter.write_line(f"{seconds:6.0f} s  {nodeid}")

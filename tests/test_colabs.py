@@ -132,7 +132,7 @@ def test_a_failing_cell_fails_with_its_traceback(tmp_path):
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=_ids(NOTEBOOKS))
-def test_notebook_runs_top_to_bottom(path, executions):
+def test_notebook_runs_top_to_bottom(path, executions, record_property):
     code, err, seconds = executions[path].result()
-    print(f"{path.name}: {seconds:.0f} s ({WORKERS} kernels at a time)")
+    record_property("notebook_seconds", seconds)     # printed at the end of the run (conftest.py)
     assert code == 0, f"{path.name} failed (exit {code}):\n{err}"
