@@ -492,6 +492,8 @@ def run(cfg, workdir: str) -> dict:
 
     model = make_model(cfg, K, grid)
     init, train_step, evaluate = method_functions(model, cfg.optim)
+    # the harness's eval batch must divide over the devices: the held-out sequences, repeated up to a
+    # multiple of the device count (exact with one device); the final numbers use every sequence once
     n_dev = jax.device_count()
     n_eval = max(n_dev, (len(test_seq) // n_dev) * n_dev)
     eval_batch = {"codes": np.resize(test_seq, (n_eval, test_seq.shape[1]))}
