@@ -12,6 +12,9 @@ pick the N input images (default 3 cameras of the first frame); every other imag
 subject is held out for evaluation (novel views, and novel expressions when the subject has
 several frames).
 
+Stage 1 (the identity encoder) minimises stage1.loss: "full", the prior's loss, or
+"photometric", the render terms only (no map, geometry or VQ terms; `synshot_invert.stage1_context`).
+
 Variants: '' (paper-like: lr 1e-4, 10 steps per frame as in the thesis) and 'tiny' (CPU).
 ArcFace terms need arcface_path (an insightface ArcFace ONNX file, e.g. w600k_r50.onnx); without
 it they are off and the log says so.
@@ -33,7 +36,7 @@ def get_config(arg=None):
     c.arcface = ml_collections.ConfigDict(dict(id_weight=0.1, feat_weight=0.1))
     c.loss = synshot.default_loss_config()
     c.optim = ml_collections.ConfigDict(dict(lr=1e-4, gamma=1.0, milestones=(), clip=1.0))
-    c.stage1 = ml_collections.ConfigDict(dict(steps_per_frame=10, warmup=10, patience=10))
+    c.stage1 = ml_collections.ConfigDict(dict(steps_per_frame=10, warmup=10, patience=10, loss="full"))
     c.stage2 = ml_collections.ConfigDict(dict(steps_per_frame=10, warmup=10, patience=10))
     c.ema_decay = 0.9
     c.baselines = True            # also run the from-scratch network on the same images

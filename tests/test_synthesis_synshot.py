@@ -748,3 +748,22 @@ def test_map_ssim_and_lpips_cover_every_decoded_map(setup):
     bad.map_ssim_on = ("tex", "normals")
     with pytest.raises(ValueError, match=r"loss.map_ssim_on must name distinct maps"):
         synshot.make_context(setup["step_mc"], setup["step_assets"], W, H, loss_cfg=bad)
+
+
+def test_photometric_stage1_loss_drops_the_map_geometry_and_vq_terms(setup):
+    """synshot_invert.stage1_context: "full" is the prior's loss, "photometric" is that loss less
+    its map, geometry and VQ terms (render and regulariser terms unchanged); other names raise."""
+    from dhjax.synthesis import synshot_invert as inv
+
+    ctx, state, batch = setup["ctx"], setup["state"], setup["batch"]
+    assert inv.stage1_context(ctx, "full") is ctx
+    photo = inv.stage1_context(ctx, "photometric")
+    assert ctx.loss_cfg.map_l1 > 0 and ctx.loss_cfg.vq > 0          # the prior's loss is untouched
+    full_m = synshot.loss_fn(state["params"], state["stats"], batch, ctx)[1][0]
+    photo_m = synshot.loss_fn(state["params"], state["stats"], batch, photo)[1][0]
+    want = (float(full_m["loss"]) - float(full_m["map_loss"]) - float(full_m["geom_loss"])
+            - ctx.loss_cfg.vq * float(full_m["vq_loss"]))
+    np.testing.assert_allclose(float(photo_m["loss"]), want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(float(photo_m["render_l1"]), float(full_m["render_l1"]), rtol=1e-6)
+    with pytest.raises(ValueError, match="stage1.loss must be one of"):
+        inv.stage1_context(ctx, "maps")

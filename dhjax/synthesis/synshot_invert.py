@@ -249,6 +249,24 @@ def frozen_code(state, batch, ctx: synshot.Context):
                                    *synshot.batch_maps(batch, ctx))
 
 
+STAGE1_LOSSES = ("full", "photometric")
+
+
+def stage1_context(ctx: synshot.Context, loss: str) -> synshot.Context:
+    """The context of stage 1 for `loss`: "full" is ctx (the prior's loss: renders, maps,
+    geometry, regularisers, VQ); "photometric" keeps only the render terms (L1, SSIM, LPIPS and
+    the ArcFace terms when on) and the Gaussian regularisers, dropping the map, geometry and VQ
+    terms, which compare the decoded maps with maps built from the photos (the back-projected
+    albedo carries their lighting). Raises ValueError for another name."""
+    if loss not in STAGE1_LOSSES:
+        raise ValueError(f"config field stage1.loss must be one of {STAGE1_LOSSES}, got {loss!r}")
+    if loss == "full":
+        return ctx
+    lc = ctx.loss_cfg.copy_and_resolve_references()
+    lc.update(map_l1=0.0, map_ssim=0.0, geom=0.0, vq=0.0)
+    return ctx.replace(loss_cfg=lc)
+
+
 def run_stage(state, batch, ctx: synshot.Context, *, stage: int, steps: int, stopper: EarlyStopper, q_id=None,
               seed: int = 0, log: Callable | None = print):
     """Runs one inversion stage (1: E_id; 2: decoders + regressors with q_id fixed; 0: all) on a

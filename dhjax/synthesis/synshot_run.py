@@ -201,10 +201,14 @@ def run_invert(cfg, workdir: str) -> dict:
     evaluate = _heldout_eval(predict, batch_held)
     seed = int(cfg.seed)
 
+    stage1_loss = str(cfg.stage1.get("loss", "full"))
+    stage_ctx = {1: inv.stage1_context(ctx, stage1_loss)}
+    run.log(f"stage 1 loss: {stage1_loss}")
+
     def stage(state, number, steps, warmup, patience, q_id=None):
         stopper = inv.EarlyStopper(warmup=int(warmup), patience=int(patience), decay=cfg.ema_decay)
-        return inv.run_stage(state, batch_in, ctx, stage=number, steps=steps, stopper=stopper, q_id=q_id,
-                             seed=seed, log=run.log)
+        return inv.run_stage(state, batch_in, stage_ctx.get(number, ctx), stage=number, steps=steps, stopper=stopper,
+                             q_id=q_id, seed=seed, log=run.log)
 
     # TensorBoard at each evaluation point (step = optimisation steps so far): the held-out
     # metrics and ground truth | render; a rerun starts over, so it replaces the earlier log.
