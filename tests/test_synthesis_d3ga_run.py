@@ -55,6 +55,9 @@ def test_run_writes_every_output(trained):
     assert g["means"].shape == (1100, 3) and np.isfinite(g["means"]).all()
 
 
+# slow (~70 s): colabs/07_d3ga (tests/test_colabs.py, default suite) trains and drives through
+# d3ga_run; this test adds the resume of a finished run and the drive command's outputs.
+@pytest.mark.slow
 def test_rerun_resumes_and_drive(trained):
     tmp, cfg, metrics = trained
     again = d3ga_run.run(cfg, str(tmp / "run"))       # finished: no step runs, same evaluation

@@ -288,6 +288,9 @@ def _micro_config(tmp_path):
     return cfg
 
 
+# slow (~100 s): colabs/06_gem (tests/test_colabs.py, default suite) runs gem_run.run and its
+# driving on a shortened tiny variant; this test adds every output, the resume and the commands.
+@pytest.mark.slow
 def test_run_end_to_end_and_drive(tmp_path):
     from dhjax.synthesis import gem_run
 
