@@ -440,6 +440,27 @@ def net_variables(params, stats) -> dict:
     return {"params": params, **({"vq_stats": stats} if stats else {})}
 
 
+def decode_parts(mdl, qi, qe, assets: Assets, model_cfg) -> dict:
+    """Inside a flax apply of the SynShotNet `mdl`: quantised codes q_id, q_expr [B,h,w,n] ->
+    dict tex, verts, expr [B,S,S,3] decoded maps (network units), phi [B,S,S,3] metres and
+    parts: per part (initial Gaussians, SH colours, raw offsets, LBS weights), the input of
+    `synshot_gaussians.apply_offsets`."""
+    feat, tex, verts, expr = mdl.decode(qi, qe)
+    phi = assets.centre + verts * model_cfg.pos_scale + expr * model_cfg.expr_scale
+    parts = []
+    for part in assets.parts:
+        uv = part.uv[part.index]
+        init = jax.vmap(lambda m: gs.initial_gaussians(m, part, model_cfg.nn_mode))(phi)
+        s = gs.sample_grid(feat, part.uv).reshape(feat.shape[0], part.h, part.w, feat.shape[-1])
+        col, off = mdl.regress(part.name, s)
+        col = col.reshape(col.shape[0], -1, col.shape[-1])[:, part.index]
+        off = off.reshape(off.shape[0], -1, off.shape[-1])[:, part.index]
+        w = gs.sample_grid(assets.lbs_map[None], uv)[0]
+        w = w / jnp.maximum(w.sum(-1, keepdims=True), 1e-8)
+        parts.append((init, col, off, jnp.broadcast_to(w, (phi.shape[0],) + w.shape)))
+    return dict(tex=tex, verts=verts, expr=expr, phi=phi, parts=parts)
+
+
 def forward(variables, maps_in, ctx: Context, *, train: bool = False, q_id=None):
     """Network forward: normalised input maps -> decoded maps and Gaussians (model space).
 
@@ -460,20 +481,7 @@ def forward(variables, maps_in, ctx: Context, *, train: bool = False, q_id=None)
         qi, qe, aux = mdl.quantize(z_id, z_expr, train)
         if q_id is not None:
             qi = q_id
-        feat, tex, verts, expr = mdl.decode(qi, qe)
-        phi = assets.centre + verts * model_cfg.pos_scale + expr * model_cfg.expr_scale
-        parts = []
-        for part in assets.parts:
-            uv = part.uv[part.index]
-            init = jax.vmap(lambda m: gs.initial_gaussians(m, part, model_cfg.nn_mode))(phi)
-            s = gs.sample_grid(feat, part.uv).reshape(feat.shape[0], part.h, part.w, feat.shape[-1])
-            col, off = mdl.regress(part.name, s)
-            col = col.reshape(col.shape[0], -1, col.shape[-1])[:, part.index]
-            off = off.reshape(off.shape[0], -1, off.shape[-1])[:, part.index]
-            w = gs.sample_grid(assets.lbs_map[None], uv)[0]
-            w = w / jnp.maximum(w.sum(-1, keepdims=True), 1e-8)
-            parts.append((init, col, off, jnp.broadcast_to(w, (phi.shape[0],) + w.shape)))
-        return dict(tex=tex, verts=verts, expr=expr, phi=phi, q_id=qi, parts=parts, **aux)
+        return dict(decode_parts(mdl, qi, qe, assets, model_cfg), q_id=qi, **aux)
 
     res = nn.apply(body, ctx.net, mutable=mutable)(variables, *maps_in)
     out, new_cols = res if mutable else (res, {})

@@ -358,20 +358,7 @@ def decode_codes(state, ctx: synshot.Context, id_idx, expr_idx) -> dict:
     def body(mdl, qi, qe):
         if mdl.cfg.transformer_layers > 0:
             qi, qe = mdl.tf_id(qi), mdl.tf_expr(qe)
-        feat, tex, verts, expr = mdl.decode(qi, qe)
-        phi = assets.centre + verts * model_cfg.pos_scale + expr * model_cfg.expr_scale
-        parts = []
-        for part in assets.parts:
-            uv = part.uv[part.index]
-            init = jax.vmap(lambda m: gs.initial_gaussians(m, part, model_cfg.nn_mode))(phi)
-            s = gs.sample_grid(feat, part.uv).reshape(feat.shape[0], part.h, part.w, feat.shape[-1])
-            col, off = mdl.regress(part.name, s)
-            col = col.reshape(col.shape[0], -1, col.shape[-1])[:, part.index]
-            off = off.reshape(off.shape[0], -1, off.shape[-1])[:, part.index]
-            w = gs.sample_grid(assets.lbs_map[None], uv)[0]
-            w = w / jnp.maximum(w.sum(-1, keepdims=True), 1e-8)
-            parts.append((init, col, off, jnp.broadcast_to(w, (phi.shape[0],) + w.shape)))
-        return dict(tex=tex, verts=verts, expr=expr, phi=phi, q_id=qi, q_expr=qe, parts=parts)
+        return dict(synshot.decode_parts(mdl, qi, qe, assets, model_cfg), q_id=qi, q_expr=qe)
 
     out = nn.apply(body, ctx.net)(synshot.net_variables(state["params"], state["stats"]), q_id, q_expr)
     out["gaussians"] = gs.apply_offsets(out.pop("parts"), model_cfg.offset_scale)
