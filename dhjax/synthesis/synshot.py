@@ -323,11 +323,17 @@ class SynShotNet(nn.Module):
             return z_id, z_expr, dict(vq_loss=zero, perplexity_id=zero, perplexity_expr=zero)
         q_id, a_id = self.vq_id(z_id, train=train)
         q_expr, a_expr = self.vq_expr(z_expr, train=train)
-        if self.cfg.transformer_layers > 0:
-            q_id, q_expr = self.tf_id(q_id), self.tf_expr(q_expr)
+        q_id, q_expr = self.refine_codes(q_id, q_expr)
         return q_id, q_expr, dict(vq_loss=a_id["loss"] + a_expr["loss"], perplexity_id=a_id["perplexity"],
                                   perplexity_expr=a_expr["perplexity"], usage_id=a_id["usage"],
                                   usage_expr=a_expr["usage"])
+
+    def refine_codes(self, q_id, q_expr):
+        """The bidirectional code transformers over quantised codes [B,h,w,n] (model.
+        transformer_layers > 0), else the codes unchanged."""
+        if self.cfg.transformer_layers > 0:
+            return self.tf_id(q_id), self.tf_expr(q_expr)
+        return q_id, q_expr
 
     def decode(self, q_id, q_expr):
         """-> feat [B,S',S',F], tex [B,S,S,3], verts [B,S,S,3], expr [B,S,S,3] (network units)."""

@@ -356,8 +356,7 @@ def decode_codes(state, ctx: synshot.Context, id_idx, expr_idx) -> dict:
     q_id, q_expr = vq.lookup_codes(id_idx, cb_id), vq.lookup_codes(expr_idx, cb_expr)
 
     def body(mdl, qi, qe):
-        if mdl.cfg.transformer_layers > 0:
-            qi, qe = mdl.tf_id(qi), mdl.tf_expr(qe)
+        qi, qe = mdl.refine_codes(qi, qe)
         return dict(synshot.decode_parts(mdl, qi, qe, assets, model_cfg), q_id=qi, q_expr=qe)
 
     out = nn.apply(body, ctx.net)(synshot.net_variables(state["params"], state["stats"]), q_id, q_expr)
