@@ -5,24 +5,17 @@ documents with finite positive numbers; dhjax and smplx agree on the vertices. N
 
 from __future__ import annotations
 
-import json
 import math
-from pathlib import Path
 
-from dhjax.bench import suite
-from dhjax.train import config as config_lib
-
-ROOT = Path(__file__).resolve().parents[1]
+from bench_common import bench_config, run_suite
 
 
 def test_body_bench_smoke(tmp_path):
-    cfg = config_lib.load_config(f"{ROOT / 'configs' / 'bench.py'}:body")
+    cfg = bench_config("body")
     assert cfg.batch_sizes == (1, 16, 64) and cfg.body.model == "default"
     cfg.update(batch_sizes=(1, 4), repeats=1, warmup=1)
     cfg.body.update(model="random", vertices=300, n_expression=None)
-    lines = []
-    res = suite.run(cfg, tmp_path, log=lines.append)
-    assert json.loads((tmp_path / "bench.json").read_text()) == json.loads(json.dumps(res))
+    res, lines = run_suite(cfg, tmp_path)
     assert res["suite"] == "body" and res["body_model"] == "random" and res["body_V"] == 300
     assert (res["body_n_shape"], res["body_n_expression"]) == (10, 100)
     assert any("body forward B=  4" in line for line in lines)

@@ -5,18 +5,15 @@ assertions)."""
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 import numpy as np
 import pytest
+from bench_common import bench_config, run_suite
 
 from dhjax.bench import suite
 from dhjax.data import dataset as ds
-from dhjax.train import config as config_lib
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _write_folder(root: Path) -> None:
@@ -39,16 +36,14 @@ def _write_folder(root: Path) -> None:
 
 def _config(tmp_path):
     _write_folder(tmp_path / "data")
-    cfg = config_lib.load_config(f"{ROOT / 'configs' / 'bench.py'}:data")
+    cfg = bench_config("data")
     cfg.data.update(root=str(tmp_path / "data"), batch_size=2, steps=3, warmup=1, rounds=1, step_s=(0.0, 0.01))
     return cfg
 
 
 def test_data_bench_smoke(tmp_path):
     cfg = _config(tmp_path)
-    lines = []
-    res = suite.run(cfg, tmp_path, log=lines.append)
-    assert json.loads((tmp_path / "bench.json").read_text()) == json.loads(json.dumps(res))
+    res, lines = run_suite(cfg, tmp_path)
     assert res["suite"] == "data" and res["data_images"] == 8 and res["data_image_size"] == "12x10"
     names = [p[0] for p in cfg.data.points]
     assert names == ["index", "grain_w0", "grain_w0_t2", "grain_w2"]

@@ -4,22 +4,16 @@ timing check (no timed assertions)."""
 
 from __future__ import annotations
 
-import json
 import math
-from pathlib import Path
 
-from dhjax.bench import suite
-from dhjax.train import config as config_lib
-
-ROOT = Path(__file__).resolve().parents[1]
+from bench_common import bench_config, run_suite
 
 
 def test_gem_bench_smoke(tmp_path):
-    cfg = config_lib.load_config(f"{ROOT / 'configs' / 'bench.py'}:gem")
+    cfg = bench_config("gem")
     cfg.gem.update(map_sizes=(16,), components=(2, 3), widths=(8, 8), style_dim=4, sh_degree=1, width=24,
                    height=32, repeats=1, warmup=1)
-    res = suite.run(cfg, tmp_path, log=lambda *a: None)
-    assert json.loads((tmp_path / "bench.json").read_text()) == json.loads(json.dumps(res))
+    res, _ = run_suite(cfg, tmp_path)
     assert res["suite"] == "gem" and res["gem_image"] == "24x32"
     keys = ["gem_s16_net_s_per_frame", "gem_s16_net_fps", "gem_s16_net_mb"] + [
         f"gem_s16_m{m}_{k}" for m in (2, 3) for k in ("s_per_frame", "fps", "linear_s", "mb", "speedup_vs_net")]

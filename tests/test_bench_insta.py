@@ -6,21 +6,16 @@ even for a few rays); its training step and parts run."""
 
 from __future__ import annotations
 
-import json
 import math
-from pathlib import Path
 
 import pytest
+from bench_common import bench_config, run_suite
 
 from dhjax.bench import insta as insta_bench
-from dhjax.bench import suite
-from dhjax.train import config as config_lib
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _config(tmp_path):
-    cfg = config_lib.load_config(f"{ROOT / 'configs' / 'bench.py'}:insta")
+    cfg = bench_config("insta")
     cfg.insta.update(cache_dir=str(tmp_path / "cache"), n_frames=3, holdout=1, video_size=32, rays_per_frame=32,
                      repeats=1, warmup=1)
     cfg.insta.reference.update(rays_per_frame=8, repeats=1)
@@ -30,9 +25,7 @@ def _config(tmp_path):
 
 def test_insta_bench_smoke(tmp_path):
     cfg = _config(tmp_path)
-    lines = []
-    res = suite.run(cfg, tmp_path, log=lines.append)
-    assert json.loads((tmp_path / "bench.json").read_text()) == json.loads(json.dumps(res))
+    res, lines = run_suite(cfg, tmp_path)
     assert res["suite"] == "insta" and res["insta_video"] == "32x32"
     assert res["insta_frames_per_step"] == 2 and res["insta_rays_per_frame"] == 32
     assert res["insta_train_reference_rays_per_frame"] == 8

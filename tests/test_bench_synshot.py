@@ -1,16 +1,15 @@
 """The SynShot prior bench (configs/bench.py:synshot): a smoke run on a tiny folder dataset with a
 tiny network, its keys and their consistency (no timings are asserted), and bad settings."""
 
-import json
 import math
 from pathlib import Path
 
 import numpy as np
 import pytest
+from bench_common import bench_config, run_suite
 
 from dhjax.bench import suite
 from dhjax.data import dataset as ds
-from dhjax.train import config as config_lib
 
 ROOT = Path(__file__).resolve().parents[1]
 S = 16          # UV map size of the folder and the network
@@ -35,7 +34,7 @@ def _write_folder(root: Path) -> None:
 
 def _config(tmp_path):
     _write_folder(tmp_path / "data")
-    cfg = config_lib.load_config(f"{ROOT / 'configs' / 'bench.py'}:synshot")
+    cfg = bench_config("synshot")
     cfg.synshot.update(root=str(tmp_path / "data"), repeats=1, warmup=0, overrides=(
         ("batch_size", 2), ("train.steps", 30), ("model.map_size", S), ("model.channels", (8, 16)),
         ("model.latent_dim", 4), ("model.num_codes", 16), ("model.feat_dim", 8), ("model.part_density", (16, 12)),
@@ -45,9 +44,7 @@ def _config(tmp_path):
 
 def test_synshot_bench_smoke(tmp_path):
     cfg = _config(tmp_path)
-    lines = []
-    res = suite.run(cfg, tmp_path, log=lines.append)
-    assert json.loads((tmp_path / "bench.json").read_text()) == json.loads(json.dumps(res))
+    res, lines = run_suite(cfg, tmp_path)
     assert res["suite"] == "synshot" and res["synshot_image"] == "32x24" and res["synshot_batch"] == 2
     assert res["synshot_map_size"] == S and res["synshot_gaussians"] > 0 and res["synshot_train_steps"] == 30
     for k in ("first_step_s", "step_s", "steps_per_s", "train_minutes_estimate", "network_s", "convolutions_s",
@@ -64,7 +61,7 @@ def test_synshot_bench_smoke(tmp_path):
 
 
 def test_synshot_bench_bad_settings(tmp_path):
-    cfg = config_lib.load_config(f"{ROOT / 'configs' / 'bench.py'}:synshot")
+    cfg = bench_config("synshot")
     cfg.synshot.repeats = 0
     with pytest.raises(ValueError, match="synshot.repeats must be >= 1"):
         suite.run(cfg, tmp_path, log=lambda *a: None)
