@@ -244,3 +244,212 @@ def test_model_without_regions_is_refused():
     m = flame.load()
     with pytest.raises(ValueError, match="region"):
         synthetic.build_assets(m.replace(regions=None), 32)
+
+
+# ----------------------------------------------------------------------------------------------
+# The identity sampler: size correlated with what an image shows (issue 23 item 1).
+
+N_TRAITS = 2000
+
+
+def _traits(sampler, n=N_TRAITS, seed=0, n_extra=0, beard_prob=0.45, shape_std=1.0):
+    """identity_traits of identities 0..n-1 of `seed`, vmapped (no textures: seconds)."""
+    import jax
+
+    base = synthetic.key(seed, synthetic.STREAM_IDENTITY)
+    keys = jax.vmap(lambda i: jax.random.fold_in(base, i))(jnp.arange(n))
+    out = jax.vmap(lambda k: synthetic.identity_traits(k, 300, n_extra, shape_std, beard_prob, sampler))(keys)
+    return np.asarray(out["shape"], np.float64), np.asarray(out["beard"]["style"]) > 0, np.asarray(out["factor"])
+
+
+def _z(n_tests, alpha=1e-3):
+    """Two-sided normal quantile for a family of n_tests checks at overall level alpha (Bonferroni)."""
+    from scipy.stats import norm
+
+    return float(norm.ppf(1 - alpha / (2 * n_tests)))
+
+
+def test_semantic_shape_component_names_follow_the_default_head():
+    # The order of head_default._semantic_shape_fields (its comment lists it) and its peaks.
+    from dhjax.models import head_default
+
+    assert len(synthetic.SEMANTIC_SHAPE_COMPONENTS) == len(head_default.SHAPE_SEMANTIC_PEAKS) == 18
+    c = synthetic.SEMANTIC_SHAPE_COMPONENTS
+    assert (c[0], c[1], c[7], c[8], c[11], c[15]) == ("size", "width", "jaw_width", "chin", "brow_ridge",
+                                                     "neck_thickness")
+
+
+def test_correlated_sampler_correlates_size_with_visible_traits_as_designed():
+    shape, _, factor = _traits("correlated")
+    n = len(shape)
+    corr = synthetic.identity_correlation()       # [19, 19] over (m, z_0 .. z_17)
+    np.testing.assert_allclose(np.diag(corr), 1.0)
+    assert np.linalg.eigvalsh(corr).min() > 0
+    names = synthetic.SEMANTIC_SHAPE_COMPONENTS
+    want = corr[1, 1:]                            # corr(size, z_k): 0.60 x loading_k
+    assert want[names.index("brow_ridge")] > 0.25 and want[names.index("neck_thickness")] > 0.25
+    assert want[names.index("forehead")] < 0 and want[names.index("cheekbones")] < 0
+    # Fisher z of a sample correlation: ~N(atanh(rho), 1 / (n - 3)); one family of 17 + 18 checks.
+    tol = _z(35) / np.sqrt(n - 3)
+    got = np.corrcoef(shape[:, :18].T)[0, 1:]
+    dz = np.arctanh(got) - np.arctanh(want[1:])
+    assert np.all(np.abs(dz) < tol), dict(zip(names[1:], np.round(got - want[1:], 3)))
+    # Every designed non-zero correlation is larger than the tolerance, so its sign is tested too.
+    nonzero = want[1:] != 0
+    assert np.all(np.abs(np.arctanh(want[1:][nonzero])) > tol)
+    assert np.all(np.sign(got[nonzero]) == np.sign(want[1:][nonzero]))
+    # The returned factor is the m of the design.
+    gm = np.array([np.corrcoef(factor, shape[:, k])[0, 1] for k in range(18)])
+    assert np.all(np.abs(np.arctanh(gm) - np.arctanh(corr[0, 1:])) < tol), np.round(gm - corr[0, 1:], 3)
+    # Independent: no correlation at all (same tolerance around 0).
+    ind, _, f_ind = _traits("independent")
+    assert np.all(np.abs(np.arctanh(np.corrcoef(ind[:, :18].T)[0, 1:])) < tol)
+    assert np.all(np.isnan(f_ind))
+
+
+def test_both_samplers_keep_every_shape_marginal_normal_with_shape_std():
+    std = 0.7
+    for sampler in synthetic.IDENTITY_SAMPLERS:
+        shape, _, _ = _traits(sampler, shape_std=std)
+        n, S = shape.shape
+        z = _z(2 * S)
+        # Means: N(0, std^2 / n); variances: s^2 / std^2 ~ 1 +- sqrt(2 / (n - 1)).
+        assert np.all(np.abs(shape.mean(0)) < z * std / np.sqrt(n)), sampler
+        assert np.all(np.abs(shape.var(0, ddof=1) / std ** 2 - 1) < z * np.sqrt(2 / (n - 1))), sampler
+        # Normal, not just the right two moments: the size and brow-ridge components' quartiles.
+        for k in (0, 11):
+            q = np.quantile(shape[:, k] / std, [0.25, 0.75])
+            # SE of a sample quartile of N(0, 1): sqrt(p (1 - p) / n) / pdf(0.674) = 0.0305 at n = 2000.
+            np.testing.assert_allclose(q, [-0.6745, 0.6745], atol=_z(8) * np.sqrt(0.1875 / n) / 0.3178)
+
+
+def test_beards_become_more_frequent_with_size_and_keep_their_overall_rate():
+    from scipy.stats import norm
+
+    p = 0.45
+    shape, beard, factor = _traits("correlated", beard_prob=p)
+    n = len(beard)
+    z = _z(6)
+    assert abs(beard.mean() - p) < z * np.sqrt(p * (1 - p) / n)
+    # Designed point-biserial correlation of the beard indicator with size:
+    # pdf(t) * rho_beard * loading_size / sqrt(p (1 - p)), t the probit threshold.
+    rho = synthetic.BEARD_FACTOR_CORRELATION * synthetic.SEX_FACTOR_LOADINGS["size"]
+    want = norm.pdf(norm.ppf(1 - p)) * rho / np.sqrt(p * (1 - p))
+    got = np.corrcoef(beard, shape[:, 0])[0, 1]
+    assert want > 0.3 and abs(got - want) < z / np.sqrt(n), (got, want)
+    # Monotone: beard rate per size quartile rises (quartiles differ by > 10 binomial SEs).
+    edges = np.quantile(shape[:, 0], [0.25, 0.5, 0.75])
+    rate = np.array([beard[np.digitize(shape[:, 0], edges) == q].mean() for q in range(4)])
+    assert np.all(np.diff(rate) > 0), rate
+    # Given the factor, the rate follows the probit: e.g. m > 1 vs m < -1.
+    assert beard[factor > 1].mean() > 0.8 and beard[factor < -1].mean() < 0.1
+    # Independent: the beard ignores size.
+    shape_i, beard_i, _ = _traits("independent", beard_prob=p)
+    assert abs(beard_i.mean() - p) < z * np.sqrt(p * (1 - p) / n)
+    assert abs(np.corrcoef(beard_i, shape_i[:, 0])[0, 1]) < z / np.sqrt(n)
+
+
+def _old_identity(assets, seed, index, shape_std=1.0, beard_prob=0.45):
+    """The identity sampler as it was before `identity_sampler` existed (commit 62b311b, its
+    `_identity_jit` verbatim but for the shell faces): the reference "independent" must match."""
+    import functools
+
+    import jax
+
+    from dhjax.data import textures
+
+    @functools.partial(jax.jit, static_argnames=("shape_std", "beard_prob"))
+    def old_jit(assets, k, shape_std, beard_prob):
+        return _old_identity_body(textures, assets, k, shape_std, beard_prob)
+
+    return old_jit(assets, synthetic.key(seed, synthetic.STREAM_IDENTITY, index), shape_std, beard_prob)
+
+
+def _old_identity_body(textures, assets, k, shape_std, beard_prob):
+    import jax
+
+    ks = jax.random.split(k, 6)
+    n_shape = assets.model.num_shape
+    nh, nb = assets.hair_vids.shape[0], assets.beard_vids.shape[0]
+    normal = jax.random.normal(ks[0], (n_shape + nh + nb,))
+    shape = shape_std * normal[:n_shape]
+    skin = textures.sample_skin(ks[1])
+    hair = hair_lib.sample_hair(ks[2])
+    beard = hair_lib.sample_beard(ks[3], hair, beard_prob)
+    albedo = textures.albedo_texture(ks[4], assets.uv, skin, hair, beard)
+    position = textures.position_map(assets.model, assets.uv, shape)
+    ht = hair_lib.hair_thickness(assets.hair_phi, assets.hair_theta, hair)
+    bt = hair_lib.beard_thickness(assets.beard_phi, assets.beard_theta, beard)
+    hw = hair_lib.hair_weight(assets.hair_phi, assets.hair_theta, hair)
+    grey = hair["grey"] * jax.random.uniform(ks[5], (nh, 1))
+    hcol = hair["colour"] * (0.8 + 0.2 * hw[:, None]) * (1 + 0.12 * normal[n_shape:n_shape + nh, None])
+    hcol = hcol * (1 - grey) + 0.62 * grey
+    bcol = beard["colour"] * (1 + 0.12 * normal[n_shape + nh:, None])
+    return dict(
+        shape=shape.astype(jnp.float32), uv_albedo=albedo, uv_position=position,
+        hair_thickness=ht, hair_colours=jnp.clip(hcol, 0, 1).astype(jnp.float32),
+        beard_thickness=bt, beard_colours=jnp.clip(bcol, 0, 1).astype(jnp.float32),
+        skin_tone=skin["tone"].astype(jnp.float32), hair_style=hair["style"],
+        beard_style=beard["style"], hair_colour=hair["colour"], iris=skin["iris"])
+
+
+def test_independent_sampler_reproduces_the_old_identities():
+    import jax
+
+    assets = common.tiny_assets()
+    for seed, index in ((0, 0), (3, 7), (1, 1_000_002)):
+        old = _old_identity(assets, seed, index, shape_std=0.8)
+        new = synthetic.sample_identity(assets, seed, index, shape_std=0.8, sampler="independent")
+        for k, v in old.items():
+            np.testing.assert_allclose(np.asarray(new[k]), np.asarray(v), rtol=1e-6, atol=1e-7, err_msg=k)
+        np.testing.assert_array_equal(new["shape"], old["shape"])
+        np.testing.assert_array_equal(new["beard_style"], old["beard_style"])
+        # ... and the old beard rule was the plain u < beard_prob on the beard key's uniforms.
+        ks = jax.random.split(synthetic.key(seed, synthetic.STREAM_IDENTITY, index), 6)
+        assert (int(old["beard_style"]) > 0) == bool(hair_lib.draws(ks[3], 8)[1] < 0.45)
+        # The correlated default changes only the 18 semantic components (and the beard).
+        cor = synthetic.sample_identity(assets, seed, index, shape_std=0.8)
+        np.testing.assert_array_equal(cor["shape"][18:], old["shape"][18:])
+        assert not np.allclose(cor["shape"][:18], old["shape"][:18])
+        for k in ("skin_tone", "hair_style", "hair_colour", "iris", "hair_thickness"):
+            np.testing.assert_array_equal(cor[k], new[k], err_msg=k)
+
+
+def test_generators_use_the_configured_identity_sampler():
+    cfg = common.tiny_config()
+    assert cfg.identity_sampler == "correlated" == synthetic.DEFAULT_IDENTITY_SAMPLER
+    assets = common.tiny_assets()
+    g = common.multiview()
+    want = synthetic.sample_identity(assets, cfg.seed, 2)["shape"]
+    np.testing.assert_array_equal(g.identity(2)["shape"], want)
+    cfg.identity_sampler = "independent"
+    gi = synthetic.MultiviewGenerator(cfg, assets)
+    np.testing.assert_array_equal(gi.identity(2)["shape"],
+                                  synthetic.sample_identity(assets, cfg.seed, 2, sampler="independent")["shape"])
+    vi = synthetic.VideoGenerator(cfg, assets)
+    np.testing.assert_array_equal(vi.identity(2)["shape"], gi.identity(2)["shape"])
+
+
+def test_bad_identity_sampler_is_refused_with_the_options():
+    assets = common.tiny_assets()
+    with pytest.raises(ValueError, match=r"identity_sampler must be one of \('correlated', 'independent'\), "
+                                         r"got 'sexed'"):
+        synthetic.sample_identity(assets, 0, 0, sampler="sexed")
+    cfg = common.tiny_config()
+    cfg.identity_sampler = "gaussian"
+    with pytest.raises(ValueError, match="correlated.*independent.*'gaussian'"):
+        synthetic.MultiviewGenerator(cfg, assets)
+    # The correlation structure refers to the default head's semantic components: another model
+    # (here one with only 10 shape components) is refused with the way out named.
+    small = assets.model.replace(num_shape=10)
+    with pytest.raises(ValueError, match="identity_sampler='independent'"):
+        synthetic.check_identity_sampler("correlated", small)
+    assert synthetic.check_identity_sampler("independent", small) == "independent"
+    with pytest.raises(ValueError, match="outside"):
+        synthetic.identity_correlation(dict(size=1.2))
+    # A one-factor matrix is positive definite for loadings in (-1, 1), but not numerically so
+    # at the edge.
+    with pytest.raises(ValueError, match="not positive definite"):
+        synthetic.identity_correlation(dict(size=1 - 1e-12))
+    with pytest.raises(ValueError, match="unknown components"):
+        synthetic.identity_correlation(dict(skull_volume=0.5))

@@ -20,6 +20,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.scipy import special as jsp_special
 
 from dhjax.models.hair_region import (beard_weight, hair_weight, head_angles, max_beard_style,  # noqa: F401
                                       max_hair_style)
@@ -116,18 +117,35 @@ def sample_hair(key) -> dict:
     )
 
 
-def sample_beard(key, hair: dict, beard_prob: float = 0.45) -> dict:
+def sample_beard(key, hair: dict, beard_prob: float = 0.45, factor=None,
+                 factor_corr: float = 0.0) -> dict:
     """A random beard style, coloured like the hair (a bit darker).
 
     Facial hair appears with probability `beard_prob`, its style then drawn from
-    BEARD_STYLE_PROBS. Returns a dict of scalar jnp arrays: style (int32, index into
-    BEARD_STYLES), length (shell thickness, metres; 0 for none/stubble), stubble (texture
-    density 0..1), colour [3], lower (extra reach under the chin, units of pi), cheek (height of
-    the cheek line, units of pi).
+    BEARD_STYLE_PROBS. With a latent `factor` (scalar, ~N(0, 1); the sex-linked factor of
+    `dhjax.data.synthetic.sample_identity`'s correlated sampler) and `factor_corr` = rho != 0,
+    presence follows a liability-threshold (probit) model: a latent liability
+    rho * factor + sqrt(1 - rho^2) * e, e ~ N(0, 1), exceeds the threshold that a standard
+    normal exceeds with probability `beard_prob`. Marginally over the factor the rate is then
+    exactly `beard_prob`, while P(beard | factor) rises with the factor for rho > 0. With
+    factor=None or rho = 0 the draw is the plain `u < beard_prob` (the same bits as before).
+
+    Returns a dict of scalar jnp arrays: style (int32, index into BEARD_STYLES), length (shell
+    thickness, metres; 0 for none/stubble), stubble (texture density 0..1), colour [3], lower
+    (extra reach under the chin, units of pi), cheek (height of the cheek line, units of pi).
     """
     u = draws(key, 8)
     lerp = lambda i, lo, hi: lo + (hi - lo) * u[i]
-    style = jnp.where(u[1] < beard_prob, choice(u[0], BEARD_STYLE_PROBS), 0)
+    presence = u[1]
+    if factor is not None and float(factor_corr) != 0.0:
+        rho = float(factor_corr)
+        if not -1.0 < rho < 1.0:
+            raise ValueError(f"factor_corr must lie in (-1, 1), got {rho}")
+        # u[1] -> a standard normal e; Phi(sqrt(1 - rho^2) e - rho factor) is again U(0, 1)
+        # marginally (its argument is N(0, 1)), and small (beard) when the factor is large.
+        e = jsp_special.ndtri(jnp.clip(u[1], 1e-7, 1.0 - 1e-7))
+        presence = jsp_special.ndtr(np.sqrt(1.0 - rho * rho) * e - rho * factor)
+    style = jnp.where(presence < beard_prob, choice(u[0], BEARD_STYLE_PROBS), 0)
     row = jnp.asarray(_BEARD_TABLE)[style]
     colour = hair["colour"] * lerp(2, 0.7, 1.0)
     bald_like = hair["cover"] <= 0

@@ -43,7 +43,7 @@ from dhjax.data import hair as hair_lib
 from dhjax.data import textures
 from dhjax.data.dataset import LABEL, PART_LABELS, REQUIRED_KEYS, SAMPLE_KEYS  # noqa: F401 (re-exported)
 from dhjax.geometry.mesh import vertex_normals
-from dhjax.models import flame, hair_region
+from dhjax.models import flame, hair_region, head_default
 from dhjax.render import camera as camera_lib
 from dhjax.render import raster, shading
 
@@ -65,7 +65,9 @@ def default_config() -> ml_collections.ConfigDict:
     """Generator settings (the `configs/make_synthetic.py` experiment builds on these).
 
     seed; uv_size (UV maps S x S); shape_std, expression_std (coefficient std); jaw_open_max
-    (rad); beard_prob; multiview: n_identities, first_identity, n_expressions, width, height,
+    (rad); beard_prob; identity_sampler ("correlated": size, sex-linked shape traits and the
+    beard share a latent factor; "independent": the earlier i.i.d. draw; see `sample_identity`);
+    multiview: n_identities, first_identity, n_expressions, width, height,
     radius (m), fov_y_deg, n_frontal, n_upper, global_std (rad), translation_std (m), and
     optionally fixed_light (bool, default False: one light per identity, not per expression) and
     expression_dims (int, default 0 = all: only the first coefficients vary);
@@ -80,6 +82,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.expression_std = 0.8
     c.jaw_open_max = 0.3
     c.beard_prob = 0.45
+    c.identity_sampler = DEFAULT_IDENTITY_SAMPLER
     c.multiview = ml_collections.ConfigDict(dict(
         n_identities=100, first_identity=0, n_expressions=2, width=512, height=768, radius=1.0,
         fov_y_deg=22.0, n_frontal=14, n_upper=14, global_std=0.06, translation_std=0.004))
@@ -304,16 +307,133 @@ def _shell_faces(faces, thickness, eps=1e-5):
     return jnp.where(live[:, None], faces, 0)
 
 
-@functools.partial(jax.jit, static_argnames=("shape_std", "beard_prob"))
-def _identity_jit(assets: Assets, k, shape_std: float, beard_prob: float):
+IDENTITY_SAMPLERS = ("correlated", "independent")
+DEFAULT_IDENTITY_SAMPLER = "correlated"
+
+# The semantic shape components of the default head, in the order of
+# `dhjax.models.head_default._semantic_shape_fields` (component k of the shape vector; a positive
+# coefficient makes the feature larger, wider, longer or more prominent). The later components
+# are random smooth fields without a meaning.
+SEMANTIC_SHAPE_COMPONENTS = (
+    "size", "width", "length", "cranium_height", "lower_face_height", "nose_protrusion",
+    "nose_width", "jaw_width", "chin", "cheekbones", "eye_spacing", "brow_ridge", "forehead",
+    "lips", "ears", "neck_thickness", "face_flatness", "occiput")
+if len(SEMANTIC_SHAPE_COMPONENTS) != len(head_default.SHAPE_SEMANTIC_PEAKS):
+    raise RuntimeError(f"{len(SEMANTIC_SHAPE_COMPONENTS)} semantic shape names for "
+                       f"{len(head_default.SHAPE_SEMANTIC_PEAKS)} semantic components of the default head")
+
+# Correlation of each semantic component with the latent sex-linked factor m of the correlated
+# sampler (components not named: 0). Sources and choices are in `sample_identity`'s docstring.
+SEX_FACTOR_LOADINGS = dict(
+    size=0.60, neck_thickness=0.55, brow_ridge=0.50, chin=0.35, nose_width=0.30,
+    nose_protrusion=0.25, lower_face_height=0.25, jaw_width=0.20, cheekbones=-0.20,
+    forehead=-0.25)
+# Correlation of the beard's probit liability with m (`hair.sample_beard`).
+BEARD_FACTOR_CORRELATION = 0.85
+
+
+def identity_correlation(loadings: Mapping[str, float] | None = None) -> np.ndarray:
+    """Correlation matrix [1 + K, 1 + K] of (m, z_0 .. z_{K-1}), K = 18 semantic components.
+
+    A one-factor model: corr(m, z_k) = loading_k, corr(z_j, z_k) = loading_j * loading_k
+    (j != k), unit diagonal. Raises ValueError naming the problem if a name is unknown, a
+    loading is outside (-1, 1), or the matrix is not positive definite.
+    """
+    loadings = SEX_FACTOR_LOADINGS if loadings is None else loadings
+    unknown = sorted(set(loadings) - set(SEMANTIC_SHAPE_COMPONENTS))
+    if unknown:
+        raise ValueError(f"loadings name unknown components {unknown}; the semantic components are "
+                         f"{SEMANTIC_SHAPE_COMPONENTS}")
+    lam = np.array([float(loadings.get(n, 0.0)) for n in SEMANTIC_SHAPE_COMPONENTS])
+    bad = [n for n, v in zip(SEMANTIC_SHAPE_COMPONENTS, lam) if not -1.0 < v < 1.0]
+    if bad:
+        raise ValueError(f"loadings of {bad} are outside (-1, 1)")
+    v = np.concatenate([[1.0], lam])
+    corr = np.outer(v, v)
+    np.fill_diagonal(corr, 1.0)
+    eig = np.linalg.eigvalsh(corr)
+    if eig.min() <= 1e-9:
+        raise ValueError(f"the identity correlation matrix is not positive definite (smallest "
+                         f"eigenvalue {eig.min():.3g}); reduce the loadings")
+    return corr
+
+
+def _identity_cholesky(loadings=None) -> np.ndarray:
+    """Lower Cholesky factor [19, 19] of `identity_correlation` (float32); its first row is
+    (1, 0, ...), so the first entry of L @ n is n_0 itself: the factor m."""
+    return np.linalg.cholesky(identity_correlation(loadings)).astype(np.float32)
+
+
+# Built (and checked positive definite) at import.
+_IDENTITY_CHOLESKY = _identity_cholesky()
+# fold_in constant of the factor's key (split(k, 6) gives the other draws' keys).
+_FACTOR_FOLD = 6
+
+
+def check_identity_sampler(sampler: str, model=None) -> str:
+    """`sampler` if it is one of IDENTITY_SAMPLERS (and, for "correlated", `model` is None or
+    has the default head's semantic shape components); ValueError otherwise."""
+    if sampler not in IDENTITY_SAMPLERS:
+        raise ValueError(f"identity_sampler must be one of {IDENTITY_SAMPLERS}, got {sampler!r}")
+    if sampler == "correlated" and model is not None:
+        k = len(SEMANTIC_SHAPE_COMPONENTS)
+        if not str(model.name).startswith("dhjax-default-head") or model.num_shape < k:
+            raise ValueError(
+                f"identity_sampler='correlated' correlates the first {k} shape components as the "
+                f"default head's semantic fields; model {model.name!r} ({model.num_shape} shape "
+                "components) is not the default head with all of them: use "
+                "identity_sampler='independent'")
+    return sampler
+
+
+@functools.partial(jax.jit, static_argnames=("n_shape", "n_extra", "shape_std", "beard_prob", "sampler"))
+def identity_traits(k, n_shape: int, n_extra: int = 0, shape_std: float = 1.0, beard_prob: float = 0.45,
+                    sampler: str = DEFAULT_IDENTITY_SAMPLER) -> dict:
+    """The cheap part of an identity (no textures): shape, hair and beard style, latent factor.
+
+    `sample_identity` builds on it (with n_extra = Nh + Nb, the number of per-vertex colour
+    jitters it needs), so the same key gives the same traits here and there; vmap over keys to
+    sample many identities quickly.
+
+    Args:
+      k: the identity's PRNG key (`key(seed, STREAM_IDENTITY, index)`).
+      n_shape: S, shape components; n_extra: further standard normals drawn in the same call
+        (the draw of all S + n_extra values is one `jax.random.normal`, as it always was).
+      shape_std, beard_prob, sampler: as in `sample_identity`.
+    Returns:
+      dict: shape [S] float32; factor () the sex-linked factor m (NaN for "independent");
+      normal [S + n_extra] (the raw standard normals); keys [6, ...] (the split keys: 0 normals,
+      1 skin, 2 hair, 3 beard, 4 albedo, 5 grey hair); hair, beard (`hair_lib` style dicts).
+    """
+    check_identity_sampler(sampler)
     ks = jax.random.split(k, 6)
+    normal = jax.random.normal(ks[0], (n_shape + n_extra,))
+    hair = hair_lib.sample_hair(ks[2])
+    if sampler == "independent":
+        shape = shape_std * normal[:n_shape]
+        factor = jnp.float32(jnp.nan)
+        beard = hair_lib.sample_beard(ks[3], hair, beard_prob)
+    else:
+        K = len(SEMANTIC_SHAPE_COMPONENTS)
+        if n_shape < K:
+            raise ValueError(f"the correlated sampler needs at least {K} shape components, got {n_shape}")
+        factor = jax.random.normal(jax.random.fold_in(k, _FACTOR_FOLD), ())
+        z = jnp.dot(jnp.asarray(_IDENTITY_CHOLESKY), jnp.concatenate([factor[None], normal[:K]]),
+                    precision=_HI)
+        shape = shape_std * jnp.concatenate([z[1:], normal[K:n_shape]])
+        beard = hair_lib.sample_beard(ks[3], hair, beard_prob, factor=factor,
+                                      factor_corr=BEARD_FACTOR_CORRELATION)
+    return dict(shape=shape.astype(jnp.float32), factor=factor.astype(jnp.float32), normal=normal,
+                keys=ks, hair=hair, beard=beard)
+
+
+@functools.partial(jax.jit, static_argnames=("shape_std", "beard_prob", "sampler"))
+def _identity_jit(assets: Assets, k, shape_std: float, beard_prob: float, sampler: str):
     n_shape = assets.model.num_shape
     nh, nb = assets.hair_vids.shape[0], assets.beard_vids.shape[0]
-    normal = jax.random.normal(ks[0], (n_shape + nh + nb,))
-    shape = shape_std * normal[:n_shape]
+    t = identity_traits(k, n_shape, nh + nb, shape_std, beard_prob, sampler)
+    ks, normal, shape, hair, beard = t["keys"], t["normal"], t["shape"], t["hair"], t["beard"]
     skin = textures.sample_skin(ks[1])
-    hair = hair_lib.sample_hair(ks[2])
-    beard = hair_lib.sample_beard(ks[3], hair, beard_prob)
     albedo = textures.albedo_texture(ks[4], assets.uv, skin, hair, beard)
     position = textures.position_map(assets.model, assets.uv, shape)
     ht = hair_lib.hair_thickness(assets.hair_phi, assets.hair_theta, hair)
@@ -335,16 +455,63 @@ def _identity_jit(assets: Assets, k, shape_std: float, beard_prob: float):
 
 
 def sample_identity(assets: Assets, seed: int, index: int, *, shape_std: float = 1.0,
-                    beard_prob: float = 0.45) -> dict:
+                    beard_prob: float = 0.45, sampler: str = DEFAULT_IDENTITY_SAMPLER) -> dict:
     """Identity `index` of `seed` (pure function of both).
 
-    Returns a dict of jnp arrays: shape [S] (~N(0, shape_std)); uv_albedo [T, T, 3];
+    Returns a dict of jnp arrays: shape [S] (coefficients of the model's shape space, each
+    ~N(0, shape_std) marginally under either sampler); uv_albedo [T, T, 3];
     uv_position [T, T, 3] (neutral, metres); hair_thickness [Nh] (metres), hair_faces [Fh, 3],
     hair_colours [Nh, 3]; beard_thickness [Nb], beard_faces [Fb, 3], beard_colours [Nb, 3];
     skin_tone (0 light .. 1 dark), hair_style / beard_style (int32 indices into
     hair.HAIR_STYLES / hair.BEARD_STYLES), hair_colour [3], iris [3].
+
+    `sampler` (config field `identity_sampler`) chooses how shape and beard are drawn:
+
+    * "independent" (the sampler before the option existed; the same arrays for the same
+      seed and index): shape = shape_std * n with n ~ N(0, I_S); a beard with probability
+      `beard_prob`, independent of everything else. Head size (component 0, nearly a uniform
+      scale) is then invisible to anything that sees a scale-normalised image.
+    * "correlated" (default; needs the default head): a latent sex-linked factor m ~ N(0, 1),
+      continuous rather than a binary sex plus within-sex normals because a mixture of two
+      normals would make the coefficients' marginals bimodal, and dimorphic traits vary
+      continuously within each sex anyway. The 18 semantic components (SEMANTIC_SHAPE_COMPONENTS)
+      are z = L[1:] @ (m, n_0 .. n_17), with L the Cholesky factor of the one-factor correlation
+      matrix `identity_correlation` (unit diagonal, checked positive definite at import): each
+      z_k is exactly N(0, 1), corr(z_k, m) = SEX_FACTOR_LOADINGS[k] and corr(z_j, z_k) is the
+      product of the two loadings. shape = shape_std * (z, n_18 .. n_{S-1}): components 18+
+      and every other draw (skin, hair, textures) are bit-identical to "independent". The beard
+      follows a probit liability 0.85 m + sqrt(1 - 0.85^2) e (`hair.sample_beard`), so its
+      overall rate stays exactly `beard_prob` while P(beard | m) rises with m (for
+      beard_prob = 0.45: 0.03 at m = -1, 0.41 at m = 0, 0.92 at m = +1).
+
+    Loadings (correlation with m; implied correlation with size = 0.60 x loading):
+
+    * size 0.60: adult sex differences in head breadth and length, Cohen's d 1.20 (maximum
+      cranial width), 1.84 (maximum cranial length), 1.34 (maximum facial width) in the 3D
+      Facial Norms adults (Kesterke et al. 2016, Biol. Sex Differ. 7:23, Table 3); d = 1.5
+      gives the point-biserial correlation d / sqrt(d^2 + 4) = 0.60 for two equal groups.
+    * brow ridge 0.50, chin 0.35, cheekbones -0.20, forehead -0.25: the signs follow the
+      consensus Kesterke et al. summarise (adult male faces are larger, with more prominent
+      nasal, supraorbital and chin regions and less prominent malar and forehead regions); the
+      magnitudes are my choice, the strongest for the brow ridge, the classic dimorphic trait.
+    * nose width 0.30, nose protrusion 0.25: nasal width d = 1.57, nasal ala length d = 2.00
+      (above the head's own d), nasal protrusion d = 0.62 (same table); the components are
+      proportions orthogonal to size, so the loadings are my reading of what exceeds the
+      size effect.
+    * lower face height 0.25 (lower facial height d = 1.17, lower facial depth d = 2.10) and
+      jaw width 0.20 (mandibular width d = 1.21, about the cranial width's 1.20, so little
+      dimorphism beyond size in soft tissue): my choices from the same table.
+    * neck thickness 0.55: my choice (no figure found; men's necks are much thicker than
+      their heads are larger).
+    * beard 0.85: my choice (facial hair is essentially male; not 1 because m is continuous).
+
+    Under these loadings the visible components explain about 56 % of m's variance and about
+    20 % of size's, before the beard; under "independent" none. Everything stays a pure,
+    jittable function of (seed, index).
     """
-    return _identity_jit(assets, key(seed, STREAM_IDENTITY, index), float(shape_std), float(beard_prob))
+    check_identity_sampler(sampler, assets.model)
+    return _identity_jit(assets, key(seed, STREAM_IDENTITY, index), float(shape_std), float(beard_prob),
+                         str(sampler))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -633,6 +800,9 @@ class _Generator:
             raise ValueError(f"assets have UV size {self.assets.uv.size}, config.uv_size is "
                              f"{self.config.uv_size}")
         self.seed = int(self.config.seed)
+        # Configs written before the option existed lack the field: they get the default.
+        self.identity_sampler = check_identity_sampler(
+            self.config.get("identity_sampler", DEFAULT_IDENTITY_SAMPLER), self.assets.model)
         self._identities = _LRU(8)
         self._frames = _LRU(16)
 
@@ -640,7 +810,7 @@ class _Generator:
         c = self.config
         return self._identities.get(int(identity_index), lambda: sample_identity(
             self.assets, self.seed, int(identity_index), shape_std=float(c.shape_std),
-            beard_prob=float(c.beard_prob)))
+            beard_prob=float(c.beard_prob), sampler=self.identity_sampler))
 
     def __len__(self):
         raise NotImplementedError
@@ -662,7 +832,7 @@ class MultiviewGenerator(_Generator):
 
     Args:
       config: `default_config()`-like ConfigDict (uses seed, uv_size, shape_std,
-        expression_std, jaw_open_max, beard_prob and the `multiview` block).
+        expression_std, jaw_open_max, beard_prob, identity_sampler and the `multiview` block).
       assets: prebuilt Assets (shared between generators), or None to build them.
     """
 
