@@ -48,6 +48,7 @@ the `dhjax.data.dataset` layout that INSTA, GEM and SynShot inversion read.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -59,7 +60,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 
 from dhjax.geometry import rotations
 from dhjax.geometry.mesh import vertex_normals
@@ -110,6 +110,12 @@ def default_config() -> ml_collections.ConfigDict:
     c.principal_point = True        # optimise the principal point (False: image centre)
     c.final_lr = 0.05               # learning rates decay (cosine) to this fraction within a stage
     c.visibility_every = 10         # steps between z-buffer visibility updates
+    c.visibility = "device"         # 'device': visibility and the steps between updates run in one
+                                    # jitted call (no host round trip); 'host': one jitted step per
+                                    # iteration and numpy visibility (`visibility`, the reference)
+    c.zbuffer = "level"             # 'level': the visibility z-buffer at the pyramid level's resolution;
+                                    # 'full': always at full resolution (before 2026-12-05)
+    c.zbuffer_tile = 4              # rasteriser tile of the visibility z-buffer (speed only)
     c.depth_tol = 0.01              # metres: a sample is visible when within this of the z-buffer
     c.first = ml_collections.ConfigDict(dict(rigid_steps=100, landmark_steps=300, steps=(150, 150, 150)))
     c.frame = ml_collections.ConfigDict(dict(rigid_steps=0, landmark_steps=30, steps=(30, 30, 40)))
@@ -315,10 +321,11 @@ def _project(params, x, width: int, height: int):
     return camera_lib.project(_camera(params, width, height), x)[0]
 
 
-def _bilinear(image, uv):
+def _bilinear(image, uv, size=None):
     """Bilinear samples [P, C] of image [H, W, C] at pixel coordinates uv [P, 2] (pixel centres
-    at integers, clamp to edge); differentiable in uv."""
-    H, W = image.shape[:2]
+    at integers, clamp to edge); differentiable in uv. size: (W', H') (may be traced) when only
+    the top-left W' x H' of the array is the image (a pyramid level padded to full size)."""
+    H, W = image.shape[:2] if size is None else (size[1], size[0])
     x = jnp.clip(uv[:, 0], 0.0, W - 1.0)
     y = jnp.clip(uv[:, 1], 0.0, H - 1.0)
     x0 = jnp.clip(jnp.floor(x), 0, W - 2).astype(jnp.int32)
@@ -344,8 +351,10 @@ def _samples(params, model, sample_faces, sample_bary, verts):
 # Energy and steps.
 
 
-def _loss(params, obs, cfg_w, model, sample_faces, sample_bary, width, height, level, photometric):
-    """Total energy and its terms. obs: dict of arrays for one frame at `level`."""
+def _loss(params, obs, cfg_w, model, sample_faces, sample_bary, width, height, photometric):
+    """Total energy and its terms. obs: dict of arrays for one frame (`_obs`): the pyramid level's
+    image sits in the top-left of obs["image"] [H, W, 3], of size obs["level_size"] (W', H'),
+    and obs["level_scale"] = 2^level."""
     verts, lmk, _ = camera_space_vertices(params, model)
     scale = float(max(width, height))
     lm2 = _project(params, lmk[obs["landmark_ids"]], width, height)
@@ -357,9 +366,8 @@ def _loss(params, obs, cfg_w, model, sample_faces, sample_bary, width, height, l
     if photometric:
         pos, nrm, uv = _samples(params, model, sample_faces, sample_bary, verts)
         px = _project(params, pos, width, height)
-        f = 2.0 ** level
-        img = obs["image"]
-        observed = _bilinear(img, (px + 0.5) / f - 0.5)
+        f = obs["level_scale"]
+        observed = _bilinear(obs["image"], (px + 0.5) / f - 0.5, obs["level_size"])
         colour = shading.sample_texture(params["albedo"], uv) * shading.sh_irradiance(nrm, params["sh"])
         vis = obs["visible"]
         n_vis = jnp.maximum(jnp.sum(vis), 1.0)
@@ -380,32 +388,69 @@ def _loss(params, obs, cfg_w, model, sample_faces, sample_bary, width, height, l
     return total, terms
 
 
-def _optimizer(lrs: Mapping[str, float], free: Sequence[str], steps: int, final: float):
-    """Adam per parameter group with a cosine decay to `final` x lr over the stage (constant
-    rates leave Adam jittering around the optimum by about one learning rate: 2 mm of translation
-    is a pixel at typical distances); frozen groups get zero updates."""
-    def adam(lr):
-        return optax.adam(optax.cosine_decay_schedule(float(lr), max(int(steps), 1), alpha=float(final)))
-    transforms = {k: (adam(lr) if k in free else optax.set_to_zero()) for k, lr in lrs.items()}
-    return optax.multi_transform(transforms, {k: k for k in lrs})
+_B1, _B2, _EPS = 0.9, 0.999, 1e-8      # Adam's constants (optax.adam's defaults)
 
 
-def _step_fn(static: Static, free: tuple, level: int, photometric: bool, steps: int, weights: Mapping[str, float],
-             lrs: Mapping[str, float], final_lr: float):
-    """(optimizer, jitted Adam step) for one (stage, level)."""
-    opt = _optimizer(lrs, free, steps, final_lr)
+def adam_init(params) -> dict:
+    """Adam state of `adam_update`: first and second moments (zeros like params) and the count."""
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    return dict(m=zeros, v=jax.tree.map(jnp.zeros_like, params), count=jnp.zeros((), jnp.int32))
+
+
+def adam_update(grads, state, params, hyper):
+    """One Adam step per parameter group (the top-level keys of params) with a cosine decay of
+    each group's learning rate to `final` x lr over `total` steps: constant rates leave Adam
+    jittering around the optimum by about one learning rate (2 mm of translation is a pixel at
+    typical distances). Frozen groups (free[k] = 0) are not moved. Equals optax.adam with
+    optax.cosine_decay_schedule(lr, total, alpha=final) per free group and set_to_zero for the
+    frozen ones, but every hyper-parameter is an array: one compiled step serves every stage.
+
+    hyper: dict(lr={group: scalar}, free={group: 0/1 scalar}, total: scalar steps of the stage,
+    final: scalar). Returns (new params, new state)."""
+    count = state["count"]
+    t = (count + 1).astype(jnp.float32)
+    total = jnp.maximum(hyper["total"], 1.0)
+    frac = jnp.minimum(count.astype(jnp.float32), total) / total
+    decay = (1.0 - hyper["final"]) * 0.5 * (1.0 + jnp.cos(jnp.pi * frac)) + hyper["final"]
+    m = jax.tree.map(lambda m, g: _B1 * m + (1 - _B1) * g, state["m"], grads)
+    v = jax.tree.map(lambda v, g: _B2 * v + (1 - _B2) * g * g, state["v"], grads)
+    c1, c2 = 1 - _B1 ** t, 1 - _B2 ** t
+    new = {}
+    for k in params:
+        step = jax.tree.map(lambda mk, vk: (mk / c1) / (jnp.sqrt(vk / c2) + _EPS), m[k], v[k])
+        scale = hyper["lr"][k] * decay * hyper["free"][k]
+        new[k] = jax.tree.map(lambda p, u: p - scale * u, params[k], step)
+    return new, dict(m=m, v=v, count=count + 1)
+
+
+def stage_hyper(cfg, free: Sequence[str], steps: int) -> dict:
+    """`adam_update`'s hyper-parameters of a stage (float32 arrays) and the energy's weights."""
+    f32 = lambda x: jnp.asarray(float(x), jnp.float32)
+    w = {k: f32(v) for k, v in cfg.weights.items() if k != "mouth_landmark_factor"}
+    return dict(lr={k: f32(v) for k, v in cfg.lr.items()}, free={k: f32(k in free) for k in cfg.lr},
+                total=f32(max(int(steps), 1)), final=f32(cfg.final_lr), weights=w)
+
+
+def _step_fn(static: Static, photometric: bool):
+    """(jitted step, jitted visibility) of the energy, photometric or landmarks only. Stage
+    details (pyramid level, free groups, learning rates, step count, weights) are arguments
+    (`_obs`, `stage_hyper`), so one compilation serves every stage of that kind. The visibility
+    (`visibility_traced`) is compiled per z-buffer level, tile and capacity; its output stays
+    on the device and feeds the next steps. (A lax.fori_loop over a stage's steps measured no
+    faster on a CPU and took 1.5x longer to compile.)"""
     model = static.model
     sample_faces, sample_bary = jnp.asarray(static.sample_faces), jnp.asarray(static.sample_bary)
     width, height = static.width, static.height
 
-    @jax.jit
-    def step(params, opt_state, obs):
+    def update(params, opt_state, obs, hyper):
         (loss, terms), grads = jax.value_and_grad(_loss, has_aux=True)(
-            params, obs, weights, model, sample_faces, sample_bary, width, height, level, photometric)
-        updates, opt_state = opt.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, terms
+            params, obs, hyper["weights"], model, sample_faces, sample_bary, width, height, photometric)
+        params, opt_state = adam_update(grads, opt_state, params, hyper)
+        return params, opt_state, terms
 
-    return opt, step
+    vis = jax.jit(functools.partial(visibility_traced, static=static),
+                  static_argnames=("capacity", "level", "tile"))
+    return jax.jit(update), vis
 
 
 @jax.jit
@@ -413,12 +458,28 @@ def _vertices_jit(params, model):
     return camera_space_vertices(params, model)
 
 
-def visibility(params, static: Static, mask=None) -> np.ndarray:
-    """[P] float32: 1 for photometric samples that the z-buffer sees (host side, no gradients)."""
+def _zbuffer_camera(params, static: Static, level: int) -> camera_lib.Camera:
+    """The tracked camera at pyramid level `level` (image / 2^level, sizes floor as in
+    `_pyramid`): pixel centre (j, i) of the level is full-resolution (2^l (j + 0.5) - 0.5, ...)."""
+    f = 2 ** int(level)
+    K = intrinsics_matrix(params, static.width, static.height)
+    Kl = jnp.stack([K[0] / f, K[1] / f, K[2]]).at[0, 2].add((0.5 - 0.5 * f) / f).at[1, 2].add((0.5 - 0.5 * f) / f)
+    return camera_lib.make_camera(Kl, jnp.eye(3), jnp.zeros(3), static.width // f, static.height // f)
+
+
+def visibility(params, static: Static, mask=None, level: int = 0, tile: int = 4) -> np.ndarray:
+    """[P] float32: 1 for photometric samples that the z-buffer sees (host side, no gradients;
+    the reference of `visibility_traced`).
+
+    A sample is visible when its full-resolution pixel (nearest) lies inside the image and the
+    mask, its normal faces the camera, and its depth is within `static.depth_tol` of the
+    z-buffer's at its nearest pixel of pyramid level `level` (the z-buffer is rasterised at
+    image / 2^level: level 0 is full resolution). tile: the rasteriser's tile size (speed
+    only, the result does not depend on it)."""
     model = static.model
     verts, _, _ = _vertices_jit(params, model)
-    cam = _camera(params, static.width, static.height)
-    frags = raster.rasterize(verts[None], model.faces, cam)
+    cam = _zbuffer_camera(params, static, level)
+    frags = raster.rasterize(verts[None], model.faces, cam, tile_size=int(tile))
     depth = np.asarray(frags.depth[0])
     hit = np.asarray(frags.mask[0])
     pos, nrm, _ = _samples(params, model, jnp.asarray(static.sample_faces), jnp.asarray(static.sample_bary), verts)
@@ -428,12 +489,56 @@ def visibility(params, static: Static, mask=None) -> np.ndarray:
     ix, iy = np.rint(px[:, 0]).astype(int), np.rint(px[:, 1]).astype(int)
     inside = (ix >= 0) & (ix < W) & (iy >= 0) & (iy < H) & (pos[:, 2] > 1e-3)
     ixc, iyc = np.clip(ix, 0, W - 1), np.clip(iy, 0, H - 1)
+    Hl, Wl = depth.shape
+    f = 2.0 ** int(level)
+    jl = np.clip(np.rint((px[:, 0] + 0.5) / f - 0.5).astype(int), 0, Wl - 1)
+    il = np.clip(np.rint((px[:, 1] + 0.5) / f - 0.5).astype(int), 0, Hl - 1)
     facing = np.einsum("pc,pc->p", nrm, pos) < 0.0
-    front = hit[iyc, ixc] & (np.abs(depth[iyc, ixc] - pos[:, 2]) < static.depth_tol)
+    front = hit[il, jl] & (np.abs(depth[il, jl] - pos[:, 2]) < static.depth_tol)
     vis = inside & facing & front
     if mask is not None:
         vis &= np.asarray(mask)[iyc, ixc] > 0.5
     return vis.astype(np.float32)
+
+
+def visibility_traced(params, static: Static, mask, capacity: int, level: int = 0,
+                      tile: int = 4) -> tuple[jax.Array, jax.Array]:
+    """`visibility` as a traceable function (no host round trip; jit it or call it under jit).
+
+    params: tracker parameters; mask [H, W] float (1 = usable; ones when unknown); capacity:
+    static (face, tile) intersections of the z-buffer at `level` (`zbuffer_capacity`); level,
+    tile: as in `visibility`. Returns (visible [P] float32, overflow: bool scalar, True when
+    capacity was too small and the z-buffer incomplete: the caller must retry with more)."""
+    model = static.model
+    params = jax.lax.stop_gradient(params)
+    verts, _, _ = camera_space_vertices(params, model)
+    cam = _zbuffer_camera(params, static, level)
+    frags = raster.rasterize(verts[None], model.faces, cam, capacity=int(capacity), tile_size=int(tile))
+    depth, hit = frags.depth[0], frags.mask[0]
+    pos, nrm, _ = _samples(params, model, jnp.asarray(static.sample_faces), jnp.asarray(static.sample_bary), verts)
+    px = _project(params, pos, static.width, static.height)
+    W, H = static.width, static.height
+    ix, iy = jnp.rint(px[:, 0]).astype(jnp.int32), jnp.rint(px[:, 1]).astype(jnp.int32)
+    inside = (ix >= 0) & (ix < W) & (iy >= 0) & (iy < H) & (pos[:, 2] > 1e-3)
+    ixc, iyc = jnp.clip(ix, 0, W - 1), jnp.clip(iy, 0, H - 1)
+    Hl, Wl = depth.shape
+    f = 2.0 ** int(level)
+    jl = jnp.clip(jnp.rint((px[:, 0] + 0.5) / f - 0.5).astype(jnp.int32), 0, Wl - 1)
+    il = jnp.clip(jnp.rint((px[:, 1] + 0.5) / f - 0.5).astype(jnp.int32), 0, Hl - 1)
+    facing = jnp.einsum("pc,pc->p", nrm, pos, precision=_HI) < 0.0
+    front = hit[il, jl] & (jnp.abs(depth[il, jl] - pos[:, 2]) < static.depth_tol)
+    vis = inside & facing & front & (mask[iyc, ixc] > 0.5)
+    return vis.astype(jnp.float32), frags.overflow[0]
+
+
+def zbuffer_capacity(params, static: Static, level: int = 0, tile: int = 4) -> int:
+    """A static z-buffer capacity for `visibility_traced` while the pose stays near `params`:
+    the exact intersection count now, with 50 % headroom, rounded up to a power of two (few
+    distinct values, so that compiled stages are reused from frame to frame)."""
+    verts, _, _ = _vertices_jit(params, static.model)
+    cam = _zbuffer_camera(params, static, level)
+    n = int(jnp.max(raster.count_intersections(verts[None], static.model.faces, cam, tile_size=int(tile))))
+    return 1 << max(int(np.ceil(np.log2(max(1.5 * n, 1024.0)))), 10)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -454,8 +559,15 @@ class TrackResult:
 
 
 def _obs(frame: FrameData, level: int, pyr: dict, shape_init, prev, has_prev, mouth_factor, visible):
+    """The step's observations. The level's image is padded to full size (top-left), so that
+    every level has one shape and one compiled step serves them all."""
     lw = np.where(np.isin(frame.landmark_ids, _MOUTH_IDS), float(mouth_factor), 1.0).astype(np.float32)
-    return dict(image=jnp.asarray(pyr[level]), landmarks=jnp.asarray(frame.landmarks),
+    img = pyr[level]
+    full = np.zeros(frame.image.shape, np.float32)
+    full[:img.shape[0], :img.shape[1]] = img
+    return dict(image=jnp.asarray(full), level_scale=jnp.asarray(2.0 ** int(level), jnp.float32),
+                level_size=jnp.asarray([img.shape[1], img.shape[0]], jnp.float32),
+                landmarks=jnp.asarray(frame.landmarks),
                 landmark_ids=jnp.asarray(frame.landmark_ids), landmark_weights=jnp.asarray(lw),
                 shape_init=jnp.asarray(shape_init), visible=jnp.asarray(visible),
                 prev={k: jnp.asarray(prev[k]) for k in ("expression", "jaw", "neck")},
@@ -463,25 +575,52 @@ def _obs(frame: FrameData, level: int, pyr: dict, shape_init, prev, has_prev, mo
 
 
 def _run_stage(params, static, frame, pyr, *, free, level, photometric, steps, cfg, shape_init, prev,
-               has_prev, compiled, log=None, label=""):
-    w = {k: float(v) for k, v in cfg.weights.items()}
-    mouth = w.pop("mouth_landmark_factor")
-    lrs = {k: float(v) for k, v in cfg.lr.items()}
-    stage = (tuple(sorted(free)), int(level), bool(photometric), int(steps))
-    # Everything the compiled step closes over: one compilation per (stage, level) and setting.
-    key = stage + (id(static.model), static.width, static.height, static.sample_faces.shape[0],
-                   tuple(sorted(w.items())), tuple(sorted(lrs.items())), float(cfg.final_lr))
-    if key not in compiled:
-        compiled[key] = (static.model, _step_fn(static, *stage, w, lrs, float(cfg.final_lr)))
-    opt, step = compiled[key][1]
-    opt_state = opt.init(params)
+               has_prev, compiled, log=None, label="", timings=None):
+    t0 = time.perf_counter()
+    mouth = float(cfg.weights.mouth_landmark_factor)
+    hyper = stage_hyper(cfg, free, steps)
+    step, vis_fn = _compiled_fns(compiled, static, photometric)
+    mode = str(cfg.get("visibility", "device"))
+    if mode not in ("device", "host"):
+        raise ValueError(f"tracker visibility must be 'device' or 'host', got {mode!r}")
+    every = int(cfg.visibility_every)
+    if every < 1:
+        raise ValueError(f"visibility_every must be >= 1, got {every}")
+    zmode = str(cfg.get("zbuffer", "level"))
+    if zmode not in ("level", "full"):
+        raise ValueError(f"tracker zbuffer must be 'level' or 'full', got {zmode!r}")
+    zlevel = int(level) if zmode == "level" else 0
+    tile = int(cfg.get("zbuffer_tile", 4))
+    if tile < 1:
+        raise ValueError(f"zbuffer_tile must be >= 1, got {tile}")
     vis = np.zeros(static.sample_faces.shape[0], np.float32)
     terms = None
-    for i in range(int(steps)):
-        if photometric and i % int(cfg.visibility_every) == 0:
-            vis = visibility(params, static, frame.mask)
+    if mode == "device":
         obs = _obs(frame, level, pyr, shape_init, prev, has_prev, mouth, vis)
-        params, opt_state, terms = step(params, opt_state, obs)
+        mask = jnp.asarray(frame.mask)
+        capacity = zbuffer_capacity(params, static, zlevel, tile) if photometric else 0
+        start = params
+        while True:
+            params, opt_state, overflow = start, adam_init(start), []
+            for i in range(int(steps)):
+                if photometric and i % every == 0:
+                    v, ovf = vis_fn(params, mask=mask, capacity=capacity, level=zlevel, tile=tile)
+                    obs = dict(obs, visible=v)
+                    overflow.append(ovf)
+                params, opt_state, terms = step(params, opt_state, obs, hyper)
+            if not photometric or not bool(jnp.any(jnp.stack(overflow))):
+                break
+            capacity *= 2          # the z-buffer was incomplete somewhere: redo the stage
+    else:
+        opt_state = adam_init(params)
+        for i in range(int(steps)):
+            if photometric and i % every == 0:
+                vis = visibility(params, static, frame.mask, zlevel, tile)
+            obs = _obs(frame, level, pyr, shape_init, prev, has_prev, mouth, vis)
+            params, opt_state, terms = step(params, opt_state, obs, hyper)
+    if timings is not None:
+        jax.block_until_ready(params)
+        _add_time(timings, ("frame/" if has_prev else "first/") + label, time.perf_counter() - t0)
     if log is not None and terms is not None:
         t = {k: float(v) for k, v in terms.items()}
         log(f"  {label}: " + ", ".join(f"{k} {v:.4g}" for k, v in t.items() if k in
@@ -489,18 +628,54 @@ def _run_stage(params, static, frame, pyr, *, free, level, photometric, steps, c
     return params
 
 
-def _frame_errors(params, static: Static, frame: FrameData) -> tuple[float, float]:
-    """(landmark error px, photometric L1 over visible samples at full resolution)."""
-    verts, lmk, _ = _vertices_jit(params, static.model)
-    lm2 = np.asarray(_project(params, lmk[jnp.asarray(frame.landmark_ids)], static.width, static.height))
-    lerr = float(np.mean(np.linalg.norm(lm2 - frame.landmarks, axis=-1)))
-    vis = visibility(params, static, frame.mask)
-    pos, nrm, uv = _samples(params, static.model, jnp.asarray(static.sample_faces),
-                            jnp.asarray(static.sample_bary), verts)
-    obs = np.asarray(_bilinear(jnp.asarray(frame.image), _project(params, pos, static.width, static.height)))
-    col = np.asarray(shading.sample_texture(params["albedo"], uv) * shading.sh_irradiance(nrm, params["sh"]))
-    perr = float(np.sum(vis[:, None] * np.abs(obs - col)) / max(3.0 * vis.sum(), 1.0))
+def _add_time(timings: dict, key: str, seconds: float) -> None:
+    timings[key] = timings.get(key, 0.0) + float(seconds)
+
+
+def _compiled_fns(compiled: dict, static: Static, photometric: bool):
+    """`_step_fn(static, photometric)`, compiled once per kind and head model in `compiled`."""
+    # Everything the compiled functions close over.
+    key = (bool(photometric), id(static.model), static.width, static.height,
+           static.sample_faces.shape[0], static.depth_tol)
+    if key not in compiled:
+        compiled[key] = (static.model, _step_fn(static, bool(photometric)))
+    return compiled[key][1]
+
+
+def _full_visibility(params, static: Static, frame: FrameData, cfg, compiled: dict) -> jax.Array:
+    """[P] visibility with the full-resolution z-buffer: on the device (`visibility_traced`, a
+    larger z-buffer when the first was too small) or on the host, as cfg.visibility says."""
+    tile = int(cfg.get("zbuffer_tile", 4))
+    if str(cfg.get("visibility", "device")) == "host":
+        return jnp.asarray(visibility(params, static, frame.mask, 0, tile))
+    vis_fn = _compiled_fns(compiled, static, True)[1]
+    capacity = zbuffer_capacity(params, static, 0, tile)
+    while True:
+        vis, overflow = vis_fn(params, mask=jnp.asarray(frame.mask), capacity=capacity, level=0, tile=tile)
+        if not bool(overflow):
+            return vis
+        capacity *= 2
+
+
+@jax.jit
+def _errors_jit(params, model, sample_faces, sample_bary, image, landmarks, landmark_ids, vis):
+    H, W = image.shape[:2]
+    verts, lmk, _ = camera_space_vertices(params, model)
+    lm2 = _project(params, lmk[landmark_ids], W, H)
+    lerr = jnp.mean(jnp.linalg.norm(lm2 - landmarks, axis=-1))
+    pos, nrm, uv = _samples(params, model, sample_faces, sample_bary, verts)
+    obs = _bilinear(image, _project(params, pos, W, H))
+    col = shading.sample_texture(params["albedo"], uv) * shading.sh_irradiance(nrm, params["sh"])
+    perr = jnp.sum(vis[:, None] * jnp.abs(obs - col)) / jnp.maximum(3.0 * jnp.sum(vis), 1.0)
     return lerr, perr
+
+
+def _frame_errors(params, static: Static, frame: FrameData, vis) -> tuple[float, float]:
+    """(landmark error px, photometric L1 over the visible samples `vis` [P] at full resolution)."""
+    lerr, perr = _errors_jit(params, static.model, jnp.asarray(static.sample_faces), jnp.asarray(static.sample_bary),
+                             jnp.asarray(frame.image), jnp.asarray(frame.landmarks),
+                             jnp.asarray(frame.landmark_ids), jnp.asarray(vis))
+    return float(lerr), float(perr)
 
 
 def _fingerprint(cfg, shape_init, width: int, height: int) -> dict:
@@ -560,7 +735,7 @@ def _save_progress(folder, i: int, frame: FrameData, rec: Mapping[str, Any]) -> 
 
 def track_sequence(cfg, model, frames: Sequence[FrameData], *, shape_init=None,
                    log: Callable[[str], None] | None = print, progress_dir=None,
-                   step_cache: dict | None = None) -> TrackResult:
+                   step_cache: dict | None = None, timings: dict | None = None) -> TrackResult:
     """Tracks frames (one image sequence of one person) in order; see the module docstring.
 
     Args:
@@ -574,6 +749,11 @@ def track_sequence(cfg, model, frames: Sequence[FrameData], *, shape_init=None,
         last saved frame (the result equals an uninterrupted run's). None: nothing is saved.
       step_cache: a dict shared between calls to reuse compiled optimisation steps (e.g. when
         tracking several sequences of one size with one config); None: a fresh one per call.
+      timings: a dict that receives seconds per stage, summed over frames and keyed
+        "first/<stage>" (frame 0) and "frame/<stage>" (later frames), stages "rigid",
+        "landmarks", "level <l>", and "first/errors" / "frame/errors" (the per-frame error
+        evaluation); compilation counts where it happens. None: nothing is timed (timing adds a
+        device synchronisation after each stage).
     """
     if len(frames) == 0:
         raise ValueError("no frames to track")
@@ -615,7 +795,7 @@ def track_sequence(cfg, model, frames: Sequence[FrameData], *, shape_init=None,
         free = tuple(k for k in free if k not in fixed)
         free_lmk = tuple(k for k in free_lmk if k not in fixed)
         common = dict(cfg=cfg, shape_init=z0, prev=prev, has_prev=not first, compiled=compiled,
-                      log=log if first else None)
+                      log=log if first else None, timings=timings)
         if int(sc.get("rigid_steps", 0)) > 0:
             rigid = tuple(k for k in ("rot6d", "trans", "log_focal") if k not in fixed)
             params = _run_stage(params, static, fr, pyr, free=rigid, level=levels[-1], photometric=False,
@@ -630,7 +810,10 @@ def track_sequence(cfg, model, frames: Sequence[FrameData], *, shape_init=None,
             if n > 0:
                 params = _run_stage(params, static, fr, pyr, free=free, level=lv, photometric=True, steps=n,
                                     label=f"level {lv}", **common)
-        le, pe = _frame_errors(params, static, fr)
+        te = time.perf_counter()
+        le, pe = _frame_errors(params, static, fr, _full_visibility(params, static, fr, cfg, compiled))
+        if timings is not None:
+            _add_time(timings, ("first" if first else "frame") + "/errors", time.perf_counter() - te)
         p_np = jax.tree.map(np.asarray, params)
         out_params.append(p_np)
         K = np.asarray(intrinsics_matrix(params, W, H))
