@@ -42,6 +42,11 @@ Variants:
          (network, its convolutions, splatting, SSIM's window against the depthwise convolution it
          replaced) and the minutes of the config's steps (dhjax.bench.synshot; settings under
          synshot.*, e.g. --config.synshot.config=configs/synshot_prior.py:paper).
+  track  the metrical face tracker (dhjax.capture.tracker): frames/s of sequential tracking of a
+         synthetic 512x512 video with configs/track.py's settings for real videos, the first
+         frame and compilation, the split of a frame per stage, against the tracker's reference
+         path (host visibility, full-resolution z-buffer) in the same run, both scored against
+         the ground truth (dhjax.bench.track; settings under track.*, e.g. --config.track.n_frames=8).
 Results are printed and written to <workdir>/bench.json.
 """
 
@@ -54,6 +59,7 @@ from dhjax.bench import gem as gem_bench
 from dhjax.bench import geometry
 from dhjax.bench import insta as insta_bench
 from dhjax.bench import synshot as synshot_bench
+from dhjax.bench import track as track_bench
 
 
 def get_config(arg=None):
@@ -93,7 +99,10 @@ def get_config(arg=None):
         c.data = data_bench.default_config()
     if c.suite == "synshot":
         c.synshot = synshot_bench.default_config()
-    if c.suite not in ("flame", "synthetic", "splat", "geometry", "insta", "gem", "body", "d3ga", "data", "synshot"):
+    if c.suite == "track":
+        c.track = track_bench.default_config()
+    if c.suite not in ("flame", "synthetic", "splat", "geometry", "insta", "gem", "body", "d3ga", "data", "synshot",
+                       "track"):
         raise ValueError(f"unknown bench variant {c.suite!r}; available: flame, synthetic, splat, geometry, insta, gem, "
-                         f"body, d3ga, data, synshot")
+                         f"body, d3ga, data, synshot, track")
     return c

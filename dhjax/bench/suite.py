@@ -4,7 +4,7 @@
 Suites: flame (`dhjax.bench.flame`), synthetic (`dhjax.bench.synthetic`), splat
 (`dhjax.bench.splat`), geometry (`dhjax.bench.geometry`, all of its benchmarks), insta
 (`dhjax.bench.insta`), gem (`dhjax.bench.gem`), body (`dhjax.bench.body`), d3ga (`dhjax.bench.d3ga`),
-data (`dhjax.bench.data`), synshot (`dhjax.bench.synshot`).
+data (`dhjax.bench.data`), synshot (`dhjax.bench.synshot`), track (`dhjax.bench.track`).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import jax
 
-from dhjax.bench import body, d3ga, data, flame, gem, geometry, insta, splat, synshot, synthetic
+from dhjax.bench import body, d3ga, data, flame, gem, geometry, insta, splat, synshot, synthetic, track
 
 SUITES = {
     "flame": flame.run,
@@ -29,6 +29,7 @@ SUITES = {
     "d3ga": d3ga.run,
     "data": data.run,
     "synshot": synshot.run,
+    "track": track.run,
 }
 
 
