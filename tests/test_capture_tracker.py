@@ -448,3 +448,59 @@ def test_bad_visibility_settings_are_refused(model):
         setattr(cfg, key, value)
         with pytest.raises(ValueError, match=word):
             tracker.track_sequence(cfg, model, frames, log=None)
+
+
+def _few_steps(cfg):
+    cfg.pyramid = (1, 0)
+    cfg.first.update(rigid_steps=10, landmark_steps=10, steps=(5, 5))
+    cfg.frame.update(landmark_steps=3, steps=(3, 3))
+    return cfg
+
+
+def test_albedo_model_is_solved_on_the_first_frame_then_fixed(model, tmp_path):
+    """With an albedo model (a small one saved to a file, loaded through the importer) the
+    texture is mean + basis x coefficients: the coefficients move on frame 0 only, the exported
+    texture is the model's texture of them; 'free' keeps the old free texture (no coefficients)."""
+    from dhjax.models import albedo as albedo_lib
+    frames, truth = _rendered_frames(model, tracker.default_config(), 48, 2)
+    rng = np.random.default_rng(0)
+    A = 8
+    basis = np.linalg.qr(rng.normal(size=(A * A * 3, 4)))[0].T.reshape(4, A, A, 3)
+    am = albedo_lib.AlbedoModel(mean=jnp.full((A, A, 3), 0.5, jnp.float32), basis=jnp.asarray(basis, jnp.float32),
+                                sigma=jnp.asarray([2.0, 1.0, 0.5, 0.2], jnp.float32), name="test")
+    albedo_lib.save(tmp_path / "alb.npz", am)
+    cfg = _few_steps(tracker.default_config())
+    cfg.update(albedo_model=str(tmp_path / "alb.npz"), albedo_size=A, albedo_components=3)
+    cfg.focal = float(np.exp(truth["log_focal"]) * 48)
+    res = tracker.track_sequence(cfg, model, frames, shape_init=truth["shape"], log=None)
+    c0, c1 = res.params[0]["albedo_coeffs"], res.params[1]["albedo_coeffs"]
+    assert c0.shape == (3,) and np.abs(c0).max() > 1e-3
+    np.testing.assert_array_equal(c0, c1)
+    want = albedo_lib.texture(am, jnp.asarray(c0))
+    np.testing.assert_allclose(res.params[1]["albedo"], want, atol=1e-6)
+    free = cfg.copy_and_resolve_references()
+    free.albedo_model = "free"
+    res = tracker.track_sequence(free, model, frames[:1], shape_init=truth["shape"], log=None)
+    assert res.params[0]["albedo_coeffs"].shape == (0,) and res.params[0]["albedo"].shape == (A, A, 3)
+    assert np.ptp(res.params[0]["albedo"]) > 1e-3           # the free texture moved texel by texel
+    # Bad settings: more components than the file has, a model of another size.
+    for key, value, word in (("albedo_components", 5, "only 4 components"), ("albedo_components", 0, ">= 1")):
+        bad = cfg.copy_and_resolve_references()
+        setattr(bad, key, value)
+        with pytest.raises(ValueError, match=word):
+            tracker.track_sequence(bad, model, frames[:1], log=None)
+
+
+def test_synthetic_albedo_model_needs_the_default_head(model):
+    """The synthetic PCA lives in the default head's UV layout: another layout is refused with a
+    message that names the way out; the default head gets the cached model, truncated."""
+    cfg = tracker.default_config()
+    cfg.albedo_components = 5
+    other = model.replace(uv_coords=model.uv_coords * 0.5)
+    with pytest.raises(ValueError, match="FLAME albedo file"):
+        tracker.albedo_model(cfg, other, log=None)
+    cache = {}
+    am = tracker.albedo_model(cfg, model, cache, log=None)
+    assert am.basis.shape == (5, cfg.albedo_size, cfg.albedo_size, 3) and am.sigma.shape == (5,)
+    assert tracker.albedo_model(cfg, model, cache, log=None) is am
+    assert np.all(np.diff(np.asarray(am.sigma)) <= 0)

@@ -2,8 +2,11 @@
 monocular video by analysis by synthesis (thesis A.1, the "metrical tracker" of MICA).
 
 Unknowns. Per sequence: the identity shape z [S] (initialised from MICA or the mean face and
-regularised towards that initialisation), an albedo texture in the model's UV layout
-[A, A, 3], and a full perspective camera: one focal length f (pixels, fx = fy) and the principal
+regularised towards that initialisation), the albedo: by default the coefficients c [K] of a
+linear albedo model in the model's UV layout (texture = mean + sum_k c_k sigma_k basis_k,
+`dhjax.models.albedo`; cfg.albedo_model: a PCA of synthetic identities' albedos for the default
+head, or a FLAME albedo file), or with albedo_model='free' a free texture [A, A, 3]; and a full
+perspective camera: one focal length f (pixels, fx = fy) and the principal
 point (cx, cy). Per frame: expression [E], neck / jaw / left-eye / right-eye rotations
 (axis-angle), the rigid head pose (a 6D rotation and a translation, both camera space) and
 second-order SH light [9, 3] (camera space).
@@ -23,11 +26,13 @@ Energy (summed per optimisation step):
   differentiable in every geometric parameter through the image gradient. Only samples that the
   z-buffer says are visible (their depth within ``depth_tol`` of the rasterised depth, facing
   the camera, inside the image and inside the optional foreground mask) count; visibility is
-  recomputed on the host every ``visibility_every`` steps with `dhjax.render.raster`. L1 over
-  RGB, mean over visible samples;
+  recomputed every ``visibility_every`` steps with `dhjax.render.raster`, on the device
+  (`visibility_traced`; `visibility` is its host reference) from a z-buffer at the resolution of
+  the current pyramid level (cfg.zbuffer='full': always full resolution). L1 over RGB, mean
+  over visible samples;
 * regularisers: shape towards its initialisation, expression and joint rotations towards zero,
   a temporal term towards the previous frame's expression and pose, total variation of the
-  albedo texture.
+  albedo texture, and the albedo coefficients' N(0, 1) prior (mean of c^2, with a model).
 
 Schedule: a coarse-to-fine image pyramid (level l is the image box-filtered by 2^l). Frame 0:
 a rigid landmark stage (rotation, translation and focal length only), then a landmark stage
@@ -38,7 +43,8 @@ camera), and the priors never pull them all the way back (with the true shape an
 length, 2 synthetic frames were tracked to 29 mm vertex error without it, 3.3 mm with it).
 Later frames start from the previous frame's solution and optimise only the per-frame
 unknowns (shape, albedo and intrinsics fixed), again coarse to fine. Adam with a learning rate
-per parameter group.
+per parameter group (`adam_update`: its hyper-parameters are arrays, so one compiled step per
+kind of stage, landmarks or photometric, serves every stage, level and frame).
 
 Outputs (`track_sequence`): per-frame parameters, cameras (K, R, t in the OpenCV convention),
 landmark and photometric errors, rendered depth and model masks; `write_dataset` stores them in
@@ -94,7 +100,7 @@ _MOUTH_IDS = np.arange(48, 68)
 # the eye rotations see their pixels).
 PHOTO_REGIONS = ("face", "forehead", "nose", "lips", "eye_region", "eyes")
 FRAME_KEYS = ("expression", "neck", "jaw", "eyes", "rot6d", "trans", "sh")
-SEQUENCE_KEYS = ("shape", "albedo", "log_focal", "pp")
+SEQUENCE_KEYS = ("shape", "albedo", "albedo_coeffs", "log_focal", "pp")
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -103,6 +109,12 @@ def default_config() -> ml_collections.ConfigDict:
     c.n_shape = 300                 # shape coefficients optimised (<= the model's)
     c.n_expression = 100            # expression coefficients optimised (<= the model's)
     c.albedo_size = 32              # albedo texture A x A in the UV layout
+    c.albedo_model = "synthetic"    # 'synthetic': a linear model, the PCA of synthetic identities'
+                                    # albedos (default head only; built once, cached); a path: a
+                                    # FLAME albedo npz (dhjax.models.albedo.load; with a FLAME model
+                                    # in FLAME's UV layout); 'free': a free texture (before 2026-12-05)
+    c.albedo_components = 40        # components of the albedo model used (<= the model's)
+    c.albedo_identities = 100       # 'synthetic': identities in its PCA
     c.samples_per_face = 4          # photometric surface samples per face of PHOTO_REGIONS (1 or 4)
     c.pyramid = (2, 1, 0)           # pyramid levels, coarse to fine (image / 2^level)
     c.init_focal = 2.0              # initial focal length / longer image side (fov ~28 degrees)
@@ -120,11 +132,11 @@ def default_config() -> ml_collections.ConfigDict:
     c.first = ml_collections.ConfigDict(dict(rigid_steps=100, landmark_steps=300, steps=(150, 150, 150)))
     c.frame = ml_collections.ConfigDict(dict(rigid_steps=0, landmark_steps=30, steps=(30, 30, 40)))
     c.lr = ml_collections.ConfigDict(dict(
-        shape=0.02, albedo=0.02, log_focal=0.01, pp=0.002, expression=0.03, neck=0.005, jaw=0.005,
+        shape=0.02, albedo=0.02, albedo_coeffs=0.05, log_focal=0.01, pp=0.002, expression=0.03, neck=0.005, jaw=0.005,
         eyes=0.01, rot6d=0.005, trans=0.002, sh=0.02))
     c.weights = ml_collections.ConfigDict(dict(
         landmark=1.0, mouth_landmark_factor=2.0, photometric=0.05, shape=0.3, expression=1e-2,
-        pose=1e-3, temporal=1e-3, albedo_tv=1e-2))
+        pose=1e-3, temporal=1e-3, albedo_tv=1e-2, albedo_prior=1e-3))
     return c
 
 
@@ -138,7 +150,9 @@ class Static:
 
     model: FlameModel; sample_faces [P] int32 and sample_bary [P, 3]: photometric surface samples;
     region_vertices [Vr] int32: vertices of PHOTO_REGIONS without the eyeballs (evaluation);
-    width, height: image size; depth_tol: metres between a sample and the z-buffer for visibility.
+    width, height: image size; depth_tol: metres between a sample and the z-buffer for visibility;
+    albedo: `dhjax.models.albedo.AlbedoModel` (the texture is mean + basis x coefficients) or
+    None (a free texture).
     """
 
     model: Any
@@ -148,10 +162,13 @@ class Static:
     width: int
     height: int
     depth_tol: float = 0.01
+    albedo: Any = None
 
 
-def make_static(model, width: int, height: int, samples_per_face: int = 4, depth_tol: float = 0.01) -> Static:
-    """Surface samples on the faces whose three vertices lie in PHOTO_REGIONS."""
+def make_static(model, width: int, height: int, samples_per_face: int = 4, depth_tol: float = 0.01,
+                albedo=None) -> Static:
+    """Surface samples on the faces whose three vertices lie in PHOTO_REGIONS; `albedo`: an
+    AlbedoModel (`albedo_model`) or None (a free texture)."""
     if model.regions is None or model.lmk_faces is None or model.uv_coords is None:
         raise ValueError("the tracker needs a head model with regions, a 68-landmark embedding and a "
                          "UV layout (the embedded default has all three; for a FLAME file give its "
@@ -176,7 +193,77 @@ def make_static(model, width: int, height: int, samples_per_face: int = 4, depth
     sample_bary = np.tile(bary, (len(sel), 1)).astype(np.float32)
     return Static(model=model, sample_faces=sample_faces, sample_bary=sample_bary,
                   region_vertices=np.where(in_region & ~regions["eyes"])[0].astype(np.int32),
-                  width=int(width), height=int(height), depth_tol=float(depth_tol))
+                  width=int(width), height=int(height), depth_tol=float(depth_tol), albedo=albedo)
+
+
+def _is_default_head(model) -> bool:
+    """True when `model` has the embedded default head's UV layout."""
+    ref = flame.load()
+    return (model.uv_coords is not None and np.shape(model.uv_coords) == np.shape(ref.uv_coords)
+            and np.shape(model.uv_faces) == np.shape(ref.uv_faces)
+            and np.allclose(np.asarray(model.uv_coords), np.asarray(ref.uv_coords))
+            and np.array_equal(np.asarray(model.uv_faces), np.asarray(ref.uv_faces)))
+
+
+def albedo_model(cfg, model, cache: dict | None = None, log: Callable[[str], None] | None = print):
+    """The AlbedoModel of cfg.albedo_model (None for 'free'), cfg.albedo_size square, truncated to
+    cfg.albedo_components.
+
+    'synthetic': `dhjax.models.albedo.build_synthetic(cfg.albedo_identities, components, size)`,
+    in the embedded default head's UV layout (refused for another head model), built once and
+    kept in the dhjax cache folder (`dhjax.data.cache.cache_root`, $DHJAX_CACHE) as
+    albedo-<hash>.npz; a path: `dhjax.models.albedo.load` (FLAME's albedo files, in FLAME's UV
+    layout: use it with the FLAME model loaded with that layout). cache: a dict that keeps the
+    loaded model between calls (`track_sequence`'s step_cache), so that compiled steps that
+    close over it are reused."""
+    from dhjax.models import albedo as albedo_lib
+    spec = str(cfg.get("albedo_model", "free"))
+    if spec == "free":
+        return None
+    size, k = int(cfg.albedo_size), int(cfg.get("albedo_components", 40))
+    if k < 1:
+        raise ValueError(f"albedo_components must be >= 1, got {k}")
+    key = ("albedo", spec, size, k, int(cfg.get("albedo_identities", 100)))
+    if cache is not None and key in cache:
+        return cache[key]
+    if spec == "synthetic":
+        if not _is_default_head(model):
+            raise ValueError("albedo_model='synthetic' is a PCA in the embedded default head's UV layout and this "
+                             "head model has another one: give a FLAME albedo file (albedo_model=<path to "
+                             "FLAME_albedo_from_BFM.npz or FLAME_texture.npz>, with the FLAME model loaded with "
+                             "its UV layout) or albedo_model='free'")
+        n = int(cfg.get("albedo_identities", 100))
+        if not 1 <= k <= n - 1:
+            raise ValueError(f"albedo_components={k} must be in [1, albedo_identities - 1 = {n - 1}]")
+        from dhjax.data import cache as cache_lib
+        root = cache_lib.cache_root()
+        path = root / f"albedo-{cache_lib.config_hash(dict(n=n, k=k, size=size, version=1))}.npz"
+        if path.exists():
+            am = albedo_lib.load(path)
+        else:
+            if log is not None:
+                log(f"albedo model: a PCA of {n} synthetic identities' albedos, {k} components, {size}^2 "
+                    f"(once; cached in {path})")
+            am = albedo_lib.build_synthetic(n, k, size, log=log)
+            root.mkdir(parents=True, exist_ok=True)
+            albedo_lib.save(path, am)           # atomic
+    else:
+        am = albedo_lib.load(spec, size=size)
+        if am.n_components < k:
+            raise ValueError(f"albedo_components={k}, but {spec} has only {am.n_components} components")
+    am = albedo_lib.AlbedoModel(mean=am.mean, basis=am.basis[:k], sigma=am.sigma[:k], name=am.name)
+    if cache is not None:
+        cache[key] = am
+    return am
+
+
+def _albedo_texture(params, albedo):
+    """[A, A, 3]: the AlbedoModel `albedo`'s texture of params["albedo_coeffs"], or the free
+    texture params["albedo"] when albedo is None."""
+    if albedo is None:
+        return params["albedo"]
+    from dhjax.models import albedo as albedo_lib
+    return albedo_lib.texture(albedo, params["albedo_coeffs"])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -278,8 +365,17 @@ def initial_params(cfg, static: Static, first: FrameData, shape_init=None) -> di
     A = int(cfg.albedo_size)
     sh = np.zeros((9, 3), np.float32)
     sh[0] = 1.0 / 0.282095
+    albedo = jnp.asarray(np.broadcast_to(mean_colour, (A, A, 3)).copy(), jnp.float32)
+    coeffs = jnp.zeros((0,), jnp.float32)
+    if static.albedo is not None:
+        from dhjax.models import albedo as albedo_lib
+        if static.albedo.size != A:
+            raise ValueError(f"the albedo model is {static.albedo.size}^2, albedo_size is {A}")
+        # The model's texture closest to the uniform median colour (ridge: a weak N(0, 1) prior).
+        coeffs = albedo_lib.fit_texture(static.albedo, albedo, static.albedo.n_components, ridge=1.0)
+        albedo = albedo_lib.texture(static.albedo, coeffs)
     return dict(
-        shape=jnp.asarray(z0), albedo=jnp.asarray(np.broadcast_to(mean_colour, (A, A, 3)).copy(), jnp.float32),
+        shape=jnp.asarray(z0), albedo=albedo, albedo_coeffs=coeffs,
         log_focal=jnp.asarray(np.log(f / max(W, H)), jnp.float32), pp=jnp.zeros(2, jnp.float32),
         expression=jnp.zeros(E, jnp.float32), neck=jnp.zeros(3, jnp.float32),
         jaw=jnp.zeros(3, jnp.float32), eyes=jnp.zeros((2, 3), jnp.float32),
@@ -351,7 +447,7 @@ def _samples(params, model, sample_faces, sample_bary, verts):
 # Energy and steps.
 
 
-def _loss(params, obs, cfg_w, model, sample_faces, sample_bary, width, height, photometric):
+def _loss(params, obs, cfg_w, model, sample_faces, sample_bary, width, height, photometric, albedo=None):
     """Total energy and its terms. obs: dict of arrays for one frame (`_obs`): the pyramid level's
     image sits in the top-left of obs["image"] [H, W, 3], of size obs["level_size"] (W', H'),
     and obs["level_scale"] = 2^level."""
@@ -368,14 +464,18 @@ def _loss(params, obs, cfg_w, model, sample_faces, sample_bary, width, height, p
         px = _project(params, pos, width, height)
         f = obs["level_scale"]
         observed = _bilinear(obs["image"], (px + 0.5) / f - 0.5, obs["level_size"])
-        colour = shading.sample_texture(params["albedo"], uv) * shading.sh_irradiance(nrm, params["sh"])
+        alb = _albedo_texture(params, albedo)
+        colour = shading.sample_texture(alb, uv) * shading.sh_irradiance(nrm, params["sh"])
         vis = obs["visible"]
         n_vis = jnp.maximum(jnp.sum(vis), 1.0)
         e_photo = jnp.sum(vis[:, None] * jnp.abs(observed - colour)) / (3.0 * n_vis)
-        alb = params["albedo"]
         tv = (jnp.mean(jnp.abs(alb[1:] - alb[:-1])) + jnp.mean(jnp.abs(alb[:, 1:] - alb[:, :-1])))
         terms.update(photometric=e_photo, albedo_tv=tv)
         total = total + cfg_w["photometric"] * e_photo + cfg_w["albedo_tv"] * tv
+    if albedo is not None:
+        e_alb = jnp.mean(params["albedo_coeffs"] ** 2)
+        terms.update(albedo_prior=e_alb)
+        total = total + cfg_w["albedo_prior"] * e_alb
     e_shape = jnp.mean((params["shape"] - obs["shape_init"]) ** 2)
     e_expr = jnp.mean(params["expression"] ** 2)
     e_pose = jnp.sum(params["neck"] ** 2) + jnp.sum(params["jaw"] ** 2) + jnp.sum(params["eyes"] ** 2)
@@ -444,7 +544,8 @@ def _step_fn(static: Static, photometric: bool):
 
     def update(params, opt_state, obs, hyper):
         (loss, terms), grads = jax.value_and_grad(_loss, has_aux=True)(
-            params, obs, hyper["weights"], model, sample_faces, sample_bary, width, height, photometric)
+            params, obs, hyper["weights"], model, sample_faces, sample_bary, width, height, photometric,
+            static.albedo)
         params, opt_state = adam_update(grads, opt_state, params, hyper)
         return params, opt_state, terms
 
@@ -618,6 +719,8 @@ def _run_stage(params, static, frame, pyr, *, free, level, photometric, steps, c
                 vis = visibility(params, static, frame.mask, zlevel, tile)
             obs = _obs(frame, level, pyr, shape_init, prev, has_prev, mouth, vis)
             params, opt_state, terms = step(params, opt_state, obs, hyper)
+    if static.albedo is not None:
+        params = dict(params, albedo=_albedo_texture(params, static.albedo))
     if timings is not None:
         jax.block_until_ready(params)
         _add_time(timings, ("frame/" if has_prev else "first/") + label, time.perf_counter() - t0)
@@ -635,10 +738,10 @@ def _add_time(timings: dict, key: str, seconds: float) -> None:
 def _compiled_fns(compiled: dict, static: Static, photometric: bool):
     """`_step_fn(static, photometric)`, compiled once per kind and head model in `compiled`."""
     # Everything the compiled functions close over.
-    key = (bool(photometric), id(static.model), static.width, static.height,
+    key = (bool(photometric), id(static.model), id(static.albedo), static.width, static.height,
            static.sample_faces.shape[0], static.depth_tol)
     if key not in compiled:
-        compiled[key] = (static.model, _step_fn(static, bool(photometric)))
+        compiled[key] = ((static.model, static.albedo), _step_fn(static, bool(photometric)))
     return compiled[key][1]
 
 
@@ -762,8 +865,9 @@ def track_sequence(cfg, model, frames: Sequence[FrameData], *, shape_init=None,
         if fr.image.shape[:2] != (H, W):
             raise ValueError(f"frame {i} is {fr.image.shape[:2]}, frame 0 is {(H, W)}: all frames must "
                              "have one size")
-    static = make_static(model, W, H, int(cfg.samples_per_face), float(cfg.depth_tol))
     compiled = {} if step_cache is None else step_cache
+    static = make_static(model, W, H, int(cfg.samples_per_face), float(cfg.depth_tol),
+                         albedo=albedo_model(cfg, model, compiled, log))
     t0 = time.time()
     params = initial_params(cfg, static, frames[0], shape_init)
     z0 = np.asarray(params["shape"])
@@ -792,6 +896,8 @@ def track_sequence(cfg, model, frames: Sequence[FrameData], *, shape_init=None,
                     else ("rot6d", "trans", "expression", "jaw"))
         free = (FRAME_KEYS + SEQUENCE_KEYS) if first else FRAME_KEYS
         fixed = (("log_focal",) if float(cfg.focal) > 0 else ()) + (() if cfg.principal_point else ("pp",))
+        # With an albedo model its coefficients are solved and the texture follows from them.
+        fixed += ("albedo",) if static.albedo is not None else ("albedo_coeffs",)
         free = tuple(k for k in free if k not in fixed)
         free_lmk = tuple(k for k in free_lmk if k not in fixed)
         common = dict(cfg=cfg, shape_init=z0, prev=prev, has_prev=not first, compiled=compiled,
