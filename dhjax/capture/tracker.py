@@ -209,7 +209,7 @@ def albedo_model(cfg, model, cache: dict | None = None, log: Callable[[str], Non
     """The AlbedoModel of cfg.albedo_model (None for 'free'), cfg.albedo_size square, truncated to
     cfg.albedo_components.
 
-    'synthetic': `dhjax.models.albedo.build_synthetic(cfg.albedo_identities, components, size)`,
+    'synthetic': `dhjax.data.albedo_synthetic.build_synthetic(cfg.albedo_identities, components, size)`,
     in the embedded default head's UV layout (refused for another head model), built once and
     kept in the dhjax cache folder (`dhjax.data.cache.cache_root`, $DHJAX_CACHE) as
     albedo-<hash>.npz; a path: `dhjax.models.albedo.load` (FLAME's albedo files, in FLAME's UV
@@ -244,7 +244,8 @@ def albedo_model(cfg, model, cache: dict | None = None, log: Callable[[str], Non
             if log is not None:
                 log(f"albedo model: a PCA of {n} synthetic identities' albedos, {k} components, {size}^2 "
                     f"(once; cached in {path})")
-            am = albedo_lib.build_synthetic(n, k, size, log=log)
+            from dhjax.data import albedo_synthetic
+            am = albedo_synthetic.build_synthetic(n, k, size, log=log)
             root.mkdir(parents=True, exist_ok=True)
             albedo_lib.save(path, am)           # atomic
     else:

@@ -17,11 +17,11 @@ are reflectances around [0, 1], used as they are (no gamma curve is applied anyw
 
 A model only fits the UV layout it was built in:
 
-* `build_synthetic` builds a model in the layout of the embedded default head (`flame.load()`):
-  a PCA (`dhjax.geometry.pca.fit`) of the procedural albedos of synthetic identities
-  (`dhjax.data.synthetic`), resampled to A x A. The identities are drawn with the synthetic seed
-  `SYNTHETIC_SEED_BASE + seed` (23000 for seed=0), indices 0 .. n_identities - 1, whereas the
-  tracker's synthetic benchmark (`configs/track.py`, `capture.track_run.synthetic_sequence`) and
+* `dhjax.data.albedo_synthetic.build_synthetic` builds a model in the layout of the embedded
+  default head (`flame.load()`): a PCA (`fit_pca`) of the procedural albedos of synthetic
+  identities (`dhjax.data.synthetic`), resampled to A x A. The identities are drawn with the
+  synthetic seed `SYNTHETIC_SEED_BASE + seed` (23000 for seed=0), indices 0 .. n_identities - 1,
+  whereas the tracker's synthetic benchmark (`configs/track.py`, `capture.track_run.synthetic_sequence`) and
   the other generators use seed 0 (video identities 1_000_000 + sequence, multiview identities
   0, 1, ...): no benchmark sequence shows a training identity. Indices >= n_identities of the
   same seed are held out (the tests use them).
@@ -80,7 +80,7 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable
 
 import flax.struct
 import jax
@@ -90,15 +90,10 @@ import numpy as np
 from dhjax.geometry import pca as pca_lib
 
 __all__ = [
-    "AlbedoModel", "SYNTHETIC_SEED_BASE", "LAYOUTS", "texture", "fit_texture", "resample",
-    "synthetic_albedos", "build_synthetic", "load", "save",
+    "AlbedoModel", "LAYOUTS", "texture", "fit_texture", "resample", "fit_pca", "load", "save",
 ]
 
 _HI = jax.lax.Precision.HIGHEST
-
-#: Synthetic seed of `build_synthetic`'s identities is SYNTHETIC_SEED_BASE + seed; the tracker's
-#: synthetic benchmark and the data generators use seed 0.
-SYNTHETIC_SEED_BASE = 23_000
 
 #: File layouts `load` recognises and the keys that identify each.
 LAYOUTS = {
@@ -300,99 +295,38 @@ def _from_components(mean, comps, name: str) -> AlbedoModel:
                        sigma=jnp.asarray(sigma, jnp.float32), name=name)
 
 
-# ----------------------------------------------------------------------------------------------
-# Synthetic model (default head's UV layout).
-
-
-def _default_uv_size(size: int) -> int:
-    """The smallest multiple of size that is >= 128 (so the box filter averages >= 128^2 texels)."""
-    return size * max(1, -(-128 // size))
-
-
-def synthetic_albedos(indices: Sequence[int], size: int, seed: int = 0, *, assets=None,
-                      uv_size: int | None = None, log: Callable | None = None) -> np.ndarray:
-    """UV albedos of the synthetic identities `indices` of seed SYNTHETIC_SEED_BASE + seed.
-
-    Identity i is `dhjax.data.synthetic.sample_identity(assets, SYNTHETIC_SEED_BASE + seed,
-    i)["uv_albedo"]` (the default head's UV layout, at the assets' UV size), resampled to
-    size x size with `resample` (a box filter when the UV size is a multiple of size).
+def fit_pca(albedos, n_components: int, *, name: str = "", method: str = "auto",
+            log: Callable | None = None) -> AlbedoModel:
+    """A PCA albedo model (`dhjax.geometry.pca.fit`) of example textures.
 
     Args:
-      indices: identity indices (ints >= 0).
-      size: A, the output texture size.
-      seed: >= 0; the synthetic seed is SYNTHETIC_SEED_BASE + seed (never the benchmark's 0).
-      assets: `synthetic.build_assets` output to reuse; None builds it at uv_size.
-      uv_size: UV size of the built assets (default: the smallest multiple of size >= 128);
-        ignored when assets are given.
-      log: progress callback (e.g. print) or None.
-    Returns:
-      [N, A, A, 3] float32 RGB albedos.
-    """
-    from dhjax.data import synthetic  # a higher floor (it imports models.flame): import lazily
-
-    if int(seed) < 0:
-        raise ValueError(f"synthetic_albedos: seed must be >= 0, got {seed}")
-    indices = [int(i) for i in indices]
-    if any(i < 0 for i in indices):
-        raise ValueError(f"synthetic_albedos: indices must be >= 0, got {indices}")
-    log = log or (lambda *a: None)
-    if assets is None:
-        uv_size = _default_uv_size(int(size)) if uv_size is None else int(uv_size)
-        log(f"albedo: building the synthetic head's UV assets at {uv_size} x {uv_size}")
-        assets = synthetic.build_assets(uv_size=uv_size)
-    syn_seed = SYNTHETIC_SEED_BASE + int(seed)
-    out = np.empty((len(indices), int(size), int(size), 3), np.float32)
-    t0 = time.time()
-    step = max(1, len(indices) // 10)
-    for n, i in enumerate(indices):
-        alb = np.asarray(synthetic.sample_identity(assets, syn_seed, i)["uv_albedo"])
-        out[n] = resample(alb, size)
-        if (n + 1) % step == 0 or n + 1 == len(indices):
-            log(f"albedo: identity {n + 1}/{len(indices)} (seed {syn_seed}, index {i}), "
-                f"{time.time() - t0:.1f} s")
-    return out
-
-
-def build_synthetic(n_identities: int, n_components: int, size: int, seed: int = 0,
-                    log: Callable | None = print, *, assets=None, uv_size: int | None = None,
-                    method: str = "auto") -> AlbedoModel:
-    """A PCA albedo model of synthetic identities, in the default head's UV layout.
-
-    Fits `dhjax.geometry.pca.fit` to the flattened albedos of identities 0 .. n_identities - 1
-    of the synthetic seed SYNTHETIC_SEED_BASE + seed (`synthetic_albedos`), so the benchmark's
-    sequences (seed 0) are not in the training set; indices >= n_identities of the same seed
-    are free for held-out tests.
-
-    Args:
-      n_identities: N >= 2 identities.
+      albedos: [N, A, A, 3] textures (N >= 2) in one UV layout.
       n_components: K, 1 <= K <= N - 1.
-      size: A, the texture size (the tracker's albedo_size, e.g. 32).
-      seed: >= 0, selects the training set (synthetic seed SYNTHETIC_SEED_BASE + seed).
-      log: progress callback (default print; None for silence).
-      assets, uv_size: as in `synthetic_albedos`.
-      method: `pca.fit`'s method.
+      name: where the model came from; method: `pca.fit`'s method; log: progress or None.
     Returns:
       AlbedoModel (mean [A, A, 3], basis [K, A, A, 3] = the PCA's orthonormal components,
       sigma [K] = their standard deviations, n - 1 denominator).
     """
-    log = log or (lambda *a: None)
-    n, k, size = int(n_identities), int(n_components), int(size)
+    x = np.asarray(albedos, np.float32)
+    if x.ndim != 4 or x.shape[-1] != 3 or x.shape[1] != x.shape[2]:
+        raise ValueError(f"fit_pca: albedos must have shape [N, A, A, 3], got {x.shape}")
+    n, size, k = x.shape[0], x.shape[1], int(n_components)
     if n < 2 or not 1 <= k <= n - 1:
-        raise ValueError(f"build_synthetic: needs n_identities >= 2 and 1 <= n_components <= "
-                         f"n_identities - 1, got n_identities={n}, n_components={k}")
-    x = synthetic_albedos(range(n), size, seed, assets=assets, uv_size=uv_size, log=log)
+        raise ValueError(f"fit_pca: needs N >= 2 textures and 1 <= n_components <= N - 1, got N={n}, "
+                         f"n_components={k}")
+    if not np.all(np.isfinite(x)):
+        raise ValueError("fit_pca: albedos have non-finite values")
     t0 = time.time()
     p = pca_lib.fit(x.reshape(n, -1), k, method=method)
     ratio = np.asarray(p.explained_variance_ratio, np.float64)
-    log(f"albedo: PCA of {n} albedos ({size} x {size}), {k} components explain "
-        f"{100 * ratio.sum():.1f} % of the variance (first: {100 * ratio[0]:.1f} %), "
-        f"{time.time() - t0:.1f} s")
+    if log is not None:
+        log(f"albedo: PCA of {n} albedos ({size} x {size}), {k} components explain "
+            f"{100 * ratio.sum():.1f} % of the variance (first: {100 * ratio[0]:.1f} %), "
+            f"{time.time() - t0:.1f} s")
     return AlbedoModel(
         mean=jnp.asarray(p.mean, jnp.float32).reshape(size, size, 3),
         basis=jnp.asarray(p.components, jnp.float32).reshape(k, size, size, 3),
-        sigma=jnp.asarray(p.sigma, jnp.float32),
-        name=f"synthetic (seed {SYNTHETIC_SEED_BASE + int(seed)}, identities 0..{n - 1}, "
-             f"dhjax default head UV layout)")
+        sigma=jnp.asarray(p.sigma, jnp.float32), name=str(name))
 
 
 # ----------------------------------------------------------------------------------------------
