@@ -18,6 +18,17 @@ Stage 1 (the identity encoder) minimises stage1.loss: "full", the prior's loss, 
 Variants: '' (paper-like: lr 1e-4, 10 steps per frame as in the thesis) and 'tiny' (CPU).
 ArcFace terms need arcface_path (an insightface ArcFace ONNX file, e.g. w600k_r50.onnx); without
 it they are off and the log says so.
+
+sweep(): the thesis's inversion-loss variants (Table 2): with and without the ArcFace terms, with
+and without LPIPS (weight 0.1 on renders and maps, our choice: the thesis gives none), and the
+photometric-only stage-1 loss. The terms need weights that cannot ship, so give them to every
+variant:
+
+    python -m experiments.sweep --config=configs/synshot_invert.py:tiny --workdir=runs/inv_sweep \
+        --set=prior_workdir=runs/synshot --set=arcface_path=w600k_r50.onnx --set=loss.lpips_path=lpips.npz
+
+Without them the variants that differ only in those terms are the same run, and each run's log
+says which terms were off.
 """
 
 import ml_collections
@@ -49,3 +60,16 @@ def get_config(arg=None):
     elif arg not in (None, ""):
         raise ValueError(f"unknown variant {arg!r}; use '' or 'tiny'")
     return c
+
+
+def sweep(arg=None):
+    """Inversion-loss variants (module docstring): ArcFace and LPIPS on/off, stage-1 loss."""
+    del arg
+    no_arcface = {"arcface.id_weight": 0.0, "arcface.feat_weight": 0.0}
+    return [
+        {"loss.lpips": 0.1},
+        {"loss.lpips": 0.1, **no_arcface},
+        {"loss.lpips": 0.0},
+        {"loss.lpips": 0.0, **no_arcface},
+        {"loss.lpips": 0.1, "stage1.loss": "photometric"},
+    ]

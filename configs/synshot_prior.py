@@ -82,7 +82,13 @@ def get_config(arg=None):
 def sweep(arg=None):
     """The thesis's VQ-VAE ablations (Table 1): F in {32, 64, 128}, w/o VQ, single layer
     (no face/hair parts), no sampling (direct maps), texture up-sampling (D_feat at half
-    resolution, bilinearly up-sampled by the part sampling)."""
+    resolution, bilinearly up-sampled by the part sampling), and the 256 x 256 row: the whole
+    avatar at half the variant's resolution (decoded maps and part sampling densities halved,
+    e.g. 512 -> 256 in `paper`, 64 -> 32 in `tiny_sweep`; the data's maps are box-filtered to
+    it)."""
+    base = get_config(arg)
+    half = {"model.map_size": int(base.model.map_size) // 2,
+            "model.part_density": tuple(int(d) // 2 for d in base.model.part_density)}
     return [
         {"model.feat_dim": 32},
         {"model.feat_dim": 64},
@@ -91,4 +97,5 @@ def sweep(arg=None):
         {"model.parts": ("face",), "model.part_density": (64,)},
         {"model.sampling": False},
         {"model.feat_drop_levels": 1},
+        half,
     ]
