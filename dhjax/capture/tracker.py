@@ -122,9 +122,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.principal_point = True        # optimise the principal point (False: image centre)
     c.final_lr = 0.05               # learning rates decay (cosine) to this fraction within a stage
     c.visibility_every = 10         # steps between z-buffer visibility updates
-    c.visibility = "device"         # 'device': visibility and the steps between updates run in one
-                                    # jitted call (no host round trip); 'host': one jitted step per
-                                    # iteration and numpy visibility (`visibility`, the reference)
+    c.visibility = "device"         # 'device': the visibility is computed on the device and feeds
+                                    # the steps there (no host round trip); 'host': numpy
+                                    # visibility (`visibility`, the reference, slower)
     c.zbuffer = "level"             # 'level': the visibility z-buffer at the pyramid level's resolution;
                                     # 'full': always at full resolution (before 2026-12-05)
     c.zbuffer_tile = 4              # rasteriser tile of the visibility z-buffer (speed only)
