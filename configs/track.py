@@ -17,7 +17,10 @@ folder of per-frame files, `dhjax.capture.landmarks.load`); synthetic input uses
 true landmarks plus Gaussian noise (synthetic.landmark_noise_px), a perfect detector with noise.
 The identity shape starts from shape_init (an npz with 'shape', e.g. written by
 experiments.mica_predict), else from MICA run on the first frame when mica_workdir is set, else
-from the mean face (`dhjax.capture.track_run`).
+from the mean face (`dhjax.capture.track_run`). The appearance is a linear albedo model
+(tracker.albedo_model: 'synthetic', a FLAME albedo file, or 'free' for a free texture), solved on
+the first frame and then fixed. `python -m experiments.bench --config=configs/bench.py:track`
+times the tracker.
 """
 
 import ml_collections
