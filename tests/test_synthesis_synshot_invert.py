@@ -170,11 +170,21 @@ def test_configs_load_and_every_ablation_override_applies():
         assert cfg.experiment == "synshot_prior"
         synshot.NetConfig.from_config(cfg.model)
     sweep = config_lib.load_sweep("configs/synshot_prior.py:tiny_sweep")
-    assert len(sweep) == 7
+    assert len(sweep) == 8
     base = config_lib.load_config("configs/synshot_prior.py:tiny_sweep")
     for overrides in sweep:          # an unknown field would raise here
         net = synshot.NetConfig.from_config(config_lib.apply_overrides(base, overrides).model)
         assert net.parts in (("face", "hair"), ("face",), ("all",))
+    # Table 1's 256 x 256 row: the variant's resolution halved (64 -> 32 here, 512 -> 256 in paper).
+    assert sweep[-1] == {"model.map_size": 32, "model.part_density": (32, 24)}
+    assert config_lib.load_sweep("configs/synshot_prior.py:paper")[-1] == {
+        "model.map_size": 256, "model.part_density": (256, 192)}
+    # Table 2's inversion-loss variants: ArcFace and LPIPS on/off, the photometric stage-1 loss.
+    inv = config_lib.load_config("configs/synshot_invert.py:tiny")
+    variants = [config_lib.apply_overrides(inv, o) for o in config_lib.load_sweep("configs/synshot_invert.py:tiny")]
+    assert sorted((v.loss.lpips > 0, v.arcface.id_weight > 0, v.stage1.loss) for v in variants) == [
+        (False, False, "full"), (False, True, "full"), (True, False, "full"), (True, True, "full"),
+        (True, True, "photometric")]
     paper = config_lib.load_config("configs/synshot_prior.py:paper")
     assert (paper.model.map_size, paper.model.feat_dim, paper.batch_size, paper.optim.lr,
             paper.optim.gamma, paper.train.steps) == (512, 128, 16, 1.3e-5, 0.66, 500_000)
