@@ -448,6 +448,19 @@ def _samples(params, model, sample_faces, sample_bary, verts):
 # Energy and steps.
 
 
+def _photometric_error(params, verts, image, vis, model, sample_faces, sample_bary, width, height, albedo,
+                       scale=None, size=None):
+    """(mean L1 over RGB and the visible samples vis [P], the albedo texture [A, A, 3]): the
+    image (pyramid level `scale` = 2^l of size `size`, or full resolution when None) sampled at
+    the projected surface samples against albedo x SH irradiance."""
+    pos, nrm, uv = _samples(params, model, sample_faces, sample_bary, verts)
+    px = _project(params, pos, width, height)
+    observed = _bilinear(image, px if scale is None else (px + 0.5) / scale - 0.5, size)
+    alb = _albedo_texture(params, albedo)
+    colour = shading.sample_texture(alb, uv) * shading.sh_irradiance(nrm, params["sh"])
+    return jnp.sum(vis[:, None] * jnp.abs(observed - colour)) / (3.0 * jnp.maximum(jnp.sum(vis), 1.0)), alb
+
+
 def _loss(params, obs, cfg_w, model, sample_faces, sample_bary, width, height, photometric, albedo=None):
     """Total energy and its terms. obs: dict of arrays for one frame (`_obs`): the pyramid level's
     image sits in the top-left of obs["image"] [H, W, 3], of size obs["level_size"] (W', H'),
@@ -461,15 +474,9 @@ def _loss(params, obs, cfg_w, model, sample_faces, sample_bary, width, height, p
     terms = {"landmark": e_lmk}
     total = cfg_w["landmark"] * e_lmk
     if photometric:
-        pos, nrm, uv = _samples(params, model, sample_faces, sample_bary, verts)
-        px = _project(params, pos, width, height)
-        f = obs["level_scale"]
-        observed = _bilinear(obs["image"], (px + 0.5) / f - 0.5, obs["level_size"])
-        alb = _albedo_texture(params, albedo)
-        colour = shading.sample_texture(alb, uv) * shading.sh_irradiance(nrm, params["sh"])
-        vis = obs["visible"]
-        n_vis = jnp.maximum(jnp.sum(vis), 1.0)
-        e_photo = jnp.sum(vis[:, None] * jnp.abs(observed - colour)) / (3.0 * n_vis)
+        e_photo, alb = _photometric_error(params, verts, obs["image"], obs["visible"], model, sample_faces,
+                                          sample_bary, width, height, albedo, obs["level_scale"],
+                                          obs["level_size"])
         tv = (jnp.mean(jnp.abs(alb[1:] - alb[:-1])) + jnp.mean(jnp.abs(alb[:, 1:] - alb[:, :-1])))
         terms.update(photometric=e_photo, albedo_tv=tv)
         total = total + cfg_w["photometric"] * e_photo + cfg_w["albedo_tv"] * tv
@@ -767,10 +774,7 @@ def _errors_jit(params, model, sample_faces, sample_bary, image, landmarks, land
     verts, lmk, _ = camera_space_vertices(params, model)
     lm2 = _project(params, lmk[landmark_ids], W, H)
     lerr = jnp.mean(jnp.linalg.norm(lm2 - landmarks, axis=-1))
-    pos, nrm, uv = _samples(params, model, sample_faces, sample_bary, verts)
-    obs = _bilinear(image, _project(params, pos, W, H))
-    col = shading.sample_texture(params["albedo"], uv) * shading.sh_irradiance(nrm, params["sh"])
-    perr = jnp.sum(vis[:, None] * jnp.abs(obs - col)) / jnp.maximum(3.0 * jnp.sum(vis), 1.0)
+    perr, _ = _photometric_error(params, verts, image, vis, model, sample_faces, sample_bary, W, H, None)
     return lerr, perr
 
 
