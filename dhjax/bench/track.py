@@ -14,9 +14,11 @@ second is warm and gives the first frame's time and the later frames' time per f
 Settings timed in one run:
   track_*            the defaults: visibility on the device at each pyramid level's resolution
                      (`tracker.visibility_traced`), one compiled step for every stage;
-  track_reference_*  (reference=True) the path before 2026-12-05: numpy visibility with a
-                     full-resolution z-buffer of 8-pixel tiles every `visibility_every` steps
-                     (config visibility='host', zbuffer='full', zbuffer_tile=8).
+  track_reference_*  (reference=True) the visibility of the tracker before 2026-12-05: numpy
+                     visibility with a full-resolution z-buffer of 8-pixel tiles every
+                     `visibility_every` steps (config visibility='host', zbuffer='full',
+                     zbuffer_tile=8); it shares today's one compiled step per kind of stage,
+                     so it is not the whole earlier tracker (README: that one's figures).
 Both are scored against the ground truth (vertex median and aligned, mm) so that speed is not
 bought with accuracy. The anchor, not measured here: the PyTorch metrical tracker takes about an
 hour per 100 frames on a GPU (about 36 s a frame).
