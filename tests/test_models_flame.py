@@ -266,3 +266,52 @@ def test_lbs_itself_takes_an_empty_batch():
     rot = jnp.zeros((0, m.j_regressor.shape[0], 3, 3), jnp.float32)
     verts, joints = lbs_lib.lbs(v, rot, m.posedirs, m.j_regressor, m.lbs_weights, m.parents)
     assert verts.shape == (0,) + m.v_template.shape and joints.shape == (0, m.j_regressor.shape[0], 3)
+
+
+def test_eyelids_and_iris_of_an_official_model(tmp_path):
+    """flame.load(..., eyelids=, iris=): the metrical tracker's eyelid files (in either order)
+    and iris vertex ids give the same eyelids and iris points as the default head's arrays;
+    bad files and ids get clear errors."""
+    from dhjax import io as dio
+
+    default = flame.load()
+    path = dio.save_flame_npz(tmp_path / "model.npz", _official_layout(default))
+    d = np.asarray(default.eyelid_dirs)
+    np.save(tmp_path / "l_eyelid.npy", d[0])
+    np.save(tmp_path / "r_eyelid.npy", d[1][None])          # [1, V, 3] as the tracker's files are
+    faces = np.asarray(default.faces)
+    # Iris points at vertices: the vertex nearest to each of the default's iris points.
+    iris_pts = np.asarray(flame.forward(default).iris[0])
+    vids = np.argmin(np.linalg.norm(np.asarray(default.v_template)[None] - iris_pts[:, None], axis=-1), 1)
+    vids = vids.reshape(2, 5)
+    m = flame.load(path, eyelids=(tmp_path / "r_eyelid.npy", tmp_path / "l_eyelid.npy"), iris=vids[::-1])
+    np.testing.assert_array_equal(np.asarray(m.eyelid_dirs), d)
+    e = jnp.asarray([[0.3, 0.9]])
+    np.testing.assert_allclose(np.asarray(flame.forward(m, eyelids=e).vertices),
+                               np.asarray(flame.forward(default, eyelids=e).vertices), atol=1e-7)
+    got = np.asarray(flame.forward(m).iris[0])
+    np.testing.assert_allclose(got, np.asarray(default.v_template)[vids.reshape(-1)], atol=1e-7)
+    assert got[0, 0] < 0 < got[5, 0]                       # the right eye's row first
+    faces_of = np.asarray(m.faces)[np.asarray(m.iris_faces)]
+    assert all(v in f for v, f in zip(vids.reshape(-1), faces_of))
+    # Errors: a model without eyelids, wrong shapes, two files of one side, bad ids.
+    plain = flame.load(path)
+    assert plain.eyelid_dirs is None and plain.iris_faces is None and flame.forward(plain).iris is None
+    with pytest.raises(ValueError, match="no eyelid blendshapes"):
+        flame.forward(plain, eyelids=jnp.zeros((1, 2)))
+    with pytest.raises(ValueError, match=r"eyelids must be \[B=1, 2\]"):
+        flame.forward(default, eyelids=jnp.zeros((1, 3)))
+    with pytest.raises(ValueError, match="both eyelid files move the left eye"):
+        flame.load(path, eyelids=(tmp_path / "l_eyelid.npy", tmp_path / "l_eyelid.npy"))
+    with pytest.raises(FileNotFoundError, match="missing.npy"):
+        flame.load(path, eyelids=(tmp_path / "missing.npy", tmp_path / "l_eyelid.npy"))
+    np.save(tmp_path / "short.npy", d[0][:10])
+    with pytest.raises(ValueError, match="short.npy"):
+        flame.load(path, eyelids=(tmp_path / "short.npy", tmp_path / "l_eyelid.npy"))
+    with pytest.raises(ValueError, match=r"\[2, 5\]"):
+        flame.load(path, iris=vids[:, :4])
+    with pytest.raises(ValueError, match="one side"):
+        flame.load(path, iris=np.stack([vids[0], vids[0]]))
+    with pytest.raises(ValueError, match="eyelids/iris"):
+        flame.load(eyelids=(tmp_path / "l_eyelid.npy", tmp_path / "r_eyelid.npy"))
+    assert flame.METRICAL_TRACKER_IRIS_VERTICES[0][0] == 4597

@@ -172,3 +172,69 @@ def test_eye_uv_squares_show_the_front_of_the_eyes():
                         - (uv[:, 2, 0] - uv[:, 0, 0]) * (uv[:, 1, 1] - uv[:, 0, 1]))
     # No overlaps: the UV areas of one eye's triangles add up to at most its disc (radius 0.07).
     assert area[eye_faces].sum() / 2 <= np.pi * 0.07 ** 2 * 1.001
+
+
+def test_eyelid_blendshapes_shut_each_eye_and_leave_the_rest():
+    """At 1 an eyelid blendshape shuts its eye (the lid landmarks meet), at 0 nothing moves;
+    each moves only its own side's skin, never an eyeball, and follows the head when posed."""
+    m = flame.load()
+    d = np.asarray(m.eyelid_dirs)
+    assert d.shape == (2, m.num_vertices, 3) and np.all(np.isfinite(d))
+    eyes = np.asarray(m.regions["eyes"])
+    assert np.abs(d[:, eyes]).max() == 0.0
+    x = np.asarray(m.v_template)[:, 0]
+    moved = np.linalg.norm(d, axis=-1) > 1e-5
+    assert moved[0].any() and moved[1].any()
+    assert (x[moved[0]] > 0).all() and (x[moved[1]] < 0).all()     # left (+x) first
+    # Skin moves only near the eyes: not on the nose, lips or below the cheeks.
+    for name in ("lips", "nose", "neck"):
+        assert not moved[:, np.asarray(m.regions[name])].any(), name
+
+    def gaps(eyelids):
+        lmk = np.asarray(flame.forward(m, eyelids=jnp.asarray([eyelids], jnp.float32)).landmarks[0])
+        right = np.linalg.norm(lmk[[37, 38]] - lmk[[41, 40]], axis=1)
+        left = np.linalg.norm(lmk[[43, 44]] - lmk[[47, 46]], axis=1)
+        return left, right
+
+    open_l, open_r = gaps([0.0, 0.0])
+    np.testing.assert_array_equal(
+        np.asarray(flame.forward(m, eyelids=jnp.zeros((1, 2))).vertices), np.asarray(flame.forward(m).vertices))
+    shut_l, shut_r = gaps([1.0, 0.0])
+    assert shut_l.max() < 0.1 * open_l.min()            # shut: within 10% of the opening
+    np.testing.assert_allclose(shut_r, open_r, atol=1e-7)  # the other eye untouched
+    half_l, _ = gaps([0.5, 0.0])
+    assert shut_l.max() < half_l.min() < open_l.min()
+    # Posed: the blendshape is skinned with the head (the whole head turns with the neck).
+    pose = np.zeros((1, 5, 3), np.float32)
+    pose[0, 1] = [0.0, 0.4, 0.0]
+    rest = flame.forward(m, pose=pose)
+    shut = flame.forward(m, pose=pose, eyelids=jnp.asarray([[1.0, 1.0]]))
+    lm = np.asarray(shut.landmarks[0])
+    assert np.linalg.norm(lm[[43, 44]] - lm[[47, 46]], axis=1).max() < 0.1 * open_l.min()
+    assert not np.allclose(np.asarray(rest.vertices), np.asarray(shut.vertices))
+
+
+def test_iris_points_sit_on_the_eyeballs_and_turn_with_the_eyes():
+    """mediapipe's iris points 468-477: the centres at the eyeballs' front poles, the contour
+    points IRIS_ANGLE_DEG from them (up, down, +x, -x), the subject's right eye first; they
+    follow the eye joints."""
+    m = flame.load()
+    out = flame.forward(m)
+    iris = np.asarray(out.iris[0]).reshape(2, 5, 3)
+    j = np.asarray(out.joints[0])
+    for k, joint in ((0, 4), (1, 3)):                   # right eye (joint 4, x < 0) first
+        rel = iris[k] - j[joint]
+        r = np.linalg.norm(rel, axis=1)
+        assert np.all(r > 0.97 * head_default.EYE_RADIUS) and np.all(r <= head_default.EYE_RADIUS + 1e-6)
+        ang = np.degrees(np.arccos(rel[1:] @ rel[0] / (r[1:] * r[0])))
+        np.testing.assert_allclose(ang, head_default.IRIS_ANGLE_DEG, atol=0.5)
+        np.testing.assert_allclose(rel[0] / r[0], [0, 0, 1], atol=1e-3)
+        assert rel[1, 0] > rel[0, 0] > rel[3, 0] and rel[2, 1] > rel[0, 1] > rel[4, 1]
+    assert iris[0, 0, 0] < 0 < iris[1, 0, 0]
+    # The iris angle is the one the synthetic textures paint.
+    from dhjax.data import textures
+    np.testing.assert_allclose(np.cos(np.deg2rad(head_default.IRIS_ANGLE_DEG)), textures.IRIS_COS)
+    pose = np.zeros((1, 5, 3), np.float32)
+    pose[0, 3:] = [0.0, 0.3, 0.0]                       # both eyes look towards +x
+    turned = np.asarray(flame.forward(m, pose=pose).iris[0]).reshape(2, 5, 3)
+    assert np.all(turned[:, 0, 0] > iris[:, 0, 0] + 0.003)

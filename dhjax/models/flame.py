@@ -5,6 +5,8 @@
                        landmarks="landmark_embedding.npy")   # the official (licensed) model
     out = flame.forward(model, shape, expression, pose, translation)
     out.vertices [B, V, 3], out.joints [B, 5, 3], out.landmarks [B, 68, 3]   (metres)
+    out = flame.forward(model, shape, expression, pose, eyelids=eyelids)   # [B, 2] closing
+    out.iris [B, 10, 3]                         # mediapipe's iris points 468-477
 
 The forward pass has the semantics of ``smplx.lbs.lbs`` for FLAME: shape and expression
 blendshapes on the template, joints regressed from the shaped template, pose correctives from
@@ -32,6 +34,11 @@ from dhjax.models import head_default
 JOINT_NAMES = ("global", "neck", "jaw", "left_eye", "right_eye")
 FLAME_PARENTS = (-1, 0, 1, 1, 1)
 POSE_REPS = ("axis_angle", "6d", "6d_rows", "matrix")
+# FLAME vertices at mediapipe's iris points, as the metrical tracker (MICA's tracker, used by
+# INSTA) lists them: the centre of the iris first, then four contour points, one row per eye.
+# `load(..., iris=METRICAL_TRACKER_IRIS_VERTICES)`; the rows are assigned to the eyes by the side
+# of the template they lie on.
+METRICAL_TRACKER_IRIS_VERTICES = ((4597, 4542, 4510, 4603, 4570), (4051, 3996, 3964, 3932, 4028))
 
 
 @flax.struct.dataclass
@@ -48,7 +55,11 @@ class FlameModel:
     joints 1..4); j_regressor [5, V]; lbs_weights [V, 5];
     lmk_faces [L] int32 + lmk_bary [L, 3] (68 iBUG landmarks, or None);
     mp_lmk_faces [M] + mp_lmk_bary [M, 3] + mp_indices [M] (mediapipe subset, or None);
-    uv_coords [T, 2] + uv_faces [F, 3] (UV layout, or None); regions {name: [V] bool} (or None).
+    uv_coords [T, 2] + uv_faces [F, 3] (UV layout, or None); regions {name: [V] bool} (or None);
+    eyelid_dirs [2, V, 3] (eyelid closing blendshapes of the left and right eye, or None; the
+    metrical tracker's extra blendshapes, `forward(..., eyelids=)`);
+    iris_faces [10] + iris_bary [10, 3] (mediapipe's iris points 468-477 on the eyeballs: the
+    subject's right iris centre and four contour points, then the left eye's; or None).
     Static: num_shape (S), parents (the kinematic tree), name (where the model came from).
     `official_arrays(model)` gives the arrays back in the official file layout.
     """
@@ -66,6 +77,9 @@ class FlameModel:
     uv_coords: Any = None
     uv_faces: Any = None
     regions: Any = None
+    eyelid_dirs: Any = None
+    iris_faces: Any = None
+    iris_bary: Any = None
     num_shape: int = flax.struct.field(pytree_node=False, default=0)
     parents: tuple = flax.struct.field(pytree_node=False, default=FLAME_PARENTS)
     name: str = flax.struct.field(pytree_node=False, default="")
@@ -94,13 +108,15 @@ class FlameModel:
 @flax.struct.dataclass
 class FlameOutput:
     """vertices [B, V, 3], joints [B, 5, 3], landmarks [B, L, 3] (or None),
-    landmarks_mp [B, M, 3] (or None), v_shaped [B, V, 3] (neutral pose, with blendshapes)."""
+    landmarks_mp [B, M, 3] (or None), v_shaped [B, V, 3] (neutral pose, with blendshapes),
+    iris [B, 10, 3] (mediapipe's iris points 468-477, or None)."""
 
     vertices: jax.Array
     joints: jax.Array
     landmarks: Any = None
     landmarks_mp: Any = None
     v_shaped: Any = None
+    iris: Any = None
 
 
 def from_arrays(arrays: Mapping[str, Any], name: str = "", n_shape: int | None = None,
@@ -110,7 +126,8 @@ def from_arrays(arrays: Mapping[str, Any], name: str = "", n_shape: int | None =
     Args:
       arrays: v_template [V, 3], faces [F, 3], shapedirs [V, 3, S], exprdirs [V, 3, E],
         posedirs [V, 3, 36], j_regressor [5, V], lbs_weights [V, 5]; optional parents [5],
-        lmk_faces/lmk_bary, mp_lmk_faces/mp_lmk_bary/mp_indices, uv_coords/uv_faces, regions.
+        lmk_faces/lmk_bary, mp_lmk_faces/mp_lmk_bary/mp_indices, uv_coords/uv_faces, regions,
+        eyelids [V, 3, 2] (left, right closing blendshapes), iris_faces [10] + iris_bary [10, 3].
       name: where the model came from (kept as static metadata).
       n_shape, n_expression: keep only the leading components.
     """
@@ -132,6 +149,12 @@ def from_arrays(arrays: Mapping[str, Any], name: str = "", n_shape: int | None =
                             np.moveaxis(ed[..., :n_expression], -1, 0)], axis=0)
     opt = lambda k, dtype=jnp.float32: None if arrays.get(k) is None else jnp.asarray(arrays[k], dtype)
     regions = arrays.get("regions")
+    eyelids = arrays.get("eyelids")
+    if eyelids is not None and np.shape(eyelids) != (V, 3, 2):
+        raise ValueError(f"model {name!r}: eyelids must have shape {(V, 3, 2)}, got {np.shape(eyelids)}")
+    for key, shape in (("iris_faces", (10,)), ("iris_bary", (10, 3))):
+        if arrays.get(key) is not None and np.shape(arrays[key]) != shape:
+            raise ValueError(f"model {name!r}: {key} must have shape {shape}, got {np.shape(arrays[key])}")
     return FlameModel(
         blend_basis=jnp.asarray(basis, jnp.float32),
         faces=jnp.asarray(arrays["faces"], jnp.int32),
@@ -143,6 +166,9 @@ def from_arrays(arrays: Mapping[str, Any], name: str = "", n_shape: int | None =
         mp_indices=opt("mp_indices", jnp.int32),
         uv_coords=opt("uv_coords"), uv_faces=opt("uv_faces", jnp.int32),
         regions=None if regions is None else {k: jnp.asarray(v, bool) for k, v in regions.items()},
+        eyelid_dirs=None if eyelids is None else jnp.asarray(np.moveaxis(np.asarray(eyelids), -1, 0),
+                                                             jnp.float32),
+        iris_faces=opt("iris_faces", jnp.int32), iris_bary=opt("iris_bary"),
         num_shape=int(n_shape),
         parents=tuple(int(p) for p in arrays.get("parents", FLAME_PARENTS)),
         name=name,
@@ -152,7 +178,7 @@ def from_arrays(arrays: Mapping[str, Any], name: str = "", n_shape: int | None =
 def load(path: str | os.PathLike | None = None, *, landmarks: str | os.PathLike | None = None,
          mediapipe: str | os.PathLike | None = None, uv: str | os.PathLike | None = None,
          n_shape: int | None = None, n_expression: int | None = None,
-         file_n_shape: int | None = None) -> FlameModel:
+         file_n_shape: int | None = None, eyelids=None, iris=None) -> FlameModel:
     """Loads a head model.
 
     Args:
@@ -168,15 +194,21 @@ def load(path: str | os.PathLike | None = None, *, landmarks: str | os.PathLike 
       n_shape, n_expression: keep only the leading components (e.g. 100 / 50 to save compute).
       file_n_shape: how many of the file's blendshapes are shape components (the rest are
         expression); needed only for files that are not in the official 300 + 100 layout.
+      eyelids: two eyelid blendshape files ([V, 3] .npy each, metres per unit: the metrical
+        tracker's `l_eyelid.npy` and `r_eyelid.npy`), in either order: each is assigned to the
+        eye on whose side of the template (x > 0: the subject's left) it moves vertices.
+      iris: [2, 5] vertex ids of the iris centre and four contour points per eye (in mediapipe's
+        468-472 / 473-477 order), e.g. `METRICAL_TRACKER_IRIS_VERTICES` for FLAME 2020's
+        topology; the rows are assigned to the eyes by the template's x (right eye first).
 
     Returns:
       A FlameModel pytree. The default already carries landmarks, a mediapipe subset, UVs and
       region masks; for the official model these are present only when their files are given.
     """
     if path is None:
-        if any(x is not None for x in (landmarks, mediapipe, uv)):
-            raise ValueError("landmarks/mediapipe/uv files apply to an official FLAME model; the "
-                             "embedded default carries its own (pass path= as well)")
+        if any(x is not None for x in (landmarks, mediapipe, uv, eyelids, iris)):
+            raise ValueError("landmarks/mediapipe/uv/eyelids/iris apply to an official FLAME model; "
+                             "the embedded default carries its own (pass path= as well)")
         arrays = head_default.build_default_head_arrays()
         return from_arrays(arrays, "dhjax-default-head (procedural, not a statistical model)",
                          n_shape, n_expression)
@@ -202,7 +234,61 @@ def load(path: str | os.PathLike | None = None, *, landmarks: str | os.PathLike 
         if arrays["uv_faces"].shape[0] != n_faces:
             raise ValueError(f"{uv}: {arrays['uv_faces'].shape[0]} UV faces but the model "
                              f"{path} has {n_faces} faces")
+    if eyelids is not None:
+        arrays["eyelids"] = _eyelid_pair(eyelids, arrays["v_template"])
+    if iris is not None:
+        arrays["iris_faces"], arrays["iris_bary"] = iris_embedding(iris, arrays["v_template"], arrays["faces"])
     return from_arrays(arrays, os.fspath(path), n_shape, n_expression)
+
+
+def _eyelid_pair(files, template) -> np.ndarray:
+    """[V, 3, 2] (left, right) from two [V, 3] blendshape files in either order."""
+    if isinstance(files, (str, os.PathLike)) or len(files) != 2:
+        raise ValueError(f"eyelids must be two files (left and right eyelid blendshapes), got {files!r}")
+    V = np.shape(template)[0]
+    by_side = {}
+    for f in files:
+        if not os.path.exists(f):
+            raise FileNotFoundError(f"eyelid blendshape file {f} does not exist")
+        d = np.load(f).astype(np.float64)
+        if d.ndim == 3 and d.shape[0] == 1:
+            d = d[0]
+        if d.shape != (V, 3):
+            raise ValueError(f"{f}: an eyelid blendshape must be [V, 3] = {(V, 3)}, got {d.shape}")
+        if not np.all(np.isfinite(d)):
+            raise ValueError(f"{f}: non-finite values")
+        w = np.linalg.norm(d, axis=1)
+        if w.sum() == 0:
+            raise ValueError(f"{f}: the blendshape moves no vertex")
+        side = "left" if float(np.sum(w * np.asarray(template)[:, 0])) > 0 else "right"
+        if side in by_side:
+            raise ValueError(f"both eyelid files move the {side} eye ({by_side[side]} and {f})")
+        by_side[side] = f
+        by_side[side + "_data"] = d
+    return np.stack([by_side["left_data"], by_side["right_data"]], -1).astype(np.float32)
+
+
+def iris_embedding(vertex_ids, template, faces) -> tuple[np.ndarray, np.ndarray]:
+    """Faces [10] + barycentrics [10, 3] of iris points given as vertex ids [2, 5] (either eye
+    first; the row whose first vertex has x < 0 in the template is the subject's right eye,
+    mediapipe's 468-472)."""
+    ids = np.asarray(vertex_ids)
+    template, faces = np.asarray(template), np.asarray(faces)
+    if ids.shape != (2, 5) or ids.dtype.kind not in "iu":
+        raise ValueError(f"iris must be [2, 5] integer vertex ids (centre + 4 contour points per eye), "
+                         f"got {ids.shape} {ids.dtype}")
+    if ids.min() < 0 or ids.max() >= template.shape[0]:
+        raise ValueError(f"iris vertex ids must lie in 0..{template.shape[0] - 1}, got {ids.min()}..{ids.max()}")
+    xs = template[ids[:, 0], 0]
+    if (xs[0] < 0) == (xs[1] < 0):
+        raise ValueError(f"the two iris rows lie on one side of the head (x = {xs.tolist()})")
+    ids = ids if xs[0] < 0 else ids[::-1]
+    out_f, out_b = [], []
+    for v in ids.reshape(-1):
+        f, k = np.argwhere(faces == v)[0]
+        out_f.append(f)
+        out_b.append(np.eye(3)[k])
+    return np.asarray(out_f, np.int32), np.asarray(out_b, np.float32)
 
 
 def official_arrays(model: FlameModel) -> dict:
@@ -271,7 +357,7 @@ def _batch_size(*xs):
 
 
 def forward(model: FlameModel, shape=None, expression=None, pose=None, translation=None, *,
-            pose_rep: str = "axis_angle") -> FlameOutput:
+            pose_rep: str = "axis_angle", eyelids=None) -> FlameOutput:
     """FLAME forward pass.
 
     Args:
@@ -282,10 +368,16 @@ def forward(model: FlameModel, shape=None, expression=None, pose=None, translati
         (default), [B, 5, 6] with pose_rep="6d" (first two matrix columns) or "6d_rows" (first
         two rows, pytorch3d's convention), [B, 5, 3, 3] with pose_rep="matrix"; None = rest.
       translation: [B, 3] metres, added after skinning; None = 0.
+      eyelids: [B, 2] closing of the left and right eyelid (0 open as modelled, 1 shut), for a
+        model with eyelid blendshapes (`model.eyelid_dirs`); None = 0. They are added with the
+        expression blendshapes before skinning, so they follow the head's rotation. (The
+        metrical tracker adds them after skinning, unrotated by the neck; the two agree when the
+        neck rotation is zero.)
 
     Returns:
       FlameOutput with vertices [B, V, 3], joints [B, 5, 3] (posed, translated), landmarks
-      [B, 68, 3] and landmarks_mp [B, M, 3] when the model has embeddings, v_shaped [B, V, 3].
+      [B, 68, 3] and landmarks_mp [B, M, 3] when the model has embeddings, v_shaped [B, V, 3],
+      iris [B, 10, 3] when the model has an iris embedding.
       B = 0 is allowed and gives empty [0, ...] arrays (under jit and grad too).
     """
     batch = _batch_size(shape, expression, pose, translation)
@@ -302,6 +394,13 @@ def forward(model: FlameModel, shape=None, expression=None, pose=None, translati
         translation = jnp.asarray(translation, jnp.float32)
         if translation.shape != (batch, 3):
             raise ValueError(f"translation must be [B={batch}, 3], got {translation.shape}")
+    if eyelids is not None:
+        if model.eyelid_dirs is None:
+            raise ValueError(f"eyelids given but the model {model.name!r} has no eyelid blendshapes "
+                             "(flame.load(..., eyelids=(l_eyelid.npy, r_eyelid.npy)))")
+        eyelids = jnp.asarray(eyelids, jnp.float32)
+        if eyelids.shape != (batch, 2):
+            raise ValueError(f"eyelids must be [B={batch}, 2] (left, right), got {eyelids.shape}")
     if batch == 0:
         # An empty batch (e.g. an empty chunk of frames): the shapes are static, so answer with
         # empty arrays instead of running the skinning, whose reshapes cannot infer a size from
@@ -309,6 +408,9 @@ def forward(model: FlameModel, shape=None, expression=None, pose=None, translati
         return _empty_output(model)
     coeffs = jnp.concatenate([jnp.ones((batch, 1), jnp.float32), betas, psi], axis=1)
     v_shaped = lbs_lib.blend_shapes(coeffs, model.blend_basis)   # template + blendshapes
+    if eyelids is not None:
+        v_shaped = v_shaped + jnp.einsum("bk,kvc->bvc", eyelids, model.eyelid_dirs,
+                                         precision=jax.lax.Precision.HIGHEST)
     verts, joints = lbs_lib.lbs(v_shaped, rot, model.posedirs, model.j_regressor,
                                 model.lbs_weights, model.parents)
     if translation is not None:
@@ -318,8 +420,10 @@ def forward(model: FlameModel, shape=None, expression=None, pose=None, translati
                                                                  model.lmk_bary)
     lmk_mp = None if model.mp_lmk_faces is None else embed_landmarks(
         verts, model.faces, model.mp_lmk_faces, model.mp_lmk_bary)
+    iris = None if model.iris_faces is None else embed_landmarks(verts, model.faces, model.iris_faces,
+                                                                 model.iris_bary)
     return FlameOutput(vertices=verts, joints=joints, landmarks=lmk, landmarks_mp=lmk_mp,
-                       v_shaped=v_shaped)
+                       v_shaped=v_shaped, iris=iris)
 
 
 def _empty_output(model: FlameModel) -> FlameOutput:
@@ -330,7 +434,7 @@ def _empty_output(model: FlameModel) -> FlameOutput:
         vertices=empty(V, 3), joints=empty(len(model.parents), 3),
         landmarks=None if model.lmk_faces is None else empty(model.lmk_faces.shape[0], 3),
         landmarks_mp=None if model.mp_lmk_faces is None else empty(model.mp_lmk_faces.shape[0], 3),
-        v_shaped=empty(V, 3))
+        v_shaped=empty(V, 3), iris=None if model.iris_faces is None else empty(10, 3))
 
 
 def embed_landmarks(vertices, faces, lmk_faces, lmk_bary):

@@ -47,6 +47,7 @@ EYE_SEGMENTS = 16
 EYE_RADIUS = 0.0122
 N_SHAPE = 300
 N_EXPR = 100
+IRIS_ANGLE_DEG = 32.0   # angular radius of the iris on the eyeball (the synthetic textures' too)
 
 # Anatomical anchors in (phi, theta): phi = azimuth (0 = front, + towards the subject's left),
 # theta = polar angle from the top of the head.
@@ -628,6 +629,94 @@ def _eyelid_params(mesh):
     return np.asarray(out)
 
 
+def _eyelid_fields(mesh):
+    """Eyelid closing blendshapes [V, 3, 2] (left eye, right eye): at 1 the eye is shut.
+
+    Each upper lid turns down about the horizontal axis through its eyeball's centre (it slides
+    over the eyeball, as a real lid does) and the lower lid turns up: 85% and 15% of the angle
+    between the upper and the lower lid at that point across the eye. That angle is measured at
+    the lid landmarks (iBUG 37/41 and 38/40 for the right eye, 43/47 and 44/46 for the left, at
+    a quarter of the eye's width from its centre) and follows a cosine profile across the eye,
+    zero at the corners (an ellipse would fit the opening better but its infinite slope at the
+    corners tears the mesh there; near the corners the shut lid leaves a thin gap). The angle
+    fades over the lid skin towards the brow and the cheek, so that skin stretches.
+    A blendshape is linear, so a lid point moves along the chord of its arc: shut (1) and open
+    (0) are exact, but in between the lid edge passes inside the eyeball (at 0.5 by up to
+    r (1 - cos(alpha / 2)), a few millimetres for this head's wide eyes), so a half-closed lid
+    shows less than half of its travel.
+    """
+    verts, phi, theta = mesh["verts"], mesh["phi"], mesh["theta"]
+    skin = (mesh["eye_id"] == 0).astype(float)
+    f_lmk, b_lmk = _embed_param_points(mesh, mesh["eyelid_landmarks"])
+    lmk = np.einsum("lk,lkc->lc", b_lmk, verts[mesh["faces"][f_lmk]])
+    out = np.zeros(verts.shape + (2,))
+    lp = mesh["eyelid_landmarks"]              # (phi, theta, 0) of iBUG 36-47
+    for k, (sgn, base) in enumerate(((1, 6), (-1, 0))):   # left eye (+x, iBUG 42-47) first
+        c = mesh["eye_centres"][k]
+        ang = lambda q: np.arctan2(q[..., 1] - c[1], q[..., 2] - c[2])   # about x, 0 = front
+        # x: -1 .. 1 across the eye between its corners (base, base + 3).
+        mid, half = 0.5 * (lp[base, 0] + lp[base + 3, 0]), 0.5 * abs(lp[base + 3, 0] - lp[base, 0])
+        xs = lambda ph: (ph - mid) / half
+        # Upper lid points base+1, base+2 face the lower lid points base+5, base+4.
+        up, lo = [base + 1, base + 2], [base + 5, base + 4]
+        gaps = ang(lmk[up]) - ang(lmk[lo])
+        x_l = xs(0.5 * (lp[up, 0] + lp[lo, 0]))
+        g0 = gaps / np.cos(0.5 * np.pi * x_l)  # the profile's height at the eye's centre
+        order = np.argsort(x_l)
+        x = xs(sgn * PHI_EYE + np.angle(np.exp(1j * (phi - sgn * PHI_EYE))))
+        g = np.interp(x, x_l[order], g0[order]) * np.cos(0.5 * np.pi * np.clip(x, -1.0, 1.0))
+        # Full turn up to the lid's edge, fading to none ~8 mm beyond it.
+        above = theta <= THETA_EYE
+        edge_up = THETA_EYE - np.mean(lp[up, 1])
+        edge_lo = np.mean(lp[lo, 1]) - THETA_EYE
+        w_up = (1 - _smoothstep((THETA_EYE - theta - edge_up) / (0.026 * np.pi))) * above * skin
+        w_lo = (1 - _smoothstep((theta - THETA_EYE - edge_lo) / (0.025 * np.pi))) * (~above) * skin
+        rel = verts - c
+        # The shut lid: each point turned by its own angle (fading towards brow and cheek), so the
+        # skin between the lid and the brow stretches instead of sweeping over the eye.
+        alpha = w_up * (-0.85 * g) + w_lo * (0.15 * g)
+        ca, sa = np.cos(alpha), np.sin(alpha)
+        rot = np.stack([rel[:, 0], ca * rel[:, 1] + sa * rel[:, 2], -sa * rel[:, 1] + ca * rel[:, 2]], -1)
+        out[:, :, k] = (rot - rel) * skin[:, None]
+    return out
+
+
+def _iris_embedding(mesh):
+    """Faces [10] + barycentrics [10, 3] of mediapipe's ten iris points (refined face mesh
+    468-477) on the eyeballs: 468 the subject's right iris centre (the eyeball's front pole),
+    then four points of its contour at `IRIS_ANGLE_DEG` from the pole: 469 towards +x, 470 up,
+    471 towards -x, 472 down; 473-477 the same for the left eye. mediapipe documents 470/475 as
+    the top and 472/477 as the bottom points; which horizontal point is nasal it does not say
+    (the tracker's iris term does not depend on that order).
+    """
+    faces, verts = mesh["faces"], mesh["verts"]
+    a = np.deg2rad(IRIS_ANGLE_DEG)
+    dirs = np.array([[0, 0, 1.0], [np.sin(a), 0, np.cos(a)], [0, np.sin(a), np.cos(a)],
+                     [-np.sin(a), 0, np.cos(a)], [0, -np.sin(a), np.cos(a)]])
+    out_f, out_b = [], []
+    for eye in (2, 1):                         # the subject's right eye (eye_id 2) first
+        c = mesh["eye_centres"][eye - 1]
+        fid = np.where((mesh["eye_id"][faces] == eye).all(1))[0]
+        tri = verts[faces[fid]]
+        for d in dirs:
+            # The ray from the centre along d crosses exactly one triangle of the closed sphere.
+            e1, e2 = tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0]
+            pv = np.cross(d, e2)
+            det = np.einsum("fc,fc->f", e1, pv)
+            s = c - tri[:, 0]
+            u = np.einsum("fc,fc->f", s, pv) / det
+            qv = np.cross(s, e1)
+            v = np.einsum("c,fc->f", d, qv) / det
+            t = np.einsum("fc,fc->f", e2, qv) / det
+            hit = np.where((u >= -1e-9) & (v >= -1e-9) & (u + v <= 1 + 1e-9) & (t > 0))[0]
+            if len(hit) == 0:
+                raise AssertionError("iris ray missed the eyeball")
+            h = hit[0]
+            out_f.append(fid[h])
+            out_b.append((1 - u[h] - v[h], u[h], v[h]))
+    return np.asarray(out_f, np.int64), np.asarray(out_b, np.float64)
+
+
 def _embed_param_points(mesh, params):
     """Face index + barycentrics of (phi, theta, side) points on the skin grid."""
     n_tri_pole = N_COLS
@@ -671,7 +760,9 @@ def build_default_head_arrays() -> dict:
       lmk_faces [68] i32 + lmk_bary [68, 3] (iBUG order, `landmark_schemes.LANDMARK68_NAMES`);
       mp_lmk_faces [51] + mp_lmk_bary [51, 3] + mp_indices [51] (mediapipe face-mesh ids,
       `landmark_schemes.MEDIAPIPE_INDICES`; point k is iBUG point MEDIAPIPE_TO_IBUG[k]);
-      uv_coords [T, 2], uv_faces [F, 3]; regions {name: [V] bool} (REGION_NAMES).
+      uv_coords [T, 2], uv_faces [F, 3]; regions {name: [V] bool} (REGION_NAMES);
+      eyelids [V, 3, 2] (left, right eyelid closing blendshapes, `_eyelid_fields`);
+      iris_faces [10] + iris_bary [10, 3] (mediapipe's iris points 468-477, `_iris_embedding`).
     Deterministic: the same arrays on every call and machine (fixed seeds, float64 maths).
     """
     mesh = _build_mesh()
@@ -710,6 +801,8 @@ def build_default_head_arrays() -> dict:
     lmk_params = _landmarks68_param()
     lmk_params[36:48] = _eyelid_params(mesh)
     lmk_faces, lmk_bary = _embed_param_points(mesh, lmk_params)
+    eyelids = _eyelid_fields(dict(mesh, eyelid_landmarks=lmk_params[36:48]))
+    iris_faces, iris_bary = _iris_embedding(mesh)
     mp_faces, mp_bary = lmk_faces[MEDIAPIPE_TO_IBUG], lmk_bary[MEDIAPIPE_TO_IBUG]
 
     f32 = lambda a: np.ascontiguousarray(a, dtype=np.float32)
@@ -722,4 +815,5 @@ def build_default_head_arrays() -> dict:
         mp_indices=MEDIAPIPE_INDICES.copy(),
         uv_coords=f32(mesh["uv_coords"]), uv_faces=mesh["uv_faces"].astype(np.int32),
         regions={k2: v.astype(bool) for k2, v in regions.items()},
+        eyelids=f32(eyelids), iris_faces=iris_faces.astype(np.int32), iris_bary=f32(iris_bary),
     )
