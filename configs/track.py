@@ -11,6 +11,11 @@ Variants:
           mean-shape initialisation with MICA's (mica_workdir) and with the true shape, with the
           true focal length given (a calibrated camera). Add
           --config.synthetic.known_focal="(False, True)" to also estimate the focal length.
+  'insta' the tracker as INSTA uses it (thesis A.2, dataset tracking): '' plus per-frame eyelid
+          closing (the model's eyelid blendshapes), mediapipe's iris points (refined mesh;
+          468-477) fitted to the model's, the two eyes' rotations kept alike (eye_symmetry)
+          and, as always, the shape regularised towards MICA's prediction when one is given.
+  'tiny_insta'  'tiny' with the same additions.
 
 Landmarks come from mediapipe (pip install 'dhjax[landmarks]') or --landmarks (a file or a
 folder of per-frame files, `dhjax.capture.landmarks.load`); synthetic input uses the projected
@@ -41,10 +46,14 @@ def get_config(arg=None):
         seed=0, sequences=(0,), n_frames=30, width=256, height=256, uv_size=128, landmark_noise_px=0.5,
         # initialisations compared on synthetic input: 'mean', 'mica' (needs mica_workdir), 'true'
         compare=("mean", "mica", "true"), known_focal=(False, True)))
-    if arg == "tiny":
+    if arg not in (None, "", "tiny", "insta", "tiny_insta"):
+        raise ValueError(f"unknown variant {arg!r}; use '', 'tiny', 'insta' or 'tiny_insta'")
+    if arg in ("tiny", "tiny_insta"):
         c.tracker.first.update(landmark_steps=200, steps=(100, 100, 100))
         c.tracker.frame.update(landmark_steps=20, steps=(20, 20, 30))
         c.synthetic.update(sequences=(0, 1, 2), n_frames=8, width=192, height=192, known_focal=(True,))
-    elif arg not in (None, ""):
-        raise ValueError(f"unknown variant {arg!r}; use '' or 'tiny'")
+    if arg in ("insta", "tiny_insta"):
+        c.tracker.eyelids = True
+        c.tracker.iris = True
+        c.tracker.weights.eye_symmetry = 0.1
     return c

@@ -279,7 +279,6 @@ def test_eyelids_and_iris_of_an_official_model(tmp_path):
     d = np.asarray(default.eyelid_dirs)
     np.save(tmp_path / "l_eyelid.npy", d[0])
     np.save(tmp_path / "r_eyelid.npy", d[1][None])          # [1, V, 3] as the tracker's files are
-    faces = np.asarray(default.faces)
     # Iris points at vertices: the vertex nearest to each of the default's iris points.
     iris_pts = np.asarray(flame.forward(default).iris[0])
     vids = np.argmin(np.linalg.norm(np.asarray(default.v_template)[None] - iris_pts[:, None], axis=-1), 1)

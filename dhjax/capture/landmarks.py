@@ -100,6 +100,9 @@ class Landmarks:
       source: where the points come from: 'mediapipe' (detected), 'file', 'synthetic', ...
       dense: [468, 2] float32 pixels, the full mediapipe face mesh, when the points come from it
         (detected or read from a 468/478-point file); None otherwise. Read-only.
+      iris: [10, 2] float32 pixels, mediapipe's iris points 468-477 (the subject's right iris
+        centre and four contour points, then the left's), when the points come from a refined
+        478-point mesh (`detect(..., iris=True)` or a 478-point file); None otherwise. Read-only.
 
     Arrays are validated and converted on construction; equality is identity (arrays inside).
     """
@@ -108,6 +111,7 @@ class Landmarks:
     ibug_ids: np.ndarray
     source: str
     dense: np.ndarray | None = None
+    iris: np.ndarray | None = None
 
     def __post_init__(self):
         points = _finite_xy(self.points, "Landmarks.points")
@@ -138,12 +142,20 @@ class Landmarks:
                 raise ValueError(f"Landmarks.dense: expected shape [{N_MEDIAPIPE}, 2] (mediapipe "
                                  f"face mesh in pixels), got {dense.shape}")
             dense.setflags(write=False)
+        iris = self.iris
+        if iris is not None:
+            iris = _finite_xy(iris, "Landmarks.iris")
+            if iris.shape != (N_MEDIAPIPE_IRIS - N_MEDIAPIPE, 2):
+                raise ValueError(f"Landmarks.iris: expected shape [{N_MEDIAPIPE_IRIS - N_MEDIAPIPE}, 2] "
+                                 f"(mediapipe's iris points 468-477 in pixels), got {iris.shape}")
+            iris.setflags(write=False)
         ids = ids.astype(np.int32)
         points.setflags(write=False)
         ids.setflags(write=False)
         object.__setattr__(self, "points", points)
         object.__setattr__(self, "ibug_ids", ids)
         object.__setattr__(self, "dense", dense)
+        object.__setattr__(self, "iris", iris)
 
     def __len__(self) -> int:
         return int(self.points.shape[0])
@@ -202,16 +214,17 @@ def from_mediapipe(points468, *, source: str = "mediapipe") -> Landmarks:
     Args:
       points468: [468, 2|3] float pixels (not mediapipe's normalised coordinates; see the module
         docstring); [478, 2|3] (refined mesh with iris points) is accepted and the iris points
-        dropped. A third column (mediapipe's relative depth) is dropped.
+        kept in `iris`. A third column (mediapipe's relative depth) is dropped.
       source: recorded in the result ('mediapipe' for detections, 'file' when read from disk).
 
     Returns:
-      Landmarks with 51 points, ibug_ids 17..67, dense [468, 2].
+      Landmarks with 51 points, ibug_ids 17..67, dense [468, 2], iris [10, 2] or None.
     """
     xy = _xy_columns(points468, (N_MEDIAPIPE, N_MEDIAPIPE_IRIS), "from_mediapipe: points468")
     dense = xy[:N_MEDIAPIPE]
+    iris = xy[N_MEDIAPIPE:] if xy.shape[0] == N_MEDIAPIPE_IRIS else None
     return Landmarks(dense[MEDIAPIPE_INDICES], MEDIAPIPE_TO_IBUG.astype(np.int32), source,
-                     dense=dense)
+                     dense=dense, iris=iris)
 
 
 def _from_array(xy: np.ndarray, where: str) -> Landmarks:
@@ -469,7 +482,7 @@ def _face_mesh_module(file_hint: str = LANDMARK_FILE_HINT):
 
 
 def detect(image, *, name: str = "image", min_confidence: float = 0.5,
-           file_hint: str | None = None) -> Landmarks:
+           file_hint: str | None = None, iris: bool = False) -> Landmarks:
     """Finds one face and its landmarks with mediapipe's face mesh (offline, CPU).
 
     Args:
@@ -481,11 +494,13 @@ def detect(image, *, name: str = "image", min_confidence: float = 0.5,
         NoFaceError and ImportError after "or " (e.g. "give the landmarks as a file:
         --landmarks=..."); None = `LANDMARK_FILE_HINT` (the flags of experiments.track and
         experiments.mica_predict, and `landmarks_for_image`'s landmarks_path).
+      iris: run mediapipe's refined mesh (refine_landmarks=True: refined eyes and lips, plus
+        the ten iris points 468-477, kept in `iris`); False: the plain 468-point mesh.
 
     Returns:
       Landmarks with source 'mediapipe': 51 points, iBUG 17..67 (face-mesh points
-      `MEDIAPIPE_INDICES`), and dense [468, 2], all in pixels. With several faces in the image
-      mediapipe picks one.
+      `MEDIAPIPE_INDICES`), dense [468, 2] and with iris=True iris [10, 2], all in pixels. With
+      several faces in the image mediapipe picks one.
 
     Raises:
       NoFaceError: no face found (the message names the image).
@@ -501,7 +516,7 @@ def detect(image, *, name: str = "image", min_confidence: float = 0.5,
     with warnings.catch_warnings():
         # protobuf >= 4 warns on every call of the legacy solution API
         warnings.filterwarnings("ignore", message=r"SymbolDatabase\.GetPrototype\(\) is deprecated")
-        with face_mesh.FaceMesh(static_image_mode=True, max_num_faces=1, refine_landmarks=False,
+        with face_mesh.FaceMesh(static_image_mode=True, max_num_faces=1, refine_landmarks=bool(iris),
                                 min_detection_confidence=float(min_confidence)) as mesh:
             result = mesh.process(rgb)
     faces = result.multi_face_landmarks
@@ -513,7 +528,11 @@ def detect(image, *, name: str = "image", min_confidence: float = 0.5,
     if uv.shape[0] < N_MEDIAPIPE:
         raise RuntimeError(f"{name}: mediapipe returned {uv.shape[0]} face-mesh points, expected "
                            f"{N_MEDIAPIPE}")
-    pixels = uv[:N_MEDIAPIPE] * np.array([w, h]) - 0.5
+    n = N_MEDIAPIPE_IRIS if iris else N_MEDIAPIPE
+    if uv.shape[0] < n:
+        raise RuntimeError(f"{name}: mediapipe returned {uv.shape[0]} points with refine_landmarks="
+                           f"{bool(iris)}, expected {n}")
+    pixels = uv[:n] * np.array([w, h]) - 0.5
     return from_mediapipe(pixels, source="mediapipe")
 
 

@@ -42,7 +42,7 @@ TB_FRAMES = 16
 """Frames of a tracked sequence whose images go to TensorBoard (spread evenly; all when fewer)."""
 
 SUMMARY_KEYS = ("init_shape_error_mm", "shape_error_mm", "vertex_median_mm", "vertex_aligned_median_mm",
-                "depth_rmse_mm", "focal_px", "landmark_error_px", "photometric_error")
+                "depth_rmse_mm", "focal_px", "landmark_error_px", "photometric_error", "gaze_error_deg")
 """Per-row numbers of the synthetic benchmark that its summary averages over sequences."""
 
 
@@ -76,10 +76,11 @@ def read_frames(path: str, max_frames: int = 0, stride: int = 1) -> tuple[list, 
     return out, names
 
 
-def frame_landmarks(frames, names, landmarks_arg) -> list:
+def frame_landmarks(frames, names, landmarks_arg, iris: bool = False) -> list:
     """Landmarks per frame: from `landmarks_arg` (one file, [T, N, 2] for a video, or a folder
-    of per-frame files named like the frames; `dhjax.capture.landmarks.load`) or, when it is
-    empty, mediapipe detection."""
+    of per-frame files named like the frames; `dhjax.capture.landmarks.load`; 478-point files
+    carry the iris) or, when it is empty, mediapipe detection (iris: its refined mesh with the
+    iris points)."""
     if landmarks_arg:
         p = Path(landmarks_arg)
         if p.is_dir():
@@ -97,7 +98,7 @@ def frame_landmarks(frames, names, landmarks_arg) -> list:
         return loaded
     out = []
     for i, (n, f) in enumerate(zip(names, frames)):
-        out.append(lmk_lib.detect(f, name=f"frame {i} ({n})", file_hint=LANDMARKS_HINT))
+        out.append(lmk_lib.detect(f, name=f"frame {i} ({n})", file_hint=LANDMARKS_HINT, iris=iris))
     return out
 
 
@@ -122,18 +123,36 @@ def synthetic_sequence(cfg, sequence: int | None = None, assets=None):
     gen = synthetic.VideoGenerator(gcfg, assets)
     model = synthetic.base_model(gen.assets)
     rng = np.random.default_rng(int(sc.seed) + 7919 * seq)
+    iris_rng = np.random.default_rng([int(sc.seed), seq, 468])
     samples, frames = [], []
     for t in range(int(sc.n_frames)):
         s = gen[seq * int(sc.n_frames) + t]
-        out = flame.forward(model, s["shape"][None], s["expression"][None], s["pose"][None], s["translation"][None])
-        l3 = np.asarray(out.landmarks[0]) @ s["R"].T + s["t"]
-        K = s["K"]
-        uv = l3[:, :2] / l3[:, 2:] * np.array([K[0, 0], K[1, 1]]) + K[:2, 2]
-        uv = uv + rng.normal(0.0, float(sc.landmark_noise_px), uv.shape)
-        mask = np.isin(s["seg"], (synthetic.LABEL["face"], synthetic.LABEL["eyes"]))
-        frames.append(tracker.frame_data(s["image"], uv, np.arange(68), mask, name=f"synthetic frame {t}"))
+        frames.append(synthetic_frame(model, s, rng, float(sc.landmark_noise_px), iris_rng,
+                                      name=f"synthetic frame {t}"))
         samples.append(s)
     return frames, samples, model
+
+
+def synthetic_frame(model, s, rng, noise_px: float, iris_rng=None, *, name: str = "frame"):
+    """The tracker's observations of one synthetic sample s (`synthetic.VideoGenerator`): the
+    true 68 landmarks projected with Gaussian noise (noise_px, drawn from rng), a perfect
+    detector with noise; mediapipe's ten iris points likewise (noise from iris_rng, a separate
+    stream so that the landmark noise does not depend on it; None: no iris points); the mask
+    of the face and eye labels, what a face parser gives."""
+    out = flame.forward(model, s["shape"][None], s["expression"][None], s["pose"][None], s["translation"][None])
+    R, t, K = np.asarray(s["R"]), np.asarray(s["t"]), np.asarray(s["K"])
+
+    def project(x):
+        c = np.asarray(x) @ R.T + t
+        return c[:, :2] / c[:, 2:] * np.array([K[0, 0], K[1, 1]]) + K[:2, 2]
+
+    uv = project(out.landmarks[0])
+    uv = uv + rng.normal(0.0, noise_px, uv.shape)
+    iris = None
+    if iris_rng is not None and out.iris is not None:
+        iris = project(out.iris[0]) + iris_rng.normal(0.0, noise_px, (10, 2))
+    mask = np.isin(s["seg"], (synthetic.LABEL["face"], synthetic.LABEL["eyes"]))
+    return tracker.frame_data(s["image"], uv, np.arange(68), mask, name=name, iris=iris)
 
 
 def mica_shape(workdir: str, image, lm, model) -> np.ndarray:
@@ -220,8 +239,8 @@ def track(cfg, work: Path, input_path: str, landmarks: str | None = None) -> dic
     outputs and report.json / report.md (per-frame landmark and photometric error)."""
     raw, names = read_frames(input_path, int(cfg.max_frames), int(cfg.stride))
     print(f"{len(raw)} frame(s) of {raw[0].shape[1]}x{raw[0].shape[0]} from {input_path}", flush=True)
-    lms = frame_landmarks(raw, names, landmarks)
-    frames = [tracker.frame_data(f, lm.points, lm.ibug_ids, name=n) for f, lm, n in zip(raw, lms, names)]
+    lms = frame_landmarks(raw, names, landmarks, iris=bool(cfg.tracker.get("iris", False)))
+    frames = [tracker.frame_data(f, lm.points, lm.ibug_ids, name=n, iris=lm.iris) for f, lm, n in zip(raw, lms, names)]
     model = flame.load()
     shape_init, init = None, "mean face"
     if cfg.shape_init:
@@ -287,7 +306,8 @@ _TABLE_COLUMNS = (("init", "shape init", ""), ("focal", "focal", ""),
                   ("vertex_median_mm", "vertex median (mm)", ".2f"),
                   ("vertex_aligned_median_mm", "vertex median, rigidly aligned (mm)", ".2f"),
                   ("depth_rmse_mm", "depth RMSE (mm)", ".2f"), ("focal_px", "focal (px)", ".1f"),
-                  ("landmark_error_px", "landmark error (px)", ".2f"), ("photometric_error", "photometric L1", ".4f"))
+                  ("landmark_error_px", "landmark error (px)", ".2f"), ("photometric_error", "photometric L1", ".4f"),
+                  ("gaze_error_deg", "gaze error (deg)", ".1f"))
 
 
 def results_table(items: Sequence[Mapping], with_sequence: bool) -> str:
@@ -338,7 +358,8 @@ def track_synthetic(cfg, work: Path) -> dict:
                 print(f"   shape error {ev['init_shape_error_mm']:.2f} -> {ev['shape_error_mm']:.2f} mm, "
                       f"vertices median {ev['vertex_median_mm']:.2f} mm (rigidly aligned "
                       f"{ev['vertex_aligned_median_mm']:.2f}), depth RMSE {ev['depth_rmse_mm']:.2f} mm, "
-                      f"focal {ev['focal_px']:.1f} px (true {true_f:.1f})", flush=True)
+                      f"gaze {ev['gaze_error_deg']:.1f} deg, focal {ev['focal_px']:.1f} px (true {true_f:.1f})",
+                      flush=True)
                 if best is None and name == ("mica" if "mica" in inits else "mean"):
                     best = result, renders, frames
     if best is None:

@@ -8,8 +8,9 @@ linear albedo model in the model's UV layout (texture = mean + sum_k c_k sigma_k
 head, or a FLAME albedo file), or with albedo_model='free' a free texture [A, A, 3]; and a full
 perspective camera: one focal length f (pixels, fx = fy) and the principal
 point (cx, cy). Per frame: expression [E], neck / jaw / left-eye / right-eye rotations
-(axis-angle), the rigid head pose (a 6D rotation and a translation, both camera space) and
-second-order SH light [9, 3] (camera space).
+(axis-angle), the rigid head pose (a 6D rotation and a translation, both camera space),
+second-order SH light [9, 3] (camera space) and, with cfg.eyelids, the closing of the left and
+right eyelid [2] (the model's eyelid blendshapes, `flame.forward(..., eyelids=)`).
 
 Image formation: the posed FLAME vertices are mapped into camera space by the rigid pose,
 ``x_cam = R_rig x + t_rig`` (FLAME's global rotation and translation stay zero, so the
@@ -30,9 +31,20 @@ Energy (summed per optimisation step):
   (`visibility_traced`; `visibility` is its host reference) from a z-buffer at the resolution of
   the current pyramid level (cfg.zbuffer='full': always full resolution). L1 over RGB, mean
   over visible samples;
+* iris (cfg.iris, for frames with mediapipe's iris points 468-477 and a model that embeds
+  them): mean distance between the projected model iris points and the detected ones, in units
+  of the image's longer side (the metrical tracker's iris term). mediapipe does not document
+  which horizontal contour point (469/471, 474/476) is nasal, so each eye's horizontal pair
+  counts in the better of its two assignments;
 * regularisers: shape towards its initialisation, expression and joint rotations towards zero,
   a temporal term towards the previous frame's expression and pose, total variation of the
-  albedo texture, and the albedo coefficients' N(0, 1) prior (mean of c^2, with a model).
+  albedo texture, the albedo coefficients' N(0, 1) prior (mean of c^2, with a model), and as
+  the metrical tracker: the two eyelids' difference squared (eyelid_symmetry) and the two eye
+  rotations' difference squared (eye_symmetry; 0 by default).
+
+The INSTA variant (`configs/track.py:insta`, thesis A.2's dataset tracking) switches on the
+eyelids, the iris term and the eye symmetry; its shape starts from MICA's prediction and is
+regularised towards it, which is the tracker's behaviour whenever a MICA shape is given.
 
 Schedule: a coarse-to-fine image pyramid (level l is the image box-filtered by 2^l). Frame 0:
 a rigid landmark stage (rotation, translation and focal length only), then a landmark stage
@@ -99,7 +111,7 @@ _MOUTH_IDS = np.arange(48, 68)
 # Regions whose surface is tracked photometrically (skin of the face, and the eyeballs so that
 # the eye rotations see their pixels).
 PHOTO_REGIONS = ("face", "forehead", "nose", "lips", "eye_region", "eyes")
-FRAME_KEYS = ("expression", "neck", "jaw", "eyes", "rot6d", "trans", "sh")
+FRAME_KEYS = ("expression", "neck", "jaw", "eyes", "eyelids", "rot6d", "trans", "sh")
 SEQUENCE_KEYS = ("shape", "albedo", "albedo_coeffs", "log_focal", "pp")
 
 
@@ -129,14 +141,19 @@ def default_config() -> ml_collections.ConfigDict:
                                     # 'full': always at full resolution (before 2026-12-05)
     c.zbuffer_tile = 4              # rasteriser tile of the visibility z-buffer (speed only)
     c.depth_tol = 0.01              # metres: a sample is visible when within this of the z-buffer
+    c.eyelids = False               # track the eyelids' closing per frame (needs a model with eyelid
+                                    # blendshapes: the default head, or flame.load(..., eyelids=))
+    c.iris = False                  # fit mediapipe's iris points (frames that have them, a model
+                                    # that embeds them: the default head, or flame.load(..., iris=))
     c.first = ml_collections.ConfigDict(dict(rigid_steps=100, landmark_steps=300, steps=(150, 150, 150)))
     c.frame = ml_collections.ConfigDict(dict(rigid_steps=0, landmark_steps=30, steps=(30, 30, 40)))
     c.lr = ml_collections.ConfigDict(dict(
         shape=0.02, albedo=0.02, albedo_coeffs=0.05, log_focal=0.01, pp=0.002, expression=0.03, neck=0.005, jaw=0.005,
-        eyes=0.01, rot6d=0.005, trans=0.002, sh=0.02))
+        eyes=0.01, eyelids=0.02, rot6d=0.005, trans=0.002, sh=0.02))
     c.weights = ml_collections.ConfigDict(dict(
         landmark=1.0, mouth_landmark_factor=2.0, photometric=0.05, shape=0.3, expression=1e-2,
-        pose=1e-3, temporal=1e-3, albedo_tv=1e-2, albedo_prior=1e-3))
+        pose=1e-3, temporal=1e-3, albedo_tv=1e-2, albedo_prior=1e-3, iris=1.0, eyelid_symmetry=1e-2,
+        eye_symmetry=0.0))
     return c
 
 
@@ -275,15 +292,17 @@ def _albedo_texture(params, albedo):
 class FrameData:
     """One frame's observations. image [H, W, 3] float in [0, 1]; landmarks [K, 2] pixels with
     landmark_ids [K] (iBUG-68 indices); mask [H, W] float (1 = pixels the photometric term may
-    use; all ones when no segmentation is known)."""
+    use; all ones when no segmentation is known); iris [10, 2] pixels, mediapipe's iris points
+    468-477 (the subject's right iris centre and contour, then the left's), or None."""
 
     image: np.ndarray
     landmarks: np.ndarray
     landmark_ids: np.ndarray
     mask: np.ndarray
+    iris: np.ndarray | None = None
 
 
-def frame_data(image, landmarks, landmark_ids, mask=None, *, name: str = "frame") -> FrameData:
+def frame_data(image, landmarks, landmark_ids, mask=None, *, name: str = "frame", iris=None) -> FrameData:
     """Checks and packs one frame (clear errors for wrong shapes and non-finite values)."""
     image = np.asarray(image)
     if image.dtype == np.uint8:
@@ -312,7 +331,13 @@ def frame_data(image, landmarks, landmark_ids, mask=None, *, name: str = "frame"
         m = m[..., 0]
     if m.shape != (H, W):
         raise ValueError(f"{name}: mask must be [H, W] = {(H, W)}, got {m.shape}")
-    return FrameData(image=image, landmarks=lmk, landmark_ids=ids, mask=m)
+    if iris is not None:
+        iris = np.asarray(iris, np.float32)
+        if iris.shape != (10, 2):
+            raise ValueError(f"{name}: iris must be [10, 2] (mediapipe's points 468-477), got {iris.shape}")
+        if not np.all(np.isfinite(iris)):
+            raise ValueError(f"{name}: iris points have non-finite values")
+    return FrameData(image=image, landmarks=lmk, landmark_ids=ids, mask=m, iris=iris)
 
 
 def _pyramid(x, levels: Sequence[int]) -> dict:
@@ -380,7 +405,7 @@ def initial_params(cfg, static: Static, first: FrameData, shape_init=None) -> di
         log_focal=jnp.asarray(np.log(f / max(W, H)), jnp.float32), pp=jnp.zeros(2, jnp.float32),
         expression=jnp.zeros(E, jnp.float32), neck=jnp.zeros(3, jnp.float32),
         jaw=jnp.zeros(3, jnp.float32), eyes=jnp.zeros((2, 3), jnp.float32),
-        rot6d=rotations.matrix_to_rotation_6d(jnp.asarray(_FACING)), trans=jnp.asarray(trans, jnp.float32),
+        eyelids=jnp.zeros(2, jnp.float32), rot6d=rotations.matrix_to_rotation_6d(jnp.asarray(_FACING)), trans=jnp.asarray(trans, jnp.float32),
         sh=jnp.asarray(sh))
 
 
@@ -399,12 +424,37 @@ def _flame_pose(params) -> jax.Array:
                             params["eyes"]], axis=0)[None]
 
 
-def camera_space_vertices(params, model) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """(vertices [V, 3] camera space, landmarks [68, 3] camera space, R_rig [3, 3])."""
-    out = flame.forward(model, params["shape"][None], params["expression"][None], _flame_pose(params))
+def _posed(params, model) -> tuple[jax.Array, jax.Array, Any, jax.Array]:
+    """(vertices [V, 3], landmarks [68, 3], iris [10, 3] or None, all camera space; R_rig [3, 3]).
+    The eyelids count when the model has eyelid blendshapes and params have them."""
+    eyelids = params["eyelids"][None] if model.eyelid_dirs is not None and "eyelids" in params else None
+    out = flame.forward(model, params["shape"][None], params["expression"][None], _flame_pose(params),
+                        eyelids=eyelids)
     R = rotations.rotation_6d_to_matrix(params["rot6d"])
     to_cam = lambda x: jnp.einsum("ij,nj->ni", R, x, precision=_HI) + params["trans"]
-    return to_cam(out.vertices[0]), to_cam(out.landmarks[0]), R
+    iris = None if out.iris is None else to_cam(out.iris[0])
+    return to_cam(out.vertices[0]), to_cam(out.landmarks[0]), iris, R
+
+
+def camera_space_vertices(params, model) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(vertices [V, 3] camera space, landmarks [68, 3] camera space, R_rig [3, 3])."""
+    verts, lmk, _, R = _posed(params, model)
+    return verts, lmk, R
+
+
+def _iris_distance(proj, target):
+    """Mean distance [scalar] between projected iris points proj [10, 2] and detected ones target
+    [10, 2] (mediapipe 468-477); each eye's horizontal contour pair (points 1 and 3 of its five)
+    is matched in the better of its two orders."""
+    d = lambda a, b: jnp.sqrt(jnp.sum((a - b) ** 2, -1) + 1e-12)
+    total = 0.0
+    for e in (0, 5):
+        p, t = proj[e:e + 5], target[e:e + 5]
+        fixed = d(p[jnp.array([0, 2, 4])], t[jnp.array([0, 2, 4])]).sum()
+        straight = d(p[1], t[1]) + d(p[3], t[3])
+        swapped = d(p[1], t[3]) + d(p[3], t[1])
+        total = total + fixed + jnp.minimum(straight, swapped)
+    return total / 10.0
 
 
 def _camera(params, width, height) -> camera_lib.Camera:
@@ -465,7 +515,7 @@ def _loss(params, obs, cfg_w, model, sample_faces, sample_bary, width, height, p
     """Total energy and its terms. obs: dict of arrays for one frame (`_obs`): the pyramid level's
     image sits in the top-left of obs["image"] [H, W, 3], of size obs["level_size"] (W', H'),
     and obs["level_scale"] = 2^level."""
-    verts, lmk, _ = camera_space_vertices(params, model)
+    verts, lmk, iris, _ = _posed(params, model)
     scale = float(max(width, height))
     lm2 = _project(params, lmk[obs["landmark_ids"]], width, height)
     dist = jnp.sqrt(jnp.sum((lm2 - obs["landmarks"]) ** 2, -1) + 1e-12) / scale
@@ -473,6 +523,15 @@ def _loss(params, obs, cfg_w, model, sample_faces, sample_bary, width, height, p
     e_lmk = jnp.sum(lw * dist) / jnp.sum(lw)
     terms = {"landmark": e_lmk}
     total = cfg_w["landmark"] * e_lmk
+    if iris is not None:
+        # obs["has_iris"] is 0 for frames without iris points or with cfg.iris off.
+        e_iris = _iris_distance(_project(params, iris, width, height), obs["iris"]) / scale
+        terms.update(iris=e_iris)
+        total = total + cfg_w["iris"] * obs["has_iris"] * e_iris
+    e_sym = jnp.sum((params["eyelids"][0] - params["eyelids"][1]) ** 2)
+    e_eye_sym = jnp.sum((params["eyes"][0] - params["eyes"][1]) ** 2)
+    terms.update(eyelid_symmetry=e_sym, eye_symmetry=e_eye_sym)
+    total = total + cfg_w["eyelid_symmetry"] * e_sym + cfg_w["eye_symmetry"] * e_eye_sym
     if photometric:
         e_photo, alb = _photometric_error(params, verts, obs["image"], obs["visible"], model, sample_faces,
                                           sample_bary, width, height, albedo, obs["level_scale"],
@@ -565,6 +624,11 @@ def _step_fn(static: Static, photometric: bool):
 @jax.jit
 def _vertices_jit(params, model):
     return camera_space_vertices(params, model)
+
+
+@jax.jit
+def _posed_jit(params, model):
+    return _posed(params, model)
 
 
 def _zbuffer_camera(params, static: Static, level: int) -> camera_lib.Camera:
@@ -667,9 +731,13 @@ class TrackResult:
     seconds: float
 
 
-def _obs(frame: FrameData, level: int, pyr: dict, shape_init, prev, has_prev, mouth_factor, visible):
+def _obs(frame: FrameData, level: int, pyr: dict, shape_init, prev, has_prev, mouth_factor, visible,
+         use_iris: bool = False):
     """The step's observations. The level's image is padded to full size (top-left), so that
-    every level has one shape and one compiled step serves them all."""
+    every level has one shape and one compiled step serves them all. The iris points are
+    zeros with has_iris = 0 when the frame has none or use_iris is off."""
+    has_iris = bool(use_iris) and frame.iris is not None
+    iris = frame.iris if has_iris else np.zeros((10, 2), np.float32)
     lw = np.where(np.isin(frame.landmark_ids, _MOUTH_IDS), float(mouth_factor), 1.0).astype(np.float32)
     img = pyr[level]
     full = np.zeros(frame.image.shape, np.float32)
@@ -680,13 +748,15 @@ def _obs(frame: FrameData, level: int, pyr: dict, shape_init, prev, has_prev, mo
                 landmark_ids=jnp.asarray(frame.landmark_ids), landmark_weights=jnp.asarray(lw),
                 shape_init=jnp.asarray(shape_init), visible=jnp.asarray(visible),
                 prev={k: jnp.asarray(prev[k]) for k in ("expression", "jaw", "neck")},
-                has_prev=jnp.asarray(float(has_prev)))
+                has_prev=jnp.asarray(float(has_prev)), iris=jnp.asarray(iris),
+                has_iris=jnp.asarray(float(has_iris)))
 
 
 def _run_stage(params, static, frame, pyr, *, free, level, photometric, steps, cfg, shape_init, prev,
                has_prev, compiled, log=None, label="", timings=None):
     t0 = time.perf_counter()
     mouth = float(cfg.weights.mouth_landmark_factor)
+    use_iris = bool(cfg.get("iris", False))
     hyper = stage_hyper(cfg, free, steps)
     step, vis_fn = _compiled_fns(compiled, static, photometric)
     mode = str(cfg.get("visibility", "device"))
@@ -705,7 +775,7 @@ def _run_stage(params, static, frame, pyr, *, free, level, photometric, steps, c
     vis = np.zeros(static.sample_faces.shape[0], np.float32)
     terms = None
     if mode == "device":
-        obs = _obs(frame, level, pyr, shape_init, prev, has_prev, mouth, vis)
+        obs = _obs(frame, level, pyr, shape_init, prev, has_prev, mouth, vis, use_iris)
         mask = jnp.asarray(frame.mask)
         capacity = zbuffer_capacity(params, static, zlevel, tile) if photometric else 0
         start = params
@@ -725,7 +795,7 @@ def _run_stage(params, static, frame, pyr, *, free, level, photometric, steps, c
         for i in range(int(steps)):
             if photometric and i % every == 0:
                 vis = visibility(params, static, frame.mask, zlevel, tile)
-            obs = _obs(frame, level, pyr, shape_init, prev, has_prev, mouth, vis)
+            obs = _obs(frame, level, pyr, shape_init, prev, has_prev, mouth, vis, use_iris)
             params, opt_state, terms = step(params, opt_state, obs, hyper)
     if static.albedo is not None:
         params = dict(params, albedo=_albedo_texture(params, static.albedo))
@@ -794,7 +864,8 @@ def _fingerprint(cfg, shape_init, width: int, height: int) -> dict:
 
 def _frame_hash(frame: FrameData) -> str:
     h = hashlib.sha1()
-    for a in (frame.image, frame.landmarks, frame.landmark_ids, frame.mask):
+    for a in (frame.image, frame.landmarks, frame.landmark_ids, frame.mask) + (
+            () if frame.iris is None else (frame.iris,)):
         h.update(np.ascontiguousarray(a).tobytes())
     return h.hexdigest()
 
@@ -871,6 +942,16 @@ def track_sequence(cfg, model, frames: Sequence[FrameData], *, shape_init=None,
             raise ValueError(f"frame {i} is {fr.image.shape[:2]}, frame 0 is {(H, W)}: all frames must "
                              "have one size")
     compiled = {} if step_cache is None else step_cache
+    use_eyelids = bool(cfg.get("eyelids", False)) and model.eyelid_dirs is not None
+    if bool(cfg.get("eyelids", False)) and not use_eyelids and log is not None:
+        log(f"eyelids: the model {model.name!r} has no eyelid blendshapes; the eyelids are not tracked "
+            "(flame.load(..., eyelids=(l_eyelid.npy, r_eyelid.npy)) adds them)")
+    if bool(cfg.get("iris", False)) and log is not None:
+        if model.iris_faces is None:
+            log(f"iris: the model {model.name!r} embeds no iris points; the iris term is off "
+                "(flame.load(..., iris=flame.METRICAL_TRACKER_IRIS_VERTICES) adds them for FLAME)")
+        elif not any(fr.iris is not None for fr in frames):
+            log("iris: no frame has iris points (mediapipe's 478-point mesh); the iris term is off")
     static = make_static(model, W, H, int(cfg.samples_per_face), float(cfg.depth_tol),
                          albedo=albedo_model(cfg, model, compiled, log))
     t0 = time.time()
@@ -899,10 +980,13 @@ def track_sequence(cfg, model, frames: Sequence[FrameData], *, shape_init=None,
         sc = cfg.first if first else cfg.frame
         free_lmk = (("rot6d", "trans", "log_focal", "shape", "expression", "jaw") if first
                     else ("rot6d", "trans", "expression", "jaw"))
+        # Eyelids and gaze show in the landmarks once they are tracked (lid landmarks, iris).
+        free_lmk += (("eyelids",) if use_eyelids else ()) + (("eyes",) if bool(cfg.get("iris", False)) else ())
         free = (FRAME_KEYS + SEQUENCE_KEYS) if first else FRAME_KEYS
         fixed = (("log_focal",) if float(cfg.focal) > 0 else ()) + (() if cfg.principal_point else ("pp",))
         # With an albedo model its coefficients are solved and the texture follows from them.
         fixed += ("albedo",) if static.albedo is not None else ("albedo_coeffs",)
+        fixed += () if use_eyelids else ("eyelids",)
         free = tuple(k for k in free if k not in fixed)
         free_lmk = tuple(k for k in free_lmk if k not in fixed)
         common = dict(cfg=cfg, shape_init=z0, prev=prev, has_prev=not first, compiled=compiled,
@@ -951,18 +1035,23 @@ def track_sequence(cfg, model, frames: Sequence[FrameData], *, shape_init=None,
 
 def flame_parameters(p: Mapping[str, np.ndarray]) -> dict:
     """FLAME parameters of one tracked frame in `flame.forward`'s layout (global rotation and
-    translation zero; the rigid pose is the camera's extrinsics)."""
+    translation zero; the rigid pose is the camera's extrinsics), with eyelids [2] when they were
+    tracked (not all zero)."""
     pose = np.concatenate([np.zeros((1, 3)), p["neck"][None], p["jaw"][None], p["eyes"]], 0)
-    return dict(shape=np.asarray(p["shape"], np.float32), expression=np.asarray(p["expression"], np.float32),
-                pose=pose.astype(np.float32), translation=np.zeros(3, np.float32),
-                sh=np.asarray(p["sh"], np.float32))
+    out = dict(shape=np.asarray(p["shape"], np.float32), expression=np.asarray(p["expression"], np.float32),
+               pose=pose.astype(np.float32), translation=np.zeros(3, np.float32),
+               sh=np.asarray(p["sh"], np.float32))
+    if "eyelids" in p and np.any(np.asarray(p["eyelids"]) != 0):
+        out["eyelids"] = np.asarray(p["eyelids"], np.float32)     # [2] left, right closing
+    return out
 
 
 def render_frame(p: Mapping[str, np.ndarray], model, width: int, height: int) -> dict:
     """Renders a tracked frame: image (albedo x light) [H, W, 3], shading (grey mesh under a
-    fixed light) [H, W, 3], mask [H, W], depth [H, W] (metres, 0 outside) and landmarks [68, 2]."""
+    fixed light) [H, W, 3], mask [H, W], depth [H, W] (metres, 0 outside), landmarks [68, 2]
+    and, for a model with iris points, iris [10, 2] (mediapipe 468-477)."""
     params = jax.tree.map(jnp.asarray, dict(p))
-    verts, lmk, _ = _vertices_jit(params, model)
+    verts, lmk, iris, _ = _posed_jit(params, model)
     cam = _camera(params, width, height)
     fr = shading.render_mesh(verts[None], model.faces, cam, uv_coords=model.uv_coords, uv_faces=model.uv_faces,
                              albedo_texture=params["albedo"], sh_coeffs=params["sh"])
@@ -970,9 +1059,12 @@ def render_frame(p: Mapping[str, np.ndarray], model, width: int, height: int) ->
     light[0], light[2], light[1] = 2.2, -1.2, -0.6      # ambient + light from the camera and above
     grey = shading.render_mesh(verts[None], model.faces, cam, sh_coeffs=jnp.asarray(light))
     lm2 = _project(params, lmk, width, height)
-    return dict(image=np.asarray(fr["image"][0]), shading=np.clip(np.asarray(grey["image"][0]), 0, 1),
-                mask=np.asarray(fr["mask"][0, ..., 0]), depth=np.asarray(fr["depth"][0]),
-                landmarks=np.asarray(lm2))
+    out = dict(image=np.asarray(fr["image"][0]), shading=np.clip(np.asarray(grey["image"][0]), 0, 1),
+               mask=np.asarray(fr["mask"][0, ..., 0]), depth=np.asarray(fr["depth"][0]),
+               landmarks=np.asarray(lm2))
+    if iris is not None:
+        out["iris"] = np.asarray(_project(params, iris, width, height))
+    return out
 
 
 def _dots(image, points, colour, radius=1):
@@ -1040,7 +1132,9 @@ def evaluate_synthetic(result: TrackResult, gt_samples: Sequence[Mapping[str, np
     between tracked and true vertices (no alignment: metric depth errors count);
     vertex_aligned_median_mm: the same after a per-frame rigid alignment (shape + expression
     quality only); depth_rmse_mm: RMSE of the tracked depth against the true depth over pixels
-    that are face skin in the ground truth (seg == face) and covered by the tracked mesh.
+    that are face skin in the ground truth (seg == face) and covered by the tracked mesh;
+    gaze_error_deg: mean angle between the tracked and the true gaze (eyeball centre to iris
+    centre, camera space) over frames and eyes, for a model with iris points (NaN otherwise).
     Also per-frame arrays and the focal-length error.
     """
     from dhjax.geometry import alignment
@@ -1049,11 +1143,19 @@ def evaluate_synthetic(result: TrackResult, gt_samples: Sequence[Mapping[str, np
     region = make_static(model, 2, 2).region_vertices if static_region is None else static_region
     H, W = gt_samples[0]["image"].shape[:2]
     renders = _renders(result, model, W, H, renders)
-    vmed, vamed, drmse, ferr = [], [], [], []
+    vmed, vamed, drmse, ferr, gaze = [], [], [], [], []
     for p, s, r in zip(result.params, gt_samples, renders):
         out = flame.forward(model, jnp.asarray(s["shape"])[None], jnp.asarray(s["expression"])[None],
                             jnp.asarray(s["pose"])[None], jnp.asarray(s["translation"])[None])
         gt = np.asarray(out.vertices[0]) @ np.asarray(s["R"]).T + np.asarray(s["t"])
+        if out.iris is not None:
+            fp = flame_parameters(p)
+            est_out = flame.forward(model, fp["shape"][None], fp["expression"][None], fp["pose"][None],
+                                    eyelids=None if "eyelids" not in fp else fp["eyelids"][None])
+            R_est = np.asarray(rotations.rotation_6d_to_matrix(jnp.asarray(p["rot6d"])))
+            a = _gaze_directions(est_out, R_est)
+            b = _gaze_directions(out, np.asarray(s["R"]))
+            gaze.append(np.degrees(np.arccos(np.clip(np.sum(a * b, -1), -1.0, 1.0))))
         est, _, _ = _vertices_jit(jax.tree.map(jnp.asarray, dict(p)), model)
         est = np.asarray(est)
         d = np.linalg.norm(est[region] - gt[region], axis=-1)
@@ -1078,4 +1180,14 @@ def evaluate_synthetic(result: TrackResult, gt_samples: Sequence[Mapping[str, np
         per_frame_depth_rmse_mm=[float(x * 1e3) for x in drmse],
         focal_relative_error=float(np.mean(np.expm1(np.abs(ferr)))),
         landmark_error_px=float(np.mean(result.landmark_error_px)),
-        photometric_error=float(np.mean(result.photometric_error)))
+        photometric_error=float(np.mean(result.photometric_error)),
+        gaze_error_deg=float(np.mean(gaze)) if gaze else float("nan"))
+
+
+def _gaze_directions(out, R) -> np.ndarray:
+    """[2, 3] unit gaze directions (right eye, left eye) in camera space: eyeball centre (eye
+    joint) to iris centre, rotated by R [3, 3]."""
+    iris = np.asarray(out.iris[0])[[0, 5]]
+    centres = np.asarray(out.joints[0])[[4, 3]]            # joint 4 is the right eye
+    d = (iris - centres) @ np.asarray(R).T
+    return d / np.linalg.norm(d, axis=-1, keepdims=True)

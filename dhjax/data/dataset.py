@@ -21,7 +21,8 @@ videos, so real data loads through the same pipeline):
                                           neck, jaw, left eye, right eye; bodies: [55, 3] in
                                           SMPL-X order, meta.json "pose_joints": 55), optional
                                           translation [3] (default 0), sh [9, 3],
-                                          uv_expression_offset [T, T, 3], keypoints [K, 3]
+                                          uv_expression_offset [T, T, 3], keypoints [K, 3],
+                                          eyelids [2] (left, right closing; tracked videos)
     <root>/<split>/<item>/<frame>/cameras.json {"<view>": {"K": 3x3, "R": 3x3, "t": [3],
                                           "width": W, "height": H}} OpenCV, x_cam = R x + t, metres
     <root>/<split>/<item>/<frame>/<view>.png        RGB image
@@ -63,11 +64,11 @@ LABEL = {name: i for i, name in enumerate(PART_LABELS)}
 REQUIRED_KEYS = ("image", "mask", "K", "R", "t", "shape", "expression", "pose", "translation")
 SAMPLE_KEYS = REQUIRED_KEYS + (
     "seg", "depth", "sh", "uv_albedo", "uv_position", "uv_expression_offset",
-    "skin_tone", "hair_style", "beard_style", "item", "frame", "view")
+    "skin_tone", "hair_style", "beard_style", "item", "frame", "view", "eyelids")
 # Optional per-item and per-frame entries beyond the head's (body datasets: `dhjax.data.body_synthetic`).
 IDENTITY_EXTRAS = (("skin_tone", np.float32), ("hair_style", np.int32), ("beard_style", np.int32),
                    ("upper_kind", np.int32), ("lower_kind", np.int32))
-FRAME_EXTRAS = ("sh", "uv_expression_offset", "keypoints")
+FRAME_EXTRAS = ("sh", "uv_expression_offset", "keypoints", "eyelids")
 DEPTH_SCALE = 10000.0          # depth PNG units per metre (0.1 mm)
 # Colours of the part labels in `colorize_seg` (background, face, hair, mouth, eyes, neck).
 SEG_COLOURS = np.array([[0, 0, 0], [230, 180, 140], [90, 50, 20], [200, 30, 60], [60, 140, 255],
@@ -379,6 +380,9 @@ class FolderDataset:
         if "sh" in params:
             _check_shape(ppath, "sh", params["sh"], (9, 3))
             sample["sh"] = params["sh"].astype(np.float32)
+        if "eyelids" in params:
+            _check_shape(ppath, "eyelids", params["eyelids"], (2,))
+            sample["eyelids"] = params["eyelids"].astype(np.float32)
         if (item_dir / "uv_albedo.png").exists():
             sample["uv_albedo"] = dio.load_image(item_dir / "uv_albedo.png")[..., :3]
         if (item_dir / "uv.npz").exists():

@@ -223,6 +223,8 @@ def _extend_model(model, v, f, w, mbasis):
         lbs_weights=jnp.concatenate([model.lbs_weights, jnp.asarray(w, jnp.float32)], 0),
         uv_faces=jnp.concatenate([model.uv_faces, jnp.full((len(f), 3), n_uv - 1, jnp.int32)]),
         regions=regions,
+        eyelid_dirs=None if model.eyelid_dirs is None else jnp.concatenate(
+            [model.eyelid_dirs, jnp.zeros((model.eyelid_dirs.shape[0], m, 3), jnp.float32)], 1),
         name=model.name + " + mouth interior",
     )
 
@@ -293,6 +295,7 @@ def base_model(assets: Assets):
                      j_regressor=m.j_regressor[:, :V], lbs_weights=m.lbs_weights[:V],
                      uv_faces=m.uv_faces[:F],
                      regions={k: r[:V] for k, r in m.regions.items() if k != "mouth_interior"},
+                     eyelid_dirs=None if m.eyelid_dirs is None else m.eyelid_dirs[:, :V],
                      name=m.name.replace(" + mouth interior", ""))
 
 

@@ -184,7 +184,11 @@ def prepare(samples: Sequence[dict], model, *, background=(1.0, 1.0, 1.0), depth
         if depth_source == "dataset" and "depth" not in s:
             raise ValueError(f"{name}: depth_source='dataset' but the frame has no depth map (<view>_depth.png)")
         params = {k: jnp.asarray(s[k], jnp.float32)[None] for k in PARAM_KEYS}
-        fo = flame.forward(model, params["shape"], params["expression"], params["pose"], params["translation"])
+        # Tracked eyelids (the INSTA tracker's blendshapes) shape the frame's mesh too.
+        eyelids = (jnp.asarray(s["eyelids"], jnp.float32)[None]
+                   if "eyelids" in s and model.eyelid_dirs is not None else None)
+        fo = flame.forward(model, params["shape"], params["expression"], params["pose"], params["translation"],
+                           eyelids=eyelids)
         verts = np.asarray(fo.vertices[0])
         cam = camera_lib.make_camera(jnp.asarray(s["K"]), jnp.asarray(s["R"]), jnp.asarray(s["t"]), W, H)
         frags = raster.rasterize(jnp.asarray(verts)[None], faces, cam)

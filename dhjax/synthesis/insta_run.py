@@ -30,7 +30,7 @@ import numpy as np
 
 from dhjax import io as dio
 from dhjax import losses
-from dhjax.capture import tracker
+from dhjax.capture import track_run, tracker
 from dhjax.data import cache as cache_lib
 from dhjax.data import synthetic
 from dhjax.ops import raymarch
@@ -81,19 +81,13 @@ def open_video(cfg, log=print):
 def track_samples(cfg, samples, assets, log=print):
     """The samples with the metrical tracker's parameters and cameras instead of the true ones
     (landmarks: the true projected 68 points plus 0.5 px noise, a perfect detector; masks:
-    the face and eye labels, what a face parser gives); images and foreground masks kept."""
-    from dhjax.models import flame
-
+    the face and eye labels, what a face parser gives); images and foreground masks kept;
+    the tracked eyelids too when cfg.tracker.eyelids tracked them."""
     model = synthetic.base_model(assets)
     rng = np.random.default_rng(int(cfg.seed) + 17)
-    frames = []
-    for t, s in enumerate(samples):
-        out = flame.forward(model, s["shape"][None], s["expression"][None], s["pose"][None], s["translation"][None])
-        l3 = np.asarray(out.landmarks[0]) @ np.asarray(s["R"]).T + np.asarray(s["t"])
-        K = np.asarray(s["K"])
-        uv = l3[:, :2] / l3[:, 2:] * np.array([K[0, 0], K[1, 1]]) + K[:2, 2] + rng.normal(0.0, 0.5, (68, 2))
-        mask = np.isin(s["seg"], (synthetic.LABEL["face"], synthetic.LABEL["eyes"]))
-        frames.append(tracker.frame_data(s["image"], uv, np.arange(68), mask, name=f"frame {t}"))
+    iris_rng = np.random.default_rng([int(cfg.seed), 468])
+    frames = [track_run.synthetic_frame(model, s, rng, 0.5, iris_rng, name=f"frame {t}")
+              for t, s in enumerate(samples)]
     t0 = time.time()
     result = tracker.track_sequence(cfg.tracker, model, frames, log=log)
     log(f"tracked {len(frames)} frames in {time.time() - t0:.0f}s (landmark error "
@@ -103,7 +97,8 @@ def track_samples(cfg, samples, assets, log=print):
         fp = tracker.flame_parameters(p)
         out.append(dict(s, K=result.K[i].astype(np.float32), R=result.R[i].astype(np.float32),
                         t=result.t[i].astype(np.float32), shape=fp["shape"], expression=fp["expression"],
-                        pose=fp["pose"], translation=fp["translation"]))
+                        pose=fp["pose"], translation=fp["translation"],
+                        **({"eyelids": fp["eyelids"]} if "eyelids" in fp else {})))
     return out
 
 
