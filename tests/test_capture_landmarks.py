@@ -450,3 +450,25 @@ def test_detect_no_face_names_the_image(tmp_path):
         L.landmarks_for_image(noise, path="frames/0007.jpg")
     with pytest.raises(ValueError):  # NoFaceError is a ValueError
         L.detect(noise)
+
+
+@pytest.mark.peers
+def test_detect_iris_points_of_the_refined_mesh(astronaut):
+    """detect(iris=True) runs mediapipe's refined mesh and keeps its iris points 468-477: 468-472
+    in the subject's right eye (image left, between iBUG 36 and 39), 473-477 in the left eye,
+    each centre inside its contour, 470/475 above 472/477 and 469/474 right of 471/476 in the
+    image for both eyes (the order the head model embeds, `head_default._iris_embedding`)."""
+    image, plain = astronaut
+    assert plain.iris is None
+    lm = L.detect(image, name="astronaut.png", iris=True)
+    assert lm.iris.shape == (10, 2) and lm.dense.shape == (468, 2)
+    at = {int(i): p for i, p in zip(lm.ibug_ids, lm.points)}
+    for k, (a, b) in ((0, (36, 39)), (5, (42, 45))):
+        c = lm.iris[k]
+        assert at[a][0] < c[0] < at[b][0]
+        ring = lm.iris[k + 1:k + 5]
+        assert ring[:, 0].min() < c[0] < ring[:, 0].max() and ring[:, 1].min() < c[1] < ring[:, 1].max()
+        assert ring[1, 1] < c[1] < ring[3, 1]            # 470/475 up, 472/477 down (image y down)
+        assert ring[2, 0] < c[0] < ring[0, 0]            # 469/474 image right, 471/476 left
+    # The refined mesh moves the plain mesh's points only a little (it refines eyes and lips).
+    assert np.median(np.linalg.norm(lm.dense - plain.dense, axis=1)) < 2.0

@@ -34,7 +34,8 @@ Energy (summed per optimisation step):
 * iris (cfg.iris, for frames with mediapipe's iris points 468-477 and a model that embeds
   them): mean distance between the projected model iris points and the detected ones, in units
   of the image's longer side (the metrical tracker's iris term). mediapipe does not document
-  which horizontal contour point (469/471, 474/476) is nasal, so each eye's horizontal pair
+  the order of the horizontal contour points (469/471, 474/476; on a frontal photo 469 and 474
+  lay image-right of their centres, the default head's order), so each eye's horizontal pair
   counts in the better of its two assignments;
 * regularisers: shape towards its initialisation, expression and joint rotations towards zero,
   a temporal term towards the previous frame's expression and pose, total variation of the

@@ -6,7 +6,8 @@ and semantics (template, faces, shape and expression blendshapes, pose correctiv
 1..4, a joint regressor, LBS weights, five joints global/neck/jaw/left eye/right eye with parents
 [-1, 0, 1, 1, 1]) plus what later systems need: a UV layout, region masks, a 68-point landmark
 embedding in the iBUG order, a mediapipe-compatible landmark subset, eyeballs that rotate with the
-eye joints and a lip seam that the jaw joint opens.
+eye joints, a lip seam that the jaw joint opens, and the metrical tracker's extras: two eyelid
+closing blendshapes (`flame.forward(..., eyelids=)`) and mediapipe's ten iris points on the eyeballs.
 
 IT IS NOT A STATISTICAL MODEL OF REAL PEOPLE. Its shape and expression spaces are hand-designed
 smooth deformation fields (a few semantic ones such as head size, width, face height, nose length,
@@ -685,9 +686,10 @@ def _iris_embedding(mesh):
     """Faces [10] + barycentrics [10, 3] of mediapipe's ten iris points (refined face mesh
     468-477) on the eyeballs: 468 the subject's right iris centre (the eyeball's front pole),
     then four points of its contour at `IRIS_ANGLE_DEG` from the pole: 469 towards +x, 470 up,
-    471 towards -x, 472 down; 473-477 the same for the left eye. mediapipe documents 470/475 as
-    the top and 472/477 as the bottom points; which horizontal point is nasal it does not say
-    (the tracker's iris term does not depend on that order).
+    471 towards -x, 472 down; 473-477 the same for the left eye (not mirrored). That is the
+    order mediapipe's refined mesh gave on a frontal photo (tests/test_capture_landmarks.py:
+    469/474 image-right of their centres, 470/475 above); mediapipe does not document it, so
+    the tracker's iris term matches each horizontal pair in either order.
     """
     faces, verts = mesh["faces"], mesh["verts"]
     a = np.deg2rad(IRIS_ANGLE_DEG)
