@@ -53,7 +53,5 @@ def get_config(arg=None):
         c.tracker.frame.update(landmark_steps=20, steps=(20, 20, 30))
         c.synthetic.update(sequences=(0, 1, 2), n_frames=8, width=192, height=192, known_focal=(True,))
     if arg in ("insta", "tiny_insta"):
-        c.tracker.eyelids = True
-        c.tracker.iris = True
-        c.tracker.weights.eye_symmetry = 0.1
+        tracker.insta_variant(c.tracker)
     return c

@@ -43,8 +43,8 @@ Energy (summed per optimisation step):
   the metrical tracker: the two eyelids' difference squared (eyelid_symmetry) and the two eye
   rotations' difference squared (eye_symmetry; 0 by default).
 
-The INSTA variant (`configs/track.py:insta`, thesis A.2's dataset tracking) switches on the
-eyelids, the iris term and the eye symmetry; its shape starts from MICA's prediction and is
+The INSTA variant (`insta_variant`, `configs/track.py:insta`, thesis A.2's dataset tracking)
+switches on the eyelids, the iris term and the eye symmetry; its shape starts from MICA's prediction and is
 regularised towards it, which is the tracker's behaviour whenever a MICA shape is given.
 
 Schedule: a coarse-to-fine image pyramid (level l is the image box-filtered by 2^l). Frame 0:
@@ -88,6 +88,7 @@ from dhjax.render import raster, shading
 
 __all__ = [
     "default_config",
+    "insta_variant",
     "FrameData",
     "Static",
     "make_static",
@@ -156,6 +157,16 @@ def default_config() -> ml_collections.ConfigDict:
         pose=1e-3, temporal=1e-3, albedo_tv=1e-2, albedo_prior=1e-3, iris=1.0, eyelid_symmetry=1e-2,
         eye_symmetry=0.0))
     return c
+
+
+def insta_variant(cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The tracker as INSTA's dataset tracking uses it (thesis A.2): cfg with per-frame eyelids,
+    the iris term and the eyes' symmetry prior switched on (changed in place and returned). The
+    shape is regularised towards its initialisation, MICA's when one is given, as always."""
+    cfg.eyelids = True
+    cfg.iris = True
+    cfg.weights.eye_symmetry = 0.1
+    return cfg
 
 
 # ----------------------------------------------------------------------------------------------
