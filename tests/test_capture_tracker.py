@@ -550,9 +550,12 @@ def test_insta_variant_tracks_eyelids_and_gaze(model):
     gp, gi = gaze_error(plain), gaze_error(insta)
     assert gi < 0.5 * gp and gi < 5.0, (gi, gp)
     # The tracked eyelids travel with the tracked frame into the dataset layout.
-    fp = tracker.flame_parameters(jax.tree.map(np.asarray, insta))
-    assert fp["eyelids"].shape == (2,) and "eyelids" not in tracker.flame_parameters(
-        jax.tree.map(np.asarray, plain))
+    ins, pl = jax.tree.map(np.asarray, insta), jax.tree.map(np.asarray, plain)
+    assert tracker.flame_parameters(ins)["eyelids"].shape == (2,)
+    assert "eyelids" not in tracker.flame_parameters(pl)
+    # A sequence where any frame has eyelids gives every frame the key (zeros where untracked).
+    assert tracker.tracked_eyelids([pl, ins]) and not tracker.tracked_eyelids([pl])
+    np.testing.assert_array_equal(tracker.flame_parameters(pl, eyelids=True)["eyelids"], 0.0)
 
 
 def test_iris_inputs_are_checked_and_read_from_478_point_meshes(model, tmp_path):

@@ -196,8 +196,9 @@ def write_outputs(work: Path, result, frames, names, model, fps: float, meta: di
     H, W = frames[0].image.shape[:2]
     renders = tracker.render_result(result, model, W, H) if renders is None else renders
     cams, overlays = {}, []
+    lids = tracker.tracked_eyelids(result.params)
     for i, (p, n) in enumerate(zip(result.params, names)):
-        fp = tracker.flame_parameters(p)
+        fp = tracker.flame_parameters(p, eyelids=lids)
         dio.save_params(work / "params" / f"frame_{i:04d}", dict(fp, **{f"raw_{k}": v for k, v in p.items()}),
                         meta={"frame": n, "pose": "axis-angle [5, 3]: global (zero), neck, jaw, left eye, "
                               "right eye; the rigid pose is the camera's R, t", "units": "metres"})

@@ -1045,17 +1045,25 @@ def track_sequence(cfg, model, frames: Sequence[FrameData], *, shape_init=None,
 # Rendering, overlays, export, evaluation.
 
 
-def flame_parameters(p: Mapping[str, np.ndarray]) -> dict:
+def flame_parameters(p: Mapping[str, np.ndarray], eyelids: bool | None = None) -> dict:
     """FLAME parameters of one tracked frame in `flame.forward`'s layout (global rotation and
-    translation zero; the rigid pose is the camera's extrinsics), with eyelids [2] when they were
-    tracked (not all zero)."""
+    translation zero; the rigid pose is the camera's extrinsics). eyelids: include the eyelids [2]
+    (True; zeros when p has none), leave them out (False), or None: include them when they are
+    not all zero (pass True for every frame of a sequence where any frame has them, so that all
+    frames have the same keys: `tracked_eyelids`)."""
     pose = np.concatenate([np.zeros((1, 3)), p["neck"][None], p["jaw"][None], p["eyes"]], 0)
     out = dict(shape=np.asarray(p["shape"], np.float32), expression=np.asarray(p["expression"], np.float32),
                pose=pose.astype(np.float32), translation=np.zeros(3, np.float32),
                sh=np.asarray(p["sh"], np.float32))
-    if "eyelids" in p and np.any(np.asarray(p["eyelids"]) != 0):
-        out["eyelids"] = np.asarray(p["eyelids"], np.float32)     # [2] left, right closing
+    lids = np.asarray(p.get("eyelids", np.zeros(2)), np.float32)    # [2] left, right closing
+    if eyelids or (eyelids is None and np.any(lids != 0)):
+        out["eyelids"] = lids
     return out
+
+
+def tracked_eyelids(params: Sequence[Mapping[str, np.ndarray]]) -> bool:
+    """Whether any frame of a tracked sequence has eyelids that are not zero (were tracked)."""
+    return any(np.any(np.asarray(p.get("eyelids", 0.0)) != 0) for p in params)
 
 
 def render_frame(p: Mapping[str, np.ndarray], model, width: int, height: int) -> dict:
@@ -1122,8 +1130,9 @@ def write_dataset(root, result: TrackResult, frames: Sequence[FrameData], model,
     H, W = frames[0].image.shape[:2]
     renders = _renders(result, model, W, H, renders)
     writer = Writer(root, split, kind="video", meta=dict(meta or {}, source="dhjax.capture.tracker"))
+    lids = tracked_eyelids(result.params)
     for i, (fr, p, r) in enumerate(zip(frames, result.params, renders)):
-        fp = flame_parameters(p)
+        fp = flame_parameters(p, eyelids=lids)
         writer.add(dict(image=fr.image, mask=r["mask"], K=result.K[i], R=result.R[i], t=result.t[i],
                         depth=r["depth"], item=item, frame=i, view=0, **fp))
     return writer.close()

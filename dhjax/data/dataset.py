@@ -64,7 +64,7 @@ LABEL = {name: i for i, name in enumerate(PART_LABELS)}
 REQUIRED_KEYS = ("image", "mask", "K", "R", "t", "shape", "expression", "pose", "translation")
 SAMPLE_KEYS = REQUIRED_KEYS + (
     "seg", "depth", "sh", "uv_albedo", "uv_position", "uv_expression_offset",
-    "skin_tone", "hair_style", "beard_style", "item", "frame", "view", "eyelids")
+    "skin_tone", "hair_style", "beard_style", "item", "frame", "view")
 # Optional per-item and per-frame entries beyond the head's (body datasets: `dhjax.data.body_synthetic`).
 IDENTITY_EXTRAS = (("skin_tone", np.float32), ("hair_style", np.int32), ("beard_style", np.int32),
                    ("upper_kind", np.int32), ("lower_kind", np.int32))

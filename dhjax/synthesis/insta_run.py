@@ -93,8 +93,9 @@ def track_samples(cfg, samples, assets, log=print):
     log(f"tracked {len(frames)} frames in {time.time() - t0:.0f}s (landmark error "
         f"{float(np.mean(result.landmark_error_px)):.2f} px)")
     out = []
+    lids = tracker.tracked_eyelids(result.params)
     for i, (s, p) in enumerate(zip(samples, result.params)):
-        fp = tracker.flame_parameters(p)
+        fp = tracker.flame_parameters(p, eyelids=lids)
         out.append(dict(s, K=result.K[i].astype(np.float32), R=result.R[i].astype(np.float32),
                         t=result.t[i].astype(np.float32), shape=fp["shape"], expression=fp["expression"],
                         pose=fp["pose"], translation=fp["translation"],
