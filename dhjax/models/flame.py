@@ -285,7 +285,10 @@ def iris_embedding(vertex_ids, template, faces) -> tuple[np.ndarray, np.ndarray]
     ids = ids if xs[0] < 0 else ids[::-1]
     out_f, out_b = [], []
     for v in ids.reshape(-1):
-        f, k = np.argwhere(faces == v)[0]
+        hits = np.argwhere(faces == v)
+        if len(hits) == 0:
+            raise ValueError(f"iris vertex {int(v)} belongs to no face of the model")
+        f, k = hits[0]
         out_f.append(f)
         out_b.append(np.eye(3)[k])
     return np.asarray(out_f, np.int32), np.asarray(out_b, np.float32)
