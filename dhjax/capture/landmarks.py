@@ -525,9 +525,6 @@ def detect(image, *, name: str = "image", min_confidence: float = 0.5,
             f"{name}: no face found by mediapipe's face mesh (min_confidence={min_confidence}); "
             f"use a photo with a clearly visible, roughly frontal face, or {hint}")
     uv = np.array([(p.x, p.y) for p in faces[0].landmark], dtype=np.float64)
-    if uv.shape[0] < N_MEDIAPIPE:
-        raise RuntimeError(f"{name}: mediapipe returned {uv.shape[0]} face-mesh points, expected "
-                           f"{N_MEDIAPIPE}")
     n = N_MEDIAPIPE_IRIS if iris else N_MEDIAPIPE
     if uv.shape[0] < n:
         raise RuntimeError(f"{name}: mediapipe returned {uv.shape[0]} points with refine_landmarks="

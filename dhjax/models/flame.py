@@ -262,10 +262,9 @@ def _eyelid_pair(files, template) -> np.ndarray:
             raise ValueError(f"{f}: the blendshape moves no vertex")
         side = "left" if float(np.sum(w * np.asarray(template)[:, 0])) > 0 else "right"
         if side in by_side:
-            raise ValueError(f"both eyelid files move the {side} eye ({by_side[side]} and {f})")
-        by_side[side] = f
-        by_side[side + "_data"] = d
-    return np.stack([by_side["left_data"], by_side["right_data"]], -1).astype(np.float32)
+            raise ValueError(f"both eyelid files move the {side} eye ({by_side[side][0]} and {f})")
+        by_side[side] = (f, d)
+    return np.stack([by_side["left"][1], by_side["right"][1]], -1).astype(np.float32)
 
 
 def iris_embedding(vertex_ids, template, faces) -> tuple[np.ndarray, np.ndarray]:
