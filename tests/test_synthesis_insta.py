@@ -334,6 +334,38 @@ def test_models_without_regions_are_refused():
         insta_data.region_faces(model)
 
 
+def test_depth_evaluation_camera_undoes_the_trackers_rigid_head_pose():
+    """A tracked world: the head moved rigidly into the camera and the camera moved with it (the
+    same image). The generator's camera, moved into that world, sees the tracked head exactly as
+    the generator's camera sees the true head (pixels and camera z); with true tracking it is the
+    generator's camera itself."""
+    rng = np.random.default_rng(3)
+    true_head = rng.normal(0, 0.08, (200, 3))
+    K = np.array([[300.0, 0, 64], [0, 300, 64], [0, 0, 1]], np.float32)
+    Rt = np.asarray(insta_run.orbit_camera(K, np.eye(3), np.zeros(3), np.zeros(3), 20.0)[1], np.float64)
+    tt = np.array([0.01, -0.02, 0.6])
+    q, _ = np.linalg.qr(rng.normal(size=(3, 3)))
+    Rm = q * np.sign(np.linalg.det(q))                         # the tracker's head pose: x_video = Rm x + tm
+    tm = np.array([0.1, 0.3, -0.2])
+    video_head = true_head @ Rm.T + tm
+
+    def project(K, R, t, x):
+        c = x @ np.asarray(R, np.float64).T + np.asarray(t, np.float64)
+        return (c @ np.asarray(K, np.float64).T)[:, :2] / c[:, 2:], c[:, 2]
+
+    K2, R2, t2 = insta_run.camera_in_video_world(K, Rt, tt, video_head, true_head)
+    uv_true, z_true = project(K, Rt, tt, true_head)
+    uv, z = project(K2, R2, t2, video_head)
+    np.testing.assert_allclose(uv, uv_true, atol=1e-3)        # pixels
+    np.testing.assert_allclose(z, z_true, atol=1e-6)          # metres
+    K3, R3, t3 = insta_run.camera_in_video_world(K, Rt, tt, true_head, true_head)
+    np.testing.assert_allclose(R3, Rt, atol=1e-6)
+    np.testing.assert_allclose(t3, tt, atol=1e-6)
+    # a wrong tracked shape is not aligned away: it shows in the depth
+    K4, R4, t4 = insta_run.camera_in_video_world(K, Rt, tt, video_head * 1.1, true_head)
+    assert np.abs(project(K4, R4, t4, video_head * 1.1)[1] - z_true).mean() > 3e-3
+
+
 # ----------------------------------------------------------------------------------------------
 # The run, as a user runs it.
 

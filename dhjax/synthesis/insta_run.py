@@ -14,8 +14,10 @@ canonical density), online.json (held-out PSNR against seconds, online mode).
 The baseline is the tracked mesh with a texture baked from the training frames
 (`dhjax.render.texture.extract_texture`, which holds the light of the video), rendered unlit:
 the "tracked textured mesh" of the issue, built the same way for true and tracked parameters.
-On synthetic videos the side-view depth error compares INSTA's depth in a camera turned by
-eval.side_yaw_deg around the head against the generator's true depth there.
+On synthetic videos the depth errors compare INSTA's depth with the generator's true depth,
+in the video's camera (face pixels) and in a camera turned by eval.side_yaw_deg around the
+head; on tracked videos both views are the generator's cameras moved into the tracked world by
+the rigid alignment of the tracked head to the true one (`camera_in_video_world`).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from dhjax import losses
 from dhjax.capture import track_run, tracker
 from dhjax.data import cache as cache_lib
 from dhjax.data import synthetic
+from dhjax.geometry import alignment
 from dhjax.ops import raymarch
 from dhjax.render import camera as camera_lib
 from dhjax.render import shading
@@ -208,34 +211,87 @@ def baseline_render(tex, video, i, model, background) -> np.ndarray:
     return np.asarray(out["image"][0])
 
 
-def side_depth_error(renderer, params, bits, video, i, assets, truth, yaw_deg: float) -> float:
-    """Mean |z_insta - z_true| (mm) in a camera turned by yaw_deg about the vertical axis through
-    the head centre, over pixels the generator's head covers and INSTA renders opaque (> 0.5);
-    nan when the truth is not available.
+def camera_in_video_world(K, R, t, video_verts, true_verts):
+    """The camera of the video's (possibly tracked) world that sees the video's head as camera
+    K, R, t (x_cam = R x + t) sees the true head.
 
-    truth: (identity, frame, (K, R, t)) of the generator: its camera and head centre define the
-    true side view, the video's (possibly tracked) camera and mesh centre define INSTA's. With
-    tracked parameters the tracker moves the head's rigid pose into the camera, so the two
-    worlds differ by that pose; the side views agree exactly when it is a rotation about the
-    vertical axis (the synthetic videos' head motion is mostly yaw) and up to its pitch and roll
-    otherwise.
+    The video's head [N, 3] is aligned rigidly to the true head [N, 3] (corresponding vertices,
+    metres; Kabsch, no scale, so the tracker's shape and scale errors still count): x_true ~
+    Ra x_video + ta, and the camera becomes (K, R Ra, R ta + t). With true tracking the two
+    heads are the same and so is the camera. Returns (K [3, 3], R [3, 3], t [3]) float32.
+    """
+    _, Ra, ta = alignment.umeyama(np.asarray(video_verts, np.float64), np.asarray(true_verts, np.float64),
+                                  with_scale=False)
+    Ra, ta = np.asarray(Ra), np.asarray(ta)
+    R = np.asarray(R, np.float64)
+    return (np.asarray(K, np.float32), (R @ Ra).astype(np.float32),
+            (R @ ta + np.asarray(t, np.float64)).astype(np.float32))
+
+
+def true_head(truth, assets) -> np.ndarray:
+    """The generator's head-model vertices [N, 3] (world, metres) of a truth entry."""
+    return np.asarray(truth[1]["geometry"][0][:assets.n_model_vertices])
+
+
+def mesh_depth(video, i, model, K, R, t) -> np.ndarray:
+    """Camera z [H, W] (m; 0 off the mesh) of frame i's tracked mesh seen by camera K, R, t."""
+    W, H = video.size
+    cam = camera_lib.make_camera(jnp.asarray(K), jnp.asarray(R), jnp.asarray(t), W, H)
+    return np.asarray(shading.render_mesh(jnp.asarray(video.verts[i])[None], model.faces, cam)["depth"][0])
+
+
+def _depth_errors(out, mesh_z, true_z, region=None) -> tuple[float, float]:
+    """(INSTA, tracked mesh) mean |z - z_true| in mm: INSTA's over the pixels the truth covers, INSTA
+    renders opaque (> 0.5) and the region holds; the mesh's over those it covers too (nan where
+    there are no such pixels)."""
+    sel = (true_z > 0) & (out["opacity"] > 0.5)
+    if region is not None:
+        sel &= region
+    err = lambda z, m: float(np.mean(np.abs(z[m] - true_z[m])) * 1e3) if m.any() else float("nan")
+    return err(out["depth"], sel), err(mesh_z, sel & (mesh_z > 0))
+
+
+def side_depth_errors(renderer, params, bits, video, i, assets, truth, yaw_deg: float) -> tuple[float, float]:
+    """(INSTA, tracked mesh) mean |z - z_true| (mm) in the generator's camera turned by yaw_deg
+    about the vertical axis through the true head's centre, over pixels the generator's head
+    covers and INSTA renders opaque (> 0.5; for the mesh: that it covers too); nans when the
+    truth is not available.
+
+    truth: (identity, frame, (K, R, t)) of the generator. INSTA and the mesh are seen in the same
+    view of their own world (`camera_in_video_world`): a tracker moves the head's rigid pose into
+    the camera (and estimates the focal length), so the tracked world differs from the true one by
+    the head's rigid pose, which the alignment removes; what remains is the avatar's geometry,
+    with the tracker's shape and expression errors in it (the mesh's figure shows how much).
     """
     if truth is None:
-        return float("nan")
+        return float("nan"), float("nan")
     identity, frame, (Kt, Rt, tt) = truth
     W, H = video.size
-    n_model = assets.n_model_vertices
-    true_centre = np.asarray(frame["geometry"][0][:n_model]).mean(0)
-    K0, R0, t0 = orbit_camera(Kt, Rt, tt, true_centre, yaw_deg)
+    head = true_head(truth, assets)
+    K0, R0, t0 = orbit_camera(Kt, Rt, tt, head.mean(0), yaw_deg)
     cam = camera_lib.make_camera(jnp.asarray(K0)[None], jnp.asarray(R0)[None], jnp.asarray(t0)[None], W, H)
     views = synthetic.render_views(assets, identity, frame, cam, geometry=frame["geometry"])
     true_z = np.asarray(views["depth"][0])
-    K, R, t = orbit_camera(video.K[i], video.R[i], video.t[i], video.verts[i].mean(0), yaw_deg)
+    K, R, t = camera_in_video_world(K0, R0, t0, video.verts[i], head)
     out = renderer.render(params, bits, _frame(video, i), K, R, t, W, H)
-    sel = (true_z > 0) & (out["opacity"] > 0.5)
-    if not sel.any():
-        return float("nan")
-    return float(np.mean(np.abs(out["depth"][sel] - true_z[sel])) * 1e3)
+    return _depth_errors(out, mesh_depth(video, i, assets.model, K, R, t), true_z)
+
+
+def face_depth_errors(renderer, params, bits, video, i, assets, truth, out) -> tuple[float, float]:
+    """(INSTA, tracked mesh) mean |z - z_true| (mm) over the face pixels of held-out frame i that
+    INSTA renders opaque (> 0.5), against the frame's true depth (video.true_depth; for a dataset
+    from disk, its depth maps). With a generator's truth the view is the generator's camera moved
+    into the video's world (`camera_in_video_world`; the same camera, and `out` reused, with true
+    tracking); `out` is INSTA's render in the video's camera."""
+    K, R, t = video.K[i], video.R[i], video.t[i]
+    if truth is not None:
+        _, _, (Kt, Rt, tt) = truth
+        Ka, Ra, ta = camera_in_video_world(Kt, Rt, tt, video.verts[i], true_head(truth, assets))
+        if not all(np.allclose(a, b, atol=1e-6) for a, b in ((Ka, K), (Ra, R), (ta, t))):
+            W, H = video.size
+            K, R, t = Ka, Ra, ta
+            out = renderer.render(params, bits, _frame(video, i), K, R, t, W, H)
+    return _depth_errors(out, mesh_depth(video, i, assets.model, K, R, t), video.true_depth[i], video.face[i])
 
 
 def _depth_image(z, lo=None, hi=None):
@@ -461,16 +517,14 @@ def evaluate_heldout(cfg, ctx, state, train, test, assets, renderer, run_, log) 
         gt = test.images[i]
         m = image_metrics(out["color"], gt, lpips_fn)
         m["psnr_mouth"] = region_psnr(out["color"], gt, test.mouth[i])
-        face = test.face[i] & (out["opacity"] > 0.5)
-        true_z = test.true_depth[i]
-        sel = face & (true_z > 0)
-        m["depth_error_mm"] = float(np.mean(np.abs(out["depth"][sel] - true_z[sel])) * 1e3) if sel.any() else float("nan")
-        m["side_depth_error_mm"] = side_depth_error(renderer, params, bits, test, i, assets,
-                                                    truth[int(test.frame[i])] if truth else None,
-                                                    float(cfg.eval.side_yaw_deg))
+        tr = truth[int(test.frame[i])] if truth else None
+        m["depth_error_mm"], mesh_front = face_depth_errors(renderer, params, bits, test, i, assets, tr, out)
+        m["side_depth_error_mm"], mesh_side = side_depth_errors(renderer, params, bits, test, i, assets, tr,
+                                                                float(cfg.eval.side_yaw_deg))
         base = baseline_render(tex, test, i, assets.model, tuple(cfg.model.background))
         bm = image_metrics(base, gt, lpips_fn)
         bm["psnr_mouth"] = region_psnr(base, gt, test.mouth[i])
+        bm["depth_error_mm"], bm["side_depth_error_mm"] = mesh_front, mesh_side
         rows.append(m)
         base_rows.append(bm)
         renders.append((gt, out["color"], base, _depth_image(out["depth"])))
@@ -480,8 +534,10 @@ def evaluate_heldout(cfg, ctx, state, train, test, assets, renderer, run_, log) 
     mean["render_seconds_per_frame"] = float(np.median(render_seconds))
     mean["n_frames"] = float(n)
     log(f"held-out ({n} frames, {time.time() - t0:.0f}s): PSNR {mean['psnr']:.2f} dB, SSIM {mean['ssim']:.3f}, "
-        f"L1 {mean['l1']:.4f}, mouth PSNR {mean['psnr_mouth']:.2f}, side-view depth error "
-        f"{mean['side_depth_error_mm']:.1f} mm; baseline (textured mesh) PSNR {mean['baseline_psnr']:.2f} dB; "
+        f"L1 {mean['l1']:.4f}, mouth PSNR {mean['psnr_mouth']:.2f}, depth error face / side view "
+        f"{mean['depth_error_mm']:.1f} / {mean['side_depth_error_mm']:.1f} mm (the tracked mesh's "
+        f"{mean['baseline_depth_error_mm']:.1f} / {mean['baseline_side_depth_error_mm']:.1f}); "
+        f"baseline (textured mesh) PSNR {mean['baseline_psnr']:.2f} dB; "
         f"{mean['render_seconds_per_frame']:.2f} s per {W}x{H} frame")
     if not run_.lead:
         return mean
