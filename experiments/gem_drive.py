@@ -22,13 +22,17 @@ _LANDMARKS = flags.DEFINE_string("landmarks", "", "2D landmark file(s) of a vide
 _NEUTRAL = flags.DEFINE_integer("neutral", -1, "the source's neutral frame (-1: automatic)")
 _MAX_FRAMES = flags.DEFINE_integer("max_frames", 0, "use the first frames only (0: all)")
 _FPS = flags.DEFINE_float("fps", 12.0, "video frame rate")
+_REGRESSOR = flags.DEFINE_enum("regressor", "mlp", list(gem_run.REGRESSOR_KINDS),
+                               "which regressor drives: the thesis's MLP, or the linear one (a run trains it "
+                               "with --config.regressor.kinds=\"('mlp', 'linear')\")")
 
 
 def main(argv):
     del argv
     run_app.exit_on_user_error(lambda: gem_run.drive(
         _WORKDIR.value, _OUT.value, source=_SOURCE.value, split=_SPLIT.value, item=_ITEM.value,
-        landmarks_path=_LANDMARKS.value, neutral=_NEUTRAL.value, max_frames=_MAX_FRAMES.value, fps=_FPS.value))
+        landmarks_path=_LANDMARKS.value, neutral=_NEUTRAL.value, max_frames=_MAX_FRAMES.value, fps=_FPS.value,
+        kind=_REGRESSOR.value))
 
 
 if __name__ == "__main__":

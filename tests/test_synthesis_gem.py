@@ -187,6 +187,39 @@ def test_regressor_bounds_and_fit():
         gem.train_regressor(np.full((n, F), np.nan), coeffs, sigma, 0, steps=1)
 
 
+def test_linear_regressor_equals_scikit_learns_leave_one_out_ridge(tmp_path):
+    """The linear head is ridge regression on the whitened feature PCA with the leave-one-out
+    ridge: with equal sigmas its loss is the plain mean squared error, which is RidgeCV's
+    criterion, so both pick the same ridge and predict the same. It is clipped to +-3 sigma and
+    survives the regressor file."""
+    linear_model = pytest.importorskip("sklearn.linear_model")
+    rng = np.random.default_rng(11)
+    n, F, M = 30, 12, 3
+    feats = rng.normal(size=(n, F)).astype(np.float32)
+    A = rng.normal(size=(F, M)) * 0.3
+    sigma = {a: jnp.full((M,), 1.5) for a in gem.ATTRIBUTES}
+    coeffs = {a: jnp.asarray((feats - feats[0]) @ A * (1 + i) * 0.3 + rng.normal(0, 0.3, (n, M)), jnp.float32)
+              for i, a in enumerate(gem.ATTRIBUTES)}
+    reg = gem.train_linear_regressor(feats, coeffs, sigma, 0, n_pca=8)
+    assert gem.is_linear(reg)
+    kappa = np.asarray(gem.regressor_features(reg, feats), np.float64)
+    Y = np.concatenate([np.asarray(coeffs[a], np.float64) / 1.5 for a in gem.ATTRIBUTES], 1)
+    peer = linear_model.RidgeCV(alphas=gem.RIDGE_GRID, fit_intercept=True).fit(kappa, Y)
+    assert gem.RIDGE_GRID[0] < peer.alpha_ < gem.RIDGE_GRID[-1]     # an interior choice: the test can tell
+    pred = gem.regressor_apply(reg, feats)
+    ours = np.concatenate([np.asarray(pred[a]) / 1.5 for a in gem.ATTRIBUTES], 1)
+    np.testing.assert_allclose(ours, np.clip(peer.predict(kappa), -3, 3), atol=2e-4)
+    far = gem.regressor_apply(reg, feats[:1] * 1e3)
+    assert all(np.all(np.abs(np.asarray(far[a])) <= 4.5 + 1e-6) for a in gem.ATTRIBUTES)
+    back, driver = gem.load_regressor(gem.save_regressor(tmp_path / "r.npz", reg, "params"))
+    assert driver == "params" and gem.is_linear(back)
+    again = gem.regressor_apply(back, feats)
+    for a in gem.ATTRIBUTES:
+        np.testing.assert_allclose(np.asarray(again[a]), np.asarray(pred[a]), atol=1e-6)
+    with pytest.raises(ValueError, match="finite"):
+        gem.train_linear_regressor(np.full((n, F), np.inf), coeffs, sigma, 0)
+
+
 def test_net_step_lowers_the_loss(ctx):
     ctx = ctx.replace(color_lr=0.05, lr=2e-3)
     rng = np.random.default_rng(8)

@@ -640,7 +640,9 @@ def _fit_loop(model, images, cameras, bg, z0, sig, lr, steps, ssim_weight, prior
 
 class Regressor(NamedTuple):
     """Stage D (b): driver features -> coefficients. neutral [F] (features of the neutral frame),
-    pca (`pca.PCA` of relative features, <= 50 components), mlp params, sigma {attribute: [M]}."""
+    pca (`pca.PCA` of relative features, <= 50 components), mlp (the head's parameters: the
+    MLP's, or {"linear": {"kernel": [P, 4 M], "bias": [4 M]}} for `train_linear_regressor`),
+    sigma {attribute: [M]}."""
 
     neutral: jax.Array
     pca: Any
@@ -675,13 +677,80 @@ def regressor_features(reg: Regressor, features) -> jax.Array:
     return _whiten(reg.pca, pca_lib.project(reg.pca, jnp.asarray(features, jnp.float32) - reg.neutral))
 
 
+def is_linear(reg: Regressor) -> bool:
+    """Whether the regressor's head is `train_linear_regressor`'s linear map."""
+    return "linear" in reg.mlp
+
+
 def regressor_apply(reg: Regressor, features) -> dict:
-    """k = 3 sigma tanh(MLP(kappa)) (thesis eq. 4): [..., F] -> {attribute: [..., M]}."""
+    """k = 3 sigma tanh(MLP(kappa)) (thesis eq. 4), or for a linear head k = sigma clip(kappa W + b,
+    -3, 3): [..., F] -> {attribute: [..., M]}."""
     kappa = regressor_features(reg, features)
     M = reg.sigma["position"].shape[0]
-    out = MLP(out=len(ATTRIBUTES) * M).apply({"params": reg.mlp}, kappa)
+    if is_linear(reg):
+        lin = reg.mlp["linear"]
+        out = jnp.clip(kappa @ lin["kernel"] + lin["bias"], -3.0, 3.0)
+    else:
+        out = 3.0 * jnp.tanh(MLP(out=len(ATTRIBUTES) * M).apply({"params": reg.mlp}, kappa))
     out = out.reshape(out.shape[:-1] + (len(ATTRIBUTES), M))
-    return {a: 3.0 * reg.sigma[a] * jnp.tanh(out[..., i, :]) for i, a in enumerate(ATTRIBUTES)}
+    return {a: reg.sigma[a] * out[..., i, :] for i, a in enumerate(ATTRIBUTES)}
+
+
+def _regressor_inputs(features, coeffs: Mapping, sigma: Mapping, neutral_index: int, n_pca: int):
+    """(neutral [F], PCA (float32), whitened kappa [N, P], target [N, 4, M] in units of sigma,
+    attribute weights w [4, M], sigma {a: [M]}) of `train_regressor`'s arguments."""
+    f = np.asarray(features, np.float64)
+    if f.ndim != 2 or not np.all(np.isfinite(f)):
+        raise ValueError(f"features must be a finite [N, F] array, got shape {f.shape}")
+    n = f.shape[0]
+    if not 0 <= int(neutral_index) < n:
+        raise ValueError(f"neutral_index {neutral_index} outside the {n} training frames")
+    neutral = f[int(neutral_index)]
+    rel = f - neutral
+    p = _pca_f32(pca_lib.fit(rel, int(min(n_pca, n - 1, f.shape[1]))))
+    kappa = _whiten(p, pca_lib.project(p, jnp.asarray(rel, jnp.float32)))
+    sig = {a: jnp.maximum(jnp.asarray(sigma[a], jnp.float32), 1e-8) for a in ATTRIBUTES}
+    target = jnp.stack([jnp.asarray(coeffs[a], jnp.float32) / sig[a] for a in ATTRIBUTES], 1)   # [N, 4, M]
+    s2 = jnp.stack([sig[a] ** 2 for a in ATTRIBUTES])                                            # [4, M]
+    w = s2 / jnp.sum(s2, -1, keepdims=True)
+    return neutral, p, kappa, target, w, sig
+
+
+RIDGE_GRID = tuple(float(x) for x in np.logspace(-3, 4, 29))
+
+
+def train_linear_regressor(features, coeffs: Mapping, sigma: Mapping, neutral_index: int, *, n_pca: int = 50,
+                           ridges=RIDGE_GRID, log=None) -> Regressor:
+    """A linear alternative to the thesis's MLP (beyond the thesis): k / sigma = kappa W + b on the
+    same whitened relative-feature PCA (`train_regressor`), fitted in closed form by ridge
+    regression (float64) with the ridge chosen from `ridges` by the exact leave-one-out error of
+    `train_regressor`'s loss (the residuals e_i / (1 - h_ii) of the hat matrix, intercept
+    included). Applied, it is clipped to +-3 sigma like eq. 4's tanh. With the few frames of a
+    small capture a linear map generalises where the MLP memorises."""
+    neutral, p, kappa, target, w, sig = _regressor_inputs(features, coeffs, sigma, neutral_index, n_pca)
+    X = np.asarray(kappa, np.float64)
+    n = X.shape[0]
+    Y = np.asarray(target, np.float64).reshape(n, -1)
+    wf = np.asarray(w, np.float64).reshape(-1)
+    xm, ym = X.mean(0), Y.mean(0)
+    Xc, Yc = X - xm, Y - ym
+    U, s, Vt = np.linalg.svd(Xc, full_matrices=False)
+    best = None
+    for lam in ridges:
+        d = s ** 2 / (s ** 2 + float(lam))
+        h = np.sum(U ** 2 * d, 1) + 1.0 / n                     # the hat matrix's diagonal, intercept included
+        fit = U @ (d[:, None] * (U.T @ Yc)) + ym
+        loo = (Y - fit) / (1.0 - h)[:, None]
+        err = float(np.mean(np.sum(wf * loo ** 2, 1)) / len(ATTRIBUTES))
+        if best is None or err < best[0]:
+            best = (err, float(lam))
+    err, lam = best
+    W = Vt.T @ ((s / (s ** 2 + lam))[:, None] * (U.T @ Yc))
+    b = ym - xm @ W
+    if log is not None:
+        log(f"linear regressor: ridge {lam:.3g}, leave-one-out unexplained variance {err:.4f}")
+    head = {"linear": {"kernel": jnp.asarray(W, jnp.float32), "bias": jnp.asarray(b, jnp.float32)}}
+    return Regressor(jnp.asarray(neutral, jnp.float32), p, head, sig)
 
 
 def train_regressor(features, coeffs: Mapping, sigma: Mapping, neutral_index: int, *, steps: int = 2000,
@@ -698,24 +767,11 @@ def train_regressor(features, coeffs: Mapping, sigma: Mapping, neutral_index: in
     with `weight_decay` (decoupled, times lr): with the few frames of a small capture an MLP of
     3 x 256 memorises them (held-out error near that of predicting the mean); whitening and a
     strong decay roughly halve its held-out error there (measured on the tiny capture)."""
-    f = np.asarray(features, np.float64)
-    if f.ndim != 2 or not np.all(np.isfinite(f)):
-        raise ValueError(f"features must be a finite [N, F] array, got shape {f.shape}")
-    n = f.shape[0]
-    if not 0 <= int(neutral_index) < n:
-        raise ValueError(f"neutral_index {neutral_index} outside the {n} training frames")
-    neutral = f[int(neutral_index)]
-    rel = f - neutral
-    p = pca_lib.fit(rel, int(min(n_pca, n - 1, f.shape[1])))
+    neutral, p, kappa, target, w, sig = _regressor_inputs(features, coeffs, sigma, neutral_index, n_pca)
+    n = kappa.shape[0]
     M = int(sigma["position"].shape[0])
     mlp = MLP(out=len(ATTRIBUTES) * M)
-    p = _pca_f32(p)
-    kappa = _whiten(p, pca_lib.project(p, jnp.asarray(rel, jnp.float32)))
     params = mlp.init(jax.random.PRNGKey(seed), kappa[:1])["params"]
-    sig = {a: jnp.maximum(jnp.asarray(sigma[a], jnp.float32), 1e-8) for a in ATTRIBUTES}
-    target = jnp.stack([jnp.asarray(coeffs[a], jnp.float32) / sig[a] for a in ATTRIBUTES], 1)   # [N, 4, M]
-    s2 = jnp.stack([sig[a] ** 2 for a in ATTRIBUTES])                                            # [4, M]
-    w = s2 / jnp.sum(s2, -1, keepdims=True)
     opt = optax.adamw(lr, weight_decay=float(weight_decay))
 
     def loss(prm):

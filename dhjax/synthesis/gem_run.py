@@ -481,12 +481,32 @@ def size_table(cfg, ctx, rnd, net_params, distilled, k_train, cap, sp, frames, l
     return rows
 
 
+REGRESSOR_KINDS = ("mlp", "linear")
+
+
+def regressor_key(driver: str, kind: str) -> str:
+    """The name of a (driver, kind) regressor: its file is regressor_<key>.npz ('params',
+    'params_linear', ...)."""
+    if kind not in REGRESSOR_KINDS:
+        raise ValueError(f"unknown regressor kind {kind!r}; use one of {REGRESSOR_KINDS}")
+    return driver if kind == "mlp" else f"{driver}_{kind}"
+
+
+def driver_of(key: str) -> str:
+    """The driver of a `regressor_key`."""
+    return key.split("_")[0]
+
+
 def train_regressors(cfg, ctx, cap, sp, model, k_train, log):
-    """One regressor per configured driver on the training frames. Returns {driver: (Regressor,
-    features of the held-out frames [T, F])} and the neutral frame's position."""
+    """One regressor per configured driver and kind (regressor.kinds: 'mlp', the thesis's, and/or
+    'linear', `gem.train_linear_regressor`) on the training frames. Returns {regressor_key:
+    (Regressor, features of the held-out frames [T, F])} and the neutral frame's position."""
     rc = cfg.regressor
     tf = sp.train_frames
     neutral = neutral_position(cfg, cap, tf)
+    kinds = tuple(rc.get("kinds", ("mlp",)))
+    for kind in kinds:
+        regressor_key("params", kind)        # an unknown kind is refused before any training
     out = {}
     for driver in rc.drivers:
         if driver == "params":
@@ -496,13 +516,19 @@ def train_regressors(cfg, ctx, cap, sp, model, k_train, log):
             ftr, fte = _landmark_driver(cfg, ctx, cap, sp, neutral)
         else:
             raise ValueError(f"unknown regressor driver {driver!r}; use 'params' or 'landmarks'")
-        t0 = time.time()
-        reg = gem.train_regressor(ftr, {a: k_train[a] for a in ATTRS}, model.sigma, neutral,
-                                  steps=int(rc.steps), lr=float(rc.lr), weight_decay=float(rc.weight_decay),
-                                  n_pca=int(rc.n_pca), seed=int(cfg.seed))
-        log(f"regressor '{driver}': {ftr.shape[1]} features -> PCA {reg.pca.components.shape[0]} -> MLP 3x256 -> "
-            f"{len(ATTRS)} x {model.n_components} coefficients, trained in {time.time() - t0:.0f}s")
-        out[driver] = (reg, fte)
+        k = {a: k_train[a] for a in ATTRS}
+        for kind in kinds:
+            t0 = time.time()
+            if kind == "mlp":
+                reg = gem.train_regressor(ftr, k, model.sigma, neutral, steps=int(rc.steps), lr=float(rc.lr),
+                                          weight_decay=float(rc.weight_decay), n_pca=int(rc.n_pca),
+                                          seed=int(cfg.seed))
+            else:
+                reg = gem.train_linear_regressor(ftr, k, model.sigma, neutral, n_pca=int(rc.n_pca), log=log)
+            log(f"regressor '{driver}': {ftr.shape[1]} features -> PCA {reg.pca.components.shape[0]} -> "
+                f"{'MLP 3x256' if kind == 'mlp' else 'linear (ridge)'} -> {len(ATTRS)} x {model.n_components} "
+                f"coefficients, trained in {time.time() - t0:.0f}s")
+            out[regressor_key(driver, kind)] = (reg, fte)
     return out, neutral
 
 
@@ -541,19 +567,19 @@ def cross_reenactment(cfg, ctx, rnd, model, regs, neutral, cap, sp, out_path, lo
     energy = np.sum(expr ** 2, 1) + 10.0 * np.sum(pose[:, 2:] ** 2, (1, 2))
     src_neutral = int(np.argmin(energy))
     feats = {}
-    for driver in regs:
-        if driver == "params":
+    for key in regs:
+        if driver_of(key) == "params":
             f = param_features(expr, pose)
             # relative transfer: the source's offsets from its own neutral on the subject's neutral
-            f = f - f[src_neutral] + regs[driver][0].neutral
+            f = f - f[src_neutral] + regs[key][0].neutral
         else:
             W, H = cap.size
             lm = project_landmarks(ctx.model, src_shape, expr, pose, trans,
                                    cap.K[0, v][None].repeat(n, 0), cap.R[0, v][None].repeat(n, 0),
                                    cap.t[0, v][None].repeat(n, 0), W, H)
             f = landmark_features(lm, lm[src_neutral])
-            f = f - f[src_neutral] + regs[driver][0].neutral
-        feats[driver] = f
+            f = f - f[src_neutral] + regs[key][0].neutral
+        feats[key] = f
     fneutral = int(sp.train_frames[neutral])
     cams = head_cameras_of(ctx, cap, fneutral, [v])
     frames = []
@@ -642,7 +668,7 @@ def run(cfg, workdir: str) -> dict:
     regs, neutral = train_regressors(cfg, ctx, cap, sp, refined, k_refined, log)
     if run_.lead:
         for d, (r, _) in regs.items():
-            gem.save_regressor(run_.path(f"regressor_{d}.npz"), r, d)
+            gem.save_regressor(run_.path(f"regressor_{d}.npz"), r, driver_of(d))
         v, fn = _frontal_view(cap), int(sp.train_frames[neutral])
         cam = head_cameras_of(ctx, cap, fn, [v])
         np.savez(run_.path("drive_camera.npz"), K=np.asarray(cam.K[0]), R=np.asarray(cam.R[0]),
@@ -783,7 +809,7 @@ def drive_camera(workdir) -> camera_lib.Camera:
 
 
 def drive(workdir, out, *, source: str = "", split: str = "train", item: int = -1, landmarks_path: str = "",
-          neutral: int = -1, max_frames: int = 0, fps: float = 12.0, log=print) -> Path:
+          neutral: int = -1, max_frames: int = 0, fps: float = 12.0, kind: str = "mlp", log=print) -> Path:
     """Drives the GEM of a finished run (`run`'s workdir: gem.npz, regressor_<driver>.npz,
     drive_camera.npz) with another sequence, through a regressor, with no network but the
     regressor's MLP and no head model:
@@ -794,7 +820,8 @@ def drive(workdir, out, *, source: str = "", split: str = "train", item: int = -
       `dhjax.capture.landmarks.load` reads; 68, 51 or mediapipe points): the 'landmarks' driver.
     Features are taken relative to the source's neutral frame (`neutral`; -1: the smallest
     parameters for 'params', the first frame for 'landmarks') and added to the subject's
-    neutral (relative transfer). Writes <out>/drive.mp4 (source | GEM when images are known) and
+    neutral (relative transfer). kind: which regressor ('mlp', the thesis's, or 'linear'; the run
+    must have trained it, regressor.kinds). Writes <out>/drive.mp4 (source | GEM when images are known) and
     <out>/coefficients.npz; returns the video's path.
     """
     work = Path(workdir)
@@ -803,7 +830,11 @@ def drive(workdir, out, *, source: str = "", split: str = "train", item: int = -
     model = gem.load_eigenmodel(work / "gem.npz")
     cam = drive_camera(work)
     driver = "params" if source else "landmarks"
-    reg, _ = gem.load_regressor(work / f"regressor_{driver}.npz")
+    path = work / f"regressor_{regressor_key(driver, kind)}.npz"
+    if kind != "mlp" and not path.is_file() and (work / "gem.npz").is_file():
+        raise FileNotFoundError(f"no '{kind}' regressor in {work} ({path.name}): the run trains it with "
+                                f"--config.regressor.kinds=\"('mlp', '{kind}')\"")
+    reg, _ = gem.load_regressor(path)
     images = None
     if source:
         images, expr, pose = _source_frames(source, split, item, max_frames)
