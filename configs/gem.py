@@ -68,8 +68,9 @@ def get_config(arg=None):
                                            views=0))        # training cameras used to fit (0: all)
     c.regressor = ml_collections.ConfigDict(dict(
         drivers=("params", "landmarks"),  # features: tracked head-model parameters; 2D face landmarks
-        kinds=("mlp",),                  # 'mlp': the thesis's 3 x 256 MLP; 'linear': ridge regression with
-                                         # a leave-one-out ridge (beyond the thesis), regressor_<driver>_linear.npz
+        kinds=("mlp", "linear"),         # 'mlp': the thesis's 3 x 256 MLP (regressor_<driver>.npz); 'linear':
+                                         # ridge regression with a leave-one-out ridge (beyond the thesis;
+                                         # regressor_<driver>_linear.npz), far better from few frames
         n_pca=50, steps=3000, lr=1e-3, weight_decay=1.0,
         neutral_frame=-1,                # training frame position of the neutral reference (-1: the
                                          # one with the smallest expression and jaw parameters)

@@ -23,8 +23,8 @@ _NEUTRAL = flags.DEFINE_integer("neutral", -1, "the source's neutral frame (-1: 
 _MAX_FRAMES = flags.DEFINE_integer("max_frames", 0, "use the first frames only (0: all)")
 _FPS = flags.DEFINE_float("fps", 12.0, "video frame rate")
 _REGRESSOR = flags.DEFINE_enum("regressor", "mlp", list(gem_run.REGRESSOR_KINDS),
-                               "which regressor drives: the thesis's MLP, or the linear one (a run trains it "
-                               "with --config.regressor.kinds=\"('mlp', 'linear')\")")
+                               "which regressor drives: the thesis's MLP, or the linear one (both are trained "
+                               "unless the run's regressor.kinds left one out)")
 
 
 def main(argv):

@@ -316,7 +316,7 @@ def _micro_config(tmp_path):
     cfg.refine.update(qr_every=2, views_per_step=2)
     cfg.refine.train.update(steps=4, log_every=2, checkpoint_every=2)
     cfg.fit.update(steps=3, views=2)
-    cfg.regressor.update(steps=10)
+    cfg.regressor.update(steps=10, kinds=("mlp", "linear"))
     cfg.eval.update(max_novel_view_frames=2, fps_repeats=1, cross_frames=2)
     return cfg
 
@@ -332,7 +332,8 @@ def test_run_end_to_end_and_drive(tmp_path):
     res = gem_run.run(cfg, str(work))
     for name in ("gem.npz", "distilled.npz", "gem_2.npz", "gem_4.npz", "metrics.json", "tables.md", "comparison.png",
                  "novel_view.mp4", "novel_expression.mp4", "cross_reenactment.mp4", "regressor_params.npz",
-                 "regressor_landmarks.npz", "drive_camera.npz"):
+                 "regressor_landmarks.npz", "regressor_params_linear.npz", "regressor_landmarks_linear.npz",
+                 "drive_camera.npz"):
         assert (work / name).is_file(), name
     assert list(work.glob("frame_*.ply"))
     saved = json.loads((work / "metrics.json").read_text())
@@ -342,7 +343,7 @@ def test_run_end_to_end_and_drive(tmp_path):
             assert np.isfinite(saved[table][name]["psnr"])
     ne = saved["novel_expression"]
     assert {"net", "GEM (fit)", "GEM refined (fit)", "GEM refined (regressor: params)",
-            "GEM refined (regressor: landmarks)"} <= set(ne)
+            "GEM refined (regressor: landmarks)", "GEM refined (regressor: params_linear)"} <= set(ne)
     assert [r["components"] for r in saved["size_table"]] == ["-", 2, 4]
     assert saved["local_pca"]["n_regions"] >= 1
     model = gem.load_eigenmodel(work / "gem.npz")
@@ -356,6 +357,12 @@ def test_run_end_to_end_and_drive(tmp_path):
     assert video.is_file()
     with np.load(tmp_path / "drive" / "coefficients.npz") as z:
         assert z["position"].shape == (3, 4)
+    video = gem_run.drive(str(work), str(tmp_path / "drive_linear"), source=str(src), max_frames=3, kind="linear",
+                          log=lambda *a: None)
+    assert video.is_file()
+    (work / "regressor_params_linear.npz").unlink()
+    with pytest.raises(FileNotFoundError, match="regressor.kinds"):
+        gem_run.drive(str(work), str(tmp_path / "drive_linear2"), source=str(src), kind="linear", log=lambda *a: None)
     with pytest.raises(ValueError, match="exactly one of"):
         gem_run.drive(str(work), str(tmp_path / "drive2"), log=lambda *a: None)
     with pytest.raises(FileNotFoundError, match="no GEM eigenmodel"):

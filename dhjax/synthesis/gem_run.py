@@ -14,10 +14,12 @@ subject's multi-view capture, with evaluation, pictures, videos and the eigenmod
   gem_<M>.npz                                         truncated eigenmodels of the size table
   metrics.json                                        every table below, machine-readable
   tables.md                                           novel view, novel expression, size/speed tables
-  comparison.png                                      GT | Net | GEM (distilled) | GEM (refined)
+  comparison.png                                      GT | Net | GEM (distilled) | GEM (refined) (+ fitted, regressed)
   novel_view.mp4, novel_expression.mp4                GT | Net | GEM over the held-out sets
   cross_reenactment.mp4                               another identity drives the GEM (regressor)
   frame_<n>.ply                                       3DGS PLY of the GEM at a held-out frame (world)
+  regressor_<driver>[_linear].npz, drive_camera.npz   stage D's regressors per driver and kind; the
+                                                      frontal camera `drive` renders from
 Each stage resumes: the Net and the refinement from their checkpoints, the distillation from
 distilled.npz; the drivers and evaluation (seconds to minutes) are recomputed.
 """
@@ -586,8 +588,8 @@ def cross_reenactment(cfg, ctx, rnd, model, regs, neutral, cap, sp, out_path, lo
     for e in range(n):
         src = np.asarray(gen.render_group(0, e, [int(cap.view[v])])[0]["image"])
         row = [src]
-        for driver, (reg, _) in regs.items():
-            k = gem.regressor_apply(reg, jnp.asarray(feats[driver][e]))
+        for key, (reg, _) in regs.items():
+            k = gem.regressor_apply(reg, jnp.asarray(feats[key][e]))
             row.append(np.asarray(rnd.gem(model, k, cams))[0])
         frames.append(np.concatenate(row, 1))
     dio.save_video(out_path, np.stack(frames), fps=float(cfg.eval.video_fps))
@@ -619,7 +621,8 @@ def _picture(path, examples: list[tuple[str, dict]]):
             if c < len(ex):
                 name, img = list(ex.items())[c]
                 ax.imshow(np.clip(img, 0, 1))
-                ax.set_title(f"{title}\n{name}" if c == 0 else name, fontsize=7)
+                label = name.replace(" (", "\n(") if len(name) > 20 else name      # long names on two lines
+                ax.set_title(f"{title}\n{label}" if c == 0 else label, fontsize=7)
     fig.tight_layout()
     fig.savefig(path)
 
