@@ -14,6 +14,9 @@ Variants:
                 (`dhjax.capture.track_run`) and INSTA trains on the tracker's parameters and
                 cameras: the whole capture -> avatar chain on one command. (The plain tracker, not
                 the thesis's INSTA variant, which measured worse here: see c.tracker below.)
+  tiny_live     `tiny_tracked` in the live online mode: the tracker runs in a background thread
+                and INSTA trains from frame 0 on, each frame joining as soon as it is tracked
+                (online.live; online.json: held-out PSNR against seconds since tracking started).
   tiny_sweep    `tiny` with 400 steps, evaluated on 4 held-out frames, for the ablation sweep
                 (sweep() lists the ablations).
   paper         the thesis: 16 levels x 2 features, T = 2^19, step sqrt(3)/1024 of the box, a
@@ -25,7 +28,8 @@ Variants:
 Data: data.root = "" generates data.synthetic's video once into the cache (`dhjax.data.cache`);
 otherwise a 'video' dataset folder (`dhjax.data.dataset` layout; data.item selects the sequence).
 data.tracked = True first tracks the (synthetic) video and trains on the tracker's output.
-online.frames_per_step > 0 lets the frames arrive over time (online mode).
+online.frames_per_step > 0 lets the frames arrive over time on a schedule (online mode, reproducible);
+online.live = True (with data.tracked) feeds them from the tracker as it gets through the video.
 """
 
 import ml_collections
@@ -34,7 +38,7 @@ from dhjax.capture import tracker
 from dhjax.data import synthetic
 from dhjax.synthesis import insta
 
-VARIANTS = ("", "tiny", "tiny_tracked", "tiny_sweep", "paper")
+VARIANTS = ("", "tiny", "tiny_tracked", "tiny_live", "tiny_sweep", "paper")
 
 
 def get_config(arg=None):
@@ -67,7 +71,10 @@ def get_config(arg=None):
         samples_per_ray=64,              # sample capacity per step = frames x rays x this (overflow is counted)
         buffer_frames=1700, resample_every=1500,
         random_background=True))         # random background colour per training ray (instant-ngp)
-    c.online = ml_collections.ConfigDict(dict(frames_per_step=0.0))   # > 0: frame i arrives at step i / this
+    c.online = ml_collections.ConfigDict(dict(
+        frames_per_step=0.0,             # > 0: frame i arrives at step i / this (scheduled online mode)
+        live=False))                     # True (needs data.tracked): frames arrive as the tracker, running
+                                         # in a background thread, gets through them (live online mode)
     c.eval = ml_collections.ConfigDict(dict(
         chunk=1 << 15,                   # rays per render call
         n_rays=4096,                     # rays of the periodic evaluation batch
@@ -81,7 +88,7 @@ def get_config(arg=None):
                                              keep_checkpoints=3, eval_every=4000, on_nonfinite="skip",
                                              max_skipped_fraction=0.1))
 
-    if arg in ("tiny", "tiny_tracked", "tiny_sweep"):
+    if arg in ("tiny", "tiny_tracked", "tiny_live", "tiny_sweep"):
         s = c.data.synthetic
         s.uv_size = 128
         s.video.update(n_frames=60, width=128, height=128)
@@ -92,8 +99,11 @@ def get_config(arg=None):
         c.batch.update(frames_per_step=2, rays_per_frame=1024, samples_per_ray=48, buffer_frames=0)
         c.eval.update(n_rays=2048, orbit_frames=24, mesh_resolution=96)
         c.train.update(steps=1500, log_every=50, checkpoint_every=500, keep_checkpoints=2, eval_every=500)
-        if arg == "tiny_tracked":
+        if arg in ("tiny_tracked", "tiny_live"):
             c.data.tracked = True
+            c.online.live = arg == "tiny_live"
+            if c.online.live:
+                c.train.eval_every = 100         # online.json: the held-out PSNR every 100 steps
             c.tracker.first.update(landmark_steps=200, steps=(100, 100, 100))
             c.tracker.frame.update(landmark_steps=20, steps=(20, 20, 30))
         if arg == "tiny_sweep":

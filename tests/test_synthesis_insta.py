@@ -293,6 +293,12 @@ def test_frame_buffer_and_online_arrival():
     assert [online.available(s) for s in (0, 1, 2, 4, 100)] == [1, 1, 2, 3, 6]
     for s in range(12):
         assert online.get_batch(s)["frame"][0] < online.available(s)
+    arrived = [0]          # live mode: whatever the tracker has delivered, at least one frame
+    live = insta_data.RayBatches(video, frames_per_step=2, rays_per_frame=1, arrived=lambda: arrived[0])
+    for n in (0, 1, 3, 6, 9):
+        arrived[0] = n
+        assert live.available(5) == min(max(n, 1), 6)
+        assert live.get_batch(5)["frame"].max() < live.available(5)
 
 
 def _write_video(tmp_path, n=3):
@@ -332,6 +338,44 @@ def test_models_without_regions_are_refused():
     model = sc.tiny_assets().model.replace(regions=None)
     with pytest.raises(ValueError, match="region masks"):
         insta_data.region_faces(model)
+
+
+def test_live_mode_trains_while_the_tracker_tracks_and_resumes(tmp_path):
+    """online.live: the tracker runs in a background thread, training starts with frame 0, frames
+    join as they are tracked; online.json scores the avatar as it was at each evaluation on the
+    held-out frames (tracked last); a rerun reads the saved tracking back instead of tracking again."""
+    c = insta_config.get_config("tiny_live")
+    c.data.cache_dir = str(tmp_path / "cache")
+    c.data.synthetic = sc.tiny_config()
+    c.data.synthetic.video.update(n_sequences=1, n_frames=6)
+    c.data.holdout = 2
+    c.model = _small_model_cfg()
+    c.batch.update(rays_per_frame=128, samples_per_ray=64)
+    c.eval.update(orbit_frames=0, mesh_resolution=0, chunk=2048, n_rays=256)
+    c.train.update(steps=12, log_every=4, eval_every=4, checkpoint_every=6)
+    c.tracker.first.update(landmark_steps=10, steps=(5, 5, 5))
+    c.tracker.frame.update(landmark_steps=3, steps=(3, 3, 3))
+    work = tmp_path / "run"
+    m = insta_run.run(c, str(work))
+    assert m["n_frames"] == 2.0 and np.isfinite(m["psnr"])
+    assert len(list((work / "tracking").iterdir())) >= 6
+    online = json.loads((work / "online.json").read_text())
+    assert [p["step"] for p in online] == [4, 8, 12] and (work / "online.png").is_file()
+    tracked = [p["frames_tracked"] for p in online]
+    assert tracked == sorted(tracked) and 1 <= tracked[0] and tracked[-1] <= 6
+    assert all(1 <= p["frames_arrived"] <= 4 and np.isfinite(p["heldout_psnr"]) for p in online)
+    assert [p["seconds"] for p in online] == sorted(p["seconds"] for p in online)
+    rows = [json.loads(line) for line in (work / "metrics.jsonl").read_text().splitlines()]
+    assert any("eval/frames_tracked" in r for r in rows)
+    m2 = insta_run.run(c, str(work))        # finished: tracking is read back, nothing trains
+    assert m2["psnr"] == m["psnr"]
+    bad = c.copy_and_resolve_references()
+    bad.data.tracked = False
+    with pytest.raises(ValueError, match="data.tracked"):
+        insta_run.build_live(bad, str(tmp_path / "bad"))
+    bad.data.tracked, bad.online.frames_per_step = True, 0.5
+    with pytest.raises(ValueError, match="two online modes"):
+        insta_run.build_live(bad, str(tmp_path / "bad"))
 
 
 def test_depth_evaluation_camera_undoes_the_trackers_rigid_head_pose():

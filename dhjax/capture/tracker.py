@@ -926,7 +926,8 @@ def _save_progress(folder, i: int, frame: FrameData, rec: Mapping[str, Any]) -> 
 
 def track_sequence(cfg, model, frames: Sequence[FrameData], *, shape_init=None,
                    log: Callable[[str], None] | None = print, progress_dir=None,
-                   step_cache: dict | None = None, timings: dict | None = None) -> TrackResult:
+                   step_cache: dict | None = None, timings: dict | None = None,
+                   on_frame: Callable[[int, dict], None] | None = None) -> TrackResult:
     """Tracks frames (one image sequence of one person) in order; see the module docstring.
 
     Args:
@@ -945,6 +946,10 @@ def track_sequence(cfg, model, frames: Sequence[FrameData], *, shape_init=None,
         "landmarks", "level <l>", and "first/errors" / "frame/errors" (the per-frame error
         evaluation); compilation counts where it happens. None: nothing is timed (timing adds a
         device synchronisation after each stage).
+      on_frame: called as on_frame(i, record) for every frame in order as soon as it is tracked
+        (or read back from progress_dir), record = dict(params, K [3, 3], R [3, 3], t [3],
+        landmark_error_px, photometric_error): a consumer can use frames while later ones are
+        still being tracked (INSTA's live online mode). None: no calls.
     """
     if len(frames) == 0:
         raise ValueError("no frames to track")
@@ -981,6 +986,8 @@ def track_sequence(cfg, model, frames: Sequence[FrameData], *, shape_init=None,
         ts.append(rec["t"])
         lerr.append(rec["landmark_error_px"])
         perr.append(rec["photometric_error"])
+        if on_frame is not None:
+            on_frame(len(out_params) - 1, dict(rec))
     if done:
         params = jax.tree.map(jnp.asarray, dict(done[-1]["params"]))
         prev = {k: done[-1]["params"][k] for k in ("expression", "jaw", "neck")}
@@ -1030,9 +1037,11 @@ def track_sequence(cfg, model, frames: Sequence[FrameData], *, shape_init=None,
         lerr.append(le)
         perr.append(pe)
         prev = {k: p_np[k] for k in ("expression", "jaw", "neck")}
+        rec = dict(params=p_np, K=K, R=Rs[-1], t=ts[-1], landmark_error_px=le, photometric_error=pe)
         if progress_dir is not None:
-            _save_progress(progress_dir, i, fr, dict(params=p_np, K=K, R=Rs[-1], t=ts[-1], landmark_error_px=le,
-                                                    photometric_error=pe))
+            _save_progress(progress_dir, i, fr, rec)
+        if on_frame is not None:
+            on_frame(i, rec)
         if log is not None:
             log(f"frame {i + 1}/{len(frames)}: landmarks {le:.2f} px, photometric {pe:.4f}, "
                 f"focal {K[0, 0]:.1f} px ({time.time() - t0:.1f} s)")

@@ -156,20 +156,21 @@ def _head_transform(model, shape, pose, translation, joints_posed):
 
 
 def prepare(samples: Sequence[dict], model, *, background=(1.0, 1.0, 1.0), depth_source: str = "mesh",
-            names: Sequence[str] | None = None) -> tuple[Video, np.ndarray]:
+            names: Sequence[str] | None = None, min_frames: int = MIN_FRAMES) -> tuple[Video, np.ndarray]:
     """Per-frame arrays of a tracked video and its canonical mesh (module docstring).
 
     Args:
       samples: frames (`load_video`); model: the head model the parameters refer to, extended by
         the mouth proxy (`dhjax.data.synthetic.build_assets(...).model`); background: RGB in
         [0, 1]; depth_source: 'mesh' (rasterise the tracked mesh, the thesis) or 'dataset' (the
-        dataset's depth maps, e.g. the tracker's); names: frame names for error messages.
+        dataset's depth maps, e.g. the tracker's); names: frame names for error messages;
+        min_frames: fewer frames are an error (1 to prepare frames one at a time).
     Returns:
       (Video, canonical vertices [V, 3]).
     """
     if depth_source not in ("mesh", "dataset"):
         raise ValueError(f"depth_source must be 'mesh' or 'dataset', got {depth_source!r}")
-    check_frames(samples, names)
+    check_frames(samples, names, min_frames=min_frames)
     names = list(names) if names is not None else [f"frame {i}" for i in range(len(samples))]
     mouth_f, face_f = region_faces(model)
     faces = jnp.asarray(model.faces)
@@ -228,11 +229,16 @@ def prepare(samples: Sequence[dict], model, *, background=(1.0, 1.0, 1.0), depth
     return Video(**{k: np.stack(v) for k, v in out.items()}), canon.astype(np.float32)
 
 
+def holdout_count(n: int, holdout: float | int) -> int:
+    """Held-out frames of n (holdout: a count >= 1, or a fraction < 1; at least 1, at most n - 1)."""
+    k = int(holdout) if holdout >= 1 else int(round(float(holdout) * n))
+    return min(max(k, 1), n - 1)
+
+
 def split(video: Video, holdout: float | int) -> tuple[Video, Video]:
     """(train, test): the last frames are held out (holdout: a count >= 1, or a fraction < 1)."""
     n = video.images.shape[0]
-    k = int(holdout) if holdout >= 1 else int(round(float(holdout) * n))
-    k = min(max(k, 1), n - 1)
+    k = holdout_count(n, holdout)
     return video.take(np.arange(n - k)), video.take(np.arange(n - k, n))
 
 
@@ -270,8 +276,9 @@ class RayBatches:
 
     def __init__(self, video: Video, *, frames_per_step: int, rays_per_frame: int, buffer_frames: int = 0,
                  resample_every: int = 0, online_frames_per_step: float = 0.0, seed: int = 0,
-                 random_background: bool = False, background=(1.0, 1.0, 1.0)):
+                 random_background: bool = False, background=(1.0, 1.0, 1.0), arrived=None):
         self.video = video
+        self.arrived = arrived          # live online mode: () -> frames usable now (overrides the schedule)
         self.n = int(video.images.shape[0])
         self.G, self.R = int(frames_per_step), int(rays_per_frame)
         if self.G < 1 or self.R < 1:
@@ -285,6 +292,8 @@ class RayBatches:
 
     def available(self, step: int) -> int:
         """Frames usable at a step (all, or the arrived ones in online mode; at least one)."""
+        if self.arrived is not None:
+            return int(min(self.n, max(1, self.arrived())))
         if self.online <= 0:
             return self.n
         return int(min(self.n, max(1, 1 + np.floor(step * self.online))))

@@ -9,7 +9,8 @@ SSIM, L1, LPIPS when eval.lpips_path is given, mouth-region PSNR, depth errors; 
 the textured-mesh baseline), heldout.png (ground truth | INSTA | baseline | depth, a few
 held-out frames), heldout.mp4 (GT | render | depth over every held-out frame), orbit.mp4 (the
 first held-out frame from -90 to +90 degrees of yaw), canonical_mesh.obj (marching cubes of the
-canonical density), online.json (held-out PSNR against seconds, online mode).
+canonical density), online.json (held-out PSNR against seconds, online modes), tracking/
+(live online mode: every tracked frame, so that a killed run resumes its tracking too).
 
 The baseline is the tracked mesh with a texture baked from the training frames
 (`dhjax.render.texture.extract_texture`, which holds the light of the video), rendered unlit:
@@ -56,9 +57,9 @@ def _synthetic_config(cfg):
     return g
 
 
-def open_video(cfg, log=print):
+def open_video(cfg, log=print, track: bool = True):
     """(samples, names, assets, source) of the configured video; tracks it first when
-    cfg.data.tracked (synthetic only)."""
+    cfg.data.tracked (synthetic only) and `track`."""
     g = _synthetic_config(cfg)
     assets = synthetic.build_assets(None, int(g.uv_size))
     if cfg.data.root:
@@ -72,7 +73,7 @@ def open_video(cfg, log=print):
     item = None if int(cfg.data.item) < 0 else int(cfg.data.item)
     samples = insta_data.load_video(root, cfg.data.split, item, int(cfg.data.max_frames))
     names = [f"{root}/{cfg.data.split} frame {int(s.get('frame', i))}" for i, s in enumerate(samples)]
-    if cfg.data.tracked:
+    if cfg.data.tracked and track:
         if cfg.data.root:
             raise ValueError("data.tracked tracks the synthetic video; a data.root dataset is already tracked "
                              "(experiments.track writes one)")
@@ -81,29 +82,134 @@ def open_video(cfg, log=print):
     return samples, names, assets, source
 
 
-def track_samples(cfg, samples, assets, log=print):
-    """The samples with the metrical tracker's parameters and cameras instead of the true ones
-    (landmarks: the true projected 68 points plus 0.5 px noise, a perfect detector; masks:
-    the face and eye labels, what a face parser gives); images and foreground masks kept;
-    the tracked eyelids too when cfg.tracker.eyelids tracked them."""
+def tracker_frames(cfg, samples, assets) -> tuple:
+    """(head model, the tracker's FrameData per sample) of a synthetic video: the true projected
+    68 landmarks plus 0.5 px noise (a perfect detector; iris points when the model has them) and
+    the face and eye labels as masks (what a face parser gives)."""
     model = synthetic.base_model(assets)
     rng = np.random.default_rng(int(cfg.seed) + 17)
     iris_rng = np.random.default_rng([int(cfg.seed), 468])
-    frames = [track_run.synthetic_frame(model, s, rng, 0.5, iris_rng, name=f"frame {t}")
-              for t, s in enumerate(samples)]
+    return model, [track_run.synthetic_frame(model, s, rng, 0.5, iris_rng, name=f"frame {t}")
+                   for t, s in enumerate(samples)]
+
+
+def tracked_sample(sample: dict, rec: dict, eyelids: bool | None = None) -> dict:
+    """A sample with one tracked frame's parameters and camera (a `tracker.track_sequence` record:
+    params, K, R, t) instead of the true ones; images and foreground masks kept."""
+    fp = tracker.flame_parameters(rec["params"], eyelids=eyelids)
+    return dict(sample, K=np.asarray(rec["K"], np.float32), R=np.asarray(rec["R"], np.float32),
+                t=np.asarray(rec["t"], np.float32), shape=fp["shape"], expression=fp["expression"],
+                pose=fp["pose"], translation=fp["translation"],
+                **({"eyelids": fp["eyelids"]} if "eyelids" in fp else {}))
+
+
+def track_samples(cfg, samples, assets, log=print):
+    """The samples with the metrical tracker's parameters and cameras instead of the true ones
+    (`tracker_frames`' landmarks and masks; the tracked eyelids too when cfg.tracker.eyelids
+    tracked them)."""
+    model, frames = tracker_frames(cfg, samples, assets)
     t0 = time.time()
     result = tracker.track_sequence(cfg.tracker, model, frames, log=log)
     log(f"tracked {len(frames)} frames in {time.time() - t0:.0f}s (landmark error "
         f"{float(np.mean(result.landmark_error_px)):.2f} px)")
-    out = []
     lids = tracker.tracked_eyelids(result.params)
-    for i, (s, p) in enumerate(zip(samples, result.params)):
-        fp = tracker.flame_parameters(p, eyelids=lids)
-        out.append(dict(s, K=result.K[i].astype(np.float32), R=result.R[i].astype(np.float32),
-                        t=result.t[i].astype(np.float32), shape=fp["shape"], expression=fp["expression"],
-                        pose=fp["pose"], translation=fp["translation"],
-                        **({"eyelids": fp["eyelids"]} if "eyelids" in fp else {})))
-    return out
+    return [tracked_sample(s, dict(params=p, K=result.K[i], R=result.R[i], t=result.t[i]), eyelids=lids)
+            for i, (s, p) in enumerate(zip(samples, result.params))]
+
+
+class _FeedClosed(Exception):
+    pass
+
+
+class LiveFeed:
+    """Online mode fed by the tracker (online.live): the synthetic video is tracked in a background
+    thread while INSTA trains, and each frame joins the training set as soon as it is tracked.
+
+    The training and held-out videos are arrays of all frames, allocated when frame 0 arrives
+    (its tracked shape fixes the canonical mesh) and filled frame by frame (`insta_data.prepare`
+    of one frame); `arrived()` is the number of training frames usable so far (a contiguous
+    prefix). Tracking saves every frame in <workdir>/tracking, so a killed run resumes both the
+    tracking and the training. Which frames a step draws depends on how far tracking has got,
+    so a live run is not reproducible step for step (the scheduled online mode is).
+    """
+
+    def __init__(self, cfg, samples, names, assets, workdir, log=print):
+        import threading
+
+        insta_data.check_frames(samples, names)      # too few frames: an error before any tracking
+        self.cfg, self.samples, self.names, self.assets = cfg, samples, names, assets
+        self.n = len(samples)
+        self.n_train = self.n - insta_data.holdout_count(self.n, float(cfg.data.holdout))
+        self.workdir = Path(workdir)
+        self.log = log
+        self.count = 0                      # frames tracked and prepared (in order)
+        self.train: insta_data.Video | None = None
+        self.test: insta_data.Video | None = None
+        self.canon = self.shape = None
+        self.error: BaseException | None = None
+        self.landmark_error_px: list[float] = []
+        self.started = time.time()
+        self.tracked_at: list[float] = []   # seconds since the start at which each frame arrived
+        self._closed = False
+        self._cond = threading.Condition()
+        self._thread = threading.Thread(target=self._track, name="insta-live-tracker", daemon=True)
+
+    def start(self) -> "LiveFeed":
+        self._thread.start()
+        return self
+
+    def _track(self):
+        try:
+            model, frames = tracker_frames(self.cfg, self.samples, self.assets)
+            self._eyelids = bool(self.cfg.tracker.get("eyelids", False)) and model.eyelid_dirs is not None
+            tracker.track_sequence(self.cfg.tracker, model, frames, log=None, on_frame=self._arrive,
+                                   progress_dir=str(self.workdir / "tracking"))
+        except BaseException as err:        # re-raised in the training thread by wait()
+            with self._cond:
+                self.error = err
+                self._cond.notify_all()
+
+    def close(self) -> None:
+        """Stops the tracker at its next frame (a run that ends early, e.g. on SIGTERM; what it
+        tracked is saved)."""
+        self._closed = True
+
+    def _arrive(self, i: int, rec: dict):
+        if self._closed:
+            raise _FeedClosed("the live feed was closed")
+        s = tracked_sample(self.samples[i], rec, eyelids=self._eyelids)
+        v, canon = insta_data.prepare([s], self.assets.model, background=tuple(self.cfg.model.background),
+                                      min_frames=1, depth_source=self.cfg.data.depth_source, names=[self.names[i]])
+        if i == 0:
+            self.canon, self.shape = canon, np.asarray(s["shape"], np.float32)
+            self.train = insta_data.Video(*(np.repeat(a, self.n_train, 0) for a in v))
+            self.test = insta_data.Video(*(np.repeat(a, self.n - self.n_train, 0) for a in v))
+        elif np.abs(canon - self.canon).max() > 1e-6:
+            raise ValueError(f"{self.names[i]}: the tracked shape changed after frame 0; INSTA builds one "
+                             "canonical mesh per video")
+        dst, j = (self.train, i) if i < self.n_train else (self.test, i - self.n_train)
+        for whole, one in zip(dst, v):
+            whole[j] = one[0]
+        with self._cond:
+            self.count = i + 1
+            self.landmark_error_px.append(float(rec["landmark_error_px"]))
+            self.tracked_at.append(time.time() - self.started)
+            self._cond.notify_all()
+        if self.log is not None and ((i + 1) % 10 == 0 or i + 1 == self.n):
+            self.log(f"live: {i + 1}/{self.n} frames tracked ({time.time() - self.started:.0f}s, landmark error "
+                     f"{rec['landmark_error_px']:.2f} px)")
+
+    def wait(self, count: int) -> None:
+        """Blocks until `count` frames are tracked; re-raises the tracker's error."""
+        with self._cond:
+            while self.count < count and self.error is None:
+                self._cond.wait(1.0)
+            if self.error is not None:
+                raise RuntimeError(f"live tracking failed: {self.error}") from self.error
+
+    def arrived(self) -> int:
+        """Training frames tracked so far."""
+        return min(self.count, self.n_train)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -370,12 +476,33 @@ def build(cfg, log=print):
     return ctx, train, test, assets, samples
 
 
-def ray_batches(cfg, train: insta_data.Video) -> insta_data.RayBatches:
+def build_live(cfg, workdir, log=print):
+    """`build` for the live online mode: (ctx, train, test, assets, feed); the videos fill up as
+    the background tracker (`LiveFeed`) gets through the frames."""
+    if not cfg.data.tracked or cfg.data.root:
+        raise ValueError("online.live trains while dhjax's tracker tracks the synthetic video: it needs "
+                         "data.tracked=True (and no data.root)")
+    if float(cfg.online.frames_per_step) > 0:
+        raise ValueError("online.live and online.frames_per_step are two online modes: set one")
+    samples, names, assets, source = open_video(cfg, log, track=False)     # the feed tracks it
+    feed = LiveFeed(cfg, samples, names, assets, workdir, log).start()
+    log(f"live: tracking {len(samples)} frames of {source} in the background; training starts with frame 0")
+    feed.wait(1)
+    mouth_f, _ = insta_data.region_faces(assets.model)
+    b = cfg.batch
+    ctx = insta.make_context(feed.canon, np.asarray(assets.model.faces), mouth_f, n_frames=feed.n_train,
+                             model_cfg=cfg.model, loss_cfg=cfg.loss, optim_cfg=cfg.optim,
+                             capacity=int(b.rays_per_frame) * int(b.samples_per_ray), backend=cfg.backend)
+    return ctx, feed.train, feed.test, assets, feed
+
+
+def ray_batches(cfg, train: insta_data.Video, arrived=None) -> insta_data.RayBatches:
     b = cfg.batch
     return insta_data.RayBatches(train, frames_per_step=int(b.frames_per_step), rays_per_frame=int(b.rays_per_frame),
                                  buffer_frames=int(b.buffer_frames), resample_every=int(b.resample_every),
                                  online_frames_per_step=float(cfg.online.frames_per_step), seed=int(cfg.seed),
-                                 random_background=bool(b.random_background), background=tuple(cfg.model.background))
+                                 random_background=bool(b.random_background), background=tuple(cfg.model.background),
+                                 arrived=arrived)
 
 
 def eval_rays(cfg, test: insta_data.Video, devices: int) -> dict:
@@ -397,11 +524,17 @@ def run(cfg, workdir: str) -> dict:
     """
     run_ = app.start(workdir, cfg)
     log = run_.log
-    ctx, train, test, assets, samples = build(cfg, log)
+    live = bool(cfg.online.get("live", False))
+    if live:
+        ctx, train, test, assets, feed = build_live(cfg, run_.workdir, log)
+        shape = feed.shape
+    else:
+        ctx, train, test, assets, samples = build(cfg, log)
+        shape = samples[0]["shape"]
     if run_.lead:
         np.savez(run_.path("avatar.npz"), canon_verts=ctx.canon_verts, n_frames=np.int32(ctx.n_frames),
-                 shape=np.asarray(samples[0]["shape"], np.float32))
-    batches = ray_batches(cfg, train)
+                 shape=np.asarray(shape, np.float32))
+    batches = ray_batches(cfg, train, arrived=feed.arrived if live else None)
     shapes = jax.eval_shape(lambda k: insta.init_state(k, ctx), jax.random.PRNGKey(0))
     log(app.parameter_overview(shapes["params"]))
     init, step, evaluate = insta.method_functions(ctx)
@@ -409,19 +542,38 @@ def run(cfg, workdir: str) -> dict:
     W, H = test.size
 
     def render_hook(state, batch):
-        out = renderer.render(state["ema"], state["occ"]["bits"], _frame(test, 0), test.K[0], test.R[0],
-                              test.t[0], W, H)
-        return {"eval/heldout": logs.comparison_grid(test.images[:1], np.asarray(out["color"])[None],
+        # live: the newest tracked training frame (the held-out ones are tracked last)
+        video, i = (train, feed.arrived() - 1) if live else (test, 0)
+        out = renderer.render(state["ema"], state["occ"]["bits"], _frame(video, i), video.K[i], video.R[i],
+                              video.t[i], W, H)
+        return {"eval/heldout": logs.comparison_grid(video.images[i:i + 1], np.asarray(out["color"])[None],
                                                      _depth_image(np.asarray(out["depth"]))[None])}
 
-    method = loop.Method(init, step, jax.jit(evaluate), render_hook)
-    eval_batch = eval_rays(cfg, test, jax.device_count())
-    online = _OnlineRecorder(batches) if float(cfg.online.frames_per_step) > 0 else None
+    if live:
+        online = _LiveRecorder(batches, feed, jax.jit(evaluate))
+        method = loop.Method(init, step, online.snapshot, render_hook)
+        eval_batch = batches.get_batch(0)        # a stand-in: the held-out frames are not tracked yet
+    else:
+        method = loop.Method(init, step, jax.jit(evaluate), render_hook)
+        eval_batch = eval_rays(cfg, test, jax.device_count())
+        online = _OnlineRecorder(batches) if float(cfg.online.frames_per_step) > 0 else None
     t0 = time.time()
-    result = loop.train(cfg, str(run_.workdir), method, online or batches, eval_batch=eval_batch)
+    try:
+        result = loop.train(cfg, str(run_.workdir), method, online or batches, eval_batch=eval_batch)
+    except BaseException:
+        if live:
+            feed.close()
+        raise
     if online:
         online.finished = time.time()
     train_seconds = time.time() - t0
+    if live:
+        log(f"live: training done with {feed.count}/{feed.n} frames tracked; waiting for the tracker "
+            "(the held-out frames come last)")
+        feed.wait(feed.n)
+        log(f"live: {feed.n} frames tracked in {feed.tracked_at[-1]:.0f}s since the start (landmark error "
+            f"{np.mean(feed.landmark_error_px):.2f} px)")
+        online.eval_batch = eval_rays(cfg, test, jax.device_count())
     state = result.state
     metrics = evaluate_heldout(cfg, ctx, state, train, test, assets, renderer, run_, log)
     metrics["train_seconds"] = train_seconds if result.steps_run else float("nan")
@@ -435,6 +587,49 @@ def run(cfg, workdir: str) -> dict:
                                            f"{p['heldout_psnr']:.2f} dB" for p in pts))
     run_.done(f"{run_.workdir}/heldout.png", "heldout_metrics.json", "heldout.mp4")
     return metrics
+
+
+class _LiveRecorder:
+    """Live online mode's record: at every periodic evaluation (and the last step) the loop's
+    evaluate keeps a host copy of the EMA weights and the occupancy grid with the wall-clock time
+    and the frames tracked by then; after training, once the held-out frames are tracked, each
+    copy is scored on the held-out ray batch (eval/psnr of the scheduled mode): held-out PSNR
+    against seconds since tracking started. A resumed run records the steps it runs itself, its
+    seconds counted from its own start (the saved tracking is read back in a moment)."""
+
+    def __init__(self, batches: insta_data.RayBatches, feed: LiveFeed, evaluate):
+        self.batches, self.feed, self.evaluate = batches, feed, evaluate
+        self.snaps: dict[int, dict] = {}
+        self.step = 0                           # the last step a batch was drawn for
+        self.finished: float | None = None
+        self.eval_batch = None                  # set once the held-out frames are tracked
+
+    def get_batch(self, step: int) -> dict:
+        self.step = int(step)
+        return self.batches.get_batch(step)
+
+    def snapshot(self, state, batch) -> dict:
+        del batch
+        n = self.feed.count
+        self.snaps[self.step + 1] = dict(seconds=time.time() - self.feed.started, frames_tracked=n,
+                                         frames_arrived=self.feed.arrived(),
+                                         state=jax.device_get({"ema": state["ema"], "occ": state["occ"]}))
+        return {"frames_tracked": float(n)}
+
+    def points(self) -> list[dict]:
+        out = []
+        for step in sorted(self.snaps):
+            sn = self.snaps[step]
+            m = self.evaluate(jax.device_put(sn["state"]), self.eval_batch)
+            out.append({"step": step, "seconds": sn["seconds"], "frames_tracked": sn["frames_tracked"],
+                        "frames_arrived": sn["frames_arrived"], "heldout_psnr": float(m["psnr"])})
+        return out
+
+    def write(self, run_) -> list[dict]:
+        """online.json and online.png (held-out PSNR against seconds since tracking started)."""
+        pts = self.points()
+        return _write_online(run_, pts, "INSTA live: frames are tracked while it trains",
+                             "seconds since tracking started")
 
 
 class _OnlineRecorder:
@@ -476,21 +671,32 @@ class _OnlineRecorder:
 
     def write(self, run_) -> list[dict]:
         """online.json and online.png (held-out PSNR against seconds)."""
-        pts = self.points(run_.path("metrics.jsonl"))
-        Path(run_.path("online.json")).write_text(json.dumps(pts, indent=1))
-        if pts:
-            from matplotlib.figure import Figure   # no pyplot: the caller's backend is left alone
+        return _write_online(run_, self.points(run_.path("metrics.jsonl")),
+                             "INSTA online: frames arrive while training", "seconds since the first step")
 
-            fig = Figure(figsize=(5, 3.2), dpi=120)
-            ax = fig.subplots()
-            ax.plot([p["seconds"] for p in pts], [p["heldout_psnr"] for p in pts], "o-")
-            ax.set_xlabel("seconds since the first step")
-            ax.set_ylabel("held-out PSNR (dB)")
-            ax.set_title("INSTA online: frames arrive while training")
-            ax.grid(alpha=0.3)
-            fig.tight_layout()
-            fig.savefig(run_.path("online.png"))
-        return pts
+
+def _write_online(run_, pts: list[dict], title: str, xlabel: str) -> list[dict]:
+    """online.json (the points) and online.png (held-out PSNR against seconds)."""
+    Path(run_.path("online.json")).write_text(json.dumps(pts, indent=1))
+    if pts:
+        from matplotlib.figure import Figure   # no pyplot: the caller's backend is left alone
+
+        fig = Figure(figsize=(5, 3.2), dpi=120)
+        ax = fig.subplots()
+        secs = [p["seconds"] for p in pts]
+        ax.plot(secs, [p["heldout_psnr"] for p in pts], "o-", color="C0")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("held-out PSNR (dB)", color="C0")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        key = "frames_tracked" if "frames_tracked" in pts[0] else "frames_arrived"
+        ax2 = ax.twinx()
+        ax2.plot(secs, [p[key] for p in pts], "s--", color="0.5", markersize=3)
+        ax2.set_ylabel(key.replace("_", " "), color="0.4")
+        ax2.set_ylim(bottom=0)
+        fig.tight_layout()
+        fig.savefig(run_.path("online.png"))
+    return pts
 
 
 def evaluate_heldout(cfg, ctx, state, train, test, assets, renderer, run_, log) -> dict:
