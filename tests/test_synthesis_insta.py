@@ -340,19 +340,27 @@ def test_models_without_regions_are_refused():
         insta_data.region_faces(model)
 
 
-def test_live_mode_trains_while_the_tracker_tracks_and_resumes(tmp_path):
-    """online.live: the tracker runs in a background thread, training starts with frame 0, frames
-    join as they are tracked; online.json scores the avatar as it was at each evaluation on the
-    held-out frames (tracked last); a rerun reads the saved tracking back instead of tracking again."""
-    c = insta_config.get_config("tiny_live")
+def _run_config(variant: str, tmp_path):
+    """A variant shrunk to a 6-frame 64^2 video (2 held out), a small field and 12 steps."""
+    c = insta_config.get_config(variant)
     c.data.cache_dir = str(tmp_path / "cache")
     c.data.synthetic = sc.tiny_config()
     c.data.synthetic.video.update(n_sequences=1, n_frames=6)
     c.data.holdout = 2
     c.model = _small_model_cfg()
     c.batch.update(rays_per_frame=128, samples_per_ray=64)
-    c.eval.update(orbit_frames=0, mesh_resolution=0, chunk=2048, n_rays=256)
-    c.train.update(steps=12, log_every=4, eval_every=4, checkpoint_every=6)
+    c.eval.update(orbit_frames=3, mesh_resolution=24, mesh_threshold=1.0, chunk=2048, n_rays=256)
+    c.train.update(steps=12, log_every=4, eval_every=6, checkpoint_every=6)
+    return c
+
+
+def test_live_mode_trains_while_the_tracker_tracks_and_resumes(tmp_path):
+    """online.live: the tracker runs in a background thread, training starts with frame 0, frames
+    join as they are tracked; online.json scores the avatar as it was at each evaluation on the
+    held-out frames (tracked last); a rerun reads the saved tracking back instead of tracking again."""
+    c = _run_config("tiny_live", tmp_path)
+    c.eval.update(orbit_frames=0, mesh_resolution=0)
+    c.train.update(eval_every=4)
     c.tracker.first.update(landmark_steps=10, steps=(5, 5, 5))
     c.tracker.frame.update(landmark_steps=3, steps=(3, 3, 3))
     work = tmp_path / "run"
@@ -415,15 +423,7 @@ def test_depth_evaluation_camera_undoes_the_trackers_rigid_head_pose():
 
 
 def test_run_writes_its_outputs_resumes_and_reenacts(tmp_path):
-    c = insta_config.get_config("tiny")
-    c.data.cache_dir = str(tmp_path / "cache")
-    c.data.synthetic = sc.tiny_config()
-    c.data.synthetic.video.update(n_sequences=1, n_frames=6)
-    c.data.holdout = 2
-    c.model = _small_model_cfg()
-    c.batch.update(rays_per_frame=128, samples_per_ray=64)
-    c.eval.update(orbit_frames=3, mesh_resolution=24, mesh_threshold=1.0, chunk=2048, n_rays=256)
-    c.train.update(steps=12, log_every=4, eval_every=6, checkpoint_every=6)
+    c = _run_config("tiny", tmp_path)
     c.online.frames_per_step = 0.25          # online mode: frame i arrives at step 4 i
     work = tmp_path / "run"
     m = insta_run.run(c, str(work))
