@@ -740,8 +740,9 @@ def train_linear_regressor(features, coeffs: Mapping, sigma: Mapping, neutral_in
         d = s ** 2 / (s ** 2 + float(lam))
         h = np.sum(U ** 2 * d, 1) + 1.0 / n                     # the hat matrix's diagonal, intercept included
         fit = U @ (d[:, None] * (U.T @ Yc)) + ym
-        loo = (Y - fit) / (1.0 - h)[:, None]
+        loo = (Y - fit) / np.maximum(1.0 - h, 1e-12)[:, None]
         err = float(np.mean(np.sum(wf * loo ** 2, 1)) / len(ATTRIBUTES))
+        err = err if np.isfinite(err) else float("inf")
         if best is None or err < best[0]:
             best = (err, float(lam))
     err, lam = best
