@@ -361,7 +361,7 @@ def test_run_end_to_end_and_drive(tmp_path):
                           log=lambda *a: None)
     assert video.is_file()
     (work / "regressor_params_linear.npz").unlink()
-    with pytest.raises(FileNotFoundError, match="regressor.kinds"):
+    with pytest.raises(FileNotFoundError, match=r"no 'linear' regressor .* the run has \['mlp'\]"):
         gem_run.drive(str(work), str(tmp_path / "drive_linear2"), source=str(src), kind="linear", log=lambda *a: None)
     with pytest.raises(ValueError, match="exactly one of"):
         gem_run.drive(str(work), str(tmp_path / "drive2"), log=lambda *a: None)

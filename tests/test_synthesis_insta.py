@@ -386,6 +386,24 @@ def test_live_mode_trains_while_the_tracker_tracks_and_resumes(tmp_path):
         insta_run.build_live(bad, str(tmp_path / "bad"))
 
 
+def test_live_feed_stops_training_when_tracking_fails(tmp_path):
+    """A tracker failure reaches the training loop at its next batch instead of leaving it to
+    train on the frames it has; after close() (training already failed) it no longer does."""
+    samples, _, _ = _video_and_canon()
+    c = insta_config.get_config("tiny_live")
+    c.data.holdout = 2
+    feed = insta_run.LiveFeed(c, samples, [f"frame {i}" for i in range(len(samples))], sc.tiny_assets(), tmp_path,
+                              log=None)
+    assert feed.n_train == 4 and feed.arrived() == 0
+    feed.error = ValueError("no face in frame 3")
+    with pytest.raises(RuntimeError, match="live tracking failed after 0 frames: no face in frame 3"):
+        feed.arrived()
+    with pytest.raises(RuntimeError, match="no face in frame 3"):
+        feed.wait(1)
+    feed.close()
+    assert feed.arrived() == 0
+
+
 def test_depth_evaluation_camera_undoes_the_trackers_rigid_head_pose():
     """A tracked world: the head moved rigidly into the camera and the camera moved with it (the
     same image). The generator's camera, moved into that world, sees the tracked head exactly as

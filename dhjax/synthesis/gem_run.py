@@ -834,9 +834,11 @@ def drive(workdir, out, *, source: str = "", split: str = "train", item: int = -
     cam = drive_camera(work)
     driver = "params" if source else "landmarks"
     path = work / f"regressor_{regressor_key(driver, kind)}.npz"
-    if kind != "mlp" and not path.is_file() and (work / "gem.npz").is_file():
-        raise FileNotFoundError(f"no '{kind}' regressor in {work} ({path.name}): the run trains it with "
-                                f"--config.regressor.kinds=\"('mlp', '{kind}')\"")
+    if not path.is_file():
+        have = [k for k in REGRESSOR_KINDS if (work / f"regressor_{regressor_key(driver, k)}.npz").is_file()]
+        raise FileNotFoundError(f"no '{kind}' regressor for the '{driver}' driver in {work} ({path.name}); "
+                                + (f"the run has {have} (kind=... / --regressor=...)" if have else
+                                   "the run trains it when regressor.drivers and regressor.kinds include them"))
     reg, _ = gem.load_regressor(path)
     images = None
     if source:

@@ -178,6 +178,7 @@ class LiveFeed:
         if self._closed:
             raise _FeedClosed("the live feed was closed")
         s = tracked_sample(self.samples[i], rec, eyelids=self._eyelids)
+        s.setdefault("frame", i)              # prepare() of one frame would number it 0
         v, canon = insta_data.prepare([s], self.assets.model, background=tuple(self.cfg.model.background),
                                       min_frames=1, depth_source=self.cfg.data.depth_source, names=[self.names[i]])
         if i == 0:
@@ -208,7 +209,10 @@ class LiveFeed:
                 raise RuntimeError(f"live tracking failed: {self.error}") from self.error
 
     def arrived(self) -> int:
-        """Training frames tracked so far."""
+        """Training frames tracked so far; raises the tracker's error (training must not go on
+        quietly with the frames it has when tracking failed)."""
+        if self.error is not None and not self._closed:
+            raise RuntimeError(f"live tracking failed after {self.count} frames: {self.error}") from self.error
         return min(self.count, self.n_train)
 
 
@@ -454,14 +458,18 @@ def _generator_truth(cfg, assets, frame_numbers):
             for t in frame_numbers}
 
 
+def _check_expression(cfg, video: insta_data.Video) -> None:
+    if video.expression.shape[1] < int(cfg.model.n_expression):
+        raise ValueError(f"the frames have {video.expression.shape[1]} expression coefficients, fewer than "
+                         f"model.n_expression={cfg.model.n_expression} (the condition's size)")
+
+
 def build(cfg, log=print):
     """(ctx, train video, test video, assets, samples) of a config: data, tracking, context."""
     samples, names, assets, source = open_video(cfg, log)
     video, canon = insta_data.prepare(samples, assets.model, background=tuple(cfg.model.background),
                                       depth_source=cfg.data.depth_source, names=names)
-    if video.expression.shape[1] < int(cfg.model.n_expression):
-        raise ValueError(f"the frames have {video.expression.shape[1]} expression coefficients, fewer than "
-                         f"model.n_expression={cfg.model.n_expression} (the condition's size)")
+    _check_expression(cfg, video)
     train, test = insta_data.split(video, cfg.data.holdout)
     mouth_f, _ = insta_data.region_faces(assets.model)
     b = cfg.batch
@@ -487,12 +495,17 @@ def build_live(cfg, workdir, log=print):
     samples, names, assets, source = open_video(cfg, log, track=False)     # the feed tracks it
     feed = LiveFeed(cfg, samples, names, assets, workdir, log).start()
     log(f"live: tracking {len(samples)} frames of {source} in the background; training starts with frame 0")
-    feed.wait(1)
-    mouth_f, _ = insta_data.region_faces(assets.model)
-    b = cfg.batch
-    ctx = insta.make_context(feed.canon, np.asarray(assets.model.faces), mouth_f, n_frames=feed.n_train,
-                             model_cfg=cfg.model, loss_cfg=cfg.loss, optim_cfg=cfg.optim,
-                             capacity=int(b.rays_per_frame) * int(b.samples_per_ray), backend=cfg.backend)
+    try:
+        feed.wait(1)
+        _check_expression(cfg, feed.train)
+        mouth_f, _ = insta_data.region_faces(assets.model)
+        b = cfg.batch
+        ctx = insta.make_context(feed.canon, np.asarray(assets.model.faces), mouth_f, n_frames=feed.n_train,
+                                 model_cfg=cfg.model, loss_cfg=cfg.loss, optim_cfg=cfg.optim,
+                                 capacity=int(b.rays_per_frame) * int(b.samples_per_ray), backend=cfg.backend)
+    except BaseException:
+        feed.close()
+        raise
     return ctx, feed.train, feed.test, assets, feed
 
 
@@ -531,6 +544,17 @@ def run(cfg, workdir: str) -> dict:
     else:
         ctx, train, test, assets, samples = build(cfg, log)
         shape = samples[0]["shape"]
+    try:
+        return _train_and_evaluate(cfg, run_, ctx, train, test, assets, shape, feed if live else None)
+    except BaseException:
+        if live:
+            feed.close()        # the tracker stops at its next frame (what it tracked is saved)
+        raise
+
+
+def _train_and_evaluate(cfg, run_, ctx, train, test, assets, shape, feed) -> dict:
+    log = run_.log
+    live = feed is not None
     if run_.lead:
         np.savez(run_.path("avatar.npz"), canon_verts=ctx.canon_verts, n_frames=np.int32(ctx.n_frames),
                  shape=np.asarray(shape, np.float32))
@@ -558,12 +582,7 @@ def run(cfg, workdir: str) -> dict:
         eval_batch = eval_rays(cfg, test, jax.device_count())
         online = _OnlineRecorder(batches) if float(cfg.online.frames_per_step) > 0 else None
     t0 = time.time()
-    try:
-        result = loop.train(cfg, str(run_.workdir), method, online or batches, eval_batch=eval_batch)
-    except BaseException:
-        if live:
-            feed.close()
-        raise
+    result = loop.train(cfg, str(run_.workdir), method, online or batches, eval_batch=eval_batch)
     if online:
         online.finished = time.time()
     train_seconds = time.time() - t0
