@@ -4,6 +4,10 @@
     python -m experiments.insta --config=configs/insta.py:tiny_tracked --workdir=runs/insta_tracked
     python -m experiments.insta --config=configs/insta.py:paper --config.data.root=<tracked video> --workdir=runs/insta
     python -m experiments.sweep --config=configs/insta.py:tiny_sweep --workdir=runs/insta_ablation
+    # two shells: the avatar trains while experiments.track is still tracking the video
+    python -m experiments.track --input=video.mp4 --workdir=runs/track
+    python -m experiments.insta --config=configs/insta.py:tiny --config.online.live=True \
+        --config.data.root=runs/track/dataset --workdir=runs/insta_live
     python -m experiments.insta_reenact --workdir=runs/insta --source=<tracked video> --out=runs/reenact
 
 Variants:
@@ -29,7 +33,8 @@ Data: data.root = "" generates data.synthetic's video once into the cache (`dhja
 otherwise a 'video' dataset folder (`dhjax.data.dataset` layout; data.item selects the sequence).
 data.tracked = True first tracks the (synthetic) video and trains on the tracker's output.
 online.frames_per_step > 0 lets the frames arrive over time on a schedule (online mode, reproducible);
-online.live = True (with data.tracked) feeds them from the tracker as it gets through the video.
+online.live = True feeds them as they are tracked: with data.tracked from the tracker running
+in a background thread, with data.root from a folder that `experiments.track` fills frame by frame.
 """
 
 import ml_collections
@@ -73,8 +78,10 @@ def get_config(arg=None):
         random_background=True))         # random background colour per training ray (instant-ngp)
     c.online = ml_collections.ConfigDict(dict(
         frames_per_step=0.0,             # > 0: frame i arrives at step i / this (scheduled online mode)
-        live=False))                     # True (needs data.tracked): frames arrive as the tracker, running
-                                         # in a background thread, gets through them (live online mode)
+        live=False,                      # True: frames arrive as they are tracked (live online mode): with
+                                         # data.tracked, by the tracker running in a background thread; with
+                                         # data.root, as another process (experiments.track) fills the folder
+        timeout_s=900.0))                # live with data.root: the longest wait for meta.json or the next frame
     c.eval = ml_collections.ConfigDict(dict(
         chunk=1 << 15,                   # rays per render call
         n_rays=4096,                     # rays of the periodic evaluation batch

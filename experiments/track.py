@@ -10,7 +10,11 @@
 or `synthetic` (`dhjax.data.synthetic.VideoGenerator` sequences with ground truth).
 `dhjax.capture.track_run` describes what it writes into the workdir: per-frame parameters,
 cameras, an overlay, a report, a dataset in the `dhjax.data.dataset` layout, and progress/ (a
-killed run started again with the same command continues after the last finished frame).
+killed run started again with the same command continues after the last finished frame). For
+a video, dataset/ fills frame by frame while tracking runs (meta.json's "live" entry counts the
+frames), so an INSTA avatar can train on it at the same time:
+`python -m experiments.insta --config=configs/insta.py:tiny --config.online.live=True
+--config.data.root=runs/track/dataset --workdir=runs/insta_live`.
 """
 
 import os

@@ -1,6 +1,7 @@
 """Tests of the metrical face tracker (dhjax.capture.tracker) and its runs (dhjax.capture.track_run:
 input handling, the synthetic benchmark)."""
 
+import dataclasses
 import json
 
 import jax
@@ -337,6 +338,65 @@ def test_run_on_one_image_with_a_landmark_file(tmp_path):
     assert "| frame | landmark error (px) | photometric L1 |\n|---|---|---|\n| face | " in md
     assert (work / "overlay.png").exists() and "face" in json.loads((work / "cameras.json").read_text())
     assert (work / "params" / "frame_0000.npz").exists()
+
+
+def test_run_on_a_frame_folder_streams_its_dataset_while_tracking(tmp_path, monkeypatch):
+    """track_run.run on a video (an image folder with landmark files) writes dataset/ frame by
+    frame: after each tracked frame the folder reads back (partially) with that many frames and
+    meta.json's "live" entry counts them; at the end it equals tracker.write_dataset's dataset
+    of the result, marked done. A tracker failure is recorded in meta.json for a waiting reader."""
+    from configs import track as track_cfg
+    from dhjax import io as dio
+    from dhjax.data import dataset as ds
+    cfg = track_cfg.get_config()
+    cfg.synthetic.update(n_frames=3, width=64, height=64, uv_size=32)
+    frames, _, model = track_run.synthetic_sequence(cfg, 0)
+    (tmp_path / "video").mkdir()
+    (tmp_path / "lmk").mkdir()
+    for i, fr in enumerate(frames):
+        dio.save_image(tmp_path / "video" / f"f{i}.png", fr.image)
+        np.save(tmp_path / "lmk" / f"f{i}.npy", fr.landmarks)
+    cfg.tracker.pyramid = (0,)
+    cfg.tracker.first.update(rigid_steps=10, landmark_steps=10, steps=(5,))
+    cfg.tracker.frame.update(landmark_steps=3, steps=(3,))
+    work = tmp_path / "out"
+    seen = []
+    add = tracker.DatasetStream.add
+
+    def spy(stream, i, rec):
+        add(stream, i, rec)
+        live = json.loads((work / "dataset" / "meta.json").read_text())["live"]
+        seen.append((len(ds.FolderDataset(work / "dataset", partial=True)), live["tracked"], live["done"]))
+
+    monkeypatch.setattr(tracker.DatasetStream, "add", spy)
+    track_run.run(cfg, work, input=str(tmp_path / "video"), landmarks=str(tmp_path / "lmk"))
+    assert seen == [(1, 1, False), (2, 2, False), (3, 3, False)]
+    meta = json.loads((work / "dataset" / "meta.json").read_text())
+    assert meta["live"] == {"frames": 3, "tracked": 3, "done": True, "error": None} and meta["kind"] == "video"
+    streamed = ds.FolderDataset(work / "dataset")
+    params = [dio.load_params(work / "params" / f"frame_{i:04d}") for i in range(3)]
+    cams = json.loads((work / "cameras.json").read_text())
+    result = tracker.TrackResult(params=[{k[4:]: v for k, v in p.items() if k.startswith("raw_")} for p in params],
+                                 K=np.stack([np.asarray(cams[f"f{i}"]["K"]) for i in range(3)]),
+                                 R=np.stack([np.asarray(cams[f"f{i}"]["R"]) for i in range(3)]),
+                                 t=np.stack([np.asarray(cams[f"f{i}"]["t"]) for i in range(3)]),
+                                 landmark_error_px=np.zeros(3), photometric_error=np.zeros(3), seconds=0.0)
+    tracker.write_dataset(tmp_path / "offline", result, [dataclasses.replace(f, image=dio.load_image(
+        tmp_path / "video" / f"f{i}.png")) for i, f in enumerate(frames)], model)
+    offline = ds.FolderDataset(tmp_path / "offline")
+    assert len(streamed) == len(offline) == 3
+    for i in range(3):
+        a, b = streamed[i], offline[i]
+        assert sorted(a) == sorted(b)
+        for k in a:
+            np.testing.assert_allclose(a[k], b[k], atol=1e-6, err_msg=k)
+
+    stream = tracker.DatasetStream(tmp_path / "failing", frames, model, eyelids=False)
+    stream.fail(ValueError("no face in frame 1"))
+    live = json.loads((tmp_path / "failing" / "meta.json").read_text())["live"]
+    assert live == {"frames": 3, "tracked": 0, "done": False, "error": "no face in frame 1"}
+    with pytest.raises(ValueError, match="0 of 3 frames were written"):
+        stream.finish()
 
 
 def test_adam_update_equals_optax_per_group():

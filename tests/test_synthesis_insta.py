@@ -5,6 +5,7 @@ and one small end-to-end run with its reenactment."""
 import functools
 import json
 import shutil
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -379,11 +380,109 @@ def test_live_mode_trains_while_the_tracker_tracks_and_resumes(tmp_path):
     assert m2["psnr"] == m["psnr"]
     bad = c.copy_and_resolve_references()
     bad.data.tracked = False
-    with pytest.raises(ValueError, match="data.tracked"):
+    with pytest.raises(ValueError, match="data.tracked=True .* or data.root"):
         insta_run.build_live(bad, str(tmp_path / "bad"))
-    bad.data.tracked, bad.online.frames_per_step = True, 0.5
+    bad.data.tracked, bad.data.root = True, str(tmp_path)
+    with pytest.raises(ValueError, match="not both"):
+        insta_run.build_live(bad, str(tmp_path / "bad"))
+    bad.data.root, bad.online.frames_per_step = "", 0.5
     with pytest.raises(ValueError, match="two online modes"):
         insta_run.build_live(bad, str(tmp_path / "bad"))
+
+
+def _fill_folder(src: Path, dst: Path, n: int, delay: float, error_after: int | None = None):
+    """Copies the first sequence of dataset `src` into `dst` frame by frame as a tracker streams
+    it (tracker.DatasetStream's protocol): meta.json with a "live" entry first, then each frame
+    folder with its cameras.json last; error_after: record a writer error after that many frames."""
+    import time
+
+    item = sorted(p for p in (src / "train").iterdir() if p.is_dir())[0]
+    out = dst / "train" / item.name
+    meta = json.loads((src / "meta.json").read_text())
+
+    def write_meta(k, error=None):
+        meta["live"] = {"frames": n, "tracked": k, "done": k == n, "error": error}
+        (dst / "meta.json").write_text(json.dumps(meta))
+
+    dst.mkdir(parents=True)
+    write_meta(0)
+    out.mkdir(parents=True)
+    for f in item.iterdir():
+        if f.is_file():
+            shutil.copy(f, out / f.name)
+    for k, frame in enumerate(sorted(p for p in item.iterdir() if p.is_dir())[:n]):
+        if error_after is not None and k == error_after:
+            write_meta(k, error="no face in frame 3")
+            return
+        time.sleep(delay)
+        (out / frame.name).mkdir()
+        for f in sorted(frame.iterdir(), key=lambda f: f.name == "cameras.json"):   # cameras.json last
+            shutil.copy(f, out / frame.name / f.name)
+        write_meta(k + 1)
+
+
+def test_folder_feed_reads_frames_as_a_folder_fills(tmp_path):
+    """online.live with data.root (FolderFeed): frames join as their folders complete, in order,
+    into the same arrays as the offline build; a finished folder (no "live" entry) arrives at
+    once; a writer's error and a folder that stops growing end the feed with clear errors."""
+    import threading
+
+    c = _run_config("tiny", tmp_path)
+    from dhjax.data import cache as cache_lib
+    src = cache_lib.cached_video(c.data.synthetic, name="insta_video", cache_dir=c.data.cache_dir)
+    assets = sc.tiny_assets()
+    video, _ = insta_data.prepare(insta_data.load_video(src), assets.model)
+    want_train, want_test = insta_data.split(video, 2)
+    c.online.live, c.data.root = True, str(tmp_path / "live")
+    writer = threading.Thread(target=_fill_folder, args=(src, tmp_path / "live", 6, 0.2))
+    writer.start()
+    feed = insta_run.FolderFeed(c, assets, tmp_path, log=None, poll_s=0.05).start()
+    seen = []
+    while feed.count < 6:
+        seen.append(feed.arrived())
+        feed.wait(feed.count + 1)
+    writer.join()
+    assert feed.n == 6 and feed.n_train == 4 and seen == sorted(seen) and seen[0] < 4
+    for got, want in ((feed.train, want_train), (feed.test, want_test)):
+        for name, a, b in zip(insta_data.Video._fields, got, want):
+            np.testing.assert_allclose(a, b, atol=1e-6, err_msg=name)
+    done = insta_run.FolderFeed(c, assets, tmp_path, log=None).start()     # finished: all at once
+    done.wait(6)
+    np.testing.assert_array_equal(done.train.images, feed.train.images)
+    c.data.root = str(src)                       # a dataset without a "live" entry is complete
+    plain = insta_run.FolderFeed(c, assets, tmp_path, log=None).start()
+    plain.wait(6)
+    np.testing.assert_array_equal(plain.test.images, feed.test.images)
+
+    c.data.root = str(tmp_path / "broken")
+    _fill_folder(src, tmp_path / "broken", 6, 0.0, error_after=3)
+    with pytest.raises(RuntimeError, match="the writer failed: no face in frame 3"):
+        insta_run.FolderFeed(c, assets, tmp_path, log=None, poll_s=0.05).start().wait(6)
+    c.data.root, c.online.timeout_s = str(tmp_path / "never"), 0.3
+    with pytest.raises(RuntimeError, match="no meta.json after 0s .*online.timeout_s"):
+        insta_run.FolderFeed(c, assets, tmp_path, log=None, poll_s=0.05).start().wait(1)
+
+
+def test_live_mode_trains_on_a_folder_as_it_fills(tmp_path):
+    """The whole live run on a frame folder another process fills (what experiments.track's
+    streamed dataset/ gives): training starts with frame 0, online.json follows the frames."""
+    import threading
+
+    c = _run_config("tiny", tmp_path)
+    from dhjax.data import cache as cache_lib
+    src = cache_lib.cached_video(c.data.synthetic, name="insta_video", cache_dir=c.data.cache_dir)
+    c.eval.update(orbit_frames=0, mesh_resolution=0)
+    c.train.update(eval_every=4)
+    c.online.live, c.data.root = True, str(tmp_path / "live")
+    writer = threading.Thread(target=_fill_folder, args=(src, tmp_path / "live", 6, 1.0))
+    writer.start()
+    m = insta_run.run(c, str(tmp_path / "run"))
+    writer.join()
+    assert m["n_frames"] == 2.0 and np.isfinite(m["psnr"])
+    online = json.loads((tmp_path / "run" / "online.json").read_text())
+    assert [p["step"] for p in online] == [4, 8, 12]
+    arrived = [p["frames_tracked"] for p in online]
+    assert arrived == sorted(arrived) and 1 <= arrived[0]
 
 
 def test_live_feed_stops_training_when_tracking_fails(tmp_path):

@@ -11,7 +11,8 @@ MICA, true shape; focal length estimated or given) and scored against the ground
 Writes into the workdir: params/frame_XXXX.npz (FLAME parameters in `flame.forward`'s layout,
 SH light, and the tracker's raw parameters), cameras.json (per frame OpenCV K, R, t with
 x_cam = R x_flame + t, focal length and principal point), overlay.mp4 (or overlay.png for one
-image), report.json and report.md, dataset/ (`tracker.write_dataset`), progress/ (every frame
+image), report.json and report.md, dataset/ (`tracker.write_dataset`; real input streams it
+frame by frame while tracking, `tracker.DatasetStream`), progress/ (every frame
 as soon as it is tracked; a run started again continues after the last finished frame), and
 TensorBoard events + metrics.jsonl (`log_tensorboard`, step = frame index): per frame
 track/landmark_error_px and track/photometric_error, and for up to TB_FRAMES frames spread over
@@ -188,12 +189,16 @@ def log_tensorboard(work: Path, frames, overlays, result, hparams=None) -> None:
 
 
 def write_outputs(work: Path, result, frames, names, model, fps: float, meta: dict, renders=None,
-                  hparams=None) -> dict:
+                  hparams=None, stream: tracker.DatasetStream | None = None) -> dict:
     """Writes params/, cameras.json, the overlay, dataset/ and the TensorBoard log
     (`log_tensorboard`, with `hparams`) of a tracked sequence; returns the report's numbers
-    (per-frame and mean landmark / photometric errors, focal length)."""
+    (per-frame and mean landmark / photometric errors, focal length). stream: the
+    `tracker.DatasetStream` that already wrote dataset/ during tracking (it is marked done, and
+    its renders are used)."""
     (work / "params").mkdir(parents=True, exist_ok=True)
     H, W = frames[0].image.shape[:2]
+    if stream is not None:
+        renders = stream.renders
     renders = tracker.render_result(result, model, W, H) if renders is None else renders
     cams, overlays = {}, []
     lids = tracker.tracked_eyelids(result.params)
@@ -212,7 +217,10 @@ def write_outputs(work: Path, result, frames, names, model, fps: float, meta: di
     else:
         dio.save_video(work / "overlay.mp4", np.stack(overlays), fps=fps)
         dio.save_image(work / "overlay_first.png", overlays[0])
-    tracker.write_dataset(work / "dataset", result, frames, model, meta=meta, renders=renders)
+    if stream is None:
+        tracker.write_dataset(work / "dataset", result, frames, model, meta=meta, renders=renders)
+    else:
+        stream.finish()
     log_tensorboard(work, frames, overlays, result, hparams)
     return dict(frames=len(frames), seconds=result.seconds,
                 landmark_error_px=[float(x) for x in result.landmark_error_px],
@@ -249,10 +257,18 @@ def track(cfg, work: Path, input_path: str, landmarks: str | None = None) -> dic
     elif cfg.mica_workdir:
         shape_init, init = mica_shape(cfg.mica_workdir, raw[0], lms[0], model), f"MICA ({cfg.mica_workdir})"
     print(f"shape initialisation: {init}; landmarks: {lms[0].source} ({len(lms[0])} points)", flush=True)
-    result = tracker.track_sequence(cfg.tracker, model, frames, shape_init=shape_init,
-                                    progress_dir=work / "progress")
-    report = write_outputs(work, result, frames, names, model, float(cfg.fps),
-                           meta={"input": input_path, "shape_init": init}, hparams=logs.flatten_hparams(cfg))
+    meta = {"input": input_path, "shape_init": init}
+    # dataset/ fills frame by frame while tracking (a live INSTA run can read it as it grows).
+    stream = tracker.DatasetStream(work / "dataset", frames, model, meta=meta,
+                                   eyelids=bool(cfg.tracker.get("eyelids", False)) and model.eyelid_dirs is not None)
+    try:
+        result = tracker.track_sequence(cfg.tracker, model, frames, shape_init=shape_init,
+                                        progress_dir=work / "progress", on_frame=stream.add)
+    except BaseException as err:
+        stream.fail(err)
+        raise
+    report = write_outputs(work, result, frames, names, model, float(cfg.fps), meta=meta,
+                           hparams=logs.flatten_hparams(cfg), stream=stream)
     report.update(input=input_path, shape_init=init, landmarks=lms[0].source)
     (work / "report.json").write_text(json.dumps(report, indent=1))
     rows = [{"frame": n, "lmk": f"{a:.2f}", "photo": f"{b:.4f}"}

@@ -1147,6 +1147,70 @@ def write_dataset(root, result: TrackResult, frames: Sequence[FrameData], model,
     return writer.close()
 
 
+class DatasetStream:
+    """Writes a tracked sequence into the `dhjax.data.dataset` layout (kind 'video', as
+    `write_dataset`) frame by frame, as the tracker delivers them: pass `stream.add` as
+    `track_sequence(on_frame=...)`. A consumer can then train on the first frames while later
+    ones are still being tracked (INSTA's live online mode with data.root,
+    `dhjax.synthesis.insta_run.FolderFeed`).
+
+    meta.json is written before the first frame and after every frame, atomically, with
+    "live": {"frames": N (the sequence's length), "tracked": frames written so far, "done":
+    bool, "error": the tracker's error or None}; a frame folder is complete once its
+    cameras.json (written last, atomically) exists. The folder is emptied when a stream starts
+    (frames read back from a resumed tracker's progress are written again).
+
+    Args:
+      root: dataset folder; frames: the sequence's FrameData (their images are written);
+      model: the head model (masks and depth are the tracked mesh's, `render_frame`);
+      eyelids: write the tracked eyelids (the tracker tracked them: `track_sequence` with
+        cfg.eyelids and a model with eyelid blendshapes); item, split, meta: as `write_dataset`.
+    The renders of the frames (`render_frame`) are kept in `renders` for the overlay.
+    """
+
+    def __init__(self, root, frames: Sequence[FrameData], model, *, eyelids: bool, item: int = 0,
+                 split: str = "train", meta: Mapping[str, Any] | None = None):
+        import shutil
+
+        from dhjax.data.dataset import Writer
+        self.root = Path(root)
+        if self.root.exists():
+            shutil.rmtree(self.root)
+        self.frames, self.model, self.eyelids, self.item = list(frames), model, bool(eyelids), int(item)
+        self.size = self.frames[0].image.shape[:2]
+        self.renders: list[dict] = []
+        self.writer = Writer(self.root, split, kind="video", meta=dict(meta or {}, source="dhjax.capture.tracker"))
+        self._live(done=False, error=None)
+
+    def _live(self, *, done: bool, error: str | None) -> None:
+        self.writer.meta["live"] = {"frames": len(self.frames), "tracked": len(self.renders), "done": bool(done),
+                                    "error": error}
+        self.writer.close()
+
+    def add(self, i: int, rec: Mapping[str, Any]) -> None:
+        """Writes tracked frame i (a `track_sequence` record: params, K, R, t); frames come in order."""
+        if i != len(self.renders):
+            raise ValueError(f"frame {i} arrived after {len(self.renders)} frames; a stream takes them in order")
+        H, W = self.size
+        r = render_frame(rec["params"], self.model, W, H)
+        fp = flame_parameters(rec["params"], eyelids=self.eyelids)
+        self.writer.add(dict(image=self.frames[i].image, mask=r["mask"], K=rec["K"], R=rec["R"], t=rec["t"],
+                             depth=r["depth"], item=self.item, frame=i, view=0, **fp))
+        self.renders.append(r)
+        self._live(done=False, error=None)
+
+    def finish(self) -> Path:
+        """Marks the dataset done (every frame written); returns the path of meta.json."""
+        if len(self.renders) != len(self.frames):
+            raise ValueError(f"{len(self.renders)} of {len(self.frames)} frames were written")
+        self._live(done=True, error=None)
+        return self.root / "meta.json"
+
+    def fail(self, error: BaseException | str) -> None:
+        """Records the tracker's error in meta.json (a reader waiting for frames stops with it)."""
+        self._live(done=False, error=str(error) or type(error).__name__)
+
+
 def shape_error_mm(model, shape, shape_true) -> float:
     """Median distance (mm) over all vertices between the neutral meshes of two shape vectors."""
     a = np.asarray(flame.forward(model, jnp.asarray(shape, jnp.float32).reshape(1, -1)).v_shaped[0])

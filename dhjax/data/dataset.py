@@ -173,8 +173,11 @@ class Writer:
         cams = self._cameras.setdefault((item, frame), {})
         cams[view] = {"K": _json_array(sample["K"]), "R": _json_array(sample["R"]),
                       "t": _json_array(sample["t"]), "width": int(W), "height": int(H)}
-        with open(frame_dir / "cameras.json", "w") as f:
-            json.dump(cams, f, indent=1)
+        # Written last and atomically: a frame folder with cameras.json is complete (a reader of a
+        # folder being filled, FolderDataset(partial=True), takes only those).
+        tmp = frame_dir / f".cameras.{os.getpid()}.tmp"
+        tmp.write_text(json.dumps(cams, indent=1))
+        os.replace(tmp, frame_dir / "cameras.json")
         self.count += 1
         return frame_dir
 
@@ -257,11 +260,27 @@ def _check_shape(path, key, array, shape):
         raise ValueError(f"{path}: '{key}' must have shape {tuple(shape)}, got {tuple(np.shape(array))}")
 
 
+def frame_views(frame_dir) -> list[str]:
+    """The views (camera names) of a frame folder, from its cameras.json, in view-number order.
+    Raises FileNotFoundError / ValueError naming the file when it is missing or malformed."""
+    cam_path = dio.existing_file(Path(frame_dir) / "cameras.json")
+    try:
+        cams = json.loads(cam_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{cam_path}: not valid JSON ({exc})") from exc
+    if not isinstance(cams, dict) or not cams:
+        raise ValueError(f"{cam_path}: expected a non-empty {{view: camera}} mapping")
+    return sorted(cams, key=lambda v: (_trailing_number(v, -1), v))
+
+
 class FolderDataset:
     """Reads a dataset in the on-disk layout: random access to one sample dict per image.
 
     Args:
-      root: dataset folder (with meta.json, optional for real data); split: subfolder.
+      root: dataset folder (with meta.json, optional for real data); split: subfolder;
+      partial: a folder another process is still filling (`dhjax.capture.tracker.DatasetStream`):
+        frame folders without cameras.json (written last) are being written and are left out,
+        and so are items with no complete frame yet.
     Samples hold REQUIRED_KEYS (image [H, W, 3] float32 in [0, 1], mask [H, W] float32, K, R,
     t, shape [S], expression [E], pose [J, 3] with J = meta.json's "pose_joints" (5 FLAME
     joints by default, 55 for bodies), translation [3]) plus whichever optional files and keys
@@ -276,7 +295,7 @@ class FolderDataset:
 
     kind = "folder"
 
-    def __init__(self, root, split: str = "train"):
+    def __init__(self, root, split: str = "train", *, partial: bool = False):
         self.root = Path(root)
         self.split_dir = self.root / split
         if not self.split_dir.is_dir():
@@ -292,17 +311,12 @@ class FolderDataset:
             raise ValueError(f"'{self.split_dir}' holds no item folders")
         for n, item_dir in enumerate(items):
             frames = sorted((p for p in item_dir.iterdir() if p.is_dir()), key=_numbered)
-            if not frames:
+            if partial:
+                frames = [p for p in frames if (p / "cameras.json").exists()]
+            elif not frames:
                 raise ValueError(f"item folder '{item_dir}' holds no frame folders")
             for frame_dir in frames:
-                cam_path = dio.existing_file(frame_dir / "cameras.json")
-                try:
-                    cams = json.loads(cam_path.read_text())
-                except json.JSONDecodeError as exc:
-                    raise ValueError(f"{cam_path}: not valid JSON ({exc})") from exc
-                if not isinstance(cams, dict) or not cams:
-                    raise ValueError(f"{cam_path}: expected a non-empty {{view: camera}} mapping")
-                for view in sorted(cams, key=lambda v: (_trailing_number(v, -1), v)):
+                for view in frame_views(frame_dir):
                     self.entries.append((item_dir, frame_dir, view, n))
         self._cams: tuple | None = None   # (frame folder, its cameras.json) of the last read
 
@@ -333,7 +347,13 @@ class FolderDataset:
         index = int(index)
         if not 0 <= index < len(self):
             raise IndexError(f"index {index} out of range for a dataset of {len(self)} images")
-        item_dir, frame_dir, view, ordinal = self.entries[index]
+        return self.read(*self.entries[index])
+
+    def read(self, item_dir: Path, frame_dir: Path, view: str, ordinal: int = 0) -> dict:
+        """The sample of one view of one frame folder (`entries` holds (item_dir, frame_dir, view,
+        ordinal) tuples; ordinal: the item's number when its identity has none). Lets a reader of
+        a partial folder read frames that appeared after it was opened."""
+        item_dir, frame_dir = Path(item_dir), Path(frame_dir)
         K, R, t, W, H = self._camera(frame_dir, view)
         image = dio.load_image(frame_dir / f"{view}.png")
         if image.shape[2] == 4:

@@ -121,28 +121,23 @@ class _FeedClosed(Exception):
     pass
 
 
-class LiveFeed:
-    """Online mode fed by the tracker (online.live): the synthetic video is tracked in a background
-    thread while INSTA trains, and each frame joins the training set as soon as it is tracked.
+class _Feed:
+    """What both live feeds share: the training and held-out videos as arrays of all frames,
+    allocated when frame 0 arrives (its shape fixes the canonical mesh) and filled frame by frame
+    (`insta_data.prepare` of one frame, in frame order) by a background thread; `arrived()` is
+    the number of training frames usable so far (a contiguous prefix). Subclasses set n (the
+    video's frame count) before their first `_add` and run `_source` in the thread."""
 
-    The training and held-out videos are arrays of all frames, allocated when frame 0 arrives
-    (its tracked shape fixes the canonical mesh) and filled frame by frame (`insta_data.prepare`
-    of one frame); `arrived()` is the number of training frames usable so far (a contiguous
-    prefix). Tracking saves every frame in <workdir>/tracking, so a killed run resumes both the
-    tracking and the training. Which frames a step draws depends on how far tracking has got,
-    so a live run is not reproducible step for step (the scheduled online mode is).
-    """
+    kind = "live"
 
-    def __init__(self, cfg, samples, names, assets, workdir, log=print):
+    def __init__(self, cfg, assets, workdir, log=print):
         import threading
 
-        insta_data.check_frames(samples, names)      # too few frames: an error before any tracking
-        self.cfg, self.samples, self.names, self.assets = cfg, samples, names, assets
-        self.n = len(samples)
-        self.n_train = self.n - insta_data.holdout_count(self.n, float(cfg.data.holdout))
+        self.cfg, self.assets = cfg, assets
         self.workdir = Path(workdir)
         self.log = log
-        self.count = 0                      # frames tracked and prepared (in order)
+        self.n = self.n_train = 0            # set by the source before frame 0 arrives
+        self.count = 0                      # frames prepared (in order)
         self.train: insta_data.Video | None = None
         self.test: insta_data.Video | None = None
         self.canon = self.shape = None
@@ -152,68 +147,191 @@ class LiveFeed:
         self.tracked_at: list[float] = []   # seconds since the start at which each frame arrived
         self._closed = False
         self._cond = threading.Condition()
-        self._thread = threading.Thread(target=self._track, name="insta-live-tracker", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=f"insta-{self.kind}-feed", daemon=True)
 
-    def start(self) -> "LiveFeed":
+    def start(self):
         self._thread.start()
         return self
 
-    def _track(self):
+    def _run(self):
         try:
-            model, frames = tracker_frames(self.cfg, self.samples, self.assets)
-            self._eyelids = bool(self.cfg.tracker.get("eyelids", False)) and model.eyelid_dirs is not None
-            tracker.track_sequence(self.cfg.tracker, model, frames, log=None, on_frame=self._arrive,
-                                   progress_dir=str(self.workdir / "tracking"))
-        except BaseException as err:        # re-raised in the training thread by wait()
+            self._source()
+        except BaseException as err:        # re-raised in the training thread by wait() / arrived()
             with self._cond:
                 self.error = err
                 self._cond.notify_all()
 
+    def _source(self):
+        raise NotImplementedError
+
+    def _set_count(self, n: int) -> None:
+        self.n = int(n)
+        self.n_train = self.n - insta_data.holdout_count(self.n, float(self.cfg.data.holdout))
+
     def close(self) -> None:
-        """Stops the tracker at its next frame (a run that ends early, e.g. on SIGTERM; what it
-        tracked is saved)."""
+        """Stops the feed at its next frame (a run that ends early, e.g. on SIGTERM)."""
         self._closed = True
 
-    def _arrive(self, i: int, rec: dict):
+    def _add(self, i: int, s: dict, name: str, landmark_error_px: float | None = None) -> None:
+        """Prepares frame i (sample s) into its slot of the training or held-out video."""
         if self._closed:
             raise _FeedClosed("the live feed was closed")
-        s = tracked_sample(self.samples[i], rec, eyelids=self._eyelids)
+        s = dict(s)
         s.setdefault("frame", i)              # prepare() of one frame would number it 0
         v, canon = insta_data.prepare([s], self.assets.model, background=tuple(self.cfg.model.background),
-                                      min_frames=1, depth_source=self.cfg.data.depth_source, names=[self.names[i]])
+                                      min_frames=1, depth_source=self.cfg.data.depth_source, names=[name])
         if i == 0:
             self.canon, self.shape = canon, np.asarray(s["shape"], np.float32)
             self.train = insta_data.Video(*(np.repeat(a, self.n_train, 0) for a in v))
             self.test = insta_data.Video(*(np.repeat(a, self.n - self.n_train, 0) for a in v))
-        elif np.abs(canon - self.canon).max() > 1e-6:
-            raise ValueError(f"{self.names[i]}: the tracked shape changed after frame 0; INSTA builds one "
-                             "canonical mesh per video")
+        else:
+            if np.abs(canon - self.canon).max() > 1e-6:
+                raise ValueError(f"{name}: the tracked shape changed after frame 0; INSTA builds one canonical "
+                                 "mesh per video")
+            if v.images.shape[1:] != self.train.images.shape[1:]:
+                raise ValueError(f"{name}: image is {v.images.shape[1:3]}, frame 0 "
+                                 f"{self.train.images.shape[1:3]}")
         dst, j = (self.train, i) if i < self.n_train else (self.test, i - self.n_train)
         for whole, one in zip(dst, v):
             whole[j] = one[0]
         with self._cond:
             self.count = i + 1
-            self.landmark_error_px.append(float(rec["landmark_error_px"]))
+            if landmark_error_px is not None:
+                self.landmark_error_px.append(float(landmark_error_px))
             self.tracked_at.append(time.time() - self.started)
             self._cond.notify_all()
         if self.log is not None and ((i + 1) % 10 == 0 or i + 1 == self.n):
-            self.log(f"live: {i + 1}/{self.n} frames tracked ({time.time() - self.started:.0f}s, landmark error "
-                     f"{rec['landmark_error_px']:.2f} px)")
+            lmk = "" if landmark_error_px is None else f", landmark error {landmark_error_px:.2f} px"
+            self.log(f"live: {i + 1}/{self.n} frames arrived ({time.time() - self.started:.0f}s{lmk})")
 
     def wait(self, count: int) -> None:
-        """Blocks until `count` frames are tracked; re-raises the tracker's error."""
+        """Blocks until `count` frames have arrived; re-raises the feed's error."""
         with self._cond:
             while self.count < count and self.error is None:
                 self._cond.wait(1.0)
             if self.error is not None:
-                raise RuntimeError(f"live tracking failed: {self.error}") from self.error
+                raise RuntimeError(f"{self.kind} failed: {self.error}") from self.error
 
     def arrived(self) -> int:
-        """Training frames tracked so far; raises the tracker's error (training must not go on
-        quietly with the frames it has when tracking failed)."""
+        """Training frames arrived so far; raises the feed's error (training must not go on
+        quietly with the frames it has when the frames stopped coming)."""
         if self.error is not None and not self._closed:
-            raise RuntimeError(f"live tracking failed after {self.count} frames: {self.error}") from self.error
+            raise RuntimeError(f"{self.kind} failed after {self.count} frames: {self.error}") from self.error
         return min(self.count, self.n_train)
+
+
+class LiveFeed(_Feed):
+    """Online mode fed by the tracker (online.live with data.tracked): the synthetic video is
+    tracked in a background thread while INSTA trains, and each frame joins the training set as
+    soon as it is tracked (`_Feed`). Tracking saves every frame in <workdir>/tracking, so a
+    killed run resumes both the tracking and the training. Which frames a step draws depends on
+    how far tracking has got, so a live run is not reproducible step for step (the scheduled
+    online mode is).
+    """
+
+    kind = "live tracking"
+
+    def __init__(self, cfg, samples, names, assets, workdir, log=print):
+        insta_data.check_frames(samples, names)      # too few frames: an error before any tracking
+        super().__init__(cfg, assets, workdir, log)
+        self.samples, self.names = samples, names
+        self._set_count(len(samples))
+
+    def _source(self):
+        model, frames = tracker_frames(self.cfg, self.samples, self.assets)
+        eyelids = bool(self.cfg.tracker.get("eyelids", False)) and model.eyelid_dirs is not None
+
+        def arrive(i: int, rec: dict):
+            self._add(i, tracked_sample(self.samples[i], rec, eyelids=eyelids), self.names[i],
+                      float(rec["landmark_error_px"]))
+
+        tracker.track_sequence(self.cfg.tracker, model, frames, log=None, on_frame=arrive,
+                               progress_dir=str(self.workdir / "tracking"))
+
+
+class FolderFeed(_Feed):
+    """Online mode fed by a frame folder that fills up (online.live with data.root): another
+    process writes a tracked video into data.root frame by frame (`python -m experiments.track`
+    streams its dataset/ folder as it tracks, `tracker.DatasetStream`), and each frame joins the
+    training set as soon as its folder is complete (its cameras.json, written last, exists).
+
+    The frame count comes from meta.json's "live" entry (the tracker writes it before the first
+    frame); a folder without it is complete and every frame arrives at once. The feed waits up
+    to online.timeout_s for meta.json and for each next frame, and stops with the writer's error
+    when meta.json reports one. data.max_frames caps the count; data.item picks the sequence.
+    """
+
+    kind = "the frame folder"
+
+    def __init__(self, cfg, assets, workdir, log=print, poll_s: float = 0.5):
+        super().__init__(cfg, assets, workdir, log)
+        self.root = Path(cfg.data.root)
+        self.poll_s = float(poll_s)
+        self.timeout_s = float(cfg.online.get("timeout_s", 900.0))
+
+    def _meta(self) -> dict:
+        path = self.root / "meta.json"
+        return json.loads(path.read_text()) if path.exists() else {}
+
+    def _wait_for(self, what: str, ready, since: float):
+        while True:
+            if self._closed:
+                raise _FeedClosed("the live feed was closed")
+            got = ready()
+            if got:
+                return got
+            live = self._meta().get("live") or {}
+            if live.get("error"):
+                raise RuntimeError(f"{self.root}: the writer failed: {live['error']}")
+            if time.time() - since > self.timeout_s:
+                raise TimeoutError(f"{self.root}: no {what} after {self.timeout_s:.0f}s (online.timeout_s); "
+                                   "is the tracker writing this folder still running?")
+            time.sleep(self.poll_s)
+
+    def _source(self):
+        from dhjax.data import dataset as ds
+
+        t0 = time.time()
+        meta = self._wait_for("meta.json", self._meta, t0)
+        if meta.get("kind") not in (None, "video", "tracked"):
+            raise ValueError(f"{self.root}/meta.json: kind {meta.get('kind')!r}; INSTA reads a tracked video")
+        split_dir = self.root / self.cfg.data.split
+
+        def first_item():
+            if not split_dir.is_dir():
+                return None
+            items = sorted((p for p in split_dir.iterdir() if p.is_dir()), key=ds._numbered)
+            if int(self.cfg.data.item) >= 0:
+                items = [p for p in items if ds._trailing_number(p.name, -1) == int(self.cfg.data.item)]
+            return items[0] if items else None
+
+        item_dir = self._wait_for(f"sequence folder in {split_dir}", first_item, t0)
+        live = self._meta().get("live")
+        if live:
+            n = int(live["frames"])
+        else:                                       # a finished folder: every frame is there
+            n = len([p for p in item_dir.iterdir() if (p / "cameras.json").exists()])
+        if int(self.cfg.data.max_frames):
+            n = min(n, int(self.cfg.data.max_frames))
+        if n < insta_data.MIN_FRAMES:
+            raise ValueError(f"{item_dir}: INSTA needs at least {insta_data.MIN_FRAMES} frames (one to train on, "
+                             f"one held out), the folder will hold {n}")
+        self._set_count(n)
+        reader = None
+        since = time.time()
+        for i in range(n):
+            def frame_i():
+                # Frames are written in order, so the i-th folder is frame i once it is complete.
+                frames = sorted((p for p in item_dir.iterdir() if p.is_dir()), key=ds._numbered)
+                return frames[i] if len(frames) > i and (frames[i] / "cameras.json").exists() else None
+
+            frame_dir = self._wait_for(f"frame {i} in {item_dir}", frame_i, since)
+            views = ds.frame_views(frame_dir)
+            if len(views) != 1:
+                raise ValueError(f"{frame_dir}: INSTA takes a monocular video, this frame has views {views}")
+            reader = reader or ds.FolderDataset(self.root, self.cfg.data.split, partial=True)
+            self._add(i, reader.read(item_dir, frame_dir, views[0]), str(frame_dir))
+            since = time.time()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -486,15 +604,22 @@ def build(cfg, log=print):
 
 def build_live(cfg, workdir, log=print):
     """`build` for the live online mode: (ctx, train, test, assets, feed); the videos fill up as
-    the background tracker (`LiveFeed`) gets through the frames."""
-    if not cfg.data.tracked or cfg.data.root:
-        raise ValueError("online.live trains while dhjax's tracker tracks the synthetic video: it needs "
-                         "data.tracked=True (and no data.root)")
+    the background tracker (`LiveFeed`, data.tracked) gets through the frames, or as another
+    process fills the frame folder data.root (`FolderFeed`)."""
+    if bool(cfg.data.tracked) == bool(cfg.data.root):
+        raise ValueError("online.live trains while frames arrive: set data.tracked=True (dhjax's tracker "
+                         "tracks the synthetic video here) or data.root=<a folder experiments.track is "
+                         "filling>, not both" + (" nor neither" if not cfg.data.tracked else ""))
     if float(cfg.online.frames_per_step) > 0:
         raise ValueError("online.live and online.frames_per_step are two online modes: set one")
-    samples, names, assets, source = open_video(cfg, log, track=False)     # the feed tracks it
-    feed = LiveFeed(cfg, samples, names, assets, workdir, log).start()
-    log(f"live: tracking {len(samples)} frames of {source} in the background; training starts with frame 0")
+    if cfg.data.root:
+        assets = synthetic.build_assets(None, int(_synthetic_config(cfg).uv_size))
+        feed = FolderFeed(cfg, assets, workdir, log).start()
+        log(f"live: reading frames from {cfg.data.root} as they are written; training starts with frame 0")
+    else:
+        samples, names, assets, source = open_video(cfg, log, track=False)     # the feed tracks it
+        feed = LiveFeed(cfg, samples, names, assets, workdir, log).start()
+        log(f"live: tracking {len(samples)} frames of {source} in the background; training starts with frame 0")
     try:
         feed.wait(1)
         _check_expression(cfg, feed.train)
@@ -587,11 +712,11 @@ def _train_and_evaluate(cfg, run_, ctx, train, test, assets, shape, feed) -> dic
         online.finished = time.time()
     train_seconds = time.time() - t0
     if live:
-        log(f"live: training done with {feed.count}/{feed.n} frames tracked; waiting for the tracker "
+        log(f"live: training done with {feed.count}/{feed.n} frames arrived; waiting for the rest "
             "(the held-out frames come last)")
         feed.wait(feed.n)
-        log(f"live: {feed.n} frames tracked in {feed.tracked_at[-1]:.0f}s since the start (landmark error "
-            f"{np.mean(feed.landmark_error_px):.2f} px)")
+        lmk = (f" (landmark error {np.mean(feed.landmark_error_px):.2f} px)" if feed.landmark_error_px else "")
+        log(f"live: all {feed.n} frames arrived {feed.tracked_at[-1]:.0f}s after the start{lmk}")
         online.eval_batch = eval_rays(cfg, test, jax.device_count())
     state = result.state
     metrics = evaluate_heldout(cfg, ctx, state, train, test, assets, renderer, run_, log)
@@ -616,7 +741,7 @@ class _LiveRecorder:
     against seconds since tracking started. A resumed run records the steps it runs itself, its
     seconds counted from its own start (the saved tracking is read back in a moment)."""
 
-    def __init__(self, batches: insta_data.RayBatches, feed: LiveFeed, evaluate):
+    def __init__(self, batches: insta_data.RayBatches, feed: _Feed, evaluate):
         self.batches, self.feed, self.evaluate = batches, feed, evaluate
         self.snaps: dict[int, dict] = {}
         self.step = 0                           # the last step a batch was drawn for
@@ -647,6 +772,9 @@ class _LiveRecorder:
     def write(self, run_) -> list[dict]:
         """online.json and online.png (held-out PSNR against seconds since tracking started)."""
         pts = self.points()
+        if isinstance(self.feed, FolderFeed):
+            return _write_online(run_, pts, "INSTA live: frames are read as a folder fills up",
+                                 "seconds since the feed started")
         return _write_online(run_, pts, "INSTA live: frames are tracked while it trains",
                              "seconds since tracking started")
 
