@@ -1,7 +1,22 @@
-"""Shared pytest setup: markers for peer-implementation and GPU tests; notebook wall times."""
+"""Shared pytest setup: fast-compile XLA options, markers for peer-implementation and GPU tests;
+notebook wall times."""
 
-import jax
-import pytest
+import os
+
+# Most of the suite's time on a CPU is XLA compiling small programs, not running them. LLVM at
+# -O0 and XLA:CPU's classic (non-MLIR) fusion emitters compile them in about half the time
+# (tests/test_synthesis_gem.py + test_capture_tracker.py + test_synthesis_d3ga.py: 403 s -> 224 s
+# on 2 cores) and change nothing that is computed beyond float rounding. Set before JAX creates
+# its CPU backend; subprocesses inherit them (harness_common.xla_flags keeps them when adding
+# fake devices). DHJAX_TEST_XLA_DEFAULTS=1 keeps XLA's defaults (e.g. to time code in a test).
+FAST_COMPILE_FLAGS = ("--xla_backend_optimization_level=0", "--xla_cpu_use_fusion_emitters=false")
+if os.environ.get("DHJAX_TEST_XLA_DEFAULTS", "") != "1":
+    _flags = os.environ.get("XLA_FLAGS", "")
+    os.environ["XLA_FLAGS"] = " ".join([_flags] + [f for f in FAST_COMPILE_FLAGS
+                                                  if f.split("=")[0] not in _flags]).strip()
+
+import jax  # noqa: E402  (after XLA_FLAGS)
+import pytest  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):

@@ -10,10 +10,16 @@ import sys
 import numpy as np
 
 
+def xla_flags(devices: int) -> str:
+    """XLA_FLAGS for a subprocess with `devices` fake CPU devices, keeping the suite's own flags
+    (conftest.py's fast-compile options), so that it compiles as the test process does."""
+    return f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={int(devices)}".strip()
+
+
 def env_with(devices=1, **extra):
     """os.environ with `devices` fake CPU devices and `extra` variables (values str()-ed)."""
     env = dict(os.environ)
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env["XLA_FLAGS"] = xla_flags(devices)
     env.update({k: str(v) for k, v in extra.items()})
     return env
 

@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import harness_common
 import test_configs
 
 REPO = Path(__file__).resolve().parents[1]
@@ -49,7 +50,7 @@ def free_port() -> int:
 
 
 def process_env(devices: int = 1, **extra) -> dict:
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=harness_common.xla_flags(devices),
                PYTHONPATH=os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p))
     for key in ("DHJAX_COORDINATOR", "DHJAX_NUM_PROCESSES", "DHJAX_PROCESS_ID", "SLURM_NTASKS"):
         env.pop(key, None)    # a single-process run must not try to join anything

@@ -17,6 +17,7 @@ from dhjax.geometry import tetra
 from dhjax.models import body_default as bd
 from dhjax.render import camera as camera_lib
 from dhjax.synthesis import d3ga
+import harness_common
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 W = H = 48
@@ -210,7 +211,7 @@ def test_one_step_on_four_devices_equals_one(tmp_path):
         pickle.dump(dict(parts=parts, rest_joints=bd._rest_joints()[0], parents=bd.PARENTS, state=state, batch=batch), f)
     outs = {}
     for n in (1, 4):
-        env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={n}",
+        env = dict(os.environ, XLA_FLAGS=harness_common.xla_flags(n),
                    PYTHONPATH=os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]))
         res = subprocess.run([sys.executable, "-c", _WORKER, str(src), str(tmp_path / f"o{n}.npz"), str(n)],
                              env=env, cwd=REPO, capture_output=True, text=True, timeout=900)

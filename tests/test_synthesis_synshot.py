@@ -33,6 +33,7 @@ from dhjax.geometry import vectors
 from dhjax.synthesis import synshot
 from dhjax.synthesis import synshot_gaussians as gs
 from dhjax.synthesis import synshot_invert as inv
+import harness_common
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Compile options of every jit here: LLVM at -O0 and XLA:CPU's classic (non-MLIR) fusion emitters.
@@ -569,7 +570,7 @@ def _launch_device_runs(ctx):
                          loss_cfg=ctx["lc"], optim_cfg=ctx["oc"], width=W, height=H, compiler_options=FAST), f)
     runs = {}
     for n in (1, 4):
-        env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={n}",
+        env = dict(os.environ, XLA_FLAGS=harness_common.xla_flags(n),
                    PYTHONPATH=os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]))
         with open(ctx["tmp"] / f"step{n}.log", "w") as log:        # a file: a full pipe would block
             runs[n] = subprocess.Popen([sys.executable, "-c", _WORKER, str(src), str(ctx["tmp"] / f"step{n}.npz"),
