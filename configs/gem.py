@@ -74,7 +74,9 @@ def get_config(arg=None):
         n_pca=50, steps=3000, lr=1e-3, weight_decay=1.0,
         neutral_frame=-1,                # training frame position of the neutral reference (-1: the
                                          # one with the smallest expression and jaw parameters)
-        landmark_view=-1))               # camera number whose landmarks drive (-1: the most frontal)
+        landmark_view=-1,                # camera number whose landmarks drive (-1: the most frontal)
+        landmark_iris=True))             # the landmark driver also sees mediapipe's 10 iris points (468-477,
+                                         # gaze; the 51 inner iBUG points alone carry none)
     c.eval = ml_collections.ConfigDict(dict(
         max_novel_view_frames=0,         # 0: every training frame from the held-out cameras
         fps_repeats=20,                  # timed renders per measurement

@@ -4,7 +4,8 @@
     python -m experiments.gem_drive --workdir=runs/gem --landmarks=<video landmarks .npy> --out=runs/gem_drive
 
 --source drives with a dataset's tracked parameters (e.g. experiments.track's dataset/ folder),
---landmarks with a video's 2D face landmarks (`dhjax.capture.landmarks.load` formats).
+--landmarks with a video's 2D face landmarks (`dhjax.capture.landmarks.load` formats; mediapipe's
+refined 478-point mesh for a run trained with regressor.landmark_iris, the default).
 Writes <out>/drive.mp4 and <out>/coefficients.npz (`dhjax.synthesis.gem_run.drive`).
 """
 

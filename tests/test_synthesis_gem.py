@@ -220,6 +220,43 @@ def test_linear_regressor_equals_scikit_learns_leave_one_out_ridge(tmp_path):
         gem.train_linear_regressor(np.full((n, F), np.inf), coeffs, sigma, 0)
 
 
+def test_landmark_features_ignore_image_similarities_and_see_gaze_through_the_iris():
+    """The landmark driver's features do not change when the image points move by a similarity
+    (position, scale, in-plane rotation); a change of gaze moves only the iris part of them,
+    and without the iris points (regressor.landmark_iris=False) it is invisible. Real landmarks
+    without iris points are refused for an iris-trained regressor."""
+    import synthetic_common as sc
+    from dhjax.capture import landmarks as lmk_lib
+    from dhjax.data import synthetic
+    from dhjax.synthesis import gem_run
+
+    model = synthetic.base_model(sc.tiny_assets())
+    R, t = camera_lib.look_at(np.array([0.0, 0.0, 0.6]), np.zeros(3))
+    K = np.array([[200.0, 0, 64], [0, 200, 64], [0, 0, 1]], np.float32)
+    pose = np.zeros((2, 5, 3), np.float32)
+    pose[1, 3:, 1] = 0.3                           # both eyes turned by 0.3 rad
+    args = (np.zeros(model.shapedirs.shape[0], np.float32), np.zeros((2, 10), np.float32), pose,
+            np.zeros((2, 3), np.float32), np.repeat(K[None], 2, 0), np.repeat(np.asarray(R)[None], 2, 0),
+            np.repeat(np.asarray(t)[None], 2, 0), 128, 128)
+    lm = gem_run.project_landmarks(model, *args, iris=True)
+    assert lm.shape == (2, 61, 2)
+    np.testing.assert_allclose(gem_run.project_landmarks(model, *args)[:, :51], lm[:, :51], atol=1e-4)
+    f = gem_run.landmark_features(lm, lm[0])
+    c, sn = np.cos(0.4), np.sin(0.4)
+    moved = 1.7 * lm @ np.array([[c, -sn], [sn, c]]).T + np.array([13.0, -5.0])
+    np.testing.assert_allclose(gem_run.landmark_features(moved, lm[0]), f, atol=1e-4)
+    gaze = np.abs(f[1] - f[0]).reshape(61, 2).max(1)
+    assert gaze[51:].min() > 0.02 and gaze[:51].max() < 1e-4, gaze    # iris: ~5% of the face size
+    plain = gem_run.landmark_features(lm[:, :51], lm[0, :51])
+    np.testing.assert_allclose(plain[1], plain[0], atol=1e-4)
+    lms = [lmk_lib.Landmarks(points=np.concatenate([np.zeros((17, 2)), p[:51]]).astype(np.float32),
+                             ibug_ids=np.arange(68), source="file", iris=p[51:].astype(np.float32)) for p in lm]
+    np.testing.assert_allclose(gem_run.inner_landmarks(lms, iris=True), lm, atol=1e-5)
+    no_iris = [lmk_lib.Landmarks(points=x.points, ibug_ids=x.ibug_ids, source="file") for x in lms]
+    with pytest.raises(ValueError, match="frame 0 have no iris points"):
+        gem_run.inner_landmarks(no_iris, iris=True)
+
+
 def test_net_step_lowers_the_loss(ctx):
     ctx = ctx.replace(color_lr=0.05, lr=2e-3)
     rng = np.random.default_rng(8)

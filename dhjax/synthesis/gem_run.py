@@ -319,16 +319,18 @@ def param_features(expression, pose) -> np.ndarray:
 
 def landmark_features(lmk2d, reference) -> np.ndarray:
     """The 'landmarks' driver: 2D landmarks [N, L, 2] (pixels) similarity-aligned to a reference
-    [L, 2] (removes head position, scale and in-plane rotation), in units of the reference's
-    size, flattened: [N, 2L]."""
+    [L, 2] (removes head position, scale and in-plane rotation; the alignment is fitted on the
+    51 inner iBUG points, the first ones, and applied to all, so that the iris points that may
+    follow keep the gaze), in units of the reference's size, flattened: [N, 2L]."""
     ref = np.asarray(reference, np.float64)
-    rc = ref - ref.mean(0)
+    n_fit = min(len(INNER_IBUG), ref.shape[0])
+    rc = ref[:n_fit] - ref[:n_fit].mean(0)
     size = np.sqrt(np.mean(np.sum(rc ** 2, 1)))
     out = []
     for x in np.asarray(lmk2d, np.float64):
-        s, R, t = _umeyama2d(x, ref)
+        s, R, t = _umeyama2d(x[:n_fit], ref[:n_fit])
         y = (s * (R @ x.T)).T + t
-        out.append(((y - ref.mean(0)) / size).reshape(-1))
+        out.append(((y - ref[:n_fit].mean(0)) / size).reshape(-1))
     return np.asarray(out, np.float32)
 
 
@@ -347,20 +349,32 @@ def _umeyama2d(x, y):
 INNER_IBUG = tuple(range(17, 68))     # the 51 inner iBUG points: mediapipe and 68-point files give them
 
 
-def project_landmarks(model, shape, expression, pose, translation, cam_K, cam_R, cam_t, W, H) -> np.ndarray:
-    """The 51 inner iBUG landmarks (17..67) of the head model projected into per-frame cameras:
-    [N, 51, 2] pixels (the synthetic stand-in for a detector; real videos give landmarks through
-    `dhjax.capture.landmarks`: mediapipe detection or files)."""
+N_IRIS = 10                            # mediapipe's iris points 468-477 (both eyes)
+
+
+def project_landmarks(model, shape, expression, pose, translation, cam_K, cam_R, cam_t, W, H,
+                      iris: bool = False) -> np.ndarray:
+    """The 51 inner iBUG landmarks (17..67) of the head model projected into per-frame cameras,
+    followed with iris=True by mediapipe's 10 iris points (468-477; the model must embed them):
+    [N, 51 (+10), 2] pixels (the synthetic stand-in for a detector; real videos give landmarks
+    through `dhjax.capture.landmarks`: mediapipe detection or files)."""
     out = flame.forward(model, jnp.broadcast_to(jnp.asarray(shape), (len(expression), len(shape))),
                         jnp.asarray(expression), jnp.asarray(pose), jnp.asarray(translation))
     cam = camera_lib.Camera(jnp.asarray(cam_K), jnp.asarray(cam_R), jnp.asarray(cam_t), W, H)
-    uv, _ = camera_lib.project(cam, out.landmarks)
-    return np.asarray(uv)[:, INNER_IBUG[0]:]
+    pts = out.landmarks[:, INNER_IBUG[0]:]
+    if iris:
+        if out.iris is None:
+            raise ValueError(f"regressor.landmark_iris: the head model {model.name!r} embeds no iris points "
+                             "(flame.load(..., iris=flame.METRICAL_TRACKER_IRIS_VERTICES) adds them for FLAME)")
+        pts = jnp.concatenate([pts, out.iris], 1)
+    uv, _ = camera_lib.project(cam, pts)
+    return np.asarray(uv)
 
 
-def inner_landmarks(lms) -> np.ndarray:
-    """`dhjax.capture.landmarks.Landmarks` per frame -> [T, 51, 2] pixels of iBUG 17..67;
-    ValueError naming the frame when a point is missing."""
+def inner_landmarks(lms, iris: bool = False) -> np.ndarray:
+    """`dhjax.capture.landmarks.Landmarks` per frame -> [T, 51 (+10), 2] pixels of iBUG 17..67,
+    followed with iris=True by mediapipe's iris points 468-477; ValueError naming the frame
+    when a point is missing."""
     out = []
     for i, lm in enumerate(lms):
         pos = {int(j): p for j, p in zip(lm.ibug_ids, lm.points)}
@@ -368,7 +382,13 @@ def inner_landmarks(lms) -> np.ndarray:
         if missing:
             raise ValueError(f"landmarks of frame {i} lack iBUG points {missing[:5]}...: the landmark driver "
                              f"needs the 51 inner points 17..67 (mediapipe or 68-point files give them)")
-        out.append(np.stack([pos[j] for j in INNER_IBUG]))
+        pts = [np.stack([pos[j] for j in INNER_IBUG])]
+        if iris:
+            if lm.iris is None:
+                raise ValueError(f"landmarks of frame {i} have no iris points: this regressor was trained with "
+                                 "them (regressor.landmark_iris); give mediapipe's refined 478-point mesh")
+            pts.append(np.asarray(lm.iris))
+        out.append(np.concatenate(pts, 0))
     return np.asarray(out, np.float32)
 
 
@@ -544,7 +564,8 @@ def _landmark_driver(cfg, ctx, cap, sp, neutral):
     v = _landmark_view(cfg, cap)
     W, H = cap.size
     lm = project_landmarks(ctx.model, cap.shape, cap.expression, cap.pose, cap.translation,
-                           cap.K[:, v], cap.R[:, v], cap.t[:, v], W, H)
+                           cap.K[:, v], cap.R[:, v], cap.t[:, v], W, H,
+                           iris=bool(cfg.regressor.get("landmark_iris", False)))
     ref = lm[sp.train_frames[neutral]]
     feats = landmark_features(lm, ref)
     return feats[sp.train_frames], feats[sp.test_frames]
@@ -578,7 +599,8 @@ def cross_reenactment(cfg, ctx, rnd, model, regs, neutral, cap, sp, out_path, lo
             W, H = cap.size
             lm = project_landmarks(ctx.model, src_shape, expr, pose, trans,
                                    cap.K[0, v][None].repeat(n, 0), cap.R[0, v][None].repeat(n, 0),
-                                   cap.t[0, v][None].repeat(n, 0), W, H)
+                                   cap.t[0, v][None].repeat(n, 0), W, H,
+                                   iris=bool(cfg.regressor.get("landmark_iris", False)))
             f = landmark_features(lm, lm[src_neutral])
             f = f - f[src_neutral] + regs[key][0].neutral
         feats[key] = f
@@ -820,7 +842,9 @@ def drive(workdir, out, *, source: str = "", split: str = "train", item: int = -
     * source: a dataset folder (a tracked video from `experiments.track`, or any multi-view
       dataset): the 'params' driver on its per-frame expression and jaw/eye rotations;
     * landmarks_path: 2D landmarks of a video ([T, N, 2] array or per-frame files that
-      `dhjax.capture.landmarks.load` reads; 68, 51 or mediapipe points): the 'landmarks' driver.
+      `dhjax.capture.landmarks.load` reads; 68, 51 or mediapipe points, and mediapipe's refined
+      478-point mesh when the regressor was trained with the iris points, regressor.landmark_iris):
+      the 'landmarks' driver.
     Features are taken relative to the source's neutral frame (`neutral`; -1: the smallest
     parameters for 'params', the first frame for 'landmarks') and added to the subject's
     neutral (relative transfer). kind: which regressor ('mlp', the thesis's, or 'linear'; the run
@@ -855,9 +879,15 @@ def drive(workdir, out, *, source: str = "", split: str = "train", item: int = -
         lms = lms if isinstance(lms, list) else [lms]
         if max_frames:
             lms = lms[: int(max_frames)]
-        pts = inner_landmarks(lms)
+        # A regressor trained with the iris points (regressor.landmark_iris) takes 2 x 61 features.
+        pts = inner_landmarks(lms, iris=reg.neutral.shape[0] == 2 * (len(INNER_IBUG) + N_IRIS))
         n0 = 0 if neutral < 0 else int(neutral)
+        if not 0 <= n0 < len(pts):
+            raise ValueError(f"neutral frame {n0} outside the source's {len(pts)} frames")
         feats = landmark_features(pts, pts[n0])
+        if feats.shape[1] != reg.neutral.shape[0]:
+            raise ValueError(f"{landmarks_path}: {pts.shape[1]} points give {feats.shape[1]} features; the "
+                             f"regressor was trained on {reg.neutral.shape[0]}")
     if not 0 <= n0 < len(feats):
         raise ValueError(f"neutral frame {n0} outside the source's {len(feats)} frames")
     feats = feats - feats[n0] + np.asarray(reg.neutral)
