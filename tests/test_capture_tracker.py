@@ -372,7 +372,8 @@ def test_run_on_a_frame_folder_streams_its_dataset_while_tracking(tmp_path, monk
     track_run.run(cfg, work, input=str(tmp_path / "video"), landmarks=str(tmp_path / "lmk"))
     assert seen == [(1, 1, False), (2, 2, False), (3, 3, False)]
     meta = json.loads((work / "dataset" / "meta.json").read_text())
-    assert meta["live"] == {"frames": 3, "tracked": 3, "done": True, "error": None} and meta["kind"] == "video"
+    assert {k: v for k, v in meta["live"].items() if k != "run"} == {"frames": 3, "tracked": 3, "done": True,
+                                                                    "error": None} and meta["kind"] == "video"
     streamed = ds.FolderDataset(work / "dataset")
     params = [dio.load_params(work / "params" / f"frame_{i:04d}") for i in range(3)]
     cams = json.loads((work / "cameras.json").read_text())
@@ -391,12 +392,29 @@ def test_run_on_a_frame_folder_streams_its_dataset_while_tracking(tmp_path, monk
         for k in a:
             np.testing.assert_allclose(a[k], b[k], atol=1e-6, err_msg=k)
 
-    stream = tracker.DatasetStream(tmp_path / "failing", frames, model, eyelids=False)
-    stream.fail(ValueError("no face in frame 1"))
-    live = json.loads((tmp_path / "failing" / "meta.json").read_text())["live"]
-    assert live == {"frames": 3, "tracked": 0, "done": False, "error": "no face in frame 1"}
-    with pytest.raises(ValueError, match="0 of 3 frames were written"):
-        stream.finish()
+    assert len(meta["live"]["run"]) == 12
+
+    # A tracker failure after frame 0 is recorded in meta.json for a waiting reader; one before
+    # any frame (e.g. progress of other settings) leaves the earlier dataset alone.
+    def fails_after(n):
+        def fake(cfg, model, frames, *, on_frame=None, **kw):
+            for i in range(n):
+                on_frame(i, dict(params=params[i]["raw"], K=result.K[i], R=result.R[i], t=result.t[i]))
+            raise ValueError("no face in frame 1")
+        return fake
+
+    params = [{"raw": p} for p in result.params]
+    before = (work / "dataset" / "meta.json").read_text()
+    monkeypatch.setattr(tracker, "track_sequence", fails_after(0))
+    with pytest.raises(ValueError, match="no face in frame 1"):
+        track_run.run(cfg, work, input=str(tmp_path / "video"), landmarks=str(tmp_path / "lmk"))
+    assert (work / "dataset" / "meta.json").read_text() == before and len(ds.FolderDataset(work / "dataset")) == 3
+    monkeypatch.setattr(tracker, "track_sequence", fails_after(1))
+    with pytest.raises(ValueError, match="no face in frame 1"):
+        track_run.run(cfg, work, input=str(tmp_path / "video"), landmarks=str(tmp_path / "lmk"))
+    live = json.loads((work / "dataset" / "meta.json").read_text())["live"]
+    assert (live["frames"], live["tracked"], live["done"], live["error"]) == (3, 1, False, "no face in frame 1")
+    assert live["run"] != meta["live"]["run"] and len(ds.FolderDataset(work / "dataset", partial=True)) == 1
 
 
 def test_adam_update_equals_optax_per_group():

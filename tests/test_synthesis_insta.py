@@ -380,7 +380,7 @@ def test_live_mode_trains_while_the_tracker_tracks_and_resumes(tmp_path):
     assert m2["psnr"] == m["psnr"]
     bad = c.copy_and_resolve_references()
     bad.data.tracked = False
-    with pytest.raises(ValueError, match="data.tracked=True .* or data.root"):
+    with pytest.raises(ValueError, match="set one of data.tracked=True .* or data.root"):
         insta_run.build_live(bad, str(tmp_path / "bad"))
     bad.data.tracked, bad.data.root = True, str(tmp_path)
     with pytest.raises(ValueError, match="not both"):
@@ -390,41 +390,55 @@ def test_live_mode_trains_while_the_tracker_tracks_and_resumes(tmp_path):
         insta_run.build_live(bad, str(tmp_path / "bad"))
 
 
-def _fill_folder(src: Path, dst: Path, n: int, delay: float, error_after: int | None = None):
-    """Copies the first sequence of dataset `src` into `dst` frame by frame as a tracker streams
-    it (tracker.DatasetStream's protocol): meta.json with a "live" entry first, then each frame
-    folder with its cameras.json last; error_after: record a writer error after that many frames."""
+def _fill_folder(src: Path, dst: Path, n: int, delay: float, *, error_after: int | None = None,
+                 restart_after: int | None = None, hold=None):
+    """Copies the first sequence of dataset `src` into `dst` frame by frame as
+    tracker.DatasetStream does: meta.json with a "live" entry, rewritten atomically after each
+    frame, whose folder is written with its cameras.json last and atomically. error_after /
+    restart_after: after that many frames, record a writer error / another run's id and stop;
+    hold: (frames, callable) writes that many frames, then waits until callable() is true."""
+    import os
     import time
 
     item = sorted(p for p in (src / "train").iterdir() if p.is_dir())[0]
     out = dst / "train" / item.name
     meta = json.loads((src / "meta.json").read_text())
 
-    def write_meta(k, error=None):
-        meta["live"] = {"frames": n, "tracked": k, "done": k == n, "error": error}
-        (dst / "meta.json").write_text(json.dumps(meta))
+    def write_meta(k, error=None, run="run-a"):
+        meta["live"] = {"run": run, "frames": n, "tracked": k, "done": k == n, "error": error}
+        (dst / ".meta.tmp").write_text(json.dumps(meta))
+        os.replace(dst / ".meta.tmp", dst / "meta.json")
 
-    dst.mkdir(parents=True)
-    write_meta(0)
     out.mkdir(parents=True)
     for f in item.iterdir():
         if f.is_file():
             shutil.copy(f, out / f.name)
     for k, frame in enumerate(sorted(p for p in item.iterdir() if p.is_dir())[:n]):
-        if error_after is not None and k == error_after:
+        if k == error_after:
             write_meta(k, error="no face in frame 3")
             return
+        if k == restart_after:
+            write_meta(0, run="run-b")
+            return
+        if hold is not None and k == hold[0]:
+            deadline = time.time() + 300
+            while not hold[1]() and time.time() < deadline:
+                time.sleep(0.2)
         time.sleep(delay)
         (out / frame.name).mkdir()
-        for f in sorted(frame.iterdir(), key=lambda f: f.name == "cameras.json"):   # cameras.json last
-            shutil.copy(f, out / frame.name / f.name)
+        for f in frame.iterdir():
+            if f.name != "cameras.json":
+                shutil.copy(f, out / frame.name / f.name)
+        shutil.copy(frame / "cameras.json", out / frame.name / ".cameras.tmp")
+        os.replace(out / frame.name / ".cameras.tmp", out / frame.name / "cameras.json")
         write_meta(k + 1)
 
 
 def test_folder_feed_reads_frames_as_a_folder_fills(tmp_path):
-    """online.live with data.root (FolderFeed): frames join as their folders complete, in order,
-    into the same arrays as the offline build; a finished folder (no "live" entry) arrives at
-    once; a writer's error and a folder that stops growing end the feed with clear errors."""
+    """online.live with data.root (FolderFeed): frames join one by one as their folders complete,
+    into the same arrays as the offline build; a finished folder is read at once, with or without
+    meta.json's "live" entry; a writer's error, a restarted folder, a folder that never appears
+    and a missing sequence end the feed with clear errors."""
     import threading
 
     c = _run_config("tiny", tmp_path)
@@ -434,38 +448,46 @@ def test_folder_feed_reads_frames_as_a_folder_fills(tmp_path):
     video, _ = insta_data.prepare(insta_data.load_video(src), assets.model)
     want_train, want_test = insta_data.split(video, 2)
     c.online.live, c.data.root = True, str(tmp_path / "live")
-    writer = threading.Thread(target=_fill_folder, args=(src, tmp_path / "live", 6, 0.2))
+    feed = insta_run.FolderFeed(c, assets, tmp_path, log=None, poll_s=0.05).start()   # before the folder exists
+    writer = threading.Thread(target=_fill_folder, args=(src, tmp_path / "live", 6, 0.25))
     writer.start()
-    feed = insta_run.FolderFeed(c, assets, tmp_path, log=None, poll_s=0.05).start()
-    seen = []
-    while feed.count < 6:
-        seen.append(feed.arrived())
-        feed.wait(feed.count + 1)
+    feed.wait(6)
     writer.join()
-    assert feed.n == 6 and feed.n_train == 4 and seen == sorted(seen) and seen[0] < 4
+    assert feed.n == 6 and feed.n_train == 4
+    assert feed.tracked_at[-1] - feed.tracked_at[0] > 0.75, feed.tracked_at      # one by one, 0.25 s apart
     for got, want in ((feed.train, want_train), (feed.test, want_test)):
         for name, a, b in zip(insta_data.Video._fields, got, want):
             np.testing.assert_allclose(a, b, atol=1e-6, err_msg=name)
-    done = insta_run.FolderFeed(c, assets, tmp_path, log=None).start()     # finished: all at once
+    done = insta_run.FolderFeed(c, assets, tmp_path, log=None).start()     # finished: read at once
     done.wait(6)
     np.testing.assert_array_equal(done.train.images, feed.train.images)
     c.data.root = str(src)                       # a dataset without a "live" entry is complete
     plain = insta_run.FolderFeed(c, assets, tmp_path, log=None).start()
     plain.wait(6)
     np.testing.assert_array_equal(plain.test.images, feed.test.images)
+    c.data.item = 7
+    with pytest.raises(RuntimeError, match="no sequence with number 7"):
+        insta_run.FolderFeed(c, assets, tmp_path, log=None).start().wait(1)
+    c.data.item = -1
 
-    c.data.root = str(tmp_path / "broken")
-    _fill_folder(src, tmp_path / "broken", 6, 0.0, error_after=3)
-    with pytest.raises(RuntimeError, match="the writer failed: no face in frame 3"):
-        insta_run.FolderFeed(c, assets, tmp_path, log=None, poll_s=0.05).start().wait(6)
+    c.online.timeout_s = 60.0          # a broken feed fails the test instead of hanging it
+    for name, kw, match in (("broken", dict(error_after=3), "the writer failed: no face in frame 3"),
+                            ("restarted", dict(restart_after=2), "another tracker run restarted the folder")):
+        c.data.root = str(tmp_path / name)
+        (tmp_path / name).mkdir()
+        feed = insta_run.FolderFeed(c, assets, tmp_path, log=None, poll_s=0.05).start()
+        _fill_folder(src, tmp_path / name, 6, 0.2, **kw)       # the feed reads run-a's meta.json first
+        with pytest.raises(RuntimeError, match=match):
+            feed.wait(6)
     c.data.root, c.online.timeout_s = str(tmp_path / "never"), 0.3
-    with pytest.raises(RuntimeError, match="no meta.json after 0s .*online.timeout_s"):
+    with pytest.raises(RuntimeError, match=r"no meta.json after 0.3s \(online.timeout_s\)"):
         insta_run.FolderFeed(c, assets, tmp_path, log=None, poll_s=0.05).start().wait(1)
 
 
 def test_live_mode_trains_on_a_folder_as_it_fills(tmp_path):
     """The whole live run on a frame folder another process fills (what experiments.track's
-    streamed dataset/ gives): training starts with frame 0, online.json follows the frames."""
+    streamed dataset/ gives): training starts with the first frames; the rest are written only
+    after the first evaluation, so online.json shows the avatar before and after they arrived."""
     import threading
 
     c = _run_config("tiny", tmp_path)
@@ -474,33 +496,19 @@ def test_live_mode_trains_on_a_folder_as_it_fills(tmp_path):
     c.eval.update(orbit_frames=0, mesh_resolution=0)
     c.train.update(eval_every=4)
     c.online.live, c.data.root = True, str(tmp_path / "live")
-    writer = threading.Thread(target=_fill_folder, args=(src, tmp_path / "live", 6, 1.0))
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    first_eval = lambda: metrics.exists() and "eval/frames_tracked" in metrics.read_text()
+    writer = threading.Thread(target=_fill_folder, args=(src, tmp_path / "live", 6, 0.0),
+                              kwargs=dict(hold=(2, first_eval)), daemon=True)
     writer.start()
     m = insta_run.run(c, str(tmp_path / "run"))
     writer.join()
     assert m["n_frames"] == 2.0 and np.isfinite(m["psnr"])
     online = json.loads((tmp_path / "run" / "online.json").read_text())
     assert [p["step"] for p in online] == [4, 8, 12]
-    arrived = [p["frames_tracked"] for p in online]
-    assert arrived == sorted(arrived) and 1 <= arrived[0]
-
-
-def test_live_feed_stops_training_when_tracking_fails(tmp_path):
-    """A tracker failure reaches the training loop at its next batch instead of leaving it to
-    train on the frames it has; after close() (training already failed) it no longer does."""
-    samples, _, _ = _video_and_canon()
-    c = insta_config.get_config("tiny_live")
-    c.data.holdout = 2
-    feed = insta_run.LiveFeed(c, samples, [f"frame {i}" for i in range(len(samples))], sc.tiny_assets(), tmp_path,
-                              log=None)
-    assert feed.n_train == 4 and feed.arrived() == 0
-    feed.error = ValueError("no face in frame 3")
-    with pytest.raises(RuntimeError, match="live tracking failed after 0 frames: no face in frame 3"):
-        feed.arrived()
-    with pytest.raises(RuntimeError, match="no face in frame 3"):
-        feed.wait(1)
-    feed.close()
-    assert feed.arrived() == 0
+    # trained on the first 2 frames at step 4; the held-out frames (written after it) came in too
+    assert online[0]["frames_tracked"] == 2 and online[0]["frames_arrived"] == 2
+    assert all(np.isfinite(p["heldout_psnr"]) for p in online)
 
 
 def test_depth_evaluation_camera_undoes_the_trackers_rigid_head_pose():

@@ -260,12 +260,15 @@ def track(cfg, work: Path, input_path: str, landmarks: str | None = None) -> dic
     meta = {"input": input_path, "shape_init": init}
     # dataset/ fills frame by frame while tracking (a live INSTA run can read it as it grows).
     stream = tracker.DatasetStream(work / "dataset", frames, model, meta=meta,
-                                   eyelids=bool(cfg.tracker.get("eyelids", False)) and model.eyelid_dirs is not None)
+                                   eyelids=tracker.tracks_eyelids(cfg.tracker, model))
     try:
         result = tracker.track_sequence(cfg.tracker, model, frames, shape_init=shape_init,
                                         progress_dir=work / "progress", on_frame=stream.add)
     except BaseException as err:
-        stream.fail(err)
+        try:
+            stream.fail(err)
+        except Exception as meta_err:       # the tracker's error stays the one raised
+            print(f"could not record the error in {work / 'dataset' / 'meta.json'}: {meta_err}", flush=True)
         raise
     report = write_outputs(work, result, frames, names, model, float(cfg.fps), meta=meta,
                            hparams=logs.flatten_hparams(cfg), stream=stream)

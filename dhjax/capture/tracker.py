@@ -102,6 +102,8 @@ __all__ = [
     "render_result",
     "overlay",
     "write_dataset",
+    "DatasetStream",
+    "tracks_eyelids",
     "evaluate_synthetic",
 ]
 
@@ -924,6 +926,11 @@ def _save_progress(folder, i: int, frame: FrameData, rec: Mapping[str, Any]) -> 
     os.replace(tmp, folder / f"frame_{i:04d}.npz")
 
 
+def tracks_eyelids(cfg, model) -> bool:
+    """Whether `track_sequence` tracks the eyelids: cfg.eyelids and a model with eyelid blendshapes."""
+    return bool(cfg.get("eyelids", False)) and model.eyelid_dirs is not None
+
+
 def track_sequence(cfg, model, frames: Sequence[FrameData], *, shape_init=None,
                    log: Callable[[str], None] | None = print, progress_dir=None,
                    step_cache: dict | None = None, timings: dict | None = None,
@@ -959,7 +966,7 @@ def track_sequence(cfg, model, frames: Sequence[FrameData], *, shape_init=None,
             raise ValueError(f"frame {i} is {fr.image.shape[:2]}, frame 0 is {(H, W)}: all frames must "
                              "have one size")
     compiled = {} if step_cache is None else step_cache
-    use_eyelids = bool(cfg.get("eyelids", False)) and model.eyelid_dirs is not None
+    use_eyelids = tracks_eyelids(cfg, model)
     if bool(cfg.get("eyelids", False)) and not use_eyelids and log is not None:
         log(f"eyelids: the model {model.name!r} has no eyelid blendshapes; the eyelids are not tracked "
             "(flame.load(..., eyelids=(l_eyelid.npy, r_eyelid.npy)) adds them)")
@@ -1135,9 +1142,13 @@ def write_dataset(root, result: TrackResult, frames: Sequence[FrameData], model,
     """Stores a tracked sequence in the `dhjax.data.dataset` layout (kind 'video'): frames, model
     masks (the tracked mesh's silhouette), cameras, FLAME parameters and rendered depth.
     renders: `render_result(result, ...)` if already computed. Returns the path of meta.json."""
+    import shutil
+
     from dhjax.data.dataset import Writer
     H, W = frames[0].image.shape[:2]
     renders = _renders(result, model, W, H, renders)
+    if Path(root).exists():       # a whole sequence: no frames or meta entries of an earlier one stay
+        shutil.rmtree(root)
     writer = Writer(root, split, kind="video", meta=dict(meta or {}, source="dhjax.capture.tracker"))
     lids = tracked_eyelids(result.params)
     for i, (fr, p, r) in enumerate(zip(frames, result.params, renders)):
@@ -1154,43 +1165,57 @@ class DatasetStream:
     ones are still being tracked (INSTA's live online mode with data.root,
     `dhjax.synthesis.insta_run.FolderFeed`).
 
-    meta.json is written before the first frame and after every frame, atomically, with
-    "live": {"frames": N (the sequence's length), "tracked": frames written so far, "done":
-    bool, "error": the tracker's error or None}; a frame folder is complete once its
-    cameras.json (written last, atomically) exists. The folder is emptied when a stream starts
-    (frames read back from a resumed tracker's progress are written again).
+    Protocol (what a reader may rely on):
+    * The folder is emptied and meta.json written when the first frame arrives (a tracker that
+      fails before, e.g. on progress of other settings, leaves an earlier dataset alone), then
+      rewritten atomically after every frame, with "live": {"run": an id of this stream,
+      "frames": N (the sequence's length), "tracked": frames written so far, "done": bool,
+      "error": the tracker's error or None}. A changed "run" means another tracker run
+      restarted the folder.
+    * Frame i is the folder <split>/item_XXXXXXX/frame_{i:04d}; it is complete once its
+      cameras.json (written last, atomically) exists. Frames come in order, one view each.
+    Frames read back from a resumed tracker's progress are written again (the folder restarts).
 
     Args:
       root: dataset folder; frames: the sequence's FrameData (their images are written);
       model: the head model (masks and depth are the tracked mesh's, `render_frame`);
-      eyelids: write the tracked eyelids (the tracker tracked them: `track_sequence` with
-        cfg.eyelids and a model with eyelid blendshapes); item, split, meta: as `write_dataset`.
+      eyelids: write the tracked eyelids (`tracks_eyelids(cfg, model)` of the tracking); item,
+        split, meta: as `write_dataset`. (`write_dataset` decides from the result instead,
+        `tracked_eyelids`; the two differ only when tracked eyelids stayed exactly zero.)
     The renders of the frames (`render_frame`) are kept in `renders` for the overlay.
     """
 
     def __init__(self, root, frames: Sequence[FrameData], model, *, eyelids: bool, item: int = 0,
                  split: str = "train", meta: Mapping[str, Any] | None = None):
+        import uuid
+
+        self.root = Path(root)
+        self.frames, self.model, self.eyelids, self.item = list(frames), model, bool(eyelids), int(item)
+        self.split, self.size = split, self.frames[0].image.shape[:2]
+        self.meta = dict(meta or {}, source="dhjax.capture.tracker", pose_joints=5)
+        self.run = uuid.uuid4().hex[:12]
+        self.renders: list[dict] = []
+        self.writer = None
+
+    def _start(self) -> None:
         import shutil
 
         from dhjax.data.dataset import Writer
-        self.root = Path(root)
         if self.root.exists():
             shutil.rmtree(self.root)
-        self.frames, self.model, self.eyelids, self.item = list(frames), model, bool(eyelids), int(item)
-        self.size = self.frames[0].image.shape[:2]
-        self.renders: list[dict] = []
-        self.writer = Writer(self.root, split, kind="video", meta=dict(meta or {}, source="dhjax.capture.tracker"))
-        self._live(done=False, error=None)
+        self.writer = Writer(self.root, self.split, kind="video", meta=self.meta)
 
     def _live(self, *, done: bool, error: str | None) -> None:
-        self.writer.meta["live"] = {"frames": len(self.frames), "tracked": len(self.renders), "done": bool(done),
-                                    "error": error}
+        self.writer.meta["live"] = {"run": self.run, "frames": len(self.frames), "tracked": len(self.renders),
+                                    "done": bool(done), "error": error}
         self.writer.close()
 
     def add(self, i: int, rec: Mapping[str, Any]) -> None:
         """Writes tracked frame i (a `track_sequence` record: params, K, R, t); frames come in order."""
         if i != len(self.renders):
             raise ValueError(f"frame {i} arrived after {len(self.renders)} frames; a stream takes them in order")
+        if self.writer is None:
+            self._start()
         H, W = self.size
         r = render_frame(rec["params"], self.model, W, H)
         fp = flame_parameters(rec["params"], eyelids=self.eyelids)
@@ -1207,8 +1232,10 @@ class DatasetStream:
         return self.root / "meta.json"
 
     def fail(self, error: BaseException | str) -> None:
-        """Records the tracker's error in meta.json (a reader waiting for frames stops with it)."""
-        self._live(done=False, error=str(error) or type(error).__name__)
+        """Records the tracker's error in meta.json (a reader waiting for frames stops with it);
+        before the first frame, an earlier dataset in the folder is left alone."""
+        if self.writer is not None:
+            self._live(done=False, error=str(error) or type(error).__name__)
 
 
 def shape_error_mm(model, shape, shape_true) -> float:

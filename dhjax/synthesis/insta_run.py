@@ -129,6 +129,7 @@ class _Feed:
     video's frame count) before their first `_add` and run `_source` in the thread."""
 
     kind = "live"
+    thread_name = "insta-live-feed"
 
     def __init__(self, cfg, assets, workdir, log=print):
         import threading
@@ -147,7 +148,7 @@ class _Feed:
         self.tracked_at: list[float] = []   # seconds since the start at which each frame arrived
         self._closed = False
         self._cond = threading.Condition()
-        self._thread = threading.Thread(target=self._run, name=f"insta-{self.kind}-feed", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=self.thread_name, daemon=True)
 
     def start(self):
         self._thread.start()
@@ -230,6 +231,7 @@ class LiveFeed(_Feed):
     """
 
     kind = "live tracking"
+    thread_name = "insta-live-tracker"
 
     def __init__(self, cfg, samples, names, assets, workdir, log=print):
         insta_data.check_frames(samples, names)      # too few frames: an error before any tracking
@@ -239,7 +241,7 @@ class LiveFeed(_Feed):
 
     def _source(self):
         model, frames = tracker_frames(self.cfg, self.samples, self.assets)
-        eyelids = bool(self.cfg.tracker.get("eyelids", False)) and model.eyelid_dirs is not None
+        eyelids = tracker.tracks_eyelids(self.cfg.tracker, model)
 
         def arrive(i: int, rec: dict):
             self._add(i, tracked_sample(self.samples[i], rec, eyelids=eyelids), self.names[i],
@@ -252,16 +254,19 @@ class LiveFeed(_Feed):
 class FolderFeed(_Feed):
     """Online mode fed by a frame folder that fills up (online.live with data.root): another
     process writes a tracked video into data.root frame by frame (`python -m experiments.track`
-    streams its dataset/ folder as it tracks, `tracker.DatasetStream`), and each frame joins the
-    training set as soon as its folder is complete (its cameras.json, written last, exists).
+    streams its dataset/ folder as it tracks, `tracker.DatasetStream`, whose protocol this
+    follows), and each frame joins the training set as soon as its folder is complete.
 
-    The frame count comes from meta.json's "live" entry (the tracker writes it before the first
-    frame); a folder without it is complete and every frame arrives at once. The feed waits up
-    to online.timeout_s for meta.json and for each next frame, and stops with the writer's error
-    when meta.json reports one. data.max_frames caps the count; data.item picks the sequence.
+    While meta.json's "live" entry says the writer is not done, the feed waits up to
+    online.timeout_s for meta.json to appear and for each next frame (<item>/frame_{i:04d} with
+    its cameras.json); it stops with the writer's error when meta.json reports one, and with an
+    error when another tracker run restarts the folder (its "run" id changes). A folder that is
+    not being written (no "live" entry, or done) is read at once, with the offline reader's
+    checks. data.max_frames caps the count; data.item picks the sequence.
     """
 
     kind = "the frame folder"
+    thread_name = "insta-folder-feed"
 
     def __init__(self, cfg, assets, workdir, log=print, poll_s: float = 0.5):
         super().__init__(cfg, assets, workdir, log)
@@ -269,69 +274,87 @@ class FolderFeed(_Feed):
         self.poll_s = float(poll_s)
         self.timeout_s = float(cfg.online.get("timeout_s", 900.0))
 
-    def _meta(self) -> dict:
-        path = self.root / "meta.json"
-        return json.loads(path.read_text()) if path.exists() else {}
+    def _meta(self) -> dict | None:
+        """meta.json, or None while it does not exist (or is being replaced)."""
+        try:
+            return json.loads((self.root / "meta.json").read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return None
 
-    def _wait_for(self, what: str, ready, since: float):
+    def _poll(self, what: str, ready, run: str | None = None):
+        """Calls ready() until it returns something; the writer's error, a restarted folder and
+        online.timeout_s without it end the wait with an error."""
+        since = time.time()
         while True:
             if self._closed:
                 raise _FeedClosed("the live feed was closed")
-            got = ready()
-            if got:
+            try:
+                got = ready()
+            except FileNotFoundError:             # a folder being restarted by the writer
+                got = None
+            if got is not None:
                 return got
-            live = self._meta().get("live") or {}
+            live = (self._meta() or {}).get("live") or {}
             if live.get("error"):
                 raise RuntimeError(f"{self.root}: the writer failed: {live['error']}")
+            if run is not None and live and live.get("run") != run:
+                raise RuntimeError(f"{self.root}: another tracker run restarted the folder while INSTA read it; "
+                                   "start INSTA again (on a folder one tracker run fills)")
             if time.time() - since > self.timeout_s:
-                raise TimeoutError(f"{self.root}: no {what} after {self.timeout_s:.0f}s (online.timeout_s); "
-                                   "is the tracker writing this folder still running?")
+                raise TimeoutError(f"{self.root}: no {what} after {self.timeout_s:g}s (online.timeout_s); is the "
+                                   "tracker writing this folder still running?")
             time.sleep(self.poll_s)
 
     def _source(self):
         from dhjax.data import dataset as ds
 
-        t0 = time.time()
-        meta = self._wait_for("meta.json", self._meta, t0)
-        if meta.get("kind") not in (None, "video", "tracked"):
-            raise ValueError(f"{self.root}/meta.json: kind {meta.get('kind')!r}; INSTA reads a tracked video")
         split_dir = self.root / self.cfg.data.split
-
-        def first_item():
-            if not split_dir.is_dir():
-                return None
+        if (self.root / "meta.json").exists() or not split_dir.is_dir():
+            meta = self._poll("meta.json", self._meta)          # the tracker has not started writing yet
+        else:
+            meta = {}                                           # a finished dataset without meta.json
+        live = meta.get("live")
+        if not live or live.get("done"):                        # nothing is writing it: read it as it is
+            return self._read_finished()
+        if meta.get("kind") != "video":
+            raise ValueError(f"{self.root}/meta.json: kind {meta.get('kind')!r}; INSTA reads a tracked video")
+        def find_item():                                        # written with frame 0's folder
             items = sorted((p for p in split_dir.iterdir() if p.is_dir()), key=ds._numbered)
             if int(self.cfg.data.item) >= 0:
                 items = [p for p in items if ds._trailing_number(p.name, -1) == int(self.cfg.data.item)]
             return items[0] if items else None
 
-        item_dir = self._wait_for(f"sequence folder in {split_dir}", first_item, t0)
-        live = self._meta().get("live")
-        if live:
-            n = int(live["frames"])
-        else:                                       # a finished folder: every frame is there
-            n = len([p for p in item_dir.iterdir() if (p / "cameras.json").exists()])
+        item_dir = self._poll(f"sequence folder in {split_dir}" + (
+            f" numbered {int(self.cfg.data.item)}" if int(self.cfg.data.item) >= 0 else ""), find_item, live.get("run"))
+        n = int(live["frames"])
         if int(self.cfg.data.max_frames):
             n = min(n, int(self.cfg.data.max_frames))
-        if n < insta_data.MIN_FRAMES:
-            raise ValueError(f"{item_dir}: INSTA needs at least {insta_data.MIN_FRAMES} frames (one to train on, "
-                             f"one held out), the folder will hold {n}")
-        self._set_count(n)
+        self._check_count(n, item_dir)
+        run = live.get("run")
         reader = None
-        since = time.time()
         for i in range(n):
-            def frame_i():
-                # Frames are written in order, so the i-th folder is frame i once it is complete.
-                frames = sorted((p for p in item_dir.iterdir() if p.is_dir()), key=ds._numbered)
-                return frames[i] if len(frames) > i and (frames[i] / "cameras.json").exists() else None
-
-            frame_dir = self._wait_for(f"frame {i} in {item_dir}", frame_i, since)
+            frame_dir = item_dir / f"frame_{i:04d}"
+            self._poll(f"frame {i} ({frame_dir})", lambda: frame_dir if (frame_dir / "cameras.json").exists() else None,
+                       run)
             views = ds.frame_views(frame_dir)
             if len(views) != 1:
                 raise ValueError(f"{frame_dir}: INSTA takes a monocular video, this frame has views {views}")
-            reader = reader or ds.FolderDataset(self.root, self.cfg.data.split, partial=True)
+            if reader is None:
+                reader = ds.FolderDataset(self.root, self.cfg.data.split, partial=True)
             self._add(i, reader.read(item_dir, frame_dir, views[0]), str(frame_dir))
-            since = time.time()
+
+    def _check_count(self, n: int, where) -> None:
+        if n < insta_data.MIN_FRAMES:
+            raise ValueError(f"{where}: INSTA needs at least {insta_data.MIN_FRAMES} frames (one to train on, "
+                             f"one held out), the folder holds {n}")
+        self._set_count(n)
+
+    def _read_finished(self) -> None:
+        item = None if int(self.cfg.data.item) < 0 else int(self.cfg.data.item)
+        samples = insta_data.load_video(self.root, self.cfg.data.split, item, int(self.cfg.data.max_frames))
+        self._check_count(len(samples), self.root)
+        for i, s in enumerate(samples):
+            self._add(i, s, f"{self.root}/{self.cfg.data.split} frame {int(s.get('frame', i))}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -607,9 +630,9 @@ def build_live(cfg, workdir, log=print):
     the background tracker (`LiveFeed`, data.tracked) gets through the frames, or as another
     process fills the frame folder data.root (`FolderFeed`)."""
     if bool(cfg.data.tracked) == bool(cfg.data.root):
-        raise ValueError("online.live trains while frames arrive: set data.tracked=True (dhjax's tracker "
-                         "tracks the synthetic video here) or data.root=<a folder experiments.track is "
-                         "filling>, not both" + (" nor neither" if not cfg.data.tracked else ""))
+        raise ValueError("online.live trains while frames arrive; set one of data.tracked=True (dhjax's "
+                         "tracker tracks the synthetic video here) or data.root=<a folder experiments.track is "
+                         "filling>" + (", not both" if cfg.data.tracked else ""))
     if float(cfg.online.frames_per_step) > 0:
         raise ValueError("online.live and online.frames_per_step are two online modes: set one")
     if cfg.data.root:
@@ -738,8 +761,9 @@ class _LiveRecorder:
     evaluate keeps a host copy of the EMA weights and the occupancy grid with the wall-clock time
     and the frames tracked by then; after training, once the held-out frames are tracked, each
     copy is scored on the held-out ray batch (eval/psnr of the scheduled mode): held-out PSNR
-    against seconds since tracking started. A resumed run records the steps it runs itself, its
-    seconds counted from its own start (the saved tracking is read back in a moment)."""
+    against seconds since tracking started (with a frame folder, `FolderFeed`: since the feed
+    started; frames_tracked: the frames it has read). A resumed run records the steps it runs
+    itself, its seconds counted from its own start (the saved tracking is read back in a moment)."""
 
     def __init__(self, batches: insta_data.RayBatches, feed: _Feed, evaluate):
         self.batches, self.feed, self.evaluate = batches, feed, evaluate
