@@ -13,7 +13,9 @@ import numpy as np
 def xla_flags(devices: int) -> str:
     """XLA_FLAGS for a subprocess with `devices` fake CPU devices, keeping the suite's own flags
     (conftest.py's fast-compile options), so that it compiles as the test process does."""
-    return f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={int(devices)}".strip()
+    kept = [f for f in os.environ.get("XLA_FLAGS", "").split()
+            if not f.startswith("--xla_force_host_platform_device_count")]
+    return " ".join(kept + [f"--xla_force_host_platform_device_count={int(devices)}"])
 
 
 def env_with(devices=1, **extra):
