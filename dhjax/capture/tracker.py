@@ -1166,9 +1166,9 @@ class DatasetStream:
     `dhjax.synthesis.insta_run.FolderFeed`).
 
     Protocol (what a reader may rely on):
-    * The folder is emptied and meta.json written when the first frame arrives (a tracker that
-      fails before, e.g. on progress of other settings, leaves an earlier dataset alone), then
-      rewritten atomically after every frame, with "live": {"run": an id of this stream,
+    * The folder is emptied and meta.json written when the first frame arrives, before its
+      folder (a tracker that fails before, e.g. on progress of other settings, leaves an earlier
+      dataset alone), then rewritten atomically after every frame, with "live": {"run": an id of this stream,
       "frames": N (the sequence's length), "tracked": frames written so far, "done": bool,
       "error": the tracker's error or None}. A changed "run" means another tracker run
       restarted the folder.
@@ -1204,6 +1204,7 @@ class DatasetStream:
         if self.root.exists():
             shutil.rmtree(self.root)
         self.writer = Writer(self.root, self.split, kind="video", meta=self.meta)
+        self._live(done=False, error=None)     # meta.json before any frame folder: a reader waits
 
     def _live(self, *, done: bool, error: str | None) -> None:
         self.writer.meta["live"] = {"run": self.run, "frames": len(self.frames), "tracked": len(self.renders),

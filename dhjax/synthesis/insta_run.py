@@ -318,6 +318,7 @@ class FolderFeed(_Feed):
             return self._read_finished()
         if meta.get("kind") != "video":
             raise ValueError(f"{self.root}/meta.json: kind {meta.get('kind')!r}; INSTA reads a tracked video")
+
         def find_item():                                        # written with frame 0's folder
             items = sorted((p for p in split_dir.iterdir() if p.is_dir()), key=ds._numbered)
             if int(self.cfg.data.item) >= 0:
