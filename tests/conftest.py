@@ -7,8 +7,7 @@ import subprocess
 import sys
 
 # Most of the suite's time on a CPU is XLA compiling small programs, not running them. LLVM at
-# -O0 compiles them faster and computes the same floats (LLVM reorders no float operations
-# without fast-math at any level). XLA:CPU's classic fusion emitters (--xla_cpu_use_fusion_emitters
+# -O0 compiles them faster, and every test passes with it. XLA:CPU's classic fusion emitters (--xla_cpu_use_fusion_emitters
 # =false) would save more (with both, tests/test_synthesis_gem.py + test_capture_tracker.py +
 # test_synthesis_d3ga.py took 224 s instead of 403 s) but round differently from the default
 # emitters: 11 tests that compare two programs at 1e-6 failed with them (December 2026). Set

@@ -409,6 +409,7 @@ def _fill_folder(src: Path, dst: Path, n: int, delay: float, *, error_after: int
         (dst / ".meta.tmp").write_text(json.dumps(meta))
         os.replace(dst / ".meta.tmp", dst / "meta.json")
 
+    dst.mkdir(parents=True, exist_ok=True)
     write_meta(0)                       # meta.json before any folder, as the stream does
     out.mkdir(parents=True)
     for f in item.iterdir():
