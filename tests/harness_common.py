@@ -11,8 +11,8 @@ import numpy as np
 
 
 def xla_flags(devices: int) -> str:
-    """XLA_FLAGS for a subprocess with `devices` fake CPU devices, keeping the suite's own flags
-    (conftest.py's fast-compile options), so that it compiles as the test process does."""
+    """XLA_FLAGS for a subprocess with `devices` fake CPU devices, keeping any other XLA_FLAGS the
+    test process was started with, so that it compiles as the test process does."""
     kept = [f for f in os.environ.get("XLA_FLAGS", "").split()
             if not f.startswith("--xla_force_host_platform_device_count")]
     return " ".join(kept + [f"--xla_force_host_platform_device_count={int(devices)}"])
