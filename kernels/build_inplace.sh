@@ -5,7 +5,7 @@
 #   bash kernels/build_inplace.sh [-DDHJAX_CUDA=ON]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-cmake -S . -B build/inplace -DCMAKE_BUILD_TYPE=Release -DPython_EXECUTABLE="$(command -v python)" "$@" > /dev/null
+cmake -S . -B build/inplace -DCMAKE_BUILD_TYPE=Release -DPython_EXECUTABLE="$(command -v python || command -v python3)" "$@" > /dev/null
 cmake --build build/inplace -j "$(nproc)"
 cmake --install build/inplace --prefix . > /dev/null
 ls dhjax/_kernels
