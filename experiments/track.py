@@ -29,12 +29,16 @@ _CONFIG = config_flags.DEFINE_config_file("config", "configs/track.py", "configs
 _INPUT = flags.DEFINE_string("input", None, "video file, image folder, one image, or 'synthetic'", required=True)
 _LANDMARKS = flags.DEFINE_string("landmarks", None, "landmark file (one image, or [T, N, 2] for a video) or a "
                                  "folder of per-frame files named like the frames; default: mediapipe")
+_MASKS = flags.DEFINE_string("masks", None, "foreground masks for dataset/ (e.g. a video matting method's "
+                             "alpha): a folder of per-frame images named like the frames, a mask video, or "
+                             "one image; default: the tracked mesh's silhouette (no hair)")
 _WORKDIR = flags.DEFINE_string("workdir", None, "output folder", required=True)
 
 
 def main(argv):
     del argv
-    track_run.run(_CONFIG.value, _WORKDIR.value, input=_INPUT.value, landmarks=_LANDMARKS.value)
+    track_run.run(_CONFIG.value, _WORKDIR.value, input=_INPUT.value, landmarks=_LANDMARKS.value,
+                  masks=_MASKS.value)
 
 
 if __name__ == "__main__":

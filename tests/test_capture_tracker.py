@@ -340,6 +340,72 @@ def test_run_on_one_image_with_a_landmark_file(tmp_path):
     assert (work / "params" / "frame_0000.npz").exists()
 
 
+def test_given_masks_replace_the_mesh_silhouette_in_the_dataset(model, tmp_path, monkeypatch):
+    """--masks (track_run.frame_mattes): a folder of per-frame mask images (grey, RGBA alpha, RGB)
+    becomes dataset/'s masks instead of the tracked mesh's silhouette, as streamed while tracking;
+    bad masks fail before any tracking, naming the frame, the size or the count."""
+    from configs import track as track_cfg
+    from dhjax import io as dio
+    from dhjax.data import dataset as ds
+    cfg = track_cfg.get_config()
+    W, H = 48, 40
+    p = jax.tree.map(np.asarray, _true_params(model, cfg.tracker, tracker.make_static(model, W, H)))
+    K = np.asarray(tracker.intrinsics_matrix(p, W, H))
+    R = np.asarray(rotations.rotation_6d_to_matrix(jnp.asarray(p["rot6d"])))
+    calls = []
+
+    def fake_track(cfg, model, frames, *, on_frame=None, **kw):
+        calls.append(len(frames))
+        for i in range(len(frames)):
+            on_frame(i, dict(params=p, K=K, R=R, t=np.asarray(p["trans"])))
+        n = len(frames)
+        return tracker.TrackResult(params=[p] * n, K=np.stack([K] * n), R=np.stack([R] * n),
+                                   t=np.stack([np.asarray(p["trans"])] * n), landmark_error_px=np.zeros(n),
+                                   photometric_error=np.zeros(n), seconds=0.0)
+
+    monkeypatch.setattr(tracker, "track_sequence", fake_track)
+    rng = np.random.default_rng(0)
+    for d in ("video", "lmk", "masks"):
+        (tmp_path / d).mkdir()
+    given = []
+    for i in range(3):
+        dio.save_image(tmp_path / "video" / f"f{i}.png", rng.uniform(size=(H, W, 3)))
+        np.save(tmp_path / "lmk" / f"f{i}.npy", np.full((68, 2), 20.0) + rng.uniform(-5, 5, (68, 2)))
+        m = (rng.uniform(size=(H, W)) > 0.5).astype(np.float32)
+        given.append(m)
+    dio.save_image(tmp_path / "masks" / "f0.png", given[0][..., None])                       # grey
+    dio.save_image(tmp_path / "masks" / "f1.png", np.concatenate([np.zeros((H, W, 3)), given[1][..., None]], -1))
+    dio.save_image(tmp_path / "masks" / "f2.jpg", np.repeat(given[2][..., None], 3, -1))     # RGB (lossy)
+    work = tmp_path / "out"
+    report = track_run.run(cfg, work, input=str(tmp_path / "video"), landmarks=str(tmp_path / "lmk"),
+                           masks=str(tmp_path / "masks"))
+    out = ds.FolderDataset(work / "dataset")
+    silhouette = tracker.render_frame(p, model, W, H)["mask"]
+    for i in range(3):
+        tol = 0.2 if i == 2 else 1e-6
+        np.testing.assert_allclose(out[i]["mask"], given[i], atol=tol, err_msg=f"frame {i}")
+        assert np.abs(out[i]["mask"] - silhouette).mean() > 0.2
+    meta = json.loads((work / "dataset" / "meta.json").read_text())
+    assert meta["masks"] == report["masks"] == f"foreground masks from {tmp_path / 'masks'}"
+    assert "dataset masks: foreground masks from" in (work / "report.md").read_text()
+
+    def fails(match, masks, input_="video"):
+        with pytest.raises((ValueError, FileNotFoundError), match=match):
+            track_run.run(cfg, tmp_path / "bad", input=str(tmp_path / input_), landmarks=str(tmp_path / "lmk"),
+                          masks=str(masks))
+
+    n_calls = len(calls)
+    (tmp_path / "masks" / "f2.jpg").unlink()
+    fails("no mask image for frame f2", tmp_path / "masks")
+    dio.save_image(tmp_path / "masks" / "f2.png", np.zeros((H + 1, W, 1)))
+    fails(f"the mask of frame f2 is {W}x{H + 1}, the frame {W}x{H}", tmp_path / "masks")
+    fails("no such file or folder", tmp_path / "nowhere")
+    fails("1 masks for 3 frames", tmp_path / "masks" / "f0.png")
+    assert len(calls) == n_calls            # every bad mask failed before any tracking
+    with pytest.raises(ValueError, match="--masks is for real input"):
+        track_run.run(cfg, tmp_path / "bad", input="synthetic", masks=str(tmp_path / "masks"))
+
+
 def test_run_on_a_frame_folder_streams_its_dataset_while_tracking(tmp_path, monkeypatch):
     """track_run.run on a video (an image folder with landmark files) writes dataset/ frame by
     frame: after each tracked frame the folder reads back (partially) with that many frames and

@@ -2,7 +2,9 @@
 photo, or synthetic sequences with ground truth: `run(cfg, workdir, input=...)`.
 
 Real input (`track`): frames from `read_frames`, landmarks from files or mediapipe
-(`frame_landmarks`), the identity shape initialised from cfg.shape_init (an npz with 'shape'),
+(`frame_landmarks`), optional foreground masks from files (`frame_mattes`: what dataset/
+stores as masks, e.g. a video matting method's alpha with the hair; without them the tracked
+mesh's silhouette, which has no hair), the identity shape initialised from cfg.shape_init (an npz with 'shape'),
 else MICA on the first frame (cfg.mica_workdir, `mica_shape`), else the mean face. Synthetic
 input (`track_synthetic`): `dhjax.data.synthetic.VideoGenerator` sequences with noisy projected
 landmarks, each tracked from every compared initialisation (cfg.synthetic.compare: mean face,
@@ -100,6 +102,47 @@ def frame_landmarks(frames, names, landmarks_arg, iris: bool = False) -> list:
     out = []
     for i, (n, f) in enumerate(zip(names, frames)):
         out.append(lmk_lib.detect(f, name=f"frame {i} ({n})", file_hint=LANDMARKS_HINT, iris=iris))
+    return out
+
+
+def _matte(img: np.ndarray) -> np.ndarray:
+    """[H, W] in [0, 1] of a mask image [H, W, C]: grey as it is, RGBA its alpha, RGB its mean."""
+    if img.shape[-1] == 4:
+        return img[..., 3]
+    return img[..., 0] if img.shape[-1] == 1 else img[..., :3].mean(-1)
+
+
+def frame_mattes(masks_arg, frames, names, max_frames: int = 0, stride: int = 1) -> list | None:
+    """Foreground masks [H, W] float in [0, 1] of the frames (1 = the subject), or None without
+    `masks_arg`: a folder of images named like the frames (<frame>.png etc.; a video's frames
+    are frame_0000, frame_0001, ...), or a video file of the input's length (read with the same
+    `stride` and `max_frames`), or one image for a photo. Grey images as they are, RGBA their
+    alpha, RGB the mean of the channels. Raises FileNotFoundError / ValueError naming the file,
+    the frame or the mismatch (count, size)."""
+    if not masks_arg:
+        return None
+    p = Path(masks_arg)
+    if not p.exists():
+        raise FileNotFoundError(f"--masks {masks_arg}: no such file or folder")
+    if p.is_dir():
+        out = []
+        for n in names:
+            f = next((p / f"{n}{x}" for x in dio.IMAGE_SUFFIXES + tuple(x.upper() for x in dio.IMAGE_SUFFIXES)
+                      if (p / f"{n}{x}").is_file()), None)
+            if f is None:
+                raise FileNotFoundError(f"--masks {p}: no mask image for frame {n} ({n}.png, .jpg, ...)")
+            out.append(_matte(dio.load_image(f)))
+    elif p.suffix.lower() in dio.IMAGE_SUFFIXES:
+        out = [_matte(dio.load_image(p))]
+    else:
+        video = dio.load_video(p)       # ValueError naming the file when ffmpeg cannot decode it
+        out = [_matte(video[i]) for i in list(range(0, len(video), stride))[:max_frames or None]]
+    if len(out) != len(frames):
+        raise ValueError(f"--masks {p}: {len(out)} masks for {len(frames)} frames")
+    for n, m, f in zip(names, out, frames):
+        if m.shape != f.shape[:2]:
+            raise ValueError(f"--masks {p}: the mask of frame {n} is {m.shape[1]}x{m.shape[0]}, the frame "
+                             f"{f.shape[1]}x{f.shape[0]}")
     return out
 
 
@@ -230,24 +273,29 @@ def write_outputs(work: Path, result, frames, names, model, fps: float, meta: di
                 focal_px=float(result.K[0, 0, 0]))
 
 
-def run(cfg, workdir, *, input: str, landmarks: str | None = None) -> dict:  # noqa: A002 - the flag's name
+def run(cfg, workdir, *, input: str, landmarks: str | None = None,  # noqa: A002 - the flag's name
+        masks: str | None = None) -> dict:
     """Tracks `input` (a video file, an image folder, one image, or "synthetic") into `workdir`
-    (`track` or `track_synthetic`) and returns the report written to report.json."""
+    (`track` or `track_synthetic`; `masks`: `frame_mattes`, real input only) and returns the
+    report written to report.json."""
     run_ = app.start(workdir)
     work = Path(workdir)
     if input == "synthetic":
+        if masks:
+            raise ValueError("--masks is for real input; synthetic sequences bring their own masks")
         report = track_synthetic(cfg, work)
     else:
-        report = track(cfg, work, input, landmarks)
+        report = track(cfg, work, input, landmarks, masks)
     run_.done(str(work))
     return report
 
 
-def track(cfg, work: Path, input_path: str, landmarks: str | None = None) -> dict:
+def track(cfg, work: Path, input_path: str, landmarks: str | None = None, masks: str | None = None) -> dict:
     """Tracks a video, an image folder or one image (see the module docstring); writes the
     outputs and report.json / report.md (per-frame landmark and photometric error)."""
     raw, names = read_frames(input_path, int(cfg.max_frames), int(cfg.stride))
     print(f"{len(raw)} frame(s) of {raw[0].shape[1]}x{raw[0].shape[0]} from {input_path}", flush=True)
+    mattes = frame_mattes(masks, raw, names, int(cfg.max_frames), int(cfg.stride))
     lms = frame_landmarks(raw, names, landmarks, iris=bool(cfg.tracker.get("iris", False)))
     frames = [tracker.frame_data(f, lm.points, lm.ibug_ids, name=n, iris=lm.iris) for f, lm, n in zip(raw, lms, names)]
     model = flame.load()
@@ -257,9 +305,10 @@ def track(cfg, work: Path, input_path: str, landmarks: str | None = None) -> dic
     elif cfg.mica_workdir:
         shape_init, init = mica_shape(cfg.mica_workdir, raw[0], lms[0], model), f"MICA ({cfg.mica_workdir})"
     print(f"shape initialisation: {init}; landmarks: {lms[0].source} ({len(lms[0])} points)", flush=True)
-    meta = {"input": input_path, "shape_init": init}
+    meta = {"input": input_path, "shape_init": init,
+            "masks": f"foreground masks from {masks}" if masks else "the tracked mesh's silhouette"}
     # dataset/ fills frame by frame while tracking (a live INSTA run can read it as it grows).
-    stream = tracker.DatasetStream(work / "dataset", frames, model, meta=meta,
+    stream = tracker.DatasetStream(work / "dataset", frames, model, meta=meta, mattes=mattes,
                                    eyelids=tracker.tracks_eyelids(cfg.tracker, model))
     try:
         result = tracker.track_sequence(cfg.tracker, model, frames, shape_init=shape_init,
@@ -272,7 +321,7 @@ def track(cfg, work: Path, input_path: str, landmarks: str | None = None) -> dic
         raise
     report = write_outputs(work, result, frames, names, model, float(cfg.fps), meta=meta,
                            hparams=logs.flatten_hparams(cfg), stream=stream)
-    report.update(input=input_path, shape_init=init, landmarks=lms[0].source)
+    report.update(input=input_path, shape_init=init, landmarks=lms[0].source, masks=meta["masks"])
     (work / "report.json").write_text(json.dumps(report, indent=1))
     rows = [{"frame": n, "lmk": f"{a:.2f}", "photo": f"{b:.4f}"}
             for n, a, b in zip(names, report["landmark_error_px"], report["photometric_error"])]
@@ -280,7 +329,7 @@ def track(cfg, work: Path, input_path: str, landmarks: str | None = None) -> dic
                                headers=("frame", "landmark error (px)", "photometric L1"))
     (work / "report.md").write_text(
         f"# Tracking report\n\ninput `{input_path}`, {len(frames)} frame(s), shape init: {init}, "
-        f"landmarks: {lms[0].source}\n\n" + table
+        f"landmarks: {lms[0].source}, dataset masks: {meta['masks']}\n\n" + table
         + f"\nfocal length {report['focal_px']:.1f} px; {result.seconds:.0f} s\n")
     print(f"landmark error {report['mean_landmark_error_px']:.2f} px, photometric "
           f"{report['mean_photometric_error']:.4f}", flush=True)

@@ -1137,24 +1137,44 @@ def _renders(result: TrackResult, model, width: int, height: int, renders) -> li
     return list(renders)
 
 
+def check_mattes(mattes, frames: Sequence[FrameData]) -> list[np.ndarray] | None:
+    """Foreground mattes for a tracked sequence's dataset, one [H, W] float in [0, 1] per frame
+    (1 = the subject: head and hair, as a video matting method gives them), checked against the
+    frames (count, size, finite, range); None passes through (the dataset then stores the
+    tracked mesh's silhouette)."""
+    if mattes is None:
+        return None
+    mattes = [np.asarray(m, np.float32) for m in mattes]
+    if len(mattes) != len(frames):
+        raise ValueError(f"{len(mattes)} masks for {len(frames)} frames")
+    for i, (m, fr) in enumerate(zip(mattes, frames)):
+        if m.shape != fr.image.shape[:2]:
+            raise ValueError(f"mask {i} is {m.shape}, its frame {fr.image.shape[:2]} (masks are [H, W])")
+        if not np.all(np.isfinite(m)) or m.min() < 0.0 or m.max() > 1.0:
+            raise ValueError(f"mask {i} has values outside [0, 1] or non-finite values")
+    return mattes
+
+
 def write_dataset(root, result: TrackResult, frames: Sequence[FrameData], model, *, item: int = 0,
-                  split: str = "train", meta: Mapping[str, Any] | None = None, renders=None):
-    """Stores a tracked sequence in the `dhjax.data.dataset` layout (kind 'video'): frames, model
-    masks (the tracked mesh's silhouette), cameras, FLAME parameters and rendered depth.
-    renders: `render_result(result, ...)` if already computed. Returns the path of meta.json."""
+                  split: str = "train", meta: Mapping[str, Any] | None = None, renders=None, mattes=None):
+    """Stores a tracked sequence in the `dhjax.data.dataset` layout (kind 'video'): frames, masks
+    (`mattes` when given, see `check_mattes`, else the tracked mesh's silhouette), cameras, FLAME
+    parameters and rendered depth. renders: `render_result(result, ...)` if already computed.
+    Returns the path of meta.json."""
     import shutil
 
     from dhjax.data.dataset import Writer
     H, W = frames[0].image.shape[:2]
     renders = _renders(result, model, W, H, renders)
+    mattes = check_mattes(mattes, frames)
     if Path(root).exists():       # a whole sequence: no frames or meta entries of an earlier one stay
         shutil.rmtree(root)
     writer = Writer(root, split, kind="video", meta=dict(meta or {}, source="dhjax.capture.tracker"))
     lids = tracked_eyelids(result.params)
     for i, (fr, p, r) in enumerate(zip(frames, result.params, renders)):
         fp = flame_parameters(p, eyelids=lids)
-        writer.add(dict(image=fr.image, mask=r["mask"], K=result.K[i], R=result.R[i], t=result.t[i],
-                        depth=r["depth"], item=item, frame=i, view=0, **fp))
+        writer.add(dict(image=fr.image, mask=r["mask"] if mattes is None else mattes[i], K=result.K[i],
+                        R=result.R[i], t=result.t[i], depth=r["depth"], item=item, frame=i, view=0, **fp))
     return writer.close()
 
 
@@ -1178,7 +1198,8 @@ class DatasetStream:
 
     Args:
       root: dataset folder; frames: the sequence's FrameData (their images are written);
-      model: the head model (masks and depth are the tracked mesh's, `render_frame`);
+      model: the head model (depth, and masks without `mattes`, are the tracked mesh's,
+        `render_frame`); mattes: the frames' foreground masks (`check_mattes`) or None;
       eyelids: write the tracked eyelids (`tracks_eyelids(cfg, model)` of the tracking); item,
         split, meta: as `write_dataset`. (`write_dataset` decides from the result instead,
         `tracked_eyelids`; the two differ only when tracked eyelids stayed exactly zero.)
@@ -1186,11 +1207,12 @@ class DatasetStream:
     """
 
     def __init__(self, root, frames: Sequence[FrameData], model, *, eyelids: bool, item: int = 0,
-                 split: str = "train", meta: Mapping[str, Any] | None = None):
+                 split: str = "train", meta: Mapping[str, Any] | None = None, mattes=None):
         import uuid
 
         self.root = Path(root)
         self.frames, self.model, self.eyelids, self.item = list(frames), model, bool(eyelids), int(item)
+        self.mattes = check_mattes(mattes, self.frames)
         self.split, self.size = split, self.frames[0].image.shape[:2]
         self.meta = dict(meta or {}, source="dhjax.capture.tracker", pose_joints=5)
         self.run = uuid.uuid4().hex[:12]
@@ -1220,7 +1242,8 @@ class DatasetStream:
         H, W = self.size
         r = render_frame(rec["params"], self.model, W, H)
         fp = flame_parameters(rec["params"], eyelids=self.eyelids)
-        self.writer.add(dict(image=self.frames[i].image, mask=r["mask"], K=rec["K"], R=rec["R"], t=rec["t"],
+        mask = r["mask"] if self.mattes is None else self.mattes[i]
+        self.writer.add(dict(image=self.frames[i].image, mask=mask, K=rec["K"], R=rec["R"], t=rec["t"],
                              depth=r["depth"], item=self.item, frame=i, view=0, **fp))
         self.renders.append(r)
         self._live(done=False, error=None)
