@@ -11,8 +11,9 @@ import numpy as np
 
 
 def xla_flags(devices: int) -> str:
-    """XLA_FLAGS for a subprocess with `devices` fake CPU devices, keeping any other XLA_FLAGS the
-    test process was started with, so that it compiles as the test process does."""
+    """XLA_FLAGS for a subprocess with `devices` fake CPU devices, keeping the test process's other
+    XLA_FLAGS (conftest.py's fast-compile options, a user's own), so that it compiles as the test
+    process does."""
     kept = [f for f in os.environ.get("XLA_FLAGS", "").split()
             if not f.startswith("--xla_force_host_platform_device_count")]
     return " ".join(kept + [f"--xla_force_host_platform_device_count={int(devices)}"])
