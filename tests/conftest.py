@@ -15,7 +15,10 @@ import sys
 # emitters (--xla_cpu_use_fusion_emitters=false) would save more but round differently from the
 # default emitters: 11 tests that compare two programs at 1e-6 failed with them. Set before JAX
 # creates its CPU backend; subprocesses inherit it (harness_common.xla_flags keeps it when adding
-# fake devices). DHJAX_TEST_XLA_DEFAULTS=1 keeps XLA's defaults.
+# fake devices). DHJAX_TEST_XLA_DEFAULTS=1 keeps XLA's defaults. CPU only: with a CUDA plugin
+# installed (`pytest -m gpu` on a GPU machine) XLA's defaults stay, as the optimisation level
+# would also apply to the GPU compiler. XLA aborts on a flag it does not know, so a subprocess
+# tries the flag first (about 2 s) and a jaxlib without it gets XLA's defaults.
 FAST_COMPILE_FLAGS = ("--xla_backend_optimization_level=0",)
 
 

@@ -1141,7 +1141,8 @@ def check_mattes(mattes, frames: Sequence[FrameData]) -> list[np.ndarray] | None
     """Foreground mattes for a tracked sequence's dataset, one [H, W] float in [0, 1] per frame
     (1 = the subject: head and hair, as a video matting method gives them), checked against the
     frames (count, size, finite, range); None passes through (the dataset then stores the
-    tracked mesh's silhouette)."""
+    tracked mesh's silhouette). The dataset's masks are binary: `dhjax.data.dataset.Writer`
+    stores them thresholded at 0.5, so a soft matte's edge is not kept."""
     if mattes is None:
         return None
     mattes = [np.asarray(m, np.float32) for m in mattes]
