@@ -28,3 +28,49 @@ def multiview():
 @functools.lru_cache(maxsize=None)
 def video():
     return synthetic.VideoGenerator(tiny_config(), tiny_assets())
+
+
+def fingerprint(sample) -> list[float]:
+    """12 numbers that move when a generator draws or renders differently: the image's mean
+    per channel, the mask's mean, the mean depth under the mask (m), shape[:3], expression[:3]
+    and the sum of the SH light. A pixel flipped by last-bit differences moves them < 3e-4."""
+    import numpy as np
+    m = np.asarray(sample["mask"], np.float64)
+    d = np.asarray(sample["depth"], np.float64)
+    return [float(x) for x in (*np.asarray(sample["image"], np.float64).mean((0, 1)), m.mean(),
+                               (d * m).sum() / max(m.sum(), 1e-9),
+                               *np.asarray(sample["shape"]).ravel()[:3],
+                               *np.asarray(sample["expression"]).ravel()[:3],
+                               np.asarray(sample["sh"], np.float64).sum())]
+
+
+def identity_fingerprint(identity) -> list[float]:
+    """Numbers of a head identity that involve no rasterisation (so no pixel can flip): the UV
+    albedo's mean and std per channel, the hair colour, the iris colour, the mean hair and beard
+    thickness (mm) and the mean neutral UV position (mm)."""
+    import numpy as np
+    a = np.asarray(identity["uv_albedo"], np.float64)
+    mm = lambda x: 1000.0 * float(np.asarray(x, np.float64).mean()) if np.size(x) else 0.0
+    return [float(x) for x in (*a.mean((0, 1)), *a.std((0, 1)), *np.asarray(identity["hair_colour"], np.float64),
+                               *np.asarray(identity["iris"], np.float64), mm(identity["hair_thickness"]),
+                               mm(identity["beard_thickness"]),
+                               *(1000.0 * np.asarray(identity["uv_position"], np.float64).mean((0, 1))))]
+
+
+def check_pinned(got: dict, pinned: dict, version: int, constant: str, atol: dict | None = None):
+    """Fails, naming `constant`, when a generator's fingerprints differ from those recorded for
+    its version (absolute tolerance atol[name], default 5e-4: renders, where a pixel may flip
+    between machines), or none are recorded. A guard, not a proof: a change below the tolerance
+    (the colour of a few pixels) slips through, and the version must be raised regardless."""
+    import numpy as np
+    import pytest
+    shown = {k: [round(x, 6) for x in v] for k, v in got.items()}
+    if version not in pinned or set(pinned[version]) != set(got):
+        pytest.fail(f"no fingerprint (or not every one) recorded for {constant} = {version}; if this "
+                    f"version's output is meant, record it: {version}: {shown}")
+    for k, v in got.items():
+        ref = pinned[version][k]
+        if not np.allclose(v, ref, atol=(atol or {}).get(k, 5e-4), rtol=0):
+            pytest.fail(f"{k}: the generator's output changed for an unchanged config ({shown[k]} against "
+                        f"{ref} recorded for {constant} = {version}). If the change is meant, raise "
+                        f"{constant} (the dataset caches key on it) and record the new fingerprint.")

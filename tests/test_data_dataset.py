@@ -281,3 +281,30 @@ def test_cached_multiview_cleans_temp_folders_of_killed_runs(tmp_path, monkeypat
     stale2 = _make_temp(root_dir, name, pid=_dead_pid())
     assert cache.cached_multiview(cfg, {"train": (0, 1)}, cache_dir=root_dir, verbose=False) == root
     assert not stale2.exists()
+
+
+def test_dataset_caches_key_on_the_generator_version(tmp_path, monkeypatch):
+    """A cached dataset is never one an older generator rendered: the roots of cached_multiview,
+    cached_video, cached_bodies and MICA's splits change with the generator's version."""
+    from dhjax.capture.mica import config as mica_config
+    from dhjax.capture.mica import data as mica_data
+    from dhjax.data import body_synthetic, cache
+
+    monkeypatch.setattr(cache, "_build_once", lambda root, write, verbose: root)   # keys only
+    cfg, bodies = common.tiny_config(), body_synthetic.tiny_config()
+    mica_cfg = mica_config.default_data_config()
+
+    def roots():
+        return (cache.cached_multiview(cfg, {"train": (0, 1)}, cache_dir=tmp_path),
+                cache.cached_video(cfg, cache_dir=tmp_path),
+                cache.cached_bodies(bodies, cache_dir=tmp_path),
+                mica_data.cache_path(mica_cfg, "train"))
+
+    before = roots()
+    assert before == roots()                            # stable for an unchanged generator
+    monkeypatch.setattr(synthetic, "GENERATOR_VERSION", synthetic.GENERATOR_VERSION + 1)
+    head = roots()
+    assert all(a != b for a, b in zip(before[:2] + before[3:], head[:2] + head[3:]))
+    assert head[2] == before[2]                         # the body generator did not change
+    monkeypatch.setattr(body_synthetic, "GENERATOR_VERSION", body_synthetic.GENERATOR_VERSION + 1)
+    assert roots()[2] != before[2]

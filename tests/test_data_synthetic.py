@@ -28,6 +28,35 @@ def _model_depth(assets, s):
     return v, raster.rasterize(v, base.faces, cam, capacity=synthetic.render_capacity(v[0], base.faces, cam))
 
 
+# What each synthetic.GENERATOR_VERSION draws and renders for the test config
+# (synthetic_common.fingerprint: image mean RGB, mask mean, depth under the mask, shape[:3],
+# expression[:3], SH sum; compared within 5e-4), and one identity's arrays
+# (identity_fingerprint, within 2e-5), recorded on a 2-core x86 CPU with jax 0.10.2.
+PINNED = {
+    1: {"multiview first": [0.371724, 0.394531, 0.269399, 0.390869, 0.953274, 0.065929, -0.301669, -0.912913,
+                            -0.028401, 0.066045, -2.097299, 25.200403],
+        "multiview last": [0.225795, 0.244883, 0.264145, 0.289551, 0.91443, -0.190458, 0.139343, 1.98221,
+                           0.160124, -0.427027, 0.691419, 20.193394],
+        "video last": [0.457868, 0.440848, 0.415195, 0.240723, 0.523696, -1.159538, 0.625521, 1.834479,
+                       0.20421, 0.848658, -0.160692, 18.451107],
+        # identity_fingerprint: albedo mean and std RGB, hair colour, iris, hair and beard thickness
+        # (mm), neutral UV position (mm)
+        "identity 5": [0.458691, 0.341261, 0.205372, 0.174931, 0.166485, 0.120099, 0.745223, 0.587145, 0.338738,
+                       0.416728, 0.328996, 0.131598, 21.72687, 2.801747, -0.132508, -13.467844, 14.458593]},
+}
+
+
+def test_generator_output_is_pinned_to_its_version():
+    """The dataset caches key on GENERATOR_VERSION, so a change of output without a raise would
+    let a cache serve the old generator's data as the new one's."""
+    g, v = common.multiview(), common.video()
+    got = {"multiview first": common.fingerprint(g[0]), "multiview last": common.fingerprint(g[len(g) - 1]),
+           "video last": common.fingerprint(v[len(v) - 1]),
+           "identity 5": common.identity_fingerprint(g.identity(5))}     # number 5 has a beard
+    common.check_pinned(got, PINNED, synthetic.GENERATOR_VERSION, "synthetic.GENERATOR_VERSION",
+                        atol={"identity 5": 2e-5})
+
+
 def test_same_seed_and_index_give_the_same_bytes():
     cfg = common.tiny_config()
     a = synthetic.MultiviewGenerator(cfg, common.tiny_assets())

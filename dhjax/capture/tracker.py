@@ -268,7 +268,9 @@ def albedo_model(cfg, model, cache: dict | None = None, log: Callable[[str], Non
             raise ValueError(f"albedo_components={k} must be in [1, albedo_identities - 1 = {n - 1}]")
         from dhjax.data import cache as cache_lib
         root = cache_lib.cache_root()
-        path = root / f"albedo-{cache_lib.config_hash(dict(n=n, k=k, size=size, version=1))}.npz"
+        from dhjax.data import synthetic as synthetic_lib
+        file_key = dict(n=n, k=k, size=size, version=1, generator=synthetic_lib.GENERATOR_VERSION)
+        path = root / f"albedo-{cache_lib.config_hash(file_key)}.npz"
         if path.exists():
             am = albedo_lib.load(path)
         else:

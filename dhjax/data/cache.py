@@ -5,7 +5,10 @@ generator config (INSTA's monocular videos: `cached_video`; D3GA's clothed bodie
 `cached_bodies`); the first call renders the dataset (`dhjax.data.dataset.write_dataset`) into
 `<cache>/<name>-<hash>/` (atomically: a temporary folder renamed when complete), later calls and
 every run of a sweep reuse it. Everything is a pure function of the config, so deleting the
-cache only costs time. The cache folder is $DHJAX_CACHE, else ~/.cache/dhjax.
+cache only costs time. The cache folder is $DHJAX_CACHE, else ~/.cache/dhjax. The key holds the
+generator's version (`synthetic.GENERATOR_VERSION`, `body_synthetic.GENERATOR_VERSION`) beside
+the config, so a generator whose output changed renders a new dataset instead of reusing one of
+the old generator's; folders of older versions stay until deleted.
 
 Temporary folders and files are hidden and carry their owner in the name,
 `.<name>.tmp.<host>.<pid>.<random>[<suffix>]` (`make_temp_dir`, `make_temp_file`), so a run that
@@ -152,7 +155,8 @@ def cached_multiview(config, splits: dict, *, name: str = "synthetic", cache_dir
       Path of the dataset root (readable with `dhjax.data.dataset.FolderDataset(root, split)`).
     """
     key = {"generator": config.to_dict() if hasattr(config, "to_dict") else dict(config),
-           "splits": {k: list(v) for k, v in splits.items()}, "format": ds.FORMAT}
+           "splits": {k: list(v) for k, v in splits.items()}, "format": ds.FORMAT,
+           "generator_version": synthetic.GENERATOR_VERSION}
     root = cache_root(cache_dir) / f"{name}-{config_hash(key)}"
 
     def write(tmp):
@@ -186,7 +190,7 @@ def cached_video(config, *, name: str = "video", cache_dir=None, verbose: bool =
       (`dhjax.data.dataset.FolderDataset(root, "train")`, items = sequences).
     """
     key = {"generator": config.to_dict() if hasattr(config, "to_dict") else dict(config), "kind": "video",
-           "format": ds.FORMAT}
+           "format": ds.FORMAT, "generator_version": synthetic.GENERATOR_VERSION}
     root = cache_root(cache_dir) / f"{name}-{config_hash(key)}"
 
     def write(tmp):
@@ -219,7 +223,7 @@ def cached_bodies(config, *, name: str = "bodies", cache_dir=None, verbose: bool
     from dhjax.data import body_synthetic
 
     key = {"generator": config.to_dict() if hasattr(config, "to_dict") else dict(config), "kind": "bodies",
-           "format": ds.FORMAT}
+           "format": ds.FORMAT, "generator_version": body_synthetic.GENERATOR_VERSION}
     root = cache_root(cache_dir) / f"{name}-{config_hash(key)}"
 
     def write(tmp):

@@ -47,6 +47,15 @@ from dhjax.models import flame, hair_region, head_default
 from dhjax.render import camera as camera_lib
 from dhjax.render import raster, shading
 
+GENERATOR_VERSION = 1
+"""The version of what the head generators draw and render. Every dataset cache of
+`dhjax.data.cache` (and MICA's, and the tracker's synthetic albedo model) keys on it beside the
+config, so that a cached dataset is never one an older generator rendered for the same config.
+Raise it with any change to this module, `hair`, `textures`, the default head or the renderer
+that changes a sample for an unchanged config (a new config field whose default keeps the old
+output needs no raise); `tests/test_data_synthetic.py` pins each version's output and fails
+until the new version's fingerprint is recorded."""
+
 # Random streams (folded into the key before the indices).
 STREAM_IDENTITY, STREAM_EXPRESSION, STREAM_LIGHT, STREAM_MOTION, STREAM_HANDHELD = 1, 2, 3, 4, 5
 

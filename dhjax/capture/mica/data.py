@@ -137,7 +137,7 @@ def _cache_key(data_cfg, split: str) -> dict:
         if group != used:
             for k in keys:
                 d.pop(k, None)
-    return {"mica_data": d, "split": split, "format": DATA_FORMAT}
+    return {"mica_data": d, "split": split, "format": DATA_FORMAT, "generator_version": synthetic.GENERATOR_VERSION}
 
 
 def cache_path(data_cfg, split: str) -> Path:
