@@ -773,6 +773,10 @@ def test_cached_split_cleans_temp_files_of_killed_runs(tmp_path, monkeypatch):
     assert mica.cache_path(d, "train").exists()
     assert not stale.exists() and not legacy.exists() and live.exists()
     assert sorted(p.name for p in folder.iterdir()) == sorted([live.name, "key.json", "train.npz"])
+    # A reuse marks the folder used (python -m dhjax.data.cache prunes by last use).
+    os.utime(folder, (month_ago, month_ago))
+    mica.cached_split(d, "train", verbose=False)
+    assert time.time() - folder.stat().st_mtime < 60
 
 
 # ----------------------------------------------------------------------------------------------

@@ -648,6 +648,22 @@ def test_synthetic_albedo_model_needs_the_default_head(model):
     assert am.basis.shape == (5, cfg.albedo_size, cfg.albedo_size, 3) and am.sigma.shape == (5,)
     assert tracker.albedo_model(cfg, model, cache, log=None) is am
     assert np.all(np.diff(np.asarray(am.sigma)) <= 0)
+    # Loaded again from the cache folder, its file is marked used (python -m dhjax.data.cache).
+    import os
+    import time
+
+    from dhjax.data import cache as cache_lib
+    files = {f: f.stat().st_mtime for f in cache_lib.cache_root().glob("albedo-*.npz")}
+    past = time.time() - 30 * 86400
+    try:
+        for f in files:
+            os.utime(f, (past, past))
+        tracker.albedo_model(cfg, model, None, log=None)
+        assert time.time() - max(f.stat().st_mtime for f in files) < 60
+    finally:       # the others' last use as it was (this is the user's cache folder)
+        for f, t in files.items():
+            if f.stat().st_mtime < past + 1:
+                os.utime(f, (t, t))
 
 
 def test_insta_variant_tracks_eyelids_and_gaze(model):

@@ -272,6 +272,7 @@ def albedo_model(cfg, model, cache: dict | None = None, log: Callable[[str], Non
         file_key = dict(n=n, k=k, size=size, version=1, generator=synthetic_lib.GENERATOR_VERSION)
         path = root / f"albedo-{cache_lib.config_hash(file_key)}.npz"
         if path.exists():
+            cache_lib.touch(path)
             am = albedo_lib.load(path)
         else:
             if log is not None:

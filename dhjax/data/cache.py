@@ -8,7 +8,10 @@ every run of a sweep reuse it. Everything is a pure function of the config, so d
 cache only costs time. The cache folder is $DHJAX_CACHE, else ~/.cache/dhjax. The key holds the
 generator's version (`synthetic.GENERATOR_VERSION`, `body_synthetic.GENERATOR_VERSION`) beside
 the config, so a generator whose output changed renders a new dataset instead of reusing one of
-the old generator's; folders of older versions stay until deleted.
+the old generator's. Entries that are no longer used (an older version's, a config run once)
+stay until deleted: every use marks its entry (`touch`), and `python -m dhjax.data.cache`
+lists the entries with their size and last use and removes those unused for a given number of
+days (`entries`, `prune`).
 
 Temporary folders and files are hidden and carry their owner in the name,
 `.<name>.tmp.<host>.<pid>.<random>[<suffix>]` (`make_temp_dir`, `make_temp_file`), so a run that
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -243,11 +247,12 @@ def cached_bodies(config, *, name: str = "bodies", cache_dir=None, verbose: bool
 
 def _build_once(root: Path, write, verbose: bool) -> Path:
     """Runs write(tmp) into a temporary folder renamed to `root` when complete (module docstring);
-    returns root at once when it exists."""
+    returns root at once when it exists (marking it used, `touch`)."""
     for stale in clean_stale_temps(root.parent):
         if verbose:
             print(f"removed the temp data of an interrupted run: {stale}", flush=True)
     if (root / "meta.json").exists():
+        touch(root)
         return root
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = make_temp_dir(root.parent, root.name)
@@ -263,3 +268,114 @@ def _build_once(root: Path, write, verbose: bool) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return root
+
+
+# ----------------------------------------------------------------------------------------------
+# Use tracking and pruning.
+
+
+def touch(path: str | os.PathLike) -> None:
+    """Marks the cache entry `path` (a dataset folder, MICA's split folder, an albedo model file)
+    as used now: its modification time, which `entries` reports and `prune` keys on. A read-only
+    cache stays usable (the mark is skipped)."""
+    try:
+        os.utime(path)
+    except OSError:
+        pass
+
+
+def _size(path: Path) -> int:
+    if not path.is_dir() or path.is_symlink():
+        return path.lstat().st_size
+    total = 0
+    for dirpath, _, filenames in os.walk(path):
+        for n in filenames:
+            try:
+                total += os.lstat(os.path.join(dirpath, n)).st_size
+            except OSError:
+                pass
+    return total
+
+
+def entries(cache_dir=None) -> list[dict]:
+    """The cache's entries, least recently used first: [{"path": Path, "bytes": int,
+    "last_used": seconds since the epoch}] for every top-level file and folder except the hidden
+    temp entries of runs in progress or killed (`clean_stale_temps` handles those). [] when the
+    cache folder does not exist."""
+    root = cache_root(cache_dir)
+    try:
+        paths = [p for p in root.iterdir() if not p.name.startswith(".")]
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    out = []
+    for p in paths:
+        try:
+            out.append({"path": p, "bytes": _size(p), "last_used": p.lstat().st_mtime})
+        except FileNotFoundError:   # removed meanwhile
+            continue
+    return sorted(out, key=lambda e: (e["last_used"], e["path"].name))
+
+
+def prune(unused_days: float, cache_dir=None, *, dry_run: bool = False) -> list[dict]:
+    """Removes the entries (`entries`) not used for at least `unused_days` days and returns them
+    (only lists them with dry_run). Everything in the cache is regenerated on its next use, so
+    pruning costs time only. Raises ValueError for a negative or non-finite `unused_days`."""
+    days = float(unused_days)
+    if not math.isfinite(days) or days < 0:
+        raise ValueError(f"prune: unused_days must be a finite number >= 0, got {unused_days!r}")
+    cutoff = time.time() - days * 86400.0
+    old = [e for e in entries(cache_dir) if e["last_used"] <= cutoff]
+    if not dry_run:
+        for e in old:
+            if e["path"].is_dir() and not e["path"].is_symlink():
+                shutil.rmtree(e["path"], ignore_errors=True)
+            else:
+                e["path"].unlink(missing_ok=True)
+    return old
+
+
+def _fmt_bytes(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024.0
+
+
+def main(argv=None) -> int:
+    """`python -m dhjax.data.cache [--cache_dir=DIR] [--remove_unused_days=N [--dry_run]]`."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m dhjax.data.cache",
+                                     description="List dhjax's cached datasets (size, last use) and remove "
+                                                 "those unused for some days.")
+    parser.add_argument("--cache_dir", default="", help="the cache folder (default: $DHJAX_CACHE, else "
+                                                        "~/.cache/dhjax)")
+    parser.add_argument("--remove_unused_days", type=float, default=None,
+                        help="remove the entries not used for at least this many days")
+    parser.add_argument("--dry_run", action="store_true", help="with --remove_unused_days: only list them")
+    args = parser.parse_args(argv)
+    root = cache_root(args.cache_dir or None)
+    if args.remove_unused_days is not None:
+        try:
+            removed = prune(args.remove_unused_days, args.cache_dir or None, dry_run=args.dry_run)
+        except ValueError as exc:
+            parser.error(str(exc))
+        verb = "would remove" if args.dry_run else "removed"
+        for e in removed:
+            print(f"{verb} {e['path']} ({_fmt_bytes(e['bytes'])})")
+        print(f"{verb} {len(removed)} entr{'y' if len(removed) == 1 else 'ies'} unused for "
+              f">= {args.remove_unused_days:g} days, {_fmt_bytes(sum(e['bytes'] for e in removed))}")
+    found = entries(args.cache_dir or None)
+    if not found:
+        print(f"{root}: no cached data")
+        return 0
+    now = time.time()
+    print(f"{root}: {len(found)} entr{'y' if len(found) == 1 else 'ies'}, "
+          f"{_fmt_bytes(sum(e['bytes'] for e in found))} (least recently used first)")
+    for e in found:
+        print(f"  {e['path'].name:40s} {_fmt_bytes(e['bytes']):>10s}   last used {(now - e['last_used']) / 86400:.1f} days ago")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -162,6 +162,7 @@ def cached_split(data_cfg, split: str, *, assets=None, verbose: bool = True) -> 
         if verbose:
             print(f"removed the temp file of an interrupted run: {stale}", flush=True)
     if path.exists():
+        cache_lib.touch(root)                   # the folder is the cache entry (python -m dhjax.data.cache)
         with np.load(path) as f:
             data = {k: f[k] for k in f.files}
         if verbose:
