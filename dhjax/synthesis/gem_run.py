@@ -442,6 +442,7 @@ def novel_expression(cfg, ctx, rnd, net_params, models: dict, cap, sp, lpips_fn,
     frames_out = []
     example = {}
     prev = {n: None for n in models}
+    ticker = logs.Ticker("novel expression: held-out frames fitted and rendered:", len(sp.test_frames), log)
 
     def add(name, pred, gt):
         r = rows.setdefault(name, {"all cameras": [], "held-out cameras": []})
@@ -469,6 +470,7 @@ def novel_expression(cfg, ctx, rnd, net_params, models: dict, cap, sp, lpips_fn,
         frames_out.append({"ground truth": gt[test_pos[0]], **{n: p[test_pos[0]] for n, p in preds.items()}})
         if i == 0:
             example = frames_out[0]
+        ticker.tick()
     means = {n: {s: _rows_mean(v) for s, v in r.items()} for n, r in rows.items()}
     return means, example, frames_out
 

@@ -888,6 +888,7 @@ def evaluate_heldout(cfg, ctx, state, train, test, assets, renderer, run_, log) 
     truth = _generator_truth(cfg, assets, test.frame[:n])
     rows, base_rows, renders = [], [], []
     render_seconds = []
+    ticker = logs.Ticker("held-out frames evaluated:", n, log)
     for i in range(n):
         ts = time.time()
         out = renderer.render(params, bits, _frame(test, i), test.K[i], test.R[i], test.t[i], W, H)
@@ -906,6 +907,7 @@ def evaluate_heldout(cfg, ctx, state, train, test, assets, renderer, run_, log) 
         rows.append(m)
         base_rows.append(bm)
         renders.append((gt, out["color"], base, _depth_image(out["depth"])))
+        ticker.tick()
     keys = sorted(rows[0])
     mean = {k: _mean(rows, k) for k in keys}
     mean.update({f"baseline_{k}": _mean(base_rows, k) for k in sorted(base_rows[0])})
@@ -931,9 +933,11 @@ def evaluate_heldout(cfg, ctx, state, train, test, assets, renderer, run_, log) 
     if n_orbit:
         centre = test.verts[0].mean(0)
         yaws = np.linspace(-float(cfg.eval.orbit_yaw_deg), float(cfg.eval.orbit_yaw_deg), n_orbit)
-        orbit = [renderer.render(params, bits, _frame(test, 0), *orbit_camera(test.K[0], test.R[0], test.t[0],
-                                                                                 centre, y), W, H)["color"]
-                 for y in yaws]
+        ticker, orbit = logs.Ticker("orbit frames rendered:", n_orbit, log), []
+        for y in yaws:
+            orbit.append(renderer.render(params, bits, _frame(test, 0), *orbit_camera(test.K[0], test.R[0], test.t[0],
+                                                                                      centre, y), W, H)["color"])
+            ticker.tick()
         dio.save_video(str(run_.path("orbit.mp4")), np.clip(np.stack(orbit), 0, 1), fps=12.0)
     if int(cfg.eval.mesh_resolution):
         try:

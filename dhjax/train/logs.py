@@ -389,3 +389,26 @@ class Progress:
     def update(self, step: int, scalars: Mapping[str, float] | None = None) -> None:
         if self.enabled:
             print(self.line(step, scalars), file=self.stream, flush=True)
+
+
+class Ticker:
+    """Progress of a host loop that has no training progress line (held-out renders, per-frame
+    fits): `log(f"{what} {done}/{total} ({elapsed} s, ETA {eta} s)")` at most every `every_s`
+    seconds and once at the end, so a long evaluation (e.g. 350 held-out frames of a paper run
+    on a slow device) shows it is moving. `tick()` after each item."""
+
+    def __init__(self, what: str, total: int, log, every_s: float = 30.0):
+        self.what, self.total, self.log, self.every_s = str(what), int(total), log, float(every_s)
+        self.done = 0
+        self.t0 = self.last = time.time()
+
+    def tick(self, n: int = 1) -> None:
+        self.done += int(n)
+        now = time.time()
+        if self.log is None or (now - self.last < self.every_s and self.done < self.total):
+            return
+        self.last = now
+        elapsed = now - self.t0
+        eta = elapsed / max(self.done, 1) * max(self.total - self.done, 0)
+        self.log(f"{self.what} {self.done}/{self.total} ({elapsed:.0f} s"
+                 + (f", ETA {eta:.0f} s)" if self.done < self.total else ")"))
