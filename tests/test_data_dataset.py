@@ -273,6 +273,7 @@ def test_cached_multiview_cleans_temp_folders_of_killed_runs(tmp_path, monkeypat
     os.utime(legacy_old, (time.time() - 30 * 24 * 3600,) * 2)
     root = cache.cached_multiview(cfg, {"train": (0, 1)}, cache_dir=root_dir, verbose=False)
     assert (root / "meta.json").exists() and len(ds.FolderDataset(root, "train")) == 1
+    assert json.loads((root / "meta.json").read_text())["generator_version"] == synthetic.GENERATOR_VERSION
     assert not stale.exists() and not legacy_old.exists()
     assert live.exists() and foreign.exists()
     # No temp folder of this run is left behind, and a cached root is reused (and still cleans).

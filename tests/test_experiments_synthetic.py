@@ -36,6 +36,10 @@ def test_make_synthetic_writes_datasets_and_contact_sheet(tmp_path):
     mv = ds.FolderDataset(tmp_path / "multiview", "train")
     assert len(mv) == 2 * 28
     assert len(ds.FolderDataset(tmp_path / "video", "train")) == 2 * 4
+    from dhjax.data import synthetic
+    for name in ("multiview", "video"):      # which generator wrote it (synthetic.GENERATOR_VERSION)
+        assert json.loads((tmp_path / name / "meta.json").read_text())["generator_version"] == \
+            synthetic.GENERATOR_VERSION
     assert json.loads((tmp_path / "summary.json").read_text()) == summary
     assert summary["multiview"]["images"] == 56 and summary["contact_sheet"]["images"] == 24
     s = mv[3]

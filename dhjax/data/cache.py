@@ -175,7 +175,8 @@ def cached_multiview(config, splits: dict, *, name: str = "synthetic", cache_dir
                 print(f"generating synthetic split '{split}': {len(gen)} images "
                       f"({count} identities x {gen.n_frames} expressions x {gen.n_cameras} cameras) -> {root}",
                       flush=True)
-            ds.write_dataset(gen, tmp, split, meta={"generator": json.loads(cfg.to_json_best_effort())})
+            ds.write_dataset(gen, tmp, split, meta={"generator": json.loads(cfg.to_json_best_effort()),
+                                                    "generator_version": synthetic.GENERATOR_VERSION})
             if verbose:
                 print(f"  {split}: {len(gen)} images in {time.time() - t0:.0f}s", flush=True)
 
@@ -204,7 +205,7 @@ def cached_video(config, *, name: str = "video", cache_dir=None, verbose: bool =
             print(f"generating synthetic video: {gen.n_items} sequence(s) x {gen.n_frames} frames -> {root}",
                   flush=True)
         meta = {"generator": json.loads(config.to_json_best_effort()) if hasattr(config, "to_json_best_effort")
-                else dict(config)}
+                else dict(config), "generator_version": synthetic.GENERATOR_VERSION}
         ds.write_dataset(gen, tmp, "train", meta=meta)
         if verbose:
             print(f"  {len(gen)} frames in {time.time() - t0:.0f}s", flush=True)
@@ -237,7 +238,7 @@ def cached_bodies(config, *, name: str = "bodies", cache_dir=None, verbose: bool
             print(f"generating synthetic bodies: {gen.n_items} subject(s) x {gen.n_frames} frames x "
                   f"{gen.n_cameras} cameras -> {root}", flush=True)
         meta = {"generator": json.loads(config.to_json_best_effort()) if hasattr(config, "to_json_best_effort")
-                else dict(config), "model": gen.model.name}
+                else dict(config), "model": gen.model.name, "generator_version": body_synthetic.GENERATOR_VERSION}
         ds.write_dataset(gen, tmp, "train", meta=meta)
         if verbose:
             print(f"  {len(gen)} images in {time.time() - t0:.0f}s", flush=True)

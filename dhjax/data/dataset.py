@@ -12,6 +12,7 @@ On-disk layout (format "dhjax.dataset/1"; the same for synthetic data and for tr
 videos, so real data loads through the same pipeline):
 
     <root>/meta.json                      format, kind, part labels, splits, units, generator config
+                                          and version (synthetic datasets)
     <root>/<split>/<item>/identity.npz    shape [S] float32 (+ optional skin_tone, hair_style,
                                           beard_style, upper_kind, lower_kind, item); a .json
                                           describes it

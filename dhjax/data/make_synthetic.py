@@ -96,7 +96,8 @@ def write_bodies(cfg, workdir, log=print) -> dict:
     log(f"body model and dome ready in {time.time() - t0:.1f}s: {gen.n_items} subjects x {gen.n_frames} "
         f"frames x {gen.n_cameras} cameras at {cfg.dome.width}x{cfg.dome.height}")
     summary = {"seed": int(cfg.seed), "shard": [int(cfg.shard_index), int(cfg.shard_count)]}
-    meta = {"generator": json.loads(cfg.to_json_best_effort()), "model": gen.model.name}
+    meta = {"generator": json.loads(cfg.to_json_best_effort()), "model": gen.model.name,
+            "generator_version": body_synthetic.GENERATOR_VERSION}
     t1 = time.time()
     idx = ds.shard_indices(len(gen), int(cfg.shard_index), int(cfg.shard_count),
                            group=gen.n_frames * gen.n_cameras)
@@ -140,7 +141,8 @@ def write(cfg, workdir, log=print) -> dict:
         f"{multiview.n_frames} expressions x {multiview.n_cameras} cameras, {video.n_items} videos "
         f"x {video.n_frames} frames")
     summary = {"seed": int(cfg.seed), "shard": [int(cfg.shard_index), int(cfg.shard_count)]}
-    meta = {"generator": json.loads(cfg.to_json_best_effort()), "model": assets.model.name}
+    meta = {"generator": json.loads(cfg.to_json_best_effort()), "model": assets.model.name,
+            "generator_version": synthetic.GENERATOR_VERSION}
     for name, gen, on in (("multiview", multiview, cfg.write_multiview), ("video", video, cfg.write_video)):
         if not on or len(gen) == 0:
             continue
