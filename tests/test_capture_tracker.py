@@ -635,7 +635,7 @@ def test_albedo_model_is_solved_on_the_first_frame_then_fixed(model, tmp_path):
             tracker.track_sequence(bad, model, frames[:1], log=None)
 
 
-def test_synthetic_albedo_model_needs_the_default_head(model):
+def test_synthetic_albedo_model_needs_the_default_head(model, monkeypatch):
     """The synthetic PCA lives in the default head's UV layout: another layout is refused with a
     message that names the way out; the default head gets the cached model, truncated."""
     cfg = tracker.default_config()
@@ -652,18 +652,20 @@ def test_synthetic_albedo_model_needs_the_default_head(model):
     import os
     import time
 
-    from dhjax.data import cache as cache_lib
-    files = {f: f.stat().st_mtime for f in cache_lib.cache_root().glob("albedo-*.npz")}
+    from dhjax.data import synthetic
+    path = tracker.synthetic_albedo_path(cfg.albedo_identities, 5, cfg.albedo_size)
+    was = path.stat().st_mtime
     past = time.time() - 30 * 86400
     try:
-        for f in files:
-            os.utime(f, (past, past))
+        os.utime(path, (past, past))
         tracker.albedo_model(cfg, model, None, log=None)
-        assert time.time() - max(f.stat().st_mtime for f in files) < 60
-    finally:       # the others' last use as it was (this is the user's cache folder)
-        for f, t in files.items():
-            if f.stat().st_mtime < past + 1:
-                os.utime(f, (t, t))
+        assert time.time() - path.stat().st_mtime < 60
+    finally:       # this is the user's cache folder
+        if path.stat().st_mtime < past + 1:
+            os.utime(path, (was, was))
+    # Its name changes with the head generator's version: an older generator's PCA is not reused.
+    monkeypatch.setattr(synthetic, "GENERATOR_VERSION", synthetic.GENERATOR_VERSION + 1)
+    assert tracker.synthetic_albedo_path(cfg.albedo_identities, 5, cfg.albedo_size) != path
 
 
 def test_insta_variant_tracks_eyelids_and_gaze(model):

@@ -188,15 +188,14 @@ def test_sweep_writes_the_hparams_experiment_and_each_variants_session(tmp_path)
         assert len([f for f in os.listdir(folder) if f.endswith(logs.HPARAMS_SUFFIX)]) == 1
 
 
-def test_ticker_logs_progress_at_most_every_interval_and_at_the_end(monkeypatch):
+def test_ticker_logs_progress_at_most_every_interval_and_at_the_end():
     """logs.Ticker: a line when `every_s` has passed since the last one and always at the end,
     with done/total, elapsed seconds and an ETA while unfinished."""
     from dhjax.train import logs
 
     now = [100.0]
-    monkeypatch.setattr(logs.time, "time", lambda: now[0])
     lines = []
-    t = logs.Ticker("frames:", 5, lines.append, every_s=30.0)
+    t = logs.Ticker("frames:", 5, lines.append, every_s=30.0, clock=lambda: now[0])
     for dt in (10.0, 25.0, 10.0, 10.0, 1.0):        # at 110, 135, 145, 155, 156 s
         now[0] += dt
         t.tick()

@@ -236,6 +236,17 @@ def _is_default_head(model) -> bool:
             and np.array_equal(np.asarray(model.uv_faces), np.asarray(ref.uv_faces)))
 
 
+def synthetic_albedo_path(n_identities: int, n_components: int, size: int) -> Path:
+    """Where `albedo_model` keeps the synthetic PCA of n_identities identities with n_components
+    components at size^2: <cache>/albedo-<hash>.npz, the hash over these and the head
+    generator's version (`dhjax.data.synthetic.GENERATOR_VERSION`)."""
+    from dhjax.data import cache as cache_lib
+    from dhjax.data import synthetic as synthetic_lib
+    key = dict(n=int(n_identities), k=int(n_components), size=int(size), version=1,
+               generator=synthetic_lib.GENERATOR_VERSION)
+    return cache_lib.cache_root() / f"albedo-{cache_lib.config_hash(key)}.npz"
+
+
 def albedo_model(cfg, model, cache: dict | None = None, log: Callable[[str], None] | None = print):
     """The AlbedoModel of cfg.albedo_model (None for 'free'), cfg.albedo_size square, truncated to
     cfg.albedo_components.
@@ -267,10 +278,8 @@ def albedo_model(cfg, model, cache: dict | None = None, log: Callable[[str], Non
         if not 1 <= k <= n - 1:
             raise ValueError(f"albedo_components={k} must be in [1, albedo_identities - 1 = {n - 1}]")
         from dhjax.data import cache as cache_lib
-        root = cache_lib.cache_root()
-        from dhjax.data import synthetic as synthetic_lib
-        file_key = dict(n=n, k=k, size=size, version=1, generator=synthetic_lib.GENERATOR_VERSION)
-        path = root / f"albedo-{cache_lib.config_hash(file_key)}.npz"
+        path = synthetic_albedo_path(n, k, size)
+        root = path.parent
         if path.exists():
             cache_lib.touch(path)
             am = albedo_lib.load(path)

@@ -48,8 +48,9 @@ from dhjax.render import raster, shading
 
 GENERATOR_VERSION = 1
 """The version of what `BodyVideoGenerator` draws and renders; `dhjax.data.cache.cached_bodies`
-keys on it beside the config. Raise it with any change here, in `garments`, the default body or
-the renderer that changes a sample for an unchanged config;
+keys on it beside the config. Raise it with any change here, in `garments`, the default body,
+the renderer or what this module takes from `synthetic` (`key`, `sample_light`) that changes a
+sample for an unchanged config;
 `tests/test_data_body_synthetic.py` pins each version's output."""
 
 LAYER_LABELS = ("background", "body", "upper", "lower")

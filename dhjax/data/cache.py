@@ -29,6 +29,7 @@ import os
 import re
 import shutil
 import socket
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -275,21 +276,37 @@ def _build_once(root: Path, write, verbose: bool) -> Path:
 # Use tracking and pruning.
 
 
+ENTRY_RE = re.compile(r"^[A-Za-z0-9_]+-[0-9a-f]{12}(\.npz)?$")
+"""Names of the cache's entries: <name>-<12 hex digits of the key hash>, a folder or an .npz file
+(`cached_multiview` & co., MICA's mica-<hash>/, the tracker's albedo-<hash>.npz). `entries` and
+`prune` consider nothing else, so a cache folder set by mistake to one holding other files (e.g.
+~/.cache) loses none of them."""
+
+
 def touch(path: str | os.PathLike) -> None:
     """Marks the cache entry `path` (a dataset folder, MICA's split folder, an albedo model file)
-    as used now: its modification time, which `entries` reports and `prune` keys on. A read-only
-    cache stays usable (the mark is skipped)."""
+    as used now: its modification time, which `entries` reports and `prune` keys on. A run marks
+    the entries it reads when it starts (not while it trains). A read-only cache stays usable
+    (the mark is skipped)."""
     try:
         os.utime(path)
     except OSError:
         pass
 
 
+def _stat(path: Path) -> os.stat_result:
+    """The entry's own status, through a symbolic link (touch follows links too)."""
+    try:
+        return path.stat()
+    except FileNotFoundError:
+        return path.lstat()          # a dangling link: FileNotFoundError again when gone
+
+
 def _size(path: Path) -> int:
-    if not path.is_dir() or path.is_symlink():
-        return path.lstat().st_size
+    if not path.is_dir():
+        return _stat(path).st_size
     total = 0
-    for dirpath, _, filenames in os.walk(path):
+    for dirpath, _, filenames in os.walk(path, followlinks=False):
         for n in filenames:
             try:
                 total += os.lstat(os.path.join(dirpath, n)).st_size
@@ -299,40 +316,61 @@ def _size(path: Path) -> int:
 
 
 def entries(cache_dir=None) -> list[dict]:
-    """The cache's entries, least recently used first: [{"path": Path, "bytes": int,
-    "last_used": seconds since the epoch}] for every top-level file and folder except the hidden
-    temp entries of runs in progress or killed (`clean_stale_temps` handles those). [] when the
-    cache folder does not exist."""
+    """The cache's entries (names matching ENTRY_RE), least recently used first: [{"path": Path,
+    "bytes": int, "last_used": seconds since the epoch}]. Hidden temp entries of runs in progress
+    or killed are not listed (`clean_stale_temps` handles those). [] when the cache folder does
+    not exist; PermissionError (naming the folder) when it cannot be read."""
     root = cache_root(cache_dir)
     try:
-        paths = [p for p in root.iterdir() if not p.name.startswith(".")]
+        paths = [p for p in root.iterdir() if ENTRY_RE.match(p.name)]
     except (FileNotFoundError, NotADirectoryError):
         return []
+    except PermissionError as exc:
+        raise PermissionError(f"cannot list the cache folder {root}: {exc}") from exc
     out = []
     for p in paths:
         try:
-            out.append({"path": p, "bytes": _size(p), "last_used": p.lstat().st_mtime})
+            out.append({"path": p, "bytes": _size(p), "last_used": _stat(p).st_mtime})
         except FileNotFoundError:   # removed meanwhile
             continue
     return sorted(out, key=lambda e: (e["last_used"], e["path"].name))
 
 
+def _remove(path: Path) -> None:
+    """Removes a cache entry all or nothing: renamed first to a hidden temp name of this process
+    (one step), then deleted; a delete that stops half-way leaves only that hidden name, which
+    `clean_stale_temps` removes later, never an entry a run would take for complete."""
+    if path.is_symlink() or not path.is_dir():
+        path.unlink(missing_ok=True)
+        return
+    gone = Path(tempfile.mkdtemp(prefix=_temp_prefix(path.name), dir=path.parent))
+    os.rename(path, gone / "entry")
+    shutil.rmtree(gone)
+
+
 def prune(unused_days: float, cache_dir=None, *, dry_run: bool = False) -> list[dict]:
     """Removes the entries (`entries`) not used for at least `unused_days` days and returns them
-    (only lists them with dry_run). Everything in the cache is regenerated on its next use, so
-    pruning costs time only. Raises ValueError for a negative or non-finite `unused_days`."""
+    (only lists them with dry_run). An entry marked used after it was listed is kept. Everything
+    in the cache is regenerated on its next use, so pruning costs time only (0 days removes
+    everything, including what a running job read at its start). Raises ValueError for a
+    negative or non-finite `unused_days`."""
     days = float(unused_days)
     if not math.isfinite(days) or days < 0:
-        raise ValueError(f"prune: unused_days must be a finite number >= 0, got {unused_days!r}")
+        raise ValueError(f"the number of days must be finite and >= 0, got {unused_days!r}")
     cutoff = time.time() - days * 86400.0
     old = [e for e in entries(cache_dir) if e["last_used"] <= cutoff]
-    if not dry_run:
-        for e in old:
-            if e["path"].is_dir() and not e["path"].is_symlink():
-                shutil.rmtree(e["path"], ignore_errors=True)
-            else:
-                e["path"].unlink(missing_ok=True)
-    return old
+    if dry_run:
+        return old
+    removed = []
+    for e in old:
+        try:
+            if _stat(e["path"]).st_mtime > cutoff:       # a run started using it meanwhile
+                continue
+            _remove(e["path"])
+        except FileNotFoundError:
+            continue
+        removed.append(e)
+    return removed
 
 
 def _fmt_bytes(n: int) -> str:
@@ -352,21 +390,30 @@ def main(argv=None) -> int:
     parser.add_argument("--cache_dir", default="", help="the cache folder (default: $DHJAX_CACHE, else "
                                                         "~/.cache/dhjax)")
     parser.add_argument("--remove_unused_days", type=float, default=None,
-                        help="remove the entries not used for at least this many days")
+                        help="remove the entries not used (no run started with them) for at least this many days")
     parser.add_argument("--dry_run", action="store_true", help="with --remove_unused_days: only list them")
     args = parser.parse_args(argv)
+    if args.dry_run and args.remove_unused_days is None:
+        parser.error("--dry_run lists what --remove_unused_days=N would remove: give N")
     root = cache_root(args.cache_dir or None)
-    if args.remove_unused_days is not None:
-        try:
-            removed = prune(args.remove_unused_days, args.cache_dir or None, dry_run=args.dry_run)
-        except ValueError as exc:
-            parser.error(str(exc))
-        verb = "would remove" if args.dry_run else "removed"
-        for e in removed:
-            print(f"{verb} {e['path']} ({_fmt_bytes(e['bytes'])})")
-        print(f"{verb} {len(removed)} entr{'y' if len(removed) == 1 else 'ies'} unused for "
-              f">= {args.remove_unused_days:g} days, {_fmt_bytes(sum(e['bytes'] for e in removed))}")
-    found = entries(args.cache_dir or None)
+    try:
+        if args.remove_unused_days is not None:
+            try:
+                removed = prune(args.remove_unused_days, args.cache_dir or None, dry_run=args.dry_run)
+            except ValueError as exc:
+                parser.error(f"--remove_unused_days: {exc}")
+            if not args.dry_run:
+                for stale in clean_stale_temps(root):
+                    print(f"removed the temp data of an interrupted run: {stale}")
+            verb = "would remove" if args.dry_run else "removed"
+            for e in removed:
+                print(f"{verb} {e['path']} ({_fmt_bytes(e['bytes'])})")
+            print(f"{verb} {len(removed)} entr{'y' if len(removed) == 1 else 'ies'} unused for "
+                  f">= {args.remove_unused_days:g} days, {_fmt_bytes(sum(e['bytes'] for e in removed))}")
+        found = entries(args.cache_dir or None)
+    except PermissionError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     if not found:
         print(f"{root}: no cached data")
         return 0

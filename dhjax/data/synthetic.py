@@ -48,9 +48,11 @@ from dhjax.render import camera as camera_lib
 from dhjax.render import raster, shading
 
 GENERATOR_VERSION = 1
-"""The version of what the head generators draw and render. Every dataset cache of
-`dhjax.data.cache` (and MICA's, and the tracker's synthetic albedo model) keys on it beside the
-config, so that a cached dataset is never one an older generator rendered for the same config.
+"""The version of what the head generators draw and render. The head datasets' caches
+(`dhjax.data.cache.cached_multiview`, `cached_video`), MICA's cached splits and the tracker's
+synthetic albedo model key on it beside the config, so that a cached dataset is never one an
+older generator rendered for the same config (`cached_bodies` keys on
+`body_synthetic.GENERATOR_VERSION`).
 Raise it with any change to this module, `hair`, `textures`, the default head or the renderer
 that changes a sample for an unchanged config (a new config field whose default keeps the old
 output needs no raise); `tests/test_data_synthetic.py` pins each version's output and fails

@@ -397,14 +397,15 @@ class Ticker:
     seconds and once at the end, so a long evaluation (e.g. 350 held-out frames of a paper run
     on a slow device) shows it is moving. `tick()` after each item."""
 
-    def __init__(self, what: str, total: int, log, every_s: float = 30.0):
+    def __init__(self, what: str, total: int, log, every_s: float = 30.0, clock=time.time):
         self.what, self.total, self.log, self.every_s = str(what), int(total), log, float(every_s)
+        self.clock = clock
         self.done = 0
-        self.t0 = self.last = time.time()
+        self.t0 = self.last = clock()
 
     def tick(self, n: int = 1) -> None:
         self.done += int(n)
-        now = time.time()
+        now = self.clock()
         if self.log is None or (now - self.last < self.every_s and self.done < self.total):
             return
         self.last = now
