@@ -81,7 +81,9 @@ def get_config(arg=None):
         live=False,                      # True: frames arrive as they are tracked (live online mode): with
                                          # data.tracked, by the tracker running in a background thread; with
                                          # data.root, as another process (experiments.track) fills the folder
-        timeout_s=900.0))                # live with data.root: the longest wait for meta.json or the next frame
+        timeout_s=900.0,                 # live with data.root: the longest wait for meta.json or the next frame
+        wait_for_new_run=False))         # live with data.root: do not read a folder a finished tracker run left;
+                                         # wait for the next run to restart it
     c.eval = ml_collections.ConfigDict(dict(
         chunk=1 << 15,                   # rays per render call
         n_rays=4096,                     # rays of the periodic evaluation batch

@@ -391,7 +391,7 @@ def test_live_mode_trains_while_the_tracker_tracks_and_resumes(tmp_path):
 
 
 def _fill_folder(src: Path, dst: Path, n: int, delay: float, *, error_after: int | None = None,
-                 restart_after: int | None = None, hold=None):
+                 restart_after: int | None = None, hold=None, run_id: str = "run-a"):
     """Copies the first sequence of dataset `src` into `dst` frame by frame as
     tracker.DatasetStream does: meta.json with a "live" entry, rewritten atomically after each
     frame, whose folder is written with its cameras.json last and atomically. error_after /
@@ -404,7 +404,7 @@ def _fill_folder(src: Path, dst: Path, n: int, delay: float, *, error_after: int
     out = dst / "train" / item.name
     meta = json.loads((src / "meta.json").read_text())
 
-    def write_meta(k, error=None, run="run-a"):
+    def write_meta(k, error=None, run=run_id):
         meta["live"] = {"run": run, "frames": n, "tracked": k, "done": k == n, "error": error}
         (dst / ".meta.tmp").write_text(json.dumps(meta))
         os.replace(dst / ".meta.tmp", dst / "meta.json")
@@ -442,6 +442,7 @@ def test_folder_feed_reads_frames_as_a_folder_fills(tmp_path):
     meta.json's "live" entry; a writer's error, a restarted folder, a folder that never appears
     and a missing sequence end the feed with clear errors."""
     import threading
+    import time
 
     c = _run_config("tiny", tmp_path)
     from dhjax.data import cache as cache_lib
@@ -460,9 +461,27 @@ def test_folder_feed_reads_frames_as_a_folder_fills(tmp_path):
     for got, want in ((feed.train, want_train), (feed.test, want_test)):
         for name, a, b in zip(insta_data.Video._fields, got, want):
             np.testing.assert_allclose(a, b, atol=1e-6, err_msg=name)
-    done = insta_run.FolderFeed(c, assets, tmp_path, log=None).start()     # finished: read at once
+    said = []
+    done = insta_run.FolderFeed(c, assets, tmp_path, log=said.append).start()     # finished: read at once
     done.wait(6)
     np.testing.assert_array_equal(done.train.images, feed.train.images)
+    assert any("holds a tracker run that finished" in m and "online.wait_for_new_run" in m for m in said), said
+    # online.wait_for_new_run: the finished run's folder is not read; the next run's frames are.
+    c.online.wait_for_new_run, c.online.timeout_s = True, 60.0
+    fresh = insta_run.FolderFeed(c, assets, tmp_path, log=None, poll_s=0.05).start()
+    time.sleep(0.5)
+    assert fresh.count == 0 and fresh.n == 0
+
+    def restart():                       # a new tracker run empties the folder, then fills it again
+        shutil.rmtree(tmp_path / "live" / "train")
+        _fill_folder(src, tmp_path / "live", 6, 0.05, run_id="run-c")
+
+    writer = threading.Thread(target=restart)
+    writer.start()
+    fresh.wait(6)
+    writer.join()
+    np.testing.assert_array_equal(fresh.train.images, feed.train.images)
+    c.online.wait_for_new_run, c.online.timeout_s = False, 900.0
     c.data.root = str(src)                       # a dataset without a "live" entry is complete
     plain = insta_run.FolderFeed(c, assets, tmp_path, log=None).start()
     plain.wait(6)

@@ -262,7 +262,11 @@ class FolderFeed(_Feed):
     its cameras.json); it stops with the writer's error when meta.json reports one, and with an
     error when another tracker run restarts the folder (its "run" id changes). A folder that is
     not being written (no "live" entry, or done) is read at once, with the offline reader's
-    checks. data.max_frames caps the count; data.item picks the sequence.
+    checks (the log says when its run finished before INSTA started: a tracker run started just
+    before INSTA empties the folder only once its frame 0 is done); with
+    online.wait_for_new_run a finished run's folder is not read, the feed waits (up to
+    online.timeout_s) for a new tracker run to restart it. data.max_frames caps the count;
+    data.item picks the sequence.
     """
 
     kind = "the frame folder"
@@ -314,7 +318,29 @@ class FolderFeed(_Feed):
         else:
             meta = {}                                           # a finished dataset without meta.json
         live = meta.get("live")
+        if live and live.get("done") and bool(self.cfg.online.get("wait_for_new_run", False)):
+            old = live.get("run")
+            if self.log is not None:
+                self.log(f"live: {self.root} holds the finished tracker run {old}; waiting for a new run to "
+                         "restart it (online.wait_for_new_run)")
+
+            def new_run():
+                m = self._meta()
+                return m if m and (m.get("live") or {}).get("run") not in (None, old) else None
+
+            meta = self._poll("new tracker run", new_run)
+            live = meta["live"]
         if not live or live.get("done"):                        # nothing is writing it: read it as it is
+            if live:
+                try:
+                    age = self.started - (self.root / "meta.json").stat().st_mtime
+                except FileNotFoundError:
+                    age = 0.0
+                if age > 0 and self.log is not None:
+                    self.log(f"live: {self.root} holds a tracker run that finished {age:.0f} s before INSTA "
+                             f"started ({live.get('frames')} frames); training on it as it is. A tracker run "
+                             "about to restart this folder is not waited for (online.wait_for_new_run=True "
+                             "waits for it)")
             return self._read_finished()
         if meta.get("kind") != "video":
             raise ValueError(f"{self.root}/meta.json: kind {meta.get('kind')!r}; INSTA reads a tracked video")
