@@ -43,6 +43,19 @@ def test_start_refuses_another_config_before_writing_anything(tmp_path):
     with pytest.raises(app.RunError, match="width"):
         app.start(tmp_path, changed, allow_config_change=True)
     app.start(tmp_path, _cfg())  # the same config resumes
+    # A field the run lacks (an option added to dhjax since): the flag accepts it, and says so.
+    newer = _cfg()
+    newer.extra = False
+    with pytest.raises(app.RunError, match=r"allow_config_change accepts these \(fields absent in the run"):
+        app.start(tmp_path, newer)
+    logged = []
+    assert app.check_resume_config(tmp_path, newer, allow_config_change=True, log=logged.append) == [
+        ("extra", "(absent)", False)]
+    assert "extra '(absent)' -> False" in logged[0]
+    # ... but not a field the run had and the code has dropped.
+    dropped = ml_collections.ConfigDict({k: v for k, v in _cfg().to_dict().items() if k != "width"})
+    with pytest.raises(app.RunError, match="width: 3 in the run, '\(absent\)' now"):
+        app.start(tmp_path, dropped, allow_config_change=True)
 
 
 def test_start_checks_train_fields_and_accepts_resumable_changes(tmp_path, capsys):

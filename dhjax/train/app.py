@@ -60,8 +60,9 @@ INPUT_PIPELINE_FIELDS = ("loader.kind", "loader.workers", "loader.threads")
 
 _ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
     "allow_config_change", False,
-    "resume a run whose config.json differs from the given config in the fields of "
-    "dhjax.train.app.RESUMABLE_CHANGES only (step counts, logging and checkpoint intervals)")
+    "resume a run whose config.json differs from the given config only in the fields of "
+    "dhjax.train.app.RESUMABLE_CHANGES (step counts, logging and checkpoint intervals) and in "
+    "fields its config.json lacks (options added to dhjax after the run started)")
 
 
 class RunError(ValueError):
@@ -185,7 +186,9 @@ def check_resume_config(workdir: str | os.PathLike, cfg: ml_collections.ConfigDi
     Returns the accepted differences [(field, old, new)] ([] for a new or identical run).
     Raises RunError listing the differing fields when they differ, unless allow_config_change
     (default: the --allow_config_change flag) is set and every difference is in
-    `RESUMABLE_CHANGES`; differences in `INPUT_PIPELINE_FIELDS` are always accepted. An
+    `RESUMABLE_CHANGES` or a field the run's config.json lacks (an option added to dhjax after
+    the run started: resuming with the flag takes its value now, normally its default, which
+    keeps the earlier behaviour); differences in `INPUT_PIPELINE_FIELDS` are always accepted. An
     unreadable config.json is an error too (the run cannot be checked).
     """
     path = Path(workdir) / CONFIG_FILE
@@ -200,12 +203,17 @@ def check_resume_config(workdir: str | os.PathLike, cfg: ml_collections.ConfigDi
     if not diffs:
         return []
     allow = _allow_flag() if allow_config_change is None else bool(allow_config_change)
-    blocked = [d for d in diffs if d[0] not in INPUT_PIPELINE_FIELDS and not (allow and d[0] in RESUMABLE_CHANGES)]
+    def flag_accepts(d):
+        return d[0] in RESUMABLE_CHANGES or (d[1] == config_lib.MISSING and d[2] != config_lib.MISSING)
+
+    blocked = [d for d in diffs if d[0] not in INPUT_PIPELINE_FIELDS and not (allow and flag_accepts(d))]
     if blocked:
         shown = "\n".join(f"  {k}: {a!r} in the run, {b!r} now" for k, a, b in blocked[:20])
         more = f"\n  ... and {len(blocked) - 20} more" if len(blocked) > 20 else ""
-        hint = ("" if allow or any(k not in RESUMABLE_CHANGES for k, _, _ in blocked) else
-                "; --allow_config_change accepts these")
+        hint = ("" if allow or not all(flag_accepts(d) for d in blocked) else
+                "; --allow_config_change accepts these" + (
+                    " (fields absent in the run are options added to dhjax after it started)"
+                    if any(d[1] == config_lib.MISSING for d in blocked) else ""))
         raise RunError(f"'{workdir}' holds a run with another config ({len(blocked)} field(s) differ):\n"
                        f"{shown}{more}\nuse another --workdir for a new run, or the run's own config to "
                        f"resume it{hint}")
