@@ -60,14 +60,14 @@ def read_frames(path: str, max_frames: int = 0, stride: int = 1) -> tuple[list, 
         files = sorted(f for f in p.iterdir() if f.suffix.lower() in dio.IMAGE_SUFFIXES)
         if not files:
             raise ValueError(f"--input {path}: the folder holds no images ({', '.join(dio.IMAGE_SUFFIXES)})")
-        files = files[::stride][:max_frames or None]
+        files = [files[i] for i in _sampled(len(files), stride, max_frames)]
         frames = [dio.load_image(f) for f in files]
         names = [f.stem for f in files]
     elif p.suffix.lower() in dio.IMAGE_SUFFIXES:
         frames, names = [dio.load_image(p)], [p.stem]
     else:
         video = dio.load_video(p)       # ValueError naming the file when ffmpeg cannot decode it
-        idx = list(range(0, len(video), stride))[:max_frames or None]
+        idx = _sampled(len(video), stride, max_frames)
         frames, names = [video[i] for i in idx], [f"frame_{i:04d}" for i in idx]
     out = []
     for f, n in zip(frames, names):
@@ -77,6 +77,12 @@ def read_frames(path: str, max_frames: int = 0, stride: int = 1) -> tuple[list, 
         if out[-1].shape != out[0].shape:
             raise ValueError(f"--input {path}: {n} is {out[-1].shape[:2]}, the first frame {out[0].shape[:2]}")
     return out, names
+
+
+def _sampled(n: int, stride: int, max_frames: int) -> list[int]:
+    """The indices of a video's n frames that `read_frames` keeps (every stride-th, at most
+    max_frames; 0 = all); `frame_mattes` samples a mask video the same way."""
+    return list(range(0, n, stride))[:max_frames or None]
 
 
 def frame_landmarks(frames, names, landmarks_arg, iris: bool = False) -> list:
@@ -136,7 +142,7 @@ def frame_mattes(masks_arg, frames, names, max_frames: int = 0, stride: int = 1)
         out = [_matte(dio.load_image(p))]
     else:
         video = dio.load_video(p)       # ValueError naming the file when ffmpeg cannot decode it
-        out = [_matte(video[i]) for i in list(range(0, len(video), stride))[:max_frames or None]]
+        out = [_matte(video[i]) for i in _sampled(len(video), stride, max_frames)]
     if len(out) != len(frames):
         raise ValueError(f"--masks {p}: {len(out)} masks for {len(frames)} frames")
     for n, m, f in zip(names, out, frames):
