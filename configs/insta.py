@@ -73,7 +73,9 @@ def get_config(arg=None):
     c.optim = insta.default_optim_config()
     c.batch = ml_collections.ConfigDict(dict(
         frames_per_step=4, rays_per_frame=1024,
-        samples_per_ray=64,              # sample capacity per step = frames x rays x this (overflow is counted)
+        samples_per_ray=64,              # sample capacity per step = frames x rays x this; rays that do not fit are
+                                         # left out of the loss (counted: truncated_rays), so more rays than the
+                                         # pruned grid needs = instant-ngp's adaptive ray count (README, sample budget)
         buffer_frames=1700, resample_every=1500,
         random_background=True))         # random background colour per training ray (instant-ngp)
     c.online = ml_collections.ConfigDict(dict(
