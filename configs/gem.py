@@ -9,7 +9,7 @@ drivers).
 Variants:
   tiny        one synthetic subject, 72 expressions (the last 8 held out; 16 expression
               coefficients, jaw and eyes vary) x 16 cameras (12 on a frontal arc, 4 above;
-              camera 5 held out) at 96 x 128, one light for all frames; 64^2 Gaussian maps (~2.5k Gaussians), a 4-level StyleUNet of widths
+              camera 5 held out) at 96 x 128, one light for all frames; 64^2 Gaussian maps (3,536 Gaussians), a 4-level StyleUNet of widths
               16..64, SH degree 1; Net 1500 steps of 1 frame x 4 views; M = 50 components;
               refinement 600 steps (QR every 200); fitting 40 steps per frame on 4 of the training cameras (CPU).
   tiny_table  `tiny` for the size table (thesis Table 4): sweep() over three map sizes, each

@@ -2,7 +2,8 @@
 
     python -m experiments.bench --config=configs/bench.py:flame --workdir=/tmp/bench
 
-Suites (configs/bench.py): flame, synthetic, splat, geometry, insta, gem, body, d3ga, data (`dhjax.bench`). Results are printed
+Suites (configs/bench.py): flame, synthetic, splat, geometry, insta, gem, body, d3ga, data, synshot,
+track (`dhjax.bench`). Results are printed
 and written to <workdir>/bench.json, the config to <workdir>/config.json.
 """
 

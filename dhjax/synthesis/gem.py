@@ -42,11 +42,12 @@ A. **Net** (`init_state`, `net_gaussians`, `loss_terms`, `train_step`): a StyleU
    then head-relative, as they should be. GEM lives in the head frame: it needs no head model at
    test time, only the rigid head pose (from tracking, or any other source).
 
-B. **Distillation** (`collect`, `distil`): the Net over all training frames gives each attribute
+B. **Distillation** (`gem_run.collect`, `distil`): the Net over all training frames gives each attribute
    per Gaussian per frame; one PCA per attribute (`dhjax.geometry.pca`) with M components:
    ``G = {mu_a + k_a B_a, c}``, a in (position, rotation, scale, opacity) (thesis eq. 1).
 
-C. **Refinement** (`refine_step`, `reorthonormalise`): photometric fine-tuning of the means and
+C. **Refinement** (`refine_params`, `refine_loss`, `reorthonormalise`; the loop is
+   `gem_run.refine_stage`): photometric fine-tuning of the means and
    bases with the training frames' coefficients fixed; every `qr_every` steps each basis is
    re-orthonormalised by QR with signs from diag(R), and the coefficients of the training frames
    are carried along (k <- k R^T), so that renders do not change at the re-orthonormalisation.

@@ -17,7 +17,8 @@ Guarantees `start` gives every run, before any data is generated or anything com
   - a workdir that already holds a run (its config.json) is only resumed with the same config:
     any differing field is refused with a `RunError` listing them, except that
     `--allow_config_change` (or `allow_config_change=True`) accepts changes of the fields in
-    `RESUMABLE_CHANGES` (step counts and logging/checkpoint intervals; note that a schedule
+    `RESUMABLE_CHANGES` (step counts, logging/checkpoint intervals and the non-finite-step
+    policy; note that a schedule
     derived from train.steps, such as MICA's cosine decay, changes from the resume point);
     changes of `INPUT_PIPELINE_FIELDS` (how the batches are read: loader kind, worker processes,
     threads) are accepted without it, since they change no batch.
@@ -61,7 +62,7 @@ INPUT_PIPELINE_FIELDS = ("loader.kind", "loader.workers", "loader.threads")
 _ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
     "allow_config_change", False,
     "resume a run whose config.json differs from the given config only in the fields of "
-    "dhjax.train.app.RESUMABLE_CHANGES (step counts, logging and checkpoint intervals) and in "
+    "dhjax.train.app.RESUMABLE_CHANGES (step counts, logging and checkpoint intervals, the non-finite-step policy) and in "
     "fields its config.json lacks (options added to dhjax after the run started)")
 
 
@@ -362,7 +363,7 @@ def exit_on_user_error(fn: Callable[[], Any], errors: Iterable[type] = (FileNotF
 
 
 def parameter_overview(params: Any, title: str = "parameters") -> str:
-    """A table of every parameter array (name, shape, size, mean, std) with the total count and
+    """A table of every parameter array (name, shape, dtype, size) with the total count and
     size, from `clu.parameter_overview` (which needs no TensorFlow)."""
     from clu import parameter_overview as po
 
