@@ -87,7 +87,7 @@ JOINT_PARTS = _joint_parts()
 
 
 @flax.struct.dataclass
-class BodyModel:
+class BodyModel(flame.BlendBasisViews):
     """An SMPL-X-layout body model (all arrays float32, metres / radians, unless stated).
 
     blend_basis [1 + S + E, V, 3]: row 0 is the template, rows 1..S the shape blendshapes, the
@@ -131,26 +131,6 @@ class BodyModel:
     pose_correctives: bool = flax.struct.field(pytree_node=False, default=True)
     parents: tuple = flax.struct.field(pytree_node=False, default=SMPLX_PARENTS)
     name: str = flax.struct.field(pytree_node=False, default="")
-
-    @property
-    def v_template(self) -> jax.Array:
-        return self.blend_basis[0]
-
-    @property
-    def shapedirs(self) -> jax.Array:
-        return self.blend_basis[1: 1 + self.num_shape]
-
-    @property
-    def exprdirs(self) -> jax.Array:
-        return self.blend_basis[1 + self.num_shape:]
-
-    @property
-    def num_vertices(self) -> int:
-        return self.blend_basis.shape[1]
-
-    @property
-    def num_expression(self) -> int:
-        return self.blend_basis.shape[0] - 1 - self.num_shape
 
     @property
     def num_joints(self) -> int:

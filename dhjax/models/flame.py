@@ -41,8 +41,34 @@ POSE_REPS = ("axis_angle", "6d", "6d_rows", "matrix")
 METRICAL_TRACKER_IRIS_VERTICES = ((4597, 4542, 4510, 4603, 4570), (4051, 3996, 3964, 3932, 4028))
 
 
+class BlendBasisViews:
+    """The views of a model's stacked blend basis shared by `FlameModel` and
+    `dhjax.models.body.BodyModel`: blend_basis [1 + S + E, V, 3] (template, S shape rows, E
+    expression rows) and the static num_shape S."""
+
+    @property
+    def v_template(self) -> jax.Array:
+        return self.blend_basis[0]
+
+    @property
+    def shapedirs(self) -> jax.Array:
+        return self.blend_basis[1: 1 + self.num_shape]
+
+    @property
+    def exprdirs(self) -> jax.Array:
+        return self.blend_basis[1 + self.num_shape:]
+
+    @property
+    def num_vertices(self) -> int:
+        return self.blend_basis.shape[1]
+
+    @property
+    def num_expression(self) -> int:
+        return self.blend_basis.shape[0] - 1 - self.num_shape
+
+
 @flax.struct.dataclass
-class FlameModel:
+class FlameModel(BlendBasisViews):
     """A FLAME-layout head model (all arrays float32 metres unless stated).
 
     blend_basis [1 + S + E, V, 3]: row 0 is the template, rows 1..S the shape blendshapes,
@@ -83,26 +109,6 @@ class FlameModel:
     num_shape: int = flax.struct.field(pytree_node=False, default=0)
     parents: tuple = flax.struct.field(pytree_node=False, default=FLAME_PARENTS)
     name: str = flax.struct.field(pytree_node=False, default="")
-
-    @property
-    def v_template(self) -> jax.Array:
-        return self.blend_basis[0]
-
-    @property
-    def shapedirs(self) -> jax.Array:
-        return self.blend_basis[1: 1 + self.num_shape]
-
-    @property
-    def exprdirs(self) -> jax.Array:
-        return self.blend_basis[1 + self.num_shape:]
-
-    @property
-    def num_vertices(self) -> int:
-        return self.blend_basis.shape[1]
-
-    @property
-    def num_expression(self) -> int:
-        return self.blend_basis.shape[0] - 1 - self.num_shape
 
 
 @flax.struct.dataclass
