@@ -568,6 +568,43 @@ def test_depth_evaluation_camera_undoes_the_trackers_rigid_head_pose():
 # The run, as a user runs it.
 
 
+def test_training_curve_and_plateau(tmp_path):
+    """An offline run's recorder pairs each held-out evaluation in metrics.jsonl with the seconds
+    since the first step (training_curve.json / .png); `plateau` is the first point from which
+    the PSNR stays within the tolerance of the last one."""
+    class FakeBatches:
+        def available(self, step):
+            return 5
+
+        def get_batch(self, step):
+            return {"step": step}
+
+    class FakeRun:
+        def path(self, name):
+            return str(tmp_path / name)
+
+    rec = insta_run._OnlineRecorder(FakeBatches())
+    for step in range(7):                    # the loop's initial call, then steps 0..5
+        rec.get_batch(max(step - 1, 0))
+    rec.started = {s: 100.0 + 10.0 * s for s in range(6)}      # step s starts at 100 + 10 s
+    rec.finished = 165.0
+    psnr = {2: 20.0, 4: 24.6, 6: 25.0}
+    rows = [{"step": s, "loss": 1.0} for s in (2, 4, 6)] + [{"step": s, "eval/psnr": v} for s, v in psnr.items()]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    pts = rec.write_curve(FakeRun())
+    assert [(p["step"], p["seconds"], p["heldout_psnr"]) for p in pts] == [(2, 20.0, 20.0), (4, 40.0, 24.6),
+                                                                            (6, 65.0, 25.0)]
+    assert json.loads((tmp_path / "training_curve.json").read_text()) == pts
+    assert (tmp_path / "training_curve.png").is_file() and not (tmp_path / "online.json").exists()
+    assert insta_run.plateau(pts, 0.5) == (40.0, 4)
+    assert insta_run.plateau(pts, 0.3) == (65.0, 6)
+    # a dip after an early high point: the plateau starts after the dip
+    dip = [dict(step=s, seconds=float(s), heldout_psnr=v) for s, v in [(1, 25.0), (2, 23.0), (3, 24.8), (4, 25.0)]]
+    assert insta_run.plateau(dip, 0.5) == (3.0, 3)
+    with pytest.raises(ValueError, match="no points"):
+        insta_run.plateau([])
+
+
 def test_run_writes_its_outputs_resumes_and_reenacts(tmp_path):
     c = _run_config("tiny", tmp_path)
     c.online.frames_per_step = 0.25          # online mode: frame i arrives at step 4 i

@@ -9,7 +9,10 @@ SSIM, L1, LPIPS when eval.lpips_path is given, mouth-region PSNR, depth errors; 
 the textured-mesh baseline), heldout.png (ground truth | INSTA | baseline | depth, a few
 held-out frames), heldout.mp4 (GT | render | depth over every held-out frame), orbit.mp4 (the
 first held-out frame from -90 to +90 degrees of yaw), canonical_mesh.obj (marching cubes of the
-canonical density), online.json (held-out PSNR against seconds, online modes), tracking/
+canonical density), online.json / online.png (held-out PSNR against seconds, online modes),
+training_curve.json / .png (offline runs: the held-out ray batch's PSNR at every evaluation
+against seconds since the first step, compile, evaluations and checkpoints included; `plateau`
+reads when it levels off), tracking/
 (live online mode: every tracked frame, so that a killed run resumes its tracking too).
 
 The baseline is the tracked mesh with a texture baked from the training frames
@@ -755,11 +758,12 @@ def _train_and_evaluate(cfg, run_, ctx, train, test, assets, shape, feed) -> dic
     else:
         method = loop.Method(init, step, jax.jit(evaluate), render_hook)
         eval_batch = eval_rays(cfg, test, jax.device_count())
-        online = _OnlineRecorder(batches) if float(cfg.online.frames_per_step) > 0 else None
+        # Every offline run times its steps: with the scheduled online mode for online.json,
+        # otherwise for training_curve.json (held-out ray PSNR against training seconds).
+        online = _OnlineRecorder(batches)
     t0 = time.time()
-    result = loop.train(cfg, str(run_.workdir), method, online or batches, eval_batch=eval_batch)
-    if online:
-        online.finished = time.time()
+    result = loop.train(cfg, str(run_.workdir), method, online, eval_batch=eval_batch)
+    online.finished = time.time()
     train_seconds = time.time() - t0
     if live:
         log(f"live: training done with {feed.count}/{feed.n} frames arrived; waiting for the rest "
@@ -774,11 +778,18 @@ def _train_and_evaluate(cfg, run_, ctx, train, test, assets, shape, feed) -> dic
     if run_.lead:
         app.merge_final_metrics(run_.workdir, {f"heldout/{k}": v for k, v in metrics.items()
                                                if isinstance(v, float)})
-        if online and result.steps_run:
+        if result.steps_run and (live or float(cfg.online.frames_per_step) > 0):
             pts = online.write(run_)
             if pts:
                 log("online: " + ", ".join(f"{p['seconds']:.0f}s {p['frames_arrived']} frames "
                                            f"{p['heldout_psnr']:.2f} dB" for p in pts))
+        elif result.steps_run:
+            pts = online.write_curve(run_)
+            if len(pts) > 1:
+                sec, at_step = plateau(pts, PLATEAU_DB)
+                log(f"training curve: held-out ray PSNR {pts[0]['heldout_psnr']:.2f} dB at {pts[0]['seconds']:.0f}s "
+                    f"-> {pts[-1]['heldout_psnr']:.2f} dB at {pts[-1]['seconds']:.0f}s; within {PLATEAU_DB} dB of "
+                    f"the last value from {sec:.0f}s on (step {at_step}): training_curve.json / .png")
     run_.done(f"{run_.workdir}/heldout.png", "heldout_metrics.json", "heldout.mp4")
     return metrics
 
@@ -872,10 +883,36 @@ class _OnlineRecorder:
         return _write_online(run_, self.points(run_.path("metrics.jsonl")),
                              "INSTA online: frames arrive while training", "seconds since the first step")
 
+    def write_curve(self, run_) -> list[dict]:
+        """training_curve.json and .png of an offline run: the same points (every frame has
+        arrived at every step)."""
+        return _write_online(run_, self.points(run_.path("metrics.jsonl")), "INSTA: held-out rays while training",
+                             "seconds since the first step", name="training_curve", frames_axis=False)
 
-def _write_online(run_, pts: list[dict], title: str, xlabel: str) -> list[dict]:
-    """online.json (the points) and online.png (held-out PSNR against seconds)."""
-    Path(run_.path("online.json")).write_text(json.dumps(pts, indent=1))
+
+PLATEAU_DB = 0.5
+"""`plateau`'s tolerance (dB) in the log line of an offline run."""
+
+
+def plateau(points: list[dict], tol_db: float = PLATEAU_DB) -> tuple[float, int]:
+    """(seconds, step) of the first point of a training curve (`training_curve.json`'s
+    points, in step order) from which the held-out PSNR stays within tol_db of the last
+    point's: when the run reached its plateau, as the issue's 'plateau in < 5 minutes' goal
+    reads it (the last point stands for the plateau, so train long enough)."""
+    if not points:
+        raise ValueError("plateau: no points (the run logged no held-out evaluation with a time)")
+    last = float(points[-1]["heldout_psnr"])
+    first = len(points) - 1
+    while first > 0 and float(points[first - 1]["heldout_psnr"]) >= last - tol_db:
+        first -= 1
+    return float(points[first]["seconds"]), int(points[first]["step"])
+
+
+def _write_online(run_, pts: list[dict], title: str, xlabel: str, *, name: str = "online",
+                  frames_axis: bool = True) -> list[dict]:
+    """<name>.json (the points) and <name>.png (held-out PSNR against seconds; with
+    frames_axis, the frames tracked or arrived on a second axis)."""
+    Path(run_.path(f"{name}.json")).write_text(json.dumps(pts, indent=1))
     if pts:
         from matplotlib.figure import Figure   # no pyplot: the caller's backend is left alone
 
@@ -887,13 +924,14 @@ def _write_online(run_, pts: list[dict], title: str, xlabel: str) -> list[dict]:
         ax.set_ylabel("held-out PSNR (dB)", color="C0")
         ax.set_title(title)
         ax.grid(alpha=0.3)
-        key = "frames_tracked" if "frames_tracked" in pts[0] else "frames_arrived"
-        ax2 = ax.twinx()
-        ax2.plot(secs, [p[key] for p in pts], "s--", color="0.5", markersize=3)
-        ax2.set_ylabel(key.replace("_", " "), color="0.4")
-        ax2.set_ylim(bottom=0)
+        if frames_axis:
+            key = "frames_tracked" if "frames_tracked" in pts[0] else "frames_arrived"
+            ax2 = ax.twinx()
+            ax2.plot(secs, [p[key] for p in pts], "s--", color="0.5", markersize=3)
+            ax2.set_ylabel(key.replace("_", " "), color="0.4")
+            ax2.set_ylim(bottom=0)
         fig.tight_layout()
-        fig.savefig(run_.path("online.png"))
+        fig.savefig(run_.path(f"{name}.png"))
     return pts
 
 
@@ -1025,5 +1063,5 @@ def reenact(workdir: str, source: str, out: str, *, item: int = -1, max_frames: 
     return path
 
 
-__all__ = ["run", "reenact", "build", "Renderer", "image_metrics", "region_psnr", "canonical_mesh", "orbit_camera",
+__all__ = ["run", "reenact", "plateau", "build", "Renderer", "image_metrics", "region_psnr", "canonical_mesh", "orbit_camera",
            "open_video", "track_samples", "evaluate_heldout", "eval_rays", "ray_batches", "context_of_run"]
