@@ -299,6 +299,7 @@ def test_loader_fields_never_block_a_resume(tmp_path):
 
     base = ml_collections.ConfigDict(dict(seed=0, batch_size=8, train=dict(steps=10)))
     config_lib.save_config(base, str(tmp_path))               # a run from before the loader block
+    (tmp_path / "metrics.jsonl").write_text("{}\n")           # ... that wrote something (else no run)
     cfg = ml_collections.ConfigDict(base.to_dict())
     cfg.loader = gp.default_loader_config()
     logged = []

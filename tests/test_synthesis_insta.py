@@ -568,6 +568,17 @@ def test_depth_evaluation_camera_undoes_the_trackers_rigid_head_pose():
 # The run, as a user runs it.
 
 
+@pytest.mark.parametrize("field, value", [("eval.max_test_frames", -1), ("batch.rays_per_frame", 0),
+                                          ("eval.orbit_frames", -2), ("eval.video_fps", 0.0)])
+def test_a_config_field_that_cannot_work_is_refused_before_any_work(tmp_path, field, value):
+    c = insta_config.get_config("tiny")
+    block, name = field.split(".")
+    c[block][name] = value
+    with pytest.raises(ValueError, match=f"config field {field} must be"):
+        insta_run.run(c, str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
+
+
 def test_training_curve_and_plateau(tmp_path):
     """An offline run's recorder pairs each held-out evaluation in metrics.jsonl with the seconds
     since the first step (training_curve.json / .png); `plateau` is the first point from which

@@ -28,8 +28,14 @@ def test_start_writes_config_and_rejects_a_file(tmp_path):
         app.start(tmp_path / "file", _cfg())
 
 
+def _started(workdir, cfg):
+    """app.start plus an output, so that the folder holds a run (not only its config.json)."""
+    app.start(workdir, cfg)
+    (workdir / "metrics.jsonl").write_text("{}\n")
+
+
 def test_start_refuses_another_config_before_writing_anything(tmp_path):
-    app.start(tmp_path, _cfg())
+    _started(tmp_path, _cfg())
     changed = _cfg()
     changed.width = 4
     changed.extra = "new"
@@ -62,7 +68,7 @@ def test_start_checks_train_fields_and_accepts_resumable_changes(tmp_path, capsy
     cfg = _cfg()
     cfg.train = ml_collections.ConfigDict(dict(steps=10, log_every=5, checkpoint_every=5, keep_checkpoints=1,
                                                eval_every=0, on_nonfinite="skip"))
-    app.start(tmp_path, cfg)
+    _started(tmp_path, cfg)
     more = ml_collections.ConfigDict(cfg.to_dict())
     more.train.steps = 20
     with pytest.raises(app.RunError, match="allow_config_change accepts these"):
@@ -75,6 +81,27 @@ def test_start_checks_train_fields_and_accepts_resumable_changes(tmp_path, capsy
     with pytest.raises(app.RunError, match="config field train.log_every must be an integer >= 1, got 0"):
         app.start(tmp_path / "other", bad)
     assert not (tmp_path / "other").exists()
+
+
+def test_a_start_that_wrote_nothing_else_is_replaced_and_another_experiment_is_named(tmp_path):
+    """A start that failed before writing anything (config.json and empty folders only) does not
+    lock its workdir; a run of another experiment is refused by name, not by a field list."""
+    work = tmp_path / "run"
+    app.start(work, _cfg())
+    (work / "tb").mkdir()
+    changed = _cfg()
+    changed.width = 4
+    logged = []
+    assert app.check_resume_config(work, changed, log=logged.append) == []
+    assert "holds only the config.json of a start that wrote nothing else" in logged[0] and "width" in logged[0]
+    app.start(work, changed)
+    assert json.loads((work / "config.json").read_text())["width"] == 4
+    (work / "tb" / "events").write_text("x")          # now it holds a run: refused as before
+    with pytest.raises(app.RunError, match="width: 4 in the run, 3 now"):
+        app.start(work, _cfg())
+    with pytest.raises(app.RunError, match="holds a run of experiment 'toy', not 'other': use another --workdir"):
+        app.start(work, _cfg("other"))
+    assert json.loads((work / "config.json").read_text())["width"] == 4
 
 
 def test_merge_final_metrics_keeps_earlier_entries(tmp_path):

@@ -75,20 +75,23 @@ def test_sigkill_after_first_checkpoint_then_resume_matches(reference, tmp_path)
     assert [e.step for e in acc.Scalars("loss")] == [10, 20, 30, 40, 50, 60]
 
 
-def test_sigterm_checkpoints_stops_without_final_outputs_and_resumes(reference, tmp_path):
+@pytest.mark.parametrize("sig, name", [(signal.SIGTERM, "SIGTERM"), (signal.SIGINT, "SIGINT (Ctrl-C)")])
+def test_sigterm_checkpoints_stops_without_final_outputs_and_resumes(reference, tmp_path, sig, name):
+    """SIGTERM, and a first Ctrl-C in a single process, checkpoint the step boundary and stop."""
     proc = subprocess.Popen([sys.executable, TOY, str(tmp_path)], env=env_with(1, TOY_SLEEP=0.05),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 120
     jl = tmp_path / "metrics.jsonl"
     while not (jl.exists() and jl.stat().st_size > 0) and time.time() < deadline:
         time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(sig)
     out, _ = proc.communicate(timeout=120)
     from dhjax.train import app
 
     assert proc.returncode == app.EXIT_INTERRUPTED == 143, out[-2000:]
-    assert "SIGTERM: checkpointed step" in out and "rerun the same command to resume" in out, out[-2000:]
-    stopped_at = int(out.split("SIGTERM: checkpointed step ")[1].split(",")[0])
+    assert f"{name}: checkpointed step" in out and "rerun the same command to resume" in out, out[-2000:]
+    assert "KeyboardInterrupt" not in out, out[-2000:]
+    stopped_at = int(out.split(f"{name}: checkpointed step ")[1].split(",")[0])
     assert 0 < stopped_at < 60
     # Nothing final from the half-trained state.
     assert not (tmp_path / "final_params.npy").exists()

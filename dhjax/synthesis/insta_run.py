@@ -707,12 +707,31 @@ def eval_rays(cfg, test: insta_data.Video, devices: int) -> dict:
     return batch
 
 
+def check_config(cfg) -> None:
+    """Raises ValueError naming the first batch or eval field that cannot work (before any work,
+    so that a bad value does not cost a training run before the evaluation refuses it)."""
+    at_least = {"batch.frames_per_step": 1, "batch.rays_per_frame": 1, "batch.samples_per_ray": 1,
+                "eval.chunk": 1, "eval.n_rays": 1, "eval.max_test_frames": 0, "eval.orbit_frames": 0,
+                "eval.mesh_resolution": 0}
+    for field, low in at_least.items():
+        block, name = field.split(".")
+        value = cfg[block][name]
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            extra = {"eval.max_test_frames": " (0: every held-out frame)", "eval.orbit_frames": " (0: no orbit)",
+                     "eval.mesh_resolution": " (0: no mesh)"}.get(field, "")
+            raise ValueError(f"config field {field} must be an integer >= {low}{extra}, got {value!r}")
+    if not float(cfg.eval.video_fps) > 0:
+        raise ValueError(f"config field eval.video_fps must be > 0, got {cfg.eval.video_fps!r}")
+
+
 def run(cfg, workdir: str) -> dict:
     """Trains (or resumes) an INSTA avatar, then evaluates it on the held-out frames and writes
     the files of the module docstring. Returns the held-out mean metrics.
 
-    Raises app.Interrupted on SIGTERM (a checkpoint was written; a rerun resumes).
+    Raises app.Interrupted on SIGTERM (a checkpoint was written; a rerun resumes), ValueError
+    for a config field that cannot work (`check_config`, before anything is written).
     """
+    check_config(cfg)
     run_ = app.start(workdir, cfg)
     log = run_.log
     live = bool(cfg.online.get("live", False))
@@ -1063,5 +1082,5 @@ def reenact(workdir: str, source: str, out: str, *, item: int = -1, max_frames: 
     return path
 
 
-__all__ = ["run", "reenact", "plateau", "build", "Renderer", "image_metrics", "region_psnr", "canonical_mesh", "orbit_camera",
+__all__ = ["run", "check_config", "reenact", "plateau", "build", "Renderer", "image_metrics", "region_psnr", "canonical_mesh", "orbit_camera",
            "open_video", "track_samples", "evaluate_heldout", "eval_rays", "ray_batches", "context_of_run"]

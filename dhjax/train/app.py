@@ -180,6 +180,17 @@ def check_workdir(workdir: str | os.PathLike) -> Path:
     return work
 
 
+def _holds_only_config(work: Path) -> bool:
+    """Whether a workdir holds nothing but CONFIG_FILE and empty folders."""
+    for p in work.rglob("*"):
+        if p.is_dir() and not p.is_symlink():
+            continue
+        if p.parent == work and p.name == CONFIG_FILE:
+            continue
+        return False
+    return True
+
+
 def check_resume_config(workdir: str | os.PathLike, cfg: ml_collections.ConfigDict,
                         allow_config_change: bool | None = None, log: Callable = print) -> list:
     """Compares the config.json of a run already in `workdir` with `cfg`.
@@ -190,7 +201,10 @@ def check_resume_config(workdir: str | os.PathLike, cfg: ml_collections.ConfigDi
     `RESUMABLE_CHANGES` or a field the run's config.json lacks (an option added to dhjax after
     the run started: resuming with the flag takes its value now, normally its default, which
     keeps the earlier behaviour); differences in `INPUT_PIPELINE_FIELDS` are always accepted. An
-    unreadable config.json is an error too (the run cannot be checked).
+    unreadable config.json is an error too (the run cannot be checked). A config.json of another
+    experiment is refused by name. A workdir that holds nothing but its config.json (and empty
+    folders: a start that failed before writing anything, e.g. on a mistyped data path) is no
+    run: the new config replaces it, with a log line.
     """
     path = Path(workdir) / CONFIG_FILE
     if not path.is_file():
@@ -203,7 +217,15 @@ def check_resume_config(workdir: str | os.PathLike, cfg: ml_collections.ConfigDi
     diffs = config_lib.config_differences(old, cfg)
     if not diffs:
         return []
+    if _holds_only_config(Path(workdir)):
+        log(f"'{workdir}' holds only the config.json of a start that wrote nothing else; the new config "
+            f"replaces it (it differed in: {', '.join(k for k, _, _ in diffs[:8])}{', ...' if len(diffs) > 8 else ''})")
+        return []
+    runs = dict((k, (a, b)) for k, a, b in diffs).get("experiment")
+    if runs is not None and config_lib.MISSING not in runs:
+        raise RunError(f"'{workdir}' holds a run of experiment {runs[0]!r}, not {runs[1]!r}: use another --workdir")
     allow = _allow_flag() if allow_config_change is None else bool(allow_config_change)
+
     def flag_accepts(d):
         return d[0] in RESUMABLE_CHANGES or (d[1] == config_lib.MISSING and d[2] != config_lib.MISSING)
 

@@ -34,8 +34,9 @@ with the step. What it guarantees:
     and, with the same config, ends with the same state as an uninterrupted run, bit for bit
     on the same machine and software; metrics.jsonl and TensorBoard drop the rows a killed run
     wrote after its last checkpoint;
-  - interruption: on SIGTERM it checkpoints the next step boundary and raises
-    `app.Interrupted` (exit status 143), so the caller writes no final outputs; with several
+  - interruption: on SIGTERM (and, in a single process, on a first Ctrl-C) it checkpoints the
+    next step boundary and raises `app.Interrupted` (exit status 143), so the caller writes no
+    final outputs; with several
     processes, a SIGTERM to any of them stops all at the same step boundary (jax's preemption
     sync service, which jax.distributed.initialize starts);
   - non-finite steps: a step whose loss, metrics or new state is not finite is skipped (the
@@ -174,11 +175,18 @@ class _Sigterm:
     reaches the processes at slightly different steps). There jax's preemption sync service
     decides: it catches SIGTERM in any process (its handler is left in place) and all processes
     agree on the first step that none of them has passed (`reached_preemption_sync_point`).
+
+    One process also treats SIGINT (Ctrl-C) so: the first one checkpoints at the next step
+    boundary and stops as SIGTERM does; a second one, while that step finishes, interrupts at
+    once (KeyboardInterrupt, the previous handler). Several processes leave SIGINT alone.
     """
 
     def __init__(self):
         self.received = False
+        self.name = "SIGTERM"
         self._old = None
+        self._old_int = None
+        self._int_installed = False
         self._service = _preemption_service()
 
     def __enter__(self):
@@ -189,12 +197,24 @@ class _Sigterm:
                   "the processes at different steps and leave them waiting for each other", flush=True)
         try:
             self._old = signal.signal(signal.SIGTERM, self._handle)
+            # An ignored SIGINT (a background job's) stays ignored.
+            if jax.process_count() == 1 and signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+                self._old_int = signal.signal(signal.SIGINT, self._handle_int)
+                self._int_installed = True
         except ValueError:  # not the main thread: no handler, no graceful stop
             self._old = None
         return self
 
     def _handle(self, signum, frame):
         self.received = True
+
+    def _handle_int(self, signum, frame):
+        if self.received:       # a second Ctrl-C: stop now, as Python would
+            old = self._old_int if callable(self._old_int) else signal.default_int_handler
+            return old(signum, frame)
+        self.received, self.name = True, "SIGINT (Ctrl-C)"
+        print("\nCtrl-C: checkpointing at the end of this step, then stopping (Ctrl-C again stops at once, "
+              "losing the steps since the last checkpoint)", flush=True)
 
     def stop(self, done: int) -> bool:
         """Whether to checkpoint step `done` and stop (called after every step, in order)."""
@@ -205,6 +225,8 @@ class _Sigterm:
     def __exit__(self, *exc):
         if self._old is not None:
             signal.signal(signal.SIGTERM, self._old)
+        if self._int_installed:
+            signal.signal(signal.SIGINT, self._old_int if self._old_int is not None else signal.default_int_handler)
 
 
 def _skip_report(skipped: int, first: int, done: int) -> str:
@@ -335,7 +357,7 @@ def train(cfg, workdir: str, method: Method, dataset, *, eval_batch=None,
                 if sigterm.stop(done):
                     save(done)
                     if lead:
-                        print(f"SIGTERM: checkpointed step {done}, stopping without final outputs; rerun the "
+                        print(f"{sigterm.name}: checkpointed step {done}, stopping without final outputs; rerun the "
                               f"same command to resume (exit status {app.EXIT_INTERRUPTED})", flush=True)
                     raise app.Interrupted(done, ckpt.directory)
                 if done % tc.checkpoint_every == 0 and done < tc.steps:
