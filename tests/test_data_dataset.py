@@ -103,6 +103,8 @@ def test_bad_input_gives_errors_naming_the_problem(written, tmp_path):
         ds.FolderDataset(bad, "train")
     with pytest.raises(FileNotFoundError, match="no split folder"):
         ds.FolderDataset(bad, "test")
+    with pytest.raises(FileNotFoundError, match="no dataset folder '.*nowhere'$"):
+        ds.FolderDataset(bad.parent / "nowhere", "train")
 
 
 def test_shards_are_disjoint_and_complete():

@@ -390,10 +390,21 @@ def test_run_end_to_end_and_drive(tmp_path):
         np.testing.assert_allclose(B @ B.T, np.eye(4), atol=1e-4)
     # Driving: the run's own dataset as the source sequence (params driver).
     src = next((tmp_path / "cache").glob("gem-*"))
-    video = gem_run.drive(str(work), str(tmp_path / "drive"), source=str(src), max_frames=3, log=lambda *a: None)
+    video = gem_run.drive(str(work), str(tmp_path / "drive"), source=str(src), max_frames=3, ply_frames=[2],
+                          log=lambda *a: None)
     assert video.is_file()
     with np.load(tmp_path / "drive" / "coefficients.npz") as z:
         assert z["position"].shape == (3, 4)
+        k2 = {a: jnp.asarray(z[a][2]) for a in gem.ATTRIBUTES}
+    # The PLY of a driven frame holds that frame's Gaussians (head frame), as gem.eigen_attributes gives them.
+    from dhjax.io.gaussians import load_gaussians_ply
+
+    ply = load_gaussians_ply(tmp_path / "drive" / "frame_0002.ply")
+    np.testing.assert_allclose(ply["means"], np.asarray(gem.eigen_attributes(model, k2)["position"]), atol=1e-6)
+    assert sorted(p.name for p in (tmp_path / "drive").glob("*.ply")) == ["frame_0002.ply"]
+    with pytest.raises(ValueError, match=r"ply frames \[5\] outside the source's 3 frames"):
+        gem_run.drive(str(work), str(tmp_path / "drive3"), source=str(src), max_frames=3, ply_frames=[5],
+                      log=lambda *a: None)
     video = gem_run.drive(str(work), str(tmp_path / "drive_linear"), source=str(src), max_frames=3, kind="linear",
                           log=lambda *a: None)
     assert video.is_file()

@@ -259,7 +259,8 @@ def test_images_at_every_evaluation_step_and_once_at_the_end(tmp_path):
     from tensorboard.backend.event_processing import event_accumulator
     from tensorboard.plugins.hparams import metadata
 
-    toy(tmp_path, "train.eval_every=20")
+    out = toy(tmp_path, "train.eval_every=20").stdout
+    assert out.count("evaluation at step ") == 2 and "evaluation at step 20: mse " in out, out[-2000:]
     toy(tmp_path, "train.eval_every=20")      # resumed at its end
     acc = event_accumulator.EventAccumulator(str(tmp_path / "tb"), size_guidance={"images": 0})
     acc.Reload()

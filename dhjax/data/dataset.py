@@ -299,6 +299,9 @@ class FolderDataset:
     def __init__(self, root, split: str = "train", *, partial: bool = False):
         self.root = Path(root)
         self.split_dir = self.root / split
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"no dataset folder '{self.root}'" + (
+                " (it is a file)" if self.root.exists() else ""))
         if not self.split_dir.is_dir():
             raise FileNotFoundError(f"no split folder '{self.split_dir}'")
         meta_path = self.root / "meta.json"

@@ -146,7 +146,8 @@ def split(capture, test_views: Sequence[int], n_test_frames, *, min_train_frames
     pos = {int(v): i for i, v in enumerate(capture.view)}
     bad = [v for v in test_views if int(v) not in pos]
     if bad:
-        raise ValueError(f"held-out cameras {bad} are not among the capture's cameras {sorted(pos)}")
+        one = " (a single camera: GEM and D3GA train on multi-view video)" if len(pos) == 1 else ""
+        raise ValueError(f"held-out cameras {bad} are not among the capture's cameras {sorted(pos)}{one}")
     tv = np.asarray(sorted({pos[int(v)] for v in test_views}), np.int64)
     trv = np.asarray([i for i in range(C) if i not in set(tv.tolist())], np.int64)
     if trv.size == 0:

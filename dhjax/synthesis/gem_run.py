@@ -17,7 +17,7 @@ subject's multi-view capture, with evaluation, pictures, videos and the eigenmod
   comparison.png                                      GT | Net | GEM (distilled) | GEM (refined) (+ fitted, regressed)
   novel_view.mp4, novel_expression.mp4                GT | Net | GEM over the held-out sets
   cross_reenactment.mp4                               another identity drives the GEM (regressor)
-  frame_<n>.ply                                       3DGS PLY of the GEM at a held-out frame (world)
+  frame_<n>.ply                                       3DGS PLY of the GEM at the last training frame (world)
   regressor_<driver>[_linear].npz, drive_camera.npz   stage D's regressors per driver and kind; the
                                                       frontal camera `drive` renders from
 Each stage resumes: the Net and the refinement from their checkpoints, the distillation from
@@ -127,6 +127,7 @@ def train_net(cfg, run_, ctx, cap, sp, log):
                                                         np.asarray(net_view(state["params"])))}
 
     method = loop.Method(init, step, jax.jit(evaluate), render_hook)
+    log(f"stage A: training the Net ({int(cfg.train.steps)} steps)")
     t0 = time.time()
     result = loop.train(cfg, str(run_.workdir), method, batches, eval_batch=eval_batch)
     return result.state["params"], (time.time() - t0 if result.steps_run else float("nan"))
@@ -256,6 +257,7 @@ def refine_stage(cfg, run_, ctx, model, k_train, cap, sp, log):
     g -= g % jax.device_count()
     ev = [gem_data.frame_batch(cap, f0, sp.test_views[:1], np.asarray(cfg.model.background, np.float32))] * g
     eval_batch = {key: np.stack([e[key] for e in ev]) for key in ev[0]}
+    log(f"stage C: refining means and bases ({int(rc.train.steps)} steps, QR every {qr_every})")
     t0 = time.time()
     result = loop.train(sub, str(run_.path("refine")), loop.Method(init, step, render=render), batches,
                         eval_batch=eval_batch)
@@ -836,7 +838,8 @@ def drive_camera(workdir) -> camera_lib.Camera:
 
 
 def drive(workdir, out, *, source: str = "", split: str = "train", item: int = -1, landmarks_path: str = "",
-          neutral: int = -1, max_frames: int = 0, fps: float = 12.0, kind: str = "mlp", log=print) -> Path:
+          neutral: int = -1, max_frames: int = 0, fps: float = 12.0, kind: str = "mlp", ply_frames=(),
+          log=print) -> Path:
     """Drives the GEM of a finished run (`run`'s workdir: gem.npz, regressor_<driver>.npz,
     drive_camera.npz) with another sequence, through a regressor, with no network but the
     regressor's MLP and no head model:
@@ -850,8 +853,10 @@ def drive(workdir, out, *, source: str = "", split: str = "train", item: int = -
     Features are taken relative to the source's neutral frame (`neutral`; -1: the smallest
     parameters for 'params', the first frame for 'landmarks') and added to the subject's
     neutral (relative transfer). kind: which regressor ('mlp', the thesis's, or 'linear'; the run
-    must have trained it, regressor.kinds). Writes <out>/drive.mp4 (source | GEM when images are known) and
-    <out>/coefficients.npz; returns the video's path.
+    must have trained it, regressor.kinds). Writes <out>/drive.mp4 (source | GEM when images are known),
+    <out>/coefficients.npz and, for each source frame number in ply_frames, <out>/frame_<i>.ply
+    (the driven GEM as a 3DGS PLY, in the head frame: driving gives no head pose); returns the
+    video's path.
     """
     work = Path(workdir)
     if bool(source) == bool(landmarks_path):
@@ -892,6 +897,10 @@ def drive(workdir, out, *, source: str = "", split: str = "train", item: int = -
                              f"regressor was trained on {reg.neutral.shape[0]}")
     if not 0 <= n0 < len(feats):
         raise ValueError(f"neutral frame {n0} outside the source's {len(feats)} frames")
+    ply_frames = [int(i) for i in ply_frames]
+    bad = [i for i in ply_frames if not 0 <= i < len(feats)]
+    if bad:
+        raise ValueError(f"ply frames {bad} outside the source's {len(feats)} frames")
     feats = feats - feats[n0] + np.asarray(reg.neutral)
     k = gem.regressor_apply(reg, jnp.asarray(feats))
     rnd = jax.jit(lambda kk: gem.render(model, kk, cam))
@@ -909,6 +918,9 @@ def drive(workdir, out, *, source: str = "", split: str = "train", item: int = -
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     np.savez(out / "coefficients.npz", **{a: np.asarray(k[a]) for a in ATTRS})
+    for i in ply_frames:
+        gem.export_ply(out / f"frame_{i:04d}.ply", gem.eigen_attributes(model, {a: k[a][i] for a in ATTRS}), model.sh)
     path = dio.save_video(out / "drive.mp4", np.stack(frames), fps=float(fps))
-    log(f"drove the GEM of {work} with {len(feats)} frames ({driver} driver) -> {path}")
+    plys = f" and {len(ply_frames)} PLY file(s)" if ply_frames else ""
+    log(f"drove the GEM of {work} with {len(feats)} frames ({driver} driver, {kind} regressor) -> {path}{plys}")
     return path

@@ -650,7 +650,7 @@ def build(cfg, log=print):
                              backend=cfg.backend)
     W, H = video.size
     log(f"data: {source}: {train.images.shape[0]} training / {test.images.shape[0]} held-out frames of {W}x{H}; "
-        f"canonical box {np.round(ctx.box_max - ctx.box_min, 3).tolist()} m, step {ctx.step * 1e3:.2f} mm, "
+        f"canonical box {' x '.join(f'{v:.3f}' for v in np.asarray(ctx.box_max - ctx.box_min))} m, step {ctx.step * 1e3:.2f} mm, "
         f"occupancy {ctx.resolution}^3; devices: {jax.device_count()}")
     return ctx, train, test, assets, samples
 
@@ -809,7 +809,10 @@ def _train_and_evaluate(cfg, run_, ctx, train, test, assets, shape, feed) -> dic
                 log(f"training curve: held-out ray PSNR {pts[0]['heldout_psnr']:.2f} dB at {pts[0]['seconds']:.0f}s "
                     f"-> {pts[-1]['heldout_psnr']:.2f} dB at {pts[-1]['seconds']:.0f}s; within {PLATEAU_DB} dB of "
                     f"the last value from {sec:.0f}s on (step {at_step}): training_curve.json / .png")
-    run_.done(f"{run_.workdir}/heldout.png", "heldout_metrics.json", "heldout.mp4")
+    outputs = ["heldout_metrics.json", "heldout.mp4"]
+    outputs += [n for n in ("orbit.mp4", "canonical_mesh.obj", "training_curve.png", "online.png")
+                if Path(run_.path(n)).is_file()]
+    run_.done(f"{run_.workdir}/heldout.png", *outputs)
     return metrics
 
 
@@ -1056,6 +1059,9 @@ def reenact(workdir: str, source: str, out: str, *, item: int = -1, max_frames: 
     keeps its own identity shape). Writes <out>/reenact.mp4 (source | avatar) and returns its
     path."""
     cfg = app.read_config(workdir, experiment=EXPERIMENT)
+    if not Path(source).is_dir():       # before the slow loads below
+        raise FileNotFoundError(f"--source '{source}' is not a folder: pass a tracked video (a 'video' dataset "
+                                f"folder, e.g. experiments.track's <workdir>/dataset)")
     assets = synthetic.build_assets(None, int(cfg.data.synthetic.uv_size))
     ctx = context_of_run(cfg, Path(workdir) / "avatar.npz", assets)
     _, state, step = app.load_run(workdir, lambda c: insta.init_state(jax.random.PRNGKey(0), ctx),

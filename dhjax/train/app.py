@@ -364,7 +364,9 @@ def load_run(workdir: str | os.PathLike, template: Callable[[ml_collections.Conf
     Returns:
       (cfg, state, step). Raises FileNotFoundError when there is no config or no checkpoint and
       ValueError when the checkpoint does not fit the config; the messages name the folder.
+    Library logs are turned down as `start` does (orbax logs every restore at INFO).
     """
+    quiet_library_logs()
     cfg = read_config(workdir, experiment)
     try:
         state, _, step = ckpt_lib.load_latest(str(workdir), template(cfg))

@@ -229,6 +229,13 @@ class _Sigterm:
             signal.signal(signal.SIGINT, self._old_int if self._old_int is not None else signal.default_int_handler)
 
 
+def _eval_summary(ev: dict, most: int = 6) -> str:
+    """A console line of evaluation metrics: psnr, loss and mse first, then the others by name."""
+    first = [k for k in ("psnr", "loss", "mse") if k in ev]
+    keys = (first + sorted(k for k in ev if k not in first))[:most]
+    return ", ".join(f"{k} {ev[k]:.4g}" for k in keys) + (", ..." if len(ev) > most else "")
+
+
 def _skip_report(skipped: int, first: int, done: int) -> str:
     return (f"warning: {skipped} of {done} steps skipped so far as non-finite (first at step {first}); "
             f"set train.on_nonfinite='stop' to stop at the first one")
@@ -327,8 +334,10 @@ def train(cfg, workdir: str, method: Method, dataset, *, eval_batch=None,
     def evaluate_and_log(done):
         """Evaluation metrics and the method's images (ground truth next to render) at one step."""
         if method.evaluate:
-            writer.write_scalars(done, {f"eval/{k}": v for k, v in _host(
-                method.evaluate(state, shard_batch(eval_batch, mesh))).items()})
+            ev = _host(method.evaluate(state, shard_batch(eval_batch, mesh)))
+            writer.write_scalars(done, {f"eval/{k}": v for k, v in ev.items()})
+            if lead and ev:
+                print(f"evaluation at step {done}: {_eval_summary(ev)}", flush=True)
         if method.render:  # every process renders (a jitted global computation); process 0 writes
             images = method.render(state, shard_batch(eval_batch, mesh))
             writer.write_images(done, {k: np.asarray(v) for k, v in images.items()})
