@@ -6,8 +6,10 @@ uint8 arrays, which are written unchanged.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -101,6 +103,16 @@ def load_image(path: str | os.PathLike) -> np.ndarray:
     return _to_float(pixels)
 
 
+@contextlib.contextmanager
+def _ffmpeg_subprocess():
+    """imageio-ffmpeg starts ffmpeg with subprocess, whose child runs only os.setpgrp (so that a
+    Ctrl-C does not reach ffmpeg) before exec; JAX's fork hook warns about every fork as if the
+    child went on running Python, so that one warning is silenced here (and nowhere else)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"os\.fork\(\) was called", category=RuntimeWarning)
+        yield
+
+
 def save_video(path: str | os.PathLike, frames, fps: float = 25, *, crf: int = 15) -> Path:
     """Write frames as an H.264 mp4 (yuv420p) through imageio-ffmpeg.
 
@@ -132,16 +144,17 @@ def save_video(path: str | os.PathLike, frames, fps: float = 25, *, crf: int = 1
         video = np.pad(video, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)), mode="edge")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    writer = imageio.get_writer(
-        str(path), format="FFMPEG", mode="I", fps=fps, codec="libx264", quality=None,
-        pixelformat="yuv420p", macro_block_size=1, output_params=["-crf", str(int(crf))],
-        ffmpeg_log_level="error",
-    )
-    try:
-        for frame in video:
-            writer.append_data(np.ascontiguousarray(frame))
-    finally:
-        writer.close()
+    with _ffmpeg_subprocess():
+        writer = imageio.get_writer(
+            str(path), format="FFMPEG", mode="I", fps=fps, codec="libx264", quality=None,
+            pixelformat="yuv420p", macro_block_size=1, output_params=["-crf", str(int(crf))],
+            ffmpeg_log_level="error",
+        )
+        try:
+            for frame in video:
+                writer.append_data(np.ascontiguousarray(frame))
+        finally:
+            writer.close()
     return path
 
 
@@ -162,11 +175,12 @@ def load_video(path: str | os.PathLike) -> np.ndarray:
 
     path = existing_file(path)
     try:
-        reader = imageio.get_reader(str(path), format="FFMPEG", mode="I")
-        try:
-            frames = [np.asarray(frame)[..., :3] for frame in reader]
-        finally:
-            reader.close()
+        with _ffmpeg_subprocess():
+            reader = imageio.get_reader(str(path), format="FFMPEG", mode="I")
+            try:
+                frames = [np.asarray(frame)[..., :3] for frame in reader]
+            finally:
+                reader.close()
     except Exception as exc:
         raise ValueError(f"{path}: cannot decode video ({type(exc).__name__}: {exc})") from exc
     if not frames:
