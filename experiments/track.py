@@ -23,6 +23,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from dhjax.capture import track_run
+from dhjax.train import app as run_app
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/track.py", "configs/track.py[:variant]",
                                           lock_config=True)
@@ -37,8 +38,9 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "output folder", required=True)
 
 def main(argv):
     del argv
-    track_run.run(_CONFIG.value, _WORKDIR.value, input=_INPUT.value, landmarks=_LANDMARKS.value,
-                  masks=_MASKS.value)
+    run_app.exit_on_user_error(lambda: track_run.run(_CONFIG.value, _WORKDIR.value, input=_INPUT.value,
+                                                     landmarks=_LANDMARKS.value, masks=_MASKS.value),
+                               errors=(run_app.RunError, FileNotFoundError, ValueError))
 
 
 if __name__ == "__main__":

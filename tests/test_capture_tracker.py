@@ -303,6 +303,11 @@ def test_synthetic_benchmark_smoke(tmp_path):
     cfg.tracker.pyramid = (0,)
     cfg.tracker.first.update(rigid_steps=20, landmark_steps=20, steps=(10,))
     cfg.tracker.frame.update(landmark_steps=5, steps=(5,))
+    bad = track_cfg.get_config("tiny")
+    bad.max_frames = 4
+    with pytest.raises(ValueError, match="synthetic.n_frames"):
+        track_run.run(bad, tmp_path / "bad", input="synthetic")
+    assert not (tmp_path / "bad").exists()
     report = track_run.run(cfg, tmp_path, input="synthetic")
     rep = json.loads((tmp_path / "report.json").read_text())
     assert rep == json.loads(json.dumps(report))

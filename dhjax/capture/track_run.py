@@ -284,11 +284,15 @@ def run(cfg, workdir, *, input: str, landmarks: str | None = None,  # noqa: A002
     """Tracks `input` (a video file, an image folder, one image, or "synthetic") into `workdir`
     (`track` or `track_synthetic`; `masks`: `frame_mattes`, real input only) and returns the
     report written to report.json."""
-    run_ = app.start(workdir)
-    work = Path(workdir)
     if input == "synthetic":
         if masks:
             raise ValueError("--masks is for real input; synthetic sequences bring their own masks")
+        if int(cfg.max_frames) or int(cfg.stride) != 1:
+            raise ValueError("max_frames and stride sample the frames of real input; the synthetic sequences' "
+                             "length is synthetic.n_frames (e.g. --config.synthetic.n_frames=4)")
+    run_ = app.start(workdir)
+    work = Path(workdir)
+    if input == "synthetic":
         report = track_synthetic(cfg, work)
     else:
         report = track(cfg, work, input, landmarks, masks)
