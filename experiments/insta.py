@@ -3,8 +3,8 @@
     python -m experiments.insta --config=configs/insta.py:tiny --workdir=runs/insta
 
 Writes checkpoints/, metrics.jsonl, TensorBoard events, final_metrics.json, heldout_metrics.json,
-heldout.png, heldout.mp4, orbit.mp4, canonical_mesh.obj, avatar.npz and config.json
-(`dhjax.synthesis.insta_run.run`).
+heldout.png, heldout.mp4, orbit.mp4, canonical_mesh.obj, avatar.npz, config.json and
+training_curve.json / .png (online.json / .png in the online modes; `dhjax.synthesis.insta_run.run`).
 """
 
 from absl import app, flags
