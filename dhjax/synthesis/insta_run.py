@@ -47,6 +47,7 @@ from dhjax.render import texture as texture_lib
 from dhjax.synthesis import insta
 from dhjax.synthesis import insta_data
 from dhjax.train import app, logs, loop
+from dhjax.train import config as config_lib
 
 EXPERIMENT = "insta"
 
@@ -710,16 +711,12 @@ def eval_rays(cfg, test: insta_data.Video, devices: int) -> dict:
 def check_config(cfg) -> None:
     """Raises ValueError naming the first batch or eval field that cannot work (before any work,
     so that a bad value does not cost a training run before the evaluation refuses it)."""
-    at_least = {"batch.frames_per_step": 1, "batch.rays_per_frame": 1, "batch.samples_per_ray": 1,
-                "eval.chunk": 1, "eval.n_rays": 1, "eval.max_test_frames": 0, "eval.orbit_frames": 0,
-                "eval.mesh_resolution": 0}
-    for field, low in at_least.items():
-        block, name = field.split(".")
-        value = cfg[block][name]
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            extra = {"eval.max_test_frames": " (0: every held-out frame)", "eval.orbit_frames": " (0: no orbit)",
-                     "eval.mesh_resolution": " (0: no mesh)"}.get(field, "")
-            raise ValueError(f"config field {field} must be an integer >= {low}{extra}, got {value!r}")
+    for field in ("batch.frames_per_step", "batch.rays_per_frame", "batch.samples_per_ray", "eval.chunk",
+                  "eval.n_rays"):
+        config_lib.check_integer(cfg, field, 1)
+    config_lib.check_integer(cfg, "eval.max_test_frames", 0, " (0: every held-out frame)")
+    config_lib.check_integer(cfg, "eval.orbit_frames", 0, " (0: no orbit)")
+    config_lib.check_integer(cfg, "eval.mesh_resolution", 0, " (0: no mesh)")
     if not float(cfg.eval.video_fps) > 0:
         raise ValueError(f"config field eval.video_fps must be > 0, got {cfg.eval.video_fps!r}")
 

@@ -102,6 +102,17 @@ def override_flags(overrides: Mapping[str, Any]) -> list[str]:
 TRAIN_DEFAULTS = {"max_skipped_fraction": 0.1}
 
 
+def check_integer(cfg, field: str, low: int, hint: str = "") -> None:
+    """Raises ValueError naming the dotted `field` of cfg (e.g. "train.steps") unless it is an
+    integer (not a bool) >= low; a missing field reads as None. `hint` follows the bound in the
+    message (e.g. " (0: off)")."""
+    value = cfg
+    for key in field.split("."):
+        value = value.get(key) if value is not None else None
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"config field {field} must be an integer >= {low}{hint}, got {value!r}")
+
+
 def check_train_config(cfg: ml_collections.ConfigDict) -> None:
     """Raises ValueError, naming the field, when `cfg.train` (the harness's fields: steps,
     log_every, checkpoint_every, keep_checkpoints, eval_every, on_nonfinite,
@@ -114,18 +125,10 @@ def check_train_config(cfg: ml_collections.ConfigDict) -> None:
     if missing:
         raise ValueError(f"config field train.{missing[0]} is missing (the training harness needs "
                          f"train.{', train.'.join(missing)})")
-
-    def integer(name, low):
-        value = tc.get(name)
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ValueError(f"config field train.{name} must be an integer >= {low}, got {value!r}")
-
-    integer("steps", 1)
-    integer("log_every", 1)
-    integer("checkpoint_every", 1)
-    integer("keep_checkpoints", 1)
+    for name in ("steps", "log_every", "checkpoint_every", "keep_checkpoints"):
+        check_integer(cfg, f"train.{name}", 1)
     if "eval_every" in tc:
-        integer("eval_every", 0)
+        check_integer(cfg, "train.eval_every", 0)
     if tc.on_nonfinite not in ("skip", "stop"):
         raise ValueError(f"config field train.on_nonfinite must be 'skip' or 'stop', got {tc.on_nonfinite!r}")
     frac = tc.get("max_skipped_fraction", TRAIN_DEFAULTS["max_skipped_fraction"])
