@@ -338,6 +338,20 @@ def test_load_capture_errors(tmp_path):
     assert cap.images.shape == (3, 2, 8, 6, 3) and cap.images.dtype == np.uint8
 
 
+def test_per_frame_table_counts_frames_above_the_reference():
+    from dhjax.synthesis import gem_run
+
+    per = {"net": [{"psnr": 20.0}, {"psnr": 21.0}, {"psnr": 19.0}],
+           "GEM (fit)": [{"psnr": 20.5}, {"psnr": 21.0}, {"psnr": 18.0}],
+           "GEM (regressor)": [{"psnr": 22.0}, {"psnr": 23.0}, {"psnr": 19.5}]}
+    md = gem_run.per_frame_table("T", [60, 61, 62], per).splitlines()
+    assert md[0] == "### T"
+    assert md[2] == "| method | frame 60 | frame 61 | frame 62 | mean | frames above net |"
+    assert md[4] == "| net | 20.00 | 21.00 | 19.00 | 20.00 |  |"
+    assert md[5] == "| GEM (fit) | 20.50 | 21.00 | 18.00 | 19.83 | 1/3 |"    # a tie is not above
+    assert md[6] == "| GEM (regressor) | 22.00 | 23.00 | 19.50 | 21.50 | 3/3 |"
+
+
 def _micro_config(tmp_path):
     from dhjax.train import config as config_lib
     from pathlib import Path
@@ -381,6 +395,12 @@ def test_run_end_to_end_and_drive(tmp_path):
     ne = saved["novel_expression"]
     assert {"net", "GEM (fit)", "GEM refined (fit)", "GEM refined (regressor: params)",
             "GEM refined (regressor: landmarks)", "GEM refined (regressor: params_linear)"} <= set(ne)
+    per = saved["novel_expression_per_frame"]
+    assert len(per["frames"]) == 2 and set(per) == {"frames", *ne}
+    for name in ne:                        # the per-frame values average to the table's means
+        np.testing.assert_allclose(np.mean([m["psnr"] for m in per[name]]), ne[name]["held-out cameras"]["psnr"],
+                                   rtol=1e-6)
+    assert "Novel expression per held-out frame" in (work / "tables.md").read_text()
     assert [r["components"] for r in saved["size_table"]] == ["-", 2, 4]
     assert saved["local_pca"]["n_regions"] >= 1
     model = gem.load_eigenmodel(work / "gem.npz")

@@ -13,7 +13,7 @@ subject's multi-view capture, with evaluation, pictures, videos and the eigenmod
   gem.npz                                             the refined eigenmodel (the product)
   gem_<M>.npz                                         truncated eigenmodels of the size table
   metrics.json                                        every table below, machine-readable
-  tables.md                                           novel view, novel expression, size/speed tables
+  tables.md                                           novel view, novel expression (also per held-out frame), size/speed tables
   comparison.png                                      GT | Net | GEM (distilled) | GEM (refined) (+ fitted, regressed)
   novel_view.mp4, novel_expression.mp4                GT | Net | GEM over the held-out sets
   cross_reenactment.mp4                               another identity drives the GEM (regressor)
@@ -433,7 +433,8 @@ def novel_expression(cfg, ctx, rnd, net_params, models: dict, cap, sp, lpips_fn,
     """Held-out frames x all cameras. GEMs get their coefficients by analysis-by-synthesis on the
     frame's training cameras (fit.views of them, spread; 0 = all), warm-started from the previous frame: sequential fitting), and from
     each regressor; metrics on the held-out camera(s) and on all cameras. Returns (means
-    {method: {view set: metrics}}, example images, per-frame predictions for the video)."""
+    {method: {view set: metrics}}, example images, per-frame predictions for the video, per-frame
+    metrics {method: [metrics of frame i over the held-out cameras]} in sp.test_frames' order)."""
     fc = cfg.fit
     all_views = np.arange(cap.images.shape[1])
     fit_views = sp.train_views
@@ -441,6 +442,7 @@ def novel_expression(cfg, ctx, rnd, net_params, models: dict, cap, sp, lpips_fn,
         fit_views = fit_views[np.linspace(0, len(fit_views) - 1, int(fc.views)).round().astype(int)]
     test_pos = np.searchsorted(all_views, sp.test_views)
     rows: dict = {}
+    per_frame: dict = {}
     frames_out = []
     example = {}
     prev = {n: None for n in models}
@@ -451,6 +453,7 @@ def novel_expression(cfg, ctx, rnd, net_params, models: dict, cap, sp, lpips_fn,
         ms = evaluate_images(pred, gt, lpips_fn)
         r["all cameras"] += ms
         r["held-out cameras"] += [ms[j] for j in test_pos]
+        per_frame.setdefault(name, []).append(_rows_mean([ms[j] for j in test_pos]))
 
     for i, f in enumerate(sp.test_frames):
         gt = gt_images(ctx, cap, f, all_views)
@@ -474,7 +477,23 @@ def novel_expression(cfg, ctx, rnd, net_params, models: dict, cap, sp, lpips_fn,
             example = frames_out[0]
         ticker.tick()
     means = {n: {s: _rows_mean(v) for s, v in r.items()} for n, r in rows.items()}
-    return means, example, frames_out
+    return means, example, frames_out, per_frame
+
+
+def per_frame_table(title: str, frame_ids, per_frame: dict, key: str = "psnr") -> str:
+    """Markdown: one row per method, one column per held-out frame (its `key`, e.g. PSNR in dB),
+    then the mean and on how many frames the method is above the first row (the reference, the
+    Net): the paired reading that a mean over a few frames does not give."""
+    ref_name = next(iter(per_frame))
+    ref = np.array([m[key] for m in per_frame[ref_name]])
+    cols = [f"frame {int(f)}" for f in frame_ids]
+    above = f"frames above {ref_name}"
+    rows = []
+    for n, ms in per_frame.items():
+        v = np.array([m[key] for m in ms])
+        rows.append({"method": n, **dict(zip(cols, v.tolist())), "mean": float(v.mean()),
+                     above: "" if n == ref_name else f"{int(np.sum(v > ref))}/{len(v)}"})
+    return f"### {title}\n\n" + app.markdown_table(rows, ["method", *cols, "mean", above], floatfmt=".2f")
 
 
 def size_table(cfg, ctx, rnd, net_params, distilled, k_train, cap, sp, frames, lpips_fn, workdir, lead):
@@ -704,7 +723,7 @@ def run(cfg, workdir: str) -> dict:
                  t=np.asarray(cam.t[0]), width=np.int32(cam.width), height=np.int32(cam.height))
     t0 = time.time()
     reg_models = {f"GEM refined (regressor: {d})": (r, refined, f) for d, (r, f) in regs.items()}
-    ne, ne_example, ne_frames = novel_expression(cfg, ctx, rnd, net_params, models, cap, sp, lpips_fn, log,
+    ne, ne_example, ne_frames, ne_per_frame = novel_expression(cfg, ctx, rnd, net_params, models, cap, sp, lpips_fn, log,
                                                  reg_models)
     log(f"novel expression ({len(sp.test_frames)} frames x {cap.images.shape[1]} cameras, {time.time() - t0:.0f}s): "
         + ", ".join(f"{n} {r['held-out cameras']['psnr']:.2f} dB" for n, r in ne.items()) + " (held-out cameras)")
@@ -724,6 +743,7 @@ def run(cfg, workdir: str) -> dict:
         "stage_b": {"build_seconds": build_seconds, "components": distilled.n_components,
                     "explained_variance": {a: float(np.sum(ratio[a])) for a in ATTRS}},
         "training_views": tv, "novel_view": nv, "novel_expression": ne, "size_table": table,
+        "novel_expression_per_frame": {"frames": [int(cap.frame[f]) for f in sp.test_frames], **ne_per_frame},
         "regressor": {"drivers": list(regs), "neutral_frame": int(sp.train_frames[neutral])},
         "gem_mb": gem.size_bytes(refined) / 2 ** 20,
     }
@@ -733,6 +753,8 @@ def run(cfg, workdir: str) -> dict:
               _fmt_table(f"Novel view ({len(nvf)} training frames, held-out cameras {list(map(int, cap.view[sp.test_views]))})", nv),
               _fmt_table("Novel expression, held-out cameras", {n: r["held-out cameras"] for n, r in ne.items()}),
               _fmt_table("Novel expression, all cameras", {n: r["all cameras"] for n, r in ne.items()}),
+              per_frame_table("Novel expression per held-out frame, PSNR (dB) on the held-out cameras",
+                              [cap.frame[f] for f in sp.test_frames], ne_per_frame),
               app.markdown_table(table, ["model", "components", "gaussians", "psnr", "mb", "fps"])]
         Path(run_.path("tables.md")).write_text("\n".join(md))
         app.merge_final_metrics(run_.workdir, {
