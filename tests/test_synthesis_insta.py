@@ -616,6 +616,34 @@ def test_training_curve_and_plateau(tmp_path):
         insta_run.plateau([])
 
 
+def test_a_stopped_offline_run_keeps_its_training_curve(tmp_path, monkeypatch):
+    """SIGTERM mid-training (as a time-boxed GPU run gets): the run checkpoints, stops, and has
+    written the training curve of the evaluations it reached."""
+    import os
+    import signal
+
+    from dhjax.train import app
+
+    c = _run_config("tiny", tmp_path)
+    c.train.update(eval_every=3, checkpoint_every=100)
+    get_batch = insta_run._OnlineRecorder.get_batch
+
+    def get_batch_then_stop(self, step):
+        if step == 7 and self.calls > 1:
+            os.kill(os.getpid(), signal.SIGTERM)        # noted by the loop; it stops at the step boundary
+        return get_batch(self, step)
+
+    monkeypatch.setattr(insta_run._OnlineRecorder, "get_batch", get_batch_then_stop)
+    work = tmp_path / "run"
+    with pytest.raises(app.Interrupted) as stop:
+        insta_run.run(c, str(work))
+    assert 7 <= stop.value.step < 12
+    pts = json.loads((work / "training_curve.json").read_text())
+    assert [p["step"] for p in pts] == [3, 6]
+    assert 0 < pts[0]["seconds"] < pts[1]["seconds"] and (work / "training_curve.png").is_file()
+    assert not (work / "heldout_metrics.json").exists()     # no outputs from a half-trained state
+
+
 def test_run_writes_its_outputs_resumes_and_reenacts(tmp_path):
     c = _run_config("tiny", tmp_path)
     c.online.frames_per_step = 0.25          # online mode: frame i arrives at step 4 i

@@ -12,7 +12,8 @@ first held-out frame from -90 to +90 degrees of yaw), canonical_mesh.obj (marchi
 canonical density), online.json / online.png (held-out PSNR against seconds, online modes),
 training_curve.json / .png (offline runs: the held-out ray batch's PSNR at every evaluation
 against seconds since the first step, compile, evaluations and checkpoints included; `plateau`
-reads when it levels off), tracking/
+reads when it levels off; a run stopped by SIGTERM or Ctrl-C writes it too, for the steps it
+ran), tracking/
 (live online mode: every tracked frame, so that a killed run resumes its tracking too).
 
 The baseline is the tracked mesh with a texture baked from the training frames
@@ -778,7 +779,15 @@ def _train_and_evaluate(cfg, run_, ctx, train, test, assets, shape, feed) -> dic
         # otherwise for training_curve.json (held-out ray PSNR against training seconds).
         online = _OnlineRecorder(batches)
     t0 = time.time()
-    result = loop.train(cfg, str(run_.workdir), method, online, eval_batch=eval_batch)
+    try:
+        result = loop.train(cfg, str(run_.workdir), method, online, eval_batch=eval_batch)
+    except app.Interrupted:
+        # A stopped run (SIGTERM, Ctrl-C, a time limit) keeps the training curve of its steps
+        # so far: what a time-boxed run (e.g. on a lent GPU) is for.
+        if not live and run_.lead and float(cfg.online.frames_per_step) <= 0:
+            online.finished = time.time()
+            _log_curve(online.write_curve(run_), log, "so far (stopped)")
+        raise
     online.finished = time.time()
     train_seconds = time.time() - t0
     if live:
@@ -800,12 +809,7 @@ def _train_and_evaluate(cfg, run_, ctx, train, test, assets, shape, feed) -> dic
                 log("online: " + ", ".join(f"{p['seconds']:.0f}s {p['frames_arrived']} frames "
                                            f"{p['heldout_psnr']:.2f} dB" for p in pts))
         elif result.steps_run:
-            pts = online.write_curve(run_)
-            if len(pts) > 1:
-                sec, at_step = plateau(pts, PLATEAU_DB)
-                log(f"training curve: held-out ray PSNR {pts[0]['heldout_psnr']:.2f} dB at {pts[0]['seconds']:.0f}s "
-                    f"-> {pts[-1]['heldout_psnr']:.2f} dB at {pts[-1]['seconds']:.0f}s; within {PLATEAU_DB} dB of "
-                    f"the last value from {sec:.0f}s on (step {at_step}): training_curve.json / .png")
+            _log_curve(online.write_curve(run_), log)
     outputs = ["heldout_metrics.json", "heldout.mp4"]
     outputs += [n for n in ("orbit.mp4", "canonical_mesh.obj", "training_curve.png", "online.png")
                 if Path(run_.path(n)).is_file()]
@@ -911,6 +915,15 @@ class _OnlineRecorder:
 
 PLATEAU_DB = 0.5
 """`plateau`'s tolerance (dB) in the log line of an offline run."""
+
+
+def _log_curve(pts: list[dict], log, when: str = "") -> None:
+    """Logs a written training curve's first and last points and its plateau (`plateau`)."""
+    if len(pts) > 1:
+        sec, at_step = plateau(pts, PLATEAU_DB)
+        log(f"training curve{' ' + when if when else ''}: held-out ray PSNR {pts[0]['heldout_psnr']:.2f} dB at "
+            f"{pts[0]['seconds']:.0f}s -> {pts[-1]['heldout_psnr']:.2f} dB at {pts[-1]['seconds']:.0f}s; within "
+            f"{PLATEAU_DB} dB of the last value from {sec:.0f}s on (step {at_step}): training_curve.json / .png")
 
 
 def plateau(points: list[dict], tol_db: float = PLATEAU_DB) -> tuple[float, int]:
