@@ -18,6 +18,20 @@
 #   GPU_CHECK_BENCHES  benchmark suites in order (default: splat geometry flame insta gem synshot d3ga)
 #   GPU_CHECK_ARCH     CUDA architectures to build for (default: 90, the H100/H200)
 #   GPU_CHECK_ON_CPU=1 run the steps without a GPU (checks this script; the gpu tests then skip)
+#
+# GPU_CHECK_MODE=goals (a second loan, once the check has passed) replaces the tests, the
+# sanitizer and the benchmarks by the GPU goals of issues 17 and 18, still after the build:
+#   1. INSTA's paper variant trained for GPU_GOALS_INSTA_S (default 300) seconds, then stopped
+#      by SIGTERM, which writes training_curve.json / .png (held-out ray PSNR against seconds;
+#      goal: its plateau in under 5 minutes); on a synthetic video of GPU_GOALS_INSTA_FRAMES
+#      (default 600) 512^2 frames, the last GPU_GOALS_INSTA_HOLDOUT (100) held out, since the
+#      paper's 1500 would take minutes to generate. GPU_GOALS_INSTA_ARGS appends flags (e.g. a
+#      batch to try).
+#   2. configs/bench.py:insta on the paper variant: its training step and the 512^2 render
+#      (goal: >= 20 frames/s); 3. configs/bench.py:gem (goal: GEM >= 5x the Net's frames/s).
+#   Files: summary.txt, env.txt, build.log, goals.log, training_curve.json / .png, bench.json.
+#   GPU_GOALS_INSTA_CONFIG replaces the INSTA config; GPU_GOALS_INSTA_BENCH_ARGS and
+#   GPU_GOALS_GEM_BENCH_ARGS add flags to the benchmarks (how the mode is checked on a CPU).
 # Exit status: 0 when every step passed, 1 when a step failed, 2 when no GPU is visible to JAX
 # (and GPU_CHECK_ON_CPU is not set), 3 when the build failed.
 set -uo pipefail
@@ -77,6 +91,43 @@ python3 -m dhjax.doctor >> "$out/env.txt" 2>&1
 # 2. Every gpu test. DHJAX_REQUIRE_KERNELS=1: a CUDA library that is missing or fails to load is
 #    a failure, not a skip.
 export DHJAX_REQUIRE_KERNELS=1
+
+# bench_json OUT_FILE: every bench.json under $work, keyed by suite, into one file.
+bench_json() {
+  python3 - "$work" "$1" <<'EOF'
+import json, pathlib, sys
+found = {p.parent.name.removeprefix("bench_"): json.loads(p.read_text())
+         for p in sorted(pathlib.Path(sys.argv[1]).glob("bench_*/bench.json"))}
+pathlib.Path(sys.argv[2]).write_text(json.dumps(found, indent=1))
+print(f"bench.json: {len(found)} suites")
+EOF
+}
+
+if [ "${GPU_CHECK_MODE:-check}" = goals ]; then
+  insta_cfg=${GPU_GOALS_INSTA_CONFIG:-configs/insta.py:paper}
+  f0=$failed
+  # shellcheck disable=SC2086
+  step "INSTA plateau ($insta_cfg, ${GPU_GOALS_INSTA_S:-300}s then SIGTERM)" "${GPU_GOALS_INSTA_S:-300}" "$out/goals.log" \
+    python3 -m experiments.insta "--config=$insta_cfg" --config.train.eval_every=250 \
+    "--config.data.synthetic.video.n_frames=${GPU_GOALS_INSTA_FRAMES:-600}" "--config.data.holdout=${GPU_GOALS_INSTA_HOLDOUT:-100}" \
+    "--workdir=$work/insta_plateau" ${GPU_GOALS_INSTA_ARGS:-}
+  if [ -f "$work/insta_plateau/training_curve.json" ]; then
+    failed=$f0        # stopped by the time limit, as planned: the curve is the result
+    cp "$work/insta_plateau/training_curve.json" "$work/insta_plateau/training_curve.png" "$out/" 2>/dev/null
+    say "INSTA plateau: $(grep -ho 'training curve.*' "$out/goals.log" | tail -1)"
+  else
+    failed=1; say "INSTA plateau: no training_curve.json (see goals.log)"
+  fi
+  # shellcheck disable=SC2086
+  step "bench insta ($insta_cfg)" 240 "$out/goals.log" python3 -m experiments.bench --config=configs/bench.py:insta \
+    "--config.insta.config=$insta_cfg" "--workdir=$work/bench_insta" ${GPU_GOALS_INSTA_BENCH_ARGS:-}
+  # shellcheck disable=SC2086
+  step "bench gem" 240 "$out/goals.log" python3 -m experiments.bench --config=configs/bench.py:gem \
+    "--workdir=$work/bench_gem" ${GPU_GOALS_GEM_BENCH_ARGS:-}
+  bench_json "$out/bench.json"
+  say "done (goals): $([ "$failed" = 0 ] && echo 'every step passed' || echo 'a step FAILED: see above') in $(( $(date +%s) - start ))s"
+  exit "$failed"
+fi
 step "pytest -m gpu" 300 "$out/pytest_gpu.log" python3 -m pytest -m gpu -q -rs -p no:cacheprovider --durations=15 \
   --continue-on-collection-errors tests
 
@@ -109,13 +160,7 @@ for suite in ${GPU_CHECK_BENCHES:-splat geometry flame insta gem synshot d3ga}; 
   fi
   step "bench $suite" 240 "$out/bench.log" python3 -m experiments.bench "--config=configs/bench.py:$suite" "--workdir=$work/bench_$suite"
 done
-python3 - "$work" "$out/bench.json" <<'EOF'
-import json, pathlib, sys
-found = {p.parent.name.removeprefix("bench_"): json.loads(p.read_text())
-         for p in sorted(pathlib.Path(sys.argv[1]).glob("bench_*/bench.json"))}
-pathlib.Path(sys.argv[2]).write_text(json.dumps(found, indent=1))
-print(f"bench.json: {len(found)} suites")
-EOF
+bench_json "$out/bench.json"
 
 say "done: $([ "$failed" = 0 ] && echo 'every step passed' || echo 'a step FAILED: see above') in $(( $(date +%s) - start ))s"
 exit "$failed"
