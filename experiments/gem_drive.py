@@ -46,4 +46,4 @@ def _ply_frames() -> list[int]:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=run_app.parse_flags)

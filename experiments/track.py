@@ -45,4 +45,4 @@ def main(argv):
 
 if __name__ == "__main__":
     os.environ.setdefault("GLOG_minloglevel", "2")
-    app.run(main)
+    app.run(main, flags_parser=run_app.parse_flags)

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 import types
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -209,6 +210,29 @@ def test_sweep_dry_run_prints_every_variant(tmp_path):
     assert len(cmds) == 4 and all("--config.registration.steps=20" in c for c in cmds)
     assert any("use_offsets=True" in c for c in cmds)
     assert not tmp_path.joinpath("results.md").exists()
+
+
+@pytest.mark.parametrize("module,spec,override,field", [
+    ("experiments.sample_heads", "sample_heads.py", "--config.nmber=3", "'nmber'"),
+    ("experiments.d3ga", "d3ga.py:tiny", "--config.trian.steps=10", "'trian' (Did you mean \"train\""),
+])
+def test_a_mistyped_config_field_is_one_error_line(tmp_path, module, spec, override, field):
+    """Every experiment parses its flags with app.parse_flags: ml_collections' KeyError on an
+    override naming a missing field is one 'error:' line naming the flag, exit 2, nothing written."""
+    proc = subprocess.run([sys.executable, "-m", module, f"--config=configs/{spec}", override,
+                           f"--workdir={tmp_path / 'w'}"], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, PYTHONPATH=ROOT))
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"error: {override.split('=')[0]}: the config has no field "
+                                                           f"{field}"), proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr and not (tmp_path / "w").exists()
+
+
+def test_every_experiment_with_a_config_flag_parses_with_app_parse_flags():
+    for path in sorted((Path(ROOT) / "experiments").glob("*.py")):
+        text = path.read_text()
+        if "DEFINE_config_file" in text:
+            assert "app.run(main, flags_parser=run_app.parse_flags)" in text, path.name
 
 
 def test_sweep_command_line_rejects_unknown_fields(tmp_path):

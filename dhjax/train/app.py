@@ -386,6 +386,29 @@ def exit_on_user_error(fn: Callable[[], Any], errors: Iterable[type] = (FileNotF
         sys.exit(2)
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+    """The flags parser of the experiments (`absl.app.run(main, flags_parser=parse_flags)`):
+    absl's, plus a config override that names a field the config lacks (ml_collections raises
+    AttributeError or KeyError while parsing: a traceback otherwise) becomes one 'error:' line
+    naming the flag, with ml_collections' suggestion, and exit status 2."""
+    from absl import app as absl_app
+
+    try:
+        return absl_app.parse_flags_with_usage(argv)
+    except (AttributeError, KeyError) as err:
+        inner = err.args[0] if err.args else err
+        while isinstance(inner, BaseException) and inner.args:      # AttributeError(KeyError(text))
+            inner = inner.args[0]
+        lines = str(inner).splitlines() or [""]
+        key = lines[0].strip("'\"")
+        names = [a.split("=", 1)[0] for a in argv[1:] if a.startswith("--config")]
+        named = [n for n in names if key and key in n.split(".")[1:]]
+        what = f"{named[0]}: " if named else ""
+        hint = f" ({' '.join(x.strip() for x in lines[1:])})" if len(lines) > 1 else ""
+        print(f"error: {what}the config has no field {key!r}{hint}", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
 def parameter_overview(params: Any, title: str = "parameters") -> str:
     """A table of every parameter array (name, shape, dtype, size) with the total count and
     size, from `clu.parameter_overview` (which needs no TensorFlow)."""
