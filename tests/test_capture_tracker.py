@@ -1,6 +1,7 @@
 """Tests of the metrical face tracker (dhjax.capture.tracker) and its runs (dhjax.capture.track_run:
 input handling, the synthetic benchmark)."""
 
+import copy
 import dataclasses
 import json
 
@@ -409,6 +410,35 @@ def test_given_masks_replace_the_mesh_silhouette_in_the_dataset(model, tmp_path,
     assert len(calls) == n_calls            # every bad mask failed before any tracking
     with pytest.raises(ValueError, match="--masks is for real input"):
         track_run.run(cfg, tmp_path / "bad", input="synthetic", masks=str(tmp_path / "masks"))
+
+    # The workdir records the run (config.json: experiment "track", the inputs): another input,
+    # another experiment's folder, or another experiment in this one is refused before any work.
+    from dhjax.train import app
+    saved = json.loads((work / "config.json").read_text())
+    assert saved["experiment"] == "track" and saved["input"] == str((tmp_path / "video").resolve())
+    (tmp_path / "video2").mkdir()
+    for f in (tmp_path / "video").iterdir():
+        (tmp_path / "video2" / f.name).write_bytes(f.read_bytes())
+    with pytest.raises(app.RunError, match=r"another config .*\n  input: "):
+        track_run.run(cfg, work, input=str(tmp_path / "video2"), landmarks=str(tmp_path / "lmk"),
+                      masks=str(tmp_path / "masks"))
+    other = tmp_path / "mica_run"
+    other.mkdir()
+    (other / "config.json").write_text(json.dumps({"experiment": "mica", "seed": 0}))
+    (other / "metrics.jsonl").write_text("{}\n")
+    with pytest.raises(app.RunError, match="holds a run of experiment 'mica', not 'track'"):
+        track_run.run(cfg, other, input=str(tmp_path / "video"), landmarks=str(tmp_path / "lmk"))
+    from configs import mica as mica_cfg
+    with pytest.raises(app.RunError, match="holds a run of experiment 'track', not 'mica'"):
+        app.check_resume_config(work, mica_cfg.get_config("tiny"), log=lambda *a: None)
+    assert len(calls) == n_calls
+    with pytest.raises(ValueError, match="tracker.focal must be 0 .* got nan"):
+        bad = copy.deepcopy(cfg)
+        bad.tracker.focal = float("nan")
+        track_run.run(bad, tmp_path / "nan", input=str(tmp_path / "video"), landmarks=str(tmp_path / "lmk"))
+    with pytest.raises(FileNotFoundError, match="--input .*nowhere.mp4' does not exist"):
+        track_run.run(cfg, tmp_path / "none", input=str(tmp_path / "nowhere.mp4"))
+    assert not (tmp_path / "nan").exists() and not (tmp_path / "none").exists()
 
 
 def test_run_on_a_frame_folder_streams_its_dataset_while_tracking(tmp_path, monkeypatch):

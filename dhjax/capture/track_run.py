@@ -12,8 +12,9 @@ MICA, true shape; focal length estimated or given) and scored against the ground
 
 Writes into the workdir: params/frame_XXXX.npz (FLAME parameters in `flame.forward`'s layout,
 SH light, and the tracker's raw parameters), cameras.json (per frame OpenCV K, R, t with
-x_cam = R x_flame + t, focal length and principal point), overlay.mp4 (or overlay.png for one
-image), report.json and report.md, dataset/ (`tracker.write_dataset`; real input streams it
+x_cam = R x_flame + t, focal length and principal point), overlay.mp4 and overlay_first.png (or
+overlay.png for one image), report.json and report.md, config.json (`run_config`: the config and
+the inputs; a rerun with others, or another experiment in the folder, is refused), dataset/ (`tracker.write_dataset`; real input streams it
 frame by frame while tracking, `tracker.DatasetStream`), progress/ (every frame
 as soon as it is tracked; a run started again continues after the last finished frame), and
 TensorBoard events + metrics.jsonl (`log_tensorboard`, step = frame index): per frame
@@ -290,7 +291,13 @@ def run(cfg, workdir, *, input: str, landmarks: str | None = None,  # noqa: A002
         if int(cfg.max_frames) or int(cfg.stride) != 1:
             raise ValueError("max_frames and stride sample the frames of real input; the synthetic sequences' "
                              "length is synthetic.n_frames (e.g. --config.synthetic.n_frames=4)")
-    run_ = app.start(workdir)
+    focal = float(cfg.tracker.focal)
+    if not np.isfinite(focal) or focal < 0:
+        raise ValueError(f"config field tracker.focal must be 0 (estimate the focal length) or a known focal "
+                         f"length in pixels > 0, got {cfg.tracker.focal!r}")
+    if input != "synthetic" and not Path(input).exists():
+        raise FileNotFoundError(f"--input {input!r} does not exist (a video file, an image folder or one image)")
+    run_ = app.start(workdir, run_config(cfg, input, landmarks, masks))
     work = Path(workdir)
     if input == "synthetic":
         report = track_synthetic(cfg, work)
@@ -298,6 +305,20 @@ def run(cfg, workdir, *, input: str, landmarks: str | None = None,  # noqa: A002
         report = track(cfg, work, input, landmarks, masks)
     run_.done(str(work))
     return report
+
+
+def run_config(cfg, input: str, landmarks: str | None = None, masks: str | None = None):  # noqa: A002
+    """The config a tracking workdir's config.json records: `cfg` (experiment "track") with the
+    inputs (absolute paths) added as input, landmarks and masks, so that `app.start` refuses
+    another experiment's folder, and refuses a rerun with other inputs or settings before any
+    work (a killed run resumes with the same command)."""
+    def where(path):
+        return str(Path(path).resolve()) if path and path != "synthetic" else (path or "")
+
+    c = copy.deepcopy(cfg)
+    with c.unlocked():
+        c.input, c.landmarks, c.masks = where(input), where(landmarks), where(masks)
+    return c
 
 
 def track(cfg, work: Path, input_path: str, landmarks: str | None = None, masks: str | None = None) -> dict:
