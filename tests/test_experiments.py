@@ -228,6 +228,14 @@ def test_a_mistyped_config_field_is_one_error_line(tmp_path, module, spec, overr
     assert "Traceback" not in proc.stderr and not (tmp_path / "w").exists()
 
 
+def test_synshot_prior_on_a_missing_data_root_is_one_error_line(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "experiments.synshot_prior", "--config=configs/synshot_prior.py:tiny",
+                           f"--config.data.root={tmp_path / 'nowhere'}", f"--workdir={tmp_path / 'w'}"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300, env=dict(os.environ, PYTHONPATH=ROOT))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1] == f"error: data.root '{tmp_path / 'nowhere'}' is not a folder"
+
+
 def test_every_experiment_with_a_config_flag_parses_with_app_parse_flags():
     for path in sorted((Path(ROOT) / "experiments").glob("*.py")):
         text = path.read_text()
