@@ -46,7 +46,7 @@ def test_start_refuses_another_config_before_writing_anything(tmp_path):
     assert "width: 3 in the run, 4 now" in str(err.value)
     assert json.loads((tmp_path / "config.json").read_text())["width"] == 3
     # --allow_config_change covers only fields that cannot change a state's meaning.
-    with pytest.raises(app.RunError, match="width"):
+    with pytest.raises(app.RunError, match=r"width(.|\n)*allow_config_change accepts only train.steps, "):
         app.start(tmp_path, changed, allow_config_change=True)
     app.start(tmp_path, _cfg())  # the same config resumes
     # A field the run lacks (an option added to dhjax since): the flag accepts it, and says so.
@@ -102,6 +102,15 @@ def test_a_start_that_wrote_nothing_else_is_replaced_and_another_experiment_is_n
     with pytest.raises(app.RunError, match="holds a run of experiment 'toy', not 'other': use another --workdir"):
         app.start(work, _cfg("other"))
     assert json.loads((work / "config.json").read_text())["width"] == 4
+    # A folder whose config names no experiment (e.g. experiments.make_synthetic's) says so.
+    nameless = tmp_path / "data"
+    nameless.mkdir()
+    (nameless / "config.json").write_text(json.dumps({"width": 3, "n_subjects": 2}))
+    (nameless / "summary.json").write_text("{}")
+    with pytest.raises(app.RunError, match="holds a run whose config.json names no experiment .*, not a 'toy' run"):
+        app.start(nameless, _cfg())
+    with pytest.raises(ValueError, match="is not the config of a 'toy' run: it names no experiment"):
+        app.read_config(nameless, "toy")
 
 
 def test_merge_final_metrics_keeps_earlier_entries(tmp_path):

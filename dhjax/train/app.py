@@ -237,7 +237,13 @@ def check_resume_config(workdir: str | os.PathLike, cfg: ml_collections.ConfigDi
                 "; --allow_config_change accepts these" + (
                     " (fields absent in the run are options added to dhjax after it started)"
                     if any(d[1] == config_lib.MISSING for d in blocked) else ""))
-        raise RunError(f"'{workdir}' holds a run with another config ({len(blocked)} field(s) differ):\n"
+        what = ("a run whose config.json names no experiment (e.g. experiments.make_synthetic's output), not a "
+                f"{runs[1]!r} run, and with another config" if runs is not None and runs[0] == config_lib.MISSING
+                and runs[1] != config_lib.MISSING else "a run with another config")
+        if allow:                        # every blocked field is one the flag cannot accept
+            hint = (f"; --allow_config_change accepts only {', '.join(RESUMABLE_CHANGES)} and fields the run's "
+                    "config lacks")
+        raise RunError(f"'{workdir}' holds {what} ({len(blocked)} field(s) differ):\n"
                        f"{shown}{more}\nuse another --workdir for a new run, or the run's own config to "
                        f"resume it{hint}")
     log("config changes accepted on resume: " + ", ".join(f"{k} {a!r} -> {b!r}" for k, a, b in diffs))
@@ -348,6 +354,9 @@ def read_config(workdir: str | os.PathLike, experiment: str | None = None) -> ml
     except json.JSONDecodeError as err:
         raise ValueError(f"{path} is not valid JSON ({err})") from err
     if experiment is not None and cfg.get("experiment") != experiment:
+        if cfg.get("experiment") is None:
+            raise ValueError(f"{path} is not the config of a {experiment!r} run: it names no experiment (a folder "
+                             f"of e.g. experiments.make_synthetic); train it with python -m experiments.{experiment}")
         raise ValueError(f"{path} belongs to experiment {cfg.get('experiment')!r}, not {experiment!r}")
     return cfg
 
