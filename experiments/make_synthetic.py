@@ -9,7 +9,7 @@ and config.json.
 from absl import app, flags
 from ml_collections import config_flags
 
-from dhjax.data import make_synthetic
+from dhjax.data import body_synthetic, make_synthetic
 from dhjax.train import app as run_app
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/make_synthetic.py[:variant]",
@@ -19,9 +19,16 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "output folder (created)", requi
 
 def main(argv):
     del argv
-    run = run_app.exit_on_user_error(lambda: run_app.start(_WORKDIR.value, _CONFIG.value),
-                                     errors=(run_app.RunError,))
-    make_synthetic.write(_CONFIG.value, str(run.workdir), log=run.log)
+    cfg = _CONFIG.value
+
+    def start():
+        if cfg.get("kind") == "bodies":           # before any work: counts, probabilities, motions
+            body_synthetic.check_config(cfg)
+        return run_app.start(_WORKDIR.value, cfg)
+
+    run = run_app.exit_on_user_error(start, errors=(run_app.RunError, ValueError))
+    run_app.exit_on_user_error(lambda: make_synthetic.write(cfg, str(run.workdir), log=run.log),
+                               errors=(FileNotFoundError, ValueError))
 
 
 if __name__ == "__main__":

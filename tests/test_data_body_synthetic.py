@@ -172,8 +172,20 @@ def test_bad_inputs(arrays):
         G.make_garment(arrays, "shirt", flare=0.1)
     with pytest.raises(ValueError, match="unknown motion"):
         bs.motion_sequence("dance", None, 4, 30.0, arrays["joint_limits"])
-    with pytest.raises(ValueError, match="subject"):
+    with pytest.raises(ValueError, match="config field n_subjects must be an integer >= 1, got 0"):
         bs.BodyVideoGenerator(_config(n_subjects=0))
+    # the config is checked before the body model loads, naming the field
+    for field, value, match in [("skirt_prob", 1.5, "skirt_prob must be a probability in \\[0, 1\\], got 1.5"),
+                                ("motions", ("walk", "dance"), "motions must name motions of"),
+                                ("n_frames", 0, "n_frames must be an integer >= 1, got 0")]:
+        c = bs.tiny_config()
+        c[field] = value
+        with pytest.raises(ValueError, match=match):
+            bs.check_config(c)
+    c = bs.tiny_config()
+    c.dome.n_cameras = -1
+    with pytest.raises(ValueError, match="dome.n_cameras must be an integer >= 1, got -1"):
+        bs.BodyVideoGenerator(c, model=object())
 
 
 def test_part_cages_hold_their_surfaces(arrays):

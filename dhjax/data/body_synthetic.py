@@ -32,6 +32,7 @@ lower_kind (indices into garments.UPPER_KINDS / LOWER_KINDS), item, frame, view.
 
 from __future__ import annotations
 
+import numbers
 from typing import Mapping
 
 import jax
@@ -72,6 +73,25 @@ def default_config() -> ml_collections.ConfigDict:
                   elevations_deg=(-10.0, 5.0, 20.0, 40.0, 65.0), target=(0.0, -0.05, 0.0)),
         walk_radius=0.3,                 # metres: the circle walked inside the dome
     ))
+
+
+def check_config(c: Mapping) -> None:
+    """Raises ValueError naming the field when a generator config cannot work: counts and image
+    sizes must be integers >= 1, probabilities in [0, 1], motions a non-empty subset of MOTIONS.
+    Cheap: `BodyVideoGenerator` calls it before loading the body model."""
+    for name in ("n_subjects", "n_frames", "dome.n_cameras", "dome.width", "dome.height"):
+        v = c[name] if "." not in name else c["dome"][name.split(".")[1]]
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
+            raise ValueError(f"config field {name} must be an integer >= 1, got {v!r}")
+    for name in ("skirt_prob", "jacket_prob"):
+        v = c[name]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= float(v) <= 1.0:
+            raise ValueError(f"config field {name} must be a probability in [0, 1], got {v!r}")
+    motions = (c["motions"],) if isinstance(c["motions"], str) else tuple(c["motions"])
+    bad = [m for m in motions if m not in MOTIONS]
+    if not motions or bad:
+        raise ValueError(f"config field motions must name motions of {MOTIONS}, got {c['motions']!r} (on the "
+                         "command line a tuple: \"--config.motions=('walk','arms')\")")
 
 
 def tiny_config() -> ml_collections.ConfigDict:
@@ -366,6 +386,7 @@ class BodyVideoGenerator:
     def __init__(self, config: Mapping | None = None, model=None):
         self.config = default_config() if config is None else config
         c = self.config
+        check_config(c)
         if model is None:
             model = body_lib.load()
         missing = [k for k in ("joint_limits", "part_labels", "lmk_faces") if getattr(model, k) is None]
