@@ -79,3 +79,31 @@ def test_bad_test_views(trained):
     bad.data.test_views = (9,)
     with pytest.raises(ValueError, match="test_views"):
         d3ga_run.run(bad, str(tmp / "bad"))
+
+
+def test_bad_settings_fail_before_the_capture_loads(trained, monkeypatch):
+    """Config choices, the drive's motion and length, and a run without a checkpoint are refused
+    before open_capture (which renders or loads the capture and builds cages: minutes)."""
+    tmp, cfg, _ = trained
+
+    def no_capture(*a, **k):
+        raise AssertionError("the capture was loaded before the check")
+
+    monkeypatch.setattr(d3ga_run, "open_capture", no_capture)
+    for field, value in (("model.geometry", "tetz"), ("parts.layers", "dual")):
+        bad = cfg.copy_and_resolve_references()
+        section, key = field.split(".")
+        bad[section][key] = value
+        with pytest.raises(ValueError, match=f"config field {field} must be .*, got '{value}'"):
+            d3ga_run.run(bad, str(tmp / "bad_choice"))
+    assert not (tmp / "bad_choice").exists()
+    run = str(tmp / "run")
+    with pytest.raises(ValueError, match="frames to drive must be an integer >= 1, got 0"):
+        d3ga_run.drive(run, str(tmp / "d0"), n_frames=0, log=lambda *a: None)
+    with pytest.raises(ValueError, match="motion must be one of"):
+        d3ga_run.drive(run, str(tmp / "d0"), motion="dance", log=lambda *a: None)
+    untrained = tmp / "untrained"
+    untrained.mkdir()
+    (untrained / "config.json").write_text((tmp / "run" / "config.json").read_text())
+    with pytest.raises(FileNotFoundError, match="has no checkpoint; train it first"):
+        d3ga_run.drive(str(untrained), str(tmp / "d0"), log=lambda *a: None)

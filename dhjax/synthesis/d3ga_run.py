@@ -167,9 +167,19 @@ def _fmt(title, rows: dict, keys=("psnr", "ssim", "l1", "lpips", "layers_l1")) -
     return f"### {title}\n\n" + app.markdown_table(table)
 
 
+def check_config(cfg) -> None:
+    """Raises ValueError naming the field when the model's choices cannot work (model.geometry,
+    parts.layers): checked before the capture is loaded and the cages built (minutes)."""
+    if cfg.model.geometry not in ("tets", "triangles"):
+        raise ValueError(f"config field model.geometry must be 'tets' or 'triangles', got {cfg.model.geometry!r}")
+    if cfg.parts.layers not in ("full", "single"):
+        raise ValueError(f"config field parts.layers must be 'full' or 'single', got {cfg.parts.layers!r}")
+
+
 def run(cfg, workdir: str) -> dict:
     """Trains (or resumes) and evaluates one avatar; writes the files of the module docstring.
     Returns metrics.json's content. Raises app.Interrupted on SIGTERM (a checkpoint was written)."""
+    check_config(cfg)
     run_ = app.start(workdir, cfg)
     log = run_.log
     cap, source = open_capture(cfg, log)
@@ -177,9 +187,6 @@ def run(cfg, workdir: str) -> dict:
     log(f"data: {source}: {cap.images.shape[0]} frames ({len(sp.train_frames)} training, {len(sp.test_frames)} "
         f"held out) x {cap.images.shape[1]} cameras ({len(sp.test_views)} held out) at {cap.size[0]}x{cap.size[1]}; "
         f"garments {cap.upper_kind} + {cap.lower_kind}; geometry {cfg.model.geometry}, layers {cfg.parts.layers}")
-    if run_.lead:
-        Path(run_.path("parts.json")).write_text(json.dumps({p["name"]: p["stats"] for p in parts}, indent=1,
-                                                            default=float))
     lpips_fn = None
     if cfg.eval.lpips_path:
         from dhjax.nn import lpips
@@ -188,6 +195,9 @@ def run(cfg, workdir: str) -> dict:
     t0 = time.time()
     result = train(cfg, run_, ctx, cap, sp, log)
     train_s = time.time() - t0 if result.steps_run else float("nan")
+    if run_.lead:     # after training: a start stopped before its first step leaves only config.json
+        Path(run_.path("parts.json")).write_text(json.dumps({p["name"]: p["stats"] for p in parts}, indent=1,
+                                                            default=float))
     params = result.state["params"]
     rnd = Renderer(ctx)
     nvf = sp.train_frames[np.linspace(0, len(sp.train_frames) - 1,
@@ -254,14 +264,22 @@ def drive(workdir, out, *, motion: str = "walk", n_frames: int = 48, camera: int
     """
     from dhjax.data import body_synthetic
 
-    cfg = app.read_config(workdir, "d3ga")
-    cap, _ = open_capture(cfg, log)
-    sp, ctx, _, model = build(cfg, cap, log)
-    _, state, step = app.load_run(workdir, lambda c: d3ga.init_state(jax.random.PRNGKey(0), ctx), experiment="d3ga")
+    # Everything that can be checked is checked before the capture loads and the cages build.
     if motion not in body_synthetic.MOTIONS:
         raise ValueError(f"motion must be one of {body_synthetic.MOTIONS}, got {motion!r}")
+    if isinstance(n_frames, bool) or int(n_frames) != n_frames or int(n_frames) < 1:
+        raise ValueError(f"the number of frames to drive must be an integer >= 1, got {n_frames!r}")
+    app.quiet_library_logs()
+    cfg = app.read_config(workdir, "d3ga")
+    ckpts = Path(workdir) / "checkpoints"
+    if not ckpts.is_dir() or not any(c.name.isdigit() for c in ckpts.iterdir()):
+        raise FileNotFoundError(f"run '{workdir}' has no checkpoint; train it first with python -m experiments.d3ga")
+    check_config(cfg)
+    cap, _ = open_capture(cfg, log)
     if camera not in set(cap.view.tolist()):
         raise ValueError(f"camera {camera} is not a camera of the capture ({cap.view.tolist()})")
+    sp, ctx, _, model = build(cfg, cap, log)
+    _, state, step = app.load_run(workdir, lambda c: d3ga.init_state(jax.random.PRNGKey(0), ctx), experiment="d3ga")
     c = int(np.nonzero(cap.view == camera)[0][0])
     fps = float(cfg.data.synthetic.fps) if not cfg.data.root else 30.0
     m = body_synthetic.motion_sequence(motion, body_synthetic.key(seed, body_synthetic.STREAM_MOTION, 99), int(n_frames),
