@@ -298,6 +298,10 @@ def test_split_and_batches():
         gem_data.split(cap, (5,), 1)
     with pytest.raises(ValueError, match="cannot hold out 4 of 5 frames"):
         gem_data.split(cap, (4,), 4)
+    for bad in (1.5, -1, -0.5):          # neither a count nor a fraction: not read as int(1.5) = 1
+        with pytest.raises(ValueError, match=f"test_frames must be a count of frames or a fraction in \\(0, 1\\), "
+                                             f"got {bad}"):
+            gem_data.split(cap, (4,), bad)
     with pytest.raises(ValueError, match="every camera is held out"):
         gem_data.split(cap, (0, 4, 7), 1)
     b = gem_data.FrameBatches(cap, sp, frames_per_step=2, views_per_step=5, seed=1)

@@ -139,7 +139,10 @@ def split(capture, test_views: Sequence[int], n_test_frames, *, min_train_frames
     fraction < 1 of the frames); at least `min_train_frames` frames and one camera stay for
     training. Any capture with images [F, C, ...] and view numbers [C] (also D3GA's)."""
     F, C = capture.images.shape[:2]
-    n_test = int(round(float(n_test_frames) * F)) if 0 < float(n_test_frames) < 1 else int(n_test_frames)
+    x = float(n_test_frames)
+    if not (0 < x < 1 or (x >= 0 and x == int(x))):
+        raise ValueError(f"data.test_frames must be a count of frames or a fraction in (0, 1), got {n_test_frames!r}")
+    n_test = int(round(x * F)) if 0 < x < 1 else int(x)
     if not 0 <= n_test <= F - min_train_frames:
         raise ValueError(f"cannot hold out {n_test} of {F} frames (at least {min_train_frames} must remain "
                          f"for training)")
