@@ -10,7 +10,9 @@ tracker writes this format). data.root = "" uses the prior's own held-out synthe
 data.item picks the subject (item ordinal in the split); data.input_views / data.input_frame
 pick the N input images (default 3 cameras of the first frame); every other image of the
 subject is held out for evaluation (novel views, and novel expressions when the subject has
-several frames).
+several frames). A monocular video tracked by experiments.track (its <workdir>/dataset, split
+"train", one camera) gives one input image: --config.data.root=runs/track/dataset
+--config.data.split=train --config.data.input_views="(0,)" (data.input_frame picks the frame).
 
 Stage 1 (the identity encoder) minimises stage1.loss: "full", the prior's loss, or
 "photometric", the render terms only (no map, geometry or VQ terms; `synshot_invert.stage1_context`).

@@ -28,14 +28,19 @@ _LANDMARKS = flags.DEFINE_string("landmarks", None, "folder of landmark files na
 _OUT = flags.DEFINE_string("out", None, "output folder (default <workdir>/predictions)")
 
 
+def _fail(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
 def main(argv):
     del argv
-    try:
+    try:             # a wrong folder is one 'error:' line and exit 2 (not absl's flag help)
         paths = mica.run.image_files(_IMAGES.value)
     except ValueError as err:
-        raise app.UsageError(f"--images: {err}") from err
+        _fail(f"--images: {err}")
     if _LANDMARKS.value and not Path(_LANDMARKS.value).is_dir():
-        raise app.UsageError(f"--landmarks: '{_LANDMARKS.value}' is not a folder")
+        _fail(f"--landmarks: '{_LANDMARKS.value}' is not a folder")
     failed = mica.run.predict(paths, _WORKDIR.value, landmarks_dir=_LANDMARKS.value, out=_OUT.value)
     if failed:
         sys.exit(1)

@@ -6,7 +6,7 @@ a UV layout), so code written against `body.load()` runs unchanged on the offici
 
 THIS IS NOT A STATISTICAL MODEL OF PEOPLE. Nothing in it was learned from scans. It is a
 hand-built mannequin in SMPL-X's coordinate frame (metres, y up, facing +z, the person's left
-at +x, T-pose rest, the pelvis joint at the origin), about 1.72 m tall, built as:
+at +x, T-pose rest, the pelvis joint at the origin), about 1.71 m tall (the template vertices span 1.713 m), built as:
 
 * Surface: the zero level of a smooth union (polynomial smooth-min) of ellipsoids and round
   cones (pelvis, abdomen, chest, shoulder girdle, buttocks, neck, skull, chin, nose, ears, limb

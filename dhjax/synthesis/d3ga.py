@@ -19,7 +19,7 @@ ReLU):
 phi is the part's driving signal: the axis-angle body pose of joints 1..21 (63 values; the global
 orientation and translation are in the skinning), or for the face part a code of its 51 face
 keypoints in the head joint's frame, normalised by their training mean and std, through a small
-MLP (`face_net`, 2 x 64 -> 32).
+MLP (`face_net`: 153 -> 64 -> 32, one hidden layer of 64).
 
 Loss (thesis Eq. 9-12): 10 L_color + 10 L_garment + 0.005 L_neo, with L_color = 0.8 L1 + 0.2
 D-SSIM on images composited on random background colours, L_garment = L1 between a render with
