@@ -95,7 +95,10 @@ def load_image(path: str | os.PathLike) -> np.ndarray:
     try:
         pixels = np.asarray(iio.imread(path))
     except Exception as exc:
-        raise ValueError(f"{path}: not a readable image ({type(exc).__name__}: {exc})") from exc
+        # imageio's first line is the reason; the lines after it suggest installing plugins
+        # (`pip install imageio[pyav]`), which does not help a file that is not an image.
+        reason = (str(exc).strip().splitlines() or [""])[0]
+        raise ValueError(f"{path}: not a readable image ({type(exc).__name__}: {reason})") from exc
     if pixels.ndim == 2:
         pixels = pixels[..., None]
     if pixels.ndim != 3:
