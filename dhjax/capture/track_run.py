@@ -14,8 +14,9 @@ Writes into the workdir: params/frame_XXXX.npz (FLAME parameters in `flame.forwa
 SH light, and the tracker's raw parameters), cameras.json (per frame OpenCV K, R, t with
 x_cam = R x_flame + t, focal length and principal point), overlay.mp4 and overlay_first.png (or
 overlay.png for one image), report.json and report.md, config.json (`run_config`: the config and
-the inputs; a rerun with others, or another experiment in the folder, is refused), dataset/ (`tracker.write_dataset`; real input streams it
-frame by frame while tracking, `tracker.DatasetStream`), progress/ (every frame
+the inputs; a rerun with others, or another experiment in the folder, is refused), dataset/
+(`tracker.write_dataset`; real input streams it frame by frame while tracking,
+`tracker.DatasetStream`), progress/ (every frame
 as soon as it is tracked; a run started again continues after the last finished frame), and
 TensorBoard events + metrics.jsonl (`log_tensorboard`, step = frame index): per frame
 track/landmark_error_px and track/photometric_error, and for up to TB_FRAMES frames spread over
