@@ -10,9 +10,11 @@ tracker writes this format). data.root = "" uses the prior's own held-out synthe
 data.item picks the subject (item ordinal in the split); data.input_views / data.input_frame
 pick the N input images (default 3 cameras of the first frame); every other image of the
 subject is held out for evaluation (novel views, and novel expressions when the subject has
-several frames). A monocular video tracked by experiments.track (its <workdir>/dataset, split
-"train", one camera) gives one input image: --config.data.root=runs/track/dataset
---config.data.split=train --config.data.input_views="(0,)" (data.input_frame picks the frame).
+several frames). data.input_frames (ordinals, e.g. (0, 20, 40)) takes the input_views of several
+frames instead, each with its own tracked expression and pose: how a monocular video tracked by
+experiments.track (its <workdir>/dataset, split "train", one camera) gives N input images:
+--config.data.root=runs/track/dataset --config.data.split=train --config.data.input_views="(0,)"
+--config.data.input_frames="(0,20,40)".
 
 Stage 1 (the identity encoder) minimises stage1.loss: "full", the prior's loss, or
 "photometric", the render terms only (no map, geometry or VQ terms; `synshot_invert.stage1_context`).
@@ -44,6 +46,7 @@ def get_config(arg=None):
     c.seed = 0
     c.prior_workdir = ""
     c.data = ml_collections.ConfigDict(dict(root="", split="test", item=0, input_frame=0,
+                                            input_frames=(),   # several frames' ordinals (replaces input_frame)
                                             input_views=(0, 2, 5), max_heldout=0, skin_only_texture=False))
     c.arcface_path = ""
     c.arcface = ml_collections.ConfigDict(dict(id_weight=0.1, feat_weight=0.1))

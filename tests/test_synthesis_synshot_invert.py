@@ -95,6 +95,14 @@ def test_split_inputs_picks_the_input_views_of_one_frame():
         inv.split_inputs(samples, 0, (0, 9))
     with pytest.raises(ValueError, match="out of range"):
         inv.split_inputs(samples, 2, (0,))
+    # several frames (a monocular video): one view of each, in frame order; the rest held out
+    chosen, rest = inv.split_inputs(samples, (1, 0), (2,))
+    assert [(int(s["frame"]), int(s["view"])) for s in chosen] == [(5, 2), (3, 2)] and len(rest) == 6
+    assert (3, 2) not in {(int(s["frame"]), int(s["view"])) for s in rest}
+    with pytest.raises(ValueError, match=r"input frame\(s\) \[2\] out of range"):
+        inv.split_inputs(samples, (0, 2), (0,))
+    with pytest.raises(ValueError, match="names a frame twice"):
+        inv.split_inputs(samples, (1, 1), (0,))
 
 
 def test_early_stopper_waits_for_warmup_and_patience():

@@ -57,19 +57,29 @@ def subject_samples(dataset, item: int) -> list:
     return [dataset[i] for i in idx]
 
 
-def split_inputs(samples, frame_ordinal: int, views) -> tuple[list, list]:
-    """(inputs, held out): the samples of the subject's frame number `frame_ordinal` (ordinal among
-    its frames) seen from `views` (camera numbers), and every other sample."""
+def split_inputs(samples, frame_ordinals, views) -> tuple[list, list]:
+    """(inputs, held out): the samples of the subject's frames `frame_ordinals` (an ordinal among
+    its frames, or several: e.g. frames of a monocular video, each with its own tracked expression
+    and pose) seen from `views` (camera numbers), in frame then view order, and every other sample."""
+    ordinals = (frame_ordinals,) if np.ndim(frame_ordinals) == 0 else tuple(frame_ordinals)
     frames = sorted({int(s["frame"]) for s in samples})
-    if not 0 <= frame_ordinal < len(frames):
-        raise ValueError(f"data.input_frame {frame_ordinal} out of range: the subject has {len(frames)} frames")
-    f = frames[frame_ordinal]
+    bad = [int(o) for o in ordinals if not 0 <= int(o) < len(frames)]
+    if not ordinals or bad:
+        raise ValueError(f"input frame(s) {bad or '()'} out of range (data.input_frame / data.input_frames): the "
+                         f"subject has {len(frames)} frames")
+    if len(set(int(o) for o in ordinals)) != len(ordinals):
+        raise ValueError(f"data.input_frames {ordinals} names a frame twice")
     wanted = set(int(v) for v in views)
-    chosen = [s for s in samples if int(s["frame"]) == f and int(s["view"]) in wanted]
-    if len(chosen) != len(views):
-        have = sorted(int(s["view"]) for s in samples if int(s["frame"]) == f)
-        raise ValueError(f"data.input_views {tuple(views)} not all present in frame {f} (views: {have})")
-    rest = [s for s in samples if not (int(s["frame"]) == f and int(s["view"]) in wanted)]
+    chosen = []
+    for o in ordinals:
+        f = frames[int(o)]
+        these = [s for s in samples if int(s["frame"]) == f and int(s["view"]) in wanted]
+        if len(these) != len(views):
+            have = sorted(int(s["view"]) for s in samples if int(s["frame"]) == f)
+            raise ValueError(f"data.input_views {tuple(views)} not all present in frame {f} (views: {have})")
+        chosen += sorted(these, key=lambda s: int(s["view"]))
+    taken = {(int(s["frame"]), int(s["view"])) for s in chosen}
+    rest = [s for s in samples if (int(s["frame"]), int(s["view"])) not in taken]
     return chosen, rest
 
 

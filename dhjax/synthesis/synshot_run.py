@@ -148,12 +148,13 @@ def _save_pictures(run, inputs, maps, batch_held, renders) -> None:
 
 def invert_subject(cfg):
     """(prior config, dataset root, input samples, held-out samples) of an inversion config: the
-    subject read from cfg.data.root (or the prior's synthetic dataset), split into the input frame's views and
-    the rest (at most data.max_heldout), checked."""
+    subject read from cfg.data.root (or the prior's synthetic dataset), split into the input frames' views
+    (data.input_frames, else data.input_frame; data.input_views) and the rest (at most data.max_heldout), checked."""
     prior_cfg = app.read_config(cfg.prior_workdir, experiment=PRIOR_EXPERIMENT)
     root = cfg.data.root or str(synshot_data.dataset_root(prior_cfg))
     samples = inv.subject_samples(ds.FolderDataset(root, cfg.data.split), int(cfg.data.item))
-    inputs, heldout = inv.split_inputs(samples, int(cfg.data.input_frame), tuple(cfg.data.input_views))
+    frames = tuple(int(f) for f in cfg.data.get("input_frames", ())) or int(cfg.data.input_frame)
+    inputs, heldout = inv.split_inputs(samples, frames, tuple(cfg.data.input_views))
     inv.check_subject(inputs)
     if cfg.data.max_heldout:
         heldout = heldout[: int(cfg.data.max_heldout)]
