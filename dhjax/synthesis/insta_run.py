@@ -318,7 +318,10 @@ class FolderFeed(_Feed):
         from dhjax.data import dataset as ds
 
         split_dir = self.root / self.cfg.data.split
-        if (self.root / "meta.json").exists() or not split_dir.is_dir():
+        # The split folder first: a writer creates meta.json before any folder, so a split folder
+        # seen without meta.json is a finished dataset. (Checking meta.json first raced with a
+        # writer starting between the two checks: neither was seen, then both, read as finished.)
+        if not split_dir.is_dir() or (self.root / "meta.json").exists():
             meta = self._poll("meta.json", self._meta)          # the tracker has not started writing yet
         else:
             meta = {}                                           # a finished dataset without meta.json
