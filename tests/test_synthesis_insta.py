@@ -505,6 +505,45 @@ def test_folder_feed_reads_frames_as_a_folder_fills(tmp_path):
         insta_run.FolderFeed(c, assets, tmp_path, log=None, poll_s=0.05).start().wait(1)
 
 
+def test_folder_feed_sees_a_writer_that_starts_during_its_first_look(tmp_path, monkeypatch):
+    """The race CI once hit, made deterministic: a tracker starts writing the folder right after
+    the feed's first look at it (meta.json and the split folder are created together between two
+    checks). The feed must wait for the frames, not read the half-written folder as finished."""
+    import pathlib
+    import threading
+
+    c = _run_config("tiny", tmp_path)
+    from dhjax.data import cache as cache_lib
+    src = cache_lib.cached_video(c.data.synthetic, name="insta_video", cache_dir=c.data.cache_dir)
+    live = tmp_path / "live"
+    c.online.live, c.data.root, c.online.timeout_s = True, str(live), 60.0
+    watched = {live / "meta.json", live / c.data.split}
+    writer = threading.Thread(target=_fill_folder, args=(src, live, 6, 0.1))
+    fired = []
+
+    def hooked(original):
+        def check(self):
+            result = original(self)
+            if (not fired and self in watched
+                    and threading.current_thread().name == insta_run.FolderFeed.thread_name):
+                fired.append(self.name)
+                writer.start()                     # the writer starts after this look ...
+                while not any((live / c.data.split).glob("*")) and writer.is_alive():
+                    threading.Event().wait(0.01)   # ... and has made meta.json and its folder
+            return result
+        return check
+
+    monkeypatch.setattr(pathlib.Path, "is_dir", hooked(pathlib.Path.is_dir))
+    monkeypatch.setattr(pathlib.Path, "exists", hooked(pathlib.Path.exists))
+    feed = insta_run.FolderFeed(c, sc.tiny_assets(), tmp_path, log=None, poll_s=0.02).start()
+    try:
+        feed.wait(6)
+    finally:
+        writer.join()
+    assert fired, "the feed never looked at the folder"
+    assert feed.n == 6 and feed.n_train == 4
+
+
 def test_live_mode_trains_on_a_folder_as_it_fills(tmp_path):
     """The whole live run on a frame folder another process fills (what experiments.track's
     streamed dataset/ gives): training starts with the first frames; the rest are written only
