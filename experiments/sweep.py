@@ -6,10 +6,13 @@
 Each variant runs `python -m experiments.<cfg.experiment> --config=<spec> --config.k=v ...` in
 its own subfolder; --dry_run prints those commands (for a cluster launcher) and runs nothing.
 Results: <workdir>/results.csv and results.md (`dhjax.train.sweep`). A wrong config file or
-override is an error (exit status 2) before anything runs. Rerunning the same command resumes
-the sweep: finished variants are kept, interrupted or failed ones run again (resuming from their
+override is an error (exit status 2) before anything runs, and so is a value that the
+experiment's own config check refuses in any variant (INSTA, D3GA, synshot_sample: `CHECKS`).
+Rerunning the same command resumes the sweep: finished variants are kept, interrupted or failed ones run again (resuming from their
 checkpoints); a SIGTERM stops the running variant at a checkpoint and the sweep with status 143.
 """
+
+import importlib
 
 from absl import app, flags
 
@@ -21,12 +24,23 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "sweep folder (one subfolder per
 _DRY_RUN = flags.DEFINE_bool("dry_run", False, "print the commands instead of running them")
 _SET = flags.DEFINE_multi_string("set", [], "override for every variant, e.g. --set=registration.steps=50")
 
+# The experiments whose run module checks its config values before any work: their checks run on
+# every variant before the sweep starts (imported only for the experiment the sweep runs).
+CHECKS = {"insta": "dhjax.synthesis.insta_run", "d3ga": "dhjax.synthesis.d3ga_run",
+          "synshot_sample": "dhjax.synthesis.synshot_sample"}
+
+
+def check_for(experiment: str):
+    """The config check of `experiment`'s run module (None when it has none)."""
+    module = CHECKS.get(experiment)
+    return None if module is None else importlib.import_module(module).check_config
+
 
 def main(argv):
     del argv
     run_app.exit_on_user_error(
         lambda: sweep.run(_CONFIG.value, _WORKDIR.value, sweep.parse_sets(_SET.value), dry_run=_DRY_RUN.value,
-                          log=lambda *a: print(*a, flush=True)),
+                          log=lambda *a: print(*a, flush=True), check_for=check_for),
         errors=(FileNotFoundError, ValueError, KeyError))
 
 

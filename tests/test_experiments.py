@@ -250,6 +250,35 @@ def test_sweep_command_line_rejects_unknown_fields(tmp_path):
     assert proc.returncode == 2 and "unknown config field 'registration.nope'" in proc.stderr
 
 
+def test_sweep_refuses_a_value_the_experiments_check_refuses_before_anything_runs(tmp_path):
+    """A value the experiment's own config check refuses (here INSTA's eval.video_fps) fails the
+    sweep in a dry run and before the first variant runs: one error line naming the variant."""
+    proc = subprocess.run([sys.executable, "-m", "experiments.sweep", "--config=configs/insta.py:tiny",
+                           f"--workdir={tmp_path / 'w'}", "--dry_run", "--set=eval.video_fps=0"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300, env=dict(os.environ, PYTHONPATH=ROOT))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: variant 00_") and "eval.video_fps must be > 0, got 0" in last, last
+    assert not (tmp_path / "w").exists()
+
+
+def test_sweep_checks_cover_every_run_module_with_a_config_check():
+    """experiments.sweep's CHECKS (read from its source: importing it would define its flags in
+    this process) names every synthesis run module with a check_config, each for an experiment."""
+    import ast
+    import importlib
+
+    tree = ast.parse((Path(ROOT) / "experiments" / "sweep.py").read_text())
+    checks = next(ast.literal_eval(n.value) for n in tree.body
+                  if isinstance(n, ast.Assign) and getattr(n.targets[0], "id", None) == "CHECKS")
+    have = {f"dhjax.synthesis.{p.stem}" for p in (Path(ROOT) / "dhjax" / "synthesis").glob("*.py")
+            if "\ndef check_config(cfg)" in p.read_text()}
+    assert have == set(checks.values())
+    for name, module in checks.items():
+        assert (Path(ROOT) / "experiments" / f"{name}.py").exists()
+        assert callable(importlib.import_module(module).check_config)
+
+
 def test_sweep_commands_and_tables(tmp_path):
     """The variants' command lines, then a sweep whose runner fakes the experiments (one fails):
     the table holds every variant, its overrides and the final metrics of those that succeeded."""

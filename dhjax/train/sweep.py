@@ -77,17 +77,27 @@ def parse_sets(sets) -> dict[str, Any]:
     return out
 
 
-def commands(spec: str, workdir: str, common: dict | None = None) -> list[Variant]:
+def commands(spec: str, workdir: str, common: dict | None = None,
+             check_for: Callable[[str], Callable | None] | None = None) -> list[Variant]:
     """The variants of config file `spec` ("path.py[:variant]", which must define `experiment`
     and `sweep(arg)`), with `common` overrides applied to every one. An override of an unknown
-    config field raises KeyError here, before anything runs."""
+    config field raises KeyError here, before anything runs. check_for(experiment name) gives the
+    experiment's config check or None (`check(cfg)` raises ValueError for a value that cannot
+    run, as `insta_run.check_config` does): it runs on every resolved variant here, so that a bad
+    value fails before the first variant runs, and in a dry run."""
     cfg = config_lib.load_config(spec)
     if "experiment" not in cfg:
         raise ValueError(f"{spec}: the config needs an 'experiment' field naming experiments.<name>")
+    check = check_for(cfg.experiment) if check_for is not None else None
     out = []
     for i, overrides in enumerate(config_lib.load_sweep(spec)):
         resolved = config_lib.apply_overrides(cfg, {**(common or {}), **overrides})  # unknown fields fail here
         sub = os.path.join(workdir, variant_name(i, overrides))
+        if check is not None:
+            try:
+                check(resolved)
+            except ValueError as e:
+                raise ValueError(f"variant {os.path.basename(sub)} of {spec}: {e}") from None
         cmd = [sys.executable, "-m", f"experiments.{cfg.experiment}", f"--config={spec}",
                *config_lib.override_flags({**(common or {}), **overrides}), f"--workdir={sub}"]
         out.append(Variant(overrides, sub, cmd, resolved))
@@ -254,10 +264,11 @@ def run_variants(variants: list[Variant], workdir: str, log: Callable = print,
 
 
 def run(spec: str, workdir: str, common: dict | None = None, *, dry_run: bool = False,
-        log: Callable = print) -> list[dict]:
-    """The whole sweep: `commands`, then (unless dry_run, which only logs the command lines and
-    returns []) `run_variants`, then logs the Markdown table. Returns the rows."""
-    variants = commands(spec, workdir, common)
+        log: Callable = print, check_for: Callable[[str], Callable | None] | None = None) -> list[dict]:
+    """The whole sweep: `commands` (with the experiment's config check, `check_for`), then (unless
+    dry_run, which only logs the command lines and returns []) `run_variants`, then logs the
+    Markdown table. Returns the rows."""
+    variants = commands(spec, workdir, common, check_for)
     if dry_run:
         for v in variants:
             log(shlex.join(v.command))
