@@ -296,6 +296,13 @@ def test_sweep_commands_and_tables(tmp_path):
         assert v.command[-1] == f"--workdir={v.workdir}"
         assert os.path.dirname(v.workdir) == str(tmp_path)
         assert os.path.basename(v.workdir) == sweep.variant_name(i, v.overrides)
+    insta = os.path.join(ROOT, "configs", "insta.py:tiny")     # its sweep starts with the config as it is
+    base = sweep.commands(insta, str(tmp_path / "i"))[0]
+    assert base.workdir == str(tmp_path / "i" / "00_baseline") and base.overrides == {}
+    (tmp_path / "i" / "00_").mkdir(parents=True)   # a sweep started before the baseline had its name resumes in it
+    assert sweep.commands(insta, str(tmp_path / "i"))[0].workdir == str(tmp_path / "i" / "00_")
+    (tmp_path / "i" / "00_baseline").mkdir()
+    assert sweep.commands(insta, str(tmp_path / "i"))[0].workdir == str(tmp_path / "i" / "00_baseline")
     with pytest.raises(KeyError, match="registration.nope"):
         sweep.commands(spec, str(tmp_path), {"registration.nope": 1})
 

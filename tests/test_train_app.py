@@ -60,7 +60,7 @@ def test_start_refuses_another_config_before_writing_anything(tmp_path):
     assert "extra '(absent)' -> False" in logged[0]
     # ... but not a field the run had and the code has dropped.
     dropped = ml_collections.ConfigDict({k: v for k, v in _cfg().to_dict().items() if k != "width"})
-    with pytest.raises(app.RunError, match="width: 3 in the run, '\(absent\)' now"):
+    with pytest.raises(app.RunError, match=r"width: 3 in the run, '\(absent\)' now"):
         app.start(tmp_path, dropped, allow_config_change=True)
 
 

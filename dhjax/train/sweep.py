@@ -53,9 +53,16 @@ class Variant(NamedTuple):
 
 def variant_name(index: int, overrides: dict) -> str:
     """Folder name of a variant: "<index:02d>_<last key part>=<value>_..." (safe characters,
-    at most 120 of them)."""
-    parts = [f"{k.split('.')[-1]}={v}" for k, v in overrides.items()]
+    at most 120 of them); a variant without overrides (the config as it is) is
+    "<index:02d>_baseline"."""
+    parts = [f"{k.split('.')[-1]}={v}" for k, v in overrides.items()] or ["baseline"]
     return re.sub(r"[^A-Za-z0-9_.=+-]", "_", f"{index:02d}_" + "_".join(parts))[:120]
+
+
+def _variant_dir(workdir: str, index: int, overrides: dict) -> str:
+    sub = os.path.join(workdir, variant_name(index, overrides))
+    legacy = os.path.join(workdir, f"{index:02d}_")     # the baseline's name before "_baseline"
+    return legacy if not overrides and os.path.isdir(legacy) and not os.path.isdir(sub) else sub
 
 
 def parse_sets(sets) -> dict[str, Any]:
@@ -92,7 +99,7 @@ def commands(spec: str, workdir: str, common: dict | None = None,
     out = []
     for i, overrides in enumerate(config_lib.load_sweep(spec)):
         resolved = config_lib.apply_overrides(cfg, {**(common or {}), **overrides})  # unknown fields fail here
-        sub = os.path.join(workdir, variant_name(i, overrides))
+        sub = _variant_dir(workdir, i, overrides)   # an earlier sweep's baseline folder is kept
         if check is not None:
             try:
                 check(resolved)
