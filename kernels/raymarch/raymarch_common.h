@@ -6,7 +6,8 @@
 //
 // Float agreement: every operation that decides which samples exist (slab, K, t_k, p, cell) is
 // spelled out one rounding at a time. On the device with the __f*_rn intrinsics, which
-// --use_fast_math leaves alone (no FMA contraction, IEEE division); on the host the CPU library is
+// --use_fast_math leaves alone (no FMA contraction, IEEE division; the CMake flag -ftz=false
+// keeps their subnormals, which fast-math would flush); on the host the CPU library is
 // compiled with -ffp-contract=off (kernels/raymarch/CMakeLists.txt).
 #pragma once
 

@@ -49,8 +49,9 @@
 //   sum splits over chunks; the transmittance term is added by chunk 0 only.
 //
 // Numerics and agreement with the CPU handler. CMake compiles this file with --use_fast_math
-// (flush-to-zero, approximate division, FMA contraction, expf -> __expf with an error that grows
-// to ~8 ulp at power = -5.5). A few ulp in alpha can flip the alpha < 1/255 or T < 1e-4 decisions
+// -ftz=false: subnormals are kept, as on the CPU (fast-math alone flushes them, even in the
+// __f*_rn intrinsics below); fast-math still brings approximate division, FMA contraction and
+// expf -> __expf with an error that grows to ~8 ulp at power = -5.5. A few ulp in alpha can flip the alpha < 1/255 or T < 1e-4 decisions
 // near the thresholds, and one flipped Gaussian changes a pixel by up to ~0.004 * colour, far more
 // than the 1e-4 the tests allow. So every quantity that feeds a decision is computed without
 // relying on those flags: the power with __fmul_rn / __fadd_rn / __fsub_rn (never contracted to
