@@ -26,7 +26,8 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "output folder (created; resumed
 
 def main(argv):
     del argv
-    run_app.exit_on_user_error(lambda: mica.run.train(_CONFIG.value, _WORKDIR.value), errors=(run_app.RunError,))
+    run_app.exit_on_user_error(lambda: mica.run.train(_CONFIG.value, _WORKDIR.value),
+                               errors=(run_app.RunError, FileNotFoundError, ValueError))
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "output folder (resumes if it ho
 def main(argv):
     del argv
     run_app.exit_on_user_error(lambda: registration_run.run(_CONFIG.value, _WORKDIR.value),
-                               errors=(run_app.RunError,))
+                               errors=(run_app.RunError, FileNotFoundError, ValueError))
 
 
 if __name__ == "__main__":

@@ -7,12 +7,14 @@ Each variant runs `python -m experiments.<cfg.experiment> --config=<spec> --conf
 its own subfolder; --dry_run prints those commands (for a cluster launcher) and runs nothing.
 Results: <workdir>/results.csv and results.md (`dhjax.train.sweep`). A wrong config file or
 override is an error (exit status 2) before anything runs, and so is a value that the
-experiment's own config check refuses in any variant (INSTA, D3GA, synshot_sample: `CHECKS`).
-Rerunning the same command resumes the sweep: finished variants are kept, interrupted or failed ones run again (resuming from their
+experiment's own config check refuses in any variant (INSTA, D3GA, synshot_sample: `CHECKS`),
+and a variant folder that holds a run with another config (the sweep called again with another
+--set). Exit status 1 when a variant failed. Rerunning the same command resumes the sweep: finished variants are kept, interrupted or failed ones run again (resuming from their
 checkpoints); a SIGTERM stops the running variant at a checkpoint and the sweep with status 143.
 """
 
 import importlib
+import sys
 
 from absl import app, flags
 
@@ -38,10 +40,15 @@ def check_for(experiment: str):
 
 def main(argv):
     del argv
-    run_app.exit_on_user_error(
+    rows = run_app.exit_on_user_error(
         lambda: sweep.run(_CONFIG.value, _WORKDIR.value, sweep.parse_sets(_SET.value), dry_run=_DRY_RUN.value,
                           log=lambda *a: print(*a, flush=True), check_for=check_for),
         errors=(FileNotFoundError, ValueError, KeyError))
+    failed = [r["variant"] for r in rows if str(r.get("status", "")).startswith("failed")]
+    if failed:
+        print(f"error: {len(failed)} of {len(rows)} variant(s) failed: {', '.join(failed)} (their logs are above; "
+              "calling the sweep again reruns them)", file=sys.stderr, flush=True)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

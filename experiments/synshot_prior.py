@@ -21,7 +21,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "output folder (created; resumed
 def main(argv):
     del argv
     run_app.exit_on_user_error(lambda: synshot_run.run_prior(_CONFIG.value, _WORKDIR.value),
-                               errors=(run_app.RunError, FileNotFoundError))
+                               errors=(run_app.RunError, FileNotFoundError, ValueError))
 
 
 if __name__ == "__main__":

@@ -323,6 +323,9 @@ def test_sweep_commands_and_tables(tmp_path):
     table = (tmp_path / "results.md").read_text().splitlines()
     header = [c.strip() for c in table[0].strip("|").split("|")]
     assert header[:2] == ["variant", "status"] and "scan_median_mm" in header
+    overridden = list(dict.fromkeys(k for v in variants for k in v.overrides))
+    assert overridden and header[2:2 + len(overridden)] == overridden       # the overrides, then the metrics
+    assert header[2 + len(overridden):] == sorted(header[2 + len(overridden):])
     assert table[1] == "|" + "---|" * len(header) and len(table) == 6
     assert "| 1.2346 |" in table[2] and "| 2.5 |" in table[4]
     assert "| failed (3) |" in table[3]
@@ -331,6 +334,40 @@ def test_sweep_commands_and_tables(tmp_path):
     for v, r in zip(variants, rows):
         for k, value in v.overrides.items():
             assert r[k] == value
+
+
+def test_sweep_refuses_bad_values_and_mismatched_folders_before_anything_runs(tmp_path):
+    """--set values are Python literals; a value that does not fit its field, a bad train.*
+    value, a workdir that is a file and variant folders holding runs with another config (the
+    sweep called again with another --set) are errors before any variant runs; a --set of a
+    field the variants set themselves is logged."""
+    from dhjax.train import app
+    from dhjax.train import config as config_lib
+    from dhjax.train import sweep
+
+    assert sweep.parse_sets(["a=(10,20)", "b=runs/synshot", "c=1e3", "d=nan", "e='x y'"]) == {
+        "a": (10, 20), "b": "runs/synshot", "c": 1000.0, "d": "nan", "e": "x y"}
+    spec = os.path.join(ROOT, "configs", "register_flame.py:tiny")
+    with pytest.raises(ValueError, match=r"config field registration.steps: 1.5 does not fit its type \(int"):
+        sweep.commands(spec, str(tmp_path), {"registration.steps": 1.5})
+    insta = os.path.join(ROOT, "configs", "insta.py:tiny")
+    with pytest.raises(ValueError, match="variant 00_baseline of .*train.steps must be an integer >= 1, got 0"):
+        sweep.commands(insta, str(tmp_path), {"train.steps": 0})
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(app.RunError, match="not a folder"):
+        sweep.run(spec, str(tmp_path / "file"), {"registration.steps": 20}, log=lambda *a: None)
+    lines = []
+    sweep.run(spec, str(tmp_path / "s"), {"data.synthetic.noise_mm": 2.0}, dry_run=True, log=lines.append)
+    assert lines[0].startswith("note: the sweep's variants set data.synthetic.noise_mm themselves"), lines[0]
+    variants = sweep.commands(spec, str(tmp_path / "s"), {"registration.steps": 20})
+    for v in variants[:2]:             # an earlier call with steps=20 ran two variants
+        config_lib.save_config(v.config, v.workdir)
+        open(os.path.join(v.workdir, "metrics.jsonl"), "w").write("{}\n")
+    sweep.check_variant_workdirs(variants)                        # the same settings resume
+    with pytest.raises(ValueError, match=r"(?s)2 of 4 variant folder\(s\) hold runs with another config.*"
+                                         r"00_.*registration.steps: 20 in the run, 30 now"):
+        sweep.run(spec, str(tmp_path / "s"), {"registration.steps": 30}, log=lambda *a: None)
+    assert not (tmp_path / "s" / "results.csv").exists()
 
 
 def test_sweep_reports_interrupted_variants_and_resumes_them(tmp_path):

@@ -28,6 +28,37 @@ def test_start_writes_config_and_rejects_a_file(tmp_path):
         app.start(tmp_path / "file", _cfg())
 
 
+def test_a_workdir_in_use_by_another_process_is_refused(tmp_path):
+    """app.start takes the workdir's lock: a second process starting in it while the first runs
+    is refused, naming the holder, and writes nothing; the lock goes when the holder ends (even
+    killed), and the same process may start again (as tests do)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    work = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time, ml_collections\n"
+        "from dhjax.train import app\n"
+        f"run = app.start({str(work)!r}, ml_collections.ConfigDict(dict(experiment='toy', width=3)))\n"
+        "print('started', flush=True)\n"
+        "time.sleep(300)\n")], stdout=subprocess.PIPE, text=True,
+        env=dict(os.environ, PYTHONPATH=os.getcwd()))
+    try:
+        assert holder.stdout.readline().strip() == "started"
+        before = {p: p.read_bytes() for p in work.rglob("*") if p.is_file()}
+        with pytest.raises(app.RunError, match=rf"in use by another running process \(pid {holder.pid} on "):
+            app.start(work, _cfg())
+        assert {p: p.read_bytes() for p in work.rglob("*") if p.is_file()} == before
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    first = app.start(work, _cfg())             # the killed holder's lock is gone
+    again = app.start(work, _cfg())             # this process holds it already
+    assert first.workdir == again.workdir and f"pid {os.getpid()} " in (work / app.LOCK_FILE).read_text()
+
+
 def _started(workdir, cfg):
     """app.start plus an output, so that the folder holds a run (not only its config.json)."""
     app.start(workdir, cfg)

@@ -381,13 +381,29 @@ def default_loader_config() -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(dict(kind="grain", workers=0, threads=1))
 
 
+def check_loader_config(loader=None) -> ml_collections.ConfigDict:
+    """The `loader` config block (None: `default_loader_config()`) with its defaults filled in,
+    checked without reading any data: raises ValueError naming the field for an unknown kind, a
+    count that is not an integer >= its bound (workers >= 0, threads >= 1), or workers with the
+    index pipeline. Methods call it before their run starts."""
+    c = ml_collections.ConfigDict({**default_loader_config().to_dict(), **dict(loader or {})})
+    if c.kind not in LOADER_KINDS:
+        raise ValueError(f"config field loader.kind must be one of {LOADER_KINDS}, got {c.kind!r}")
+    for name, low in (("workers", 0), ("threads", 1)):
+        value = c[name]
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+            raise ValueError(f"config field loader.{name} must be an integer >= {low}, got {value!r}")
+    if c.kind == "index" and c.workers:
+        raise ValueError(f"config field loader.workers = {c.workers} needs loader.kind = 'grain' (the index "
+                         f"pipeline has no workers)")
+    return c
+
+
 def make_pipeline(dataset, batch_size: int, *, seed: int = 0, loader=None, required_keys: Sequence[str] = ()):
     """The pipeline a method's `loader` config block asks for (None: `default_loader_config()`):
     a `GrainPipeline` or a `dhjax.data.dataset.Pipeline`; both give the same batches. Raises
-    ValueError naming the field for an unknown kind or a bad count."""
-    c = default_loader_config()
-    if loader is not None:
-        c.update(dict(loader))
+    ValueError naming the field for an unknown kind or a bad count (`check_loader_config`)."""
+    c = check_loader_config(loader)
     if c.kind == "grain":
         try:
             return GrainPipeline(dataset, batch_size, seed=seed, workers=c.workers, threads=c.threads,
@@ -396,12 +412,7 @@ def make_pipeline(dataset, batch_size: int, *, seed: int = 0, loader=None, requi
             if str(err).startswith(("workers", "threads")):
                 raise ValueError(f"config field loader.{err}") from err
             raise
-    if c.kind == "index":
-        if c.workers:
-            raise ValueError(f"config field loader.workers = {c.workers} needs loader.kind = 'grain' (the index "
-                             f"pipeline has no workers)")
-        return ds.Pipeline(dataset, batch_size, seed=seed)
-    raise ValueError(f"config field loader.kind must be one of {LOADER_KINDS}, got {c.kind!r}")
+    return ds.Pipeline(dataset, batch_size, seed=seed)
 
 
-__all__ = ["GrainPipeline", "StepBatches", "BatchIterator", "default_loader_config", "make_pipeline", "STATE_VERSION"]
+__all__ = ["GrainPipeline", "StepBatches", "BatchIterator", "default_loader_config", "check_loader_config", "make_pipeline", "STATE_VERSION"]

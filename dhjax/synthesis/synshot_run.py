@@ -33,6 +33,7 @@ import numpy as np
 
 from dhjax import io as dio
 from dhjax.data import dataset as ds
+from dhjax.data import grain_pipeline
 from dhjax.models import flame
 from dhjax.synthesis import synshot, synshot_data
 from dhjax.synthesis import synshot_gaussians as gs
@@ -60,6 +61,7 @@ def run_prior(cfg, workdir: str) -> dict:
     Returns the held-out metrics (`synshot_data.heldout_metrics`). Raises app.Interrupted when
     training was interrupted (SIGTERM: a checkpoint was written, nothing else; a rerun resumes).
     """
+    grain_pipeline.check_loader_config(cfg.get("loader"))   # before the run starts (and data loads)
     run = app.start(workdir, cfg)
     root = synshot_data.dataset_root(cfg)
     train_ds = synshot_data.open_split(root, "train", in_memory=cfg.data.in_memory)

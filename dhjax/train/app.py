@@ -29,8 +29,10 @@ final outputs are written and the command exits non-zero; rerunning it resumes.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import math
+import socket
 import os
 import sys
 import time
@@ -46,6 +48,7 @@ from dhjax.train import config as config_lib
 
 FINAL_METRICS = "final_metrics.json"
 CONFIG_FILE = "config.json"
+LOCK_FILE = ".lock"          # held (POSIX record lock) by the process running in a workdir
 EXIT_INTERRUPTED = 143     # the exit status of an interrupted run (128 + SIGTERM)
 
 # Config fields whose change cannot alter a checkpointed state's meaning: how long to train and
@@ -138,8 +141,9 @@ class Run:
     Attributes: workdir (Path), lead (bool), t0 (time.time() at start).
     """
 
-    def __init__(self, workdir: str | os.PathLike, lead: bool, t0: float):
+    def __init__(self, workdir: str | os.PathLike, lead: bool, t0: float, lock=None):
         self.workdir, self.lead, self.t0 = Path(workdir), bool(lead), float(t0)
+        self._lock = lock        # the open LOCK_FILE (`lock_workdir`), held while this object lives
 
     def log(self, *args, **kwargs) -> None:
         """print() on the lead process, flushed; nothing elsewhere."""
@@ -180,12 +184,38 @@ def check_workdir(workdir: str | os.PathLike) -> Path:
     return work
 
 
+def lock_workdir(work: Path, log: Callable = print):
+    """Takes the workdir's lock (a POSIX record lock on <work>/.lock, which the system releases
+    when the process ends, however it ends) and returns the open file that holds it; raises
+    RunError naming the holder when another process has it (two runs in one folder would
+    interleave their checkpoints and metrics). The same process may take it again (a test that
+    starts twice). On a filesystem without locks the run goes on unlocked, with a log line."""
+    f = open(work / LOCK_FILE, "a+")
+    try:
+        fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except (BlockingIOError, PermissionError):
+        f.seek(0)
+        holder = f.read().strip() or "its pid is not recorded"
+        f.close()
+        raise RunError(f"'{work}' is in use by another running process ({holder}): wait for it to end (or stop "
+                       "it), or use another --workdir") from None
+    except OSError as err:
+        log(f"note: cannot lock '{work / LOCK_FILE}' ({err.strerror or err}); nothing stops a second process "
+            "from running in this workdir at the same time")
+        return f
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    f.flush()
+    return f
+
+
 def _holds_only_config(work: Path) -> bool:
-    """Whether a workdir holds nothing but CONFIG_FILE and empty folders."""
+    """Whether a workdir holds nothing but CONFIG_FILE (and LOCK_FILE) and empty folders."""
     for p in work.rglob("*"):
         if p.is_dir() and not p.is_symlink():
             continue
-        if p.parent == work and p.name == CONFIG_FILE:
+        if p.parent == work and p.name in (CONFIG_FILE, LOCK_FILE):
             continue
         return False
     return True
@@ -256,8 +286,10 @@ def start(workdir: str | os.PathLike, cfg: ml_collections.ConfigDict | None = No
     before any work: checks the harness's config fields (`config.check_train_config`), that the
     workdir is (or can be created as) a writable folder, and that a run already in it has the
     same config (`check_resume_config`; allow_config_change defaults to the
-    --allow_config_change flag). Then the lead process writes the resolved config to
-    <workdir>/config.json. Raises RunError (a ValueError) naming the problem."""
+    --allow_config_change flag). Then the lead process takes the workdir's lock (`lock_workdir`:
+    refused while another process runs there; held until the returned Run is dropped or the
+    process ends) and writes the resolved config to <workdir>/config.json. Raises RunError (a
+    ValueError) naming the problem."""
     init_distributed()
     quiet_library_logs()
     lead = jax.process_index() == 0
@@ -269,9 +301,10 @@ def start(workdir: str | os.PathLike, cfg: ml_collections.ConfigDict | None = No
     work = check_workdir(workdir) if lead else Path(workdir)
     if cfg is not None:
         check_resume_config(work, cfg, allow_config_change, log=print if lead else (lambda *a: None))
-        if lead:
-            config_lib.save_config(cfg, str(work))
-    return Run(work, lead, time.time())
+    lock = lock_workdir(work) if lead else None
+    if cfg is not None and lead:
+        config_lib.save_config(cfg, str(work))
+    return Run(work, lead, time.time(), lock)
 
 
 def read_final_metrics(workdir: str | os.PathLike) -> dict:

@@ -57,7 +57,8 @@ def load_sweep(spec: str) -> list[dict[str, Any]]:
 
 
 def apply_overrides(cfg: ml_collections.ConfigDict, overrides: Mapping[str, Any]) -> ml_collections.ConfigDict:
-    """Returns a copy of cfg with {"a.b.c": value} overrides; an unknown field is an error."""
+    """Returns a copy of cfg with {"a.b.c": value} overrides; an unknown field is a KeyError, a
+    value the field's type does not take (ml_collections' type-safe fields) a ValueError."""
     cfg = copy.deepcopy(cfg)  # keeps FieldReferences (e.g. train.steps tied to another field)
     for key, value in overrides.items():
         node = cfg
@@ -68,7 +69,11 @@ def apply_overrides(cfg: ml_collections.ConfigDict, overrides: Mapping[str, Any]
             node = node[p]
         if parts[-1] not in node:
             raise KeyError(f"unknown config field '{key}'")
-        node[parts[-1]] = value
+        try:
+            node[parts[-1]] = value
+        except TypeError as err:        # ml_collections: "Could not override field 'x' (reference). ..."
+            raise ValueError(f"config field {key}: {value!r} does not fit its type "
+                             f"({type(node[parts[-1]]).__name__}, now {node[parts[-1]]!r})") from err
     return cfg
 
 

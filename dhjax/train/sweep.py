@@ -28,6 +28,7 @@ after every variant (`logs.write_hparams_events`), like the tables.
 
 from __future__ import annotations
 
+import ast
 import csv
 import os
 import re
@@ -66,20 +67,18 @@ def _variant_dir(workdir: str, index: int, overrides: dict) -> str:
 
 
 def parse_sets(sets) -> dict[str, Any]:
-    """["a.b=1", "c=x"] -> {"a.b": 1, "c": "x"} (numbers and booleans parsed, else strings)."""
+    """["a.b=1", "c=x", "d=(10,20)"] -> {"a.b": 1, "c": "x", "d": (10, 20)}: a value that reads as
+    a Python literal (number, boolean, tuple, list, quoted string) is that literal, anything else
+    a string."""
     out = {}
     for item in sets:
         key, sep, value = item.partition("=")
         if not sep:
             raise ValueError(f"--set expects key=value, got {item!r}")
-        for cast in (int, float):
-            try:
-                value = cast(value)
-                break
-            except ValueError:
-                pass
-        else:
-            value = {"True": True, "False": False}.get(value, value)
+        try:
+            value = ast.literal_eval(value)
+        except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+            pass
         out[key] = value
     return out
 
@@ -88,8 +87,9 @@ def commands(spec: str, workdir: str, common: dict | None = None,
              check_for: Callable[[str], Callable | None] | None = None) -> list[Variant]:
     """The variants of config file `spec` ("path.py[:variant]", which must define `experiment`
     and `sweep(arg)`), with `common` overrides applied to every one. An override of an unknown
-    config field raises KeyError here, before anything runs. check_for(experiment name) gives the
-    experiment's config check or None (`check(cfg)` raises ValueError for a value that cannot
+    config field raises KeyError here, before anything runs, and a value that does not fit its
+    field or the harness's train.* checks (`config.check_train_config`) ValueError naming the
+    variant. check_for(experiment name) gives the experiment's config check or None (`check(cfg)` raises ValueError for a value that cannot
     run, as `insta_run.check_config` does): it runs on every resolved variant here, so that a bad
     value fails before the first variant runs, and in a dry run."""
     cfg = config_lib.load_config(spec)
@@ -100,9 +100,10 @@ def commands(spec: str, workdir: str, common: dict | None = None,
     for i, overrides in enumerate(config_lib.load_sweep(spec)):
         resolved = config_lib.apply_overrides(cfg, {**(common or {}), **overrides})  # unknown fields fail here
         sub = _variant_dir(workdir, i, overrides)   # an earlier sweep's baseline folder is kept
-        if check is not None:
+        for test in (config_lib.check_train_config, check):
             try:
-                check(resolved)
+                if test is not None:
+                    test(resolved)
             except ValueError as e:
                 raise ValueError(f"variant {os.path.basename(sub)} of {spec}: {e}") from None
         cmd = [sys.executable, "-m", f"experiments.{cfg.experiment}", f"--config={spec}",
@@ -111,12 +112,12 @@ def commands(spec: str, workdir: str, common: dict | None = None,
     return out
 
 
-def write_tables(rows: list[dict], workdir: str) -> str:
-    """Writes <workdir>/results.csv and results.md (columns: variant, status, then every other
-    key in sorted order; floats as %.5g in the Markdown table); returns results.md's path."""
-    keys = sorted({k for r in rows for k in r})
-    front = ["variant", "status"]
-    keys = front + [k for k in keys if k not in front]
+def write_tables(rows: list[dict], workdir: str, first: tuple = ()) -> str:
+    """Writes <workdir>/results.csv and results.md (columns: variant, status, the keys `first`
+    (the overridden fields) in their order, then every other key (the metrics) in sorted order;
+    floats as %.5g in the Markdown table); returns results.md's path."""
+    front = ["variant", "status", *dict.fromkeys(first)]
+    keys = front + sorted({k for r in rows for k in r} - set(front))
     with open(os.path.join(workdir, "results.csv"), "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=keys)
         w.writeheader()
@@ -258,7 +259,7 @@ def run_variants(variants: list[Variant], workdir: str, log: Callable = print,
         # killed or stopped sweep keeps its whole table.
         later = [previous[os.path.basename(u.workdir)] for u in variants[i + 1:]
                  if os.path.basename(u.workdir) in previous]
-        write_tables(rows + later, workdir)
+        write_tables(rows + later, workdir, first=tuple(k for u in variants for k in u.overrides))
         write_session(v, row["status"])
         write_experiment(variants, rows, workdir)
         if row["status"] != "ok":
@@ -270,16 +271,44 @@ def run_variants(variants: list[Variant], workdir: str, log: Callable = print,
     return rows
 
 
+def check_variant_workdirs(variants: list[Variant]) -> None:
+    """Raises ValueError, before anything runs, when a variant's folder holds a run with another
+    config (e.g. the sweep called again with another --set): every such variant would be refused
+    by its experiment, and the results table of the earlier call overwritten with failures."""
+    refused = []
+    for v in variants:
+        if v.config is None:
+            continue
+        try:
+            app.check_resume_config(v.workdir, v.config, allow_config_change=False, log=lambda *a: None)
+        except app.RunError as err:
+            refused.append(f"{os.path.basename(v.workdir)}: {str(err).splitlines()[0]}\n"
+                           + "\n".join(line for line in str(err).splitlines()[1:] if line.startswith("  ")))
+    if refused:
+        raise ValueError(f"{len(refused)} of {len(variants)} variant folder(s) hold runs with another config, so "
+                         "the sweep would only fail them (and overwrite the results table): use another --workdir "
+                         "for these settings, or the earlier call's --set to resume it\n" + "\n".join(refused))
+
+
 def run(spec: str, workdir: str, common: dict | None = None, *, dry_run: bool = False,
         log: Callable = print, check_for: Callable[[str], Callable | None] | None = None) -> list[dict]:
     """The whole sweep: `commands` (with the experiment's config check, `check_for`), then (unless
-    dry_run, which only logs the command lines and returns []) `run_variants`, then logs the
-    Markdown table. Returns the rows."""
+    dry_run, which only logs the command lines and returns []) a check of the workdir and of the
+    runs already in the variants' folders (`check_variant_workdirs`), `run_variants`, then logs
+    the Markdown table. Returns the rows. A --set (`common`) field that a variant overrides
+    itself is logged: the variant's value wins."""
     variants = commands(spec, workdir, common, check_for)
+    for key in (common or {}):
+        values = [v.overrides[key] for v in variants if key in v.overrides]
+        if values:
+            log(f"note: the sweep's variants set {key} themselves ({len(values)} of {len(variants)}: "
+                f"{', '.join(map(repr, values))}); the --set value {common[key]!r} applies only to the others")
     if dry_run:
         for v in variants:
             log(shlex.join(v.command))
         return []
+    app.check_workdir(workdir)
+    check_variant_workdirs(variants)
     rows = run_variants(variants, workdir, log=log)
     path = os.path.join(workdir, "results.md")
     log(f"wrote {path}")
