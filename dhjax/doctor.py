@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib
+import os
 import platform as _platform
 import shutil
 import sys
@@ -131,7 +132,7 @@ def diagnose(distributed: bool = False) -> Report:
 
         app.init_distributed()
     r = Report()
-    r.lines.append(f"dhjax {dhjax.__version__} from {list(dhjax.__path__)[0]}")
+    r.lines.append(f"dhjax {dhjax.__version__} from {os.path.dirname(os.path.abspath(dhjax.__file__))}")
     r.lines.append(f"python {_platform.python_version()} ({sys.executable})")
     r.lines.append(f"jax {jax.__version__}, jaxlib {_version('jaxlib') or '?'}")
     plugins = jax_plugins()

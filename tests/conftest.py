@@ -42,6 +42,18 @@ import jax  # noqa: E402  (after XLA_FLAGS)
 import pytest  # noqa: E402
 
 
+def pytest_sessionstart(session):
+    """The tests must import this checkout's dhjax. An editable install of another checkout
+    (`pip install -e`, whose import hook runs before sys.path) would silently test that one."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.find_spec("dhjax")
+    origin = os.path.abspath(spec.origin) if spec and spec.origin else None
+    if origin is None or os.path.commonpath([origin, root]) != root:
+        pytest.exit(f"`import dhjax` gives {origin}, not this checkout ({root}): an install of another checkout "
+                    "shadows it (an editable one takes over `import dhjax` everywhere); run `pip install -e .` "
+                    "here or `pip uninstall dhjax`", returncode=4)
+
+
 def pytest_collection_modifyitems(config, items):
     has_gpu = any(d.platform == "gpu" for d in jax.devices()) if _backend_ok() else False
     skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
