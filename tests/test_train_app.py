@@ -1,6 +1,7 @@
 """dhjax.train.app: start-up, final metrics, Markdown tables, loading a finished run."""
 
 import json
+import re
 
 import jax
 import jax.numpy as jnp
@@ -111,6 +112,12 @@ def test_start_checks_train_fields_and_accepts_resumable_changes(tmp_path, capsy
     bad.train.log_every = 0
     with pytest.raises(app.RunError, match="config field train.log_every must be an integer >= 1, got 0"):
         app.start(tmp_path / "other", bad)
+    assert not (tmp_path / "other").exists()
+    for field, value, name in (("lr", float("nan"), "optim.lr"), ("milestones", (10, float("inf")), "optim.milestones[1]")):
+        odd = ml_collections.ConfigDict(more.to_dict())     # any number in the config, not only train.*
+        odd.optim = ml_collections.ConfigDict({field: value})
+        with pytest.raises(app.RunError, match=rf"config field {re.escape(name)} must be a finite number, got"):
+            app.start(tmp_path / "other", odd)
     assert not (tmp_path / "other").exists()
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import importlib.util
 import json
+import math
 import os
 from typing import Any, Mapping
 
@@ -118,10 +119,29 @@ def check_integer(cfg, field: str, low: int, hint: str = "") -> None:
         raise ValueError(f"config field {field} must be an integer >= {low}{hint}, got {value!r}")
 
 
+def check_finite(cfg: ml_collections.ConfigDict | Mapping) -> None:
+    """Raises ValueError naming the first field (dotted, with [i] for an element of a tuple)
+    whose value is a NaN or infinite float."""
+    def walk(value, name):
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"config field {name} must be a finite number, got {value!r}")
+        if isinstance(value, (ml_collections.ConfigDict, Mapping)):
+            for k in value.keys():
+                walk(value[k], f"{name}.{k}" if name else str(k))
+        elif isinstance(value, (list, tuple)):
+            for i, v in enumerate(value):
+                walk(v, f"{name}[{i}]")
+    walk(cfg, "")
+
+
 def check_train_config(cfg: ml_collections.ConfigDict) -> None:
-    """Raises ValueError, naming the field, when `cfg.train` (the harness's fields: steps,
-    log_every, checkpoint_every, keep_checkpoints, eval_every, on_nonfinite,
-    max_skipped_fraction) or `cfg.seed` cannot run. A config without `train` passes."""
+    """Raises ValueError, naming the field, when a number anywhere in the config is NaN or
+    infinite (no method takes one: a NaN learning rate would only show as skipped steps, and
+    config.json could not even compare it with itself on resume), or when `cfg.train` (the
+    harness's fields: steps, log_every, checkpoint_every, keep_checkpoints, eval_every,
+    on_nonfinite, max_skipped_fraction) or `cfg.seed` cannot run. A config without `train`
+    checks only the numbers."""
+    check_finite(cfg)
     if "train" not in cfg:
         return
     tc = cfg.train
