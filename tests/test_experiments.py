@@ -228,6 +228,18 @@ def test_a_mistyped_config_field_is_one_error_line(tmp_path, module, spec, overr
     assert "Traceback" not in proc.stderr and not (tmp_path / "w").exists()
 
 
+@pytest.mark.parametrize("module,spec,got,want", [
+    ("experiments.gem", "insta.py:tiny", "'insta'", "'gem'"),
+    ("experiments.insta", "gem.py:tiny", "'gem'", "'insta'"),
+])
+def test_another_methods_config_file_is_one_error_line(tmp_path, module, spec, got, want):
+    proc = subprocess.run([sys.executable, "-m", module, f"--config=configs/{spec}", f"--workdir={tmp_path / 'w'}"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300, env=dict(os.environ, PYTHONPATH=ROOT))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"error: the config is for experiment {got}, not {want}")
+    assert not (tmp_path / "w").exists()
+
+
 def test_synshot_prior_on_a_missing_data_root_is_one_error_line(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "experiments.synshot_prior", "--config=configs/synshot_prior.py:tiny",
                            f"--config.data.root={tmp_path / 'nowhere'}", f"--workdir={tmp_path / 'w'}"], cwd=ROOT,

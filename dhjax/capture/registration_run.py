@@ -105,6 +105,7 @@ def run(cfg, workdir: str) -> RunResult:
       FileNotFoundError / ValueError: no readable scans, bad config (see `load_scans`,
       `registration.make_static`).
     """
+    app.check_experiment(cfg, "register_flame")
     r = app.start(workdir, cfg)
     model = flame.load(cfg.flame_path or None, landmarks=cfg.flame_landmarks or None)
     names, scans, gt = registration_scans.load_scans(cfg.data, model, seed=cfg.seed)

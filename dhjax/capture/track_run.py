@@ -286,6 +286,7 @@ def run(cfg, workdir, *, input: str, landmarks: str | None = None,  # noqa: A002
     """Tracks `input` (a video file, an image folder, one image, or "synthetic") into `workdir`
     (`track` or `track_synthetic`; `masks`: `frame_mattes`, real input only) and returns the
     report written to report.json."""
+    app.check_experiment(cfg, "track")
     if input == "synthetic":
         if masks:
             raise ValueError("--masks is for real input; synthetic sequences bring their own masks")

@@ -179,6 +179,7 @@ def check_config(cfg) -> None:
 def run(cfg, workdir: str) -> dict:
     """Trains (or resumes) and evaluates one avatar; writes the files of the module docstring.
     Returns metrics.json's content. Raises app.Interrupted on SIGTERM (a checkpoint was written)."""
+    app.check_experiment(cfg, "d3ga")
     check_config(cfg)
     run_ = app.start(workdir, cfg)
     log = run_.log

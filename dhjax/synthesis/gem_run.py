@@ -678,6 +678,7 @@ def run(cfg, workdir: str) -> dict:
 
     Raises app.Interrupted on SIGTERM during a training stage (a checkpoint was written).
     """
+    app.check_experiment(cfg, "gem")
     run_ = app.start(workdir, cfg)
     log = run_.log
     cap, model, source = open_capture(cfg, log)

@@ -732,6 +732,7 @@ def run(cfg, workdir: str) -> dict:
     Raises app.Interrupted on SIGTERM (a checkpoint was written; a rerun resumes), ValueError
     for a config field that cannot work (`check_config`, before anything is written).
     """
+    app.check_experiment(cfg, "insta")
     check_config(cfg)
     run_ = app.start(workdir, cfg)
     log = run_.log

@@ -61,6 +61,7 @@ def run_prior(cfg, workdir: str) -> dict:
     Returns the held-out metrics (`synshot_data.heldout_metrics`). Raises app.Interrupted when
     training was interrupted (SIGTERM: a checkpoint was written, nothing else; a rerun resumes).
     """
+    app.check_experiment(cfg, "synshot_prior")
     grain_pipeline.check_loader_config(cfg.get("loader"))   # before the run starts (and data loads)
     run = app.start(workdir, cfg)
     root = synshot_data.dataset_root(cfg)
@@ -171,6 +172,7 @@ def run_invert(cfg, workdir: str) -> dict:
 
     Returns the summary written to metrics.json.
     """
+    app.check_experiment(cfg, "synshot_invert")
     run = app.start(workdir, cfg)
     if not cfg.prior_workdir:
         raise ValueError("no prior given: point --config.prior_workdir at the workdir of experiments.synshot_prior")

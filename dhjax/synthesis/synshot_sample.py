@@ -461,6 +461,7 @@ def run(cfg, workdir: str) -> dict:
     Returns the summary: the final metrics (nats per token) plus steps_run (training steps this
     call ran; 0 when resumed at the end), grid (h, w), n_train / n_test sequences.
     """
+    app.check_experiment(cfg, "synshot_sample")
     check_config(cfg)
     run_ = app.start(workdir, cfg)
     prior_cfg, prior_state, prior_step, ctx, train_ds, test_ds = load_prior(cfg.prior_workdir, cfg.backend)

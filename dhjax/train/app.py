@@ -168,6 +168,17 @@ def _allow_flag() -> bool:
     return bool(_ALLOW_CONFIG_CHANGE.value) if flags.FLAGS.is_parsed() else False
 
 
+def check_experiment(cfg, name: str) -> None:
+    """Raises RunError unless cfg.experiment is `name`: another method's config file (e.g.
+    configs/insta.py given to experiments.gem) would otherwise fail on its first missing field,
+    or on a value that suits the other method."""
+    got = cfg.get("experiment") if hasattr(cfg, "get") else None
+    if got != name:
+        what = f"is for experiment {got!r}" if got else "names no experiment"
+        raise RunError(f"the config {what}, not {name!r}: give {name}'s own config file "
+                       f"(configs/{name}.py or a file based on it)")
+
+
 def check_workdir(workdir: str | os.PathLike) -> Path:
     """Creates `workdir` when needed and checks that it is a writable folder; raises RunError
     naming it otherwise. Returns it as a Path."""

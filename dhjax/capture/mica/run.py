@@ -196,6 +196,7 @@ def train(cfg, workdir) -> dict:
     protocol (`split_benchmark`). Returns the merged final_metrics.json. Raises app.Interrupted
     when training was interrupted (SIGTERM; a checkpoint was written, nothing else).
     """
+    app.check_experiment(cfg, "mica")
     grain_pipeline.check_loader_config(cfg.get("loader"))   # before the run starts (and data loads)
     run = app.start(workdir, cfg)
     log = run.log
