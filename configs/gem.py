@@ -4,7 +4,7 @@ drivers).
     python -m experiments.gem --config=configs/gem.py:tiny --workdir=runs/gem
     python -m experiments.gem --config=configs/gem.py:paper --config.data.root=<multi-view dataset> --workdir=runs/gem
     python -m experiments.sweep --config=configs/gem.py:tiny_table --workdir=runs/gem_table
-    python -m experiments.gem_drive --workdir=runs/gem --out=runs/gem_drive
+    python -m experiments.gem_drive --workdir=runs/gem --source=runs/track/dataset --out=runs/gem_drive
 
 Variants:
   tiny        one synthetic subject, 72 expressions (the last 8 held out; 16 expression

@@ -376,6 +376,36 @@ def _micro_config(tmp_path):
     return cfg
 
 
+@pytest.mark.parametrize("field, value, match", [
+    ("model.map_size", 0, "config field model.map_size must be an integer >= 1"),
+    ("gem.table_components", (10, 20, 80), r"config field gem.table_components must hold sizes in \[1, "),
+    ("refine.qr_every", 0, "config field refine.qr_every must be"),
+    ("eval.lpips_path", "/nonexistent/lpips.npz", "config field eval.lpips_path: "),
+])
+def test_a_gem_config_that_cannot_work_is_refused_before_any_work(tmp_path, field, value, match):
+    from pathlib import Path
+
+    from dhjax.synthesis import gem_run
+    from dhjax.train import config as config_lib
+
+    root = Path(__file__).resolve().parents[1]
+    cfg = config_lib.apply_overrides(config_lib.load_config(f"{root / 'configs' / 'gem.py'}:tiny"), {field: value})
+    with pytest.raises((ValueError, FileNotFoundError), match=match):
+        gem_run.run(cfg, str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
+
+
+def test_drive_checks_fps_and_frame_count_before_any_work(tmp_path):
+    from dhjax.synthesis import gem_run
+
+    for kw, match in ((dict(fps=float("nan")), "--fps must be a frame rate > 0, got nan"),
+                      (dict(fps=0), "--fps must be a frame rate > 0, got 0"),
+                      (dict(max_frames=-3), "--max_frames must be >= 0")):
+        with pytest.raises(ValueError, match=match):
+            gem_run.drive(str(tmp_path / "run"), str(tmp_path / "out"), source=str(tmp_path), log=lambda *a: None, **kw)
+    assert not (tmp_path / "out").exists()
+
+
 # slow (~100 s): colabs/06_gem (tests/test_colabs.py, default suite) runs gem_run.run and its
 # driving on a shortened tiny variant; this test adds every output, the resume and the commands.
 @pytest.mark.slow
@@ -435,7 +465,11 @@ def test_run_end_to_end_and_drive(tmp_path):
     (work / "regressor_params_linear.npz").unlink()
     with pytest.raises(FileNotFoundError, match=r"no 'linear' regressor .* the run has \['mlp'\]"):
         gem_run.drive(str(work), str(tmp_path / "drive_linear2"), source=str(src), kind="linear", log=lambda *a: None)
-    with pytest.raises(ValueError, match="exactly one of"):
+    with pytest.raises(ValueError, match="exactly one of --source .* or --landmarks"):
         gem_run.drive(str(work), str(tmp_path / "drive2"), log=lambda *a: None)
+    for kw, match in ((dict(fps=float("nan")), "--fps must be a frame rate > 0, got nan"),
+                      (dict(max_frames=-3), "--max_frames must be >= 0")):
+        with pytest.raises(ValueError, match=match):
+            gem_run.drive(str(work), str(tmp_path / "drive4"), source=str(src), log=lambda *a: None, **kw)
     with pytest.raises(FileNotFoundError, match="no GEM eigenmodel"):
         gem_run.drive(str(tmp_path / "nothing"), str(tmp_path / "d3"), source=str(src), log=lambda *a: None)

@@ -4,6 +4,7 @@ and one small end-to-end run with its reenactment."""
 
 import functools
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -608,12 +609,23 @@ def test_depth_evaluation_camera_undoes_the_trackers_rigid_head_pose():
 
 
 @pytest.mark.parametrize("field, value", [("eval.max_test_frames", -1), ("batch.rays_per_frame", 0),
-                                          ("eval.orbit_frames", -2), ("eval.video_fps", 0.0)])
+                                          ("eval.orbit_frames", -2), ("eval.video_fps", 0.0),
+                                          ("model.step_divisor", 0.0), ("model.occupancy.resolution", 0),
+                                          ("model.occupancy.every", 0), ("data.holdout", -1),
+                                          ("online.timeout_s", -1.0), ("optim.lr", float("nan"))])
 def test_a_config_field_that_cannot_work_is_refused_before_any_work(tmp_path, field, value):
+    from dhjax.train import config as config_lib
+
+    c = config_lib.apply_overrides(insta_config.get_config("tiny"), {field: value})
+    with pytest.raises(ValueError, match=f"config field {re.escape(field)} must be"):
+        insta_run.run(c, str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
+
+
+def test_missing_lpips_weights_are_refused_before_any_work(tmp_path):
     c = insta_config.get_config("tiny")
-    block, name = field.split(".")
-    c[block][name] = value
-    with pytest.raises(ValueError, match=f"config field {field} must be"):
+    c.eval.lpips_path = str(tmp_path / "nope.npz")
+    with pytest.raises(FileNotFoundError, match="config field eval.lpips_path: .*nope.npz"):
         insta_run.run(c, str(tmp_path / "run"))
     assert not (tmp_path / "run").exists()
 
@@ -706,3 +718,12 @@ def test_run_writes_its_outputs_resumes_and_reenacts(tmp_path):
                                                                           cache_dir=c.data.cache_dir)),
                             str(tmp_path / "re"), max_frames=2)
     assert out.is_file() and out.stat().st_size > 0
+    src = insta_run.cache_lib.cached_video(c.data.synthetic, name="insta_video", cache_dir=c.data.cache_dir)
+    one = insta_run.reenact(str(work), str(src), str(tmp_path / "re1"), max_frames=1)     # nothing trains: one frame
+    assert one.is_file()
+    for kw, match in ((dict(fps=float("nan")), "--fps must be a frame rate > 0, got nan"),
+                      (dict(fps=0.0), "--fps must be a frame rate > 0"),
+                      (dict(max_frames=-3), "--max_frames must be >= 0")):
+        with pytest.raises(ValueError, match=match):
+            insta_run.reenact(str(work), str(src), str(tmp_path / "re2"), **kw)
+    assert not (tmp_path / "re2").exists()

@@ -14,7 +14,7 @@ from dhjax.io.flame_files import (
     save_flame_npz,
 )
 from dhjax.io.gaussians import load_gaussians_ply, save_gaussians_ply
-from dhjax.io.image import IMAGE_SUFFIXES, image_grid, load_image, load_video, save_image, save_video
+from dhjax.io.image import IMAGE_SUFFIXES, check_fps, image_grid, load_image, load_video, save_image, save_video
 from dhjax.io.mesh import load_mesh, save_obj, save_ply
 from dhjax.io.params import load_params, params_paths, save_params
 
@@ -34,6 +34,7 @@ __all__ = [
     "save_image",
     "load_image",
     "save_video",
+    "check_fps",
     "load_video",
     "image_grid",
     "IMAGE_SUFFIXES",

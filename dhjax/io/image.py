@@ -16,7 +16,7 @@ import numpy as np
 
 from dhjax.io._common import existing_file
 
-__all__ = ["save_image", "load_image", "save_video", "load_video", "image_grid"]
+__all__ = ["save_image", "load_image", "save_video", "check_fps", "load_video", "image_grid"]
 
 
 def _to_uint8(image, name: str = "image") -> np.ndarray:
@@ -116,6 +116,15 @@ def _ffmpeg_subprocess():
         yield
 
 
+def check_fps(fps, name: str = "fps") -> float:
+    """`fps` as a float; ValueError naming `name` unless it is a finite frame rate > 0 (tools
+    check it before rendering the frames that save_video writes)."""
+    if isinstance(fps, bool) or not isinstance(fps, (int, float, np.integer, np.floating)) \
+            or not np.isfinite(fps) or not fps > 0:
+        raise ValueError(f"{name} must be a frame rate > 0, got {fps!r}")
+    return float(fps)
+
+
 def save_video(path: str | os.PathLike, frames, fps: float = 25, *, crf: int = 15) -> Path:
     """Write frames as an H.264 mp4 (yuv420p) through imageio-ffmpeg.
 
@@ -127,7 +136,7 @@ def save_video(path: str | os.PathLike, frames, fps: float = 25, *, crf: int = 1
       path: output file (.mp4); parent folders are created.
       frames: [T, H, W, 3] float in [0, 1] (clipped) or uint8; also [T, H, W, 1] or [T, H, W]
         (grey, written as RGB).
-      fps: frames per second.
+      fps: frames per second (finite, > 0: `check_fps`).
       crf: H.264 constant rate factor (0 best .. 51 worst); the default 15 is visually lossless.
 
     Returns:
@@ -135,6 +144,7 @@ def save_video(path: str | os.PathLike, frames, fps: float = 25, *, crf: int = 1
     """
     import imageio.v2 as imageio
 
+    fps = check_fps(fps)
     video = _to_uint8(frames, "frames")
     if video.ndim == 3:
         video = video[..., None]

@@ -48,6 +48,7 @@ from dhjax.synthesis import gem_data
 from dhjax.synthesis import gem_local
 from dhjax.synthesis.insta_run import image_metrics
 from dhjax.train import app
+from dhjax.train import config as config_lib
 from dhjax.train import logs
 from dhjax.train import loop
 
@@ -672,17 +673,44 @@ def _picture(path, examples: list[tuple[str, dict]]):
     fig.savefig(path)
 
 
+def check_config(cfg) -> None:
+    """Raises ValueError naming the field when the model or eigenbasis sizes cannot work
+    (model.map_size, gem.n_components, gem.table_components, refine.qr_every), and loads
+    eval.lpips_path's weights: before anything is written, so that a bad value does not cost
+    the Net's training before stage B refuses it. (That M leaves a training frame over is
+    checked once the capture is split, still before stage A.)"""
+    for field in ("model.map_size", "gem.n_components", "refine.qr_every", "refine.views_per_step"):
+        config_lib.check_integer(cfg, field, 1)
+    M = int(cfg.gem.n_components)
+    bad = [m for m in cfg.gem.table_components if isinstance(m, bool) or not isinstance(m, int) or not 1 <= m <= M]
+    if bad:
+        raise ValueError(f"config field gem.table_components must hold sizes in [1, gem.n_components = {M}], "
+                         f"got {tuple(cfg.gem.table_components)}")
+    if cfg.eval.lpips_path:
+        from dhjax.nn import lpips
+
+        try:
+            lpips.load_lpips(cfg.eval.lpips_path)
+        except FileNotFoundError as err:
+            raise FileNotFoundError(f"config field eval.lpips_path: {err}") from None
+
+
 def run(cfg, workdir: str) -> dict:
     """Runs (or resumes) GEM's stages A -> D on one subject and writes the files of the module
     docstring. Returns metrics.json's content.
 
-    Raises app.Interrupted on SIGTERM during a training stage (a checkpoint was written).
+    Raises app.Interrupted on SIGTERM during a training stage (a checkpoint was written),
+    ValueError for a config field that cannot work (`check_config`, before anything is written).
     """
     app.check_experiment(cfg, "gem")
+    check_config(cfg)
     run_ = app.start(workdir, cfg)
     log = run_.log
     cap, model, source = open_capture(cfg, log)
     sp = gem_data.split(cap, tuple(cfg.data.test_views), cfg.data.test_frames)
+    if int(cfg.gem.n_components) > len(sp.train_frames) - 1:     # stage B's bound, before stage A trains
+        raise ValueError(f"gem.n_components={int(cfg.gem.n_components)} needs at least "
+                         f"{int(cfg.gem.n_components) + 1} training frames, the capture has {len(sp.train_frames)}")
     ctx = gem.make_context(model, cap.shape, cfg.model, cfg.loss, cfg.optim)
     log(f"data: {source}: {len(sp.train_frames)} training / {len(sp.test_frames)} held-out frames, "
         f"{len(sp.train_views)} training / {len(sp.test_views)} held-out cameras; {ctx.n_gaussians} Gaussians "
@@ -882,8 +910,12 @@ def drive(workdir, out, *, source: str = "", split: str = "train", item: int = -
     video's path.
     """
     work = Path(workdir)
+    dio.check_fps(fps, "--fps")
+    if int(max_frames) < 0:
+        raise ValueError(f"--max_frames must be >= 0 (0: every frame), got {max_frames}")
     if bool(source) == bool(landmarks_path):
-        raise ValueError("give exactly one of source (a dataset folder) or landmarks_path (a landmark file)")
+        raise ValueError("give exactly one of --source (a dataset folder, e.g. experiments.track's <workdir>/dataset) "
+                         "or --landmarks (a video's landmark file or folder); Python: source= / landmarks_path=")
     model = gem.load_eigenmodel(work / "gem.npz")
     cam = drive_camera(work)
     driver = "params" if source else "landmarks"

@@ -713,16 +713,29 @@ def eval_rays(cfg, test: insta_data.Video, devices: int) -> dict:
 
 
 def check_config(cfg) -> None:
-    """Raises ValueError naming the first batch or eval field that cannot work (before any work,
-    so that a bad value does not cost a training run before the evaluation refuses it)."""
+    """Raises ValueError naming the first batch, eval, data, model or online field that cannot
+    work, and loads eval.lpips_path's weights (FileNotFoundError / ValueError naming the file):
+    before any work, so that a bad value does not cost a training run before the evaluation (or
+    the first occupancy update) refuses it."""
     for field in ("batch.frames_per_step", "batch.rays_per_frame", "batch.samples_per_ray", "eval.chunk",
-                  "eval.n_rays"):
+                  "eval.n_rays", "model.occupancy.resolution", "model.occupancy.every"):
         config_lib.check_integer(cfg, field, 1)
     config_lib.check_integer(cfg, "eval.max_test_frames", 0, " (0: every held-out frame)")
     config_lib.check_integer(cfg, "eval.orbit_frames", 0, " (0: no orbit)")
     config_lib.check_integer(cfg, "eval.mesh_resolution", 0, " (0: no mesh)")
-    if not float(cfg.eval.video_fps) > 0:
-        raise ValueError(f"config field eval.video_fps must be > 0, got {cfg.eval.video_fps!r}")
+    for field, value, what in (("eval.video_fps", cfg.eval.video_fps, "> 0"),
+                               ("model.step_divisor", cfg.model.step_divisor, "> 0 (thesis: 1024)"),
+                               ("data.holdout", cfg.data.holdout, "> 0 (a count of frames, or a fraction < 1)"),
+                               ("online.timeout_s", cfg.online.get("timeout_s", 1.0), "> 0 (seconds)")):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            raise ValueError(f"config field {field} must be {what}, got {value!r}")
+    if cfg.eval.lpips_path:
+        from dhjax.nn import lpips
+
+        try:
+            lpips.load_lpips(cfg.eval.lpips_path)
+        except FileNotFoundError as err:
+            raise FileNotFoundError(f"config field eval.lpips_path: {err}") from None
 
 
 def run(cfg, workdir: str) -> dict:
@@ -803,7 +816,8 @@ def _train_and_evaluate(cfg, run_, ctx, train, test, assets, shape, feed) -> dic
         online.eval_batch = eval_rays(cfg, test, jax.device_count())
     state = result.state
     metrics = evaluate_heldout(cfg, ctx, state, train, test, assets, renderer, run_, log)
-    metrics["train_seconds"] = train_seconds if result.steps_run else float("nan")
+    if result.steps_run:     # a rerun of a finished run keeps the training time it recorded (final_metrics.json)
+        metrics["train_seconds"] = train_seconds
     if run_.lead:
         app.merge_final_metrics(run_.workdir, {f"heldout/{k}": v for k, v in metrics.items()
                                                if isinstance(v, float)})
@@ -814,8 +828,8 @@ def _train_and_evaluate(cfg, run_, ctx, train, test, assets, shape, feed) -> dic
                                            f"{p['heldout_psnr']:.2f} dB" for p in pts))
         elif result.steps_run:
             _log_curve(online.write_curve(run_), log)
-    outputs = ["heldout_metrics.json", "heldout.mp4"]
-    outputs += [n for n in ("orbit.mp4", "canonical_mesh.obj", "training_curve.png", "online.png")
+    outputs = ["heldout_metrics.json"]     # heldout.mp4 only with two held-out frames or more
+    outputs += [n for n in ("heldout.mp4", "orbit.mp4", "canonical_mesh.obj", "training_curve.png", "online.png")
                 if Path(run_.path(n)).is_file()]
     run_.done(f"{run_.workdir}/heldout.png", *outputs)
     return metrics
@@ -1073,6 +1087,9 @@ def reenact(workdir: str, source: str, out: str, *, item: int = -1, max_frames: 
     keeps its own identity shape). Writes <out>/reenact.mp4 (source | avatar) and returns its
     path."""
     cfg = app.read_config(workdir, experiment=EXPERIMENT)
+    dio.check_fps(fps, "--fps")
+    if int(max_frames) < 0:
+        raise ValueError(f"--max_frames must be >= 0 (0: every frame), got {max_frames}")
     if not Path(source).is_dir():       # before the slow loads below
         raise FileNotFoundError(f"--source '{source}' is not a folder: pass a tracked video (a 'video' dataset "
                                 f"folder, e.g. experiments.track's <workdir>/dataset)")
@@ -1085,7 +1102,8 @@ def reenact(workdir: str, source: str, out: str, *, item: int = -1, max_frames: 
     samples = insta_data.load_video(source, "train", None if item < 0 else item, max_frames)
     driven = [dict(s, shape=shape) for s in samples]
     video, _ = insta_data.prepare(driven, assets.model, background=tuple(cfg.model.background),
-                                  names=[f"{source} frame {i}" for i in range(len(driven))])
+                                  names=[f"{source} frame {i}" for i in range(len(driven))],
+                                  min_frames=1)            # nothing trains: one frame is a reenactment
     renderer = Renderer(ctx, int(cfg.eval.chunk))
     W, H = video.size
     frames = []
