@@ -136,6 +136,9 @@ def test_eigenmodel_file_round_trip_and_errors(ctx, tmp_path):
         gem.load_eigenmodel(tmp_path / "bad2.npz")
     with pytest.raises(FileNotFoundError, match="nope.npz"):
         gem.load_eigenmodel(tmp_path / "nope.npz")
+    (tmp_path / "cut.npz").write_bytes(path.read_bytes()[: path.stat().st_size // 2])    # a truncated copy
+    with pytest.raises(ValueError, match=r"cut.npz' is unreadable \(a GEM eigenmodel\): BadZipFile"):
+        gem.load_eigenmodel(tmp_path / "cut.npz")
     # coefficients of the wrong size or missing attributes
     k0 = gem.zero_coefficients(model)
     with pytest.raises(ValueError, match=r"'scale' must be \[\.\.\., 3\]"):

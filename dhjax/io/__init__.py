@@ -4,7 +4,7 @@ Plain numpy and file handling only; nothing here imports dhjax.models, dhjax.ren
 higher floors. Lengths are in metres.
 """
 
-from dhjax.io._common import existing_file
+from dhjax.io._common import existing_file, read_npz
 from dhjax.io.flame_files import (
     FLAME_KEYS,
     N_JOINTS,
@@ -20,6 +20,7 @@ from dhjax.io.params import load_params, params_paths, save_params
 
 __all__ = [
     "existing_file",
+    "read_npz",
     "save_gaussians_ply",
     "load_gaussians_ply",
     "FLAME_KEYS",

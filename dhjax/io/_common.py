@@ -18,6 +18,30 @@ def existing_file(path: str | os.PathLike) -> Path:
     return path
 
 
+def read_npz(path: str | os.PathLike, keys=None, what: str = "") -> dict:
+    """Every array of an .npz file (no pickles) as {name: numpy array}. A missing file is a
+    FileNotFoundError and an unreadable one (truncated, not a zip, pickled objects) or one that
+    lacks any of `keys` a ValueError, each naming the file (and `what` it should be, e.g. "a GEM
+    eigenmodel")."""
+    import zipfile
+
+    import numpy as np
+
+    path = Path(path)
+    kind = f" ({what})" if what else ""
+    if not path.is_file():
+        raise FileNotFoundError(f"no such file: '{path}'{kind}")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            data = {k: z[k] for k in z.files}
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError, KeyError) as err:
+        raise ValueError(f"'{path}' is unreadable{kind}: {type(err).__name__}: {err}") from None
+    missing = [k for k in (keys or ()) if k not in data]
+    if missing:
+        raise ValueError(f"'{path}'{kind} lacks the arrays {missing}")
+    return data
+
+
 # ----------------------------------------------------------------------------------------------
 # PLY headers.
 

@@ -75,6 +75,7 @@ import ml_collections
 import numpy as np
 import optax
 
+from dhjax import io as dio
 from dhjax import losses
 from dhjax.data import textures
 from dhjax.geometry import deformation
@@ -820,8 +821,7 @@ def load_regressor(path) -> tuple[Regressor, str]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no GEM regressor file '{path}'")
-    with np.load(path, allow_pickle=False) as z:
-        data = {k: z[k] for k in z.files}
+    data = dio.read_npz(path, what="a GEM regressor")
     need = ["driver", "neutral", "pca_mean", "pca_components", "pca_sigma"] + [f"sigma_{a}" for a in ATTRIBUTES]
     missing = [k for k in need if k not in data]
     if missing or not any(k.startswith("mlp/") for k in data):
@@ -867,8 +867,7 @@ def load_eigenmodel(path) -> EigenModel:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no GEM eigenmodel file '{path}'")
-    with np.load(path, allow_pickle=False) as z:
-        data = {k: z[k] for k in z.files}
+    data = dio.read_npz(path, what="a GEM eigenmodel")
     need = ["sh", "sh_degree", "background"] + [f"{p}_{a}" for a in ATTRIBUTES for p in ("mean", "basis", "sigma")]
     missing = [k for k in need if k not in data]
     if missing:

@@ -883,9 +883,9 @@ def drive_camera(workdir) -> camera_lib.Camera:
     cam_file = Path(workdir) / "drive_camera.npz"
     if not cam_file.is_file():
         raise FileNotFoundError(f"no '{cam_file}': '{workdir}' is not a finished GEM run")
-    with np.load(cam_file) as z:
-        return camera_lib.Camera(jnp.asarray(z["K"])[None], jnp.asarray(z["R"])[None], jnp.asarray(z["t"])[None],
-                                 int(z["width"]), int(z["height"]))
+    z = dio.read_npz(cam_file, ("K", "R", "t", "width", "height"), what="the driving camera of a GEM run")
+    return camera_lib.Camera(jnp.asarray(z["K"])[None], jnp.asarray(z["R"])[None], jnp.asarray(z["t"])[None],
+                             int(z["width"]), int(z["height"]))
 
 
 def drive(workdir, out, *, source: str = "", split: str = "train", item: int = -1, landmarks_path: str = "",

@@ -1071,8 +1071,8 @@ def context_of_run(cfg, avatar_path, assets) -> insta.Context:
     path = Path(avatar_path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no avatar file; is this the workdir of a finished experiments.insta run?")
-    with np.load(path) as z:
-        canon, n_frames = np.asarray(z["canon_verts"]), int(z["n_frames"])
+    z = dio.read_npz(path, ("canon_verts", "n_frames"), what="an INSTA avatar")
+    canon, n_frames = np.asarray(z["canon_verts"]), int(z["n_frames"])
     mouth_f, _ = insta_data.region_faces(assets.model)
     b = cfg.batch
     return insta.make_context(canon, np.asarray(assets.model.faces), mouth_f, n_frames=n_frames, model_cfg=cfg.model,
@@ -1097,8 +1097,8 @@ def reenact(workdir: str, source: str, out: str, *, item: int = -1, max_frames: 
     ctx = context_of_run(cfg, Path(workdir) / "avatar.npz", assets)
     _, state, step = app.load_run(workdir, lambda c: insta.init_state(jax.random.PRNGKey(0), ctx),
                                   experiment=EXPERIMENT)
-    with np.load(Path(workdir) / "avatar.npz") as z:
-        shape = np.asarray(z["shape"], np.float32)
+    shape = np.asarray(dio.read_npz(Path(workdir) / "avatar.npz", ("shape",), what="an INSTA avatar")["shape"],
+                       np.float32)
     samples = insta_data.load_video(source, "train", None if item < 0 else item, max_frames)
     driven = [dict(s, shape=shape) for s in samples]
     video, _ = insta_data.prepare(driven, assets.model, background=tuple(cfg.model.background),
