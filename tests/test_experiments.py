@@ -212,6 +212,19 @@ def test_sweep_dry_run_prints_every_variant(tmp_path):
     assert not tmp_path.joinpath("results.md").exists()
 
 
+@pytest.mark.parametrize("module,config,message", [
+    ("experiments.insta", "configs/insta.py:tinny", "ValueError: unknown variant 'tinny'; use one of"),
+    ("experiments.d3ga", "configs/nope.py:tiny", "[Errno 2] No such file or directory: 'configs/nope.py'"),
+])
+def test_a_config_file_that_cannot_load_is_one_error_line(tmp_path, module, config, message):
+    proc = subprocess.run([sys.executable, "-m", module, f"--config={config}", f"--workdir={tmp_path / 'w'}"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300, env=dict(os.environ, PYTHONPATH=ROOT))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: --config={config}: ") and message in last, last
+    assert not (tmp_path / "w").exists()
+
+
 @pytest.mark.parametrize("module,spec,override,field", [
     ("experiments.sample_heads", "sample_heads.py", "--config.nmber=3", "'nmber'"),
     ("experiments.d3ga", "d3ga.py:tiny", "--config.trian.steps=10", "'trian' (Did you mean \"train\""),

@@ -439,14 +439,43 @@ def exit_on_user_error(fn: Callable[[], Any], errors: Iterable[type] = (FileNotF
         sys.exit(2)
 
 
+def _config_file_error(argv: list[str], err: BaseException) -> None:
+    """A --config file that cannot be loaded (missing, or its get_config raised: e.g. an unknown
+    variant) as one 'error:' line with the cause's last line, and exit status 2."""
+    lines = [s.strip() for s in str(err).splitlines() if s.strip()]
+    given = next((a.split("=", 1)[1] for a in argv[1:] if a.startswith("--config=")), "?")
+    cause = next((s for s in reversed(lines) if s.startswith("[Errno")), lines[-1] if lines else str(err))
+    print(f"error: --config={given}: {cause}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
 def parse_flags(argv: list[str]) -> list[str]:
     """The flags parser of the experiments (`absl.app.run(main, flags_parser=parse_flags)`):
-    absl's, plus a config override that names a field the config lacks (ml_collections raises
-    AttributeError or KeyError while parsing: a traceback otherwise) becomes one 'error:' line
-    naming the flag, with ml_collections' suggestion, and exit status 2."""
+    absl's, plus two kinds of config error as one 'error:' line and exit status 2 instead of a
+    traceback: a config file that cannot be loaded (missing, an unknown variant, an error in its
+    get_config) and an override that names a field the config lacks (ml_collections raises
+    AttributeError or KeyError while parsing; the line names the flag, with ml_collections'
+    suggestion)."""
     from absl import app as absl_app
 
     try:
+        try:
+            rest = flags.FLAGS(argv)
+        except flags.IllegalFlagValueError as err:
+            if str(err).startswith("flag --config=") and ("config file" in str(err) or "Traceback" in str(err)):
+                _config_file_error(argv, err)
+            raise
+        except flags.Error:
+            return absl_app.parse_flags_with_usage(argv)      # absl's message, usage hint and exit status
+        if "config" in flags.FLAGS:
+            try:                                          # a file that failed to load gives an object
+                value = flags.FLAGS["config"].value           # that raises on first use
+                if value is not None and not isinstance(value, str):     # (experiments.sweep: a path)
+                    value.keys()
+            except OSError as err:
+                _config_file_error(argv, err)
+        return rest
+    except flags.IllegalFlagValueError:
         return absl_app.parse_flags_with_usage(argv)
     except (AttributeError, KeyError) as err:
         inner = err.args[0] if err.args else err
