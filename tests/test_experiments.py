@@ -88,6 +88,28 @@ def test_bench_flame_writes_json(tmp_path):
     assert res["flame_b64_speedup_vs_smplx"] > 0
 
 
+def test_bench_replaces_an_earlier_benchmark_but_not_a_run(tmp_path):
+    """A benchmark has nothing to resume: rerun in its folder with other settings it replaces the
+    earlier one; a folder holding another experiment's run is still refused."""
+    quick = ["--config.warmup=0", "--config.batch_sizes=(1,)", "--config.raster_size=32"]
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    for repeats in (1, 2):
+        proc = subprocess.run([sys.executable, "-m", "experiments.bench", "--config=configs/bench.py:flame", *quick,
+                               f"--config.repeats={repeats}", f"--workdir={tmp_path / 'b'}"],
+                              cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert json.loads((tmp_path / "b" / "config.json").read_text())["repeats"] == repeats
+    assert "replacing the earlier benchmark (suite 'flame')" in proc.stdout
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"experiment": "insta", "seed": 0}))
+    (run / "metrics.jsonl").write_text("{}\n")
+    proc = subprocess.run([sys.executable, "-m", "experiments.bench", "--config=configs/bench.py:flame", *quick,
+                           f"--workdir={run}"], cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 2 and "holds a run" in proc.stderr, proc.stderr[-2000:]
+    assert json.loads((run / "config.json").read_text()) == {"experiment": "insta", "seed": 0}
+
+
 def test_bench_unknown_suite_is_an_error(tmp_path):
     from dhjax.bench import suite
 
