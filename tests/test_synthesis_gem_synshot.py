@@ -268,9 +268,9 @@ def test_evaluate_on_held_out_expressions(setup):
         want = np.mean(np.asarray(losses.psnr(res["images"][name][0], res["images"]["synshot"][0])))
         assert res[f"psnr_{name}"] == pytest.approx(float(want), rel=1e-5)
     assert res["psnr_fitted"] > res["psnr_mean"]
-    assert res["gem_mb"] == pytest.approx(gem.size_bytes(model) / 1e6)
+    assert res["gem_mb"] == pytest.approx(gem.size_bytes(model) / 2 ** 20)
     n_par = sum(np.asarray(x).size for x in jax.tree_util.tree_leaves((s["state"]["params"], s["state"]["stats"])))
-    assert res["synshot_mb"] == pytest.approx(4 * (n_par + np.asarray(s["q_id"]).size) / 1e6)
+    assert res["synshot_mb"] == pytest.approx(4 * (n_par + np.asarray(s["q_id"]).size) / 2 ** 20)
 
 
 def test_bad_inputs_raise_clear_errors(setup):

@@ -546,7 +546,7 @@ def evaluate(model: gem.EigenModel, state: Mapping, ctx: synshot.Context, identi
     Returns:
       {psnr_projected, psnr_fitted, psnr_mean: dB, the mean over frames and cameras of per-image
       PSNRs (`losses.psnr`); per_frame: the same as lists [N]; gem_mb (`gem.size_bytes`) and
-      synshot_mb (`parameter_bytes`), MB = 10^6 bytes; n_frames, n_cameras; with return_images:
+      synshot_mb (`parameter_bytes`), MB = 2^20 bytes (as gem_run's gem_mb); n_frames, n_cameras; with return_images:
       images {synshot, projected, fitted, mean} [N, C, H, W, 3]}.
     """
     expr, pose, tr = check_frames(expression, pose, translation, n_joints=len(ctx.assets.parents),
@@ -579,7 +579,7 @@ def evaluate(model: gem.EigenModel, state: Mapping, ctx: synshot.Context, identi
             if return_images:
                 images[name].append(np.asarray(img))
     res = {f"psnr_{k}": float(np.mean(v)) for k, v in psnrs.items()}
-    res.update(per_frame=psnrs, gem_mb=gem.size_bytes(model) / 1e6, synshot_mb=parameter_bytes(state, q_id) / 1e6,
+    res.update(per_frame=psnrs, gem_mb=gem.size_bytes(model) / 2 ** 20, synshot_mb=parameter_bytes(state, q_id) / 2 ** 20,
                n_frames=int(n), n_cameras=int(cams.t.shape[1]))
     if return_images:
         res["images"] = dict(synshot=ref, **{k: np.stack(v) for k, v in images.items()})
@@ -712,7 +712,7 @@ def run_distillation(workdir, out_dir, *, n_frames: int = 64, n_components: int 
     metrics = {f"psnr_gem_{k_}_vs_synshot": float(np.mean(v)) for k_, v in per.items() if "truth" not in k_}
     metrics.update({f"psnr_{k_}": float(np.mean(v)) for k_, v in per.items() if "truth" in k_})
     metrics.update(n_heldout_images=len(rows), n_training_frames=int(expr.shape[0]), n_components=int(n_components),
-                   gem_mb=gem.size_bytes(model) / 1e6, synshot_mb=parameter_bytes(state, q_id) / 1e6,
+                   gem_mb=gem.size_bytes(model) / 2 ** 20, synshot_mb=parameter_bytes(state, q_id) / 2 ** 20,
                    colour_deviation=info["colour"], covariance_error=info["covariance_error"],
                    explained_variance={a: float(np.sum(r)) for a, r in info["explained_variance_ratio"].items()},
                    inversion_run=os.path.abspath(str(workdir)))
