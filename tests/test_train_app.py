@@ -202,6 +202,13 @@ def test_exit_on_user_error(capsys):
     assert "error: no such run" in capsys.readouterr().err
     assert app.exit_on_user_error(lambda: 5) == 5
 
+    def diverged():                   # loop.train's failure of a diverged run: one line, not a traceback
+        raise FloatingPointError("10 of 10 steps were non-finite")
+
+    with pytest.raises(SystemExit) as exc:
+        app.exit_on_user_error(diverged, errors=(app.RunError,))
+    assert exc.value.code == 2 and "error: 10 of 10 steps were non-finite" in capsys.readouterr().err
+
 
 def test_parameter_overview_counts_parameters():
     text = app.parameter_overview({"dense": {"kernel": np.zeros((3, 4), np.float32), "bias": np.zeros(4, np.float32)}})

@@ -430,11 +430,12 @@ def load_run(workdir: str | os.PathLike, template: Callable[[ml_collections.Conf
 
 
 def exit_on_user_error(fn: Callable[[], Any], errors: Iterable[type] = (FileNotFoundError, ValueError)) -> Any:
-    """Calls fn(); one of `errors` becomes 'error: <message>' on stderr and exit status 2 (for
-    command-line programs whose user gave a wrong folder or file)."""
+    """Calls fn(); one of `errors`, or a FloatingPointError (a run that diverged: `loop.train`'s
+    message says what was checkpointed and how to go on), becomes 'error: <message>' on stderr
+    and exit status 2 (for command-line programs whose user gave a wrong folder, file or value)."""
     try:
         return fn()
-    except tuple(errors) as err:
+    except (*tuple(errors), FloatingPointError) as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         sys.exit(2)
 

@@ -323,13 +323,16 @@ def train(cfg, workdir: str, method: Method, dataset, *, eval_batch=None,
             save(done)
             raise FloatingPointError(
                 f"non-finite loss/gradients at step {first}; the last finite state is "
-                f"checkpointed in {ckpt.directory} (set train.on_nonfinite='skip' to skip such steps)")
+                f"checkpointed in {ckpt.directory} (set train.on_nonfinite='skip' to skip such steps: "
+                f"--allow_config_change accepts it on resume)")
         if n > max_skipped * tc.steps:
             save(done)
             raise FloatingPointError(
                 f"{n} of the run's {tc.steps} steps were non-finite and skipped (first at step {first}), "
                 f"more than train.max_skipped_fraction={max_skipped:g} allows; the last finite state is "
-                f"checkpointed in {ckpt.directory}")
+                f"checkpointed in {ckpt.directory}. The same command resumes and fails again: lower the learning "
+                f"rate or check the inputs (in a new --workdir), or raise train.max_skipped_fraction "
+                f"(--allow_config_change accepts it on resume)")
 
     def evaluate_and_log(done):
         """Evaluation metrics and the method's images (ground truth next to render) at one step."""
