@@ -170,6 +170,16 @@ def test_init_distributed_names_missing_variables(no_join, monkeypatch):
     monkeypatch.setenv("DHJAX_NUM_PROCESSES", "2")
     with pytest.raises(app.RunError, match="DHJAX_NUM_PROCESSES=2 needs DHJAX_COORDINATOR and DHJAX_PROCESS_ID"):
         app.init_distributed()
+    monkeypatch.setenv("DHJAX_COORDINATOR", "10.0.0.1:1234")
+    monkeypatch.setenv("DHJAX_PROCESS_ID", "2")
+    with pytest.raises(app.RunError, match=r"DHJAX_PROCESS_ID=2 must be below DHJAX_NUM_PROCESSES=2 \(ids 0..1\)"):
+        app.init_distributed()
+    monkeypatch.setenv("DHJAX_PROCESS_ID", "one")
+    with pytest.raises(app.RunError, match="DHJAX_PROCESS_ID must be an integer >= 0, got 'one'"):
+        app.init_distributed()
+    monkeypatch.setenv("DHJAX_NUM_PROCESSES", "abc")
+    with pytest.raises(app.RunError, match="DHJAX_NUM_PROCESSES must be an integer >= 1, got 'abc'"):
+        app.init_distributed()
     assert calls == []
 
 

@@ -112,7 +112,7 @@ def init_distributed() -> None:
     without the other two variables.
     """
     explicit = os.environ.get("DHJAX_NUM_PROCESSES")
-    n = int(explicit or "1")
+    n = _env_int("DHJAX_NUM_PROCESSES", explicit or "1", 1)
     # srun sets SLURM_STEP_NUM_TASKS to its step's task count; SLURM_NTASKS, the fallback, may
     # be the whole allocation's.
     slurm_tasks = int(os.environ.get("SLURM_STEP_NUM_TASKS", os.environ.get("SLURM_NTASKS", "1")))
@@ -128,10 +128,23 @@ def init_distributed() -> None:
         if missing:
             raise RunError(f"DHJAX_NUM_PROCESSES={n} needs {' and '.join(missing)} too (the coordinator's "
                            f"host:port, and this process's id 0..{n - 1})")
+        pid = _env_int("DHJAX_PROCESS_ID", os.environ["DHJAX_PROCESS_ID"], 0)
+        if pid >= n:
+            raise RunError(f"DHJAX_PROCESS_ID={pid} must be below DHJAX_NUM_PROCESSES={n} (ids 0..{n - 1})")
         jax.distributed.initialize(coordinator_address=os.environ["DHJAX_COORDINATOR"],
-                                   num_processes=n, process_id=int(os.environ["DHJAX_PROCESS_ID"]))
+                                   num_processes=n, process_id=pid)
     else:
         jax.distributed.initialize()
+
+
+def _env_int(name: str, text: str, low: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or value < low:
+        raise RunError(f"{name} must be an integer >= {low}, got {text!r}")
+    return value
 
 
 class Run:
