@@ -909,6 +909,7 @@ def drive(workdir, out, *, source: str = "", split: str = "train", item: int = -
     (the driven GEM as a 3DGS PLY, in the head frame: driving gives no head pose); returns the
     video's path.
     """
+    app.quiet_library_logs()
     work = Path(workdir)
     dio.check_fps(fps, "--fps")
     if int(max_frames) < 0:

@@ -674,6 +674,7 @@ def run_distillation(workdir, out_dir, *, n_frames: int = 64, n_components: int 
     at the projected and at the fitted coefficients).
     Returns the metrics.
     """
+    app.quiet_library_logs()
     out = Path(out_dir)
     av = load_inverted_avatar(workdir)
     ctx, state, q_id, ident = av["ctx"], av["state"], av["q_id"], av["identity"]

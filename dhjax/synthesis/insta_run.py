@@ -646,6 +646,10 @@ def build(cfg, log=print):
     video, canon = insta_data.prepare(samples, assets.model, background=tuple(cfg.model.background),
                                       depth_source=cfg.data.depth_source, names=names)
     _check_expression(cfg, video)
+    n = video.images.shape[0]
+    if float(cfg.data.holdout) >= 1 and int(cfg.data.holdout) > n - 1 and log is not None:
+        log(f"note: data.holdout = {cfg.data.holdout} of the video's {n} frames leaves none to train on: holding "
+            f"out the last {n - 1} (a fraction < 1 holds out a share of any video)")
     train, test = insta_data.split(video, cfg.data.holdout)
     mouth_f, _ = insta_data.region_faces(assets.model)
     b = cfg.batch
@@ -1086,6 +1090,7 @@ def reenact(workdir: str, source: str, out: str, *, item: int = -1, max_frames: 
     dataset folder: its expressions, jaw/neck/eye poses, translations and cameras; the avatar
     keeps its own identity shape). Writes <out>/reenact.mp4 (source | avatar) and returns its
     path."""
+    app.quiet_library_logs()
     cfg = app.read_config(workdir, experiment=EXPERIMENT)
     dio.check_fps(fps, "--fps")
     if int(max_frames) < 0:
