@@ -482,3 +482,18 @@ def test_bad_identity_sampler_is_refused_with_the_options():
         synthetic.identity_correlation(dict(size=1 - 1e-12))
     with pytest.raises(ValueError, match="unknown components"):
         synthetic.identity_correlation(dict(skull_volume=0.5))
+
+
+@pytest.mark.parametrize("field, value, match", [
+    ("multiview.n_identities", -3, "multiview.n_identities must be an integer >= 1, got -3"),
+    ("video.width", 0, "video.width must be an integer >= 1"),
+    ("multiview.n_upper", -1, "multiview.n_upper must be an integer >= 0"),
+    ("beard_prob", 1.5, r"beard_prob must be a probability in \[0, 1\]"),
+    ("identity_sampler", "nope", "identity_sampler must be one of"),
+])
+def test_check_config_names_the_field(field, value, match):
+    from dhjax.train import config as config_lib
+
+    synthetic.check_config(synthetic.tiny_config())
+    with pytest.raises(ValueError, match=match):
+        synthetic.check_config(config_lib.apply_overrides(synthetic.tiny_config(), {field: value}))

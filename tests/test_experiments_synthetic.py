@@ -57,3 +57,20 @@ def test_bench_synthetic_reports_samples_per_second(tmp_path):
     assert res["suite"] == "synthetic" and res["synthetic_uv_size"] == 32
     assert res["synthetic_32_samples_per_s"] > 0 and res["synthetic_32_group_samples_per_s"] > 0
     assert np.isfinite(res["synthetic_32_samples_per_s"])
+
+
+@pytest.mark.parametrize("flags_, message", [
+    (["--config.shard_index=5", "--config.shard_count=2"], "0 <= shard_index < shard_count, got 5 / 2"),
+    (["--config.multiview.n_identities=-3"], "multiview.n_identities must be an integer >= 1, got -3"),
+])
+def test_make_synthetic_checks_its_config_before_any_work(tmp_path, flags_, message):
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "experiments.make_synthetic", "--config=configs/make_synthetic.py:tiny",
+                           *flags_, f"--workdir={tmp_path / 'w'}"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300, env=dict(os.environ, PYTHONPATH=ROOT))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: config field") and message in last, last
+    assert not (tmp_path / "w").exists()

@@ -104,6 +104,29 @@ def default_config() -> ml_collections.ConfigDict:
     return c
 
 
+def check_config(c) -> None:
+    """Raises ValueError naming the field when a head generator config (`default_config`) cannot
+    work: counts and image sizes integers >= 1 (n_frontal / n_upper >= 0, together >= 1),
+    beard_prob in [0, 1], the identity sampler known. Cheap: before any asset is built."""
+    def integer(name, value, low):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+            raise ValueError(f"config field {name} must be an integer >= {low}, got {value!r}")
+
+    integer("uv_size", c.uv_size, 1)
+    for block, names in (("multiview", ("n_identities", "n_expressions", "width", "height")),
+                         ("video", ("n_sequences", "n_frames", "width", "height"))):
+        for name in names:
+            integer(f"{block}.{name}", c[block][name], 1)
+    for name in ("n_frontal", "n_upper"):
+        integer(f"multiview.{name}", c.multiview[name], 0)
+    if c.multiview.n_frontal + c.multiview.n_upper < 1:
+        raise ValueError("config fields multiview.n_frontal + multiview.n_upper must give at least one camera")
+    p = c.beard_prob
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= float(p) <= 1.0:
+        raise ValueError(f"config field beard_prob must be a probability in [0, 1], got {p!r}")
+    check_identity_sampler(c.identity_sampler)
+
+
 def tiny_config() -> ml_collections.ConfigDict:
     """`default_config` at 128 x 128 with a 128 x 128 UV layout and few items (CPU tests)."""
     c = default_config()
