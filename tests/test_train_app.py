@@ -149,6 +149,9 @@ def test_a_start_that_wrote_nothing_else_is_replaced_and_another_experiment_is_n
         app.start(nameless, _cfg())
     with pytest.raises(ValueError, match="is not the config of a 'toy' run: it names no experiment"):
         app.read_config(nameless, "toy")
+    plain = ml_collections.ConfigDict(dict(width=4, n=1))           # a program whose config names no experiment
+    with pytest.raises(app.RunError, match="holds a run of experiment 'toy', and this program's config is not one"):
+        app.start(work, plain)
 
 
 def test_merge_final_metrics_keeps_earlier_entries(tmp_path):

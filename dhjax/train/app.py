@@ -278,6 +278,9 @@ def check_resume_config(workdir: str | os.PathLike, cfg: ml_collections.ConfigDi
     runs = dict((k, (a, b)) for k, a, b in diffs).get("experiment")
     if runs is not None and config_lib.MISSING not in runs:
         raise RunError(f"'{workdir}' holds a run of experiment {runs[0]!r}, not {runs[1]!r}: use another --workdir")
+    if runs is not None and runs[1] == config_lib.MISSING:      # e.g. sample_heads or a benchmark in a run's folder
+        raise RunError(f"'{workdir}' holds a run of experiment {runs[0]!r}, and this program's config is not one: "
+                       "use another --workdir")
     allow = _allow_flag() if allow_config_change is None else bool(allow_config_change)
 
     def flag_accepts(d):
