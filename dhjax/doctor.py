@@ -177,7 +177,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--distributed", action="store_true",
                         help="initialise jax.distributed first (as the experiments do) to see the job's processes")
     args = parser.parse_args(argv)
-    report = diagnose(distributed=args.distributed)
+    try:
+        report = diagnose(distributed=args.distributed)
+    except ValueError as err:           # --distributed: app.RunError naming a missing or bad DHJAX_* variable
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        return 2
     print(report.text(), flush=True)
     return 1 if (args.strict and report.warnings) else 0
 

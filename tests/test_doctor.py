@@ -91,3 +91,13 @@ def test_inspect_library_names_an_unloadable_file(tmp_path):
     bad.write_bytes(b"not an ELF file")
     info = _ffi.inspect_library(bad)
     assert info.abi is None and info.error.startswith("fails to load")
+
+
+def test_distributed_with_a_bad_environment_is_one_error_line(monkeypatch, capsys):
+    from dhjax import doctor
+
+    for key in ("DHJAX_COORDINATOR", "DHJAX_PROCESS_ID", "SLURM_NTASKS", "SLURM_STEP_NUM_TASKS"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("DHJAX_NUM_PROCESSES", "2")
+    assert doctor.main(["--distributed"]) == 2
+    assert capsys.readouterr().err.startswith("error: DHJAX_NUM_PROCESSES=2 needs DHJAX_COORDINATOR")
