@@ -165,6 +165,8 @@ def test_pipeline_batches_are_deterministic_and_cover_each_epoch():
     for step in (0, 6):
         rows = [p.local_batch(step, k, 2)["i"] for k in range(2)]
         np.testing.assert_array_equal(np.concatenate(rows), p.get_batch(step)["i"])
+    with pytest.raises(ValueError, match=r"need 0 <= process_index < process_count, got 5, 2"):
+        p.local_batch(0, 5, 2)
     # Shards of the pipeline partition its indices.
     shards = [p.shard(k, 3) for k in range(3)]
     np.testing.assert_array_equal(np.sort(np.concatenate([s.indices for s in shards])), np.arange(23))

@@ -525,6 +525,8 @@ class Pipeline:
 
     def local_batch(self, step: int, process_index: int, process_count: int) -> dict:
         """Rows [p B / n, (p + 1) B / n) of `get_batch(step)` (B must divide by n)."""
+        if process_count < 1 or not 0 <= process_index < process_count:
+            raise ValueError(f"need 0 <= process_index < process_count, got {process_index}, {process_count}")
         if self.batch_size % process_count:
             raise ValueError(f"batch size {self.batch_size} does not divide by {process_count} processes")
         rows = self.batch_size // process_count
