@@ -427,6 +427,16 @@ class FolderDataset:
 # Input pipeline.
 
 
+def check_processes(batch_size: int | None, process_index: int, process_count: int) -> None:
+    """ValueError unless 0 <= process_index < process_count and (when batch_size is given) the
+    global batch divides by process_count (every process feeds an equal share)."""
+    if process_count < 1 or not 0 <= process_index < process_count:
+        raise ValueError(f"need 0 <= process_index < process_count, got {process_index}, {process_count}")
+    if batch_size is not None and batch_size % process_count:
+        raise ValueError(f"batch size {batch_size} does not divide by {process_count} processes: every process "
+                         f"feeds an equal share of the global batch")
+
+
 def shard_indices(n: int, process_index: int, process_count: int, group: int = 1) -> np.ndarray:
     """The contiguous block of [0, n) that process `process_index` of `process_count` owns.
 
@@ -435,8 +445,7 @@ def shard_indices(n: int, process_index: int, process_count: int, group: int = 1
     processes. Writers need whole items per host, so that no two hosts write the same item's
     files (identity maps, cameras.json of a frame).
     """
-    if process_count < 1 or not 0 <= process_index < process_count:
-        raise ValueError(f"need 0 <= process_index < process_count, got {process_index}, {process_count}")
+    check_processes(None, process_index, process_count)
     if group < 1:
         raise ValueError(f"group must be >= 1, got {group}")
     groups = -(-n // group)
@@ -525,10 +534,7 @@ class Pipeline:
 
     def local_batch(self, step: int, process_index: int, process_count: int) -> dict:
         """Rows [p B / n, (p + 1) B / n) of `get_batch(step)` (B must divide by n)."""
-        if process_count < 1 or not 0 <= process_index < process_count:
-            raise ValueError(f"need 0 <= process_index < process_count, got {process_index}, {process_count}")
-        if self.batch_size % process_count:
-            raise ValueError(f"batch size {self.batch_size} does not divide by {process_count} processes")
+        check_processes(self.batch_size, process_index, process_count)
         rows = self.batch_size // process_count
         idx = self.batch_indices(step)[process_index * rows:(process_index + 1) * rows]
         return stack_samples([self.dataset[int(i)] for i in idx])

@@ -99,7 +99,7 @@ class StepBatches(grain.MapDataset):
     def __init__(self, parent: grain.MapDataset, pipeline: ds.Pipeline, process_index: int = 0,
                  process_count: int = 1, *, steps: int, required_keys: Sequence[str] = ()):
         super().__init__(parent)
-        _check_processes(pipeline.batch_size, process_index, process_count)
+        ds.check_processes(pipeline.batch_size, process_index, process_count)
         self._pipeline = pipeline
         self._rows = pipeline.batch_size // process_count
         self._first = process_index * self._rows
@@ -136,14 +136,6 @@ class StepBatches(grain.MapDataset):
     def __str__(self) -> str:
         return (f"StepBatches(batch_size={self._pipeline.batch_size}, rows={self._first}:"
                 f"{self._first + self._rows}, seed={self._pipeline.seed}, shuffle={self._pipeline.shuffle})")
-
-
-def _check_processes(batch_size: int, process_index: int, process_count: int) -> None:
-    if process_count < 1 or not 0 <= process_index < process_count:
-        raise ValueError(f"need 0 <= process_index < process_count, got {process_index}, {process_count}")
-    if batch_size % process_count:
-        raise ValueError(f"batch size {batch_size} does not divide by {process_count} processes: every process "
-                         f"feeds an equal share of the global batch")
 
 
 def _jax_process() -> tuple[int, int]:
@@ -250,7 +242,7 @@ class BatchIterator:
     """
 
     def __init__(self, pipeline: GrainPipeline, start: int, stop: int, process_index: int, process_count: int):
-        _check_processes(pipeline.batch_size, process_index, process_count)
+        ds.check_processes(pipeline.batch_size, process_index, process_count)
         if not 0 <= start <= stop:
             raise ValueError(f"need 0 <= start <= stop, got start {start}, stop {stop}")
         self.pipeline, self.stop = pipeline, int(stop)

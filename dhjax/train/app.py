@@ -478,11 +478,10 @@ def parse_flags(argv: list[str]) -> list[str]:
     try:
         try:
             rest = flags.FLAGS(argv)
-        except flags.IllegalFlagValueError as err:
-            if str(err).startswith("flag --config=") and ("config file" in str(err) or "Traceback" in str(err)):
+        except flags.Error as err:
+            if isinstance(err, flags.IllegalFlagValueError) and str(err).startswith("flag --config=") \
+                    and ("config file" in str(err) or "Traceback" in str(err)):
                 _config_file_error(argv, err)
-            raise
-        except flags.Error:
             return absl_app.parse_flags_with_usage(argv)      # absl's message, usage hint and exit status
         if "config" in flags.FLAGS:
             try:                                          # a file that failed to load gives an object
@@ -492,8 +491,6 @@ def parse_flags(argv: list[str]) -> list[str]:
             except OSError as err:
                 _config_file_error(argv, err)
         return rest
-    except flags.IllegalFlagValueError:
-        return absl_app.parse_flags_with_usage(argv)
     except (AttributeError, KeyError) as err:
         inner = err.args[0] if err.args else err
         while isinstance(inner, BaseException) and inner.args:      # AttributeError(KeyError(text))
