@@ -285,6 +285,43 @@ def test_sweep_writes_the_hparams_experiment_and_each_variants_session(tmp_path)
         assert len([f for f in os.listdir(folder) if f.endswith(logs.HPARAMS_SUFFIX)]) == 1
 
 
+def test_sweep_session_holds_the_whole_config_whichever_event_file_tensorboard_reads_first(tmp_path):
+    """TensorBoard keeps the first session start it reads in a folder, in file-name order
+    (`events.out.tfevents.<second>.<host>.<pid>`). A run that ends within the second its event file
+    was opened leaves the order to the pids, and the sweep's file used to hold only the overrides
+    (a flaky test: the variant's session lost its config). Here the run's file is named to sort
+    after the sweep's and also before it: the session holds the whole config both times."""
+    import os
+    import shutil
+
+    from tensorboard.backend.event_processing import event_accumulator
+    from tensorboard.plugins.hparams import metadata
+
+    from dhjax.train import logs, sweep
+
+    cfg = ml_collections.ConfigDict(dict(experiment="toy", seed=3, lr=0.2, model=dict(width=30)))
+    work = tmp_path / "01_lr=0.2"
+    app.start(work, cfg)
+    writer = logs.MetricWriter(str(work))          # logs config.json's fields, as a run does
+    writer.write_scalars(0, {"loss": 1.0})
+    writer.close()
+    (run_file,) = os.listdir(work / "tb")
+    variant = sweep.Variant({"lr": 0.2}, str(work), ["true"], cfg)
+    for name in ("events.out.tfevents.0000000001.a.1.0", "events.out.tfevents.9999999999.z.1.0"):
+        current = [f for f in os.listdir(work / "tb") if not f.endswith(logs.HPARAMS_SUFFIX)]
+        shutil.move(str(work / "tb" / current[0]), str(work / "tb" / name))
+        sweep.write_session(variant, "ok")
+        acc = event_accumulator.EventAccumulator(str(work / "tb"))
+        acc.Reload()
+        start = metadata.parse_session_start_info_plugin_data(
+            acc.PluginTagToContent("hparams")[metadata.SESSION_START_INFO_TAG])
+        assert {k: v.number_value for k, v in start.hparams.items() if k != "experiment"} == {
+            "seed": 3.0, "lr": 0.2, "model.width": 30.0}
+    assert run_file.startswith("events.out.tfevents.")
+    # A variant that failed before its run wrote config.json: the overrides alone.
+    assert sweep.session_hparams(sweep.Variant({"lr": 1.0}, str(tmp_path / "none"), ["true"])) == {"lr": 1.0}
+
+
 def test_ticker_logs_progress_at_most_every_interval_and_at_the_end():
     """logs.Ticker: a line when `every_s` has passed since the last one and always at the end,
     with done/total, elapsed seconds and an ETA while unfinished."""

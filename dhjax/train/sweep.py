@@ -21,15 +21,17 @@ TensorBoard's HParams dashboard (`tensorboard --logdir <workdir>`, HPARAMS tab) 
 variants: the sweep writes the experiment summary at <workdir> (the overridden fields with the
 values the variants give them, and the metrics final/<name> for every number in the variants'
 final_metrics.json) and, into each variant's TensorBoard folder <workdir>/<variant>/tb, its
-session (the variant's overrides; an end status "ok" -> success, "failed" -> failure, none while
-interrupted) and its final metrics as scalars final/<name> at its last step. Both are rewritten
-after every variant (`logs.write_hparams_events`), like the tables.
+session (the variant's whole config as its run logged it, with the overrides; an end status
+"ok" -> success, "failed" -> failure, none while interrupted) and its final metrics as scalars
+final/<name> at its last step. Both are rewritten after every variant
+(`logs.write_hparams_events`), like the tables.
 """
 
 from __future__ import annotations
 
 import ast
 import csv
+import json
 import os
 import re
 import shlex
@@ -172,10 +174,33 @@ def _last_step(variant: Variant) -> int:
         return 0
 
 
+def session_hparams(variant: Variant) -> dict:
+    """The hyper-parameters of a variant's HParams session: every field of the config.json its
+    run wrote (the session start the run logged itself holds the same), with the overrides on
+    top; the overrides alone when the run wrote no config.json (it failed before starting)."""
+    hparams = {}
+    path = os.path.join(variant.workdir, logs.CONFIG_HPARAMS)
+    if os.path.isfile(path):
+        try:
+            with open(path) as f:
+                hparams = logs.flatten_hparams(json.load(f))
+        except (OSError, ValueError):
+            hparams = {}
+    hparams.update({k: logs.hparam_value(v) for k, v in variant.overrides.items()})
+    return hparams
+
+
 def write_session(variant: Variant, status: str) -> str:
-    """The variant's HParams session in <variant workdir>/tb (module docstring): its overrides,
-    its end status and (when "ok") its final metrics as final/<name> scalars. Returns the file."""
-    summaries = [(0, logs.session_start_summary(variant.overrides))]
+    """The variant's HParams session in <variant workdir>/tb (module docstring): its
+    hyper-parameters (`session_hparams`), its end status and (when "ok") its final metrics as
+    final/<name> scalars. Returns the file.
+
+    The run's own event file holds a session start too, and TensorBoard keeps the first one it
+    reads, in file-name order: `events.out.tfevents.<second>.<host>.<pid>...`, so when the run
+    ended within the second its event file was opened, the sweep's file (the sweep's pid) could
+    come first. Both starts hold the same fields, so the dashboard shows the whole config
+    whichever is read first."""
+    summaries = [(0, logs.session_start_summary(session_hparams(variant)))]
     if status == "ok":
         summaries.append((0, logs.session_end_summary("ok")))
         scalars = final_scalars(app.read_final_metrics(variant.workdir))
