@@ -13,7 +13,13 @@
 // Backward extra inputs: out, transmittance, last, d_out [...,H,W,K], d_transmittance [...,H,W].
 // Backward results: d_means2d, d_conics, d_colors, d_opacities (shapes of the inputs).
 //
-// Work is split over tiles with dhjax::parallel_for; each tile sorts its own list. The backward
+// Work is split over tiles with dhjax::parallel_for; each tile sorts its own list. Within a tile,
+// both passes go row by row: for each Gaussian in depth order, one SIMD test over the row's 16
+// pixels (`row_candidates`: the exponent's two skip tests, the same float operations as the
+// scalar test) picks the pixels it may reach, and only those run the scalar per-pixel code. A
+// pixel still sees its Gaussians in depth order and a Gaussian's record still sums its pixels in
+// row-major order, so the results are the same bits as a pixel-by-pixel loop; only the work on
+// pixels a Gaussian cannot reach is shared. The backward
 // walks each pixel front to back again (exact transmittances) and uses
 //   dC_k/dalpha_i = c_ik T_i - (C_k - P_ik) / (1 - alpha_i),   dT/dalpha_i = -T / (1 - alpha_i)
 // with P_ik the composited prefix up to and including i. Each tile sums its pixels' gradients
@@ -32,6 +38,10 @@
 #include <memory>
 #include <numeric>
 #include <vector>
+
+#if defined(__SSE2__) && !defined(DHJAX_SPLAT_SCALAR)
+#include <emmintrin.h>
+#endif
 
 #include "dhjax_parallel.h"
 #include "splat_common.h"
@@ -97,14 +107,6 @@ void sort_tile(const float* depths, int32_t* begin, int32_t* end) {
   std::stable_sort(begin, end, [depths](int32_t a, int32_t b) { return depth_less(depths[a], depths[b]); });
 }
 
-// Calls fn(px, py) for the pixels of tile t, row by row.
-template <typename Fn>
-void for_tile_pixels(const Dims& d, int64_t t, Fn&& fn) {
-  const int x0 = tile_x0(t, d.tx), y0 = tile_y0(t, d.tx);
-  for (int py = y0; py < std::min<int64_t>(y0 + kTile, d.H); ++py)
-    for (int px = x0; px < std::min<int64_t>(x0 + kTile, d.W); ++px) fn(px, py);
-}
-
 // Gathered parameters of one tile's list, contiguous for the pixel loops.
 struct TileData {
   std::vector<float> mx, my, ca, cb, cc, op, col;  // col: [n, K]
@@ -141,6 +143,90 @@ struct TileData {
   }
 };
 
+// ---------------------------------------------------------------------------------------------
+// Four float lanes: SSE2 where the target has it (every x86-64), plain arrays elsewhere. Each
+// operation is one IEEE operation per lane, as the scalar code's, so both give its bits (no
+// fused multiply-adds: the CPU targets are built with -ffp-contract=off).
+#if defined(__SSE2__) && !defined(DHJAX_SPLAT_SCALAR)
+struct F4 { __m128 v; };
+struct M4 { __m128 v; };  // lane masks: all bits set or clear
+inline F4 f4(float x) { return {_mm_set1_ps(x)}; }
+inline F4 load4(const float* p) { return {_mm_loadu_ps(p)}; }
+inline void store4(float* p, F4 a) { _mm_storeu_ps(p, a.v); }
+inline F4 operator+(F4 a, F4 b) { return {_mm_add_ps(a.v, b.v)}; }
+inline F4 operator-(F4 a, F4 b) { return {_mm_sub_ps(a.v, b.v)}; }
+inline F4 operator*(F4 a, F4 b) { return {_mm_mul_ps(a.v, b.v)}; }
+inline F4 operator/(F4 a, F4 b) { return {_mm_div_ps(a.v, b.v)}; }
+inline F4 negate(F4 a) { return {_mm_xor_ps(a.v, _mm_set1_ps(-0.0f))}; }
+inline F4 min_of(F4 a, F4 b) { return {_mm_min_ps(a.v, b.v)}; }  // a < b ? a : b
+inline M4 operator<(F4 a, F4 b) { return {_mm_cmplt_ps(a.v, b.v)}; }
+inline M4 operator>(F4 a, F4 b) { return {_mm_cmpgt_ps(a.v, b.v)}; }
+inline M4 operator&(M4 a, M4 b) { return {_mm_and_ps(a.v, b.v)}; }
+inline M4 operator|(M4 a, M4 b) { return {_mm_or_ps(a.v, b.v)}; }
+inline M4 and_not(M4 a, M4 b) { return {_mm_andnot_ps(b.v, a.v)}; }  // a & ~b
+inline F4 select(M4 m, F4 a, F4 b) { return {_mm_or_ps(_mm_and_ps(m.v, a.v), _mm_andnot_ps(m.v, b.v))}; }
+inline uint32_t bits(M4 m) { return static_cast<uint32_t>(_mm_movemask_ps(m.v)); }
+inline M4 lanes(uint32_t b) {  // bit l of b -> lane l
+  return {_mm_castsi128_ps(_mm_set_epi32(-static_cast<int>((b >> 3) & 1u), -static_cast<int>((b >> 2) & 1u),
+                                         -static_cast<int>((b >> 1) & 1u), -static_cast<int>(b & 1u)))};
+}
+inline F4 iota4(float x) { return {_mm_add_ps(_mm_set1_ps(x), _mm_set_ps(3.0f, 2.0f, 1.0f, 0.0f))}; }
+#else
+struct F4 { float v[4]; };
+struct M4 { bool v[4]; };
+#define DHJAX_F4_LANES(expr) for (int l = 0; l < 4; ++l) expr
+inline F4 f4(float x) { return {{x, x, x, x}}; }
+inline F4 load4(const float* p) { return {{p[0], p[1], p[2], p[3]}}; }
+inline void store4(float* p, F4 a) { DHJAX_F4_LANES(p[l] = a.v[l]); }
+inline F4 operator+(F4 a, F4 b) { F4 r; DHJAX_F4_LANES(r.v[l] = a.v[l] + b.v[l]); return r; }
+inline F4 operator-(F4 a, F4 b) { F4 r; DHJAX_F4_LANES(r.v[l] = a.v[l] - b.v[l]); return r; }
+inline F4 operator*(F4 a, F4 b) { F4 r; DHJAX_F4_LANES(r.v[l] = a.v[l] * b.v[l]); return r; }
+inline F4 operator/(F4 a, F4 b) { F4 r; DHJAX_F4_LANES(r.v[l] = a.v[l] / b.v[l]); return r; }
+inline F4 negate(F4 a) { F4 r; DHJAX_F4_LANES(r.v[l] = -a.v[l]); return r; }
+inline F4 min_of(F4 a, F4 b) { F4 r; DHJAX_F4_LANES(r.v[l] = a.v[l] < b.v[l] ? a.v[l] : b.v[l]); return r; }
+inline M4 operator<(F4 a, F4 b) { M4 r; DHJAX_F4_LANES(r.v[l] = a.v[l] < b.v[l]); return r; }
+inline M4 operator>(F4 a, F4 b) { M4 r; DHJAX_F4_LANES(r.v[l] = a.v[l] > b.v[l]); return r; }
+inline M4 operator&(M4 a, M4 b) { M4 r; DHJAX_F4_LANES(r.v[l] = a.v[l] && b.v[l]); return r; }
+inline M4 operator|(M4 a, M4 b) { M4 r; DHJAX_F4_LANES(r.v[l] = a.v[l] || b.v[l]); return r; }
+inline M4 and_not(M4 a, M4 b) { M4 r; DHJAX_F4_LANES(r.v[l] = a.v[l] && !b.v[l]); return r; }
+inline F4 select(M4 m, F4 a, F4 b) { F4 r; DHJAX_F4_LANES(r.v[l] = m.v[l] ? a.v[l] : b.v[l]); return r; }
+inline uint32_t bits(M4 m) { uint32_t b = 0; DHJAX_F4_LANES(b |= static_cast<uint32_t>(m.v[l]) << l); return b; }
+inline M4 lanes(uint32_t b) { M4 r; DHJAX_F4_LANES(r.v[l] = (b >> l) & 1u); return r; }
+inline F4 iota4(float x) { return {{x, x + 1.0f, x + 2.0f, x + 3.0f}}; }
+#undef DHJAX_F4_LANES
+#endif
+
+constexpr int kQuads = kTile / 4;  // a tile row is kQuads groups of 4 lanes
+
+// One tile row (pixels (x0 + l, fy), l < 16) against Gaussian j: the offsets dx (per pixel) and
+// dy, the exponent `power` of each pixel into pw[16], and the bitmask of the pixels where
+// eval_alpha goes on to evaluate the exp (neither power > 0 nor power below the skip bound).
+// The same float operations in the same order as `power` and eval_alpha: the same bits.
+// Pixel columns are integers below 2^24, exact as floats, as static_cast<float>(px) is.
+inline uint32_t row_power(const TileData& td, int64_t j, int x0, float fy, float* pw) {
+  const float dy = fy - td.my[j];
+  const F4 mx = f4(td.mx[j]), a = f4(td.ca[j]), b = f4(td.cb[j]), vdy = f4(dy);
+  const F4 cdd = f4(td.cc[j] * dy * dy), half = f4(-0.5f), zero = f4(0.0f), skip = f4(td.skip[j]);
+  uint32_t mask = 0;
+  for (int q = 0; q < kQuads; ++q) {
+    const F4 dx = iota4(static_cast<float>(x0 + 4 * q)) - mx;
+    const F4 p = half * (a * dx * dx + cdd) - b * dx * vdy;
+    store4(pw + 4 * q, p);
+    mask |= (~bits((p > zero) | (p < skip)) & 0xFu) << (4 * q);
+  }
+  return mask;
+}
+
+// exp of the exponents of the pixels in `mask` (the scalar std::exp of eval_alpha, one pixel at a
+// time: its bits, whatever the library's algorithm), 0 for the others.
+inline void row_exp(uint32_t mask, const float* pw, float* g) {
+  std::fill(g, g + kTile, 0.0f);
+  for (; mask; mask &= mask - 1) {
+    const int l = __builtin_ctz(mask);
+    g[l] = std::exp(pw[l]);
+  }
+}
+
 ffi::Error SplatForwardImpl(ffi::Buffer<ffi::F32> means2d, ffi::Buffer<ffi::F32> conics,
                             ffi::Buffer<ffi::F32> colors, ffi::Buffer<ffi::F32> opac,
                             ffi::Buffer<ffi::F32> depths, ffi::Buffer<ffi::S32> rects,
@@ -170,28 +256,57 @@ ffi::Error SplatForwardImpl(ffi::Buffer<ffi::F32> means2d, ffi::Buffer<ffi::F32>
       sort_tile(dp, ids, ids + n);
       TileData td;
       td.gather(ids, n, K, m2, cn, cl, op);
-      std::vector<float> acc(K);
-      for_tile_pixels(d, t, [&](int px, int py) {
+      // One row of the tile at a time, 16 pixels as four groups of 4 lanes: per pixel l its
+      // accumulated channels acc[k * 16 + l], transmittance tr[l] and list entries walked[l];
+      // `live` holds the pixels still compositing. Per pixel, the Gaussians in depth order with
+      // eval_alpha's operations, as a pixel-by-pixel loop would.
+      std::vector<float> acc(kTile * K);
+      float tr[kTile], pw[kTile], g[kTile];
+      int32_t walked[kTile];
+      const int x0 = tile_x0(t, d.tx), y0 = tile_y0(t, d.tx);
+      const int nx = static_cast<int>(std::min<int64_t>(kTile, d.W - x0));
+      const uint32_t row = (1u << nx) - 1u;  // nx <= 16
+      const int ny = static_cast<int>(std::min<int64_t>(kTile, d.H - y0));
+      const F4 one = f4(1.0f), alpha_max = f4(kAlphaMax), alpha_min = f4(kAlphaMin), t_min = f4(kTMin);
+      for (int py = y0; py < y0 + ny; ++py) {
         std::fill(acc.begin(), acc.end(), 0.0f);
-        float tr = 1.0f;
-        int32_t walked = 0;
-        const float fx = static_cast<float>(px), fy = static_cast<float>(py);
-        float dx, dy, g, raw, alpha;
-        for (int64_t j = 0; j < n; ++j) {
-          if (!td.eval_alpha(j, fx, fy, dx, dy, g, raw, alpha)) continue;
-          const float next_t = tr * (1.0f - alpha);
-          if (next_t < kTMin) break;
-          const float w = alpha * tr;
+        std::fill(tr, tr + kTile, 1.0f);
+        std::fill(walked, walked + kTile, 0);
+        const float fy = static_cast<float>(py);
+        uint32_t live = row;
+        for (int64_t j = 0; j < n && live; ++j) {
+          const uint32_t cand = row_power(td, j, x0, fy, pw) & live;
+          if (!cand) continue;
+          row_exp(cand, pw, g);
+          const F4 o = f4(td.op[j]);
           const float* c = &td.col[j * K];
-          for (int64_t k = 0; k < K; ++k) acc[k] += w * c[k];
-          tr = next_t;
-          walked = static_cast<int32_t>(j + 1);
+          for (int q = 0; q < kQuads; ++q) {
+            const uint32_t cq = (cand >> (4 * q)) & 0xFu;
+            if (!cq) continue;
+            const F4 alpha = min_of(o * load4(g + 4 * q), alpha_max);  // std::min(0.99, raw)
+            const M4 pass = and_not(lanes(cq), alpha < alpha_min);
+            const F4 t_q = load4(tr + 4 * q);
+            const F4 next_t = t_q * (one - alpha);
+            const M4 stop = pass & (next_t < t_min);  // done: stops before Gaussian j
+            const M4 upd = and_not(pass, stop);
+            const F4 w = alpha * t_q;
+            for (int64_t k = 0; k < K; ++k) {
+              float* a = &acc[k * kTile + 4 * q];
+              const F4 a_q = load4(a);
+              store4(a, select(upd, a_q + w * f4(c[k]), a_q));
+            }
+            store4(tr + 4 * q, select(upd, next_t, t_q));
+            for (uint32_t u = bits(upd); u; u &= u - 1) walked[4 * q + __builtin_ctz(u)] = static_cast<int32_t>(j + 1);
+            live &= ~(bits(stop) << (4 * q));
+          }
         }
-        const int64_t p = static_cast<int64_t>(py) * d.W + px;
-        std::memcpy(o_img + p * K, acc.data(), sizeof(float) * K);
-        o_t[p] = tr;
-        o_last[p] = walked;
-      });
+        for (int l = 0; l < nx; ++l) {
+          const int64_t p = static_cast<int64_t>(py) * d.W + x0 + l;
+          for (int64_t k = 0; k < K; ++k) o_img[p * K + k] = acc[k * kTile + l];
+          o_t[p] = tr[l];
+          o_last[p] = walked[l];
+        }
+      }
     });
   }
   return ffi::Error::Success();
@@ -250,46 +365,105 @@ ffi::Error SplatBackwardImpl(ffi::Buffer<ffi::F32> means2d, ffi::Buffer<ffi::F32
       td.gather(sorted.data(), n, K, m2, cn, cl, op);
       float* tile_records = records.get() + begin * stride;
       std::fill(tile_records, tile_records + n * stride, 0.0f);
-      std::vector<float> prefix(K), gk(K);
-      for_tile_pixels(d, t, [&](int px, int py) {
-        const int64_t p = static_cast<int64_t>(py) * d.W + px;
-        const int64_t walk = std::min<int64_t>(i_last[p], n);
-        if (walk <= 0) return;
-        const float t_final = i_t[p], g_t = gt[p];
-        const float* c_out = i_img + p * K;
-        bool any = g_t != 0.0f;
-        for (int64_t k = 0; k < K; ++k) {
-          gk[k] = gi[p * K + k];
-          any = any || gk[k] != 0.0f;
-        }
-        if (!any) return;
+      // Row by row, as the forward, with per pixel l of the row (at k * 16 + l): its composited
+      // prefix, incoming gradients gk and output channels c_out; its transmittance tr[l], final
+      // transmittance tf[l], minus its transmittance gradient ngt[l], and the list entries it
+      // walks, walk[l]. Per pixel, the Gaussians in depth order with the pixel loop's operations;
+      // a record gets its pixels' terms in row-major order (rows outer, the pixels of a row in
+      // order), as a pixel-by-pixel loop would add them.
+      std::vector<float> prefix(kTile * K), gk(kTile * K), c_out(kTile * K), terms(4 * (6 + K));
+      float tr[kTile], tf[kTile], ngt[kTile], pw[kTile], g[kTile];
+      int64_t walk[kTile];
+      int by_walk[kTile];
+      const int x0 = tile_x0(t, d.tx), y0 = tile_y0(t, d.tx);
+      const int nx = static_cast<int>(std::min<int64_t>(kTile, d.W - x0));
+      const int ny = static_cast<int>(std::min<int64_t>(kTile, d.H - y0));
+      const F4 one = f4(1.0f), alpha_max = f4(kAlphaMax), alpha_min = f4(kAlphaMin), half = f4(-0.5f);
+      for (int py = y0; py < y0 + ny; ++py) {
         std::fill(prefix.begin(), prefix.end(), 0.0f);
-        float tr = 1.0f;
-        const float fx = static_cast<float>(px), fy = static_cast<float>(py);
-        float dx, dy, g, raw, alpha;
-        for (int64_t j = 0; j < walk; ++j) {
-          if (!td.eval_alpha(j, fx, fy, dx, dy, g, raw, alpha)) continue;
-          const float w = alpha * tr;
-          const float inv = 1.0f / (1.0f - alpha);
-          const float* c = &td.col[j * K];
-          float* rec = tile_records + static_cast<int64_t>(order[j]) * stride;
-          float d_alpha = -g_t * t_final * inv;
+        std::fill(gk.begin(), gk.end(), 0.0f);
+        std::fill(c_out.begin(), c_out.end(), 0.0f);
+        std::fill(tr, tr + kTile, 1.0f);
+        std::fill(tf, tf + kTile, 0.0f);
+        std::fill(ngt, ngt + kTile, 0.0f);
+        uint32_t live = 0;
+        int n_live = 0;
+        for (int l = 0; l < nx; ++l) {
+          const int64_t p = static_cast<int64_t>(py) * d.W + x0 + l;
+          walk[l] = std::min<int64_t>(i_last[p], n);
+          if (walk[l] <= 0) continue;
+          bool any = gt[p] != 0.0f;
+          for (int64_t k = 0; k < K; ++k) any = any || gi[p * K + k] != 0.0f;
+          if (!any) continue;
           for (int64_t k = 0; k < K; ++k) {
-            rec[5 + k] += w * gk[k];
-            prefix[k] += w * c[k];
-            d_alpha += gk[k] * (c[k] * tr - (c_out[k] - prefix[k]) * inv);
+            gk[k * kTile + l] = gi[p * K + k];
+            c_out[k * kTile + l] = i_img[p * K + k];
           }
-          tr *= (1.0f - alpha);
-          if (raw > kAlphaMax) continue;  // clamped: alpha no longer depends on o or the Gaussian
-          rec[5 + K] += d_alpha * g;
-          const float d_power = d_alpha * raw;
-          rec[0] += d_power * (td.ca[j] * dx + td.cb[j] * dy);
-          rec[1] += d_power * (td.cc[j] * dy + td.cb[j] * dx);
-          rec[2] += d_power * (-0.5f * dx * dx);
-          rec[3] += d_power * (-dx * dy);
-          rec[4] += d_power * (-0.5f * dy * dy);
+          tf[l] = i_t[p];
+          ngt[l] = -gt[p];
+          live |= 1u << l;
+          by_walk[n_live++] = l;
         }
-      });
+        if (!live) continue;
+        std::sort(by_walk, by_walk + n_live, [&](int u, int v) { return walk[u] < walk[v]; });
+        const int64_t longest = walk[by_walk[n_live - 1]];
+        const float fy = static_cast<float>(py);
+        int next_done = 0;  // by_walk[next_done..] are the pixels that still walk
+        for (int64_t j = 0; j < longest; ++j) {
+          while (walk[by_walk[next_done]] <= j) live &= ~(1u << by_walk[next_done++]);
+          const uint32_t cand = row_power(td, j, x0, fy, pw) & live;
+          if (!cand) continue;
+          row_exp(cand, pw, g);
+          const F4 o = f4(td.op[j]);
+          const float* c = &td.col[j * K];
+          const float dy = fy - td.my[j];
+          const F4 mx = f4(td.mx[j]), ca = f4(td.ca[j]), cb = f4(td.cb[j]), vdy = f4(dy);
+          const F4 cb_dy = f4(td.cb[j] * dy), cc_dy = f4(td.cc[j] * dy), dy2 = f4(-0.5f * dy * dy);
+          float* rec = tile_records + static_cast<int64_t>(order[j]) * stride;
+          for (int q = 0; q < kQuads; ++q) {
+            const uint32_t cq = (cand >> (4 * q)) & 0xFu;
+            if (!cq) continue;
+            const F4 g_q = load4(g + 4 * q);
+            const F4 raw = o * g_q;
+            const F4 alpha = min_of(raw, alpha_max);
+            const M4 pass = and_not(lanes(cq), alpha < alpha_min);
+            const uint32_t pass_bits = bits(pass);
+            if (!pass_bits) continue;
+            const F4 t_q = load4(tr + 4 * q);
+            const F4 w = alpha * t_q;
+            const F4 inv = one / (one - alpha);
+            F4 d_alpha = load4(ngt + 4 * q) * load4(tf + 4 * q) * inv;
+            for (int64_t k = 0; k < K; ++k) {
+              const int64_t at = k * kTile + 4 * q;
+              const F4 gk_q = load4(&gk[at]), col = f4(c[k]);
+              store4(&terms[4 * (5 + k)], w * gk_q);
+              const F4 pre = load4(&prefix[at]) + w * col;
+              store4(&prefix[at], select(pass, pre, load4(&prefix[at])));
+              d_alpha = d_alpha + gk_q * (col * t_q - (load4(&c_out[at]) - pre) * inv);
+            }
+            store4(tr + 4 * q, select(pass, t_q * (one - alpha), t_q));
+            // Clamped pixels (raw > 0.99): alpha no longer depends on o or the Gaussian.
+            const uint32_t free_bits = pass_bits & ~bits(raw > alpha_max);
+            if (free_bits) {
+              const F4 dx = iota4(static_cast<float>(x0 + 4 * q)) - mx;
+              const F4 d_power = d_alpha * raw;
+              store4(&terms[0], d_power * (ca * dx + cb_dy));
+              store4(&terms[4], d_power * (cc_dy + cb * dx));
+              store4(&terms[8], d_power * (half * dx * dx));
+              store4(&terms[12], d_power * (negate(dx) * vdy));
+              store4(&terms[16], d_power * dy2);
+              store4(&terms[4 * (5 + K)], d_alpha * g_q);
+            }
+            for (uint32_t u = pass_bits; u; u &= u - 1) {
+              const int l = __builtin_ctz(u);
+              for (int64_t k = 0; k < K; ++k) rec[5 + k] += terms[4 * (5 + k) + l];
+              if (!((free_bits >> l) & 1u)) continue;
+              rec[5 + K] += terms[4 * (5 + K) + l];
+              for (int e = 0; e < 5; ++e) rec[e] += terms[4 * e + l];
+            }
+          }
+        }
+      }
     });
     // Every Gaussian sums its records in tile order: a fixed order, whatever ran where.
     float* o_m = g_means2d->typed_data() + b * N * 2;
