@@ -113,20 +113,11 @@ struct TileData {
   // skip[j]: below this power, o exp(power) < 1/255 for sure (log(1/(255 o)) minus a margin far
   // above float rounding), so the pixel loops skip the exp; the exact test decides the rest.
   std::vector<float> skip;
-  // Opacity of Gaussian j at pixel (fx, fy): offset (dx, dy) = pixel - mean, g = exp(power),
-  // raw = o g, alpha = min(0.99, raw). False where the Gaussian is skipped: the numerical guard
-  // (power > 0), alpha certainly below 1/255 (no exp evaluated), or alpha < 1/255. Forward and
-  // backward share this so they make the same decisions.
-  bool eval_alpha(int64_t j, float fx, float fy, float& dx, float& dy, float& g, float& raw, float& alpha) const {
-    dx = fx - mx[j];
-    dy = fy - my[j];
-    const float p = power(ca[j], cb[j], cc[j], dx, dy);
-    if (p > 0.0f || p < skip[j]) return false;
-    g = std::exp(p);
-    raw = op[j] * g;
-    alpha = std::min(kAlphaMax, raw);
-    return !(alpha < kAlphaMin);
-  }
+  // The pixel rule, which forward and backward both apply (row_power, row_exp and the masked
+  // updates; the CUDA handlers' eval_alpha is the same rule): Gaussian j at pixel (fx, fy) has
+  // offset (dx, dy) = (fx - mx, fy - my), p = power(a, b, c, dx, dy) and is skipped where
+  // p > 0 (the numerical guard) or p < skip[j] (no exp evaluated); else g = std::exp(p),
+  // raw = o g, alpha = std::min(0.99f, raw), and it is skipped where alpha < 1/255.
   void gather(const int32_t* ids, int64_t n, int64_t K, const float* means2d, const float* conics,
               const float* colors, const float* opac) {
     mx.resize(n); my.resize(n); ca.resize(n); cb.resize(n); cc.resize(n); op.resize(n);
@@ -198,10 +189,10 @@ inline F4 iota4(float x) { return {{x, x + 1.0f, x + 2.0f, x + 3.0f}}; }
 
 constexpr int kQuads = kTile / 4;  // a tile row is kQuads groups of 4 lanes
 
-// One tile row (pixels (x0 + l, fy), l < 16) against Gaussian j: the offsets dx (per pixel) and
-// dy, the exponent `power` of each pixel into pw[16], and the bitmask of the pixels where
-// eval_alpha goes on to evaluate the exp (neither power > 0 nor power below the skip bound).
-// The same float operations in the same order as `power` and eval_alpha: the same bits.
+// One tile row (pixels (x0 + l, fy), l < 16) against Gaussian j: the exponent `power` of each
+// pixel into pw[16], and the bitmask of the pixels where the pixel rule (TileData) goes on to
+// evaluate the exp (neither power > 0 nor power below the skip bound). The same float
+// operations in the same order as `power`: the same bits.
 // Pixel columns are integers below 2^24, exact as floats, as static_cast<float>(px) is.
 inline uint32_t row_power(const TileData& td, int64_t j, int x0, float fy, float* pw) {
   const float dy = fy - td.my[j];
@@ -217,7 +208,7 @@ inline uint32_t row_power(const TileData& td, int64_t j, int x0, float fy, float
   return mask;
 }
 
-// exp of the exponents of the pixels in `mask` (the scalar std::exp of eval_alpha, one pixel at a
+// exp of the exponents of the pixels in `mask` (the pixel rule's scalar std::exp, one pixel at a
 // time: its bits, whatever the library's algorithm), 0 for the others.
 inline void row_exp(uint32_t mask, const float* pw, float* g) {
   std::fill(g, g + kTile, 0.0f);
@@ -259,7 +250,7 @@ ffi::Error SplatForwardImpl(ffi::Buffer<ffi::F32> means2d, ffi::Buffer<ffi::F32>
       // One row of the tile at a time, 16 pixels as four groups of 4 lanes: per pixel l its
       // accumulated channels acc[k * 16 + l], transmittance tr[l] and list entries walked[l];
       // `live` holds the pixels still compositing. Per pixel, the Gaussians in depth order with
-      // eval_alpha's operations, as a pixel-by-pixel loop would.
+      // the pixel rule's operations, as a pixel-by-pixel loop would.
       std::vector<float> acc(kTile * K);
       float tr[kTile], pw[kTile], g[kTile];
       int32_t walked[kTile];
