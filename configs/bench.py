@@ -22,7 +22,8 @@ Variants:
          --config.insta.config=configs/insta.py:paper); about 6 min on 2 CPU cores.
   gem    GEM (dhjax.synthesis.gem): frames/s of the Net against the eigenmodel (mean + k B, no
          network) for Gaussian maps of 64^2, 128^2, 256^2 and M = 10, 20, 50 components, one
-         550x802 camera, the same splatting backend (dhjax.bench.gem; sizes under gem.*).
+         550x802 camera, the same splatting backend, and the splat alone with and without its
+         backward (dhjax.bench.gem; sizes under gem.*).
   body   SMPL-X-layout body forward (B=1, 16, 64) of the embedded default body vs smplx.lbs.lbs on
          the same arrays (torch, CPU), with the largest vertex difference (dhjax.bench.body;
          --config.body.model=random times a random official-layout model of --config.body.vertices

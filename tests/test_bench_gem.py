@@ -15,7 +15,8 @@ def test_gem_bench_smoke(tmp_path):
                    height=32, repeats=1, warmup=1)
     res, _ = run_suite(cfg, tmp_path)
     assert res["suite"] == "gem" and res["gem_image"] == "24x32"
-    keys = ["gem_s16_net_s_per_frame", "gem_s16_net_fps", "gem_s16_net_mb"] + [
+    keys = ["gem_s16_net_s_per_frame", "gem_s16_net_fps", "gem_s16_net_mb", "gem_s16_splat_s",
+            "gem_s16_splat_grad_s"] + [
         f"gem_s16_m{m}_{k}" for m in (2, 3) for k in ("s_per_frame", "fps", "linear_s", "mb", "speedup_vs_net")]
     for k in keys:
         assert math.isfinite(res[k]) and res[k] > 0, (k, res[k])

@@ -8,8 +8,11 @@ of one frame and its bases random orthonormal rows of small amplitude (its cost 
 the sizes), so both splat Gaussians of the template's sizes. One camera of the GEM capture rig
 (the most frontal) at `width` x `height` (550 x 802, NeRSemble's, by default). For every map size
 S: Net s/frame and frames/s; for every M: GEM s/frame, frames/s and `gem_speedup_vs_net` (the
-same camera, the same splatting backend); and the parts: the GEM's linear combination alone, the
-splat alone. The thesis (A100): 201.7 (GEM) vs 35.8 (Net) frames/s.
+same camera, the same splatting backend); and the parts: the GEM's linear combination alone
+(`..._linear_s`), and for every S the splat alone (`gem_s<S>_splat_s`: projection, SH colours and
+compositing of the Net's Gaussians, what both models pay) and with its backward to the
+Gaussians and colours (`gem_s<S>_splat_grad_s`: what a training step pays). The thesis (A100):
+201.7 (GEM) vs 35.8 (Net) frames/s.
 """
 
 from __future__ import annotations
@@ -72,6 +75,14 @@ def run(cfg, log=print) -> dict:
         log(f"GEM bench: map {S}^2, {ctx.n_gaussians} Gaussians, Net {n_params:,} parameters "
             f"({4.0 * n_params / 2 ** 20:.1f} MB): {t_net * 1e3:.1f} ms/frame ({1 / t_net:.1f} fps)")
         attrs, _ = gem.net_gaussians(ctx, params["net"], frame)
+        splat = jax.jit(lambda at, sh: gem.splat_attributes(ctx, at, sh, cam).image)
+        splat_grad = jax.jit(jax.grad(lambda at, sh: jnp.sum(gem.splat_attributes(ctx, at, sh, cam).image),
+                                      argnums=(0, 1)))
+        t_splat = time_call(lambda: jax.block_until_ready(splat(attrs, params["sh"])), reps, warm)
+        t_splat_grad = time_call(lambda: jax.block_until_ready(splat_grad(attrs, params["sh"])), reps, warm)
+        out.update({f"{key}_splat_s": t_splat, f"{key}_splat_grad_s": t_splat_grad})
+        log(f"  splat alone (projection, SH, compositing): {t_splat * 1e3:.1f} ms, with its backward "
+            f"{t_splat_grad * 1e3:.1f} ms")
         flat = gem.flatten_attributes(attrs)
         for M in c.components:
             M = int(M)
