@@ -15,11 +15,13 @@
 //
 // Work is split over tiles with dhjax::parallel_for; each tile sorts its own list. Within a tile,
 // both passes go row by row: for each Gaussian in depth order, one SIMD test over the row's 16
-// pixels (`row_candidates`: the exponent's two skip tests, the same float operations as the
-// scalar test) picks the pixels it may reach, and only those run the scalar per-pixel code. A
+// pixels (`row_power`: the exponent and its two skip tests, the same float operations as the
+// scalar rule) picks the pixels it may reach, std::exp runs on those pixels only, and the
+// compositing (or its gradient) updates them four at a time with masked vector operations. A
 // pixel still sees its Gaussians in depth order and a Gaussian's record still sums its pixels in
-// row-major order, so the results are the same bits as a pixel-by-pixel loop; only the work on
-// pixels a Gaussian cannot reach is shared. The backward
+// row-major order, so the results are the same bits as a pixel-by-pixel loop (on targets that
+// fused multiply-adds by default, e.g. aarch64, earlier builds did not follow the rule's
+// left-to-right rounding; -ffp-contract=off now makes every build do so). The backward
 // walks each pixel front to back again (exact transmittances) and uses
 //   dC_k/dalpha_i = c_ik T_i - (C_k - P_ik) / (1 - alpha_i),   dT/dalpha_i = -T / (1 - alpha_i)
 // with P_ik the composited prefix up to and including i. Each tile sums its pixels' gradients
