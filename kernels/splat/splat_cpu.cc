@@ -220,6 +220,31 @@ inline void row_exp(uint32_t mask, const float* pw, float* g) {
   }
 }
 
+// The pixel rule's alpha for quad q (pixels 4q .. 4q + 3) of a row, whose candidate pixels are
+// the bits cq and whose exps are g[4q ..]: raw = o g, alpha = std::min(0.99f, raw) (_mm_min_ps
+// and the fallback keep std::min's choice of 0.99 for a NaN raw) and `pass`, the candidates whose
+// alpha reaches 1/255. Forward and backward both use it, so they make the same decisions.
+struct QuadAlpha {
+  F4 raw, alpha;
+  M4 pass;
+};
+inline QuadAlpha quad_alpha(float opacity, const float* g, int q, uint32_t cq) {
+  const F4 raw = f4(opacity) * load4(g + 4 * q);
+  const F4 alpha = min_of(raw, f4(kAlphaMax));
+  return {raw, alpha, and_not(lanes(cq), alpha < f4(kAlphaMin))};
+}
+
+// The pixels of tile t: columns x0 .. x0 + nx - 1 and rows y0 .. y0 + ny - 1 (nx, ny <= 16, less
+// at the image's right and bottom edges).
+struct TileRect {
+  int x0, y0, nx, ny;
+};
+inline TileRect tile_rect(const Dims& d, int64_t t) {
+  const int x0 = tile_x0(t, d.tx), y0 = tile_y0(t, d.tx);
+  return {x0, y0, static_cast<int>(std::min<int64_t>(kTile, d.W - x0)),
+          static_cast<int>(std::min<int64_t>(kTile, d.H - y0))};
+}
+
 ffi::Error SplatForwardImpl(ffi::Buffer<ffi::F32> means2d, ffi::Buffer<ffi::F32> conics,
                             ffi::Buffer<ffi::F32> colors, ffi::Buffer<ffi::F32> opac,
                             ffi::Buffer<ffi::F32> depths, ffi::Buffer<ffi::S32> rects,
@@ -256,11 +281,9 @@ ffi::Error SplatForwardImpl(ffi::Buffer<ffi::F32> means2d, ffi::Buffer<ffi::F32>
       std::vector<float> acc(kTile * K);
       float tr[kTile], pw[kTile], g[kTile];
       int32_t walked[kTile];
-      const int x0 = tile_x0(t, d.tx), y0 = tile_y0(t, d.tx);
-      const int nx = static_cast<int>(std::min<int64_t>(kTile, d.W - x0));
+      const auto [x0, y0, nx, ny] = tile_rect(d, t);
       const uint32_t row = (1u << nx) - 1u;  // nx <= 16
-      const int ny = static_cast<int>(std::min<int64_t>(kTile, d.H - y0));
-      const F4 one = f4(1.0f), alpha_max = f4(kAlphaMax), alpha_min = f4(kAlphaMin), t_min = f4(kTMin);
+      const F4 one = f4(1.0f), t_min = f4(kTMin);
       for (int py = y0; py < y0 + ny; ++py) {
         std::fill(acc.begin(), acc.end(), 0.0f);
         std::fill(tr, tr + kTile, 1.0f);
@@ -271,13 +294,11 @@ ffi::Error SplatForwardImpl(ffi::Buffer<ffi::F32> means2d, ffi::Buffer<ffi::F32>
           const uint32_t cand = row_power(td, j, x0, fy, pw) & live;
           if (!cand) continue;
           row_exp(cand, pw, g);
-          const F4 o = f4(td.op[j]);
           const float* c = &td.col[j * K];
           for (int q = 0; q < kQuads; ++q) {
             const uint32_t cq = (cand >> (4 * q)) & 0xFu;
             if (!cq) continue;
-            const F4 alpha = min_of(o * load4(g + 4 * q), alpha_max);  // std::min(0.99, raw)
-            const M4 pass = and_not(lanes(cq), alpha < alpha_min);
+            const auto [raw, alpha, pass] = quad_alpha(td.op[j], g, q, cq);
             const F4 t_q = load4(tr + 4 * q);
             const F4 next_t = t_q * (one - alpha);
             const M4 stop = pass & (next_t < t_min);  // done: stops before Gaussian j
@@ -368,10 +389,8 @@ ffi::Error SplatBackwardImpl(ffi::Buffer<ffi::F32> means2d, ffi::Buffer<ffi::F32
       float tr[kTile], tf[kTile], ngt[kTile], pw[kTile], g[kTile];
       int64_t walk[kTile];
       int by_walk[kTile];
-      const int x0 = tile_x0(t, d.tx), y0 = tile_y0(t, d.tx);
-      const int nx = static_cast<int>(std::min<int64_t>(kTile, d.W - x0));
-      const int ny = static_cast<int>(std::min<int64_t>(kTile, d.H - y0));
-      const F4 one = f4(1.0f), alpha_max = f4(kAlphaMax), alpha_min = f4(kAlphaMin), half = f4(-0.5f);
+      const auto [x0, y0, nx, ny] = tile_rect(d, t);
+      const F4 one = f4(1.0f), alpha_max = f4(kAlphaMax), half = f4(-0.5f);
       for (int py = y0; py < y0 + ny; ++py) {
         std::fill(prefix.begin(), prefix.end(), 0.0f);
         std::fill(gk.begin(), gk.end(), 0.0f);
@@ -407,7 +426,6 @@ ffi::Error SplatBackwardImpl(ffi::Buffer<ffi::F32> means2d, ffi::Buffer<ffi::F32
           const uint32_t cand = row_power(td, j, x0, fy, pw) & live;
           if (!cand) continue;
           row_exp(cand, pw, g);
-          const F4 o = f4(td.op[j]);
           const float* c = &td.col[j * K];
           const float dy = fy - td.my[j];
           const F4 mx = f4(td.mx[j]), ca = f4(td.ca[j]), cb = f4(td.cb[j]), vdy = f4(dy);
@@ -417,9 +435,7 @@ ffi::Error SplatBackwardImpl(ffi::Buffer<ffi::F32> means2d, ffi::Buffer<ffi::F32
             const uint32_t cq = (cand >> (4 * q)) & 0xFu;
             if (!cq) continue;
             const F4 g_q = load4(g + 4 * q);
-            const F4 raw = o * g_q;
-            const F4 alpha = min_of(raw, alpha_max);
-            const M4 pass = and_not(lanes(cq), alpha < alpha_min);
+            const auto [raw, alpha, pass] = quad_alpha(td.op[j], g, q, cq);
             const uint32_t pass_bits = bits(pass);
             if (!pass_bits) continue;
             const F4 t_q = load4(tr + 4 * q);
