@@ -123,6 +123,16 @@ def flatten_hparams(config) -> dict:
     return {k: hparam_value(v) for k, v in config_lib._flatten(config_lib.config_dict(config)).items()}
 
 
+def config_hparams(workdir: str) -> dict | None:
+    """`flatten_hparams` of <workdir>/config.json (what a run logs as its hyper-parameters), None
+    when there is no such file. Raises OSError / ValueError for an unreadable one."""
+    path = os.path.join(workdir, CONFIG_HPARAMS)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return flatten_hparams(json.load(f))
+
+
 def _hparams_summary(tag: str, data):
     """A Summary holding the hparams plugin data `data` (HParamsPluginData) under `tag`, as
     `tensorboard.plugins.hparams.summary._summary` builds it (that module imports TensorFlow)."""
@@ -299,11 +309,7 @@ class MetricWriter:
         if isinstance(hparams, str):
             if hparams != CONFIG_HPARAMS:
                 raise ValueError(f"hparams must be a mapping, None or {CONFIG_HPARAMS!r}, got {hparams!r}")
-            path = os.path.join(workdir, CONFIG_HPARAMS)
-            hparams = None
-            if os.path.isfile(path):
-                with open(path) as f:
-                    hparams = flatten_hparams(json.load(f))
+            hparams = config_hparams(workdir)
         if hparams:
             self.write_hparams(hparams)
 

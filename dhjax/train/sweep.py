@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import ast
 import csv
-import json
 import os
 import re
 import shlex
@@ -178,14 +177,10 @@ def session_hparams(variant: Variant) -> dict:
     """The hyper-parameters of a variant's HParams session: every field of the config.json its
     run wrote (the session start the run logged itself holds the same), with the overrides on
     top; the overrides alone when the run wrote no config.json (it failed before starting)."""
-    hparams = {}
-    path = os.path.join(variant.workdir, logs.CONFIG_HPARAMS)
-    if os.path.isfile(path):
-        try:
-            with open(path) as f:
-                hparams = logs.flatten_hparams(json.load(f))
-        except (OSError, ValueError):
-            hparams = {}
+    try:
+        hparams = logs.config_hparams(variant.workdir) or {}
+    except (OSError, ValueError):
+        hparams = {}
     hparams.update({k: logs.hparam_value(v) for k, v in variant.overrides.items()})
     return hparams
 
