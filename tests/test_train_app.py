@@ -213,6 +213,30 @@ def test_exit_on_user_error(capsys):
     assert exc.value.code == 2 and "error: 10 of 10 steps were non-finite" in capsys.readouterr().err
 
 
+def test_exit_on_user_error_stops_on_sigterm_with_a_message(capsys):
+    """A SIGTERM outside a training loop (e.g. between GEM's stages) stops with exit status 143
+    and says that rerunning resumes, instead of ending the process silently; the handler that was
+    in place before is back afterwards."""
+    import os
+    import signal
+    import time
+
+    before = signal.getsignal(signal.SIGTERM)
+    after_kill = []
+
+    def stage():
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)                       # the handler interrupts this
+        after_kill.append(True)
+
+    with pytest.raises(SystemExit) as exc:
+        app.exit_on_user_error(stage)
+    assert exc.value.code == app.EXIT_INTERRUPTED and not after_kill
+    assert "SIGTERM: stopping outside a training loop" in capsys.readouterr().out
+    assert signal.getsignal(signal.SIGTERM) is before
+    assert app.exit_on_user_error(lambda: 5) == 5 and signal.getsignal(signal.SIGTERM) is before
+
+
 def test_parameter_overview_counts_parameters():
     text = app.parameter_overview({"dense": {"kernel": np.zeros((3, 4), np.float32), "bias": np.zeros(4, np.float32)}})
     assert "dense/kernel" in text and "Total: 16" in text

@@ -34,6 +34,7 @@ import json
 import math
 import socket
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -448,12 +449,46 @@ def load_run(workdir: str | os.PathLike, template: Callable[[ml_collections.Conf
 def exit_on_user_error(fn: Callable[[], Any], errors: Iterable[type] = (FileNotFoundError, ValueError)) -> Any:
     """Calls fn(); one of `errors`, or a FloatingPointError (a run that diverged: `loop.train`'s
     message says what was checkpointed and how to go on), becomes 'error: <message>' on stderr
-    and exit status 2 (for command-line programs whose user gave a wrong folder, file or value)."""
-    try:
-        return fn()
-    except (*tuple(errors), FloatingPointError) as err:
-        print(f"error: {err}", file=sys.stderr, flush=True)
-        sys.exit(2)
+    and exit status 2 (for command-line programs whose user gave a wrong folder, file or value).
+
+    While fn runs, a SIGTERM that arrives outside a training loop (which checkpoints and stops at
+    a step boundary on its own; the sweep forwards it to the running variant) stops the program
+    with a message and exit status `EXIT_INTERRUPTED` instead of silently: e.g. between GEM's
+    stages, or while an experiment evaluates. What finished is kept
+    (checkpoints, and stage files, which are written atomically), so rerunning the same command
+    resumes. The previous handler is restored when fn returns."""
+    with _SigtermStops():
+        try:
+            return fn()
+        except (*tuple(errors), FloatingPointError) as err:
+            print(f"error: {err}", file=sys.stderr, flush=True)
+            sys.exit(2)
+
+
+class _SigtermStops:
+    """SIGTERM -> a message and SystemExit(EXIT_INTERRUPTED), for the duration of the context.
+    Training loops put their own handler in place while they run (`loop._Sigterm`) and restore
+    this one after; in multi-process runs jax's preemption service takes SIGTERM over when
+    `jax.distributed.initialize` starts it. Not installed off the main thread (Python allows
+    handlers only there)."""
+
+    def __enter__(self):
+        try:
+            self._old = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:
+            self._old = None
+        return self
+
+    @staticmethod
+    def _handle(signum, frame):
+        print(f"SIGTERM: stopping outside a training loop (no step to checkpoint); finished stages and "
+              f"checkpoints are kept, rerun the same command to resume (exit status {EXIT_INTERRUPTED})", flush=True)
+        raise SystemExit(EXIT_INTERRUPTED)
+
+    def __exit__(self, *exc):
+        if self._old is not None:
+            signal.signal(signal.SIGTERM, self._old)
+        return False
 
 
 def _config_file_error(argv: list[str], err: BaseException) -> None:
