@@ -57,9 +57,10 @@ def parse_overrides(argv):
 
 
 def save_result(workdir, res):
-    """On process 0: the trained weights to WORKDIR/final_params.npy and a 'done STEPS' line."""
+    """On process 0: the trained weights to WORKDIR/final_params.npy and a 'done STEPS
+    train_seconds SECONDS' line."""
     import jax
 
     if jax.process_index() == 0:
         np.save(os.path.join(workdir, "final_params.npy"), np.asarray(res.state["params"]["w"]))
-        print("done", res.steps_run, flush=True)
+        print("done", res.steps_run, "train_seconds", res.train_seconds, flush=True)

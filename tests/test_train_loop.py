@@ -96,8 +96,19 @@ def test_sigterm_checkpoints_stops_without_final_outputs_and_resumes(reference, 
     # Nothing final from the half-trained state.
     assert not (tmp_path / "final_params.npy").exists()
     assert not (tmp_path / "final_metrics.json").exists()
-    toy(tmp_path)
+    # The stop's checkpoint holds the training time so far; the resumed run adds its own to it,
+    # and a rerun at the end reports the same total (the final checkpoint's).
+    meta = json.loads((tmp_path / "checkpoints" / str(stopped_at) / "meta" / "metadata").read_text())
+    first = meta["train_seconds"]
+    assert first >= 0.05 * stopped_at, meta      # TOY_SLEEP per batch
+    t0 = time.time()
+    out = toy(tmp_path).stdout
+    second_call = time.time() - t0
+    total = float(out.split("train_seconds ")[1].split()[0])
+    assert first < total < first + second_call, (first, total, second_call)
     np.testing.assert_allclose(params(tmp_path), params(reference), atol=0)
+    again = toy(tmp_path).stdout
+    assert "done 0 " in again and float(again.split("train_seconds ")[1].split()[0]) == total
 
 
 def test_resume_with_another_config_is_refused_and_keeps_the_run(reference, tmp_path):

@@ -193,9 +193,8 @@ def run(cfg, workdir: str) -> dict:
         from dhjax.nn import lpips
 
         lpips_fn = lpips.make_lpips(lpips.load_lpips(cfg.eval.lpips_path))
-    t0 = time.time()
     result = train(cfg, run_, ctx, cap, sp, log)
-    train_s = time.time() - t0 if result.steps_run else float("nan")
+    train_s = result.train_seconds
     if run_.lead:     # after training: a start stopped before its first step leaves only config.json
         Path(run_.path("parts.json")).write_text(json.dumps({p["name"]: p["stats"] for p in parts}, indent=1,
                                                             default=float))

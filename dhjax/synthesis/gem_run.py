@@ -129,9 +129,8 @@ def train_net(cfg, run_, ctx, cap, sp, log):
 
     method = loop.Method(init, step, jax.jit(evaluate), render_hook)
     log(f"stage A: training the Net ({int(cfg.train.steps)} steps)")
-    t0 = time.time()
     result = loop.train(cfg, str(run_.workdir), method, batches, eval_batch=eval_batch)
-    return result.state["params"], (time.time() - t0 if result.steps_run else float("nan"))
+    return result.state["params"], result.train_seconds
 
 
 def _world_cams(cap, f, views) -> camera_lib.Camera:
@@ -259,15 +258,14 @@ def refine_stage(cfg, run_, ctx, model, k_train, cap, sp, log):
     ev = [gem_data.frame_batch(cap, f0, sp.test_views[:1], np.asarray(cfg.model.background, np.float32))] * g
     eval_batch = {key: np.stack([e[key] for e in ev]) for key in ev[0]}
     log(f"stage C: refining means and bases ({int(rc.train.steps)} steps, QR every {qr_every})")
-    t0 = time.time()
     result = loop.train(sub, str(run_.path("refine")), loop.Method(init, step, render=render), batches,
                         eval_batch=eval_batch)
     st = result.state
     refined = gem.with_params(fixed, st["p"])._replace(sigma=st["sigma"])
     # A last re-orthonormalisation: the saved bases are orthonormal (renders unchanged).
     refined, k = gem.reorthonormalise(refined, st["k"])
-    log(f"refinement: {int(rc.train.steps)} steps (QR every {qr_every}) in "
-        f"{time.time() - t0:.0f}s" if result.steps_run else "refinement: resumed at its end")
+    log(f"refinement: {int(rc.train.steps)} steps (QR every {qr_every}) in {result.train_seconds:.0f}s"
+        + ("" if result.steps_run else " (resumed at its end)"))
     return refined, k
 
 

@@ -28,6 +28,7 @@ the rigid alignment of the tracked head to the true one (`camera_in_video_world`
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 
@@ -799,7 +800,6 @@ def _train_and_evaluate(cfg, run_, ctx, train, test, assets, shape, feed) -> dic
         # Every offline run times its steps: with the scheduled online mode for online.json,
         # otherwise for training_curve.json (held-out ray PSNR against training seconds).
         online = _OnlineRecorder(batches)
-    t0 = time.time()
     try:
         result = loop.train(cfg, str(run_.workdir), method, online, eval_batch=eval_batch)
     except app.Interrupted:
@@ -810,7 +810,6 @@ def _train_and_evaluate(cfg, run_, ctx, train, test, assets, shape, feed) -> dic
             _log_curve(online.write_curve(run_), log, "so far (stopped)")
         raise
     online.finished = time.time()
-    train_seconds = time.time() - t0
     if live:
         log(f"live: training done with {feed.count}/{feed.n} frames arrived; waiting for the rest "
             "(the held-out frames come last)")
@@ -820,8 +819,8 @@ def _train_and_evaluate(cfg, run_, ctx, train, test, assets, shape, feed) -> dic
         online.eval_batch = eval_rays(cfg, test, jax.device_count())
     state = result.state
     metrics = evaluate_heldout(cfg, ctx, state, train, test, assets, renderer, run_, log)
-    if result.steps_run:     # a rerun of a finished run keeps the training time it recorded (final_metrics.json)
-        metrics["train_seconds"] = train_seconds
+    if math.isfinite(result.train_seconds):     # over all sessions (loop.TrainResult)
+        metrics["train_seconds"] = result.train_seconds
     if run_.lead:
         app.merge_final_metrics(run_.workdir, {f"heldout/{k}": v for k, v in metrics.items()
                                                if isinstance(v, float)})

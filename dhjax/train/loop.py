@@ -45,7 +45,10 @@ with the step. What it guarantees:
     fails the run with FloatingPointError (after checkpointing the last finite state), as does
     any skip with on_nonfinite="stop";
   - logs: TensorBoard + metrics.jsonl + a progress line from process 0 only; TensorBoard also
-    gets the run's config as its HParams session (`logs.MetricWriter`).
+    gets the run's config as its HParams session (`logs.MetricWriter`);
+  - timing: `TrainResult.train_seconds`, the wall time of training summed over the calls that
+    made the final state (kept in each checkpoint's meta, so a resumed or rerun run reports its
+    whole training time, not its last session's).
 
 Config fields read (`cfg.train`): steps, log_every, checkpoint_every, keep_checkpoints,
 eval_every (0 = only at the end), on_nonfinite ("skip" | "stop"), max_skipped_fraction
@@ -54,7 +57,9 @@ eval_every (0 = only at the end), on_nonfinite ("skip" | "stop"), max_skipped_fr
 
 from __future__ import annotations
 
+import math
 import signal
+import time
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -79,6 +84,11 @@ class TrainResult(NamedTuple):
     state: Any
     metrics: dict          # last training metrics + final evaluation (host floats)
     steps_run: int         # steps executed by this call (0 when resumed at the end)
+    # Wall seconds of training over all the calls that made the final state: each call's time
+    # in `train` up to its last checkpoint, carried across resumes in the checkpoints (steps
+    # redone after a kill count once). NaN when the run resumed from a checkpoint written before
+    # dhjax recorded it.
+    train_seconds: float = float("nan")
 
 
 def data_mesh():
@@ -250,6 +260,7 @@ def train(cfg, workdir: str, method: Method, dataset, *, eval_batch=None,
     checkpoint was written), FloatingPointError (non-finite steps, per the config),
     checkpoint.CheckpointMismatch (a checkpoint of another state layout).
     """
+    entered = time.time()
     try:
         config_lib.check_train_config(cfg)
     except ValueError as err:
@@ -270,12 +281,14 @@ def train(cfg, workdir: str, method: Method, dataset, *, eval_batch=None,
         jax.random.fold_in(base_rng, -1 % (2 ** 31)), shard_batch(dataset.get_batch(0), mesh))
     ckpt = ckpt_lib.Checkpointer(workdir, keep=tc.keep_checkpoints)
     start, skipped, first_skipped = 0, 0, -1
+    earlier_seconds = 0.0          # training seconds of the calls before this one (the checkpoint's)
     restored = ckpt.restore_latest(state)
     data_state = None
     if restored is not None:
         state, meta = restored
         start, skipped = int(meta["next_step"]), int(meta["skipped"])
         first_skipped = int(meta.get("first_skipped", -1))
+        earlier_seconds = float(meta.get("train_seconds") or float("nan"))
         data_state = meta.get("data_state")
         if lead:
             print(f"resumed from {ckpt.directory} at step {start}", flush=True)
@@ -306,8 +319,14 @@ def train(cfg, workdir: str, method: Method, dataset, *, eval_batch=None,
     metrics_host: dict = {}
     reported = skipped
 
-    def save(next_step):
+    def seconds_so_far():
+        return earlier_seconds + (time.time() - entered)
+
+    def save(next_step, seconds=None):
         meta = {"next_step": int(next_step), "skipped": int(counts[0]), "first_skipped": int(counts[1])}
+        seconds = seconds_so_far() if seconds is None else seconds
+        if math.isfinite(seconds):
+            meta["train_seconds"] = seconds
         if data_iter is not None:
             meta["data_state"] = data_iter.get_state()
         ckpt.save(next_step, state, meta)
@@ -376,8 +395,10 @@ def train(cfg, workdir: str, method: Method, dataset, *, eval_batch=None,
                     save(done)
             steps_run = max(step + 1 - start, 0) if start < tc.steps else 0
         final = dict(metrics_host)
+        train_seconds = earlier_seconds      # resumed at the end: the time the checkpoint recorded
         if start < tc.steps:
-            save(tc.steps)
+            train_seconds = seconds_so_far()
+            save(tc.steps, train_seconds)
         check_skips(tc.steps)
         final.setdefault("skipped_steps", float(counts[0]))
         # A run resumed at its end (all steps done before) evaluates again for its caller but
@@ -398,4 +419,4 @@ def train(cfg, workdir: str, method: Method, dataset, *, eval_batch=None,
             data_iter.close()
         writer.close()
         ckpt.close()
-    return TrainResult(state=state, metrics=final, steps_run=steps_run)
+    return TrainResult(state=state, metrics=final, steps_run=steps_run, train_seconds=train_seconds)
