@@ -119,6 +119,18 @@ def test_load_scans_skips_unreadable_scans_with_a_message(tmp_path, capsys):
         registration_scans.load_scans(_data_cfg(tmp_path / "nothing"), m)
 
 
+@pytest.mark.parametrize("field, value, match", [
+    ("noise_mm", -1.0, "data.synthetic.noise_mm must be a standard deviation >= 0 \\(mm\\), got -1.0"),
+    ("noise_mm", "0.3", "data.synthetic.noise_mm must be a standard deviation"),
+    ("n_scans", 0, "data.synthetic.n_scans must be an integer >= 1, got 0"),
+    ("points_per_scan", 2.5, "data.synthetic.points_per_scan must be an integer >= 1, got 2.5")])
+def test_load_scans_refuses_synthetic_settings_out_of_range(field, value, match):
+    cfg = _data_cfg("")
+    cfg.synthetic = ml_collections.ConfigDict({**cfg.synthetic.to_dict(), field: value})
+    with pytest.raises(ValueError, match=match):
+        registration_scans.load_scans(cfg, flame.load())
+
+
 @pytest.fixture(scope="module")
 def metric_and_mm(tmp_path_factory):
     """One synthetic head written twice: in metres and in millimetres (mesh and landmarks), each

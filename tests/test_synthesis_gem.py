@@ -425,7 +425,7 @@ def test_run_end_to_end_and_drive(tmp_path):
         assert (work / name).is_file(), name
     assert list(work.glob("frame_*.ply"))
     saved = json.loads((work / "metrics.json").read_text())
-    assert saved["stage_b"]["components"] == 4
+    assert saved["stage_b"]["components"] == 4 and saved["stage_a"]["train_seconds"] > 0
     for table in ("novel_view", "training_views"):
         for name in ("net", "GEM", "GEM refined"):
             assert np.isfinite(saved[table][name]["psnr"])

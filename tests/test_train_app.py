@@ -113,6 +113,12 @@ def test_start_checks_train_fields_and_accepts_resumable_changes(tmp_path, capsy
     with pytest.raises(app.RunError, match="config field train.log_every must be an integer >= 1, got 0"):
         app.start(tmp_path / "other", bad)
     assert not (tmp_path / "other").exists()
+    for seed in (-1, 1.5, True):      # numpy's generators (the data pipelines') take no negative seed
+        odd = ml_collections.ConfigDict(more.to_dict())
+        odd.seed = seed
+        with pytest.raises(app.RunError, match=f"config field seed must be an integer >= 0, got {seed!r}"):
+            app.start(tmp_path / "other", odd)
+    assert not (tmp_path / "other").exists()
     for field, value, name in (("lr", float("nan"), "optim.lr"), ("milestones", (10, float("inf")), "optim.milestones[1]")):
         odd = ml_collections.ConfigDict(more.to_dict())     # any number in the config, not only train.*
         odd.optim = ml_collections.ConfigDict({field: value})

@@ -319,10 +319,20 @@ def load_scans(data_cfg, model: flame.FlameModel, *, seed: int = 0):
       (names [S] str (file stems, or synthetic_000 ...), scans [S] dicts (`load_scan`),
       ground truth dict of `synthesize_scans` or None for scans from disk).
     Raises:
-      FileNotFoundError: scans_dir holds no .obj/.ply file. ValueError: none could be read.
+      FileNotFoundError: scans_dir holds no .obj/.ply file. ValueError: none could be read, or a
+      synthetic setting is out of range (n_scans or points_per_scan < 1, noise_mm < 0).
     """
     d = data_cfg
     if not d.scans_dir:
+        syn = d.synthetic
+        for field in ("n_scans", "points_per_scan"):
+            v = syn.get(field)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"config field data.synthetic.{field} must be an integer >= 1, got {v!r}")
+        if isinstance(syn.get("noise_mm"), bool) or not isinstance(syn.get("noise_mm"), (int, float)) \
+                or not syn.noise_mm >= 0:
+            raise ValueError(f"config field data.synthetic.noise_mm must be a standard deviation >= 0 (mm), "
+                             f"got {syn.get('noise_mm')!r}")
         scans, gt = synthesize_scans(
             jax.random.PRNGKey(seed + 1), model, d.synthetic.n_scans,
             noise_mm=d.synthetic.noise_mm, points_per_scan=d.synthetic.points_per_scan)

@@ -159,8 +159,8 @@ def check_train_config(cfg: ml_collections.ConfigDict) -> None:
     frac = tc.get("max_skipped_fraction", TRAIN_DEFAULTS["max_skipped_fraction"])
     if isinstance(frac, bool) or not isinstance(frac, (int, float)) or not 0.0 <= float(frac) <= 1.0:
         raise ValueError(f"config field train.max_skipped_fraction must be a number in [0, 1], got {frac!r}")
-    if "seed" in cfg and (isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int)):
-        raise ValueError(f"config field seed must be an integer, got {cfg.seed!r}")
+    if "seed" in cfg:     # numpy's generators (the data pipelines') take no negative seed
+        check_integer(cfg, "seed", 0)
 
 
 def config_dict(cfg: ml_collections.ConfigDict | Mapping) -> dict:
