@@ -491,3 +491,4 @@ def test_sweep_runs_every_variant_and_tabulates(tmp_path):
     assert [r["status"] for r in rows] == ["ok"] * 4
     csv_rows = list(csv.DictReader(open(tmp_path / "results.csv")))
     assert len(csv_rows) == 4 and all(float(r["scan_median_mm"]) > 0 for r in csv_rows)
+    assert "finite" not in csv_rows[0] and "skipped_steps" in csv_rows[0]

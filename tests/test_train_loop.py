@@ -46,6 +46,10 @@ def test_four_devices_match_one_device(reference, tmp_path):
 def test_same_seed_same_metrics_and_other_seed_differs(reference, tmp_path):
     toy(tmp_path / "again")
     assert jsonl(tmp_path / "again") == jsonl(reference)
+    # The guard's per-step flag stays internal; the skip count is what the run reports.
+    final = json.loads((reference / "final_metrics.json").read_text())
+    assert "finite" not in final and final["skipped_steps"] == 0
+    assert all("finite" not in r for r in jsonl(reference))
     toy(tmp_path / "seed1", "seed=1")
     assert jsonl(tmp_path / "seed1") != jsonl(reference)
 

@@ -379,6 +379,9 @@ def train(cfg, workdir: str, method: Method, dataset, *, eval_batch=None,
                     check_skips(done)
                 if done % tc.log_every == 0 or done == tc.steps:
                     metrics_host = _host(metrics)
+                    # The guard's per-step flag is internal: skipped_steps is what logs and
+                    # final_metrics.json (and so the sweep's table) report.
+                    metrics_host.pop("finite", None)
                     metrics_host["skipped_steps"] = float(counts[0])
                     writer.write_scalars(done, metrics_host)
                     progress.update(done, {"loss": metrics_host["loss"]})
