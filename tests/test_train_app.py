@@ -96,6 +96,37 @@ def test_start_refuses_another_config_before_writing_anything(tmp_path):
         app.start(tmp_path, dropped, allow_config_change=True)
 
 
+def test_a_config_declares_its_own_resumable_fields(tmp_path):
+    """register_flame's train.steps refers to registration.steps: its config lists that field in
+    resumable_changes, so --allow_config_change can extend such a run; the list itself and other
+    fields stay fixed."""
+    import importlib
+
+    reg = importlib.import_module("configs.register_flame")
+    cfg = reg.get_config("tiny")
+    _started(tmp_path, cfg)
+    longer = reg.get_config("tiny")
+    longer.registration.steps = cfg.registration.steps + 100
+    assert longer.train.steps == cfg.train.steps + 100           # the reference follows
+    with pytest.raises(app.RunError, match="allow_config_change accepts these"):
+        app.start(tmp_path, longer)
+    logged = []
+    diffs = app.check_resume_config(tmp_path, longer, allow_config_change=True, log=logged.append)
+    assert sorted(d[0] for d in diffs) == ["registration.steps", "train.steps"]
+    other = reg.get_config("tiny")
+    other.registration.n_points += 1
+    with pytest.raises(app.RunError, match="accepts only train.steps, .*registration.steps and fields"):
+        app.start(tmp_path, other, allow_config_change=True)
+    widened = reg.get_config("tiny")
+    widened.resumable_changes = ("registration.steps", "registration.n_points", "resumable_changes")
+    widened.registration.n_points += 1
+    with pytest.raises(app.RunError, match="resumable_changes: "):
+        app.start(tmp_path, widened, allow_config_change=True)
+    bad = ml_collections.ConfigDict({**reg.get_config("tiny").to_dict(), "resumable_changes": "registration.steps"})
+    with pytest.raises(app.RunError, match="resumable_changes must be a tuple of dotted field names"):
+        app.start(tmp_path, bad, allow_config_change=True)
+
+
 def test_start_checks_train_fields_and_accepts_resumable_changes(tmp_path, capsys):
     cfg = _cfg()
     cfg.train = ml_collections.ConfigDict(dict(steps=10, log_every=5, checkpoint_every=5, keep_checkpoints=1,

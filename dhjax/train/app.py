@@ -18,8 +18,9 @@ Guarantees `start` gives every run, before any data is generated or anything com
     any differing field is refused with a `RunError` listing them, except that
     `--allow_config_change` (or `allow_config_change=True`) accepts changes of the fields in
     `RESUMABLE_CHANGES` (step counts, logging/checkpoint intervals and the non-finite-step
-    policy; note that a schedule
-    derived from train.steps, such as MICA's cosine decay, changes from the resume point);
+    policy) and in the fields the config lists in its own `resumable_changes` (e.g. a step count
+    that train.steps refers to; note that a schedule derived from train.steps, such as MICA's
+    cosine decay, changes from the resume point);
     changes of `INPUT_PIPELINE_FIELDS` (how the batches are read: loader kind, worker processes,
     threads) are accepted without it, since they change no batch.
 An interrupted run (SIGTERM: the harness checkpoints and stops) raises `Interrupted`, a
@@ -66,7 +67,8 @@ INPUT_PIPELINE_FIELDS = ("loader.kind", "loader.workers", "loader.threads")
 _ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
     "allow_config_change", False,
     "resume a run whose config.json differs from the given config only in the fields of "
-    "dhjax.train.app.RESUMABLE_CHANGES (step counts, logging and checkpoint intervals, the non-finite-step policy) and in "
+    "dhjax.train.app.RESUMABLE_CHANGES (step counts, logging and checkpoint intervals, the non-finite-step policy), in "
+    "the fields the config lists in its resumable_changes, and in "
     "fields its config.json lacks (options added to dhjax after the run started)")
 
 
@@ -253,7 +255,7 @@ def check_resume_config(workdir: str | os.PathLike, cfg: ml_collections.ConfigDi
     Returns the accepted differences [(field, old, new)] ([] for a new or identical run).
     Raises RunError listing the differing fields when they differ, unless allow_config_change
     (default: the --allow_config_change flag) is set and every difference is in
-    `RESUMABLE_CHANGES` or a field the run's config.json lacks (an option added to dhjax after
+    `resumable_changes(cfg)` or a field the run's config.json lacks (an option added to dhjax after
     the run started: resuming with the flag takes its value now, normally its default, which
     keeps the earlier behaviour); differences in `INPUT_PIPELINE_FIELDS` are always accepted. An
     unreadable config.json is an error too (the run cannot be checked). A config.json of another
@@ -283,9 +285,10 @@ def check_resume_config(workdir: str | os.PathLike, cfg: ml_collections.ConfigDi
         raise RunError(f"'{workdir}' holds a run of experiment {runs[0]!r}, and this program's config is not one: "
                        "use another --workdir")
     allow = _allow_flag() if allow_config_change is None else bool(allow_config_change)
+    resumable = resumable_changes(cfg)
 
     def flag_accepts(d):
-        return d[0] in RESUMABLE_CHANGES or (d[1] == config_lib.MISSING and d[2] != config_lib.MISSING)
+        return d[0] in resumable or (d[1] == config_lib.MISSING and d[2] != config_lib.MISSING)
 
     blocked = [d for d in diffs if d[0] not in INPUT_PIPELINE_FIELDS and not (allow and flag_accepts(d))]
     if blocked:
@@ -299,13 +302,25 @@ def check_resume_config(workdir: str | os.PathLike, cfg: ml_collections.ConfigDi
                 f"{runs[1]!r} run, and with another config" if runs is not None and runs[0] == config_lib.MISSING
                 and runs[1] != config_lib.MISSING else "a run with another config")
         if allow:                        # every blocked field is one the flag cannot accept
-            hint = (f"; --allow_config_change accepts only {', '.join(RESUMABLE_CHANGES)} and fields the run's "
+            hint = (f"; --allow_config_change accepts only {', '.join(resumable)} and fields the run's "
                     "config lacks")
         raise RunError(f"'{workdir}' holds {what} ({len(blocked)} field(s) differ):\n"
                        f"{shown}{more}\nuse another --workdir for a new run, or the run's own config to "
                        f"resume it{hint}")
     log("config changes accepted on resume: " + ", ".join(f"{k} {a!r} -> {b!r}" for k, a, b in diffs))
     return diffs
+
+
+def resumable_changes(cfg) -> tuple[str, ...]:
+    """The fields whose change `--allow_config_change` accepts on resume: `RESUMABLE_CHANGES`
+    plus the config's own `resumable_changes` (a tuple of dotted fields), which an experiment
+    declares for a field that, like train.steps, only says how long to train: e.g.
+    register_flame's registration.steps, which its train.steps refers to. A config cannot make
+    the list itself changeable."""
+    extra = cfg.get("resumable_changes", ()) if cfg is not None else ()
+    if isinstance(extra, str) or not all(isinstance(f, str) for f in extra):
+        raise RunError(f"config field resumable_changes must be a tuple of dotted field names, got {extra!r}")
+    return tuple(dict.fromkeys((*RESUMABLE_CHANGES, *(f for f in extra if f != "resumable_changes"))))
 
 
 def start(workdir: str | os.PathLike, cfg: ml_collections.ConfigDict | None = None, *,
