@@ -93,4 +93,7 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    # As the experiments run: inside app.exit_on_user_error (its SIGTERM handler outside the
+    # loop, which the loop's own, or jax's preemption service with several processes, replaces).
+    app.exit_on_user_error(main, errors=())
+

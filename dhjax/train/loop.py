@@ -288,7 +288,7 @@ def train(cfg, workdir: str, method: Method, dataset, *, eval_batch=None,
         state, meta = restored
         start, skipped = int(meta["next_step"]), int(meta["skipped"])
         first_skipped = int(meta.get("first_skipped", -1))
-        earlier_seconds = float(meta.get("train_seconds") or float("nan"))
+        earlier_seconds = float(meta.get("train_seconds", float("nan")))
         data_state = meta.get("data_state")
         if lead:
             print(f"resumed from {ckpt.directory} at step {start}", flush=True)
