@@ -32,9 +32,8 @@ def get_config(arg=None):
         log_every=25, checkpoint_every=100, keep_checkpoints=2, eval_every=0, on_nonfinite="skip",
         max_skipped_fraction=0.1))
     c.train.steps = c.registration.get_ref("steps")   # one number: the optimiser schedule uses it
-    # --allow_config_change may extend a run through registration.steps (train.steps follows it);
-    # the optimiser's schedule then changes from the resume point.
-    c.resumable_changes = ("registration.steps",)
+    # --allow_config_change may extend a run through registration.steps (train.steps follows it;
+    # dhjax.train.app.EXPERIMENT_RESUMABLE_CHANGES); the schedule then changes from the resume point.
     if arg == "tiny":
         c.data.synthetic.n_scans = 4
         c.data.synthetic.points_per_scan = 3000

@@ -165,6 +165,24 @@ def test_init_distributed_joins_only_multi_process_launches(no_join, monkeypatch
     assert calls[-1] == ((), {"coordinator_address": "10.0.0.1:1234", "num_processes": 2, "process_id": 1})
 
 
+def test_multi_process_launch_follows_init_distributeds_rule(no_join, monkeypatch):
+    """The rule app.exit_on_user_error uses (before jax starts) to leave SIGTERM to jax's
+    preemption service: the same launches as init_distributed joins."""
+    app, _ = no_join
+    assert not app.multi_process_launch()
+    monkeypatch.setenv("SLURM_NTASKS", "8")
+    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "1")
+    assert not app.multi_process_launch()
+    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "8")
+    assert app.multi_process_launch()
+    monkeypatch.setenv("DHJAX_NUM_PROCESSES", "1")
+    assert not app.multi_process_launch()
+    monkeypatch.setenv("DHJAX_NUM_PROCESSES", "2")
+    assert app.multi_process_launch()
+    monkeypatch.setenv("DHJAX_NUM_PROCESSES", "two")           # init_distributed names it
+    assert not app.multi_process_launch()
+
+
 def test_init_distributed_names_missing_variables(no_join, monkeypatch):
     app, calls = no_join
     monkeypatch.setenv("DHJAX_NUM_PROCESSES", "2")

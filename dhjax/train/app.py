@@ -18,9 +18,9 @@ Guarantees `start` gives every run, before any data is generated or anything com
     any differing field is refused with a `RunError` listing them, except that
     `--allow_config_change` (or `allow_config_change=True`) accepts changes of the fields in
     `RESUMABLE_CHANGES` (step counts, logging/checkpoint intervals and the non-finite-step
-    policy) and in the fields the config lists in its own `resumable_changes` (e.g. a step count
-    that train.steps refers to; note that a schedule derived from train.steps, such as MICA's
-    cosine decay, changes from the resume point);
+    policy) and in the experiment's own such fields (`EXPERIMENT_RESUMABLE_CHANGES`, e.g. a step
+    count that train.steps refers to; note that a schedule derived from train.steps, such as
+    MICA's cosine decay, changes from the resume point);
     changes of `INPUT_PIPELINE_FIELDS` (how the batches are read: loader kind, worker processes,
     threads) are accepted without it, since they change no batch.
 An interrupted run (SIGTERM: the harness checkpoints and stops) raises `Interrupted`, a
@@ -59,6 +59,12 @@ EXIT_INTERRUPTED = 143     # the exit status of an interrupted run (128 + SIGTER
 RESUMABLE_CHANGES = ("train.steps", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
                      "train.eval_every", "train.on_nonfinite", "train.max_skipped_fraction")
 
+# Per experiment, more fields that, like train.steps, only say how long to train (here in the
+# code, not in a config, so that neither a command line nor an older run's config.json changes
+# them): register_flame's train.steps refers to registration.steps, its optimiser's schedule
+# length, which therefore changes from the resume point when a run is extended.
+EXPERIMENT_RESUMABLE_CHANGES = {"register_flame": ("registration.steps",)}
+
 # Config fields that choose how the training batches are read, never which: the input pipeline
 # gives the same batches for any of their values (`dhjax.data.grain_pipeline`), so a resume
 # accepts their changes without --allow_config_change (and says so).
@@ -68,7 +74,7 @@ _ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
     "allow_config_change", False,
     "resume a run whose config.json differs from the given config only in the fields of "
     "dhjax.train.app.RESUMABLE_CHANGES (step counts, logging and checkpoint intervals, the non-finite-step policy), in "
-    "the fields the config lists in its resumable_changes, and in "
+    "the experiment's own in dhjax.train.app.EXPERIMENT_RESUMABLE_CHANGES, and in "
     "fields its config.json lacks (options added to dhjax after the run started)")
 
 
@@ -114,12 +120,8 @@ def init_distributed() -> None:
     it twice in one process is harmless. Raises RunError when DHJAX_NUM_PROCESSES > 1 comes
     without the other two variables.
     """
-    explicit = os.environ.get("DHJAX_NUM_PROCESSES")
-    n = _env_int("DHJAX_NUM_PROCESSES", explicit or "1", 1)
-    # srun sets SLURM_STEP_NUM_TASKS to its step's task count; SLURM_NTASKS, the fallback, may
-    # be the whole allocation's.
-    slurm_tasks = int(os.environ.get("SLURM_STEP_NUM_TASKS", os.environ.get("SLURM_NTASKS", "1")))
-    if n <= 1 and (explicit is not None or slurm_tasks <= 1):
+    n = _env_int("DHJAX_NUM_PROCESSES", os.environ.get("DHJAX_NUM_PROCESSES") or "1", 1)
+    if not multi_process_launch():
         return
     if jax.distributed.is_initialized():
         return
@@ -138,6 +140,24 @@ def init_distributed() -> None:
                                    num_processes=n, process_id=pid)
     else:
         jax.distributed.initialize()
+
+
+def multi_process_launch() -> bool:
+    """Whether this process was launched as one of several (`init_distributed`'s rule, from the
+    environment alone: DHJAX_NUM_PROCESSES > 1, or without it a SLURM step of several tasks).
+    Values that are not integers read as one process here; `init_distributed` reports them."""
+    def count(text: str) -> int:
+        try:
+            return int(text)
+        except ValueError:
+            return 1
+
+    explicit = os.environ.get("DHJAX_NUM_PROCESSES")
+    if explicit is not None:
+        return count(explicit) > 1
+    # srun sets SLURM_STEP_NUM_TASKS to its step's task count; SLURM_NTASKS, the fallback, may
+    # be the whole allocation's.
+    return count(os.environ.get("SLURM_STEP_NUM_TASKS", os.environ.get("SLURM_NTASKS", "1"))) > 1
 
 
 def _env_int(name: str, text: str, low: int) -> int:
@@ -313,14 +333,9 @@ def check_resume_config(workdir: str | os.PathLike, cfg: ml_collections.ConfigDi
 
 def resumable_changes(cfg) -> tuple[str, ...]:
     """The fields whose change `--allow_config_change` accepts on resume: `RESUMABLE_CHANGES`
-    plus the config's own `resumable_changes` (a tuple of dotted fields), which an experiment
-    declares for a field that, like train.steps, only says how long to train: e.g.
-    register_flame's registration.steps, which its train.steps refers to. A config cannot make
-    the list itself changeable."""
-    extra = cfg.get("resumable_changes", ()) if cfg is not None else ()
-    if isinstance(extra, str) or not all(isinstance(f, str) for f in extra):
-        raise RunError(f"config field resumable_changes must be a tuple of dotted field names, got {extra!r}")
-    return tuple(dict.fromkeys((*RESUMABLE_CHANGES, *(f for f in extra if f != "resumable_changes"))))
+    plus those `EXPERIMENT_RESUMABLE_CHANGES` lists for the config's experiment."""
+    experiment = cfg.get("experiment") if cfg is not None else None
+    return RESUMABLE_CHANGES + EXPERIMENT_RESUMABLE_CHANGES.get(experiment, ())
 
 
 def start(workdir: str | os.PathLike, cfg: ml_collections.ConfigDict | None = None, *,
@@ -466,12 +481,12 @@ def exit_on_user_error(fn: Callable[[], Any], errors: Iterable[type] = (FileNotF
     message says what was checkpointed and how to go on), becomes 'error: <message>' on stderr
     and exit status 2 (for command-line programs whose user gave a wrong folder, file or value).
 
-    While fn runs, a SIGTERM that arrives outside a training loop (which checkpoints and stops at
-    a step boundary on its own; the sweep forwards it to the running variant) stops the program
-    with a message and exit status `EXIT_INTERRUPTED` instead of silently: e.g. between GEM's
-    stages, or while an experiment evaluates. What finished is kept
-    (checkpoints, and stage files, which are written atomically), so rerunning the same command
-    resumes. The previous handler is restored when fn returns."""
+    While fn runs in a single-process run, a SIGTERM that arrives outside a training loop (which
+    checkpoints and stops at a step boundary on its own; the sweep forwards it to the running
+    variant) stops the program with a message and exit status `EXIT_INTERRUPTED` instead of
+    silently: e.g. between GEM's stages, or while an experiment evaluates. What a rerun resumes
+    from (checkpoints, stage files such as GEM's distilled.npz) is written atomically, so the
+    same command resumes. The previous handler is restored when fn returns."""
     with _SigtermStops():
         try:
             return fn()
@@ -483,21 +498,28 @@ def exit_on_user_error(fn: Callable[[], Any], errors: Iterable[type] = (FileNotF
 class _SigtermStops:
     """SIGTERM -> a message and SystemExit(EXIT_INTERRUPTED), for the duration of the context.
     Training loops put their own handler in place while they run (`loop._Sigterm`) and restore
-    this one after; in multi-process runs jax's preemption service takes SIGTERM over when
-    `jax.distributed.initialize` starts it. Not installed off the main thread (Python allows
-    handlers only there)."""
+    this one after. Single-process runs only: a multi-process launch (`multi_process_launch`)
+    leaves SIGTERM to jax's preemption service, which stops all processes at one step of the
+    next training loop. Not installed off the main thread (Python allows handlers only there)."""
 
     def __enter__(self):
+        self._old = None
+        if multi_process_launch():
+            return self
         try:
             self._old = signal.signal(signal.SIGTERM, self._handle)
         except ValueError:
-            self._old = None
+            pass
         return self
 
     @staticmethod
     def _handle(signum, frame):
-        print(f"SIGTERM: stopping outside a training loop (no step to checkpoint); finished stages and "
-              f"checkpoints are kept, rerun the same command to resume (exit status {EXIT_INTERRUPTED})", flush=True)
+        msg = (f"SIGTERM: stopping outside a training loop (no step to checkpoint); finished stages and "
+               f"checkpoints are kept, rerun the same command to resume (exit status {EXIT_INTERRUPTED})")
+        try:       # the signal may have interrupted a print: then write past the buffer
+            print(msg, flush=True)
+        except RuntimeError:
+            os.write(2, (msg + "\n").encode())
         raise SystemExit(EXIT_INTERRUPTED)
 
     def __exit__(self, *exc):
