@@ -27,6 +27,7 @@ distilled.npz; the drivers and evaluation (seconds to minutes) are recomputed.
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 
@@ -264,7 +265,8 @@ def refine_stage(cfg, run_, ctx, model, k_train, cap, sp, log):
     refined = gem.with_params(fixed, st["p"])._replace(sigma=st["sigma"])
     # A last re-orthonormalisation: the saved bases are orthonormal (renders unchanged).
     refined, k = gem.reorthonormalise(refined, st["k"])
-    log(f"refinement: {int(rc.train.steps)} steps (QR every {qr_every}) in {result.train_seconds:.0f}s"
+    took = f"{result.train_seconds:.0f}s" if math.isfinite(result.train_seconds) else "an unrecorded time"
+    log(f"refinement: {int(rc.train.steps)} steps (QR every {qr_every}) in {took}"
         + ("" if result.steps_run else " (resumed at its end)"))
     return refined, k
 

@@ -84,9 +84,14 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     path = os.fspath(path)
     folder, name = os.path.split(path)
     tmp = os.path.join(folder, f".{name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:      # an error or a stop (SIGTERM: SystemExit) leaves no temp file
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 def save_config(cfg: ml_collections.ConfigDict, workdir: str) -> str:

@@ -319,8 +319,8 @@ def train(cfg, workdir: str, method: Method, dataset, *, eval_batch=None,
     metrics_host: dict = {}
     reported = skipped
 
-    def seconds_so_far():
-        return earlier_seconds + (time.time() - entered)
+    def seconds_so_far():      # a call that runs no step (resumed at the end) adds nothing
+        return earlier_seconds + (time.time() - entered) if start < tc.steps else earlier_seconds
 
     def save(next_step, seconds=None):
         meta = {"next_step": int(next_step), "skipped": int(counts[0]), "first_skipped": int(counts[1])}
@@ -398,9 +398,8 @@ def train(cfg, workdir: str, method: Method, dataset, *, eval_batch=None,
                     save(done)
             steps_run = max(step + 1 - start, 0) if start < tc.steps else 0
         final = dict(metrics_host)
-        train_seconds = earlier_seconds      # resumed at the end: the time the checkpoint recorded
+        train_seconds = seconds_so_far()     # resumed at the end: the time the checkpoint recorded
         if start < tc.steps:
-            train_seconds = seconds_so_far()
             save(tc.steps, train_seconds)
         check_skips(tc.steps)
         final.setdefault("skipped_steps", float(counts[0]))
