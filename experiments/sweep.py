@@ -7,8 +7,8 @@ Each variant runs `python -m experiments.<cfg.experiment> --config=<spec> --conf
 its own subfolder; --dry_run prints those commands (for a cluster launcher) and runs nothing.
 Results: <workdir>/results.csv and results.md (`dhjax.train.sweep`). A wrong config file or
 override is an error (exit status 2) before anything runs, and so is a value that the
-experiment's own config check refuses in any variant (INSTA, GEM, D3GA, synshot_sample: `CHECKS`),
-and a variant folder that holds a run with another config (the sweep called again with another
+experiment's own config check refuses in any variant (INSTA, GEM, D3GA, synshot_sample,
+register_flame: `CHECKS`), and a variant folder that holds a run with another config (the sweep called again with another
 --set). Exit status 1 when a variant failed. Rerunning the same command resumes the sweep: finished variants are kept, interrupted or failed ones run again (resuming from their
 checkpoints); a SIGTERM stops the running variant at a checkpoint and the sweep with status 143.
 """
@@ -29,7 +29,7 @@ _SET = flags.DEFINE_multi_string("set", [], "override for every variant, e.g. --
 # The experiments whose run module checks its config values before any work: their checks run on
 # every variant before the sweep starts (imported only for the experiment the sweep runs).
 CHECKS = {"insta": "dhjax.synthesis.insta_run", "d3ga": "dhjax.synthesis.d3ga_run", "gem": "dhjax.synthesis.gem_run",
-          "synshot_sample": "dhjax.synthesis.synshot_sample"}
+          "synshot_sample": "dhjax.synthesis.synshot_sample", "register_flame": "dhjax.capture.registration_run"}
 
 
 def check_for(experiment: str):

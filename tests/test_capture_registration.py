@@ -131,6 +131,18 @@ def test_load_scans_refuses_synthetic_settings_out_of_range(field, value, match)
         registration_scans.load_scans(cfg, flame.load())
 
 
+def test_register_flame_refuses_bad_synthetic_settings_before_writing_anything(tmp_path):
+    import importlib
+
+    from dhjax.capture import registration_run
+
+    cfg = importlib.import_module("configs.register_flame").get_config("tiny")
+    cfg.data.synthetic.noise_mm = -1.0
+    with pytest.raises(ValueError, match="data.synthetic.noise_mm must be a standard deviation >= 0"):
+        registration_run.run(cfg, str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.fixture(scope="module")
 def metric_and_mm(tmp_path_factory):
     """One synthetic head written twice: in metres and in millimetres (mesh and landmarks), each

@@ -784,3 +784,23 @@ def test_iris_inputs_are_checked_and_read_from_478_point_meshes(model, tmp_path)
                               landmark_error_px=np.zeros(1), photometric_error=np.zeros(1), seconds=0.0)
     tracker.write_dataset(tmp_path / "ds", res, [frame], model)
     np.testing.assert_allclose(FolderDataset(tmp_path / "ds", "train")[0]["eyelids"], [0.3, 0.4])
+
+
+def test_dataset_stream_records_a_stop_as_a_stop_not_as_a_failure():
+    """A SIGTERM (SystemExit 143 from app.exit_on_user_error) or Ctrl-C while tracking is written to
+    meta.json as a stop that a rerun resumes, not as the error '143'; real errors keep their text."""
+    class Writer:
+        meta: dict = {}
+
+        def close(self):
+            pass
+
+    stream = tracker.DatasetStream.__new__(tracker.DatasetStream)
+    stream.writer, stream.run, stream.frames, stream.renders = Writer(), "r", [None] * 3, [None]
+    stream.fail(SystemExit(143))
+    assert stream.writer.meta["live"]["error"] == "the tracker was stopped (SystemExit); rerunning it resumes"
+    stream.fail(KeyboardInterrupt())
+    assert stream.writer.meta["live"]["error"].startswith("the tracker was stopped (KeyboardInterrupt)")
+    stream.fail(ValueError("frame 2: no face"))
+    assert stream.writer.meta["live"] == {"run": "r", "frames": 3, "tracked": 1, "done": False,
+                                          "error": "frame 2: no face"}

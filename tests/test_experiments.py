@@ -311,14 +311,15 @@ def test_sweep_refuses_a_value_the_experiments_check_refuses_before_anything_run
 
 def test_sweep_checks_cover_every_run_module_with_a_config_check():
     """experiments.sweep's CHECKS (read from its source: importing it would define its flags in
-    this process) names every synthesis run module with a check_config, each for an experiment."""
+    this process) names every synthesis and capture run module with a check_config, each for an
+    experiment."""
     import ast
     import importlib
 
     tree = ast.parse((Path(ROOT) / "experiments" / "sweep.py").read_text())
     checks = next(ast.literal_eval(n.value) for n in tree.body
                   if isinstance(n, ast.Assign) and getattr(n.targets[0], "id", None) == "CHECKS")
-    have = {f"dhjax.synthesis.{p.stem}" for p in (Path(ROOT) / "dhjax" / "synthesis").glob("*.py")
+    have = {f"dhjax.{pkg}.{p.stem}" for pkg in ("synthesis", "capture") for p in (Path(ROOT) / "dhjax" / pkg).glob("*.py")
             if "\ndef check_config(cfg)" in p.read_text()}
     assert have == set(checks.values())
     for name, module in checks.items():

@@ -94,6 +94,14 @@ class RunResult(NamedTuple):
     summary: dict             # `summarize` (empty on processes other than the lead)
 
 
+def check_config(cfg) -> None:
+    """Raises ValueError naming the field for a setting that cannot work, before anything is
+    written (also what experiments.sweep checks on every variant): the synthetic scans'
+    settings when data.scans_dir is empty (`registration_scans.check_synthetic`)."""
+    if not cfg.data.scans_dir:
+        registration_scans.check_synthetic(cfg.data)
+
+
 def run(cfg, workdir: str) -> RunResult:
     """Registers the head model to the scans of `cfg.data` and writes the outputs listed in the
     module docstring.
@@ -106,6 +114,7 @@ def run(cfg, workdir: str) -> RunResult:
       `registration.make_static`).
     """
     app.check_experiment(cfg, "register_flame")
+    check_config(cfg)
     r = app.start(workdir, cfg)
     model = flame.load(cfg.flame_path or None, landmarks=cfg.flame_landmarks or None)
     names, scans, gt = registration_scans.load_scans(cfg.data, model, seed=cfg.seed)

@@ -304,6 +304,20 @@ def pad_scans(scans: Sequence[Mapping[str, Any]], n_points: int, *, seed: int = 
     return batch
 
 
+def check_synthetic(data_cfg) -> None:
+    """Raises ValueError naming the field when `data_cfg.synthetic` (the synthetic scans of
+    `load_scans`) cannot work: n_scans or points_per_scan not an integer >= 1, noise_mm not a
+    number >= 0 (a standard deviation, mm)."""
+    syn = data_cfg.synthetic
+    for field in ("n_scans", "points_per_scan"):
+        v = syn.get(field)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"config field data.synthetic.{field} must be an integer >= 1, got {v!r}")
+    v = syn.get("noise_mm")
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0:
+        raise ValueError(f"config field data.synthetic.noise_mm must be a standard deviation >= 0 (mm), got {v!r}")
+
+
 def load_scans(data_cfg, model: flame.FlameModel, *, seed: int = 0):
     """The scans a registration run fits, from `cfg.data` (see `configs/register_flame.py`).
 
@@ -324,15 +338,7 @@ def load_scans(data_cfg, model: flame.FlameModel, *, seed: int = 0):
     """
     d = data_cfg
     if not d.scans_dir:
-        syn = d.synthetic
-        for field in ("n_scans", "points_per_scan"):
-            v = syn.get(field)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"config field data.synthetic.{field} must be an integer >= 1, got {v!r}")
-        if isinstance(syn.get("noise_mm"), bool) or not isinstance(syn.get("noise_mm"), (int, float)) \
-                or not syn.noise_mm >= 0:
-            raise ValueError(f"config field data.synthetic.noise_mm must be a standard deviation >= 0 (mm), "
-                             f"got {syn.get('noise_mm')!r}")
+        check_synthetic(d)
         scans, gt = synthesize_scans(
             jax.random.PRNGKey(seed + 1), model, d.synthetic.n_scans,
             noise_mm=d.synthetic.noise_mm, points_per_scan=d.synthetic.points_per_scan)

@@ -1272,6 +1272,8 @@ class DatasetStream:
         """Records the tracker's error in meta.json (a reader waiting for frames stops with it);
         before the first frame, an earlier dataset in the folder is left alone."""
         if self.writer is not None:
+            if isinstance(error, (SystemExit, KeyboardInterrupt)):    # SIGTERM or Ctrl-C, not a failure
+                error = f"the tracker was stopped ({type(error).__name__}); rerunning it resumes"
             self._live(done=False, error=str(error) or type(error).__name__)
 
 
