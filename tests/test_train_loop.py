@@ -115,6 +115,18 @@ def test_sigterm_checkpoints_stops_without_final_outputs_and_resumes(reference, 
     assert "done 0 " in again and float(again.split("train_seconds ")[1].split()[0]) == total
 
 
+def test_sigterm_after_training_stops_with_a_message(tmp_path):
+    """Outside the loop (whose handler checkpoints at a step boundary) the experiments' handler
+    (app.exit_on_user_error) is back in place: a SIGTERM after training stops the program with
+    its message and status 143, not silently and not never."""
+    proc = toy(tmp_path, check=False, TOY_TERM_AFTER=1)
+    from dhjax.train import app
+
+    assert proc.returncode == app.EXIT_INTERRUPTED, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "SIGTERM: stopping outside a training loop" in proc.stdout
+    assert "still running" not in proc.stdout and (tmp_path / "final_params.npy").exists()
+
+
 def test_resume_with_another_config_is_refused_and_keeps_the_run(reference, tmp_path):
     wd = tmp_path / "run"
     shutil.copytree(reference, wd)

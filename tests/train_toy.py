@@ -2,7 +2,8 @@
 
 Run as a script: python tests/train_toy.py WORKDIR [key=value ...] (config overrides).
 Writes WORKDIR/final_params.npy. Env TOY_SLEEP=seconds slows every batch (for kill tests);
-TOY_ALLOW=1 resumes with the config changes dhjax.train.app.RESUMABLE_CHANGES allows.
+TOY_ALLOW=1 resumes with the config changes dhjax.train.app.RESUMABLE_CHANGES allows;
+TOY_TERM_AFTER=1 sends itself a SIGTERM after training.
 """
 
 import os
@@ -90,10 +91,15 @@ def main():
     res = loop.train(cfg, workdir, make_method(cfg), data, eval_batch=data.get_batch(10 ** 6),
                      allow_config_change=os.environ.get("TOY_ALLOW") == "1")
     save_result(workdir, res)
+    if os.environ.get("TOY_TERM_AFTER") == "1":     # a SIGTERM after training (e.g. during an evaluation)
+        import signal
+
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(10)
+        print("still running after the SIGTERM", flush=True)
 
 
 if __name__ == "__main__":
     # As the experiments run: inside app.exit_on_user_error (its SIGTERM handler outside the
     # loop, which the loop's own, or jax's preemption service with several processes, replaces).
     app.exit_on_user_error(main, errors=())
-
