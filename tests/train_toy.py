@@ -100,6 +100,7 @@ def main():
 
 
 if __name__ == "__main__":
-    # As the experiments run: inside app.exit_on_user_error (its SIGTERM handler outside the
-    # loop, which the loop's own, or jax's preemption service with several processes, replaces).
+    # As the experiments run: inside app.exit_on_user_error (in one process, its SIGTERM handler
+    # outside the loop, which the loop's own replaces while it runs; several processes leave
+    # SIGTERM to jax's preemption service).
     app.exit_on_user_error(main, errors=())
