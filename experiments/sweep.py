@@ -8,8 +8,8 @@ its own subfolder; --dry_run prints those commands (for a cluster launcher) and 
 Results: <workdir>/results.csv and results.md (`dhjax.train.sweep`). A wrong config file or
 override is an error (exit status 2) before anything runs, and so is a value that the
 experiment's own config check refuses in any variant (INSTA, GEM, D3GA, synshot_sample,
-register_flame: `CHECKS`), and a variant folder that holds a run with another config (the sweep called again with another
---set). Exit status 1 when a variant failed. Rerunning the same command resumes the sweep: finished variants are kept, interrupted or failed ones run again (resuming from their
+register_flame: `CHECKS`), and a variant folder that holds a run with another config (the sweep
+called again with another --set). Exit status 1 when a variant failed. Rerunning the same command resumes the sweep: finished variants are kept, interrupted or failed ones run again (resuming from their
 checkpoints); a SIGTERM stops the running variant at a checkpoint and the sweep with status 143.
 """
 

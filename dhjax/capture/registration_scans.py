@@ -29,9 +29,10 @@ from dhjax.geometry import mesh as mesh_lib
 from dhjax.geometry import rotations
 from dhjax.io import existing_file, load_mesh
 from dhjax.models import flame
+from dhjax.train import config as config_lib
 
 __all__ = ["MESH_SUFFIXES", "load_landmarks", "load_scan", "load_scans", "random_rotations",
-           "synthesize_scans", "pad_scans"]
+           "synthesize_scans", "pad_scans", "check_synthetic"]
 
 MESH_SUFFIXES = (".obj", ".ply")   # scan files `load_scans` picks up from a folder
 
@@ -308,12 +309,9 @@ def check_synthetic(data_cfg) -> None:
     """Raises ValueError naming the field when `data_cfg.synthetic` (the synthetic scans of
     `load_scans`) cannot work: n_scans or points_per_scan not an integer >= 1, noise_mm not a
     number >= 0 (a standard deviation, mm)."""
-    syn = data_cfg.synthetic
-    for field in ("n_scans", "points_per_scan"):
-        v = syn.get(field)
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ValueError(f"config field data.synthetic.{field} must be an integer >= 1, got {v!r}")
-    v = syn.get("noise_mm")
+    for field in ("n_scans", "points_per_scan"):      # named from the config's root, as run sees it
+        config_lib.check_integer({"data": data_cfg}, f"data.synthetic.{field}", 1)
+    v = data_cfg.synthetic.get("noise_mm")
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0:
         raise ValueError(f"config field data.synthetic.noise_mm must be a standard deviation >= 0 (mm), got {v!r}")
 
