@@ -213,6 +213,14 @@ def test_dataset_round_trip(model, tmp_path):
     np.testing.assert_allclose(s["R"], R, atol=1e-5)
     np.testing.assert_allclose(s["expression"], p["expression"], atol=1e-6)
     assert s["depth"].max() > 0.5 and s["mask"].sum() > 0
+    # SynShot's inversion reads it as the README says (--config.data.split=train
+    # --config.data.input_views="(0,)" --config.data.input_frames=...): one subject, camera 0
+    from dhjax.synthesis import synshot_invert as inv
+    inputs, rest = inv.split_inputs(inv.subject_samples(ds, 0), (0,), (0,))
+    inv.check_subject(inputs)
+    assert len(inputs) == 1 and not rest
+    maps = inv.subject_maps(inputs, model, 16)
+    assert maps["uv_expression_offset"].shape == (1, 16, 16, 3) and np.isfinite(maps["uv_position"]).all()
 
 
 def test_bad_inputs(model):
