@@ -478,6 +478,49 @@ def test_sweep_passes_sigterm_to_the_running_variant_and_stops(tmp_path):
     assert [r["status"] for r in rows] == ["interrupted"]  # the second variant never started
 
 
+def test_sweep_forwards_a_sigterm_that_arrives_while_the_variant_starts(monkeypatch):
+    """The forwarder is in place before Popen: a SIGTERM during the start reaches the variant
+    (before, it went to the previous handler and the variant ran on)."""
+    from dhjax.train import sweep
+
+    real_popen = subprocess.Popen
+
+    def popen_after_a_sigterm(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real_popen(*args, **kwargs)
+
+    missed = []
+    previous = signal.signal(signal.SIGTERM, lambda *a: missed.append(1))
+    try:
+        monkeypatch.setattr(subprocess, "Popen", popen_after_a_sigterm)
+        t0 = time.time()
+        result = sweep.run_forwarding_sigterm([sys.executable, "-c", "import time; time.sleep(60)"])
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert not missed and result.sigterm and time.time() - t0 < 30
+    assert result.returncode == -signal.SIGTERM   # the variant was stopped by the forwarded signal
+
+    # one that arrives before the start (just after the forwarder is installed) starts nothing
+    real_signal, started = signal.signal, []
+
+    def signal_then_sigterm(signum, handler):
+        old = real_signal(signum, handler)
+        if not started:
+            started.append(0)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return old
+
+    previous = signal.signal(signal.SIGTERM, lambda *a: missed.append(1))
+    try:
+        monkeypatch.setattr(signal, "signal", signal_then_sigterm)
+        monkeypatch.setattr(subprocess, "Popen", lambda *a, **k: started.append(1))
+        result = sweep.run_forwarding_sigterm([sys.executable, "-c", "pass"])
+    finally:
+        monkeypatch.undo()
+        signal.signal(signal.SIGTERM, previous)
+    assert not missed and started == [0] and result.sigterm and result.returncode == -signal.SIGTERM
+
+
 @pytest.mark.slow
 def test_sweep_runs_every_variant_and_tabulates(tmp_path):
     """Four short registration runs (minutes on 2 cores: each variant compiles its own step)."""

@@ -226,20 +226,29 @@ def write_experiment(variants: list[Variant], rows: list[dict], workdir: str) ->
 
 def run_forwarding_sigterm(command: list) -> subprocess.CompletedProcess:
     """Runs `command`; a SIGTERM to this process is passed on to it (so that it checkpoints and
-    stops) and then raises app.Interrupted here once it has ended."""
-    proc = subprocess.Popen(command)
-    received = []
+    stops) and then raises app.Interrupted here once it has ended. The forwarding is in place
+    before the command starts: a SIGTERM that arrives while it is being started reaches it as
+    soon as it runs, and one that arrives before does not start it (return code -SIGTERM)."""
+    received, child = [], []
 
     def forward(signum, frame):
         received.append(signum)
-        proc.send_signal(signal.SIGTERM)
+        if child:
+            child[0].send_signal(signal.SIGTERM)
 
     try:
         old = signal.signal(signal.SIGTERM, forward)
     except ValueError:  # not the main thread: no forwarding
         old = None
     try:
-        returncode = proc.wait()
+        if received:
+            returncode = -signal.SIGTERM
+        else:
+            proc = subprocess.Popen(command)
+            child.append(proc)
+            if received:    # arrived while Popen ran, before the handler could see the process
+                proc.send_signal(signal.SIGTERM)
+            returncode = proc.wait()
     finally:
         if old is not None:
             signal.signal(signal.SIGTERM, old)
