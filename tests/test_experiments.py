@@ -469,10 +469,14 @@ def test_sweep_passes_sigterm_to_the_running_variant_and_stops(tmp_path):
     child = ("import signal, sys, time; signal.signal(signal.SIGTERM, lambda *a: sys.exit(143)); "
              "time.sleep(60)")
     variants = [sweep.Variant({"x": i}, str(tmp_path / f"v{i}"), [sys.executable, "-c", child]) for i in range(2)]
-    threading.Timer(2.0, lambda: os.kill(os.getpid(), signal.SIGTERM)).start()
+    timer = threading.Timer(2.0, lambda: os.kill(os.getpid(), signal.SIGTERM))
+    timer.start()
     t0 = time.time()
-    with pytest.raises(SystemExit) as stop:
-        sweep.run_variants(variants, str(tmp_path), log=lambda *a: None)
+    try:
+        with pytest.raises(SystemExit) as stop:
+            sweep.run_variants(variants, str(tmp_path), log=lambda *a: None)
+    finally:
+        timer.cancel()   # a run_variants failing within 2 s must not SIGTERM a later test's worker
     assert stop.value.code == 143 and time.time() - t0 < 30
     rows = list(csv.DictReader(open(tmp_path / "results.csv")))
     assert [r["status"] for r in rows] == ["interrupted"]  # the second variant never started
@@ -490,14 +494,19 @@ def test_sweep_forwards_a_sigterm_that_arrives_while_the_variant_starts(monkeypa
         return real_popen(*args, **kwargs)
 
     missed = []
-    previous = signal.signal(signal.SIGTERM, lambda *a: missed.append(1))
+
+    def guard(*args):          # the handler the forwarder replaces and must put back
+        missed.append(1)
+
+    previous = signal.signal(signal.SIGTERM, guard)
     try:
         monkeypatch.setattr(subprocess, "Popen", popen_after_a_sigterm)
         t0 = time.time()
         result = sweep.run_forwarding_sigterm([sys.executable, "-c", "import time; time.sleep(60)"])
+        restored = signal.getsignal(signal.SIGTERM)
     finally:
         signal.signal(signal.SIGTERM, previous)
-    assert not missed and result.sigterm and time.time() - t0 < 30
+    assert not missed and result.sigterm and time.time() - t0 < 30 and restored is guard
     assert result.returncode == -signal.SIGTERM   # the variant was stopped by the forwarded signal
 
     # one that arrives before the start (just after the forwarder is installed) starts nothing
@@ -510,15 +519,17 @@ def test_sweep_forwards_a_sigterm_that_arrives_while_the_variant_starts(monkeypa
             os.kill(os.getpid(), signal.SIGTERM)
         return old
 
-    previous = signal.signal(signal.SIGTERM, lambda *a: missed.append(1))
+    previous = signal.signal(signal.SIGTERM, guard)
     try:
         monkeypatch.setattr(signal, "signal", signal_then_sigterm)
         monkeypatch.setattr(subprocess, "Popen", lambda *a, **k: started.append(1))
         result = sweep.run_forwarding_sigterm([sys.executable, "-c", "pass"])
+        restored2 = signal.getsignal(signal.SIGTERM)
     finally:
         monkeypatch.undo()
         signal.signal(signal.SIGTERM, previous)
     assert not missed and started == [0] and result.sigterm and result.returncode == -signal.SIGTERM
+    assert restored2 is guard
 
 
 @pytest.mark.slow
