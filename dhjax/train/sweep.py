@@ -227,9 +227,9 @@ def write_experiment(variants: list[Variant], rows: list[dict], workdir: str) ->
 def run_forwarding_sigterm(command: list) -> subprocess.CompletedProcess:
     """Runs `command`; a SIGTERM to this process is passed on to it (so that it checkpoints and
     stops), and the result's `.sigterm` says one arrived (`run_variants` then stops the sweep
-    once the command has ended). The forwarding is in place
-    before the command starts: a SIGTERM that arrives while it is being started reaches it as
-    soon as it runs, and one that arrives before does not start it (return code -SIGTERM)."""
+    once the command has ended). The forwarding is in place before the command starts: a
+    SIGTERM that arrives while it is being started reaches it as soon as it runs, and one that
+    arrives before does not start it (return code -SIGTERM)."""
     received, child = [], []
 
     def forward(signum, frame):
