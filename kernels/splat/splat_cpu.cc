@@ -164,6 +164,13 @@ inline M4 lanes(uint32_t b) {  // bit l of b -> lane l
                                          -static_cast<int>((b >> 1) & 1u), -static_cast<int>(b & 1u)))};
 }
 inline F4 iota4(float x) { return {_mm_add_ps(_mm_set1_ps(x), _mm_set_ps(3.0f, 2.0f, 1.0f, 0.0f))}; }
+// p[l] = v in the lanes of m, p[l] kept in the others (integers: no rounding involved).
+inline void store_where(int32_t* p, M4 m, int32_t v) {
+  const __m128i mi = _mm_castps_si128(m.v);
+  const __m128i old = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p),
+                   _mm_or_si128(_mm_and_si128(mi, _mm_set1_epi32(v)), _mm_andnot_si128(mi, old)));
+}
 #else
 struct F4 { float v[4]; };
 struct M4 { bool v[4]; };
@@ -186,6 +193,7 @@ inline F4 select(M4 m, F4 a, F4 b) { F4 r; DHJAX_F4_LANES(r.v[l] = m.v[l] ? a.v[
 inline uint32_t bits(M4 m) { uint32_t b = 0; DHJAX_F4_LANES(b |= static_cast<uint32_t>(m.v[l]) << l); return b; }
 inline M4 lanes(uint32_t b) { M4 r; DHJAX_F4_LANES(r.v[l] = (b >> l) & 1u); return r; }
 inline F4 iota4(float x) { return {{x, x + 1.0f, x + 2.0f, x + 3.0f}}; }
+inline void store_where(int32_t* p, M4 m, int32_t v) { DHJAX_F4_LANES(if (m.v[l]) p[l] = v); }
 #undef DHJAX_F4_LANES
 #endif
 
@@ -310,7 +318,7 @@ ffi::Error SplatForwardImpl(ffi::Buffer<ffi::F32> means2d, ffi::Buffer<ffi::F32>
               store4(a, select(upd, a_q + w * f4(c[k]), a_q));
             }
             store4(tr + 4 * q, select(upd, next_t, t_q));
-            for (uint32_t u = bits(upd); u; u &= u - 1) walked[4 * q + __builtin_ctz(u)] = static_cast<int32_t>(j + 1);
+            store_where(walked + 4 * q, upd, static_cast<int32_t>(j + 1));
             live &= ~(bits(stop) << (4 * q));
           }
         }
