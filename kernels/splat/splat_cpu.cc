@@ -242,6 +242,14 @@ inline QuadAlpha quad_alpha(float opacity, const float* g, int q, uint32_t cq) {
   return {raw, alpha, and_not(lanes(cq), alpha < f4(kAlphaMin))};
 }
 
+// r + t[l] for the lanes l < 4 set in `lanes`, added in increasing l: a pixel loop's order of
+// additions into one record field.
+inline float add_lanes(float r, const float* t, uint32_t lanes) {
+  for (int l = 0; l < 4; ++l)
+    if ((lanes >> l) & 1u) r += t[l];
+  return r;
+}
+
 // The pixels of tile t: columns x0 .. x0 + nx - 1 and rows y0 .. y0 + ny - 1 (nx, ny <= 16, less
 // at the image's right and bottom edges).
 struct TileRect {
@@ -471,12 +479,12 @@ ffi::Error SplatBackwardImpl(ffi::Buffer<ffi::F32> means2d, ffi::Buffer<ffi::F32
               store4(&terms[16], d_power * dy2);
               store4(&terms[4 * (5 + K)], d_alpha * g_q);
             }
-            for (uint32_t u = pass_bits; u; u &= u - 1) {
-              const int l = __builtin_ctz(u);
-              for (int64_t k = 0; k < K; ++k) rec[5 + k] += terms[4 * (5 + k) + l];
-              if (!((free_bits >> l) & 1u)) continue;
-              rec[5 + K] += terms[4 * (5 + K) + l];
-              for (int e = 0; e < 5; ++e) rec[e] += terms[4 * e + l];
+            // Each record field adds its pixels' terms in pixel order, as a pixel loop would;
+            // the fields are independent sums, so they are added one field at a time.
+            for (int64_t k = 0; k < K; ++k) rec[5 + k] = add_lanes(rec[5 + k], &terms[4 * (5 + k)], pass_bits);
+            if (free_bits) {
+              rec[5 + K] = add_lanes(rec[5 + K], &terms[4 * (5 + K)], free_bits);
+              for (int e = 0; e < 5; ++e) rec[e] = add_lanes(rec[e], &terms[4 * e], free_bits);
             }
           }
         }
