@@ -150,6 +150,26 @@ def test_bench_geometry_command_line_rejects_unknown_names(tmp_path):
     assert not (tmp_path / "bench_geometry.json").exists()
 
 
+def test_bench_peers_say_why_they_are_skipped(tmp_path, monkeypatch):
+    """A peer that is not installed and one that is installed but fails to load (as open3d does
+    without the system's libusb) are told apart, with the import error; working ones load."""
+    from dhjax.bench.timing import import_peers
+
+    (tmp_path / "peer_broken_lib.py").write_text(
+        "raise ImportError('libusb-1.0.so.0: cannot open shared object file')\n")
+    (tmp_path / "peer_missing_dep.py").write_text("import dhjax_no_such_dependency\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    mods, why = import_peers("json", "os.path")
+    assert why is None and [m.__name__ for m in mods] == ["json", os.path.__name__]
+    assert import_peers("json", "dhjax_no_such_peer") == (
+        None, "dhjax_no_such_peer not installed (pip install '.[peers]')")
+    mods, why = import_peers("peer_broken_lib")
+    assert mods is None and why.startswith("peer_broken_lib is installed but could not be imported")
+    assert "libusb-1.0.so.0" in why
+    mods, why = import_peers("peer_missing_dep")
+    assert mods is None and "installed but could not be imported" in why and "dhjax_no_such_dependency" in why
+
+
 def _write_bad_and_good_scans(folder):
     """One good scan (a registered-able head mesh), one with NaNs, one without faces."""
     import jax

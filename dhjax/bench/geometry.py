@@ -35,7 +35,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from dhjax.bench.timing import time_call
+from dhjax.bench.timing import import_peers, time_call
 from dhjax.models import flame
 from dhjax.ops import _ffi
 from dhjax.ops import bvh as cp
@@ -135,9 +135,11 @@ def run_closest_point(cfg, log=print) -> dict:
         d2_ref = np.asarray(fn(sub).sq_dist)
         res["cpu_vs_reference_max_abs_dist_m"] = float(np.max(np.abs(np.sqrt(d2_ref) - np.sqrt(d2_cpu[:n_ref]))))
 
-    try:
-        import igl
-
+    peers, why = import_peers("igl")
+    if why:
+        log(f"  libigl: {why}: skipped")
+    else:
+        igl, = peers
         v64, f64, p64 = v.astype(np.float64), f.astype(np.int64), pts.astype(np.float64)
         t = time_call(lambda: igl.point_mesh_squared_distance(p64, v64, f64), repeats, 0)
         res.update(igl_s=t, igl_pts_per_s=n / t)
@@ -145,12 +147,12 @@ def run_closest_point(cfg, log=print) -> dict:
         if d2_cpu is not None:
             sq = igl.point_mesh_squared_distance(p64[:n_ref], v64, f64)[0]
             res["cpu_vs_igl_max_abs_dist_m"] = float(np.max(np.abs(np.sqrt(sq) - np.sqrt(d2_cpu[:n_ref]))))
-    except ImportError:
-        log("  libigl not installed (pip install '.[peers]'): skipped")
 
-    try:
-        import open3d as o3d
-
+    peers, why = import_peers("open3d")
+    if why:
+        log(f"  open3d: {why}: skipped")
+    else:
+        o3d, = peers
         mesh = o3d.t.geometry.TriangleMesh()
         mesh.vertex.positions = o3d.core.Tensor(v)
         mesh.triangle.indices = o3d.core.Tensor(f)
@@ -168,8 +170,6 @@ def run_closest_point(cfg, log=print) -> dict:
             c = scene.compute_closest_points(q[:n_ref])["points"].numpy()
             d_o3d = np.linalg.norm(c - pts[:n_ref], axis=1)
             res["cpu_vs_open3d_max_abs_dist_m"] = float(np.max(np.abs(d_o3d - np.sqrt(d2_cpu[:n_ref]))))
-    except ImportError:
-        log("  open3d not installed (pip install '.[peers]'): skipped")
     return res
 
 

@@ -1,6 +1,7 @@
-"""Wall-clock timing of a blocking call, and loading a method's config by `path:variant`, shared
-by the benchmarks in `dhjax.bench`."""
+"""Wall-clock timing of a blocking call, loading a method's config by `path:variant` and importing
+the peers a benchmark compares against, shared by the benchmarks in `dhjax.bench`."""
 
+import importlib
 import statistics
 import time
 from pathlib import Path
@@ -32,3 +33,20 @@ def load_config(spec: str):
         if repo.is_file():
             p = repo
     return config_lib.load_config(f"{p}{sep}{variant}")
+
+
+def import_peers(*modules: str):
+    """(modules, None) when every named module imports, else (None, why) with why saying which one
+    failed and how: not installed (the `peers` extra names them) or installed but failing to load
+    (e.g. open3d without the system's libusb), with the error. Benchmarks skip that peer's timings."""
+    loaded = []
+    for name in modules:
+        try:
+            loaded.append(importlib.import_module(name))
+        except ModuleNotFoundError as e:
+            if e.name is not None and name.split(".")[0] == e.name.split(".")[0]:
+                return None, f"{name} not installed (pip install '.[peers]')"
+            return None, f"{name} is installed but could not be imported ({e})"
+        except (ImportError, OSError) as e:
+            return None, f"{name} is installed but could not be imported ({type(e).__name__}: {e})"
+    return loaded, None
