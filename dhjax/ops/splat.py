@@ -395,3 +395,37 @@ def rasterize(means2d, conics, colors, opacities, depths, rects, width: int, hei
 def kernel_available(platform: str = "cpu") -> bool:
     """True when the splat library for `platform` ("cpu" | "cuda") is built and registered."""
     return _ffi.register("splat", platform, _TARGETS[platform])
+
+
+def exp_agreement(lo: float = -60.0, stride: int = 1) -> dict:
+    """Compares the CPU kernel's exp (four lanes at a time, glibc's expf algorithm in double
+    precision; kernels/splat/splat_cpu.cc, `row_exp`) with the C library's `std::exp` on the
+    floats x in [lo, 0] whose bit patterns are -0.0's plus multiples of `stride` (1: every
+    float, about 1.1e9 of them for lo = -60, a few seconds).
+
+    Args:
+      lo: the most negative exponent compared (< 0). The pixel rule evaluates exp only above
+        log(1 / (255 o)) - 1e-3, about -5.5 for opacities o up to 1; the kernel passes exponents
+        below -60 to `std::exp` itself.
+      stride: step between compared float bit patterns (>= 1).
+
+    Returns:
+      {"compared": n, "mismatches": values whose bits differ, "max_ulp": the largest difference in
+      units in the last place}. On glibc (2.36 here) every float in [-60, 0] agrees bit for bit.
+      Raises RuntimeError when the CPU library is not built, ValueError for lo >= 0 or stride < 1.
+    """
+    import ctypes
+
+    if not lo < 0 or int(stride) < 1:
+        raise ValueError(f"exp_agreement: need lo < 0 and stride >= 1, got lo={lo}, stride={stride}")
+    lib = _ffi._load("splat", "cpu")
+    if lib is None:
+        raise RuntimeError(f"the cpu kernel of 'splat' is not built: {_ffi.BUILD_HINT}")
+    fn = lib.dhjax_splat_compare_exp
+    fn.restype = ctypes.c_int64
+    fn.argtypes = [ctypes.c_float, ctypes.c_int64, ctypes.POINTER(ctypes.c_int64), ctypes.POINTER(ctypes.c_int64)]
+    mismatches, max_ulp = ctypes.c_int64(0), ctypes.c_int64(0)
+    n = fn(float(lo), int(stride), ctypes.byref(mismatches), ctypes.byref(max_ulp))
+    if n < 0:
+        raise ValueError(f"exp_agreement: the kernel refused lo={lo}, stride={stride}")
+    return {"compared": int(n), "mismatches": int(mismatches.value), "max_ulp": int(max_ulp.value)}

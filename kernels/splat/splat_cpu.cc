@@ -16,8 +16,9 @@
 // Work is split over tiles with dhjax::parallel_for; each tile sorts its own list. Within a tile,
 // both passes go row by row: for each Gaussian in depth order, one SIMD test over the row's 16
 // pixels (`row_power`: the exponent and its two skip tests, the same float operations as the
-// scalar rule) picks the pixels it may reach, std::exp runs on those pixels only, and the
-// compositing (or its gradient) updates them four at a time with masked vector operations. A
+// scalar rule) picks the pixels it may reach, exp runs on the groups of four that hold them
+// (`row_exp`: glibc's expf algorithm in double lanes, std::exp's bits), and the compositing
+// (or its gradient) updates them four at a time with masked vector operations. A
 // pixel still sees its Gaussians in depth order and a Gaussian's record still sums its pixels in
 // row-major order, so the results are the same bits as a pixel-by-pixel loop (on targets that
 // fused multiply-adds by default, e.g. aarch64, earlier builds did not follow the rule's
@@ -35,6 +36,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <memory>
@@ -154,6 +156,7 @@ inline F4 negate(F4 a) { return {_mm_xor_ps(a.v, _mm_set1_ps(-0.0f))}; }
 inline F4 min_of(F4 a, F4 b) { return {_mm_min_ps(a.v, b.v)}; }  // a < b ? a : b
 inline M4 operator<(F4 a, F4 b) { return {_mm_cmplt_ps(a.v, b.v)}; }
 inline M4 operator>(F4 a, F4 b) { return {_mm_cmpgt_ps(a.v, b.v)}; }
+inline M4 operator>=(F4 a, F4 b) { return {_mm_cmpge_ps(a.v, b.v)}; }
 inline M4 operator&(M4 a, M4 b) { return {_mm_and_ps(a.v, b.v)}; }
 inline M4 operator|(M4 a, M4 b) { return {_mm_or_ps(a.v, b.v)}; }
 inline M4 and_not(M4 a, M4 b) { return {_mm_andnot_ps(b.v, a.v)}; }  // a & ~b
@@ -186,6 +189,7 @@ inline F4 negate(F4 a) { F4 r; DHJAX_F4_LANES(r.v[l] = -a.v[l]); return r; }
 inline F4 min_of(F4 a, F4 b) { F4 r; DHJAX_F4_LANES(r.v[l] = a.v[l] < b.v[l] ? a.v[l] : b.v[l]); return r; }
 inline M4 operator<(F4 a, F4 b) { M4 r; DHJAX_F4_LANES(r.v[l] = a.v[l] < b.v[l]); return r; }
 inline M4 operator>(F4 a, F4 b) { M4 r; DHJAX_F4_LANES(r.v[l] = a.v[l] > b.v[l]); return r; }
+inline M4 operator>=(F4 a, F4 b) { M4 r; DHJAX_F4_LANES(r.v[l] = a.v[l] >= b.v[l]); return r; }
 inline M4 operator&(M4 a, M4 b) { M4 r; DHJAX_F4_LANES(r.v[l] = a.v[l] && b.v[l]); return r; }
 inline M4 operator|(M4 a, M4 b) { M4 r; DHJAX_F4_LANES(r.v[l] = a.v[l] || b.v[l]); return r; }
 inline M4 and_not(M4 a, M4 b) { M4 r; DHJAX_F4_LANES(r.v[l] = a.v[l] && !b.v[l]); return r; }
@@ -218,14 +222,138 @@ inline uint32_t row_power(const TileData& td, int64_t j, int x0, float fy, float
   return mask;
 }
 
-// exp of the exponents of the pixels in `mask` (the pixel rule's scalar std::exp, one pixel at a
-// time: its bits, whatever the library's algorithm), 0 for the others.
-inline void row_exp(uint32_t mask, const float* pw, float* g) {
-  std::fill(g, g + kTile, 0.0f);
-  for (; mask; mask &= mask - 1) {
-    const int l = __builtin_ctz(mask);
-    g[l] = std::exp(pw[l]);
+// exp of the pixel rule, four lanes at a time. The algorithm is the one glibc's expf uses
+// (Szabolcs Nagy's, from Arm's optimized-routines): x / ln 2 = (k + r) / 32 with k an integer and
+// |r| <= 1/2, 2^(k/32) from a 32-entry table of 2^(i/32) with k / 32's integer part added to the
+// exponent bits, 2^(r/32) by a cubic, all in double precision, then rounded to float once. The
+// same double operations in the same order as glibc's C code, so no fused multiply-add, gives its
+// results: on every float x in [kExpFastMin, 0], exp_lanes equals this machine's std::exp bit for
+// bit (glibc 2.36's FMA variant; `dhjax.ops.splat.exp_agreement` runs that exhaustive check, and a
+// sample of it is a test). Lanes below kExpFastMin (or NaN) take std::exp itself, so the kernel's
+// exps are std::exp's whatever the input, as the scalar loop before this had them.
+constexpr float kExpFastMin = -60.0f;
+struct ExpTable {
+  uint64_t bits[32];  // asuint64(2^(i/32)) - (i << 47), so that adding k << 47 scales by 2^(k/32)
+  ExpTable() {
+    for (int i = 0; i < 32; ++i) {
+      const double v = static_cast<double>(std::exp2(static_cast<long double>(i) / 32.0L));
+      uint64_t u;
+      std::memcpy(&u, &v, sizeof u);
+      bits[i] = u - (static_cast<uint64_t>(i) << 47);
+    }
   }
+};
+const ExpTable kExpTable;
+constexpr double kExpInvLn2N = 0x1.71547652b82fep+0 * 32;  // 32 / ln 2
+constexpr double kExpShift = 0x1.8p+52;                     // rounds to an integer when added
+constexpr double kExpC0 = 0x1.c6af84b912394p-5 / (32.0 * 32.0 * 32.0);
+constexpr double kExpC1 = 0x1.ebfce50fac4f3p-3 / (32.0 * 32.0);
+constexpr double kExpC2 = 0x1.62e42ff0c52d6p-1 / 32.0;
+
+#if defined(__SSE2__) && !defined(DHJAX_SPLAT_SCALAR)
+inline __m128d exp_pd(__m128d xd) {
+  const __m128d shift = _mm_set1_pd(kExpShift);
+  const __m128d z = _mm_mul_pd(_mm_set1_pd(kExpInvLn2N), xd);
+  __m128d kd = _mm_add_pd(z, shift);
+  const __m128i ki = _mm_castpd_si128(kd);
+  kd = _mm_sub_pd(kd, shift);
+  const __m128d r = _mm_sub_pd(z, kd);
+  // k mod 32 of each lane from its low 32 bits (two's complement: the same residue).
+  const uint32_t k0 = static_cast<uint32_t>(_mm_cvtsi128_si32(ki)) % 32;
+  const uint32_t k1 = static_cast<uint32_t>(_mm_cvtsi128_si32(_mm_unpackhi_epi64(ki, ki))) % 32;
+  __m128i t = _mm_unpacklo_epi64(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(&kExpTable.bits[k0])),
+                                 _mm_loadl_epi64(reinterpret_cast<const __m128i*>(&kExpTable.bits[k1])));
+  t = _mm_add_epi64(t, _mm_slli_epi64(ki, 47));
+  const __m128d s = _mm_castsi128_pd(t);
+  const __m128d zz = _mm_add_pd(_mm_mul_pd(_mm_set1_pd(kExpC0), r), _mm_set1_pd(kExpC1));
+  const __m128d r2 = _mm_mul_pd(r, r);
+  __m128d y = _mm_add_pd(_mm_mul_pd(_mm_set1_pd(kExpC2), r), _mm_set1_pd(1.0));
+  y = _mm_add_pd(_mm_mul_pd(zz, r2), y);
+  return _mm_mul_pd(y, s);
+}
+inline F4 exp_fast(F4 x) {  // valid for lanes in [kExpFastMin, 0]
+  const __m128 lo = _mm_cvtpd_ps(exp_pd(_mm_cvtps_pd(x.v)));
+  const __m128 hi = _mm_cvtpd_ps(exp_pd(_mm_cvtps_pd(_mm_movehl_ps(x.v, x.v))));
+  return {_mm_movelh_ps(lo, hi)};
+}
+#else
+inline float exp_fast1(float x) {
+  const double z = kExpInvLn2N * static_cast<double>(x);
+  double kd = z + kExpShift;
+  uint64_t ki;
+  std::memcpy(&ki, &kd, sizeof ki);
+  kd -= kExpShift;
+  const double r = z - kd;
+  const uint64_t t = kExpTable.bits[ki % 32] + (ki << 47);
+  double s;
+  std::memcpy(&s, &t, sizeof s);
+  const double zz = kExpC0 * r + kExpC1;
+  const double r2 = r * r;
+  double y = kExpC2 * r + 1.0;
+  y = zz * r2 + y;
+  return static_cast<float>(y * s);
+}
+inline F4 exp_fast(F4 x) { F4 r; for (int l = 0; l < 4; ++l) r.v[l] = exp_fast1(x.v[l]); return r; }
+#endif
+
+// exp of the exponents of the pixels in `mask`, 0 for the others: four lanes at a time, std::exp
+// for a lane below kExpFastMin (the pixel rule rarely asks for one: its skip bound is about -5.5
+// for opacities up to 1).
+inline void row_exp(uint32_t mask, const float* pw, float* g) {
+  for (int q = 0; q < kQuads; ++q) {
+    const uint32_t mq = (mask >> (4 * q)) & 0xFu;
+    if (!mq) {
+      store4(g + 4 * q, f4(0.0f));
+      continue;
+    }
+    const F4 x = load4(pw + 4 * q);
+    store4(g + 4 * q, select(lanes(mq), exp_fast(x), f4(0.0f)));
+    for (uint32_t slow = mq & ~bits(x >= f4(kExpFastMin)); slow; slow &= slow - 1) {
+      const int l = 4 * q + __builtin_ctz(slow);
+      g[l] = std::exp(pw[l]);
+    }
+  }
+}
+
+// For dhjax.ops.splat.exp_agreement: compares row_exp with std::exp on the floats x in
+// [lo, 0] (lo < 0) whose bit patterns are -0.0's plus multiples of `stride`, in batches of 16.
+// Returns the number compared and writes the number that differ and the largest difference in
+// units in the last place (float bit patterns) to *mismatches and *max_ulp.
+int64_t compare_exp(float lo, int64_t stride, int64_t* mismatches, int64_t* max_ulp) {
+  uint32_t lo_bits;
+  std::memcpy(&lo_bits, &lo, sizeof lo_bits);
+  int64_t n = 0, bad = 0, worst = 0;
+  float pw[kTile], g[kTile];
+  int cnt = 0;
+  auto flush = [&](int m) {
+    row_exp((m == kTile) ? 0xFFFFu : ((1u << m) - 1u), pw, g);
+    for (int l = 0; l < m; ++l) {
+      const float ref = std::exp(pw[l]);
+      int32_t a, b;
+      std::memcpy(&a, &g[l], sizeof a);
+      std::memcpy(&b, &ref, sizeof b);
+      if (a != b) {
+        ++bad;
+        worst = std::max<int64_t>(worst, std::llabs(static_cast<int64_t>(a) - static_cast<int64_t>(b)));
+      }
+    }
+    n += m;
+  };
+  for (uint64_t u = 0x80000000u; u <= lo_bits; u += static_cast<uint64_t>(stride)) {
+    const uint32_t ub = static_cast<uint32_t>(u);
+    std::memcpy(&pw[cnt], &ub, sizeof ub);
+    if (++cnt == kTile) {
+      flush(kTile);
+      cnt = 0;
+    }
+  }
+  if (cnt) {
+    for (int l = cnt; l < kTile; ++l) pw[l] = 0.0f;
+    flush(cnt);
+  }
+  *mismatches = bad;
+  *max_ulp = worst;
+  return n;
 }
 
 // The pixel rule's alpha for quad q (pixels 4q .. 4q + 3) of a row, whose candidate pixels are
@@ -518,6 +646,13 @@ ffi::Error SplatBackwardImpl(ffi::Buffer<ffi::F32> means2d, ffi::Buffer<ffi::F32
 }  // namespace
 
 DHJAX_EXPORT_ABI()
+
+extern "C" __attribute__((visibility("default"))) int64_t dhjax_splat_compare_exp(float lo, int64_t stride,
+                                                                              int64_t* mismatches,
+                                                                              int64_t* max_ulp) {
+  if (!(lo < 0.0f) || stride <= 0 || !mismatches || !max_ulp) return -1;
+  return compare_exp(lo, stride, mismatches, max_ulp);
+}
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SplatForward, SplatForwardImpl,
                               ffi::Ffi::Bind() DHJAX_SPLAT_FORWARD_SIGNATURE);
