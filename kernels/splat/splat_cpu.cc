@@ -225,25 +225,29 @@ inline uint32_t row_power(const TileData& td, int64_t j, int x0, float fy, float
 // exp of the pixel rule, four lanes at a time. The algorithm is the one glibc's expf uses
 // (Szabolcs Nagy's, from Arm's optimized-routines): x / ln 2 = (k + r) / 32 with k an integer and
 // |r| <= 1/2, 2^(k/32) from a 32-entry table of 2^(i/32) with k / 32's integer part added to the
-// exponent bits, 2^(r/32) by a cubic, all in double precision, then rounded to float once. The
-// same double operations in the same order as glibc's C code, so no fused multiply-add, gives its
-// results: on every float x in [kExpFastMin, 0], exp_lanes equals this machine's std::exp bit for
-// bit (glibc 2.36's FMA variant; `dhjax.ops.splat.exp_agreement` runs that exhaustive check, and a
-// sample of it is a test). Lanes below kExpFastMin (or NaN) take std::exp itself, so the kernel's
-// exps are std::exp's whatever the input, as the scalar loop before this had them.
+// exponent bits, 2^(r/32) by a cubic, all in double precision, then rounded to float once. It
+// does the same double operations in the same order as glibc's C code (no fused multiply-add)
+// and gives its results: on every float x in [kExpFastMin, 0], exp_fast equals this machine's
+// std::exp bit for bit (glibc 2.36, its FMA variant; `dhjax.ops.splat.exp_agreement` runs that
+// exhaustive check, and a sample of it is a test). Lanes below kExpFastMin (or NaN) take
+// std::exp itself, so on glibc the kernel's exps are std::exp's whatever the input, as the
+// scalar loop before this had them.
 constexpr float kExpFastMin = -60.0f;
+// bits[i] = asuint64(2^(i/32)) - (i << 47), 2^(i/32) correctly rounded to double, so that
+// adding k << 47 to bits[k % 32] gives 2^(k/32) for an integer k.
 struct ExpTable {
-  uint64_t bits[32];  // asuint64(2^(i/32)) - (i << 47), so that adding k << 47 scales by 2^(k/32)
-  ExpTable() {
-    for (int i = 0; i < 32; ++i) {
-      const double v = static_cast<double>(std::exp2(static_cast<long double>(i) / 32.0L));
-      uint64_t u;
-      std::memcpy(&u, &v, sizeof u);
-      bits[i] = u - (static_cast<uint64_t>(i) << 47);
-    }
-  }
+  uint64_t bits[32];
 };
-const ExpTable kExpTable;
+constexpr ExpTable kExpTable = {{
+    0x3ff0000000000000, 0x3fefd9b0d3158574, 0x3fefb5586cf9890f, 0x3fef9301d0125b51,
+    0x3fef72b83c7d517b, 0x3fef54873168b9aa, 0x3fef387a6e756238, 0x3fef1e9df51fdee1,
+    0x3fef06fe0a31b715, 0x3feef1a7373aa9cb, 0x3feedea64c123422, 0x3feece086061892d,
+    0x3feebfdad5362a27, 0x3feeb42b569d4f82, 0x3feeab07dd485429, 0x3feea47eb03a5585,
+    0x3feea09e667f3bcd, 0x3fee9f75e8ec5f74, 0x3feea11473eb0187, 0x3feea589994cce13,
+    0x3feeace5422aa0db, 0x3feeb737b0cdc5e5, 0x3feec49182a3f090, 0x3feed503b23e255d,
+    0x3feee89f995ad3ad, 0x3feeff76f2fb5e47, 0x3fef199bdd85529c, 0x3fef3720dcef9069,
+    0x3fef5818dcfba487, 0x3fef7c97337b9b5f, 0x3fefa4afa2a490da, 0x3fefd0765b6e4540,
+}};
 constexpr double kExpInvLn2N = 0x1.71547652b82fep+0 * 32;  // 32 / ln 2
 constexpr double kExpShift = 0x1.8p+52;                     // rounds to an integer when added
 constexpr double kExpC0 = 0x1.c6af84b912394p-5 / (32.0 * 32.0 * 32.0);
