@@ -36,6 +36,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cfloat>
 #include <cstdlib>
 #include <cstring>
 #include <limits>
@@ -120,7 +121,7 @@ struct TileData {
   // The pixel rule, which forward and backward both apply (row_power, row_exp and the masked
   // updates; the CUDA handlers' eval_alpha is the same rule): Gaussian j at pixel (fx, fy) has
   // offset (dx, dy) = (fx - mx, fy - my), p = power(a, b, c, dx, dy) and is skipped where
-  // p > 0 (the numerical guard) or p < skip[j] (no exp evaluated); else g = std::exp(p),
+  // p > 0 (the numerical guard) or p < skip[j] (no exp evaluated); else g = exp(p) (row_exp),
   // raw = o g, alpha = std::min(0.99f, raw), and it is skipped where alpha < 1/255.
   void gather(const int32_t* ids, int64_t n, int64_t K, const float* means2d, const float* conics,
               const float* colors, const float* opac) {
@@ -225,13 +226,16 @@ inline uint32_t row_power(const TileData& td, int64_t j, int x0, float fy, float
 // exp of the pixel rule, four lanes at a time. The algorithm is the one glibc's expf uses
 // (Szabolcs Nagy's, from Arm's optimized-routines): x / ln 2 = (k + r) / 32 with k an integer and
 // |r| <= 1/2, 2^(k/32) from a 32-entry table of 2^(i/32) with k / 32's integer part added to the
-// exponent bits, 2^(r/32) by a cubic, all in double precision, then rounded to float once. It
-// does the same double operations in the same order as glibc's C code (no fused multiply-add)
-// and gives its results: on every float x in [kExpFastMin, 0], exp_fast equals this machine's
-// std::exp bit for bit (glibc 2.36, its FMA variant; `dhjax.ops.splat.exp_agreement` runs that
-// exhaustive check, and a sample of it is a test). Lanes below kExpFastMin (or NaN) take
-// std::exp itself, so on glibc the kernel's exps are std::exp's whatever the input, as the
-// scalar loop before this had them.
+// exponent bits, 2^(r/32) by a cubic, all in double precision, then rounded to float once, with
+// no fused multiply-add. On every float x in [kExpFastMin, 0] (and +0) exp_fast was checked to
+// equal std::exp bit for bit on x86-64 with glibc 2.36, whose expf this CPU dispatches to its FMA
+// variant (so the equality is the check's finding, not a consequence of the code);
+// `dhjax.ops.splat.exp_agreement` runs that exhaustive check and a test samples it. Lanes below
+// kExpFastMin (or NaN) take std::exp. So the kernel's exps no longer depend on the C library in
+// [kExpFastMin, 0], the range the pixel rule needs for opacities up to 1: where another libm's
+// expf differs (musl, macOS, perhaps glibc on aarch64), the kernel now differs from a std::exp
+// loop there, by at most an ulp. A build that evaluates double arithmetic in x87 registers
+// (FLT_EVAL_METHOD != 0) cannot round as the algorithm needs and uses std::exp throughout.
 constexpr float kExpFastMin = -60.0f;
 // bits[i] = asuint64(2^(i/32)) - (i << 47), 2^(i/32) correctly rounded to double, so that
 // adding k << 47 to bits[k % 32] gives 2^(k/32) for an integer k.
@@ -282,6 +286,9 @@ inline F4 exp_fast(F4 x) {  // valid for lanes in [kExpFastMin, 0]
 }
 #else
 inline float exp_fast1(float x) {
+#if defined(FLT_EVAL_METHOD) && FLT_EVAL_METHOD != 0
+  return std::exp(x);  // excess precision would keep kd - shift from rounding (see above)
+#endif
   const double z = kExpInvLn2N * static_cast<double>(x);
   double kd = z + kExpShift;
   uint64_t ki;
@@ -310,8 +317,10 @@ inline void row_exp(uint32_t mask, const float* pw, float* g) {
       store4(g + 4 * q, f4(0.0f));
       continue;
     }
+    const M4 sel = lanes(mq);
     const F4 x = load4(pw + 4 * q);
-    store4(g + 4 * q, select(lanes(mq), exp_fast(x), f4(0.0f)));
+    // Unselected lanes compute exp(0): no garbage exponents (spurious flags, denormal scales).
+    store4(g + 4 * q, select(sel, exp_fast(select(sel, x, f4(0.0f))), f4(0.0f)));
     for (uint32_t slow = mq & ~bits(x >= f4(kExpFastMin)); slow; slow &= slow - 1) {
       const int l = 4 * q + __builtin_ctz(slow);
       g[l] = std::exp(pw[l]);
@@ -319,30 +328,43 @@ inline void row_exp(uint32_t mask, const float* pw, float* g) {
   }
 }
 
-// For dhjax.ops.splat.exp_agreement: compares row_exp with std::exp on the floats x in
-// [lo, 0] (lo < 0) whose bit patterns are -0.0's plus multiples of `stride`, in batches of 16.
-// Returns the number compared and writes the number that differ and the largest difference in
-// units in the last place (float bit patterns) to *mismatches and *max_ulp.
-int64_t compare_exp(float lo, int64_t stride, int64_t* mismatches, int64_t* max_ulp) {
+// For dhjax.ops.splat.exp_agreement: compares the kernel's exp with std::exp on +0.0 and the
+// floats x in [lo, 0] (lo < 0) whose bit patterns are -0.0's plus multiples of `stride`, in
+// batches of 16. Both the kernel's path (row_exp, std::exp below kExpFastMin included) and, on
+// the lanes at or above kExpFastMin, exp_fast alone are compared, so a fast path that never ran
+// cannot pass. Returns the number of values compared and writes the number of values where
+// either differs, the largest difference in units in the last place (float bit patterns) and
+// the number of values that exp_fast evaluated to *mismatches, *max_ulp and *fast.
+int64_t compare_exp(float lo, int64_t stride, int64_t* mismatches, int64_t* max_ulp, int64_t* fast) {
   uint32_t lo_bits;
   std::memcpy(&lo_bits, &lo, sizeof lo_bits);
-  int64_t n = 0, bad = 0, worst = 0;
-  float pw[kTile], g[kTile];
+  int64_t n = 0, bad = 0, worst = 0, n_fast = 0;
+  float pw[kTile], g[kTile], e[kTile];
   int cnt = 0;
+  auto ulps = [](float a, float b) {
+    int32_t ia, ib;
+    std::memcpy(&ia, &a, sizeof ia);
+    std::memcpy(&ib, &b, sizeof ib);
+    return static_cast<int64_t>(std::llabs(static_cast<long long>(ia) - static_cast<long long>(ib)));
+  };
   auto flush = [&](int m) {
     row_exp((m == kTile) ? 0xFFFFu : ((1u << m) - 1u), pw, g);
+    for (int q = 0; q < kQuads; ++q) store4(e + 4 * q, exp_fast(load4(pw + 4 * q)));
     for (int l = 0; l < m; ++l) {
       const float ref = std::exp(pw[l]);
-      int32_t a, b;
-      std::memcpy(&a, &g[l], sizeof a);
-      std::memcpy(&b, &ref, sizeof b);
-      if (a != b) {
+      int64_t d = ulps(g[l], ref);
+      if (pw[l] >= kExpFastMin) {
+        ++n_fast;
+        d = std::max(d, ulps(e[l], ref));
+      }
+      if (d != 0) {
         ++bad;
-        worst = std::max<int64_t>(worst, std::llabs(static_cast<int64_t>(a) - static_cast<int64_t>(b)));
+        worst = std::max(worst, d);
       }
     }
     n += m;
   };
+  pw[cnt++] = 0.0f;
   for (uint64_t u = 0x80000000u; u <= lo_bits; u += static_cast<uint64_t>(stride)) {
     const uint32_t ub = static_cast<uint32_t>(u);
     std::memcpy(&pw[cnt], &ub, sizeof ub);
@@ -357,6 +379,7 @@ int64_t compare_exp(float lo, int64_t stride, int64_t* mismatches, int64_t* max_
   }
   *mismatches = bad;
   *max_ulp = worst;
+  *fast = n_fast;
   return n;
 }
 
@@ -653,9 +676,10 @@ DHJAX_EXPORT_ABI()
 
 extern "C" __attribute__((visibility("default"))) int64_t dhjax_splat_compare_exp(float lo, int64_t stride,
                                                                               int64_t* mismatches,
-                                                                              int64_t* max_ulp) {
-  if (!(lo < 0.0f) || stride <= 0 || !mismatches || !max_ulp) return -1;
-  return compare_exp(lo, stride, mismatches, max_ulp);
+                                                                              int64_t* max_ulp,
+                                                                              int64_t* fast) {
+  if (!(lo < 0.0f) || stride <= 0 || !mismatches || !max_ulp || !fast) return -1;
+  return compare_exp(lo, stride, mismatches, max_ulp, fast);
 }
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SplatForward, SplatForwardImpl,
