@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from dhjax.bench.timing import import_peers, time_call
+from dhjax.bench.timing import import_smplx, time_call
 from dhjax.io import body_files
 from dhjax.models import body as body_lib
 
@@ -63,12 +63,7 @@ def run(cfg, log=print) -> dict:
     results = {"device": str(jax.devices()[0]), "body_model": which, "body_V": V,
                "body_F": int(model.faces.shape[0]), "body_n_shape": n_shape, "body_n_expression": n_expr}
     fwd = jax.jit(lambda m, b, e, p: body_lib.forward(m, b, e, p).vertices)
-    peers, why = import_peers("torch", "smplx.lbs")
-    torch, smplx_lbs = peers or (None, None)
-    if why:
-        log(f"{why}: peer timings skipped")
-    elif cfg.torch_threads:
-        torch.set_num_threads(cfg.torch_threads)
+    torch, smplx_lbs = import_smplx(cfg.torch_threads, log)
     if torch is not None:
         tt = lambda a: torch.from_numpy(np.array(a, np.float32))   # a writable copy
         shapedirs = torch.cat([tt(arrays["shapedirs"]), tt(arrays["exprdirs"])], 2)

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dhjax.bench.timing import import_peers, time_call
+from dhjax.bench.timing import import_smplx, time_call
 from dhjax.models import flame as flame_lib
 from dhjax.models import head_default
 from dhjax.render import camera as camera_lib
@@ -31,12 +31,7 @@ def run(cfg, log=print) -> dict:
     rng = np.random.default_rng(0)
     results = {"device": str(jax.devices()[0]), "V": model.num_vertices, "F": int(model.faces.shape[0])}
     fwd = jax.jit(lambda m, s, e, p: flame_lib.forward(m, s, e, p).vertices)
-    peers, why = import_peers("torch", "smplx.lbs")
-    torch, smplx_lbs = peers or (None, None)
-    if why:
-        log(f"{why}: peer timings skipped")
-    elif cfg.torch_threads:
-        torch.set_num_threads(cfg.torch_threads)
+    torch, smplx_lbs = import_smplx(cfg.torch_threads, log)
     for B in cfg.batch_sizes:
         s = rng.normal(size=(B, 300)).astype(np.float32)
         e = rng.normal(size=(B, 100)).astype(np.float32)

@@ -50,3 +50,17 @@ def import_peers(*modules: str):
         except (ImportError, OSError) as e:
             return None, f"{name} is installed but could not be imported ({type(e).__name__}: {e})"
     return loaded, None
+
+
+def import_smplx(torch_threads: int, log):
+    """(torch, smplx.lbs), the peer of the head- and body-model benches, with torch limited to
+    `torch_threads` threads (0: torch's default); (None, None) after logging why when either
+    cannot be imported (`import_peers`)."""
+    peers, why = import_peers("torch", "smplx.lbs")
+    if why:
+        log(f"{why}: peer timings skipped")
+        return None, None
+    torch, smplx_lbs = peers
+    if torch_threads:
+        torch.set_num_threads(torch_threads)
+    return torch, smplx_lbs
