@@ -17,9 +17,9 @@
 // both passes go row by row: for each Gaussian in depth order, one SIMD test over the row's 16
 // pixels (`row_power`: the exponent and its two skip tests, the same float operations as the
 // scalar rule) picks the pixels it may reach, exp runs on the groups of four that hold them
-// (`row_exp`: glibc's expf algorithm in double lanes, std::exp's bits), and the compositing
-// (or its gradient) updates them four at a time with masked vector operations. A
-// pixel still sees its Gaussians in depth order and a Gaussian's record still sums its pixels in
+// (`row_exp`: glibc's expf algorithm in double lanes; equal to x86-64 glibc's std::exp, see
+// there), and the compositing (or its gradient) updates them four at a time with masked vector
+// operations. A pixel still sees its Gaussians in depth order and a Gaussian's record still sums its pixels in
 // row-major order, so the results are the same bits as a pixel-by-pixel loop (on targets that
 // fused multiply-adds by default, e.g. aarch64, earlier builds did not follow the rule's
 // left-to-right rounding; -ffp-contract=off now makes every build do so). The backward
