@@ -19,8 +19,8 @@
 // scalar rule) picks the pixels it may reach, exp runs on the groups of four that hold them
 // (`row_exp`: glibc's expf algorithm in double lanes; equal to x86-64 glibc's std::exp, see
 // there), and the compositing (or its gradient) updates them four at a time with masked vector
-// operations. A pixel still sees its Gaussians in depth order and a Gaussian's record still sums its pixels in
-// row-major order, so the results are the same bits as a pixel-by-pixel loop (on targets that
+// operations. A pixel still sees its Gaussians in depth order and a Gaussian's record still
+// sums its pixels in row-major order, so the results are the same bits as a pixel-by-pixel loop (on targets that
 // fused multiply-adds by default, e.g. aarch64, earlier builds did not follow the rule's
 // left-to-right rounding; -ffp-contract=off now makes every build do so). The backward
 // walks each pixel front to back again (exact transmittances) and uses
