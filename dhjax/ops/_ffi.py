@@ -111,6 +111,15 @@ def _load(op: str, platform: str) -> ctypes.CDLL | None:
     return lib
 
 
+def load_built(op: str, platform: str = "cpu") -> ctypes.CDLL:
+    """The kernel library of `op` for its plain C helpers (called through ctypes, outside XLA);
+    RuntimeError naming the build command when it is not built."""
+    lib = _load(op, platform)
+    if lib is None:
+        raise RuntimeError(f"the {platform} kernel of '{op}' is not built: {BUILD_HINT}")
+    return lib
+
+
 @functools.cache
 def register(op: str, platform: str, targets: tuple[tuple[str, str], ...]) -> bool:
     """Register the handlers of `op` on `platform`; returns False when the library is missing.

@@ -327,9 +327,7 @@ def build_seconds(vertices, faces, repeats: int = 20) -> dict:
     """
     import ctypes
 
-    lib = _ffi._load(_OP, "cpu")
-    if lib is None:
-        raise RuntimeError(f"the cpu kernel of '{_OP}' is not built: {_ffi.BUILD_HINT}")
+    lib = _ffi.load_built(_OP, "cpu")
     v = np.ascontiguousarray(np.asarray(vertices, np.float32).reshape(-1, 3))
     f = np.ascontiguousarray(np.asarray(faces, np.int32).reshape(-1, 3))
     fn = lib.dhjax_bvh_build_seconds

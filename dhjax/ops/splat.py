@@ -420,9 +420,7 @@ def exp_agreement(lo: float = -60.0, stride: int = 1) -> dict:
 
     if not lo < 0 or int(stride) < 1:
         raise ValueError(f"exp_agreement: need lo < 0 and stride >= 1, got lo={lo}, stride={stride}")
-    lib = _ffi._load("splat", "cpu")
-    if lib is None:
-        raise RuntimeError(f"the cpu kernel of 'splat' is not built: {_ffi.BUILD_HINT}")
+    lib = _ffi.load_built("splat", "cpu")
     try:
         fn = lib.dhjax_splat_compare_exp
     except AttributeError:
