@@ -127,6 +127,31 @@ def test_sigterm_after_training_stops_with_a_message(tmp_path):
     assert "still running" not in proc.stdout and (tmp_path / "final_params.npy").exists()
 
 
+@pytest.mark.parametrize("where", ["TOY_TERM_AT_SAVE", "TOY_TERM_IN_EVAL"])
+def test_sigterm_during_the_final_checkpoint_or_evaluation_loses_nothing(reference, tmp_path, where):
+    """A SIGTERM after the last step is held until the final checkpoint and evaluation are written
+    (the experiments' handler would have raised inside orbax's save, losing the final checkpoint,
+    or inside the evaluation, whose rows a rerun resumed at the end does not log); then the run
+    stops with status 143 and a rerun goes on from the end."""
+    proc = toy(tmp_path, check=False, **{where: 60 if where == "TOY_TERM_AT_SAVE" else 1})
+    from dhjax.train import app
+
+    out = proc.stdout
+    assert proc.returncode == app.EXIT_INTERRUPTED, out[-2000:] + proc.stderr[-2000:]
+    assert "SIGTERM: training finished, its final checkpoint (step 60) and evaluation are written" in out, out
+    assert "outside a training loop" not in out and "done " not in out      # the caller's work did not run
+    assert (tmp_path / "checkpoints" / "60").exists()
+    assert not any(p.name.endswith(".orbax-checkpoint-tmp") or "tmp" in p.name
+                   for p in (tmp_path / "checkpoints").iterdir()), list((tmp_path / "checkpoints").iterdir())
+    assert jsonl(tmp_path) == jsonl(reference)       # the final evaluation's row included
+    final = json.loads((tmp_path / "final_metrics.json").read_text())
+    assert final["eval/mse"] == json.loads((reference / "final_metrics.json").read_text())["eval/mse"]
+    again = toy(tmp_path).stdout
+    assert "resumed from" in again and "at step 60" in again and "done 0 " in again
+    np.testing.assert_allclose(params(tmp_path), params(reference), atol=0)
+    assert jsonl(tmp_path) == jsonl(reference)       # the rerun logged nothing twice
+
+
 def test_resume_with_another_config_is_refused_and_keeps_the_run(reference, tmp_path):
     wd = tmp_path / "run"
     shutil.copytree(reference, wd)

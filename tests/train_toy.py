@@ -3,10 +3,12 @@
 Run as a script: python tests/train_toy.py WORKDIR [key=value ...] (config overrides).
 Writes WORKDIR/final_params.npy. Env TOY_SLEEP=seconds slows every batch (for kill tests);
 TOY_ALLOW=1 resumes with the config changes dhjax.train.app.RESUMABLE_CHANGES allows;
-TOY_TERM_AFTER=1 sends itself a SIGTERM after training.
+TOY_TERM_AFTER=1 sends itself a SIGTERM after training; TOY_TERM_AT_SAVE=STEP sends it as the
+checkpoint of STEP starts to be written; TOY_TERM_IN_EVAL=1 sends it during the evaluation.
 """
 
 import os
+import signal
 import sys
 import time
 
@@ -73,6 +75,8 @@ def make_method(cfg):
                 {"loss": loss})
 
     def evaluate(state, batch):
+        if os.environ.get("TOY_TERM_IN_EVAL") == "1":
+            os.kill(os.getpid(), signal.SIGTERM)
         return {"mse": jnp.mean((batch["x"] @ state["params"]["w"] - batch["y"]) ** 2)}
 
     def render(state, batch):
@@ -83,8 +87,25 @@ def make_method(cfg):
     return loop.Method(init, train_step, evaluate, render)
 
 
+def term_at_save(step):
+    """Checkpointer.save sends this process a SIGTERM as it starts to write `step`'s checkpoint
+    (the handler in place then runs before the write)."""
+    from dhjax.train import checkpoint
+
+    save = checkpoint.Checkpointer.save
+
+    def saving(self, at, state, meta):
+        if int(at) == step:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return save(self, at, state, meta)
+
+    checkpoint.Checkpointer.save = saving
+
+
 def main():
     workdir = sys.argv[1]
+    if os.environ.get("TOY_TERM_AT_SAVE"):
+        term_at_save(int(os.environ["TOY_TERM_AT_SAVE"]))
     app.init_distributed()
     cfg = config_lib.apply_overrides(get_config(), parse_overrides(sys.argv[2:]))
     data = Data(cfg)
@@ -92,8 +113,6 @@ def main():
                      allow_config_change=os.environ.get("TOY_ALLOW") == "1")
     save_result(workdir, res)
     if os.environ.get("TOY_TERM_AFTER") == "1":     # a SIGTERM after training (e.g. during an evaluation)
-        import signal
-
         os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(10)
         print("still running after the SIGTERM", flush=True)

@@ -36,7 +36,9 @@ with the step. What it guarantees:
     wrote after its last checkpoint;
   - interruption: on SIGTERM (and, in a single process, on a first Ctrl-C) it checkpoints the
     next step boundary and raises `app.Interrupted` (exit status 143), so the caller writes no
-    final outputs; with several
+    final outputs; one that arrives after the last step is held until the final checkpoint and
+    evaluation are written, then raises `app.Interrupted` too (a rerun resumes at the end and
+    goes on with the caller's work); with several
     processes, a SIGTERM to any of them stops all at the same step boundary (jax's preemption
     sync service, which jax.distributed.initialize starts);
   - non-finite steps: a step whose loss, metrics or new state is not finite is skipped (the
@@ -193,6 +195,7 @@ class _Sigterm:
 
     def __init__(self):
         self.received = False
+        self.finishing = False       # past the last step: writing the final checkpoint and evaluation
         self.name = "SIGTERM"
         self._old = None
         self._old_int = None
@@ -223,8 +226,12 @@ class _Sigterm:
             old = self._old_int if callable(self._old_int) else signal.default_int_handler
             return old(signum, frame)
         self.received, self.name = True, "SIGINT (Ctrl-C)"
-        print("\nCtrl-C: checkpointing at the end of this step, then stopping (Ctrl-C again stops at once, "
-              "losing the steps since the last checkpoint)", flush=True)
+        if self.finishing:
+            print("\nCtrl-C: stopping once the final checkpoint and evaluation are written (Ctrl-C again stops "
+                  "at once, possibly losing the final checkpoint)", flush=True)
+        else:
+            print("\nCtrl-C: checkpointing at the end of this step, then stopping (Ctrl-C again stops at once, "
+                  "losing the steps since the last checkpoint)", flush=True)
 
     def stop(self, done: int) -> bool:
         """Whether to checkpoint step `done` and stop (called after every step, in order)."""
@@ -397,25 +404,35 @@ def train(cfg, workdir: str, method: Method, dataset, *, eval_batch=None,
                 if done % tc.checkpoint_every == 0 and done < tc.steps:
                     save(done)
             steps_run = max(step + 1 - start, 0) if start < tc.steps else 0
-        final = dict(metrics_host)
-        train_seconds = seconds_so_far()     # resumed at the end: the time the checkpoint recorded
-        if start < tc.steps:
-            save(tc.steps, train_seconds)
-        check_skips(tc.steps)
-        final.setdefault("skipped_steps", float(counts[0]))
-        # A run resumed at its end (all steps done before) evaluates again for its caller but
-        # logs nothing: those rows are already in metrics.jsonl and TensorBoard.
-        log_final = start < tc.steps
-        if method.evaluate and eval_batch is not None:
-            ev = _host(method.evaluate(state, shard_batch(eval_batch, mesh)))
-            final.update({f"eval/{k}": v for k, v in ev.items()})
-            if log_final:
-                writer.write_scalars(tc.steps, {f"eval/{k}": v for k, v in ev.items()})
-        if method.render and eval_batch is not None and log_final:
-            images = method.render(state, shard_batch(eval_batch, mesh))
-            writer.write_images(tc.steps, {k: np.asarray(v) for k, v in images.items()})
-        if lead:
-            app.merge_final_metrics(workdir, final)
+            # The handler stays through the final checkpoint and evaluation: a SIGTERM there is
+            # held until they are written (an exception inside orbax's save would lose the final
+            # checkpoint, and a rerun resumed at the end would not log the final evaluation).
+            sigterm.finishing = True
+            final = dict(metrics_host)
+            train_seconds = seconds_so_far()     # resumed at the end: the time the checkpoint recorded
+            if start < tc.steps:
+                save(tc.steps, train_seconds)
+            check_skips(tc.steps)
+            final.setdefault("skipped_steps", float(counts[0]))
+            # A run resumed at its end (all steps done before) evaluates again for its caller but
+            # logs nothing: those rows are already in metrics.jsonl and TensorBoard.
+            log_final = start < tc.steps
+            if method.evaluate and eval_batch is not None:
+                ev = _host(method.evaluate(state, shard_batch(eval_batch, mesh)))
+                final.update({f"eval/{k}": v for k, v in ev.items()})
+                if log_final:
+                    writer.write_scalars(tc.steps, {f"eval/{k}": v for k, v in ev.items()})
+            if method.render and eval_batch is not None and log_final:
+                images = method.render(state, shard_batch(eval_batch, mesh))
+                writer.write_images(tc.steps, {k: np.asarray(v) for k, v in images.items()})
+            if lead:
+                app.merge_final_metrics(workdir, final)
+            if sigterm.received:      # it came after the last step's check: everything is written
+                if lead:
+                    print(f"{sigterm.name}: training finished, its final checkpoint (step {tc.steps}) and "
+                          f"evaluation are written; stopping before the rest of the program; rerun the same "
+                          f"command to go on (exit status {app.EXIT_INTERRUPTED})", flush=True)
+                raise app.Interrupted(tc.steps, ckpt.directory)
     finally:
         if data_iter is not None:
             data_iter.close()
