@@ -693,6 +693,52 @@ def test_a_stopped_offline_run_keeps_its_training_curve(tmp_path, monkeypatch):
     assert [p["step"] for p in pts] == [3, 6]
     assert 0 < pts[0]["seconds"] < pts[1]["seconds"] and (work / "training_curve.png").is_file()
     assert not (work / "heldout_metrics.json").exists()     # no outputs from a half-trained state
+    stopped = json.loads((work / insta_run.CURVE_STOP_FILE).read_text())
+    assert stopped["step"] == stop.value.step and stopped["seconds"] > pts[1]["seconds"]
+    # The resumed session continues the curve: the stopped one's points as they were, then its
+    # own, their seconds counted on from the stop's.
+    monkeypatch.setattr(insta_run._OnlineRecorder, "get_batch", get_batch)
+    insta_run.run(c, str(work))
+    resumed = json.loads((work / "training_curve.json").read_text())
+    assert resumed[:2] == pts
+    assert [p["step"] for p in resumed] == [3, 6] + ([9] if stop.value.step < 9 else []) + [12]
+    assert all(p["seconds"] > stopped["seconds"] for p in resumed[2:])
+    assert np.all(np.diff([p["seconds"] for p in resumed]) > 0)
+    assert not (work / insta_run.CURVE_STOP_FILE).exists() and (work / "heldout_metrics.json").is_file()
+
+
+def test_training_curve_continues_only_from_the_stopped_step(tmp_path):
+    """A session continues the curve of the session stopped at its first step; one that resumed
+    from another step (a SIGKILL after a periodic checkpoint: the steps since have no time)
+    starts a curve of its own."""
+    class FakeBatches:
+        def available(self, step):
+            return 5
+
+    class FakeRun:
+        def path(self, name):
+            return str(tmp_path / name)
+
+    earlier = [{"step": 2, "seconds": 5.0, "frames_arrived": 5, "heldout_psnr": 20.0},
+               {"step": 4, "seconds": 9.0, "frames_arrived": 5, "heldout_psnr": 21.0}]
+    rows = [{"step": 6, "eval/psnr": 22.0}, {"step": 8, "eval/psnr": 23.0}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    for first, stop_step, want in [(5, 5, [(2, 5.0), (4, 9.0), (6, 12.0), (8, 14.0)]),
+                                   (5, 4, [(6, 1.0), (8, 3.0)])]:
+        (tmp_path / "training_curve.json").write_text(json.dumps(earlier))
+        (tmp_path / insta_run.CURVE_STOP_FILE).write_text(json.dumps({"step": stop_step, "seconds": 11.0}))
+        rec = insta_run._OnlineRecorder(FakeBatches())
+        rec.started = {s: 100.0 + s - first for s in range(first, 8)}   # steps 5..7, one second each
+        rec.finished = 103.0
+        pts = rec.write_curve(FakeRun())
+        assert [(p["step"], p["seconds"]) for p in pts] == want, (first, stop_step)
+        assert not (tmp_path / insta_run.CURVE_STOP_FILE).exists()
+    # a session stopped again records its own stop, counted on from the earlier one
+    (tmp_path / "training_curve.json").write_text(json.dumps(earlier))
+    (tmp_path / insta_run.CURVE_STOP_FILE).write_text(json.dumps({"step": 5, "seconds": 11.0}))
+    rec.finished = 102.5
+    rec.write_curve(FakeRun(), stopped_at=8)
+    assert json.loads((tmp_path / insta_run.CURVE_STOP_FILE).read_text()) == {"step": 8, "seconds": 13.5}
 
 
 def test_run_writes_its_outputs_resumes_and_reenacts(tmp_path):

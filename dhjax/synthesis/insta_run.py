@@ -13,7 +13,8 @@ canonical density), online.json / online.png (held-out PSNR against seconds, onl
 training_curve.json / .png (offline runs: the held-out ray batch's PSNR at every evaluation
 against seconds since the first step, compile, evaluations and checkpoints included; `plateau`
 reads when it levels off; a run stopped by SIGTERM or Ctrl-C writes it too, for the steps it
-ran), tracking/
+ran, and the session resuming from where it stopped continues it: training_curve_stop.json),
+tracking/
 (live online mode: every tracked frame, so that a killed run resumes its tracking too).
 
 The baseline is the tracked mesh with a texture baked from the training frames
@@ -802,12 +803,13 @@ def _train_and_evaluate(cfg, run_, ctx, train, test, assets, shape, feed) -> dic
         online = _OnlineRecorder(batches)
     try:
         result = loop.train(cfg, str(run_.workdir), method, online, eval_batch=eval_batch)
-    except app.Interrupted:
+    except app.Interrupted as stop:
         # A stopped run (SIGTERM, Ctrl-C, a time limit) keeps the training curve of its steps
-        # so far: what a time-boxed run (e.g. on a lent GPU) is for.
+        # so far, and the session resuming from its step continues it: what a time-boxed run
+        # (e.g. on a lent GPU) is for.
         if not live and run_.lead and float(cfg.online.frames_per_step) <= 0:
             online.finished = time.time()
-            _log_curve(online.write_curve(run_), log, "so far (stopped)")
+            _log_curve(online.write_curve(run_, stopped_at=stop.step), log, "so far (stopped)")
         raise
     online.finished = time.time()
     if live:
@@ -927,15 +929,50 @@ class _OnlineRecorder:
         return _write_online(run_, self.points(run_.path("metrics.jsonl")),
                              "INSTA online: frames arrive while training", "seconds since the first step")
 
-    def write_curve(self, run_) -> list[dict]:
+    def write_curve(self, run_, stopped_at: int | None = None) -> list[dict]:
         """training_curve.json and .png of an offline run: the same points (every frame has
-        arrived at every step)."""
-        return _write_online(run_, self.points(run_.path("metrics.jsonl")), "INSTA: held-out rays while training",
-                             "seconds since the first step", name="training_curve", frames_axis=False)
+        arrived at every step).
+
+        A session that resumed from the step where an earlier one was stopped (SIGTERM, Ctrl-C:
+        `stopped_at`, which writes CURVE_STOP_FILE with the seconds at that step) continues that
+        session's curve: the earlier points are kept and this session's seconds count on from
+        the stop's. A session that resumed from elsewhere (e.g. a periodic checkpoint after a
+        SIGKILL, whose steps since then have no time) starts a curve of its own."""
+        pts = self.points(run_.path("metrics.jsonl"))
+        earlier, offset = self.earlier_curve(run_)
+        pts = earlier + [dict(p, seconds=p["seconds"] + offset) for p in pts]
+        stop_path = Path(run_.path(CURVE_STOP_FILE))
+        if stopped_at is not None and self.started:
+            seconds = offset + (self.finished - min(self.started.values()))
+            config_lib.write_text_atomic(stop_path, json.dumps({"step": int(stopped_at), "seconds": seconds}))
+        else:
+            stop_path.unlink(missing_ok=True)
+        return _write_online(run_, pts, "INSTA: held-out rays while training", "seconds since the first step",
+                             name="training_curve", frames_axis=False)
+
+    def earlier_curve(self, run_) -> tuple[list[dict], float]:
+        """(points of the earlier sessions, seconds at this session's first step) when this
+        session resumed where the last one was stopped (CURVE_STOP_FILE), else ([], 0)."""
+        if not self.started:
+            return [], 0.0
+        first = min(self.started)
+        try:
+            stop = json.loads(Path(run_.path(CURVE_STOP_FILE)).read_text())
+            earlier = json.loads(Path(run_.path("training_curve.json")).read_text())
+        except (OSError, ValueError):
+            return [], 0.0
+        if int(stop.get("step", -1)) != first:
+            return [], 0.0
+        return [p for p in earlier if int(p["step"]) <= first], float(stop["seconds"])
 
 
 PLATEAU_DB = 0.5
 """`plateau`'s tolerance (dB) in the log line of an offline run."""
+
+CURVE_STOP_FILE = "training_curve_stop.json"
+"""Written next to training_curve.json by a stopped offline run: {"step": the step it stopped
+at, "seconds": its training seconds there}, so that the session resuming from that step
+continues the curve (`_OnlineRecorder.write_curve`); removed once a session ends normally."""
 
 
 def _log_curve(pts: list[dict], log, when: str = "") -> None:
