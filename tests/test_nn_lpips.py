@@ -195,6 +195,9 @@ def test_npz_round_trip_batching_and_gradient(tmp_path):
     # make_lpips: a ready function of the images
     fn = L.make_lpips(loaded)
     np.testing.assert_allclose(np.asarray(fn(a, a)), 0.0, atol=1e-12)
+    # load_configured: what a config field names, or None for an empty one
+    assert L.load_configured("") is None and L.load_configured(None) is None
+    jax.tree.map(np.testing.assert_array_equal, L.load_configured(str(tmp_path / "w.npz")), loaded)
 
 
 def test_off_switch_and_messages():
@@ -222,6 +225,10 @@ def test_bad_weight_files(tmp_path):
         L.load_lpips(tmp_path / "shape.npz", net="vgg")
     with pytest.raises(FileNotFoundError):
         L.load_lpips(tmp_path / "nothing.npz")
+    with pytest.raises(FileNotFoundError, match=r"^config field loss\.lpips_path: .*nothing\.npz"):
+        L.load_configured(tmp_path / "nothing.npz", field="loss.lpips_path")
+    with pytest.raises(ValueError, match=r"shape\.npz: .*features\.3\.weight has shape"):
+        L.load_configured(tmp_path / "shape.npz")
     with pytest.raises(ValueError, match="unknown LPIPS backbone"):
         L.npz_keys("squeeze")
 

@@ -83,8 +83,8 @@ def test_bad_test_views(trained):
 
 
 def test_bad_settings_fail_before_the_capture_loads(trained, monkeypatch):
-    """Config choices, the drive's motion and length, and a run without a checkpoint are refused
-    before open_capture (which renders or loads the capture and builds cages: minutes)."""
+    """Config choices, missing LPIPS weights, the drive's motion and length, and a run without a
+    checkpoint are refused before open_capture (which renders or loads the capture and builds cages: minutes)."""
     tmp, cfg, _ = trained
 
     def no_capture(*a, **k):
@@ -97,6 +97,10 @@ def test_bad_settings_fail_before_the_capture_loads(trained, monkeypatch):
         bad[section][key] = value
         with pytest.raises(ValueError, match=f"config field {field} must be .*, got '{value}'"):
             d3ga_run.run(bad, str(tmp / "bad_choice"))
+    bad = cfg.copy_and_resolve_references()
+    bad.eval.lpips_path = str(tmp / "nope.npz")
+    with pytest.raises(FileNotFoundError, match="config field eval.lpips_path: .*nope.npz"):
+        d3ga_run.run(bad, str(tmp / "bad_choice"))
     assert not (tmp / "bad_choice").exists()
     run = str(tmp / "run")
     with pytest.raises(ValueError, match="frames to drive must be an integer >= 1, got 0"):

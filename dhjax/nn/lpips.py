@@ -248,6 +248,19 @@ def load_lpips(path: str | os.PathLike, net: str = "alex") -> dict:
     return params_from_arrays(arrays, _check_net(net), source=str(path))
 
 
+def load_configured(path: str | os.PathLike | None, field: str = "eval.lpips_path", net: str = "alex") -> dict | None:
+    """The LPIPS params that a config field names (`load_lpips`), or None when the field is empty
+    (LPIPS off). A missing file raises FileNotFoundError naming the field and the file; bad
+    contents raise `load_lpips`'s ValueError (it names the file). The methods' config checks
+    call it before a run writes anything, and their evaluations to load the weights."""
+    if not path:
+        return None
+    try:
+        return load_lpips(path, net)
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"config field {field}: {err}") from None
+
+
 # lpips' own state dict keeps the backbone as net.slice{s}.{i}.*, with i torchvision's index
 _SLICE_KEY = re.compile(r"^net\.slice\d+\.(\d+)\.(weight|bias)$")
 

@@ -30,6 +30,7 @@ from dhjax import io as dio
 from dhjax import losses
 from dhjax.data import cache
 from dhjax.models import body as body_lib
+from dhjax.nn import lpips
 from dhjax.render import camera as camera_lib
 from dhjax.synthesis import d3ga, d3ga_data
 from dhjax.train import app, logs, loop
@@ -169,11 +170,13 @@ def _fmt(title, rows: dict, keys=("psnr", "ssim", "l1", "lpips", "layers_l1")) -
 
 def check_config(cfg) -> None:
     """Raises ValueError naming the field when the model's choices cannot work (model.geometry,
-    parts.layers): checked before the capture is loaded and the cages built (minutes)."""
+    parts.layers), and FileNotFoundError / ValueError naming eval.lpips_path's file when its LPIPS
+    weights cannot be loaded: checked before the capture is loaded and the cages built (minutes)."""
     if cfg.model.geometry not in ("tets", "triangles"):
         raise ValueError(f"config field model.geometry must be 'tets' or 'triangles', got {cfg.model.geometry!r}")
     if cfg.parts.layers not in ("full", "single"):
         raise ValueError(f"config field parts.layers must be 'full' or 'single', got {cfg.parts.layers!r}")
+    lpips.load_configured(cfg.eval.lpips_path)
 
 
 def run(cfg, workdir: str) -> dict:
@@ -188,11 +191,7 @@ def run(cfg, workdir: str) -> dict:
     log(f"data: {source}: {cap.images.shape[0]} frames ({len(sp.train_frames)} training, {len(sp.test_frames)} "
         f"held out) x {cap.images.shape[1]} cameras ({len(sp.test_views)} held out) at {cap.size[0]}x{cap.size[1]}; "
         f"garments {cap.upper_kind} + {cap.lower_kind}; geometry {cfg.model.geometry}, layers {cfg.parts.layers}")
-    lpips_fn = None
-    if cfg.eval.lpips_path:
-        from dhjax.nn import lpips
-
-        lpips_fn = lpips.make_lpips(lpips.load_lpips(cfg.eval.lpips_path))
+    lpips_fn = lpips.make_lpips(lpips.load_configured(cfg.eval.lpips_path))
     result = train(cfg, run_, ctx, cap, sp, log)
     train_s = result.train_seconds
     if run_.lead:     # after training: a start stopped before its first step leaves only config.json

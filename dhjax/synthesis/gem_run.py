@@ -43,6 +43,7 @@ from dhjax.data import cache
 from dhjax.data import synthetic
 from dhjax.models import flame
 from dhjax.geometry import pca as pca_lib
+from dhjax.nn import lpips
 from dhjax.render import camera as camera_lib
 from dhjax.synthesis import gem
 from dhjax.synthesis import gem_data
@@ -686,13 +687,7 @@ def check_config(cfg) -> None:
     if bad:
         raise ValueError(f"config field gem.table_components must hold sizes in [1, gem.n_components = {M}], "
                          f"got {tuple(cfg.gem.table_components)}")
-    if cfg.eval.lpips_path:
-        from dhjax.nn import lpips
-
-        try:
-            lpips.load_lpips(cfg.eval.lpips_path)
-        except FileNotFoundError as err:
-            raise FileNotFoundError(f"config field eval.lpips_path: {err}") from None
+    lpips.load_configured(cfg.eval.lpips_path)
 
 
 def run(cfg, workdir: str) -> dict:
@@ -715,11 +710,7 @@ def run(cfg, workdir: str) -> dict:
     log(f"data: {source}: {len(sp.train_frames)} training / {len(sp.test_frames)} held-out frames, "
         f"{len(sp.train_views)} training / {len(sp.test_views)} held-out cameras; {ctx.n_gaussians} Gaussians "
         f"({ctx.map_size}^2 map); devices: {jax.device_count()}")
-    lpips_fn = None
-    if cfg.eval.lpips_path:
-        from dhjax.nn import lpips
-
-        lpips_fn = lpips.make_lpips(lpips.load_lpips(cfg.eval.lpips_path))
+    lpips_fn = lpips.make_lpips(lpips.load_configured(cfg.eval.lpips_path))
 
     # A: the Net.
     net_params, net_seconds = train_net(cfg, run_, ctx, cap, sp, log)

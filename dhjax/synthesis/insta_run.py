@@ -43,6 +43,7 @@ from dhjax.capture import track_run, tracker
 from dhjax.data import cache as cache_lib
 from dhjax.data import synthetic
 from dhjax.geometry import alignment
+from dhjax.nn import lpips
 from dhjax.ops import raymarch
 from dhjax.render import camera as camera_lib
 from dhjax.render import shading
@@ -735,13 +736,7 @@ def check_config(cfg) -> None:
                                ("online.timeout_s", cfg.online.get("timeout_s", 1.0), "> 0 (seconds)")):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
             raise ValueError(f"config field {field} must be {what}, got {value!r}")
-    if cfg.eval.lpips_path:
-        from dhjax.nn import lpips
-
-        try:
-            lpips.load_lpips(cfg.eval.lpips_path)
-        except FileNotFoundError as err:
-            raise FileNotFoundError(f"config field eval.lpips_path: {err}") from None
+    lpips.load_configured(cfg.eval.lpips_path)
 
 
 def run(cfg, workdir: str) -> dict:
@@ -1031,11 +1026,7 @@ def evaluate_heldout(cfg, ctx, state, train, test, assets, renderer, run_, log) 
     n = test.images.shape[0]
     if int(cfg.eval.max_test_frames):
         n = min(n, int(cfg.eval.max_test_frames))
-    lpips_fn = None
-    if cfg.eval.lpips_path:
-        from dhjax.nn import lpips
-
-        lpips_fn = lpips.make_lpips(lpips.load_lpips(cfg.eval.lpips_path))
+    lpips_fn = lpips.make_lpips(lpips.load_configured(cfg.eval.lpips_path))
     params, bits = state["ema"], state["occ"]["bits"]
     t0 = time.time()
     tex = baseline_texture(train, assets.model)
