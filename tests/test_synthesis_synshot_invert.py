@@ -87,6 +87,17 @@ def test_invert_rejects_a_workdir_that_is_not_a_prior(tmp_path):
         synshot_run.run_invert(_config("synshot_invert", "tiny", prior_workdir=str(prior)), str(tmp_path / "c"))
 
 
+@pytest.mark.parametrize("name", ["synshot_prior", "synshot_invert"])
+def test_missing_lpips_weights_are_refused_before_the_run_starts(tmp_path, name):
+    """A wrong loss.lpips_path fails before app.start writes the workdir (whose config.json would
+    then refuse the corrected command as another run) and before any data is generated."""
+    cfg = _config(name, "tiny", **{"loss.lpips_path": str(tmp_path / "nope.npz")})
+    fn = synshot_run.run_prior if name == "synshot_prior" else synshot_run.run_invert
+    with pytest.raises(FileNotFoundError, match="config field loss.lpips_path: .*nope.npz"):
+        fn(cfg, str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
+
+
 def test_split_inputs_picks_the_input_views_of_one_frame():
     samples = [dict(_sample(), frame=np.int32(f), view=np.int32(v)) for f in (3, 5) for v in range(4)]
     chosen, rest = inv.split_inputs(samples, 1, (0, 2))

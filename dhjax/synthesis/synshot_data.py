@@ -100,7 +100,8 @@ def model_batch(batch) -> dict:
 
 def lpips_from_config(loss_cfg, log=print):
     """The LPIPS distance of `loss.lpips_path` (weights given by the user), or None: LPIPS is
-    off without weights or with weight 0, and `log` says so."""
+    off without weights or with weight 0, and `log` says so. A missing file raises
+    FileNotFoundError naming the field (`lpips.load_configured`)."""
     from dhjax.nn import lpips
 
     if not loss_cfg.lpips_path:
@@ -108,7 +109,7 @@ def lpips_from_config(loss_cfg, log=print):
             log(lpips.lpips_status_message(None) if loss_cfg.lpips > 0 else
                 "LPIPS off (loss.lpips = 0 and no loss.lpips_path)")
         return None
-    params = lpips.load_lpips(loss_cfg.lpips_path)
+    params = lpips.load_configured(loss_cfg.lpips_path, field="loss.lpips_path")
     if log:
         log(f"LPIPS on: {loss_cfg.lpips_path}" + ("" if loss_cfg.lpips > 0 else
                                                   " (but loss.lpips = 0: set a weight, e.g. 0.1)"))

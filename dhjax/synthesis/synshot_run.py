@@ -35,6 +35,7 @@ from dhjax import io as dio
 from dhjax.data import dataset as ds
 from dhjax.data import grain_pipeline
 from dhjax.models import flame
+from dhjax.nn import lpips
 from dhjax.synthesis import synshot, synshot_data
 from dhjax.synthesis import synshot_gaussians as gs
 from dhjax.synthesis import synshot_invert as inv
@@ -63,6 +64,7 @@ def run_prior(cfg, workdir: str) -> dict:
     """
     app.check_experiment(cfg, "synshot_prior")
     grain_pipeline.check_loader_config(cfg.get("loader"))   # before the run starts (and data loads)
+    lpips.load_configured(cfg.loss.lpips_path, field="loss.lpips_path")     # likewise
     run = app.start(workdir, cfg)
     root = synshot_data.dataset_root(cfg)
     train_ds = synshot_data.open_split(root, "train", in_memory=cfg.data.in_memory)
@@ -173,6 +175,7 @@ def run_invert(cfg, workdir: str) -> dict:
     Returns the summary written to metrics.json.
     """
     app.check_experiment(cfg, "synshot_invert")
+    lpips.load_configured(cfg.loss.lpips_path, field="loss.lpips_path")     # before the run starts
     run = app.start(workdir, cfg)
     if not cfg.prior_workdir:
         raise ValueError("no prior given: point --config.prior_workdir at the workdir of experiments.synshot_prior")
