@@ -739,6 +739,10 @@ def test_training_curve_continues_only_from_the_stopped_step(tmp_path):
     rec.finished = 102.5
     rec.write_curve(FakeRun(), stopped_at=8)
     assert json.loads((tmp_path / insta_run.CURVE_STOP_FILE).read_text()) == {"step": 8, "seconds": 13.5}
+    # a session stopped before its first step leaves both files as they were
+    before = {n: (tmp_path / n).read_text() for n in ("training_curve.json", insta_run.CURVE_STOP_FILE)}
+    assert insta_run._OnlineRecorder(FakeBatches()).write_curve(FakeRun(), stopped_at=8) == []
+    assert {n: (tmp_path / n).read_text() for n in before} == before
 
 
 def test_run_writes_its_outputs_resumes_and_reenacts(tmp_path):

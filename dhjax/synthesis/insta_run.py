@@ -932,12 +932,15 @@ class _OnlineRecorder:
         `stopped_at`, which writes CURVE_STOP_FILE with the seconds at that step) continues that
         session's curve: the earlier points are kept and this session's seconds count on from
         the stop's. A session that resumed from elsewhere (e.g. a periodic checkpoint after a
-        SIGKILL, whose steps since then have no time) starts a curve of its own."""
+        SIGKILL, whose steps since then have no time) starts a curve of its own. A session
+        that ran no step leaves the files as they are and returns []."""
+        if not self.started:
+            return []
         pts = self.points(run_.path("metrics.jsonl"))
         earlier, offset = self.earlier_curve(run_)
         pts = earlier + [dict(p, seconds=p["seconds"] + offset) for p in pts]
         stop_path = Path(run_.path(CURVE_STOP_FILE))
-        if stopped_at is not None and self.started:
+        if stopped_at is not None:
             seconds = offset + (self.finished - min(self.started.values()))
             config_lib.write_text_atomic(stop_path, json.dumps({"step": int(stopped_at), "seconds": seconds}))
         else:
@@ -948,8 +951,6 @@ class _OnlineRecorder:
     def earlier_curve(self, run_) -> tuple[list[dict], float]:
         """(points of the earlier sessions, seconds at this session's first step) when this
         session resumed where the last one was stopped (CURVE_STOP_FILE), else ([], 0)."""
-        if not self.started:
-            return [], 0.0
         first = min(self.started)
         try:
             stop = json.loads(Path(run_.path(CURVE_STOP_FILE)).read_text())
