@@ -968,7 +968,8 @@ PLATEAU_DB = 0.5
 CURVE_STOP_FILE = "training_curve_stop.json"
 """Written next to training_curve.json by a stopped offline run: {"step": the step it stopped
 at, "seconds": its training seconds there}, so that the session resuming from that step
-continues the curve (`_OnlineRecorder.write_curve`); removed once a session ends normally."""
+continues the curve (`_OnlineRecorder.write_curve`); removed when a session that ran steps ends
+normally."""
 
 
 def _log_curve(pts: list[dict], log, when: str = "") -> None:
