@@ -7,7 +7,9 @@ Prints, in this order:
     device count;
   - kernels: for each compiled XLA FFI op (bvh, hashgrid, raymarch, splat) and platform (cpu,
     cuda), the library's path and kernel ABI, or why it is unusable (missing, stale ABI, fails
-    to load), and which implementation `backend="auto"` runs for the default backend;
+    to load), and which implementation `backend="auto"` runs for the default backend; a note
+    when usable libraries come from elsewhere than the imported package's `_kernels/` (an
+    installed copy or $DHJAX_KERNEL_DIR, built from other sources than the tree being run);
   - warnings: an op that would fall back to its pure-JAX reference on the default backend (it
     works, but slower), a stale library, a GPU visible to the driver but not to JAX.
 
@@ -168,7 +170,27 @@ def diagnose(distributed: bool = False) -> Report:
             r.warnings.append(f"{op}: backend='auto' falls back to the pure-JAX reference on {backend} "
                               f"(the {kernel_platform} kernel is {own.describe()}); {_ffi.BUILD_HINT}")
     r.lines.append("backend='auto' runs: " + ", ".join(f"{op} -> {impl}" for op, impl in r.auto.items()))
+    elsewhere = _kernels_elsewhere(r.kernels)
+    if elsewhere:
+        r.lines.append(f"note: the kernels in {', '.join(elsewhere)} are not this dhjax's own "
+                       f"({_own_kernel_dir()}): they were built from the sources of that installation "
+                       f"(or $DHJAX_KERNEL_DIR), so after changing or updating this tree rebuild them here with "
+                       f"`bash kernels/build_inplace.sh` (or reinstall)")
     return r
+
+
+def _own_kernel_dir() -> str:
+    return os.path.join(os.path.dirname(os.path.abspath(dhjax.__file__)), "_kernels")
+
+
+def _kernels_elsewhere(kernels: Sequence[KernelStatus]) -> list[str]:
+    """The folders, other than the imported dhjax package's `_kernels/`, that usable libraries
+    come from (e.g. a source checkout whose dhjax is imported from the tree while its kernels
+    come from an earlier `pip install .`): a note, not a warning, since that is how the tests of
+    a checkout run after `pip install .`."""
+    own = os.path.realpath(_own_kernel_dir())
+    dirs = {os.path.dirname(os.path.realpath(k.path)) for k in kernels if k.path is not None and k.usable}
+    return sorted(d for d in dirs if d != own)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
