@@ -49,6 +49,39 @@ def last_image(tb_dir, tag) -> np.ndarray:
     return imageio.imread(io.BytesIO(acc.Images(tag)[-1].encoded_image_string))[..., :3] / 255.0
 
 
+def test_the_tensorboard_viewer_serves_a_runs_scalars_and_images(tmp_path):
+    """`tensorboard --logdir runs` (README) starts and serves what MetricWriter wrote. Its static
+    plugins only: open3d (peers extra) registers a dynamic one, which fails to load where
+    open3d cannot. With tensorboard < 2.19 (the peers and landmarks extras) the viewer imports
+    pkg_resources, which setuptools 82 removed: those extras pin setuptools < 82."""
+    import json
+    import time
+    import urllib.request
+
+    from tensorboard import default, program
+
+    run = tmp_path / "runs" / "toy"
+    writer = logs.MetricWriter(str(run), hparams=None)
+    for step in (1, 2):
+        writer.write_scalars(step, {"loss": 1.0 / step})
+    writer.write_images(2, {"eval/heldout": np.zeros((1, 8, 12, 3), np.float32)})
+    writer.close()
+    tb = program.TensorBoard(plugins=default.get_static_plugins())
+    tb.configure(argv=[None, "--logdir", str(tmp_path / "runs"), "--host", "localhost", "--port", "0",
+                       "--load_fast", "false", "--reload_interval", "0.2"])
+    url = tb.launch()
+
+    def get(path):
+        return json.loads(urllib.request.urlopen(url + path, timeout=10).read())
+
+    deadline = time.time() + 30
+    while time.time() < deadline and "toy/tb" not in get("data/runs"):
+        time.sleep(0.2)
+    assert get("data/runs") == ["toy/tb"]
+    assert "loss" in get("data/plugin/scalars/tags")["toy/tb"]
+    assert "eval/heldout" in get("data/plugin/images/tags")["toy/tb"]
+
+
 def test_comparison_grid_places_ground_truth_render_and_extras():
     gt = np.zeros((3, 4, 5, 3), np.float32)
     render = np.ones((3, 4, 5), np.float32)                # grey: broadcast to RGB
