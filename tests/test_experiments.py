@@ -314,7 +314,24 @@ def test_sweep_command_line_rejects_unknown_fields(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "experiments.sweep", "--config=configs/register_flame.py:tiny",
                            f"--workdir={tmp_path}", "--dry_run", "--set=registration.nope=1"],
                           cwd=ROOT, capture_output=True, text=True, timeout=300, env=dict(os.environ, PYTHONPATH=ROOT))
-    assert proc.returncode == 2 and "unknown config field 'registration.nope'" in proc.stderr
+    assert proc.returncode == 2 and "error: unknown config field 'registration.nope'" in proc.stderr
+    assert '"' not in proc.stderr        # the message as written, not a KeyError's repr
+
+
+def test_unknown_override_fields_name_the_closest_field():
+    from dhjax.train import config as config_lib
+
+    cfg = config_lib.load_config(os.path.join(ROOT, "configs/register_flame.py:tiny"))
+    for key, want in [("registration.stpes", "unknown config field 'registration.stpes'; did you mean "
+                                             "'registration.steps'?"),
+                      ("registraton.steps", "unknown config field 'registraton.steps' (no 'registraton'; did you "
+                                            "mean 'registration'?)"),
+                      ("registration.steps.x", "unknown config field 'registration.steps.x' ('registration.steps' "
+                                               "is a value, not a group)"),
+                      ("zzzz", "unknown config field 'zzzz'")]:
+        with pytest.raises(KeyError) as err:
+            config_lib.apply_overrides(cfg, {key: 1})
+        assert str(err.value) == want
 
 
 def test_sweep_refuses_a_value_the_experiments_check_refuses_before_anything_runs(tmp_path):

@@ -11,6 +11,7 @@ A config file `configs/<exp>.py` defines `get_config(arg=None)`; `arg` picks a v
 from __future__ import annotations
 
 import copy
+import difflib
 import importlib.util
 import json
 import math
@@ -57,19 +58,40 @@ def load_sweep(spec: str) -> list[dict[str, Any]]:
     return [dict(o) for o in overrides]
 
 
+class UnknownFieldError(KeyError):
+    """An override that names a field the config lacks. A KeyError (callers that catch those
+    still do) whose message prints as written, without the quotes KeyError adds."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+def _did_you_mean(node, name: str, prefix: str) -> str:
+    """'; did you mean 'prefix.close'?' for the field of node closest to name, or ''."""
+    close = difflib.get_close_matches(name, [str(k) for k in node.keys()], n=1)
+    return f"; did you mean '{prefix}{close[0]}'?" if close else ""
+
+
 def apply_overrides(cfg: ml_collections.ConfigDict, overrides: Mapping[str, Any]) -> ml_collections.ConfigDict:
-    """Returns a copy of cfg with {"a.b.c": value} overrides; an unknown field is a KeyError, a
-    value the field's type does not take (ml_collections' type-safe fields) a ValueError."""
+    """Returns a copy of cfg with {"a.b.c": value} overrides; an unknown field is an
+    UnknownFieldError (a KeyError; the message suggests the closest field), a value the
+    field's type does not take (ml_collections' type-safe fields) a ValueError."""
     cfg = copy.deepcopy(cfg)  # keeps FieldReferences (e.g. train.steps tied to another field)
     for key, value in overrides.items():
         node = cfg
         parts = key.split(".")
-        for p in parts[:-1]:
+        for i, p in enumerate(parts[:-1]):
+            if not hasattr(node, "keys"):
+                raise UnknownFieldError(f"unknown config field '{key}' ('{'.'.join(parts[:i])}' is a value, not a group)")
             if p not in node:
-                raise KeyError(f"unknown config field '{key}' (no '{p}')")
+                hint = _did_you_mean(node, p, "".join(q + "." for q in parts[:i]))
+                raise UnknownFieldError(f"unknown config field '{key}' (no '{'.'.join(parts[:i + 1])}'{hint})")
             node = node[p]
+        if not hasattr(node, "keys"):
+            raise UnknownFieldError(f"unknown config field '{key}' ('{'.'.join(parts[:-1])}' is a value, not a group)")
         if parts[-1] not in node:
-            raise KeyError(f"unknown config field '{key}'")
+            hint = _did_you_mean(node, parts[-1], "".join(q + "." for q in parts[:-1]))
+            raise UnknownFieldError(f"unknown config field '{key}'{hint}")
         try:
             node[parts[-1]] = value
         except TypeError as err:        # ml_collections: "Could not override field 'x' (reference). ..."
