@@ -446,6 +446,17 @@ def test_given_masks_replace_the_mesh_silhouette_in_the_dataset(model, tmp_path,
         track_run.run(bad, tmp_path / "nan", input=str(tmp_path / "video"), landmarks=str(tmp_path / "lmk"))
     with pytest.raises(FileNotFoundError, match="--input .*nowhere.mp4' does not exist"):
         track_run.run(cfg, tmp_path / "none", input=str(tmp_path / "nowhere.mp4"))
+    # a shape or MICA run that is not there fails before the frames are read or the workdir made
+    for field, value, match in [("shape_init", str(tmp_path / "z.npz"), "config field shape_init: no file .*z.npz"),
+                                ("mica_workdir", str(tmp_path / "nomica"), "nomica' is not a MICA training run"),
+                                ("mica_workdir", str(tmp_path / "video"), "is not a MICA training run")]:
+        bad = copy.deepcopy(cfg)
+        bad[field] = value
+        for input_ in ("video", "synthetic"):
+            with pytest.raises(FileNotFoundError, match=match):
+                track_run.run(bad, tmp_path / "none", input=str(tmp_path / input_) if input_ == "video" else input_,
+                              landmarks=str(tmp_path / "lmk") if input_ == "video" else None)
+    assert len(calls) == n_calls
     assert not (tmp_path / "nan").exists() and not (tmp_path / "none").exists()
 
 

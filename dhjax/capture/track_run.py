@@ -299,6 +299,10 @@ def run(cfg, workdir, *, input: str, landmarks: str | None = None,  # noqa: A002
                          f"length in pixels > 0, got {cfg.tracker.focal!r}")
     if input != "synthetic" and not Path(input).exists():
         raise FileNotFoundError(f"--input {input!r} does not exist (a video file, an image folder or one image)")
+    if cfg.shape_init and not Path(cfg.shape_init).is_file():
+        raise FileNotFoundError(f"config field shape_init: no file {cfg.shape_init!r} (an npz with 'shape')")
+    if cfg.mica_workdir:     # a run with a checkpoint (the error names what is missing), before any work
+        mica.run.load_run(cfg.mica_workdir)
     run_ = app.start(workdir, run_config(cfg, input, landmarks, masks))
     work = Path(workdir)
     if input == "synthetic":
