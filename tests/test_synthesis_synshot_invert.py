@@ -89,8 +89,8 @@ def test_invert_rejects_a_workdir_that_is_not_a_prior(tmp_path):
 
 @pytest.mark.parametrize("name", ["synshot_prior", "synshot_invert"])
 def test_missing_lpips_weights_are_refused_before_the_run_starts(tmp_path, name):
-    """A wrong loss.lpips_path fails before app.start writes the workdir (whose config.json would
-    then refuse the corrected command as another run) and before any data is generated."""
+    """A wrong loss.lpips_path fails, naming the field, before app.start makes the workdir and
+    before any data is opened or generated."""
     cfg = _config(name, "tiny", **{"loss.lpips_path": str(tmp_path / "nope.npz")})
     fn = synshot_run.run_prior if name == "synshot_prior" else synshot_run.run_invert
     with pytest.raises(FileNotFoundError, match="config field loss.lpips_path: .*nope.npz"):
