@@ -677,6 +677,7 @@ def test_a_stopped_offline_run_keeps_its_training_curve(tmp_path, monkeypatch):
 
     c = _run_config("tiny", tmp_path)
     c.train.update(eval_every=3, checkpoint_every=100)
+    c.eval.update(orbit_frames=0, mesh_resolution=0)      # the resumed run's outputs: not under test here
     get_batch = insta_run._OnlineRecorder.get_batch
 
     def get_batch_then_stop(self, step):
