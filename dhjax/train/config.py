@@ -78,20 +78,16 @@ def apply_overrides(cfg: ml_collections.ConfigDict, overrides: Mapping[str, Any]
     field's type does not take (ml_collections' type-safe fields) a ValueError."""
     cfg = copy.deepcopy(cfg)  # keeps FieldReferences (e.g. train.steps tied to another field)
     for key, value in overrides.items():
-        node = cfg
-        parts = key.split(".")
-        for i, p in enumerate(parts[:-1]):
+        node, parts = cfg, key.split(".")
+        for i, p in enumerate(parts):      # down to the group that holds the last part
             if not hasattr(node, "keys"):
                 raise UnknownFieldError(f"unknown config field '{key}' ('{'.'.join(parts[:i])}' is a value, not a group)")
             if p not in node:
                 hint = _did_you_mean(node, p, "".join(q + "." for q in parts[:i]))
-                raise UnknownFieldError(f"unknown config field '{key}' (no '{'.'.join(parts[:i + 1])}'{hint})")
-            node = node[p]
-        if not hasattr(node, "keys"):
-            raise UnknownFieldError(f"unknown config field '{key}' ('{'.'.join(parts[:-1])}' is a value, not a group)")
-        if parts[-1] not in node:
-            hint = _did_you_mean(node, parts[-1], "".join(q + "." for q in parts[:-1]))
-            raise UnknownFieldError(f"unknown config field '{key}'{hint}")
+                last = i == len(parts) - 1
+                raise UnknownFieldError(f"unknown config field '{key}'" + (hint if last else f" (no '{'.'.join(parts[:i + 1])}'{hint})"))
+            if i < len(parts) - 1:
+                node = node[p]
         try:
             node[parts[-1]] = value
         except TypeError as err:        # ml_collections: "Could not override field 'x' (reference). ..."
