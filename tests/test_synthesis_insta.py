@@ -708,10 +708,14 @@ def test_a_stopped_offline_run_keeps_its_training_curve(tmp_path, monkeypatch):
     assert not (work / insta_run.CURVE_STOP_FILE).exists() and (work / "heldout_metrics.json").is_file()
 
 
-def test_training_curve_continues_only_from_the_stopped_step(tmp_path):
+@pytest.mark.parametrize("scheduled", [False, True])
+def test_training_curve_continues_only_from_the_stopped_step(tmp_path, scheduled):
     """A session continues the curve of the session stopped at its first step; one that resumed
     from another step (a SIGKILL after a periodic checkpoint: the steps since have no time)
-    starts a curve of its own."""
+    starts a curve of its own. The scheduled online mode's online.json continues the same way."""
+    name = "online.json" if scheduled else "training_curve.json"
+    stop_file = insta_run.ONLINE_STOP_FILE if scheduled else insta_run.CURVE_STOP_FILE
+    other = "training_curve.json" if scheduled else "online.json"
     class FakeBatches:
         def available(self, step):
             return 5
@@ -726,31 +730,55 @@ def test_training_curve_continues_only_from_the_stopped_step(tmp_path):
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     for first, stop_step, want in [(5, 5, [(2, 5.0), (4, 9.0), (6, 12.0), (8, 14.0)]),
                                    (5, 4, [(6, 1.0), (8, 3.0)])]:
-        (tmp_path / "training_curve.json").write_text(json.dumps(earlier))
-        (tmp_path / insta_run.CURVE_STOP_FILE).write_text(json.dumps({"step": stop_step, "seconds": 11.0}))
-        rec = insta_run._OnlineRecorder(FakeBatches())
+        (tmp_path / name).write_text(json.dumps(earlier))
+        (tmp_path / stop_file).write_text(json.dumps({"step": stop_step, "seconds": 11.0}))
+        rec = insta_run._OnlineRecorder(FakeBatches(), scheduled)
         rec.started = {s: 100.0 + s - first for s in range(first, 8)}   # steps 5..7, one second each
         rec.finished = 103.0
         pts = rec.write_curve(FakeRun())
         assert [(p["step"], p["seconds"]) for p in pts] == want, (first, stop_step)
-        assert not (tmp_path / insta_run.CURVE_STOP_FILE).exists()
+        assert not (tmp_path / stop_file).exists() and not (tmp_path / other).exists()
+        assert json.loads((tmp_path / name).read_text()) == pts
     # a session stopped again records its own stop, counted on from the earlier one
-    (tmp_path / "training_curve.json").write_text(json.dumps(earlier))
-    (tmp_path / insta_run.CURVE_STOP_FILE).write_text(json.dumps({"step": 5, "seconds": 11.0}))
+    (tmp_path / name).write_text(json.dumps(earlier))
+    (tmp_path / stop_file).write_text(json.dumps({"step": 5, "seconds": 11.0}))
     rec.finished = 102.5
     rec.write_curve(FakeRun(), stopped_at=8)
-    assert json.loads((tmp_path / insta_run.CURVE_STOP_FILE).read_text()) == {"step": 8, "seconds": 13.5}
+    assert json.loads((tmp_path / stop_file).read_text()) == {"step": 8, "seconds": 13.5}
     # a session stopped before its first step leaves both files as they were
-    before = {n: (tmp_path / n).read_text() for n in ("training_curve.json", insta_run.CURVE_STOP_FILE)}
-    assert insta_run._OnlineRecorder(FakeBatches()).write_curve(FakeRun(), stopped_at=8) == []
+    before = {n: (tmp_path / n).read_text() for n in (name, stop_file)}
+    assert insta_run._OnlineRecorder(FakeBatches(), scheduled).write_curve(FakeRun(), stopped_at=8) == []
     assert {n: (tmp_path / n).read_text() for n in before} == before
 
 
-def test_run_writes_its_outputs_resumes_and_reenacts(tmp_path):
+def test_run_writes_its_outputs_resumes_and_reenacts(tmp_path, monkeypatch):
+    import os
+    import signal
+
+    from dhjax.train import app
+
     c = _run_config("tiny", tmp_path)
     c.online.frames_per_step = 0.25          # online mode: frame i arrives at step 4 i
     work = tmp_path / "run"
+    # Stopped after the first evaluation (SIGTERM at step 8): online.json holds its point, and
+    # the session resuming from the stop continues it.
+    get_batch = insta_run._OnlineRecorder.get_batch
+
+    def get_batch_then_stop(self, step):
+        if step == 8 and self.calls > 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return get_batch(self, step)
+
+    monkeypatch.setattr(insta_run._OnlineRecorder, "get_batch", get_batch_then_stop)
+    with pytest.raises(app.Interrupted) as stop:
+        insta_run.run(c, str(work))
+    first = json.loads((work / "online.json").read_text())
+    assert [p["step"] for p in first] == [6] and not (work / "training_curve.json").exists()
+    stopped = json.loads((work / insta_run.ONLINE_STOP_FILE).read_text())
+    assert stopped["step"] == stop.value.step and stopped["seconds"] > first[0]["seconds"]
+    monkeypatch.setattr(insta_run._OnlineRecorder, "get_batch", get_batch)
     m = insta_run.run(c, str(work))
+    assert not (work / insta_run.ONLINE_STOP_FILE).exists()
     for name in ("heldout.png", "heldout.mp4", "orbit.mp4", "heldout_metrics.json", "final_metrics.json",
                  "avatar.npz", "metrics.jsonl"):
         assert (work / name).is_file(), name
@@ -760,7 +788,7 @@ def test_run_writes_its_outputs_resumes_and_reenacts(tmp_path):
     assert list((work / "tb").iterdir())
     online = json.loads((work / "online.json").read_text())
     assert [p["step"] for p in online] == [6, 12] and [p["frames_arrived"] for p in online] == [2, 3]
-    assert 0 < online[0]["seconds"] < online[1]["seconds"] and (work / "online.png").is_file()
+    assert online[0] == first[0] and online[1]["seconds"] > stopped["seconds"] and (work / "online.png").is_file()
     # a rerun of the finished run trains no more and gives the same held-out numbers
     m2 = insta_run.run(c, str(work))
     assert m2["psnr"] == m["psnr"]

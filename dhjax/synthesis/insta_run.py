@@ -13,7 +13,8 @@ canonical density), online.json / online.png (held-out PSNR against seconds, onl
 training_curve.json / .png (offline runs: the held-out ray batch's PSNR at every evaluation
 against seconds since the first step, compile, evaluations and checkpoints included; `plateau`
 reads when it levels off; a run stopped by SIGTERM or Ctrl-C writes it too, for the steps it
-ran, and the session resuming from where it stopped continues it: training_curve_stop.json),
+ran, and the session resuming from where it stopped continues it: training_curve_stop.json;
+the scheduled online mode's online.json the same way, with online_stop.json),
 tracking/
 (live online mode: every tracked frame, so that a killed run resumes its tracking too).
 
@@ -795,16 +796,20 @@ def _train_and_evaluate(cfg, run_, ctx, train, test, assets, shape, feed) -> dic
         eval_batch = eval_rays(cfg, test, jax.device_count())
         # Every offline run times its steps: with the scheduled online mode for online.json,
         # otherwise for training_curve.json (held-out ray PSNR against training seconds).
-        online = _OnlineRecorder(batches)
+        online = _OnlineRecorder(batches, scheduled=float(cfg.online.frames_per_step) > 0)
     try:
         result = loop.train(cfg, str(run_.workdir), method, online, eval_batch=eval_batch)
     except app.Interrupted as stop:
-        # A stopped run (SIGTERM, Ctrl-C, a time limit) keeps the training curve of its steps
-        # so far, and the session resuming from its step continues it: what a time-boxed run
-        # (e.g. on a lent GPU) is for.
-        if not live and run_.lead and float(cfg.online.frames_per_step) <= 0:
+        # A stopped run (SIGTERM, Ctrl-C, a time limit) keeps the training curve (or, scheduled
+        # online, online.json) of its steps so far, and the session resuming from its step
+        # continues it: what a time-boxed run (e.g. on a lent GPU) is for.
+        if not live and run_.lead:
             online.finished = time.time()
-            _log_curve(online.write_curve(run_, stopped_at=stop.step), log, "so far (stopped)")
+            pts = online.write_curve(run_, stopped_at=stop.step)
+            if online.scheduled:
+                _log_online(pts, log, "so far (stopped)")
+            else:
+                _log_curve(pts, log, "so far (stopped)")
         raise
     online.finished = time.time()
     if live:
@@ -821,11 +826,10 @@ def _train_and_evaluate(cfg, run_, ctx, train, test, assets, shape, feed) -> dic
     if run_.lead:
         app.merge_final_metrics(run_.workdir, {f"heldout/{k}": v for k, v in metrics.items()
                                                if isinstance(v, float)})
-        if result.steps_run and (live or float(cfg.online.frames_per_step) > 0):
-            pts = online.write(run_)
-            if pts:
-                log("online: " + ", ".join(f"{p['seconds']:.0f}s {p['frames_arrived']} frames "
-                                           f"{p['heldout_psnr']:.2f} dB" for p in pts))
+        if result.steps_run and live:
+            _log_online(online.write(run_), log)
+        elif result.steps_run and online.scheduled:
+            _log_online(online.write_curve(run_), log)
         elif result.steps_run:
             _log_curve(online.write_curve(run_), log)
     outputs = ["heldout_metrics.json"]     # heldout.mp4 only with two held-out frames or more
@@ -842,7 +846,8 @@ class _LiveRecorder:
     copy is scored on the held-out ray batch (eval/psnr of the scheduled mode): held-out PSNR
     against seconds since tracking started (with a frame folder, `FolderFeed`: since the feed
     started; frames_tracked: the frames it has read). A resumed run records the steps it runs
-    itself, its seconds counted from its own start (the saved tracking is read back in a moment)."""
+    itself, its seconds counted from its own start: the saved tracking is read back in a moment,
+    so the earlier session's arrival times have no continuation (unlike `_OnlineRecorder`'s)."""
 
     def __init__(self, batches: insta_data.RayBatches, feed: _Feed, evaluate):
         self.batches, self.feed, self.evaluate = batches, feed, evaluate
@@ -883,15 +888,18 @@ class _LiveRecorder:
 
 
 class _OnlineRecorder:
-    """Online mode's record: the training loop's batch source is wrapped so that the wall-clock
-    time at which each step starts is known; after training, each periodic held-out evaluation
-    (eval/psnr of the held-out ray batch, every train.eval_every steps, in metrics.jsonl) is
-    paired with the seconds since the first step and the number of frames that had arrived.
-    Steps run before a resume have no time (they are left out), and a rerun of a finished run
-    leaves the files of the run that trained."""
+    """An offline run's record, for training_curve.json or, in the scheduled online mode
+    (`scheduled`: frames arrive on a schedule of steps), online.json: the training loop's batch
+    source is wrapped so that the wall-clock time at which each step starts is known; after
+    training, each periodic held-out evaluation (eval/psnr of the held-out ray batch, every
+    train.eval_every steps, in metrics.jsonl) is paired with the seconds since the first step
+    and the number of frames that had arrived. A session resumed from where an earlier one was
+    stopped continues its record (`write_curve`); other steps run before a resume have no time
+    (they are left out), and a rerun of a finished run leaves the files of the run that trained."""
 
-    def __init__(self, batches: insta_data.RayBatches):
+    def __init__(self, batches: insta_data.RayBatches, scheduled: bool = False):
         self.batches = batches
+        self.scheduled = bool(scheduled)
         self.started: dict[int, float] = {}
         self.finished: float | None = None      # set when training returns
         self.calls = 0
@@ -919,42 +927,47 @@ class _OnlineRecorder:
                                  "heldout_psnr": float(row["eval/psnr"])})
         return [rows[k] for k in sorted(rows)]
 
-    def write(self, run_) -> list[dict]:
-        """online.json and online.png (held-out PSNR against seconds)."""
-        return _write_online(run_, self.points(run_.path("metrics.jsonl")),
-                             "INSTA online: frames arrive while training", "seconds since the first step")
+    @property
+    def name(self) -> str:
+        """The record's file name without its suffix: online (scheduled) or training_curve."""
+        return "online" if self.scheduled else "training_curve"
 
     def write_curve(self, run_, stopped_at: int | None = None) -> list[dict]:
-        """training_curve.json and .png of an offline run: the same points (every frame has
-        arrived at every step).
+        """training_curve.json and .png of an offline run, or online.json and .png in the
+        scheduled online mode (the same points, with the frames arrived on a second axis).
 
         A session that resumed from the step where an earlier one was stopped (SIGTERM, Ctrl-C:
-        `stopped_at`, which writes CURVE_STOP_FILE with the seconds at that step) continues that
-        session's curve: the earlier points are kept and this session's seconds count on from
-        the stop's. A session that resumed from elsewhere (e.g. a periodic checkpoint after a
-        SIGKILL, whose steps since then have no time) starts a curve of its own. A session
-        that ran no step leaves the files as they are and returns []."""
+        `stopped_at`, which writes CURVE_STOP_FILE, or ONLINE_STOP_FILE, with the seconds at
+        that step) continues that session's record: the earlier points are kept and this
+        session's seconds count on from the stop's. A session that resumed from elsewhere
+        (e.g. a periodic checkpoint after a SIGKILL, whose steps since then have no time)
+        starts a record of its own. A session that ran no step leaves the files as they are
+        and returns []."""
         if not self.started:
             return []
         pts = self.points(run_.path("metrics.jsonl"))
         earlier, offset = self.earlier_curve(run_)
         pts = earlier + [dict(p, seconds=p["seconds"] + offset) for p in pts]
-        stop_path = Path(run_.path(CURVE_STOP_FILE))
+        stop_path = Path(run_.path(ONLINE_STOP_FILE if self.scheduled else CURVE_STOP_FILE))
         if stopped_at is not None:
             seconds = offset + (self.finished - min(self.started.values()))
             config_lib.write_text_atomic(stop_path, json.dumps({"step": int(stopped_at), "seconds": seconds}))
         else:
             stop_path.unlink(missing_ok=True)
+        if self.scheduled:
+            return _write_online(run_, pts, "INSTA online: frames arrive while training",
+                                 "seconds since the first step")
         return _write_online(run_, pts, "INSTA: held-out rays while training", "seconds since the first step",
                              name="training_curve", frames_axis=False)
 
     def earlier_curve(self, run_) -> tuple[list[dict], float]:
         """(points of the earlier sessions, seconds at this session's first step) when this
-        session resumed where the last one was stopped (CURVE_STOP_FILE), else ([], 0)."""
+        session resumed where the last one was stopped (CURVE_STOP_FILE or ONLINE_STOP_FILE),
+        else ([], 0)."""
         first = min(self.started)
         try:
-            stop = json.loads(Path(run_.path(CURVE_STOP_FILE)).read_text())
-            earlier = json.loads(Path(run_.path("training_curve.json")).read_text())
+            stop = json.loads(Path(run_.path(ONLINE_STOP_FILE if self.scheduled else CURVE_STOP_FILE)).read_text())
+            earlier = json.loads(Path(run_.path(f"{self.name}.json")).read_text())
         except (OSError, ValueError):
             return [], 0.0
         if int(stop.get("step", -1)) != first:
@@ -970,6 +983,16 @@ CURVE_STOP_FILE = "training_curve_stop.json"
 at, "seconds": its training seconds there}, so that the session resuming from that step
 continues the curve (`_OnlineRecorder.write_curve`); removed when a session that ran steps ends
 normally."""
+
+ONLINE_STOP_FILE = "online_stop.json"
+"""CURVE_STOP_FILE's counterpart for online.json in the scheduled online mode."""
+
+
+def _log_online(pts: list[dict], log, when: str = "") -> None:
+    """Logs the points of a written online.json (seconds, frames arrived, held-out PSNR)."""
+    if pts:
+        log(f"online{' ' + when if when else ''}: " + ", ".join(
+            f"{p['seconds']:.0f}s {p['frames_arrived']} frames {p['heldout_psnr']:.2f} dB" for p in pts))
 
 
 def _log_curve(pts: list[dict], log, when: str = "") -> None:
