@@ -28,8 +28,15 @@ cell is occupied when that optical thickness exceeds min(threshold, mean). For m
 the occupied canonical cells are carried into that frame's space: each cell centre is mapped by
 the inverse deformation gradient of its nearest canonical triangle (found once at init) into a
 D^3 grid over the deformed mesh's box (grown by `margin`), then dilated by one cell. This
-forward warp stands in for a grid per frame; it is exact for the unsmoothed per-triangle map
-and the dilation absorbs the smoothing and the cell size.
+forward warp stands in for a grid per frame (which would need a closest-point query per cell
+and frame). It approximates the per-point map: the dilation absorbs the smoothing and the cell
+size, but where a cell's nearest canonical triangle is not the deformed nearest triangle of the
+points that map into it (folds, an open jaw), some samples whose canonical point is occupied
+land in empty cells of the frame's grid and are skipped. Measured on the default head (a 64^3
+grid occupying a 1 cm shell, three frames with random expressions, two with the jaw open 0.3
+rad, uniform points in each frame's box): 0.01-0.17% of the points within 1 cm of the deformed
+surface whose canonical point is occupied were skipped, up to 9% of those in the whole box
+(mostly more than 1 cm from the surface, many inside the head).
 
 Deliberate deviations and choices where the thesis is silent (also in the README):
 * The mouth region (expression conditioning) is the set of triangles of the lips and of the
