@@ -441,20 +441,56 @@ def test_deterministic_flag_on_cpu_and_reference(cpu_kernel):
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=f"{backend} {name}")
 
 
-def test_cpu_kernel_exp_is_the_c_librarys(cpu_kernel):
-    """The kernel evaluates exp four lanes at a time with glibc's expf algorithm (in double
+def lane_widths():
+    """The CPU kernel's lane group widths this machine runs (4 always; 8 with AVX2)."""
+    return (4, 8) if op.simd_lanes() == 8 else (4,)
+
+
+def test_cpu_kernel_exp_is_the_c_librarys(cpu_kernel, monkeypatch):
+    """The kernel evaluates exp a lane group at a time with glibc's expf algorithm (in double
     precision, rounded once): on 1.1M floats spread over [-60, 0] it is within 1 ulp of the C
     library's exp, and on x86-64 glibc bit for bit (there the kernel's results are what a scalar
-    std::exp loop gives); below -60, where it defers to std::exp, it is equal everywhere."""
+    std::exp loop gives); below -60, where it defers to std::exp, it is equal everywhere. Each
+    lane width this CPU runs is checked."""
     import platform
 
-    near = op.exp_agreement(-60.0, stride=1009)
-    assert near["compared"] > 1_000_000 and near["fast"] == near["compared"]
-    assert near["max_ulp"] <= 1, near
-    if platform.libc_ver()[0] == "glibc" and platform.machine() in ("x86_64", "AMD64"):
-        assert near["mismatches"] == 0, near
-    far = op.exp_agreement(-1e30, stride=100_003)
-    assert far["compared"] > 10_000 and 0 < far["fast"] < far["compared"]
-    assert far["max_ulp"] <= 1, far
+    for lanes in lane_widths():
+        monkeypatch.setenv("DHJAX_SPLAT_LANES", str(lanes))
+        assert op.simd_lanes() == lanes
+        near = op.exp_agreement(-60.0, stride=1009)
+        assert near["compared"] > 1_000_000 and near["fast"] == near["compared"]
+        assert near["max_ulp"] <= 1, (lanes, near)
+        if platform.libc_ver()[0] == "glibc" and platform.machine() in ("x86_64", "AMD64"):
+            assert near["mismatches"] == 0, (lanes, near)
+        far = op.exp_agreement(-1e30, stride=100_003)
+        assert far["compared"] > 10_000 and 0 < far["fast"] < far["compared"]
+        assert far["max_ulp"] <= 1, (lanes, far)
     with pytest.raises(ValueError, match="lo < 0"):
         op.exp_agreement(0.0)
+
+
+def test_cpu_kernel_lane_widths_give_the_same_bits(cpu_kernel, monkeypatch):
+    """The 8-lane (AVX2) and 4-lane pixel loops do the same IEEE operations per pixel in the
+    same order: renders and gradients are equal bit for bit on every case, and so is the
+    op-level backward digest (4 channels, 4000 overlapping Gaussians)."""
+    from kernel_common import splat_backward_digest
+
+    monkeypatch.delenv("DHJAX_SPLAT_LANES", raising=False)
+    if op.simd_lanes() != 8:
+        pytest.skip("this CPU (or build) runs the 4-lane loops only: nothing to compare")
+    bg = jnp.array([0.2, 0.1, 0.3])
+    for case in sorted(CASES):
+        s, cams = CASES[case]()
+        runs = {}
+        for lanes in (4, 8):
+            monkeypatch.setenv("DHJAX_SPLAT_LANES", str(lanes))
+            assert op.simd_lanes() == lanes
+            _, out, g = value_and_grads(s, cams, "cpu", background=bg)
+            runs[lanes] = [np.asarray(out.image), np.asarray(out.alpha), np.asarray(out.depth)] + [np.asarray(x) for x in g]
+        for i, (a, b) in enumerate(zip(runs[4], runs[8])):
+            np.testing.assert_array_equal(a.view(np.uint32), b.view(np.uint32), err_msg=f"{case} output {i}")
+    digests = []
+    for lanes in (4, 8):
+        monkeypatch.setenv("DHJAX_SPLAT_LANES", str(lanes))
+        digests.append(splat_backward_digest())
+    assert digests[0] == digests[1]

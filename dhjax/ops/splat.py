@@ -397,9 +397,27 @@ def kernel_available(platform: str = "cpu") -> bool:
     return _ffi.register("splat", platform, _TARGETS[platform])
 
 
+def simd_lanes() -> int:
+    """The lane group width (4 or 8 pixels per vector operation) of the CPU kernel's pixel loops in
+    this process now: 8 (AVX2) where the library was built with GCC on x86-64 and the CPU has
+    AVX2, unless the environment variable DHJAX_SPLAT_LANES is 4 (read at every call); else 4
+    (SSE2, or plain arrays on other targets). Both widths give the same bits. Raises
+    RuntimeError when the CPU library is not built (or predates lane groups)."""
+    import ctypes
+
+    lib = _ffi.load_built("splat", "cpu")
+    try:
+        fn = lib.dhjax_splat_simd_lanes
+    except AttributeError:
+        raise RuntimeError(f"the cpu kernel of 'splat' predates simd_lanes: rebuild it ({_ffi.BUILD_HINT})") from None
+    fn.restype = ctypes.c_int32
+    fn.argtypes = []
+    return int(fn())
+
+
 def exp_agreement(lo: float = -60.0, stride: int = 1) -> dict:
-    """Compares the CPU kernel's exp (four lanes at a time, glibc's expf algorithm in double
-    precision; kernels/splat/splat_cpu.cc, `row_exp`) with the C library's `std::exp` on +0.0 and
+    """Compares the CPU kernel's exp (a lane group at a time, `simd_lanes`, glibc's expf algorithm
+    in double precision; kernels/splat/splat_cpu.cc, `row_exp`) with the C library's `std::exp` on +0.0 and
     the floats x in [lo, 0] whose bit patterns are -0.0's plus multiples of `stride` (1: every
     float, about 1.1e9 of them for lo = -60, a few seconds).
 

@@ -16,13 +16,20 @@
 // Work is split over tiles with dhjax::parallel_for; each tile sorts its own list. Within a tile,
 // both passes go row by row: for each Gaussian in depth order, one SIMD test over the row's 16
 // pixels (`row_power`: the exponent and its two skip tests, the same float operations as the
-// scalar rule) picks the pixels it may reach, exp runs on the groups of four that hold them
+// scalar rule) picks the pixels it may reach, exp runs on the lane groups that hold them
 // (`row_exp`: glibc's expf algorithm in double lanes; equal to x86-64 glibc's std::exp, see
-// there), and the compositing (or its gradient) updates them four at a time with masked vector
+// there), and the compositing (or its gradient) updates a group at a time with masked vector
 // operations. A pixel still sees its Gaussians in depth order and a Gaussian's record still
 // sums its pixels in row-major order, so the results are the same bits as a pixel-by-pixel loop (on targets that
 // fused multiply-adds by default, e.g. aarch64, earlier builds did not follow the rule's
-// left-to-right rounding; -ffp-contract=off now makes every build do so). The backward
+// left-to-right rounding; -ffp-contract=off now makes every build do so).
+//
+// Lane groups: the per-tile passes (splat_cpu_lanes.inc) are compiled twice, for groups of 4
+// (SSE2 on x86-64, plain arrays elsewhere: namespace lanes4) and, with GCC on x86-64, for groups
+// of 8 with AVX2 (namespace lanes8, under `#pragma GCC target("avx2")`: no FMA, so the same
+// bits). Each call takes the 8-lane passes when the CPU has AVX2 (`__builtin_cpu_supports`,
+// which also checks that the OS saves the YMM registers) unless DHJAX_SPLAT_LANES=4 asks for the
+// 4-lane ones; `dhjax_splat_simd_lanes()` says which a call would use. The backward
 // walks each pixel front to back again (exact transmittances) and uses
 //   dC_k/dalpha_i = c_ik T_i - (C_k - P_ik) / (1 - alpha_i),   dT/dalpha_i = -T / (1 - alpha_i)
 // with P_ik the composited prefix up to and including i. Each tile sums its pixels' gradients
@@ -46,6 +53,12 @@
 
 #if defined(__SSE2__) && !defined(DHJAX_SPLAT_SCALAR)
 #include <emmintrin.h>
+// The 8-lane AVX2 passes: GCC on x86-64 (clang reads `#pragma GCC target` as no-op: the 4-lane
+// passes only there). DHJAX_SPLAT_NO_AVX2 leaves them out of a build.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(DHJAX_SPLAT_NO_AVX2)
+#define DHJAX_SPLAT_AVX2 1
+#include <immintrin.h>
+#endif
 #endif
 
 #include "dhjax_parallel.h"
@@ -140,90 +153,7 @@ struct TileData {
 };
 
 // ---------------------------------------------------------------------------------------------
-// Four float lanes: SSE2 where the target has it (every x86-64), plain arrays elsewhere. Each
-// operation is one IEEE operation per lane, as the scalar code's, so both give its bits (no
-// fused multiply-adds: the CPU targets are built with -ffp-contract=off).
-#if defined(__SSE2__) && !defined(DHJAX_SPLAT_SCALAR)
-struct F4 { __m128 v; };
-struct M4 { __m128 v; };  // lane masks: all bits set or clear
-inline F4 f4(float x) { return {_mm_set1_ps(x)}; }
-inline F4 load4(const float* p) { return {_mm_loadu_ps(p)}; }
-inline void store4(float* p, F4 a) { _mm_storeu_ps(p, a.v); }
-inline F4 operator+(F4 a, F4 b) { return {_mm_add_ps(a.v, b.v)}; }
-inline F4 operator-(F4 a, F4 b) { return {_mm_sub_ps(a.v, b.v)}; }
-inline F4 operator*(F4 a, F4 b) { return {_mm_mul_ps(a.v, b.v)}; }
-inline F4 operator/(F4 a, F4 b) { return {_mm_div_ps(a.v, b.v)}; }
-inline F4 negate(F4 a) { return {_mm_xor_ps(a.v, _mm_set1_ps(-0.0f))}; }
-inline F4 min_of(F4 a, F4 b) { return {_mm_min_ps(a.v, b.v)}; }  // a < b ? a : b
-inline M4 operator<(F4 a, F4 b) { return {_mm_cmplt_ps(a.v, b.v)}; }
-inline M4 operator>(F4 a, F4 b) { return {_mm_cmpgt_ps(a.v, b.v)}; }
-inline M4 operator>=(F4 a, F4 b) { return {_mm_cmpge_ps(a.v, b.v)}; }
-inline M4 operator&(M4 a, M4 b) { return {_mm_and_ps(a.v, b.v)}; }
-inline M4 operator|(M4 a, M4 b) { return {_mm_or_ps(a.v, b.v)}; }
-inline M4 and_not(M4 a, M4 b) { return {_mm_andnot_ps(b.v, a.v)}; }  // a & ~b
-inline F4 select(M4 m, F4 a, F4 b) { return {_mm_or_ps(_mm_and_ps(m.v, a.v), _mm_andnot_ps(m.v, b.v))}; }
-inline uint32_t bits(M4 m) { return static_cast<uint32_t>(_mm_movemask_ps(m.v)); }
-inline M4 lanes(uint32_t b) {  // bit l of b -> lane l
-  return {_mm_castsi128_ps(_mm_set_epi32(-static_cast<int>((b >> 3) & 1u), -static_cast<int>((b >> 2) & 1u),
-                                         -static_cast<int>((b >> 1) & 1u), -static_cast<int>(b & 1u)))};
-}
-inline F4 iota4(float x) { return {_mm_add_ps(_mm_set1_ps(x), _mm_set_ps(3.0f, 2.0f, 1.0f, 0.0f))}; }
-// p[l] = v in the lanes of m, p[l] kept in the others (integers: no rounding involved).
-inline void store_where(int32_t* p, M4 m, int32_t v) {
-  const __m128i mi = _mm_castps_si128(m.v);
-  const __m128i old = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(p),
-                   _mm_or_si128(_mm_and_si128(mi, _mm_set1_epi32(v)), _mm_andnot_si128(mi, old)));
-}
-#else
-struct F4 { float v[4]; };
-struct M4 { bool v[4]; };
-#define DHJAX_F4_LANES(expr) for (int l = 0; l < 4; ++l) expr
-inline F4 f4(float x) { return {{x, x, x, x}}; }
-inline F4 load4(const float* p) { return {{p[0], p[1], p[2], p[3]}}; }
-inline void store4(float* p, F4 a) { DHJAX_F4_LANES(p[l] = a.v[l]); }
-inline F4 operator+(F4 a, F4 b) { F4 r; DHJAX_F4_LANES(r.v[l] = a.v[l] + b.v[l]); return r; }
-inline F4 operator-(F4 a, F4 b) { F4 r; DHJAX_F4_LANES(r.v[l] = a.v[l] - b.v[l]); return r; }
-inline F4 operator*(F4 a, F4 b) { F4 r; DHJAX_F4_LANES(r.v[l] = a.v[l] * b.v[l]); return r; }
-inline F4 operator/(F4 a, F4 b) { F4 r; DHJAX_F4_LANES(r.v[l] = a.v[l] / b.v[l]); return r; }
-inline F4 negate(F4 a) { F4 r; DHJAX_F4_LANES(r.v[l] = -a.v[l]); return r; }
-inline F4 min_of(F4 a, F4 b) { F4 r; DHJAX_F4_LANES(r.v[l] = a.v[l] < b.v[l] ? a.v[l] : b.v[l]); return r; }
-inline M4 operator<(F4 a, F4 b) { M4 r; DHJAX_F4_LANES(r.v[l] = a.v[l] < b.v[l]); return r; }
-inline M4 operator>(F4 a, F4 b) { M4 r; DHJAX_F4_LANES(r.v[l] = a.v[l] > b.v[l]); return r; }
-inline M4 operator>=(F4 a, F4 b) { M4 r; DHJAX_F4_LANES(r.v[l] = a.v[l] >= b.v[l]); return r; }
-inline M4 operator&(M4 a, M4 b) { M4 r; DHJAX_F4_LANES(r.v[l] = a.v[l] && b.v[l]); return r; }
-inline M4 operator|(M4 a, M4 b) { M4 r; DHJAX_F4_LANES(r.v[l] = a.v[l] || b.v[l]); return r; }
-inline M4 and_not(M4 a, M4 b) { M4 r; DHJAX_F4_LANES(r.v[l] = a.v[l] && !b.v[l]); return r; }
-inline F4 select(M4 m, F4 a, F4 b) { F4 r; DHJAX_F4_LANES(r.v[l] = m.v[l] ? a.v[l] : b.v[l]); return r; }
-inline uint32_t bits(M4 m) { uint32_t b = 0; DHJAX_F4_LANES(b |= static_cast<uint32_t>(m.v[l]) << l); return b; }
-inline M4 lanes(uint32_t b) { M4 r; DHJAX_F4_LANES(r.v[l] = (b >> l) & 1u); return r; }
-inline F4 iota4(float x) { return {{x, x + 1.0f, x + 2.0f, x + 3.0f}}; }
-inline void store_where(int32_t* p, M4 m, int32_t v) { DHJAX_F4_LANES(if (m.v[l]) p[l] = v); }
-#undef DHJAX_F4_LANES
-#endif
-
-constexpr int kQuads = kTile / 4;  // a tile row is kQuads groups of 4 lanes
-
-// One tile row (pixels (x0 + l, fy), l < 16) against Gaussian j: the exponent `power` of each
-// pixel into pw[16], and the bitmask of the pixels where the pixel rule (TileData) goes on to
-// evaluate the exp (neither power > 0 nor power below the skip bound). The same float
-// operations in the same order as `power`: the same bits.
-// Pixel columns are integers below 2^24, exact as floats, as static_cast<float>(px) is.
-inline uint32_t row_power(const TileData& td, int64_t j, int x0, float fy, float* pw) {
-  const float dy = fy - td.my[j];
-  const F4 mx = f4(td.mx[j]), a = f4(td.ca[j]), b = f4(td.cb[j]), vdy = f4(dy);
-  const F4 cdd = f4(td.cc[j] * dy * dy), half = f4(-0.5f), zero = f4(0.0f), skip = f4(td.skip[j]);
-  uint32_t mask = 0;
-  for (int q = 0; q < kQuads; ++q) {
-    const F4 dx = iota4(static_cast<float>(x0 + 4 * q)) - mx;
-    const F4 p = half * (a * dx * dx + cdd) - b * dx * vdy;
-    store4(pw + 4 * q, p);
-    mask |= (~bits((p > zero) | (p < skip)) & 0xFu) << (4 * q);
-  }
-  return mask;
-}
-
-// exp of the pixel rule, four lanes at a time. The algorithm is the one glibc's expf uses
+// exp of the pixel rule, a lane group at a time. The algorithm is the one glibc's expf uses
 // (Szabolcs Nagy's, from Arm's optimized-routines): x / ln 2 = (k + r) / 32 with k an integer and
 // |r| <= 1/2, 2^(k/32) from a 32-entry table of 2^(i/32) with k / 32's integer part added to the
 // exponent bits, 2^(r/32) by a cubic, all in double precision, then rounded to float once, with
@@ -258,6 +188,82 @@ constexpr double kExpC0 = 0x1.c6af84b912394p-5 / (32.0 * 32.0 * 32.0);
 constexpr double kExpC1 = 0x1.ebfce50fac4f3p-3 / (32.0 * 32.0);
 constexpr double kExpC2 = 0x1.62e42ff0c52d6p-1 / 32.0;
 
+// The pixels of tile t: columns x0 .. x0 + nx - 1 and rows y0 .. y0 + ny - 1 (nx, ny <= 16, less
+// at the image's right and bottom edges).
+struct TileRect {
+  int x0, y0, nx, ny;
+};
+inline TileRect tile_rect(const Dims& d, int64_t t) {
+  const int x0 = tile_x0(t, d.tx), y0 = tile_y0(t, d.tx);
+  return {x0, y0, static_cast<int>(std::min<int64_t>(kTile, d.W - x0)),
+          static_cast<int>(std::min<int64_t>(kTile, d.H - y0))};
+}
+
+namespace lanes4 {
+
+// Four float lanes: SSE2 where the target has it (every x86-64), plain arrays elsewhere. Each
+// operation is one IEEE operation per lane, as the scalar code's, so both give its bits (no
+// fused multiply-adds: the CPU targets are built with -ffp-contract=off).
+constexpr int kL = 4;
+#if defined(__SSE2__) && !defined(DHJAX_SPLAT_SCALAR)
+struct V { __m128 v; };
+struct M { __m128 v; };  // lane masks: all bits set or clear
+inline V vset(float x) { return {_mm_set1_ps(x)}; }
+inline V vload(const float* p) { return {_mm_loadu_ps(p)}; }
+inline void vstore(float* p, V a) { _mm_storeu_ps(p, a.v); }
+inline V operator+(V a, V b) { return {_mm_add_ps(a.v, b.v)}; }
+inline V operator-(V a, V b) { return {_mm_sub_ps(a.v, b.v)}; }
+inline V operator*(V a, V b) { return {_mm_mul_ps(a.v, b.v)}; }
+inline V operator/(V a, V b) { return {_mm_div_ps(a.v, b.v)}; }
+inline V negate(V a) { return {_mm_xor_ps(a.v, _mm_set1_ps(-0.0f))}; }
+inline V min_of(V a, V b) { return {_mm_min_ps(a.v, b.v)}; }  // a < b ? a : b
+inline M operator<(V a, V b) { return {_mm_cmplt_ps(a.v, b.v)}; }
+inline M operator>(V a, V b) { return {_mm_cmpgt_ps(a.v, b.v)}; }
+inline M operator>=(V a, V b) { return {_mm_cmpge_ps(a.v, b.v)}; }
+inline M operator&(M a, M b) { return {_mm_and_ps(a.v, b.v)}; }
+inline M operator|(M a, M b) { return {_mm_or_ps(a.v, b.v)}; }
+inline M and_not(M a, M b) { return {_mm_andnot_ps(b.v, a.v)}; }  // a & ~b
+inline V select(M m, V a, V b) { return {_mm_or_ps(_mm_and_ps(m.v, a.v), _mm_andnot_ps(m.v, b.v))}; }
+inline uint32_t bits(M m) { return static_cast<uint32_t>(_mm_movemask_ps(m.v)); }
+inline M from_bits(uint32_t b) {  // bit l of b -> lane l
+  return {_mm_castsi128_ps(_mm_set_epi32(-static_cast<int>((b >> 3) & 1u), -static_cast<int>((b >> 2) & 1u),
+                                         -static_cast<int>((b >> 1) & 1u), -static_cast<int>(b & 1u)))};
+}
+inline V iota(float x) { return {_mm_add_ps(_mm_set1_ps(x), _mm_set_ps(3.0f, 2.0f, 1.0f, 0.0f))}; }
+// p[l] = v in the lanes of m, p[l] kept in the others (integers: no rounding involved).
+inline void store_where(int32_t* p, M m, int32_t v) {
+  const __m128i mi = _mm_castps_si128(m.v);
+  const __m128i old = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p),
+                   _mm_or_si128(_mm_and_si128(mi, _mm_set1_epi32(v)), _mm_andnot_si128(mi, old)));
+}
+#else
+struct V { float v[4]; };
+struct M { bool v[4]; };
+#define DHJAX_V_LANES(expr) for (int l = 0; l < 4; ++l) expr
+inline V vset(float x) { return {{x, x, x, x}}; }
+inline V vload(const float* p) { return {{p[0], p[1], p[2], p[3]}}; }
+inline void vstore(float* p, V a) { DHJAX_V_LANES(p[l] = a.v[l]); }
+inline V operator+(V a, V b) { V r; DHJAX_V_LANES(r.v[l] = a.v[l] + b.v[l]); return r; }
+inline V operator-(V a, V b) { V r; DHJAX_V_LANES(r.v[l] = a.v[l] - b.v[l]); return r; }
+inline V operator*(V a, V b) { V r; DHJAX_V_LANES(r.v[l] = a.v[l] * b.v[l]); return r; }
+inline V operator/(V a, V b) { V r; DHJAX_V_LANES(r.v[l] = a.v[l] / b.v[l]); return r; }
+inline V negate(V a) { V r; DHJAX_V_LANES(r.v[l] = -a.v[l]); return r; }
+inline V min_of(V a, V b) { V r; DHJAX_V_LANES(r.v[l] = a.v[l] < b.v[l] ? a.v[l] : b.v[l]); return r; }
+inline M operator<(V a, V b) { M r; DHJAX_V_LANES(r.v[l] = a.v[l] < b.v[l]); return r; }
+inline M operator>(V a, V b) { M r; DHJAX_V_LANES(r.v[l] = a.v[l] > b.v[l]); return r; }
+inline M operator>=(V a, V b) { M r; DHJAX_V_LANES(r.v[l] = a.v[l] >= b.v[l]); return r; }
+inline M operator&(M a, M b) { M r; DHJAX_V_LANES(r.v[l] = a.v[l] && b.v[l]); return r; }
+inline M operator|(M a, M b) { M r; DHJAX_V_LANES(r.v[l] = a.v[l] || b.v[l]); return r; }
+inline M and_not(M a, M b) { M r; DHJAX_V_LANES(r.v[l] = a.v[l] && !b.v[l]); return r; }
+inline V select(M m, V a, V b) { V r; DHJAX_V_LANES(r.v[l] = m.v[l] ? a.v[l] : b.v[l]); return r; }
+inline uint32_t bits(M m) { uint32_t b = 0; DHJAX_V_LANES(b |= static_cast<uint32_t>(m.v[l]) << l); return b; }
+inline M from_bits(uint32_t b) { M r; DHJAX_V_LANES(r.v[l] = (b >> l) & 1u); return r; }
+inline V iota(float x) { return {{x, x + 1.0f, x + 2.0f, x + 3.0f}}; }
+inline void store_where(int32_t* p, M m, int32_t v) { DHJAX_V_LANES(if (m.v[l]) p[l] = v); }
+#undef DHJAX_V_LANES
+#endif
+
 #if defined(__SSE2__) && !defined(DHJAX_SPLAT_SCALAR)
 inline __m128d exp_pd(__m128d xd) {
   const __m128d shift = _mm_set1_pd(kExpShift);
@@ -279,7 +285,7 @@ inline __m128d exp_pd(__m128d xd) {
   y = _mm_add_pd(_mm_mul_pd(zz, r2), y);
   return _mm_mul_pd(y, s);
 }
-inline F4 exp_fast(F4 x) {  // valid for lanes in [kExpFastMin, 0]
+inline V exp_fast(V x) {  // valid for lanes in [kExpFastMin, 0]
   const __m128 lo = _mm_cvtpd_ps(exp_pd(_mm_cvtps_pd(x.v)));
   const __m128 hi = _mm_cvtpd_ps(exp_pd(_mm_cvtps_pd(_mm_movehl_ps(x.v, x.v))));
   return {_mm_movelh_ps(lo, hi)};
@@ -304,116 +310,97 @@ inline float exp_fast1(float x) {
   y = zz * r2 + y;
   return static_cast<float>(y * s);
 }
-inline F4 exp_fast(F4 x) { F4 r; for (int l = 0; l < 4; ++l) r.v[l] = exp_fast1(x.v[l]); return r; }
+inline V exp_fast(V x) { V r; for (int l = 0; l < 4; ++l) r.v[l] = exp_fast1(x.v[l]); return r; }
 #endif
 
-// exp of the exponents of the pixels in `mask`, 0 for the others: four lanes at a time, std::exp
-// for a lane below kExpFastMin (the pixel rule rarely asks for one: its skip bound is about -5.5
-// for opacities up to 1).
-inline void row_exp(uint32_t mask, const float* pw, float* g) {
-  for (int q = 0; q < kQuads; ++q) {
-    const uint32_t mq = (mask >> (4 * q)) & 0xFu;
-    if (!mq) {
-      store4(g + 4 * q, f4(0.0f));
-      continue;
-    }
-    const M4 sel = lanes(mq);
-    const F4 x = load4(pw + 4 * q);
-    // Unselected lanes compute exp(0): no garbage exponents (spurious flags, denormal scales).
-    store4(g + 4 * q, select(sel, exp_fast(select(sel, x, f4(0.0f))), f4(0.0f)));
-    for (uint32_t slow = mq & ~bits(x >= f4(kExpFastMin)); slow; slow &= slow - 1) {
-      const int l = 4 * q + __builtin_ctz(slow);
-      g[l] = std::exp(pw[l]);
-    }
-  }
+#include "splat_cpu_lanes.inc"
+
+}  // namespace lanes4
+
+#if DHJAX_SPLAT_AVX2
+#pragma GCC push_options
+#pragma GCC target("avx2")
+namespace lanes8 {
+
+// Eight float lanes (AVX2; every function here is compiled for AVX2 by the pragma and runs only
+// where the CPU has it). The operations and their rounding are lanes4's: comparisons are the
+// ordered signalling predicates of SSE's cmplt/cmpgt/cmpge, min keeps the second operand for a
+// NaN as _mm_min_ps does, and blends pick by all-set or all-clear masks, so they equal lanes4's
+// and/or selects.
+constexpr int kL = 8;
+struct V { __m256 v; };
+struct M { __m256 v; };
+inline V vset(float x) { return {_mm256_set1_ps(x)}; }
+inline V vload(const float* p) { return {_mm256_loadu_ps(p)}; }
+inline void vstore(float* p, V a) { _mm256_storeu_ps(p, a.v); }
+inline V operator+(V a, V b) { return {_mm256_add_ps(a.v, b.v)}; }
+inline V operator-(V a, V b) { return {_mm256_sub_ps(a.v, b.v)}; }
+inline V operator*(V a, V b) { return {_mm256_mul_ps(a.v, b.v)}; }
+inline V operator/(V a, V b) { return {_mm256_div_ps(a.v, b.v)}; }
+inline V negate(V a) { return {_mm256_xor_ps(a.v, _mm256_set1_ps(-0.0f))}; }
+inline V min_of(V a, V b) { return {_mm256_min_ps(a.v, b.v)}; }  // a < b ? a : b
+inline M operator<(V a, V b) { return {_mm256_cmp_ps(a.v, b.v, _CMP_LT_OS)}; }
+inline M operator>(V a, V b) { return {_mm256_cmp_ps(a.v, b.v, _CMP_GT_OS)}; }
+inline M operator>=(V a, V b) { return {_mm256_cmp_ps(a.v, b.v, _CMP_GE_OS)}; }
+inline M operator&(M a, M b) { return {_mm256_and_ps(a.v, b.v)}; }
+inline M operator|(M a, M b) { return {_mm256_or_ps(a.v, b.v)}; }
+inline M and_not(M a, M b) { return {_mm256_andnot_ps(b.v, a.v)}; }  // a & ~b
+inline V select(M m, V a, V b) { return {_mm256_blendv_ps(b.v, a.v, m.v)}; }
+inline uint32_t bits(M m) { return static_cast<uint32_t>(_mm256_movemask_ps(m.v)); }
+inline M from_bits(uint32_t b) {  // bit l of b -> lane l
+  const __m256i sel = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+  const __m256i on = _mm256_and_si256(_mm256_set1_epi32(static_cast<int>(b)), sel);
+  return {_mm256_castsi256_ps(_mm256_cmpeq_epi32(on, sel))};
+}
+inline V iota(float x) {
+  return {_mm256_add_ps(_mm256_set1_ps(x), _mm256_setr_ps(0.0f, 1.0f, 2.0f, 3.0f, 4.0f, 5.0f, 6.0f, 7.0f))};
+}
+// p[l] = v in the lanes of m, p[l] kept in the others (integers: no rounding involved).
+inline void store_where(int32_t* p, M m, int32_t v) {
+  const __m256i old = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p),
+                      _mm256_blendv_epi8(old, _mm256_set1_epi32(v), _mm256_castps_si256(m.v)));
+}
+// lanes4's exp_pd on four doubles: the same operations per lane, the table read by a gather.
+inline __m256d exp_pd(__m256d xd) {
+  const __m256d shift = _mm256_set1_pd(kExpShift);
+  const __m256d z = _mm256_mul_pd(_mm256_set1_pd(kExpInvLn2N), xd);
+  __m256d kd = _mm256_add_pd(z, shift);
+  const __m256i ki = _mm256_castpd_si256(kd);
+  kd = _mm256_sub_pd(kd, shift);
+  const __m256d r = _mm256_sub_pd(z, kd);
+  // k mod 32 of each lane from its low bits (two's complement: the same residue).
+  const __m256i idx = _mm256_and_si256(ki, _mm256_set1_epi64x(31));
+  __m256i t = _mm256_i64gather_epi64(reinterpret_cast<const long long*>(kExpTable.bits), idx, 8);
+  t = _mm256_add_epi64(t, _mm256_slli_epi64(ki, 47));
+  const __m256d s = _mm256_castsi256_pd(t);
+  const __m256d zz = _mm256_add_pd(_mm256_mul_pd(_mm256_set1_pd(kExpC0), r), _mm256_set1_pd(kExpC1));
+  const __m256d r2 = _mm256_mul_pd(r, r);
+  __m256d y = _mm256_add_pd(_mm256_mul_pd(_mm256_set1_pd(kExpC2), r), _mm256_set1_pd(1.0));
+  y = _mm256_add_pd(_mm256_mul_pd(zz, r2), y);
+  return _mm256_mul_pd(y, s);
+}
+inline V exp_fast(V x) {  // valid for lanes in [kExpFastMin, 0]
+  const __m128 lo = _mm256_cvtpd_ps(exp_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(x.v))));
+  const __m128 hi = _mm256_cvtpd_ps(exp_pd(_mm256_cvtps_pd(_mm256_extractf128_ps(x.v, 1))));
+  return {_mm256_insertf128_ps(_mm256_castps128_ps256(lo), hi, 1)};
 }
 
-// For dhjax.ops.splat.exp_agreement: compares the kernel's exp with std::exp on +0.0 and the
-// floats x in [lo, 0] (lo < 0) whose bit patterns are -0.0's plus multiples of `stride`, in
-// batches of 16. Both the kernel's path (row_exp, std::exp below kExpFastMin included) and, on
-// the lanes at or above kExpFastMin, exp_fast alone are compared, so a fast path that never ran
-// cannot pass. Returns the number of values compared and writes the number of values where
-// either differs, the largest difference in units in the last place (float bit patterns) and
-// the number of values that exp_fast evaluated to *mismatches, *max_ulp and *fast.
-int64_t compare_exp(float lo, int64_t stride, int64_t* mismatches, int64_t* max_ulp, int64_t* fast) {
-  uint32_t lo_bits;
-  std::memcpy(&lo_bits, &lo, sizeof lo_bits);
-  int64_t n = 0, bad = 0, worst = 0, n_fast = 0;
-  float pw[kTile], g[kTile], e[kTile];
-  int cnt = 0;
-  auto ulps = [](float a, float b) {
-    int32_t ia, ib;
-    std::memcpy(&ia, &a, sizeof ia);
-    std::memcpy(&ib, &b, sizeof ib);
-    return static_cast<int64_t>(std::llabs(static_cast<long long>(ia) - static_cast<long long>(ib)));
-  };
-  auto flush = [&](int m) {
-    row_exp((m == kTile) ? 0xFFFFu : ((1u << m) - 1u), pw, g);
-    for (int q = 0; q < kQuads; ++q) store4(e + 4 * q, exp_fast(load4(pw + 4 * q)));
-    for (int l = 0; l < m; ++l) {
-      const float ref = std::exp(pw[l]);
-      int64_t d = ulps(g[l], ref);
-      if (pw[l] >= kExpFastMin) {
-        ++n_fast;
-        d = std::max(d, ulps(e[l], ref));
-      }
-      if (d != 0) {
-        ++bad;
-        worst = std::max(worst, d);
-      }
-    }
-    n += m;
-  };
-  pw[cnt++] = 0.0f;
-  for (uint64_t u = 0x80000000u; u <= lo_bits; u += static_cast<uint64_t>(stride)) {
-    const uint32_t ub = static_cast<uint32_t>(u);
-    std::memcpy(&pw[cnt], &ub, sizeof ub);
-    if (++cnt == kTile) {
-      flush(kTile);
-      cnt = 0;
-    }
-  }
-  if (cnt) {
-    for (int l = cnt; l < kTile; ++l) pw[l] = 0.0f;
-    flush(cnt);
-  }
-  *mismatches = bad;
-  *max_ulp = worst;
-  *fast = n_fast;
-  return n;
-}
+#include "splat_cpu_lanes.inc"
 
-// The pixel rule's alpha for quad q (pixels 4q .. 4q + 3) of a row, whose candidate pixels are
-// the bits cq and whose exps are g[4q ..]: raw = o g, alpha = std::min(0.99f, raw) (_mm_min_ps
-// and the fallback keep std::min's choice of 0.99 for a NaN raw) and `pass`, the candidates whose
-// alpha reaches 1/255. Forward and backward both use it, so they make the same decisions.
-struct QuadAlpha {
-  F4 raw, alpha;
-  M4 pass;
-};
-inline QuadAlpha quad_alpha(float opacity, const float* g, int q, uint32_t cq) {
-  const F4 raw = f4(opacity) * load4(g + 4 * q);
-  const F4 alpha = min_of(raw, f4(kAlphaMax));
-  return {raw, alpha, and_not(lanes(cq), alpha < f4(kAlphaMin))};
-}
+}  // namespace lanes8
+#pragma GCC pop_options
+#endif
 
-// r + t[l] for the lanes l < 4 set in `lanes`, added in increasing l: a pixel loop's order of
-// additions into one record field.
-inline float add_lanes(float r, const float* t, uint32_t lanes) {
-  for (int l = 0; l < 4; ++l)
-    if ((lanes >> l) & 1u) r += t[l];
-  return r;
-}
-
-// The pixels of tile t: columns x0 .. x0 + nx - 1 and rows y0 .. y0 + ny - 1 (nx, ny <= 16, less
-// at the image's right and bottom edges).
-struct TileRect {
-  int x0, y0, nx, ny;
-};
-inline TileRect tile_rect(const Dims& d, int64_t t) {
-  const int x0 = tile_x0(t, d.tx), y0 = tile_y0(t, d.tx);
-  return {x0, y0, static_cast<int>(std::min<int64_t>(kTile, d.W - x0)),
-          static_cast<int>(std::min<int64_t>(kTile, d.H - y0))};
+// The lane group width a call uses: 8 where built and the CPU has AVX2, unless
+// DHJAX_SPLAT_LANES=4; else 4. (The CPU's answer does not change while the process runs.)
+int simd_lanes() {
+#if DHJAX_SPLAT_AVX2
+  static const bool avx2 = __builtin_cpu_supports("avx2");
+  const char* env = std::getenv("DHJAX_SPLAT_LANES");
+  if (avx2 && !(env && std::atoi(env) == 4)) return 8;
+#endif
+  return 4;
 }
 
 ffi::Error SplatForwardImpl(ffi::Buffer<ffi::F32> means2d, ffi::Buffer<ffi::F32> conics,
@@ -427,6 +414,10 @@ ffi::Error SplatForwardImpl(ffi::Buffer<ffi::F32> means2d, ffi::Buffer<ffi::F32>
   if (auto e = check_forward_results(d, trans->element_count(), last->element_count()); e.failure())
     return e;
   const int64_t K = d.K, HW = d.H * d.W;
+  auto forward_tile = lanes4::forward_tile;
+#if DHJAX_SPLAT_AVX2
+  if (simd_lanes() == 8) forward_tile = lanes8::forward_tile;
+#endif
   Bins bins;
   for (int64_t b = 0; b < d.B; ++b) {
     const float* m2 = means2d.typed_data() + b * d.N * 2;
@@ -441,57 +432,7 @@ ffi::Error SplatForwardImpl(ffi::Buffer<ffi::F32> means2d, ffi::Buffer<ffi::F32>
     bin_camera(d, rc, bins);
     dhjax::parallel_for(d.T, [&](int64_t t, int) {
       const int64_t begin = bins.offsets[t], n = bins.offsets[t + 1] - begin;
-      int32_t* ids = bins.ids.data() + begin;
-      sort_tile(dp, ids, ids + n);
-      TileData td;
-      td.gather(ids, n, K, m2, cn, cl, op);
-      // One row of the tile at a time, 16 pixels as four groups of 4 lanes: per pixel l its
-      // accumulated channels acc[k * 16 + l], transmittance tr[l] and list entries walked[l];
-      // `live` holds the pixels still compositing. Per pixel, the Gaussians in depth order with
-      // the pixel rule's operations, as a pixel-by-pixel loop would.
-      std::vector<float> acc(kTile * K);
-      float tr[kTile], pw[kTile], g[kTile];
-      int32_t walked[kTile];
-      const auto [x0, y0, nx, ny] = tile_rect(d, t);
-      const uint32_t row = (1u << nx) - 1u;  // nx <= 16
-      const F4 one = f4(1.0f), t_min = f4(kTMin);
-      for (int py = y0; py < y0 + ny; ++py) {
-        std::fill(acc.begin(), acc.end(), 0.0f);
-        std::fill(tr, tr + kTile, 1.0f);
-        std::fill(walked, walked + kTile, 0);
-        const float fy = static_cast<float>(py);
-        uint32_t live = row;
-        for (int64_t j = 0; j < n && live; ++j) {
-          const uint32_t cand = row_power(td, j, x0, fy, pw) & live;
-          if (!cand) continue;
-          row_exp(cand, pw, g);
-          const float* c = &td.col[j * K];
-          for (int q = 0; q < kQuads; ++q) {
-            const uint32_t cq = (cand >> (4 * q)) & 0xFu;
-            if (!cq) continue;
-            const auto [raw, alpha, pass] = quad_alpha(td.op[j], g, q, cq);
-            const F4 t_q = load4(tr + 4 * q);
-            const F4 next_t = t_q * (one - alpha);
-            const M4 stop = pass & (next_t < t_min);  // done: stops before Gaussian j
-            const M4 upd = and_not(pass, stop);
-            const F4 w = alpha * t_q;
-            for (int64_t k = 0; k < K; ++k) {
-              float* a = &acc[k * kTile + 4 * q];
-              const F4 a_q = load4(a);
-              store4(a, select(upd, a_q + w * f4(c[k]), a_q));
-            }
-            store4(tr + 4 * q, select(upd, next_t, t_q));
-            store_where(walked + 4 * q, upd, static_cast<int32_t>(j + 1));
-            live &= ~(bits(stop) << (4 * q));
-          }
-        }
-        for (int l = 0; l < nx; ++l) {
-          const int64_t p = static_cast<int64_t>(py) * d.W + x0 + l;
-          for (int64_t k = 0; k < K; ++k) o_img[p * K + k] = acc[k * kTile + l];
-          o_t[p] = tr[l];
-          o_last[p] = walked[l];
-        }
-      }
+      forward_tile(d, tile_rect(d, t), bins.ids.data() + begin, n, m2, cn, cl, op, dp, o_img, o_t, o_last);
     });
   }
   return ffi::Error::Success();
@@ -512,6 +453,10 @@ ffi::Error SplatBackwardImpl(ffi::Buffer<ffi::F32> means2d, ffi::Buffer<ffi::F32
       e.failure())
     return e;
   const int64_t K = d.K, HW = d.H * d.W, N = d.N;
+  auto backward_tile = lanes4::backward_tile;
+#if DHJAX_SPLAT_AVX2
+  if (simd_lanes() == 8) backward_tile = lanes8::backward_tile;
+#endif
   const int64_t stride = 2 + 3 + K + 1;  // per-intersection gradient record: mean, conic, colour, opacity
   // records[e * stride ...]: gradient of tile list entry e (the layout of bins.ids), written only
   // by the task of e's tile; sized for the largest camera.
@@ -539,111 +484,8 @@ ffi::Error SplatBackwardImpl(ffi::Buffer<ffi::F32> means2d, ffi::Buffer<ffi::F32
     dhjax::parallel_for(d.T, [&](int64_t t, int) {
       const int64_t begin = bins.offsets[t], n = bins.offsets[t + 1] - begin;
       if (n == 0) return;
-      const int32_t* ids = bins.ids.data() + begin;
-      // order[j]: the list position (in bins.ids, index order) of the j-th Gaussian by depth.
-      std::vector<int32_t> order(n), sorted(n);
-      std::iota(order.begin(), order.end(), 0);
-      std::stable_sort(order.begin(), order.end(),
-                       [dp, ids](int32_t a, int32_t c) { return depth_less(dp[ids[a]], dp[ids[c]]); });
-      for (int64_t j = 0; j < n; ++j) sorted[j] = ids[order[j]];
-      TileData td;
-      td.gather(sorted.data(), n, K, m2, cn, cl, op);
-      float* tile_records = records.get() + begin * stride;
-      std::fill(tile_records, tile_records + n * stride, 0.0f);
-      // Row by row, as the forward, with per pixel l of the row (at k * 16 + l): its composited
-      // prefix, incoming gradients gk and output channels c_out; its transmittance tr[l], final
-      // transmittance tf[l], minus its transmittance gradient ngt[l], and the list entries it
-      // walks, walk[l]. Per pixel, the Gaussians in depth order with the pixel loop's operations;
-      // a record gets its pixels' terms in row-major order (rows outer, the pixels of a row in
-      // order), as a pixel-by-pixel loop would add them.
-      std::vector<float> prefix(kTile * K), gk(kTile * K), c_out(kTile * K), terms(4 * (6 + K));
-      float tr[kTile], tf[kTile], ngt[kTile], pw[kTile], g[kTile];
-      int64_t walk[kTile];
-      int by_walk[kTile];
-      const auto [x0, y0, nx, ny] = tile_rect(d, t);
-      const F4 one = f4(1.0f), alpha_max = f4(kAlphaMax), half = f4(-0.5f);
-      for (int py = y0; py < y0 + ny; ++py) {
-        std::fill(prefix.begin(), prefix.end(), 0.0f);
-        std::fill(gk.begin(), gk.end(), 0.0f);
-        std::fill(c_out.begin(), c_out.end(), 0.0f);
-        std::fill(tr, tr + kTile, 1.0f);
-        std::fill(tf, tf + kTile, 0.0f);
-        std::fill(ngt, ngt + kTile, 0.0f);
-        uint32_t live = 0;
-        int n_live = 0;
-        for (int l = 0; l < nx; ++l) {
-          const int64_t p = static_cast<int64_t>(py) * d.W + x0 + l;
-          walk[l] = std::min<int64_t>(i_last[p], n);
-          if (walk[l] <= 0) continue;
-          bool any = gt[p] != 0.0f;
-          for (int64_t k = 0; k < K; ++k) any = any || gi[p * K + k] != 0.0f;
-          if (!any) continue;
-          for (int64_t k = 0; k < K; ++k) {
-            gk[k * kTile + l] = gi[p * K + k];
-            c_out[k * kTile + l] = i_img[p * K + k];
-          }
-          tf[l] = i_t[p];
-          ngt[l] = -gt[p];
-          live |= 1u << l;
-          by_walk[n_live++] = l;
-        }
-        if (!live) continue;
-        std::sort(by_walk, by_walk + n_live, [&](int u, int v) { return walk[u] < walk[v]; });
-        const int64_t longest = walk[by_walk[n_live - 1]];
-        const float fy = static_cast<float>(py);
-        int next_done = 0;  // by_walk[next_done..] are the pixels that still walk
-        for (int64_t j = 0; j < longest; ++j) {
-          while (walk[by_walk[next_done]] <= j) live &= ~(1u << by_walk[next_done++]);
-          const uint32_t cand = row_power(td, j, x0, fy, pw) & live;
-          if (!cand) continue;
-          row_exp(cand, pw, g);
-          const float* c = &td.col[j * K];
-          const float dy = fy - td.my[j];
-          const F4 mx = f4(td.mx[j]), ca = f4(td.ca[j]), cb = f4(td.cb[j]), vdy = f4(dy);
-          const F4 cb_dy = f4(td.cb[j] * dy), cc_dy = f4(td.cc[j] * dy), dy2 = f4(-0.5f * dy * dy);
-          float* rec = tile_records + static_cast<int64_t>(order[j]) * stride;
-          for (int q = 0; q < kQuads; ++q) {
-            const uint32_t cq = (cand >> (4 * q)) & 0xFu;
-            if (!cq) continue;
-            const F4 g_q = load4(g + 4 * q);
-            const auto [raw, alpha, pass] = quad_alpha(td.op[j], g, q, cq);
-            const uint32_t pass_bits = bits(pass);
-            if (!pass_bits) continue;
-            const F4 t_q = load4(tr + 4 * q);
-            const F4 w = alpha * t_q;
-            const F4 inv = one / (one - alpha);
-            F4 d_alpha = load4(ngt + 4 * q) * load4(tf + 4 * q) * inv;
-            for (int64_t k = 0; k < K; ++k) {
-              const int64_t at = k * kTile + 4 * q;
-              const F4 gk_q = load4(&gk[at]), col = f4(c[k]);
-              store4(&terms[4 * (5 + k)], w * gk_q);
-              const F4 pre = load4(&prefix[at]) + w * col;
-              store4(&prefix[at], select(pass, pre, load4(&prefix[at])));
-              d_alpha = d_alpha + gk_q * (col * t_q - (load4(&c_out[at]) - pre) * inv);
-            }
-            store4(tr + 4 * q, select(pass, t_q * (one - alpha), t_q));
-            // Clamped pixels (raw > 0.99): alpha no longer depends on o or the Gaussian.
-            const uint32_t free_bits = pass_bits & ~bits(raw > alpha_max);
-            if (free_bits) {
-              const F4 dx = iota4(static_cast<float>(x0 + 4 * q)) - mx;
-              const F4 d_power = d_alpha * raw;
-              store4(&terms[0], d_power * (ca * dx + cb_dy));
-              store4(&terms[4], d_power * (cc_dy + cb * dx));
-              store4(&terms[8], d_power * (half * dx * dx));
-              store4(&terms[12], d_power * (negate(dx) * vdy));
-              store4(&terms[16], d_power * dy2);
-              store4(&terms[4 * (5 + K)], d_alpha * g_q);
-            }
-            // Each record field adds its pixels' terms in pixel order, as a pixel loop would;
-            // the fields are independent sums, so they are added one field at a time.
-            for (int64_t k = 0; k < K; ++k) rec[5 + k] = add_lanes(rec[5 + k], &terms[4 * (5 + k)], pass_bits);
-            if (free_bits) {
-              rec[5 + K] = add_lanes(rec[5 + K], &terms[4 * (5 + K)], free_bits);
-              for (int e = 0; e < 5; ++e) rec[e] = add_lanes(rec[e], &terms[4 * e], free_bits);
-            }
-          }
-        }
-      }
+      backward_tile(d, tile_rect(d, t), bins.ids.data() + begin, n, m2, cn, cl, op, dp, i_img, i_t, i_last, gi, gt,
+                    records.get() + begin * stride, stride);
     });
     // Every Gaussian sums its records in tile order: a fixed order, whatever ran where.
     float* o_m = g_means2d->typed_data() + b * N * 2;
@@ -679,8 +521,15 @@ extern "C" __attribute__((visibility("default"))) int64_t dhjax_splat_compare_ex
                                                                               int64_t* max_ulp,
                                                                               int64_t* fast) {
   if (!(lo < 0.0f) || stride <= 0 || !mismatches || !max_ulp || !fast) return -1;
-  return compare_exp(lo, stride, mismatches, max_ulp, fast);
+#if DHJAX_SPLAT_AVX2
+  if (simd_lanes() == 8) return lanes8::compare_exp(lo, stride, mismatches, max_ulp, fast);
+#endif
+  return lanes4::compare_exp(lo, stride, mismatches, max_ulp, fast);
 }
+
+// The lane group width (4 or 8) the handlers and dhjax_splat_compare_exp use in this process
+// now (DHJAX_SPLAT_LANES is read at each call).
+extern "C" __attribute__((visibility("default"))) int32_t dhjax_splat_simd_lanes() { return simd_lanes(); }
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SplatForward, SplatForwardImpl,
                               ffi::Ffi::Bind() DHJAX_SPLAT_FORWARD_SIGNATURE);
