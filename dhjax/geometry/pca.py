@@ -18,7 +18,9 @@ Components computed as U^T Xc / s ('gram', wide 'randomized') are re-orthonormal
 float64 (Cholesky QR, in order, so the leading components are untouched to float error): without
 it, components of variance < ~1e-7 of the largest lose orthogonality (errors ~eps lam_max / lam).
 Components whose singular value is below sqrt(eps) * 10 of the largest (variance numerically zero:
-x has rank < M) get variance 0 and random unit vectors orthogonal to the rest (seeded).
+x has rank < M) get variance 0 with every method; their vectors complete the others to an
+orthonormal set (seeded random unit vectors for 'gram' and 'randomized', eigenvectors of the
+covariance's null space for 'covariance').
 The data is never copied whole to float64 when it is large: the centred float64 copy is made in
 blocks of columns (or rows) of at most `_BLOCK_ELEMENTS` entries, so fitting GEM's
 [1000, 3 x 60k] float32 frames needs ~the input plus one block.
@@ -271,8 +273,8 @@ def fit(x, n_components: int, *, method: str = "auto", seed: int = 0, n_iter: in
       `PCA` with mean [D], components [M, D], explained_variance / _ratio / sigma [M] (float32,
       the units of x and their squares) and n_samples = N. Components are sign-normalised (entry
       of largest |value| positive, scikit-learn's convention). Components with zero variance (x of
-      rank < M; singular value < 10 sqrt(eps) of the largest) get variance 0 and are seeded random
-      unit vectors orthogonal to the others.
+      rank < M; singular value < 10 sqrt(eps) of the largest) get variance 0 (every method) and
+      unit vectors orthogonal to the others (seeded random ones for 'gram' and 'randomized').
     Raises:
       ValueError: x not 2-D, non-finite x, M out of range, unknown method.
     """
@@ -304,6 +306,8 @@ def fit(x, n_components: int, *, method: str = "auto", seed: int = 0, n_iter: in
         lam, v = _fit_gram(c, m, rng)
     else:
         lam, v = _fit_randomized(c, m, rng, int(n_iter), int(n_oversamples))
+    # Every method: variances of numerically zero singular values are 0, not their round-off.
+    lam = np.where(np.sqrt(lam) > _rank_tol(lam), lam, 0.0) if lam.size else lam
     v = _svd_flip_rows(v)
     ev = lam / (n - 1)
     total = c.total_sq() / (n - 1)
