@@ -82,7 +82,7 @@ def get_config(arg=None):
         fps_repeats=20,                  # timed renders per measurement
         video_fps=12.0,
         cross_frames=48,                 # cross-reenactment: frames of another synthetic identity
-        lpips_path=""))                  # LPIPS weights (dhjax.nn.lpips npz): adds LPIPS to the metrics
+        lpips_path=""))                  # LPIPS weights (dhjax.nn.lpips npz): metrics, and losses (loss.lpips_weight)
 
     if arg in ("tiny", "tiny_table"):
         s = c.data.synthetic

@@ -281,6 +281,44 @@ def test_net_step_lowers_the_loss(ctx):
     assert np.all(np.isfinite(losses)) and losses[-1] < 0.7 * losses[0], losses
 
 
+def test_lpips_enters_the_net_and_refinement_losses(ctx):
+    """With an LPIPS distance (weights given), stages A and C add loss.lpips_weight x LPIPS (the
+    thesis's zeta VGG term); without one, or at weight 0, the losses are the photometric ones."""
+    from dhjax.nn import lpips
+
+    rng = np.random.default_rng(8)
+    fr = dict(shape=np.random.default_rng(0).normal(size=10).astype(np.float32) * 0.5,
+              expression=(rng.normal(size=10) * 0.5).astype(np.float32),
+              pose=np.zeros((5, 3), np.float32), translation=np.zeros(3, np.float32))
+    cams = gc.cams(2)
+    state = gem.init_state(jax.random.PRNGKey(0), ctx)
+    target = jnp.asarray(rng.uniform(0, 1, (2, 48, 40, 3)), jnp.float32)
+    batch = dict(fr, image=target, mask=np.ones((2, 48, 40), np.float32), K=cams.K, R=cams.R, t=cams.t,
+                 background=np.ones(3, np.float32))
+    dist = lpips.make_lpips(lpips.init_params(jax.random.PRNGKey(1)))
+    plain, m0 = gem.loss_terms(state["params"], batch, ctx)
+    assert "lpips" not in m0
+    with_lp, m1 = gem.loss_terms(state["params"], batch, ctx.replace(lpips_fn=dist, lpips_weight=0.3))
+    assert float(m1["lpips"]) > 0
+    np.testing.assert_allclose(float(with_lp), float(plain) + 0.3 * float(m1["lpips"]), rtol=1e-5)
+    np.testing.assert_allclose(float(m1["photo"]), float(m0["photo"]) + 0.3 * float(m1["lpips"]), rtol=1e-5)
+    off, m2 = gem.loss_terms(state["params"], batch, ctx.replace(lpips_fn=dist, lpips_weight=0.0))
+    assert float(off) == float(plain) and "lpips" not in m2
+    # it is differentiated through in a training step
+    b1 = jax.tree.map(lambda x: jnp.asarray(x)[None], batch)
+    _, m = gem.train_step(state, b1, None, ctx.replace(lpips_fn=dist, lpips_weight=0.3))
+    assert np.isfinite(float(m["loss"])) and float(m["lpips"]) > 0
+    # stage C: the eigenmodel's refinement loss
+    data = gc.random_collected(ctx, 6, np.random.default_rng(4))
+    model, k, _ = gem.distil(data, jnp.zeros((ctx.n_gaussians, 4, 3)), 3, sh_degree=1)
+    k0 = {a: k[a][0] for a in gem.ATTRIBUTES}
+    args = (gem.refine_params(model), model, k0, target, cams, jnp.ones(3), 0.2)
+    r0, n0 = gem.refine_loss(*args)
+    r1, n1 = gem.refine_loss(*args, lpips_fn=dist, lpips_weight=0.3)
+    assert "lpips" not in n0
+    np.testing.assert_allclose(float(r1), float(r0) + 0.3 * float(n1["lpips"]), rtol=1e-5)
+
+
 def _capture(F=5, C=3, H=8, W=6):
     rng = np.random.default_rng(0)
     return gem_data.Capture(

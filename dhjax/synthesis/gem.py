@@ -29,7 +29,9 @@ A. **Net** (`init_state`, `net_gaussians`, `loss_terms`, `train_step`): a StyleU
    anisotropic part of J is dropped. Quaternions are kept in the hemisphere of the texel's
    canonical frame (the sign ambiguity of quaternions would otherwise break the PCA).
 
-   Loss: (1 - w) L1 + w D-SSIM (w = 0.2) (+ LPIPS when weights are given) on images composited on
+   Loss: (1 - w) L1 + w D-SSIM (w = 0.2) (+ zeta LPIPS when LPIPS weights are given: the thesis's
+   zeta VGG term of eq. 2, whose VGG weights cannot ship; zeta = `loss.lpips_weight`, 0.1, chosen
+   here, as the thesis leaves it to its supplement) on images composited on
    a background, plus regularisers (the thesis defers them to its supplement; chosen here): the
    mean squared position offset in units of `offset_scale` (weight 1e-2) and a hinge on
    log-scales above `max_scale` metres (weight 1). Adam; the Net at 5e-4, the colours at 2.5e-3
@@ -59,7 +61,8 @@ D. **Driving**: (a) `fit_coefficients`: analysis-by-synthesis of k for one frame
 
 The eigenmodel (`EigenModel`, `save_eigenmodel` / `load_eigenmodel`, `render`) is the product:
 means, bases, sigmas and colours in one small npz; `render(model, k, cameras)` splats it with no
-network. Units are metres; images [C, H, W, 3] in [0, 1].
+network. Units are metres; images [C, H, W, 3] (ground truth in [0, 1]; renders are clamped at 0
+only, as in 3DGS).
 """
 
 from __future__ import annotations
@@ -114,9 +117,10 @@ def default_model_config() -> ml_collections.ConfigDict:
 
 
 def default_loss_config() -> ml_collections.ConfigDict:
-    """ssim_weight w of (1-w) L1 + w D-SSIM, lpips_weight (used when eval/lpips weights are given),
-    offset_weight, scale_weight (regularisers, module docstring)."""
-    return ml_collections.ConfigDict(dict(ssim_weight=0.2, lpips_weight=0.0, offset_weight=1e-2,
+    """ssim_weight w of (1-w) L1 + w D-SSIM, lpips_weight zeta (of the Net's and the refinement's
+    loss, used when LPIPS weights are given: `make_context`'s lpips_fn), offset_weight,
+    scale_weight (regularisers, module docstring)."""
+    return ml_collections.ConfigDict(dict(ssim_weight=0.2, lpips_weight=0.1, offset_weight=1e-2,
                                           scale_weight=1.0))
 
 
@@ -139,7 +143,8 @@ class Context:
     canon_frame [G, 3, 3] (tangent frames of the canonical faces); ref_quat [G, 4] (their
     quaternions: the hemisphere reference); log_spacing [G] (log of the canonical texel spacing);
     canon_map [S, S, 3] (canonical position map). Static: map_size, net (StyleUNet), sh_degree,
-    offset_scale, max_scale, background, backend, ssim_weight, offset_weight, scale_weight.
+    offset_scale, max_scale, background, backend, ssim_weight, offset_weight, scale_weight,
+    lpips_fn (None, or (a, b) -> [...] LPIPS distance of images [..., H, W, 3]) and lpips_weight.
     """
 
     model: Any
@@ -165,13 +170,15 @@ class Context:
     scale_weight: float = flax.struct.field(pytree_node=False, default=1.0)
     color_lr: float = flax.struct.field(pytree_node=False, default=2.5e-3)
     lr: float = flax.struct.field(pytree_node=False, default=5e-4)
+    lpips_fn: Any = flax.struct.field(pytree_node=False, default=None)
+    lpips_weight: float = flax.struct.field(pytree_node=False, default=0.0)
 
     @property
     def n_gaussians(self) -> int:
         return int(self.texel.shape[0])
 
 
-def make_context(model, shape, model_cfg=None, loss_cfg=None, optim_cfg=None) -> Context:
+def make_context(model, shape, model_cfg=None, loss_cfg=None, optim_cfg=None, lpips_fn=None) -> Context:
     """The Context of a subject (host side, once).
 
     Args:
@@ -179,6 +186,9 @@ def make_context(model, shape, model_cfg=None, loss_cfg=None, optim_cfg=None) ->
         embedded default head; `textures.uv_fields` says what it needs).
       shape: [S'] the subject's shape coefficients.
       model_cfg / loss_cfg / optim_cfg: `default_*_config()`-like (None = defaults).
+      lpips_fn: None (no perceptual term), or an LPIPS distance `(a, b) -> [...]` of images
+        [..., H, W, 3] in [0, 1] (`dhjax.nn.lpips.make_lpips`): the losses of stages A and C
+        then add loss.lpips_weight times its mean.
     """
     mc = default_model_config() if model_cfg is None else model_cfg
     lc = default_loss_config() if loss_cfg is None else loss_cfg
@@ -212,6 +222,7 @@ def make_context(model, shape, model_cfg=None, loss_cfg=None, optim_cfg=None) ->
                    canon_frame=jnp.asarray(frames), ref_quat=jnp.asarray(ref_quat),
                    log_spacing=jnp.asarray(np.log(d), jnp.float32), canon_map=jnp.asarray(canon_map),
                    map_size=S, net=net, sh_degree=int(mc.sh_degree), offset_scale=float(mc.offset_scale),
+                   lpips_fn=lpips_fn, lpips_weight=float(lc.get("lpips_weight", 0.0)),
                    max_scale=float(mc.max_scale), background=tuple(float(b) for b in mc.background),
                    backend=str(mc.backend), ssim_weight=float(lc.ssim_weight),
                    offset_weight=float(lc.offset_weight), scale_weight=float(lc.scale_weight),
@@ -372,20 +383,22 @@ def photometric(ctx: Context, pred, gt) -> jax.Array:
 
 
 def regularisers(ctx: Context, raw) -> dict:
-    """{offset: mean squared position offset (units of offset_scale), scale: mean hinge of
-    posed log-scales above log(max_scale)} on raw [G, 11] (scale from the raw output + spacing)."""
+    """{offset: mean squared position offset (units of offset_scale), scale: mean hinge of the
+    canonical log-scales above log(max_scale)} on raw [G, 11] (the raw output + the texel spacing,
+    before posing: J's stretch is not included)."""
     s = ctx.log_spacing[:, None] + INIT_LOG_SCALE + raw[:, 7:10]
     return {"offset": jnp.mean(jnp.sum(raw[:, 0:3] ** 2, -1)),
             "scale": jnp.mean(jax.nn.relu(s - float(np.log(ctx.max_scale))))}
 
 
-def loss_terms(params, batch, ctx: Context, lpips_fn=None) -> tuple[jax.Array, dict]:
+def loss_terms(params, batch, ctx: Context) -> tuple[jax.Array, dict]:
     """Stage A loss of one frame seen by C cameras.
 
     batch: shape [S'], expression [E'], pose [5, 3], translation [3], image [C, H, W, 3],
     mask [C, H, W], K [C, 3, 3], R [C, 3, 3], t [C, 3], background [3] (any colour: the ground
     truth is composited on it).
-    Returns: (total, {loss, photo, offset, scale, psnr}).
+    Returns: (total, {loss, photo, offset, scale, psnr}, and lpips when ctx has an LPIPS
+    distance and lpips_weight > 0: photo then includes lpips_weight x lpips).
     """
     attrs, raw = net_gaussians(ctx, params["net"], batch)
     R0, T = head_rigid(ctx, batch["shape"], batch["pose"], batch["translation"])
@@ -394,13 +407,21 @@ def loss_terms(params, batch, ctx: Context, lpips_fn=None) -> tuple[jax.Array, d
     bg = batch["background"]
     pred = splat_attributes(ctx, attrs, params["sh"], cams, bg).image
     gt = composite(batch["image"], batch["mask"], bg)
-    photo = photometric(ctx, pred, gt)
+    photo, extra = _color_loss(ctx.ssim_weight, ctx.lpips_fn, ctx.lpips_weight, pred, gt)
     reg = regularisers(ctx, raw)
     total = photo + ctx.offset_weight * reg["offset"] + ctx.scale_weight * reg["scale"]
-    if lpips_fn is not None:
-        total = total + lpips_fn(pred, gt)
     return total, {"loss": total, "photo": photo, "offset": reg["offset"], "scale": reg["scale"],
-                   "psnr": losses.psnr(pred, gt)}
+                   "psnr": losses.psnr(pred, gt), **extra}
+
+
+def _color_loss(ssim_weight: float, lpips_fn, lpips_weight: float, pred, gt) -> tuple[jax.Array, dict]:
+    """The thesis's eq. 2 with LPIPS for its VGG term: (1 - w) L1 + w D-SSIM + zeta LPIPS (the
+    last only with an LPIPS distance and zeta > 0), and {"lpips": its value} then."""
+    loss = losses.l1_ssim_loss(pred, gt, ssim_weight=ssim_weight)
+    if lpips_fn is None or not lpips_weight > 0:
+        return loss, {}
+    lp = jnp.mean(lpips_fn(pred, gt))
+    return loss + lpips_weight * lp, {"lpips": lp}
 
 
 def batch_loss(params, batch, ctx: Context) -> tuple[jax.Array, dict]:
@@ -548,7 +569,8 @@ def _splat_eigen(model: EigenModel, attrs, sh, cameras, background, backend):
 def render(model: EigenModel, k: Mapping, cameras: camera_lib.Camera, *, background=None,
            backend: str = "auto") -> jax.Array:
     """Renders a GEM with coefficients k {attribute: [M]} into cameras [C] given in the head frame
-    (`head_cameras` moves world cameras there): image [C, H, W, 3] in [0, 1]. No network."""
+    (`head_cameras` moves world cameras there): image [C, H, W, 3], colours clamped at 0 as in
+    3DGS (not at 1). No network."""
     return _splat_eigen(model, eigen_attributes(model, k), model.sh, cameras, background, backend).image
 
 
@@ -566,13 +588,15 @@ def with_params(model: EigenModel, p: Mapping) -> EigenModel:
 
 
 def refine_loss(p, model: EigenModel, k: Mapping, images, cameras, background, ssim_weight: float,
-                backend: str = "auto"):
+                backend: str = "auto", lpips_fn=None, lpips_weight: float = 0.0):
     """Photometric loss of a GEM with parameters p at coefficients k {attribute: [M]} against
-    images [C, H, W, 3] (already composited on background [3]) seen by head-frame cameras [C]."""
+    images [C, H, W, 3] (already composited on background [3]) seen by head-frame cameras [C]:
+    the Net's objective (thesis: "the same objectives"), (1 - w) L1 + w D-SSIM, plus
+    lpips_weight x LPIPS when lpips_fn is given (then also in the metrics)."""
     m = with_params(model, p)
     pred = render(m, k, cameras, background=background, backend=backend)
-    loss = losses.l1_ssim_loss(pred, images, ssim_weight=ssim_weight)
-    return loss, {"loss": loss, "psnr": losses.psnr(pred, images)}
+    loss, extra = _color_loss(ssim_weight, lpips_fn, lpips_weight, pred, images)
+    return loss, {"loss": loss, "psnr": losses.psnr(pred, images), **extra}
 
 
 def reorthonormalise(model: EigenModel, coeffs: Mapping) -> tuple[EigenModel, dict]:

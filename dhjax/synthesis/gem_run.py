@@ -217,7 +217,8 @@ def refine_stage(cfg, run_, ctx, model, k_train, cap, sp, log):
         cams = gem.head_cameras(camera_lib.Camera(b["K"], b["R"], b["t"], W, H), R0, T)
         k = {a: k_all[a][b["index"]] for a in ATTRS}
         gt = gem.composite(b["image"], b["mask"], b["background"])
-        return gem.refine_loss(p, fixed, k, gt, cams, b["background"], ctx.ssim_weight, ctx.backend)
+        return gem.refine_loss(p, fixed, k, gt, cams, b["background"], ctx.ssim_weight, ctx.backend,
+                               lpips_fn=ctx.lpips_fn, lpips_weight=ctx.lpips_weight)
 
     def step(state, batch, key):
         del key
@@ -706,11 +707,15 @@ def run(cfg, workdir: str) -> dict:
     if int(cfg.gem.n_components) > len(sp.train_frames) - 1:     # stage B's bound, before stage A trains
         raise ValueError(f"gem.n_components={int(cfg.gem.n_components)} needs at least "
                          f"{int(cfg.gem.n_components) + 1} training frames, the capture has {len(sp.train_frames)}")
-    ctx = gem.make_context(model, cap.shape, cfg.model, cfg.loss, cfg.optim)
+    lpips_fn = lpips.make_lpips(lpips.load_configured(cfg.eval.lpips_path))
+    # With LPIPS weights, the Net's and the refinement's losses add loss.lpips_weight x LPIPS.
+    ctx = gem.make_context(model, cap.shape, cfg.model, cfg.loss, cfg.optim, lpips_fn=lpips_fn)
     log(f"data: {source}: {len(sp.train_frames)} training / {len(sp.test_frames)} held-out frames, "
         f"{len(sp.train_views)} training / {len(sp.test_views)} held-out cameras; {ctx.n_gaussians} Gaussians "
         f"({ctx.map_size}^2 map); devices: {jax.device_count()}")
-    lpips_fn = lpips.make_lpips(lpips.load_configured(cfg.eval.lpips_path))
+    if lpips_fn is not None:
+        log(f"LPIPS: in the metrics, and in the Net's and the refinement's losses with weight "
+            f"{ctx.lpips_weight:g} (loss.lpips_weight)")
 
     # A: the Net.
     net_params, net_seconds = train_net(cfg, run_, ctx, cap, sp, log)
