@@ -56,6 +56,29 @@ def test_notebook_opens_with_an_install_cell(path):
         f"{path.name}: the first code cell must install dhjax when it is not importable")
 
 
+def test_install_cell_finds_configs_next_to_an_installed_dhjax(tmp_path):
+    """With dhjax importable but not the checkout's configs/ (dhjax installed, the notebook
+    opened from a checkout's colabs/), the install cell puts the checkout on sys.path instead of
+    cloning; run in a subprocess with a stand-in dhjax package and a DHJAX_REPO that cannot be
+    cloned, so any clone or pip install fails the test."""
+    import nbformat
+
+    stub = tmp_path / "site" / "dhjax"
+    stub.mkdir(parents=True)
+    (stub / "__init__.py").write_text("")
+    probe = tmp_path / "probe.py"
+    for path in NOTEBOOKS:
+        cell = [c for c in nbformat.read(path, as_version=4).cells if c.cell_type == "code"][0].source
+        probe.write_text(cell + "\nimport configs, experiments\nprint(os.path.dirname(configs.__file__))\n")
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+        env.update(PYTHONPATH=str(tmp_path / "site"), DHJAX_REPO=str(tmp_path / "no-such-repo"))
+        run = subprocess.run([sys.executable, str(probe)], cwd=COLABS, env=env, capture_output=True, text=True,
+                             timeout=120)
+        assert run.returncode == 0, f"{path.name}: {run.stderr[-1500:]}"
+        assert Path(run.stdout.strip().splitlines()[-1]) == ROOT / "configs", (path.name, run.stdout)
+        assert not (COLABS / "dhjax-src").exists()
+
+
 def test_readme_lists_every_notebook():
     readme = (COLABS / "README.md").read_text()
     missing = [p.name for p in NOTEBOOKS if p.stem not in readme]
