@@ -5,12 +5,10 @@
 Suites (configs/bench.py): flame, synthetic, splat, geometry, insta, gem, body, d3ga, data, synshot,
 track (`dhjax.bench`). Results are printed
 and written to <workdir>/bench.json, the config to <workdir>/config.json. A benchmark has nothing
-to resume: in a folder that holds an earlier benchmark (of any suite or settings) the new one
-replaces it; a folder that holds another experiment's run is refused.
+to resume: in a folder that holds an earlier benchmark (of any suite or settings, or an
+`experiments.bench_geometry` run) the new one replaces it; a folder that holds another
+experiment's run is refused.
 """
-
-import json
-from pathlib import Path
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -22,22 +20,9 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/bench.py:<sui
 _WORKDIR = flags.DEFINE_string("workdir", None, "where bench.json goes", required=True)
 
 
-def _replace_earlier_benchmark(workdir: str) -> None:
-    """Removes the config.json of an earlier `experiments.bench` run in workdir (a config with a
-    'suite' and no 'experiment' field, next to its bench.json), so that app.start takes the new one."""
-    path = Path(workdir) / run_app.CONFIG_FILE
-    try:
-        old = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return
-    if isinstance(old, dict) and "suite" in old and "experiment" not in old and (Path(workdir) / "bench.json").is_file():
-        print(f"{workdir}: replacing the earlier benchmark (suite {old['suite']!r}) in this folder", flush=True)
-        path.unlink()
-
-
 def main(argv):
     del argv
-    _replace_earlier_benchmark(_WORKDIR.value)
+    suite.replace_earlier_benchmark(_WORKDIR.value, log=lambda m: print(m, flush=True))
     run = run_app.exit_on_user_error(lambda: run_app.start(_WORKDIR.value, _CONFIG.value),
                                      errors=(run_app.RunError,))
     suite.run(_CONFIG.value, run.workdir, log=run.log)

@@ -5,12 +5,14 @@
 Runs every benchmark (or those named by --only) at the full-size defaults of
 `dhjax.bench.geometry.default_config()` and writes <workdir>/bench_geometry.json as
 {"<name>": {...}, "meta": {...}} and the settings to <workdir>/config.json. The same benchmarks
-run inside `python -m experiments.bench --config=configs/bench.py:geometry`.
+run inside `python -m experiments.bench --config=configs/bench.py:geometry`. In a folder that
+holds an earlier benchmark (this one's with other settings, or `experiments.bench`'s) the new
+one replaces it; a folder that holds another experiment's run is refused.
 """
 
 from absl import app, flags
 
-from dhjax.bench import geometry
+from dhjax.bench import geometry, suite
 from dhjax.train import app as run_app
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "where bench_geometry.json goes", required=True)
@@ -26,6 +28,7 @@ def main(argv):
     cfg = geometry.default_config()
     if _N_POINTS.value:
         geometry.set_n_points(cfg, _N_POINTS.value)
+    suite.replace_earlier_benchmark(_WORKDIR.value, log=lambda m: print(m, flush=True))
     run = run_app.exit_on_user_error(lambda: run_app.start(_WORKDIR.value, cfg), errors=(run_app.RunError,))
     geometry.run(cfg, run.workdir, only=_ONLY.value, log=run.log)
 

@@ -110,6 +110,39 @@ def test_bench_replaces_an_earlier_benchmark_but_not_a_run(tmp_path):
     assert json.loads((run / "config.json").read_text()) == {"experiment": "insta", "seed": 0}
 
 
+def test_either_benchmark_replaces_the_other_but_not_a_run(tmp_path):
+    """`experiments.bench` and `experiments.bench_geometry` share one rule: an earlier benchmark
+    of either kind (its config.json next to its results) is replaced; an experiment's run, or a
+    benchmark config without results, is left alone."""
+    from dhjax.bench import geometry, suite
+
+    def folder(name, config, results):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "config.json").write_text(json.dumps(config))
+        for r in results:
+            (d / r).write_text("{}")
+        return d
+
+    said = []
+    geo = geometry.default_config().to_dict()
+    cases = [("bench", {"suite": "flame", "repeats": 1}, ["bench.json"], True, "suite 'flame'"),
+             ("geometry", geo, ["bench_geometry.json"], True, "bench_geometry"),
+             ("run", {"experiment": "insta", "suite": "x"}, ["bench.json"], False, None),
+             ("no_results", {"suite": "flame"}, [], False, None),
+             ("other", {"seed": 0}, ["bench_geometry.json"], False, None)]
+    for name, config, results, replaced, kind in cases:
+        d = folder(name, config, results)
+        said.clear()
+        assert suite.replace_earlier_benchmark(d, log=said.append) is replaced, name
+        assert (d / "config.json").exists() is not replaced, name
+        if replaced:
+            assert said == [f"{d}: replacing the earlier benchmark ({kind}) in this folder"]
+        else:
+            assert said == [] and json.loads((d / "config.json").read_text()) == config
+    assert suite.replace_earlier_benchmark(tmp_path / "missing") is False
+
+
 def test_bench_unknown_suite_is_an_error(tmp_path):
     from dhjax.bench import suite
 

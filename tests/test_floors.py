@@ -296,3 +296,16 @@ def test_floor_order_parser():
     assert parse_floors(doc) == [("a", "b"), ("c",), ("d", "e"), ("f",)]
     with pytest.raises(ValueError):
         parse_floors("no order here")
+
+
+def test_the_readme_states_the_same_floor_order():
+    """README.md's Layout repeats the order (the lines after 'built in floors'); it must not drift."""
+    lines = (ROOT / "README.md").read_text().splitlines()
+    start = next(i for i, s in enumerate(lines) if "built in floors" in s) + 1
+    block = []
+    for s in lines[start:]:
+        if "<-" not in s:
+            break
+        block.append(s.strip())
+    readme = [tuple(n.strip() for n in part.split(",")) for part in " ".join(block).split("<-")]
+    assert readme == _floors(), f"README.md's floor order {readme} differs from dhjax/__init__.py's {_floors()}"

@@ -216,12 +216,12 @@ def test_official_layout_npz_and_default_n_shape(tmp_path):
     path = tmp_path / "model.npz"
     np.savez(path, **arrays)
     # K = 150 is not the official 400: the split must be given, never guessed.
-    with pytest.raises(ValueError, match=r"model.npz.*'shapedirs'.*K = 150.*n_shape"):
+    with pytest.raises(ValueError, match=r"model.npz.*'shapedirs'.*K = 150.*flame.load\(\.\.\., file_n_shape=N\)"):
         ff.load_flame_arrays(path)
     loaded = ff.load_flame_arrays(path, n_shape=50)
     assert_matches(loaded, arrays)
     assert loaded["n_shape"] == 50
-    with pytest.raises(ValueError, match=r"n_shape = 151.*shapedirs"):
+    with pytest.raises(ValueError, match=r"split 151 .*file_n_shape.* outside \[0, K = 150\].*shapedirs"):
         ff.load_flame_arrays(path, n_shape=151)
 
 

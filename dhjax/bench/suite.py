@@ -33,6 +33,34 @@ SUITES = {
 }
 
 
+RESULT_FILES = ("bench.json", "bench_geometry.json")
+"""What `experiments.bench` and `experiments.bench_geometry` write next to their config.json."""
+
+
+def replace_earlier_benchmark(workdir, log=print) -> bool:
+    """Removes the config.json of an earlier benchmark in workdir (`experiments.bench`'s, with a
+    'suite' field, or `experiments.bench_geometry`'s, with its closest_point and hashgrid
+    sections; never one with an 'experiment' field) when its results file is there, so that the
+    run helper takes the new settings: a benchmark has nothing to resume. Returns whether it did;
+    a folder holding any other run is left as it is (and refused by `app.start`)."""
+    from dhjax.train import app as run_app
+
+    path = Path(workdir) / run_app.CONFIG_FILE
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    if not isinstance(old, dict) or "experiment" in old:
+        return False
+    kind = ("suite " + repr(old["suite"]) if "suite" in old
+            else "bench_geometry" if {"closest_point", "hashgrid"} <= set(old) else None)
+    if kind is None or not any((Path(workdir) / name).is_file() for name in RESULT_FILES):
+        return False
+    log(f"{workdir}: replacing the earlier benchmark ({kind}) in this folder")
+    path.unlink()
+    return True
+
+
 def run(cfg, workdir, log=print) -> dict:
     """Times suite `cfg.suite` with the settings in cfg (configs/bench.py), writes the results to
     <workdir>/bench.json and returns them: {"suite", "host", "jax", "cpu_count", <suite's keys>}.

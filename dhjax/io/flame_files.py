@@ -350,7 +350,7 @@ def _default_n_shape(n_components: int, source: str) -> int:
     raise ValueError(
         f"{source}: key 'shapedirs' has K = {n_components} components, not the official 400 "
         f"(300 shape + 100 expression), and the file does not say how many are shape components; "
-        f"pass n_shape= (flame.load(..., file_n_shape=...))")
+        f"pass the split: flame.load(..., file_n_shape=N), or n_shape=N to dhjax.io's load_flame_arrays")
 
 
 def _parents_from_kintree(kintree: np.ndarray, source: str) -> np.ndarray:
@@ -395,7 +395,7 @@ def _flame_from_content(content: Mapping, source: str, n_shape: int | None) -> d
 
     faces = with_shape("f", "(F, 3)", lambda s: len(s) == 2 and s[1] == 3)
     shapedirs = with_shape(
-        "shapedirs", f"(V, 3, K) with V = {n_verts} from v_template",
+        "shapedirs", f"(V, 3, K) with V = {n_verts} from v_template (or v_template has the wrong vertex count)",
         lambda s: len(s) == 3 and s[0] == n_verts and s[1] == 3,
     )
     posedirs = with_shape(
@@ -427,7 +427,9 @@ def _flame_from_content(content: Mapping, source: str, n_shape: int | None) -> d
         n_shape = _default_n_shape(n_components, source)
     n_shape = int(n_shape)
     if not 0 <= n_shape <= n_components:
-        raise ValueError(f"{source}: n_shape = {n_shape} is outside [0, K = {n_components}] for key 'shapedirs'")
+        raise ValueError(f"{source}: the shape/expression split {n_shape} (flame.load's file_n_shape, "
+                         f"load_flame_arrays' n_shape or the file's n_shape entry) is outside [0, K = {n_components}], "
+                         f"K the components of key 'shapedirs'")
 
     return {
         "v_template": v_template.astype(np.float32),
