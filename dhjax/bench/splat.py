@@ -4,10 +4,16 @@ every available implementation in one run (no timed assertions anywhere).
 Scenes: N Gaussians sampled on the default head's surface (flat, 1-4 mm, random colours, opacity
 0.3-1), seen frontally from 0.6 m so the head fills the frame. Implementations: the CPU kernel and
 the pure-JAX reference (`splat_cpu_speedup_vs_reference`), the CUDA kernel on a GPU, and gsplat on
-the same GPU when it is installed and can build its CUDA extension there.
+the same GPU when it is installed and can build its CUDA extension there. Where the CPU kernel runs
+its 8-lane AVX2 loops (`dhjax.ops.splat.simd_lanes`), it is also timed with its 4-lane SSE2 loops
+(`cpu_lanes4`, DHJAX_SPLAT_LANES=4 around each call; the same bits), right after the 8-lane
+timings: `..._cpu_lanes8_fwd_speedup_vs_lanes4` and `..._fwd_bwd_...`.
 """
 
 from __future__ import annotations
+
+import contextlib
+import os
 
 import jax
 import jax.numpy as jnp
@@ -64,6 +70,31 @@ def _dhjax_fns(scene, cam, backend, capacity=None):
     return (lambda: fwd(params).block_until_ready()), (lambda: jax.block_until_ready(grad(params)))
 
 
+@contextlib.contextmanager
+def _splat_lanes(lanes: int | None):
+    """DHJAX_SPLAT_LANES=lanes while the block runs (None: left as it is); read by the CPU kernel
+    at every call."""
+    if lanes is None:
+        yield
+        return
+    old = os.environ.get("DHJAX_SPLAT_LANES")
+    os.environ["DHJAX_SPLAT_LANES"] = str(lanes)
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("DHJAX_SPLAT_LANES", None)
+        else:
+            os.environ["DHJAX_SPLAT_LANES"] = old
+
+
+def _in_lanes(fn, lanes):
+    def call():
+        with _splat_lanes(lanes):
+            return fn()
+    return call
+
+
 def _gsplat_fns(scene, cam):
     """gsplat's CUDA rasterization on the same scene (GPU only)."""
     import torch
@@ -105,6 +136,9 @@ def run(cfg, log=print) -> dict:
     impls = []
     if splat_op.kernel_available("cpu") and not on_gpu:
         impls.append("cpu")
+        results["cpu_simd_lanes"] = splat_op.simd_lanes()
+        if results["cpu_simd_lanes"] == 8:
+            impls.append("cpu_lanes4")
     if on_gpu and splat_op.kernel_available("cuda"):
         impls.append("cuda")
     impls.append("reference")
@@ -130,7 +164,10 @@ def run(cfg, log=print) -> dict:
                 continue
             reps = sc.reference_repeats if impl == "reference" else sc.repeats
             cap = int(counts.max()) if impl == "reference" else None
-            fwd, fwd_bwd = _dhjax_fns(scene, cam, impl, capacity=cap)
+            if impl == "cpu_lanes4":
+                fwd, fwd_bwd = (_in_lanes(f, 4) for f in _dhjax_fns(scene, cam, "cpu"))
+            else:
+                fwd, fwd_bwd = _dhjax_fns(scene, cam, impl, capacity=cap)
             tf = _time(fwd, reps, 1)
             tb = _time(fwd_bwd, reps, 1)
             results[f"{key}_{impl}_fwd_s"] = tf
@@ -145,6 +182,12 @@ def run(cfg, log=print) -> dict:
                 log(f"  gsplat   : forward {tf * 1e3:9.1f} ms ({1 / tf:7.1f} frames/s) | forward+backward {tb * 1e3:9.1f} ms")
             except Exception as e:  # not installed, or its CUDA extension cannot be built here
                 log(f"  gsplat   : unavailable ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})")
+        if f"{key}_cpu_lanes4_fwd_s" in results:
+            for part in ("fwd", "fwd_bwd"):
+                results[f"{key}_cpu_lanes8_{part}_speedup_vs_lanes4"] = (
+                    results[f"{key}_cpu_lanes4_{part}_s"] / results[f"{key}_cpu_{part}_s"])
+            log(f"  cpu 8 lanes vs 4: forward {results[f'{key}_cpu_lanes8_fwd_speedup_vs_lanes4']:.2f}x, "
+                f"forward+backward {results[f'{key}_cpu_lanes8_fwd_bwd_speedup_vs_lanes4']:.2f}x")
         ref = results.get(f"{key}_reference_fwd_s")
         for impl in ("cpu", "cuda"):
             if f"{key}_{impl}_fwd_s" in results and ref:
