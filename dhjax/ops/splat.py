@@ -405,14 +405,19 @@ def simd_lanes() -> int:
     RuntimeError when the CPU library is not built (or predates lane groups)."""
     import ctypes
 
+    return int(_cpu_function("dhjax_splat_simd_lanes", "simd_lanes", ctypes.c_int32, [])())
+
+
+def _cpu_function(symbol: str, what: str, restype, argtypes):
+    """The ctypes function `symbol` of the built CPU splat library; RuntimeError naming `what`
+    when the library is not built or predates it."""
     lib = _ffi.load_built("splat", "cpu")
     try:
-        fn = lib.dhjax_splat_simd_lanes
+        fn = getattr(lib, symbol)
     except AttributeError:
-        raise RuntimeError(f"the cpu kernel of 'splat' predates simd_lanes: rebuild it ({_ffi.BUILD_HINT})") from None
-    fn.restype = ctypes.c_int32
-    fn.argtypes = []
-    return int(fn())
+        raise RuntimeError(f"the cpu kernel of 'splat' predates {what}: rebuild it ({_ffi.BUILD_HINT})") from None
+    fn.restype, fn.argtypes = restype, argtypes
+    return fn
 
 
 def exp_agreement(lo: float = -60.0, stride: int = 1) -> dict:
@@ -438,13 +443,8 @@ def exp_agreement(lo: float = -60.0, stride: int = 1) -> dict:
 
     if not lo < 0 or int(stride) < 1:
         raise ValueError(f"exp_agreement: need lo < 0 and stride >= 1, got lo={lo}, stride={stride}")
-    lib = _ffi.load_built("splat", "cpu")
-    try:
-        fn = lib.dhjax_splat_compare_exp
-    except AttributeError:
-        raise RuntimeError(f"the cpu kernel of 'splat' predates exp_agreement: rebuild it ({_ffi.BUILD_HINT})") from None
-    fn.restype = ctypes.c_int64
-    fn.argtypes = [ctypes.c_float, ctypes.c_int64] + [ctypes.POINTER(ctypes.c_int64)] * 3
+    fn = _cpu_function("dhjax_splat_compare_exp", "exp_agreement", ctypes.c_int64,
+                       [ctypes.c_float, ctypes.c_int64] + [ctypes.POINTER(ctypes.c_int64)] * 3)
     mismatches, max_ulp, fast = ctypes.c_int64(0), ctypes.c_int64(0), ctypes.c_int64(0)
     n = fn(float(lo), int(stride), ctypes.byref(mismatches), ctypes.byref(max_ulp), ctypes.byref(fast))
     if n < 0:
