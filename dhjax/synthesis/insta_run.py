@@ -932,6 +932,11 @@ class _OnlineRecorder:
         """The record's file name without its suffix: online (scheduled) or training_curve."""
         return "online" if self.scheduled else "training_curve"
 
+    @property
+    def stop_file(self) -> str:
+        """Where a stopped session leaves its step and seconds: ONLINE_STOP_FILE or CURVE_STOP_FILE."""
+        return ONLINE_STOP_FILE if self.scheduled else CURVE_STOP_FILE
+
     def write_curve(self, run_, stopped_at: int | None = None) -> list[dict]:
         """training_curve.json and .png of an offline run, or online.json and .png in the
         scheduled online mode (the same points, with the frames arrived on a second axis).
@@ -948,7 +953,7 @@ class _OnlineRecorder:
         pts = self.points(run_.path("metrics.jsonl"))
         earlier, offset = self.earlier_curve(run_)
         pts = earlier + [dict(p, seconds=p["seconds"] + offset) for p in pts]
-        stop_path = Path(run_.path(ONLINE_STOP_FILE if self.scheduled else CURVE_STOP_FILE))
+        stop_path = Path(run_.path(self.stop_file))
         if stopped_at is not None:
             seconds = offset + (self.finished - min(self.started.values()))
             config_lib.write_text_atomic(stop_path, json.dumps({"step": int(stopped_at), "seconds": seconds}))
@@ -966,7 +971,7 @@ class _OnlineRecorder:
         else ([], 0)."""
         first = min(self.started)
         try:
-            stop = json.loads(Path(run_.path(ONLINE_STOP_FILE if self.scheduled else CURVE_STOP_FILE)).read_text())
+            stop = json.loads(Path(run_.path(self.stop_file)).read_text())
             earlier = json.loads(Path(run_.path(f"{self.name}.json")).read_text())
         except (OSError, ValueError):
             return [], 0.0
