@@ -49,8 +49,11 @@ def get_config(arg=None):
                                             input_frames=(),   # several frames' ordinals (replaces input_frame)
                                             input_views=(0, 2, 5), max_heldout=0, skin_only_texture=False))
     c.arcface_path = ""
+    # The thesis writes L = L_color + L_arc + L_id (unit weights); 0.1 each is chosen here, a
+    # deviation (untested at 1: no ArcFace weights ship); the terms are off without arcface_path.
     c.arcface = ml_collections.ConfigDict(dict(id_weight=0.1, feat_weight=0.1))
     c.loss = synshot.default_loss_config()
+    # lr: the thesis gives none for the inversion; chosen here.
     c.optim = ml_collections.ConfigDict(dict(lr=1e-4, gamma=1.0, milestones=(), clip=1.0))
     c.stage1 = ml_collections.ConfigDict(dict(steps_per_frame=10, warmup=10, patience=10, loss="full"))
     c.stage2 = ml_collections.ConfigDict(dict(steps_per_frame=10, warmup=10, patience=10))

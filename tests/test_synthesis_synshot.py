@@ -404,6 +404,10 @@ def test_inversion_stage1_trains_only_the_identity_encoder(setup, stage_runs):
     for g, flags in changed.items():
         if g != "enc_id":
             assert not any(flags), g
+    # the VQ statistics stay too (with model.vq_ema they hold the codebooks, which the thesis
+    # keeps frozen in both stages); without labels a step moves them (the usage EMAs at least)
+    for stage in (1, 2):
+        assert not any(_changed_groups(setup["state"]["stats"], stage_runs[stage][0]["stats"])["vq_id"])
 
 
 def test_inversion_stage2_trains_decoders_and_regressors_with_a_fixed_code(setup, stage_runs):

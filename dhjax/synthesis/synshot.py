@@ -617,7 +617,9 @@ def train_step(state, batch, rng, ctx: Context, *, labels=None, q_id=None):
 
     Args:
       labels: optional 'train' | 'freeze' pytree like the params (frozen leaves get zero
-        updates, and no dead codes are restarted); q_id: optional fixed identity code [B,h,w,n].
+        updates, no dead codes are restarted, and the VQ statistics (vq_stats: usage EMAs and,
+        with model.vq_ema, the EMA codebooks) stay as they are, so the codebooks are frozen in
+        either VQ mode, as the inversion's stages need); q_id: optional fixed identity code [B,h,w,n].
     Returns (new state, metrics).
     """
     mesh = loop.data_mesh()
@@ -652,7 +654,7 @@ def train_step(state, batch, rng, ctx: Context, *, labels=None, q_id=None):
         check_vma=False)(state["params"], state["stats"], local_batch, q_id)
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
-    stats = new_stats
+    stats = new_stats if labels is None else state["stats"]
     if net_cfg.use_vq and net_cfg.restart_threshold > 0 and labels is None:
         z_all = _batch_latents(params, local_batch, ctx)
         params, stats, n = _restart_codes(params, stats, z_all, rng, net_cfg)
