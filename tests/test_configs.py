@@ -325,8 +325,9 @@ def commands_in(text: str) -> list[str]:
     text = fence.sub("\n", text)
     spans = list(re.finditer(r"`[^`]*`", text))             # in order, so backticks pair up
     for m in spans:
-        if "python -m experiments." in m.group(0):
-            out.append(" ".join(m.group(0).strip("`").split()))
+        if "python -m experiments." in m.group(0):       # from there on (no `VAR=1 ` prefix)
+            span = " ".join(m.group(0).strip("`").split())
+            out.append(span[span.index("python -m experiments."):])
     pieces, last = [], 0
     for m in spans:
         pieces.append(text[last:m.start()])
