@@ -12,7 +12,6 @@ timings: `..._cpu_lanes8_fwd_speedup_vs_lanes4` and `..._fwd_bwd_...`.
 
 from __future__ import annotations
 
-import contextlib
 import os
 
 import jax
@@ -70,28 +69,19 @@ def _dhjax_fns(scene, cam, backend, capacity=None):
     return (lambda: fwd(params).block_until_ready()), (lambda: jax.block_until_ready(grad(params)))
 
 
-@contextlib.contextmanager
-def _splat_lanes(lanes: int | None):
-    """DHJAX_SPLAT_LANES=lanes while the block runs (None: left as it is); read by the CPU kernel
-    at every call."""
-    if lanes is None:
-        yield
-        return
-    old = os.environ.get("DHJAX_SPLAT_LANES")
-    os.environ["DHJAX_SPLAT_LANES"] = str(lanes)
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop("DHJAX_SPLAT_LANES", None)
-        else:
-            os.environ["DHJAX_SPLAT_LANES"] = old
-
-
-def _in_lanes(fn, lanes):
+def _in_lanes(fn, lanes: int):
+    """fn run with DHJAX_SPLAT_LANES=lanes (read by the CPU kernel at every call), the variable
+    restored afterwards."""
     def call():
-        with _splat_lanes(lanes):
+        old = os.environ.get("DHJAX_SPLAT_LANES")
+        os.environ["DHJAX_SPLAT_LANES"] = str(lanes)
+        try:
             return fn()
+        finally:
+            if old is None:
+                os.environ.pop("DHJAX_SPLAT_LANES", None)
+            else:
+                os.environ["DHJAX_SPLAT_LANES"] = old
     return call
 
 
