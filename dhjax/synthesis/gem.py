@@ -377,11 +377,6 @@ def init_state(key, ctx: Context) -> dict:
     return {"params": params, "opt": make_optimizer(ctx).init(params)}
 
 
-def photometric(ctx: Context, pred, gt) -> jax.Array:
-    """(1 - w) L1 + w D-SSIM on images [C, H, W, 3] (w = ctx.ssim_weight)."""
-    return losses.l1_ssim_loss(pred, gt, ssim_weight=ctx.ssim_weight)
-
-
 def regularisers(ctx: Context, raw) -> dict:
     """{offset: mean squared position offset (units of offset_scale), scale: mean hinge of the
     canonical log-scales above log(max_scale)} on raw [G, 11] (the raw output + the texel spacing,
