@@ -304,9 +304,10 @@ def test_lpips_enters_the_net_and_refinement_losses(ctx):
     np.testing.assert_allclose(float(m1["photo"]), float(m0["photo"]) + 0.3 * float(m1["lpips"]), rtol=1e-5)
     off, m2 = gem.loss_terms(state["params"], batch, ctx.replace(lpips_fn=dist, lpips_weight=0.0))
     assert float(off) == float(plain) and "lpips" not in m2
-    # it is differentiated through in a training step
+    # it is differentiated through in a training step (jitted: op-by-op it takes 4x longer)
     b1 = jax.tree.map(lambda x: jnp.asarray(x)[None], batch)
-    _, m = gem.train_step(state, b1, None, ctx.replace(lpips_fn=dist, lpips_weight=0.3))
+    lp_ctx = ctx.replace(lpips_fn=dist, lpips_weight=0.3)
+    _, m = jax.jit(lambda s, b: gem.train_step(s, b, None, lp_ctx))(state, b1)
     assert np.isfinite(float(m["loss"])) and float(m["lpips"]) > 0
     # stage C: the eigenmodel's refinement loss
     data = gc.random_collected(ctx, 6, np.random.default_rng(4))
