@@ -50,6 +50,7 @@ PLATFORMS = ("cpu", "cuda")
 
 @dataclasses.dataclass(frozen=True)
 class KernelStatus:
+    """One kernel library as `diagnose` found it: usable when `error` is None and no symbol is missing."""
     op: str
     platform: str                 # "cpu" | "cuda"
     path: str | None              # library path, None when missing
@@ -73,6 +74,8 @@ class KernelStatus:
 
 @dataclasses.dataclass
 class Report:
+    """`diagnose`'s findings: the lines it prints, the warnings (what `--strict` fails on), each
+    kernel library's status and what backend="auto" runs for each op."""
     lines: list[str] = dataclasses.field(default_factory=list)
     warnings: list[str] = dataclasses.field(default_factory=list)
     kernels: list[KernelStatus] = dataclasses.field(default_factory=list)
@@ -194,6 +197,8 @@ def _kernels_elsewhere(kernels: Sequence[KernelStatus]) -> list[str]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The command line: prints the report; exit status 1 on a bad --distributed setup, or with
+    --strict when there is a warning; else 0."""
     parser = argparse.ArgumentParser(prog="python -m dhjax.doctor", description=__doc__.splitlines()[0])
     parser.add_argument("--strict", action="store_true", help="exit with status 1 when there is any warning")
     parser.add_argument("--distributed", action="store_true",

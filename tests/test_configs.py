@@ -636,3 +636,22 @@ def test_parser_finds_planted_errors():
     # The right fields of the same docstring raise nothing.
     good = PLANTED.replace("image_sise", "image_size").replace("(0.5)", "(0.95)").replace("_deg.x", "_deg")
     assert check_docstring(good, [cfg, tiny], "good", "sample_heads") == []
+
+
+def undocumented_public_names(source: str) -> list[str]:
+    """Top-level functions and classes of a module's source without a leading underscore and
+    without a docstring."""
+    return [n.name for n in ast.parse(source).body
+            if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))
+            and not n.name.startswith("_") and ast.get_docstring(n) is None]
+
+
+def test_every_public_function_and_class_of_dhjax_has_a_docstring():
+    """The house style asks for shapes and units in every public docstring; a missing one is the
+    first thing to catch. (experiments' `main` and configs' `get_config` are described by their
+    module docstrings, so only dhjax/ is checked.)"""
+    assert undocumented_public_names("def f():\n    return 1\n\nclass C:\n    x: int\n\ndef _g():\n    pass\n"
+                                     "def h():\n    '''Doc.'''\n") == ["f", "C"]
+    missing = [f"{p.relative_to(ROOT)}: {name}" for p in sorted((ROOT / "dhjax").rglob("*.py"))
+               for name in undocumented_public_names(p.read_text())]
+    assert not missing, "public names without a docstring:\n" + "\n".join(missing)

@@ -105,6 +105,7 @@ def inverse_sqrt(H) -> np.ndarray:
 
 
 class WhitenedAdamState(NamedTuple):
+    """State of `whitened_adam`: the step count and Adam's moments of the whitened vector z."""
     count: jax.Array      # [] int32 steps taken
     mu: jax.Array         # [S, D] first moment in whitened coordinates
     nu: jax.Array         # [S, D] second moment

@@ -89,6 +89,7 @@ def summarize(rows: list[dict]) -> dict:
 
 
 class RunResult(NamedTuple):
+    """What `run` returns: the harness's result, the per-scan rows and their summary."""
     train: loop.TrainResult   # the harness's result (final state, metrics)
     rows: list                # `scan_rows` (empty on processes other than the lead)
     summary: dict             # `summarize` (empty on processes other than the lead)

@@ -68,6 +68,7 @@ class PlyProperty:
 
 @dataclass(frozen=True)
 class PlyElement:
+    """One element of a PLY header: its name, row count and properties in file order."""
     name: str
     count: int
     properties: tuple[PlyProperty, ...]

@@ -81,6 +81,8 @@ def default_model_config() -> ml_collections.ConfigDict:
 
 
 def default_loss_config() -> ml_collections.ConfigDict:
+    """Loss weights: colour (L1) 10, D-SSIM 0.2, garment segmentation 10, Neo-Hookean 0.005 with
+    Lame parameters lambda 10 and mu 1 (`neo_stable`: the stable form instead of the classic one)."""
     return ml_collections.ConfigDict(dict(color_weight=10.0, ssim_weight=0.2, garment_weight=10.0,
                                           neo_weight=0.005, neo_lambda=10.0, neo_mu=1.0, neo_stable=False))
 
@@ -261,6 +263,8 @@ def mlp_apply(params, x, cond):
 
 
 def cond_dim(ctx: Context, driver: str) -> int:
+    """Size of a part's conditioning vector: the face code's size for driver "face", else 3 values
+    (axis-angle) per joint of POSE_JOINTS."""
     return int(ctx.m("face_dim")) if driver == "face" else 3 * len(POSE_JOINTS)
 
 
@@ -512,12 +516,15 @@ def batch_loss(params, batch, ctx: Context, train: bool = True):
 
 
 def make_optimizer(ctx: Context):
+    """Adam with lr `optim.lr`, multiplied by `optim.decay` at each fraction `optim.decay_at` of
+    `optim.train_steps`."""
     steps = int(ctx.o("train_steps"))
     bounds = {int(f * steps): float(ctx.o("decay")) for f in ctx.o("decay_at") if 0 < int(f * steps) < steps}
     return optax.adam(optax.piecewise_constant_schedule(float(ctx.o("lr")), bounds))
 
 
 def init_state(key, ctx: Context) -> dict:
+    """{"params": `init_params`, "opt": the optimizer's state}."""
     params = init_params(key, ctx)
     return {"params": params, "opt": make_optimizer(ctx).init(params)}
 

@@ -365,6 +365,7 @@ def init_sh(ctx: Context, key=None) -> jax.Array:
 
 
 def make_optimizer(ctx: Context):
+    """Adam on the Net's weights with lr `ctx.lr` and on the SH colour texture with `ctx.color_lr`."""
     return optax.multi_transform({"net": optax.adam(ctx.lr), "sh": optax.adam(ctx.color_lr)},
                                  {"net": "net", "sh": "sh"})
 
@@ -539,6 +540,7 @@ def check_coefficients(model: EigenModel, k: Mapping) -> None:
 
 
 def zero_coefficients(model: EigenModel) -> dict:
+    """k = 0 for every attribute, {attribute: [M]}: the eigenmodel's mean avatar."""
     return {a: jnp.zeros((model.n_components,), jnp.float32) for a in ATTRIBUTES}
 
 
@@ -579,6 +581,8 @@ def refine_params(model: EigenModel) -> dict:
 
 
 def with_params(model: EigenModel, p: Mapping) -> EigenModel:
+    """The eigenmodel with means and bases replaced by those of refinement parameters p
+    (`refine_params`' layout); colours and sigma are kept."""
     return model._replace(mean=dict(p["mean"]), basis=dict(p["basis"]))
 
 

@@ -62,6 +62,8 @@ ATTRS = gem.ATTRIBUTES
 
 
 def synthetic_generator_config(cfg) -> ml_collections.ConfigDict:
+    """The config's synthetic multi-view generator settings restricted to its one subject
+    (`data.identity`)."""
     s = cfg.data.synthetic.copy_and_resolve_references()
     s.multiview.first_identity = int(cfg.data.identity)
     s.multiview.n_identities = 1
@@ -107,6 +109,9 @@ def gt_images(ctx: gem.Context, cap: gem_data.Capture, f: int, views, background
 
 
 def train_net(cfg, run_, ctx, cap, sp, log):
+    """Stage A: trains (or resumes) the Net through the harness in the run's workdir on the training
+    frames and cameras of split `sp`. Returns (the Net's final parameters, training seconds over all
+    resumed calls)."""
     init, step, evaluate = gem.method_functions(ctx)
     batches = gem_data.FrameBatches(cap, sp, frames_per_step=int(cfg.batch.frames_per_step),
                                     views_per_step=int(cfg.batch.views_per_step), seed=int(cfg.seed),
@@ -172,7 +177,7 @@ def distil_stage(cfg, run_, ctx, net_params, cap, sp, log):
     t0 = time.time()
     data = collect(ctx, net_params, cap, sp.train_frames)
     t1 = time.time()
-    model, k, ratio = gem.distil(data, net_params_sh(net_params), M, sh_degree=ctx.sh_degree,
+    model, k, ratio = gem.distil(data, net_params["sh"], M, sh_degree=ctx.sh_degree,
                                  background=ctx.background, method=cfg.gem.pca_method)
     jax.block_until_ready(model)
     secs = time.time() - t0
@@ -184,10 +189,6 @@ def distil_stage(cfg, run_, ctx, net_params, cap, sp, log):
                                                  **{f"ratio_{a}": ratio[a] for a in ATTRS},
                                                  "build_seconds": np.float64(secs)})
     return model, k, ratio, secs
-
-
-def net_params_sh(params):
-    return params["sh"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -283,6 +284,8 @@ def _rows_mean(rows) -> dict:
 
 
 def evaluate_images(pred, gt, lpips_fn=None) -> list[dict]:
+    """Per-image metrics (PSNR, SSIM, L1, and LPIPS with a distance `lpips_fn`) of predictions
+    against ground truth, both [N, H, W, 3] in [0, 1]."""
     return [image_metrics(p, g, lpips_fn) for p, g in zip(np.asarray(pred), np.asarray(gt))]
 
 

@@ -190,6 +190,8 @@ class Context:
 
 
 def hash_config(model_cfg) -> hg.HashGridConfig:
+    """The hash-grid settings of a model config's `hash` block; the per-level scale is derived from
+    the base and finest resolutions."""
     h = model_cfg.hash
     return hg.HashGridConfig(
         n_levels=int(h.n_levels), n_features_per_level=int(h.n_features_per_level),
@@ -292,6 +294,7 @@ def init_params(key, ctx: Context) -> dict:
 
 
 class FieldOut(NamedTuple):
+    """The radiance field at sample points: density and colour."""
     sigma: jax.Array    # [..., N] density (1/m)
     rgb: jax.Array      # [..., N, 3] in [0, 1]
 
@@ -447,6 +450,8 @@ class Frames(NamedTuple):
 
 
 class RenderOut(NamedTuple):
+    """Rendered rays of G frames x R rays: composited colour, depth and opacity, and whether each ray
+    fitted into the sample capacity."""
     color: jax.Array        # [G, R, 3]
     depth: jax.Array        # [G, R] expected ray termination distance (m), not normalised
     opacity: jax.Array      # [G, R]
@@ -550,11 +555,13 @@ def loss_terms(out: RenderOut, batch, ctx: Context) -> tuple[jax.Array, dict]:
 
 
 def batch_frames(batch) -> Frames:
+    """The `Frames` (tracked mesh, expression, head pose, frame index) of a training batch's keys."""
     return Frames(verts=batch["verts"], expression=batch["expression"], head_R=batch["head_R"],
                   head_t=batch["head_t"], frame=batch["frame"])
 
 
 def optimizer(ctx: Context):
+    """Adam with the config's lr, betas and eps (paper: lr 2.5e-3)."""
     oc = ctx.optim_cfg
     return optax.adam(float(oc.lr), b1=float(oc.b1), b2=float(oc.b2), eps=float(oc.eps))
 
@@ -567,6 +574,7 @@ def init_state(key, ctx: Context) -> dict:
 
 
 def background_of(ctx: Context):
+    """The config's background colour [3] in [0, 1]."""
     return jnp.asarray(ctx.model_cfg.background, jnp.float32)
 
 
@@ -620,6 +628,7 @@ loss = loss_terms
 
 
 def parameter_count(params) -> int:
+    """Number of scalars in a parameter pytree."""
     return int(sum(np.size(x) for x in jax.tree_util.tree_leaves(params)))
 
 

@@ -494,6 +494,8 @@ def baseline_texture(video: insta_data.Video, model, size: int = 256):
 
 
 def baseline_render(tex, video, i, model, background) -> np.ndarray:
+    """The baseline of frame i: the tracked mesh rendered with texture `tex` [T, T, 3] in the frame's
+    camera over `background`; image [H, W, 3] in [0, 1]."""
     W, H = video.size
     cam = camera_lib.make_camera(jnp.asarray(video.K[i]), jnp.asarray(video.R[i]), jnp.asarray(video.t[i]), W, H)
     out = shading.render_mesh(jnp.asarray(video.verts[i])[None], model.faces, cam, uv_coords=model.uv_coords,
@@ -701,6 +703,8 @@ def build_live(cfg, workdir, log=print):
 
 
 def ray_batches(cfg, train: insta_data.Video, arrived=None) -> insta_data.RayBatches:
+    """The training ray sampler of a config over the training frames (`arrived`: in the live online
+    mode, a callable returning how many frames have arrived so far)."""
     b = cfg.batch
     return insta_data.RayBatches(train, frames_per_step=int(b.frames_per_step), rays_per_frame=int(b.rays_per_frame),
                                  buffer_frames=int(b.buffer_frames), resample_every=int(b.resample_every),

@@ -67,6 +67,8 @@ def dataset_root(cfg) -> Path:
 
 
 def open_split(root, split: str, *, in_memory: bool = True) -> SelectedDataset:
+    """A split ("train"/"test") of the dataset folder `root`, restricted to the keys the prior
+    reads (held in memory unless `in_memory=False`)."""
     return SelectedDataset(ds.FolderDataset(root, split), synshot.BATCH_KEYS, in_memory=in_memory,
                            name=f"{root}/{split}")
 
@@ -78,6 +80,7 @@ def image_size(dataset) -> tuple[int, int]:
 
 
 def stack(samples) -> dict:
+    """Stacks a list of samples into a batch {key: [B, ...]}."""
     return ds.stack_samples(samples)
 
 
@@ -95,6 +98,7 @@ def eval_batch(dataset, n: int, devices: int = 1) -> dict:
 
 
 def model_batch(batch) -> dict:
+    """The keys of `batch` the model reads (synshot.BATCH_KEYS), without the others."""
     return {k: batch[k] for k in synshot.BATCH_KEYS if k in batch}
 
 
@@ -213,6 +217,8 @@ def heldout_metrics(predict, state, train_ds, test_ds, batch_size: int, *, max_i
 
 
 def format_metrics(m: dict) -> str:
+    """One line of `heldout_metrics`' figures: the prior's and the mean-image baseline's PSNR, SSIM
+    and L1."""
     return (f"held-out ({int(m['n_images'])} images): prior PSNR {m['prior_psnr']:.2f} dB, SSIM "
             f"{m['prior_ssim']:.4f}, L1 {m['prior_l1']:.4f} | mean-image baseline PSNR {m['mean_psnr']:.2f} dB, "
             f"SSIM {m['mean_ssim']:.4f}, L1 {m['mean_l1']:.4f}")

@@ -76,6 +76,8 @@ from dhjax.train import logs
 
 
 class Method(NamedTuple):
+    """A method as the harness drives it: init(key, batch) -> state; train_step(state, batch, key) ->
+    (state, metrics); optional evaluate(state, batch) -> metrics and render(state, batch) -> images."""
     init: Callable
     train_step: Callable
     evaluate: Callable | None = None
@@ -83,6 +85,7 @@ class Method(NamedTuple):
 
 
 class TrainResult(NamedTuple):
+    """What `train` returns."""
     state: Any
     metrics: dict          # last training metrics + final evaluation (host floats)
     steps_run: int         # steps executed by this call (0 when resumed at the end)

@@ -47,6 +47,7 @@ FINAL_PREFIX = "final/"   # tag prefix of the final metrics the sweep writes for
 
 
 class Variant(NamedTuple):
+    """One variant of a sweep: its overrides, workdir and command."""
     overrides: dict        # {dotted.field: value} of this variant (without the common ones)
     workdir: str           # <sweep workdir>/<variant name>
     command: list          # argv of the experiment process
