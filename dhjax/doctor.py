@@ -173,6 +173,12 @@ def diagnose(distributed: bool = False) -> Report:
             r.warnings.append(f"{op}: backend='auto' falls back to the pure-JAX reference on {backend} "
                               f"(the {kernel_platform} kernel is {own.describe()}); {_ffi.BUILD_HINT}")
     r.lines.append("backend='auto' runs: " + ", ".join(f"{op} -> {impl}" for op, impl in r.auto.items()))
+    threads = os.environ.get("DHJAX_NUM_THREADS")
+    lanes = os.environ.get("DHJAX_SPLAT_LANES")
+    r.lines.append(f"CPU kernel threads: {'DHJAX_NUM_THREADS=' + repr(threads) if threads is not None else 'every core'} "
+                   f"({os.cpu_count()} here); splat lanes: "
+                   f"{'DHJAX_SPLAT_LANES=' + repr(lanes) if lanes is not None else 'default (8 with AVX2, else 4)'}")
+    r.warnings.extend(f"{p}; every kernel call raises ValueError until it is fixed" for p in _ffi.kernel_env_problems())
     elsewhere = _kernels_elsewhere(r.kernels)
     if elsewhere:
         r.lines.append(f"note: the kernels in {', '.join(elsewhere)} are not this dhjax's own "

@@ -120,3 +120,27 @@ def test_distributed_with_a_bad_environment_is_one_error_line(monkeypatch, capsy
     monkeypatch.setenv("DHJAX_NUM_PROCESSES", "2")
     assert doctor.main(["--distributed"]) == 2
     assert capsys.readouterr().err.startswith("error: DHJAX_NUM_PROCESSES=2 needs DHJAX_COORDINATOR")
+
+
+def test_bad_kernel_environment_variables_are_named(monkeypatch):
+    """DHJAX_NUM_THREADS and DHJAX_SPLAT_LANES with values the C++ side would silently ignore:
+    the doctor warns (failing --strict) and every kernel call raises a ValueError naming them;
+    the pure-JAX reference is unaffected."""
+    assert _ffi.kernel_env_problems({}) == []
+    assert _ffi.kernel_env_problems({"DHJAX_NUM_THREADS": "3", "DHJAX_SPLAT_LANES": "4"}) == []
+    assert _ffi.kernel_env_problems({"DHJAX_SPLAT_LANES": "8"}) == []
+    for bad in ("two", "0", "-1", "2.5", ""):
+        (p,) = _ffi.kernel_env_problems({"DHJAX_NUM_THREADS": bad})
+        assert p.startswith(f"DHJAX_NUM_THREADS={bad!r}: ") and "positive integer" in p
+    for bad in ("16", "avx2", ""):
+        (p,) = _ffi.kernel_env_problems({"DHJAX_SPLAT_LANES": bad})
+        assert p.startswith(f"DHJAX_SPLAT_LANES={bad!r}: ") and "4 or 8" in p
+    monkeypatch.setenv("DHJAX_NUM_THREADS", "all")
+    report = doctor.diagnose()
+    assert any(w.startswith("DHJAX_NUM_THREADS='all'") for w in report.warnings)
+    assert "CPU kernel threads: DHJAX_NUM_THREADS='all'" in report.text()
+    assert doctor.main(["--strict"]) == 1
+    for backend in ("auto", "cpu"):
+        with pytest.raises(ValueError, match="DHJAX_NUM_THREADS='all': the CPU kernels' thread count"):
+            _ffi.resolve_backend(backend, "bvh", {"cpu": ()})
+    assert _ffi.resolve_backend("reference", "bvh", {"cpu": ()}) == "reference"

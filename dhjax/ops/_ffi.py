@@ -138,6 +138,24 @@ def register(op: str, platform: str, targets: tuple[tuple[str, str], ...]) -> bo
     return True
 
 
+def kernel_env_problems(environ=None) -> list[str]:
+    """What is wrong with the environment variables the CPU kernels read (empty when nothing):
+    DHJAX_NUM_THREADS must be a positive integer (the thread count) and DHJAX_SPLAT_LANES 4 or 8
+    (the splat kernel's lane width). The C++ side would ignore a bad value and use its default,
+    so a typo would go unnoticed; `resolve_backend` raises on these instead."""
+    env = os.environ if environ is None else environ
+    problems = []
+    threads = env.get("DHJAX_NUM_THREADS")
+    if threads is not None and not (threads.strip().isdigit() and int(threads) > 0):
+        problems.append(f"DHJAX_NUM_THREADS={threads!r}: the CPU kernels' thread count must be a positive "
+                        "integer (unset it to use every core)")
+    lanes = env.get("DHJAX_SPLAT_LANES")
+    if lanes is not None and lanes.strip() not in ("4", "8"):
+        problems.append(f"DHJAX_SPLAT_LANES={lanes!r}: the splat kernel's lane width must be 4 or 8 (8 runs "
+                        "only where the CPU has AVX2; unset it for the default)")
+    return problems
+
+
 def resolve_backend(backend: str, op: str, targets_by_platform: dict[str, tuple[tuple[str, str], ...]]) -> str:
     """Map "auto" | "reference" | "cpu" | "cuda" to the implementation that will run.
 
@@ -148,6 +166,9 @@ def resolve_backend(backend: str, op: str, targets_by_platform: dict[str, tuple[
         raise ValueError(f"backend must be 'auto', 'reference', 'cpu' or 'cuda', got {backend!r}")
     if backend == "reference":
         return backend
+    problems = kernel_env_problems()
+    if problems:
+        raise ValueError("; ".join(problems))
     if backend == "auto":
         if jax.default_backend() not in ("cpu", "gpu"):
             return "reference"
