@@ -823,3 +823,71 @@ def test_dataset_stream_records_a_stop_as_a_stop_not_as_a_failure():
     stream.fail(ValueError("frame 2: no face"))
     assert stream.writer.meta["live"] == {"run": "r", "frames": 3, "tracked": 1, "done": False,
                                           "error": "frame 2: no face"}
+
+
+def test_a_mica_run_is_read_once_and_initialises_every_sequence(model, tmp_path, monkeypatch):
+    """--config.mica_workdir: the run is read once, before any work (not again per sequence), and
+    MICA's prediction for the first frame is the shape the tracker starts from, for real input and
+    for every synthetic sequence. The tracker and MICA's network are stand-ins here (both are
+    tested on their own); this is about the plumbing between them."""
+    from configs import track as track_cfg
+    from dhjax import io as dio
+    from dhjax.capture import mica
+
+    loads, predicted, started = [], [], []
+    sentinel = {"mica": "variables"}
+
+    def fake_load_run(workdir):
+        loads.append(str(workdir))
+        return None, sentinel, {"n_vertices": model.num_vertices, "head_model": model.name}, 7
+
+    def fake_predict(variables, image, lm):
+        assert variables is sentinel
+        z = np.full(300, 0.01 * (len(predicted) + 1), np.float32)
+        predicted.append(z)
+        return z, None
+
+    W, H = 48, 40
+    p = jax.tree.map(np.asarray, _true_params(model, track_cfg.get_config().tracker,
+                                              tracker.make_static(model, W, H)))
+    K = np.asarray(tracker.intrinsics_matrix(p, W, H))
+    R = np.asarray(rotations.rotation_6d_to_matrix(jnp.asarray(p["rot6d"])))
+
+    def fake_track(cfg, model_, frames, *, shape_init=None, on_frame=None, **kw):
+        started.append(None if shape_init is None else np.asarray(shape_init))
+        n = len(frames)
+        for i in range(n):
+            if on_frame is not None:
+                on_frame(i, dict(params=p, K=K, R=R, t=np.asarray(p["trans"])))
+        return tracker.TrackResult(params=[p] * n, K=np.stack([K] * n), R=np.stack([R] * n),
+                                   t=np.stack([np.asarray(p["trans"])] * n), landmark_error_px=np.zeros(n),
+                                   photometric_error=np.zeros(n), seconds=0.0)
+
+    monkeypatch.setattr(mica.run, "load_run", fake_load_run)
+    monkeypatch.setattr(mica, "predict_image", fake_predict)
+    monkeypatch.setattr(tracker, "track_sequence", fake_track)
+
+    # real input: three frames with landmark files
+    cfg = track_cfg.get_config()
+    cfg.mica_workdir = str(tmp_path / "mica")
+    rng = np.random.default_rng(0)
+    for d in ("video", "lmk"):
+        (tmp_path / d).mkdir()
+    for i in range(3):
+        dio.save_image(tmp_path / "video" / f"f{i}.png", rng.uniform(size=(H, W, 3)))
+        np.save(tmp_path / "lmk" / f"f{i}.npy", np.full((68, 2), 20.0) + rng.uniform(-5, 5, (68, 2)))
+    report = track_run.run(cfg, tmp_path / "out", input=str(tmp_path / "video"), landmarks=str(tmp_path / "lmk"))
+    assert loads == [cfg.mica_workdir] and len(predicted) == 1
+    np.testing.assert_array_equal(started[-1], predicted[0])
+    assert report["shape_init"] == f"MICA ({cfg.mica_workdir})"
+
+    # synthetic input reads the run once in `run` and hands it to every sequence's initialisations
+    loads.clear(), predicted.clear()
+    cfg.synthetic.compare = ("mean", "mica")
+    loaded = fake_load_run(cfg.mica_workdir)
+    frame = tracker.frame_data(rng.uniform(size=(H, W, 3)), np.full((68, 2), 20.0), np.arange(68))
+    for _ in range(2):
+        inits = track_run.initialisations(cfg, [frame], None, model, loaded)
+        assert inits["mean"] is None
+        np.testing.assert_array_equal(inits["mica"], predicted[-1])
+    assert len(loads) == 1 and len(predicted) == 2

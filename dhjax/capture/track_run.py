@@ -207,11 +207,12 @@ def synthetic_frame(model, s, rng, noise_px: float, iris_rng=None, *, name: str 
     return tracker.frame_data(s["image"], uv, np.arange(68), mask, name=name, iris=iris)
 
 
-def mica_shape(workdir: str, image, lm, model) -> np.ndarray:
+def mica_shape(workdir: str, image, lm, model, loaded=None) -> np.ndarray:
     """MICA's shape coefficients [300] for one image (the first frame) from a trained MICA run
     (`mica.run.load_run`): the crop its encoder reads, placed by the landmarks' five points,
-    then the run's network."""
-    _, variables, rec, step = mica.run.load_run(workdir)
+    then the run's network. `loaded`: what `mica.run.load_run(workdir)` returned, so that a
+    caller predicting for several sequences reads the checkpoint once."""
+    _, variables, rec, step = loaded if loaded is not None else mica.run.load_run(workdir)
     mica.run.check_head_model(model, rec)
     z = np.asarray(mica.predict_image(variables, image, lm)[0], np.float32)
     print(f"MICA ({workdir}, checkpoint {step}) predicted the shape from the first frame", flush=True)
@@ -301,14 +302,14 @@ def run(cfg, workdir, *, input: str, landmarks: str | None = None,  # noqa: A002
         raise FileNotFoundError(f"--input {input!r} does not exist (a video file, an image folder or one image)")
     if cfg.shape_init and not Path(cfg.shape_init).is_file():
         raise FileNotFoundError(f"config field shape_init: no file {cfg.shape_init!r} (an npz with 'shape')")
-    if cfg.mica_workdir:     # a run with a checkpoint (the error names what is missing), before any work
-        mica.run.load_run(cfg.mica_workdir)
+    # A MICA run with a checkpoint (the error names what is missing), read once, before any work.
+    mica_run = mica.run.load_run(cfg.mica_workdir) if cfg.mica_workdir else None
     run_ = app.start(workdir, run_config(cfg, input, landmarks, masks))
     work = Path(workdir)
     if input == "synthetic":
-        report = track_synthetic(cfg, work)
+        report = track_synthetic(cfg, work, mica_run=mica_run)
     else:
-        report = track(cfg, work, input, landmarks, masks)
+        report = track(cfg, work, input, landmarks, masks, mica_run=mica_run)
     run_.done(str(work))
     return report
 
@@ -327,9 +328,11 @@ def run_config(cfg, input: str, landmarks: str | None = None, masks: str | None 
     return c
 
 
-def track(cfg, work: Path, input_path: str, landmarks: str | None = None, masks: str | None = None) -> dict:
+def track(cfg, work: Path, input_path: str, landmarks: str | None = None, masks: str | None = None,
+          mica_run=None) -> dict:
     """Tracks a video, an image folder or one image (see the module docstring); writes the
-    outputs and report.json / report.md (per-frame landmark and photometric error)."""
+    outputs and report.json / report.md (per-frame landmark and photometric error). `mica_run`:
+    `mica.run.load_run(cfg.mica_workdir)` when the caller has read it already."""
     raw, names = read_frames(input_path, int(cfg.max_frames), int(cfg.stride))
     print(f"{len(raw)} frame(s) of {raw[0].shape[1]}x{raw[0].shape[0]} from {input_path}", flush=True)
     mattes = frame_mattes(masks, raw, names, int(cfg.max_frames), int(cfg.stride))
@@ -340,7 +343,7 @@ def track(cfg, work: Path, input_path: str, landmarks: str | None = None, masks:
     if cfg.shape_init:
         shape_init, init = np.load(cfg.shape_init)["shape"], f"shape from {cfg.shape_init}"
     elif cfg.mica_workdir:
-        shape_init, init = mica_shape(cfg.mica_workdir, raw[0], lms[0], model), f"MICA ({cfg.mica_workdir})"
+        shape_init, init = mica_shape(cfg.mica_workdir, raw[0], lms[0], model, mica_run), f"MICA ({cfg.mica_workdir})"
     print(f"shape initialisation: {init}; landmarks: {lms[0].source} ({len(lms[0])} points)", flush=True)
     meta = {"input": input_path, "shape_init": init,
             "masks": f"foreground masks from {masks}" if masks else "the tracked mesh's silhouette"}
@@ -373,9 +376,10 @@ def track(cfg, work: Path, input_path: str, landmarks: str | None = None, masks:
     return report
 
 
-def initialisations(cfg, frames, samples, model) -> dict:
+def initialisations(cfg, frames, samples, model, mica_run=None) -> dict:
     """{name: shape coefficients or None (mean face)} for the initialisations of
-    cfg.synthetic.compare ("mean", "mica" (skipped without cfg.mica_workdir), "true")."""
+    cfg.synthetic.compare ("mean", "mica" (skipped without cfg.mica_workdir), "true");
+    `mica_run` as in `mica_shape`."""
     inits = {}
     for name in cfg.synthetic.compare:
         if name == "mean":
@@ -387,7 +391,7 @@ def initialisations(cfg, frames, samples, model) -> dict:
                 print("  skipping the MICA initialisation: set --config.mica_workdir=<a MICA run>")
                 continue
             lm = lmk_lib.from_ibug68(frames[0].landmarks)
-            inits[name] = mica_shape(cfg.mica_workdir, frames[0].image, lm, model)
+            inits[name] = mica_shape(cfg.mica_workdir, frames[0].image, lm, model, mica_run)
         else:
             raise ValueError(f"synthetic.compare: unknown initialisation {name!r} (mean, mica, true)")
     return inits
@@ -426,11 +430,14 @@ def results_table(items: Sequence[Mapping], with_sequence: bool) -> str:
     return app.markdown_table(rows, [k for k, _, _ in cols], headers=[h for _, h, _ in cols])
 
 
-def track_synthetic(cfg, work: Path) -> dict:
+def track_synthetic(cfg, work: Path, mica_run=None) -> dict:
     """Tracks synthetic sequences with each compared initialisation (mean face, MICA, true shape;
     focal length estimated or given) and reports errors against the ground truth, per sequence
     and averaged over the sequences (report.json, report.md). The outputs (params, overlay,
-    dataset) are those of the first sequence's MICA (else mean-face) track."""
+    dataset) are those of the first sequence's MICA (else mean-face) track. `mica_run` as in
+    `mica_shape` (read here when None and needed)."""
+    if mica_run is None and cfg.mica_workdir and "mica" in tuple(cfg.synthetic.compare):
+        mica_run = mica.run.load_run(cfg.mica_workdir)
     sc = cfg.synthetic
     seqs = tuple(int(q) for q in sc.sequences)
     rows, best, step_cache = [], None, {}
@@ -443,7 +450,7 @@ def track_synthetic(cfg, work: Path) -> dict:
         true_f = float(samples[0]["K"][0, 0])
         print(f"synthetic sequence {seq}: {len(frames)} frames of {sc.width}x{sc.height}, true focal "
               f"{true_f:.1f} px ({time.time() - t0:.0f} s)", flush=True)
-        inits = initialisations(cfg, frames, samples, model)
+        inits = initialisations(cfg, frames, samples, model, mica_run)
         for known in sc.known_focal:
             for name, z in inits.items():
                 tc = copy.deepcopy(cfg.tracker)
