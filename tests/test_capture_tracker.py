@@ -354,6 +354,29 @@ def test_run_on_one_image_with_a_landmark_file(tmp_path):
     assert (work / "params" / "frame_0000.npz").exists()
 
 
+def _true_params_np(model, tracker_cfg, W, H) -> dict:
+    return jax.tree.map(np.asarray, _true_params(model, tracker_cfg, tracker.make_static(model, W, H)))
+
+
+def _stand_in_tracker(p, W, H, calls):
+    """A stand-in for tracker.track_sequence that 'tracks' every frame at parameters p (reporting
+    each frame to on_frame as the real one does) and records {n, shape_init} per call in `calls`."""
+    K = np.asarray(tracker.intrinsics_matrix(p, W, H))
+    R = np.asarray(rotations.rotation_6d_to_matrix(jnp.asarray(p["rot6d"])))
+
+    def track_sequence(cfg, model_, frames, *, shape_init=None, on_frame=None, **kw):
+        n = len(frames)
+        calls.append(dict(n=n, shape_init=None if shape_init is None else np.asarray(shape_init)))
+        for i in range(n):
+            if on_frame is not None:
+                on_frame(i, dict(params=p, K=K, R=R, t=np.asarray(p["trans"])))
+        return tracker.TrackResult(params=[p] * n, K=np.stack([K] * n), R=np.stack([R] * n),
+                                   t=np.stack([np.asarray(p["trans"])] * n), landmark_error_px=np.zeros(n),
+                                   photometric_error=np.zeros(n), seconds=0.0)
+
+    return track_sequence
+
+
 def test_given_masks_replace_the_mesh_silhouette_in_the_dataset(model, tmp_path, monkeypatch):
     """--masks (track_run.frame_mattes): a folder of per-frame mask images (grey, RGBA alpha, RGB)
     becomes dataset/'s masks instead of the tracked mesh's silhouette, as streamed while tracking;
@@ -363,21 +386,9 @@ def test_given_masks_replace_the_mesh_silhouette_in_the_dataset(model, tmp_path,
     from dhjax.data import dataset as ds
     cfg = track_cfg.get_config()
     W, H = 48, 40
-    p = jax.tree.map(np.asarray, _true_params(model, cfg.tracker, tracker.make_static(model, W, H)))
-    K = np.asarray(tracker.intrinsics_matrix(p, W, H))
-    R = np.asarray(rotations.rotation_6d_to_matrix(jnp.asarray(p["rot6d"])))
+    p = _true_params_np(model, cfg.tracker, W, H)
     calls = []
-
-    def fake_track(cfg, model, frames, *, on_frame=None, **kw):
-        calls.append(len(frames))
-        for i in range(len(frames)):
-            on_frame(i, dict(params=p, K=K, R=R, t=np.asarray(p["trans"])))
-        n = len(frames)
-        return tracker.TrackResult(params=[p] * n, K=np.stack([K] * n), R=np.stack([R] * n),
-                                   t=np.stack([np.asarray(p["trans"])] * n), landmark_error_px=np.zeros(n),
-                                   photometric_error=np.zeros(n), seconds=0.0)
-
-    monkeypatch.setattr(tracker, "track_sequence", fake_track)
+    monkeypatch.setattr(tracker, "track_sequence", _stand_in_tracker(p, W, H, calls))
     rng = np.random.default_rng(0)
     for d in ("video", "lmk", "masks"):
         (tmp_path / d).mkdir()
@@ -834,7 +845,7 @@ def test_a_mica_run_is_read_once_and_initialises_every_sequence(model, tmp_path,
     from dhjax import io as dio
     from dhjax.capture import mica
 
-    loads, predicted, started = [], [], []
+    loads, predicted = [], []
     sentinel = {"mica": "variables"}
 
     def fake_load_run(workdir):
@@ -848,24 +859,11 @@ def test_a_mica_run_is_read_once_and_initialises_every_sequence(model, tmp_path,
         return z, None
 
     W, H = 48, 40
-    p = jax.tree.map(np.asarray, _true_params(model, track_cfg.get_config().tracker,
-                                              tracker.make_static(model, W, H)))
-    K = np.asarray(tracker.intrinsics_matrix(p, W, H))
-    R = np.asarray(rotations.rotation_6d_to_matrix(jnp.asarray(p["rot6d"])))
-
-    def fake_track(cfg, model_, frames, *, shape_init=None, on_frame=None, **kw):
-        started.append(None if shape_init is None else np.asarray(shape_init))
-        n = len(frames)
-        for i in range(n):
-            if on_frame is not None:
-                on_frame(i, dict(params=p, K=K, R=R, t=np.asarray(p["trans"])))
-        return tracker.TrackResult(params=[p] * n, K=np.stack([K] * n), R=np.stack([R] * n),
-                                   t=np.stack([np.asarray(p["trans"])] * n), landmark_error_px=np.zeros(n),
-                                   photometric_error=np.zeros(n), seconds=0.0)
-
+    p = _true_params_np(model, track_cfg.get_config().tracker, W, H)
+    started = []
+    monkeypatch.setattr(tracker, "track_sequence", _stand_in_tracker(p, W, H, started))
     monkeypatch.setattr(mica.run, "load_run", fake_load_run)
     monkeypatch.setattr(mica, "predict_image", fake_predict)
-    monkeypatch.setattr(tracker, "track_sequence", fake_track)
 
     # real input: three frames with landmark files
     cfg = track_cfg.get_config()
@@ -878,7 +876,7 @@ def test_a_mica_run_is_read_once_and_initialises_every_sequence(model, tmp_path,
         np.save(tmp_path / "lmk" / f"f{i}.npy", np.full((68, 2), 20.0) + rng.uniform(-5, 5, (68, 2)))
     report = track_run.run(cfg, tmp_path / "out", input=str(tmp_path / "video"), landmarks=str(tmp_path / "lmk"))
     assert loads == [cfg.mica_workdir] and len(predicted) == 1
-    np.testing.assert_array_equal(started[-1], predicted[0])
+    np.testing.assert_array_equal(started[-1]["shape_init"], predicted[0])
     assert report["shape_init"] == f"MICA ({cfg.mica_workdir})"
 
     # synthetic input reads the run once in `run` and hands it to every sequence's initialisations
