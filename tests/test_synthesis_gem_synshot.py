@@ -191,16 +191,37 @@ def test_rotate_sh_matches_evaluating_in_rotated_directions():
         gsy.rotate_sh(np.zeros((4, 5, 3), np.float32), np.eye(3))
 
 
+def test_mean_hemisphere_puts_every_quaternion_on_its_means_side():
+    """Quaternions aligned to their first frame can still lie on the far side of their mean (a
+    Gaussian turning more than 90 degrees, or an arbitrary rotation of a degenerate one): after
+    `mean_hemisphere` none does, and every rotation is unchanged."""
+    rs = np.random.RandomState(3)
+    q = Rotation.random(40 * 50, random_state=rs).as_quat()[:, [3, 0, 1, 2]].reshape(40, 50, 4)
+    q = q * np.sign(np.sum(q * q[:1], -1, keepdims=True))            # the first frame's hemisphere
+    assert (np.einsum("ngc,gc->ng", q, q.sum(0)) < 0).any()          # the case this is for
+    out = gsy.mean_hemisphere(q.astype(np.float32))
+    assert out.dtype == np.float32 and out.shape == q.shape
+    assert (np.einsum("ngc,gc->ng", out.astype(np.float64), out.astype(np.float64).sum(0)) >= 0).all()
+    np.testing.assert_allclose(np.abs(out), np.abs(q), atol=1e-7)    # only signs change
+    same = np.einsum("ngc,ngc->ng", out, q)
+    np.testing.assert_allclose(np.abs(same), 1.0, atol=1e-6)
+    np.testing.assert_array_equal(gsy.mean_hemisphere(out), out)      # a fixed point
+    with pytest.raises(ValueError, match=r"rotation must be \[N, G, 4\]"):
+        gsy.mean_hemisphere(np.zeros((3, 4)))
+
+
 def test_distilled_gem_reconstructs_and_renders_like_synshot(setup):
     s = setup
     col = s["collected"]
     model, k, info = gsy.distil_collected(col, N - 1)
     assert model.n_components == N - 1 and model.sh_degree == 3 and model.background == (0.0, 0.0, 0.0)
+    # N - 1 components reconstruct the N frames (quaternions in their mean's hemisphere)
+    aligned = dict(col, rotation=gsy.mean_hemisphere(col["rotation"]))
     for i in range(N):
         rec = gem.eigen_attributes(model, {a: k[a][i] for a in gem.ATTRIBUTES})
         for a in gem.ATTRIBUTES:
             atol = 1e-5 * max(1.0, float(np.abs(col[a]).max()))
-            np.testing.assert_allclose(rec[a], col[a][i], atol=atol, err_msg=f"{a} of frame {i}")
+            np.testing.assert_allclose(rec[a], aligned[a][i], atol=atol, err_msg=f"{a} of frame {i}")
     # the frames' coefficients are their projections; the wrapper distils the same model
     kp = gsy.project(model, col)
     for a in gem.ATTRIBUTES:

@@ -37,7 +37,10 @@ Deviations, stated:
     frames). `collect` counts such Gaussians (``n_degenerate``).
   * Quaternion signs. q and -q are one rotation; each Gaussian's quaternions are put in the
     hemisphere of a fixed per-Gaussian reference (default: its quaternion of the first frame),
-    otherwise sign flips would break the PCA.
+    otherwise sign flips would break the PCA. `distil_collected` then moves each Gaussian's
+    quaternions into the hemisphere of their own mean (`mean_hemisphere`), the reference that
+    `project` uses for any frame, so that the training frames' coefficients are their
+    projections even where a Gaussian turns by more than 90 degrees from its first frame.
   * Colour. SynShot regresses SH colours (degree 3) per frame; a GEM has one colour per Gaussian
     (`gem.EigenModel.sh`). `distil_synshot` uses the mean of the N frames' head-frame SH
     coefficients and reports the RMS of the per-frame deviation from it (`info`).
@@ -388,6 +391,23 @@ def colour_statistics(sh) -> dict:
                 max_rgb_bound=float(np.sqrt(K / (4 * np.pi)) * per.max()))
 
 
+def mean_hemisphere(rotation) -> np.ndarray:
+    """Quaternions [N, G, 4] with signs chosen so that each Gaussian's N quaternions all lie in
+    the hemisphere of their mean: q_i . sum_j q_j >= 0 for every i (the rotations are unchanged).
+
+    Flips the quaternions on the wrong side until none is. Each flip of a q with q . S < 0
+    strictly lengthens S = sum_j q_j (|S - 2q|^2 = |S|^2 - 4 q . S + 4), so it ends, in at most
+    a few rounds in practice."""
+    q = np.array(rotation, np.float64)
+    if q.ndim != 3 or q.shape[-1] != 4:
+        raise ValueError(f"rotation must be [N, G, 4] quaternions, got {list(q.shape)}")
+    while True:
+        wrong = np.einsum("ngc,gc->ng", q, q.sum(0)) < 0
+        if not wrong.any():
+            return q.astype(np.float32)
+        q[wrong] *= -1.0
+
+
 def distil_collected(collected: Mapping, n_components: int, *, sh_degree: int = 3, background=(0.0, 0.0, 0.0),
                      method: str = "auto") -> tuple[gem.EigenModel, dict, dict]:
     """`gem.distil` of `collect`'s output with the mean of the frames' SH as the colour.
@@ -412,6 +432,8 @@ def distil_collected(collected: Mapping, n_components: int, *, sh_degree: int = 
     if not 1 <= int(n_components) <= n - 1:
         raise ValueError(f"n_components={n_components} must be in [1, N - 1] = [1, {n - 1}] for {n} frames")
     sh = np.asarray(collected["sh"], np.float32)
+    # The quaternions in the hemisphere of their mean, which `project` aligns any frame to.
+    collected = dict(collected, rotation=mean_hemisphere(collected["rotation"]))
     model, k, ratio = gem.distil(collected, sh.mean(0), int(n_components), sh_degree=sh_degree,
                                  background=background, method=method)
     cov_err = float(np.max(collected["covariance_error"])) if "covariance_error" in collected else 0.0
