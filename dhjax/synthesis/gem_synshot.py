@@ -395,17 +395,20 @@ def mean_hemisphere(rotation) -> np.ndarray:
     """Quaternions [N, G, 4] with signs chosen so that each Gaussian's N quaternions all lie in
     the hemisphere of their mean: q_i . sum_j q_j >= 0 for every i (the rotations are unchanged).
 
-    Flips the quaternions on the wrong side until none is. Each flip of a q with q . S < 0
-    strictly lengthens S = sum_j q_j (|S - 2q|^2 = |S|^2 - 4 q . S + 4), so it ends, in at most
-    a few rounds in practice."""
-    q = np.array(rotation, np.float64)
+    Flips the quaternions on the wrong side until none is. Flipping a set F of them, each with
+    q . S < 0, lengthens S = sum_j q_j (|S - 2 sum_F q|^2 = |S|^2 - 4 sum_F q . S + 4 |sum_F q|^2),
+    so it ends, in a few rounds in practice; a quaternion within float32 round-off of the
+    mean's equator may be left on either side (at most 64 rounds are run). float32 throughout
+    (the sums in float64), so that paper-scale captures need one copy of the array."""
+    q = np.array(rotation, np.float32)
     if q.ndim != 3 or q.shape[-1] != 4:
         raise ValueError(f"rotation must be [N, G, 4] quaternions, got {list(q.shape)}")
-    while True:
-        wrong = np.einsum("ngc,gc->ng", q, q.sum(0)) < 0
+    for _ in range(64):
+        wrong = np.einsum("ngc,gc->ng", q, q.sum(0, dtype=np.float64).astype(np.float32)) < 0
         if not wrong.any():
-            return q.astype(np.float32)
+            break
         q[wrong] *= -1.0
+    return q
 
 
 def distil_collected(collected: Mapping, n_components: int, *, sh_degree: int = 3, background=(0.0, 0.0, 0.0),
