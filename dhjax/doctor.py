@@ -178,7 +178,7 @@ def diagnose(distributed: bool = False) -> Report:
     r.lines.append(f"CPU kernel threads: {'DHJAX_NUM_THREADS=' + repr(threads) if threads is not None else 'every core'} "
                    f"({os.cpu_count()} here); splat lanes: "
                    f"{'DHJAX_SPLAT_LANES=' + repr(lanes) if lanes is not None else 'default (8 with AVX2, else 4)'}")
-    r.warnings.extend(f"{p}; every kernel call raises ValueError until it is fixed" for p in _ffi.kernel_env_problems())
+    r.warnings.extend(f"{p}; a CPU kernel call traced while it is set raises a ValueError" for p in _ffi.kernel_env_problems())
     elsewhere = _kernels_elsewhere(r.kernels)
     if elsewhere:
         r.lines.append(f"note: the kernels in {', '.join(elsewhere)} are not this dhjax's own "

@@ -124,23 +124,32 @@ def test_distributed_with_a_bad_environment_is_one_error_line(monkeypatch, capsy
 
 def test_bad_kernel_environment_variables_are_named(monkeypatch):
     """DHJAX_NUM_THREADS and DHJAX_SPLAT_LANES with values the C++ side would silently ignore:
-    the doctor warns (failing --strict) and every kernel call raises a ValueError naming them;
-    the pure-JAX reference is unaffected."""
-    assert _ffi.kernel_env_problems({}) == []
-    assert _ffi.kernel_env_problems({"DHJAX_NUM_THREADS": "3", "DHJAX_SPLAT_LANES": "4"}) == []
-    assert _ffi.kernel_env_problems({"DHJAX_SPLAT_LANES": "8"}) == []
-    for bad in ("two", "0", "-1", "2.5", ""):
-        (p,) = _ffi.kernel_env_problems({"DHJAX_NUM_THREADS": bad})
+    the doctor warns (failing --strict) and a CPU kernel call raises a ValueError naming them;
+    the pure-JAX reference, and kernels that do not read a variable, are unaffected."""
+    problems = _ffi.kernel_env_problems
+    assert problems({}) == [] and problems({"DHJAX_NUM_THREADS": "", "DHJAX_SPLAT_LANES": ""}) == []
+    assert problems({"DHJAX_NUM_THREADS": " 3\n", "DHJAX_SPLAT_LANES": "4"}) == []
+    assert problems({"DHJAX_NUM_THREADS": str(2 ** 31 - 1), "DHJAX_SPLAT_LANES": "8"}) == []
+    # atoi would read 0, a negative number or nothing from these: the kernels would ignore them
+    for bad in ("two", "0", "-1", "2.5", "2147483648", "4294967296", "\u00b2", "\u0663", "\x1c3"):
+        (p,) = problems({"DHJAX_NUM_THREADS": bad})
         assert p.startswith(f"DHJAX_NUM_THREADS={bad!r}: ") and "positive integer" in p
-    for bad in ("16", "avx2", ""):
-        (p,) = _ffi.kernel_env_problems({"DHJAX_SPLAT_LANES": bad})
+    for bad in ("16", "avx2", "\u00a04"):
+        (p,) = problems({"DHJAX_SPLAT_LANES": bad})
         assert p.startswith(f"DHJAX_SPLAT_LANES={bad!r}: ") and "4 or 8" in p
+        assert problems({"DHJAX_SPLAT_LANES": bad}, op="bvh") == []       # read by the splat kernel only
+    before = len(doctor.diagnose().warnings)
     monkeypatch.setenv("DHJAX_NUM_THREADS", "all")
     report = doctor.diagnose()
-    assert any(w.startswith("DHJAX_NUM_THREADS='all'") for w in report.warnings)
+    assert len(report.warnings) == before + 1
+    assert report.warnings[-1].startswith("DHJAX_NUM_THREADS='all': ")
     assert "CPU kernel threads: DHJAX_NUM_THREADS='all'" in report.text()
     assert doctor.main(["--strict"]) == 1
+    assert _ffi.resolve_backend("reference", "bvh", {"cpu": ()}) == "reference"
+    if _ffi.library_path("bvh", "cpu") is None:
+        if _ffi.require_kernels():
+            pytest.fail("DHJAX_REQUIRE_KERNELS=1 but the CPU kernels are not built")
+        pytest.skip("CPU kernels not built")
     for backend in ("auto", "cpu"):
         with pytest.raises(ValueError, match="DHJAX_NUM_THREADS='all': the CPU kernels' thread count"):
             _ffi.resolve_backend(backend, "bvh", {"cpu": ()})
-    assert _ffi.resolve_backend("reference", "bvh", {"cpu": ()}) == "reference"

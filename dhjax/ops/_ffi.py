@@ -25,6 +25,7 @@ import ctypes
 import dataclasses
 import functools
 import os
+import re
 from pathlib import Path
 
 import jax
@@ -138,19 +139,24 @@ def register(op: str, platform: str, targets: tuple[tuple[str, str], ...]) -> bo
     return True
 
 
-def kernel_env_problems(environ=None) -> list[str]:
+_C_SPACE = " \t\n\v\f\r"      # what C's atoi skips before a number
+
+
+def kernel_env_problems(environ=None, op: str | None = None) -> list[str]:
     """What is wrong with the environment variables the CPU kernels read (empty when nothing):
-    DHJAX_NUM_THREADS must be a positive integer (the thread count) and DHJAX_SPLAT_LANES 4 or 8
-    (the splat kernel's lane width). The C++ side would ignore a bad value and use its default,
+    DHJAX_NUM_THREADS must be a positive integer (the thread count; at most 2^31 - 1) and, for
+    the splat kernel (`op` "splat" or None: every op), DHJAX_SPLAT_LANES 4 or 8 (its lane width).
+    An empty value counts as unset. The C++ side would ignore a bad value and use its default,
     so a typo would go unnoticed; `resolve_backend` raises on these instead."""
     env = os.environ if environ is None else environ
     problems = []
-    threads = env.get("DHJAX_NUM_THREADS")
-    if threads is not None and not (threads.strip().isdigit() and int(threads) > 0):
+    threads = env.get("DHJAX_NUM_THREADS", "")
+    if threads != "" and not (re.fullmatch(f"[{_C_SPACE}]*[0-9]+[{_C_SPACE}]*", threads)
+                              and 0 < int(threads) <= 2 ** 31 - 1):
         problems.append(f"DHJAX_NUM_THREADS={threads!r}: the CPU kernels' thread count must be a positive "
                         "integer (unset it to use every core)")
-    lanes = env.get("DHJAX_SPLAT_LANES")
-    if lanes is not None and lanes.strip() not in ("4", "8"):
+    lanes = env.get("DHJAX_SPLAT_LANES", "")
+    if op in (None, "splat") and lanes != "" and lanes.strip(_C_SPACE) not in ("4", "8"):
         problems.append(f"DHJAX_SPLAT_LANES={lanes!r}: the splat kernel's lane width must be 4 or 8 (8 runs "
                         "only where the CPU has AVX2; unset it for the default)")
     return problems
@@ -166,9 +172,6 @@ def resolve_backend(backend: str, op: str, targets_by_platform: dict[str, tuple[
         raise ValueError(f"backend must be 'auto', 'reference', 'cpu' or 'cuda', got {backend!r}")
     if backend == "reference":
         return backend
-    problems = kernel_env_problems()
-    if problems:
-        raise ValueError("; ".join(problems))
     if backend == "auto":
         if jax.default_backend() not in ("cpu", "gpu"):
             return "reference"
@@ -181,10 +184,17 @@ def resolve_backend(backend: str, op: str, targets_by_platform: dict[str, tuple[
                 register(op, other, targets_by_platform[other])
             except (OSError, RuntimeError):  # e.g. a CUDA library without a CUDA runtime here
                 pass
-        return platform if register(op, platform, targets_by_platform[platform]) else "reference"
-    if not register(op, backend, targets_by_platform[backend]):
+        resolved = platform if register(op, platform, targets_by_platform[platform]) else "reference"
+    elif not register(op, backend, targets_by_platform[backend]):
         raise RuntimeError(f"the {backend} kernel of '{op}' is not built: {BUILD_HINT}")
-    return backend
+    else:
+        resolved = backend
+    # Only the CPU kernels read these variables (at every call). The check runs when a call is
+    # traced, so a program compiled before a variable changed is not checked again.
+    problems = kernel_env_problems(op=op) if resolved == "cpu" else []
+    if problems:
+        raise ValueError("; ".join(problems))
+    return resolved
 
 
 def require_kernels() -> bool:
