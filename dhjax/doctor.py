@@ -50,7 +50,8 @@ PLATFORMS = ("cpu", "cuda")
 
 @dataclasses.dataclass(frozen=True)
 class KernelStatus:
-    """One kernel library as `diagnose` found it: usable when `error` is None and no symbol is missing."""
+    """One kernel library as `diagnose` found it: usable when it is built (`path`), `error` is
+    None and no symbol is missing."""
     op: str
     platform: str                 # "cpu" | "cuda"
     path: str | None              # library path, None when missing
@@ -203,8 +204,8 @@ def _kernels_elsewhere(kernels: Sequence[KernelStatus]) -> list[str]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """The command line: prints the report; exit status 1 on a bad --distributed setup, or with
-    --strict when there is a warning; else 0."""
+    """The command line: prints the report; exit status 2 on a bad --distributed setup, 1 with
+    --strict when there is a warning, else 0."""
     parser = argparse.ArgumentParser(prog="python -m dhjax.doctor", description=__doc__.splitlines()[0])
     parser.add_argument("--strict", action="store_true", help="exit with status 1 when there is any warning")
     parser.add_argument("--distributed", action="store_true",

@@ -154,8 +154,9 @@ def time_train(ctx, batch, bits, repeats: int, warmup: int):
 
 
 def time_occupancy_update(ctx, bits, repeats: int) -> float:
-    """Seconds of one jitted `insta.update_occupancy` (the field evaluated at every cell of the
-    grid of `bits`), warm, the median of `repeats` calls."""
+    """Seconds of one jitted `insta.update_occupancy` (the field evaluated at `occupancy.cells`
+    jittered cells, every cell of the D^3 grid with the default 0; `bits` only seeds the state),
+    warm, the median of `repeats` calls."""
     from dhjax.synthesis import insta
 
     state = _fresh_state(ctx, bits)

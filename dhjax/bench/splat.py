@@ -52,8 +52,8 @@ def head_scene(n: int, seed: int = 0, model: flame.FlameModel | None = None) -> 
 
 
 def frontal_camera(width: int, height: int) -> camera_lib.Camera:
-    """One pinhole camera (28 degree field of view, width x height pixels) 0.6 m in front of the
-    origin on +z, looking at it: the view of the bench's scenes."""
+    """A batch of one pinhole camera (28 degree vertical field of view, width x height pixels)
+    0.6 m in front of the origin on +z, looking at it: the view of the bench's scenes."""
     R, t = camera_lib.look_at(np.array([[0.0, 0.0, 0.6]]), np.array([[0.0, 0.0, 0.0]]))
     return camera_lib.camera_from_fov(28.0, width, height, R, t)
 

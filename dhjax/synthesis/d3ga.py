@@ -85,8 +85,9 @@ def default_model_config() -> ml_collections.ConfigDict:
 
 
 def default_loss_config() -> ml_collections.ConfigDict:
-    """Loss weights: colour (L1) 10, D-SSIM 0.2, garment segmentation 10, Neo-Hookean 0.005 with
-    Lame parameters lambda 10 and mu 1 (`neo_stable`: the stable form instead of the classic one)."""
+    """Loss weights: colour 10 x (0.8 L1 + 0.2 D-SSIM; `ssim_weight` is the D-SSIM share),
+    garment segmentation 10, Neo-Hookean 0.005 with Lame parameters lambda 10 and mu 1
+    (`neo_stable`: the rest-stable form instead of the thesis's)."""
     return ml_collections.ConfigDict(dict(color_weight=10.0, ssim_weight=0.2, garment_weight=10.0,
                                           neo_weight=0.005, neo_lambda=10.0, neo_mu=1.0, neo_stable=False))
 

@@ -284,8 +284,8 @@ def _rows_mean(rows) -> dict:
 
 
 def evaluate_images(pred, gt, lpips_fn=None) -> list[dict]:
-    """Per-image metrics (PSNR, SSIM, L1, and LPIPS with a distance `lpips_fn`) of predictions
-    against ground truth, both [N, H, W, 3] in [0, 1]."""
+    """Per-image metrics (`insta_run.image_metrics`: L2, PSNR, SSIM, L1, and LPIPS with a distance
+    `lpips_fn`) of predictions against ground truth, both [N, H, W, 3] in [0, 1]."""
     return [image_metrics(p, g, lpips_fn) for p, g in zip(np.asarray(pred), np.asarray(gt))]
 
 

@@ -450,8 +450,8 @@ class Frames(NamedTuple):
 
 
 class RenderOut(NamedTuple):
-    """Rendered rays of G frames x R rays: composited colour, depth and opacity, and whether each ray
-    fitted into the sample capacity."""
+    """Rendered rays of G frames x R rays: composited colour, depth and opacity, whether each ray
+    fitted into the sample capacity, and the samples each frame's rays needed."""
     color: jax.Array        # [G, R, 3]
     depth: jax.Array        # [G, R] expected ray termination distance (m), not normalised
     opacity: jax.Array      # [G, R]

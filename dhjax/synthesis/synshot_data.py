@@ -68,7 +68,7 @@ def dataset_root(cfg) -> Path:
 
 def open_split(root, split: str, *, in_memory: bool = True) -> SelectedDataset:
     """A split ("train"/"test") of the dataset folder `root`, restricted to the keys the prior
-    reads (held in memory unless `in_memory=False`)."""
+    reads (samples kept in memory once read, unless `in_memory=False`)."""
     return SelectedDataset(ds.FolderDataset(root, split), synshot.BATCH_KEYS, in_memory=in_memory,
                            name=f"{root}/{split}")
 
