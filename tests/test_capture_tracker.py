@@ -879,13 +879,15 @@ def test_a_mica_run_is_read_once_and_initialises_every_sequence(model, tmp_path,
     np.testing.assert_array_equal(started[-1]["shape_init"], predicted[0])
     assert report["shape_init"] == f"MICA ({cfg.mica_workdir})"
 
-    # synthetic input reads the run once in `run` and hands it to every sequence's initialisations
-    loads.clear(), predicted.clear()
-    cfg.synthetic.compare = ("mean", "mica")
-    loaded = fake_load_run(cfg.mica_workdir)
-    frame = tracker.frame_data(rng.uniform(size=(H, W, 3)), np.full((68, 2), 20.0), np.arange(68))
-    for _ in range(2):
-        inits = track_run.initialisations(cfg, [frame], None, model, loaded)
-        assert inits["mean"] is None
-        np.testing.assert_array_equal(inits["mica"], predicted[-1])
-    assert len(loads) == 1 and len(predicted) == 2
+    # synthetic input: two sequences, each starting from MICA's shape for its first frame, and
+    # the run read once
+    loads.clear(), predicted.clear(), started.clear()
+    cfg = track_cfg.get_config("tiny")
+    cfg.mica_workdir = str(tmp_path / "mica")
+    cfg.synthetic.update(sequences=(0, 1), n_frames=2, width=W, height=H, uv_size=32, compare=("mean", "mica"))
+    track_run.run(cfg, tmp_path / "syn", input="synthetic")
+    assert loads == [cfg.mica_workdir] and len(predicted) == 2
+    mica_starts = [c["shape_init"] for c in started if c["shape_init"] is not None]
+    assert len(mica_starts) == 2 and sum(c["shape_init"] is None for c in started) == 2      # mica, mean
+    for z, s in zip(predicted, mica_starts):
+        np.testing.assert_array_equal(s, z)
