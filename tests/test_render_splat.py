@@ -231,3 +231,12 @@ def test_bad_input_errors():
         splat.rasterize(*args, background=jnp.zeros(4))
     with pytest.raises(ValueError, match="covariances"):
         splat.rasterize(*args, covariances=jnp.zeros((3, 3, 3)))
+    # opacities outside [0, 1] (logits passed by mistake) are named outside jit; a non-finite one
+    # is dropped as the docstring says, not an error; inside jit values cannot be checked
+    logits = jnp.asarray(s["opacities"]).at[0].set(-2.0)
+    with pytest.raises(ValueError, match=r"opacities must be activated values in \[0, 1\] .*got values in \[-2, "):
+        splat.rasterize(s["means"], s["quats"], s["scales"], logits, *args[4:])
+    with pytest.raises(ValueError, match=r"got values in \[.*, 1\.5\]"):
+        splat.rasterize(s["means"], s["quats"], s["scales"], logits.at[0].set(1.5), *args[4:])
+    splat.rasterize(s["means"], s["quats"], s["scales"], logits.at[0].set(jnp.nan), *args[4:])
+    jax.jit(lambda o: splat.rasterize(s["means"], s["quats"], s["scales"], o, *args[4:]).image)(logits)

@@ -39,6 +39,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from dhjax.ops import splat as splat_op
 from dhjax.render.camera import Camera, camera_centre, check_camera
@@ -252,6 +253,12 @@ def _check_gaussians(means, quats, scales, opacities, covariances):
     opacities = jnp.asarray(opacities, jnp.float32)
     if opacities.shape != (n,):
         raise ValueError(f"opacities must be [N] = [{n}] (activated, in [0, 1]), got {opacities.shape}")
+    if not isinstance(opacities, jax.core.Tracer):      # concrete (outside jit): check the range
+        o = np.asarray(opacities)
+        o = o[np.isfinite(o)]                           # non-finite Gaussians are dropped (docstring)
+        if o.size and (o.min() < 0.0 or o.max() > 1.0):
+            raise ValueError(f"opacities must be activated values in [0, 1] (e.g. jax.nn.sigmoid(logits)), "
+                             f"got values in [{o.min():.4g}, {o.max():.4g}]")
     if covariances is not None:
         covariances = jnp.asarray(covariances, jnp.float32)
         if covariances.shape != (n, 3, 3):
@@ -312,7 +319,8 @@ def rasterize(means, quats, scales, opacities, colors_or_sh, cameras: Camera, wi
       means: [N, 3] world positions, metres.
       quats: [N, 4] rotations (w, x, y, z), any norm (normalised here); ignored with `covariances`.
       scales: [N, 3] standard deviations, metres (already activated, e.g. exp(log_scales)).
-      opacities: [N] in [0, 1] (already activated, e.g. sigmoid(logits)).
+      opacities: [N] in [0, 1] (already activated, e.g. sigmoid(logits)); outside jit, values
+        outside [0, 1] (e.g. logits) raise a ValueError.
       colors_or_sh: colours [N, D] or per camera [C, N, D] when `sh_degree` is None (any D,
         rendered as channels), else SH coefficients [N, M, 3] with M >= (sh_degree + 1)^2.
       cameras: `dhjax.render.camera.Camera` with batch shape [C] (a single camera is C = 1).
