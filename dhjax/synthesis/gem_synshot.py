@@ -401,7 +401,7 @@ def mean_hemisphere(rotation) -> np.ndarray:
     q . S + 4 |sum_F q|^2), so it ends; random quaternions took up to 45 rounds for N = 256.
     Each round only revisits the Gaussians that changed. float32 throughout (sums in float64):
     one copy of a paper-scale capture. RuntimeError if it has not ended after 4N + 64 rounds
-    (it cannot happen in exact arithmetic)."""
+    (a safeguard: the bound on the rounds is not proven, only that they are finite)."""
     q = np.array(rotation, np.float32)
     if q.ndim != 3 or q.shape[-1] != 4:
         raise ValueError(f"rotation must be [N, G, 4] quaternions, got {list(q.shape)}")
