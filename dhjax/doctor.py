@@ -61,9 +61,11 @@ class KernelStatus:
 
     @property
     def usable(self) -> bool:
+        """Built, loadable, of this ABI and with every handler symbol."""
         return self.path is not None and self.error is None and not self.symbols_missing
 
     def describe(self) -> str:
+        """One line for the report: 'not built', the path and ABI, or why it is unusable."""
         if self.path is None:
             return "not built"
         if self.error:
@@ -83,6 +85,7 @@ class Report:
     auto: dict[str, str] = dataclasses.field(default_factory=dict)   # op -> implementation of "auto"
 
     def text(self) -> str:
+        """The printed report: the lines, then the warnings."""
         out = list(self.lines)
         out.append("")
         if self.warnings:

@@ -639,19 +639,28 @@ def test_parser_finds_planted_errors():
 
 
 def undocumented_public_names(source: str) -> list[str]:
-    """Top-level functions and classes of a module's source without a leading underscore and
-    without a docstring."""
-    return [n.name for n in ast.parse(source).body
-            if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))
-            and not n.name.startswith("_") and ast.get_docstring(n) is None]
+    """Top-level functions and classes of a module's source, and the methods of those classes
+    ("Class.method"), without a leading underscore and without a docstring."""
+    missing = []
+    for n in ast.parse(source).body:
+        if not isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) or n.name.startswith("_"):
+            continue
+        if ast.get_docstring(n) is None:
+            missing.append(n.name)
+        if isinstance(n, ast.ClassDef):
+            missing += [f"{n.name}.{m.name}" for m in n.body
+                        if isinstance(m, (ast.FunctionDef, ast.AsyncFunctionDef)) and not m.name.startswith("_")
+                        and ast.get_docstring(m) is None]
+    return missing
 
 
-def test_every_public_function_and_class_of_dhjax_has_a_docstring():
+def test_every_public_function_class_and_method_of_dhjax_has_a_docstring():
     """The house style asks for shapes and units in every public docstring; a missing one is the
     first thing to catch. (experiments' `main` and configs' `get_config` are described by their
     module docstrings, so only dhjax/ is checked.)"""
-    assert undocumented_public_names("def f():\n    return 1\n\nclass C:\n    x: int\n\ndef _g():\n    pass\n"
-                                     "def h():\n    '''Doc.'''\n") == ["f", "C"]
+    sample = ("def f():\n    return 1\n\nclass C:\n    x: int\n    def m(self):\n        pass\n"
+              "    def _p(self):\n        pass\n\ndef _g():\n    pass\ndef h():\n    '''Doc.'''\n")
+    assert undocumented_public_names(sample) == ["f", "C", "C.m"]
     files = sorted((ROOT / "dhjax").rglob("*.py"))
     assert len(files) > 100, len(files)          # the package's modules, not an empty glob
     missing = [f"{p.relative_to(ROOT)}: {name}" for p in files for name in undocumented_public_names(p.read_text())]

@@ -251,6 +251,7 @@ class Static:
 
     @property
     def use_offsets(self) -> bool:
+        """Whether per-vertex offsets are optimised (config `use_offsets`)."""
         return bool(self.cfg["use_offsets"])
 
     @property

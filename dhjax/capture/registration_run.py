@@ -39,6 +39,7 @@ class FixedBatch:
         self.batch = batch
 
     def get_batch(self, step):
+        """The same batch at every step."""
         del step
         return self.batch
 

@@ -424,6 +424,7 @@ class BodyVideoGenerator:
         return s, t, c
 
     def identity_number(self, s: int) -> int:
+        """The global subject number of the generator's s-th subject (`first_subject` + s)."""
         return int(self.config.first_subject) + int(s)
 
     def subject(self, s: int) -> dict:

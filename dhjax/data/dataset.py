@@ -126,6 +126,7 @@ class Writer:
 
     @staticmethod
     def names(sample) -> tuple[str, str, str]:
+        """(item, frame, camera) folder and file names of a sample: item_0000007, frame_0003, cam_02."""
         return (f"item_{int(sample['item']):07d}", f"frame_{int(sample['frame']):04d}",
                 f"cam_{int(sample['view']):02d}")
 
@@ -502,6 +503,7 @@ class Pipeline:
 
     @property
     def steps_per_epoch(self) -> int:
+        """Full batches per epoch (a last partial batch is dropped)."""
         return len(self.indices) // self.batch_size
 
     def __len__(self):

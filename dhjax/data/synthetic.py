@@ -180,6 +180,7 @@ class Assets:
 
     @property
     def n_render_vertices(self) -> int:
+        """Vertices of the rendered mesh: the model's plus the hair and beard vertices."""
         return self.n_model_vertices + int(self.hair_vids.shape[0]) + int(self.beard_vids.shape[0])
 
 
@@ -896,6 +897,7 @@ class MultiviewGenerator(_Generator):
         return i, e, c
 
     def identity_number(self, i: int) -> int:
+        """The global identity number of the generator's i-th identity (`multiview.first_identity` + i)."""
         return int(self.config.multiview.first_identity) + int(i)
 
     def frame(self, i: int, e: int) -> dict:
@@ -963,6 +965,7 @@ class VideoGenerator(_Generator):
         return s, t, 0
 
     def identity_number(self, s: int) -> int:
+        """The global identity number of sequence s (`video.first_identity` + s)."""
         return int(self.config.video.first_identity) + int(s)
 
     def sequence(self, s: int) -> dict:
@@ -984,6 +987,8 @@ class VideoGenerator(_Generator):
         return self._sequences.get(int(s), make)
 
     def frame(self, s: int, t: int) -> dict:
+        """Frame t of sequence s (cached): its motion parameters, SH light, background, posed geometry
+        and expression offset map."""
         def make():
             seq = self.sequence(s)
             p = {k: v[t] for k, v in seq["motion"].items()}

@@ -61,6 +61,7 @@ class UVFields:
 
     @property
     def size(self) -> int:
+        """The UV map's side in texels."""
         return int(self.face_id.shape[0])
 
 

@@ -63,6 +63,7 @@ class PlyProperty:
 
     @property
     def is_list(self) -> bool:
+        """Whether the property is a list (it has a count type)."""
         return self.count_dtype is not None
 
 
@@ -85,6 +86,7 @@ class PlyHeader:
     data_offset: int
 
     def element(self, name: str) -> PlyElement | None:
+        """The element called `name`, or None."""
         return next((e for e in self.elements if e.name == name), None)
 
 

@@ -134,14 +134,17 @@ class BodyModel(flame.BlendBasisViews):
 
     @property
     def num_joints(self) -> int:
+        """Number of joints (the kinematic tree's length)."""
         return len(self.parents)
 
     @property
     def num_landmarks(self) -> int:
+        """Number of surface landmarks (0 without them)."""
         return 0 if self.lmk_faces is None else self.lmk_faces.shape[0]
 
     @property
     def num_keypoints(self) -> int:
+        """Joints plus landmarks: the rows of `forward`'s keypoints."""
         return self.num_joints + self.num_landmarks
 
 

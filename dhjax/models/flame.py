@@ -48,22 +48,27 @@ class BlendBasisViews:
 
     @property
     def v_template(self) -> jax.Array:
+        """[V, 3] template vertices (metres), row 0 of the blend basis."""
         return self.blend_basis[0]
 
     @property
     def shapedirs(self) -> jax.Array:
+        """[num_shape, V, 3] shape blend shapes."""
         return self.blend_basis[1: 1 + self.num_shape]
 
     @property
     def exprdirs(self) -> jax.Array:
+        """[num_expression, V, 3] expression blend shapes."""
         return self.blend_basis[1 + self.num_shape:]
 
     @property
     def num_vertices(self) -> int:
+        """Number of vertices V."""
         return self.blend_basis.shape[1]
 
     @property
     def num_expression(self) -> int:
+        """Number of expression components."""
         return self.blend_basis.shape[0] - 1 - self.num_shape
 
 

@@ -127,6 +127,7 @@ class Part:
 
     @property
     def n_gaussians(self) -> int:
+        """Number of Gaussians G of the part."""
         return self.gauss_cell.shape[0]
 
 
@@ -151,12 +152,15 @@ class Context:
     optim_cfg: tuple = flax.struct.field(pytree_node=False, default=())
 
     def m(self, key):
+        """A field of the model config."""
         return dict(self.model_cfg)[key]
 
     def l(self, key):
+        """A field of the loss config."""
         return dict(self.loss_cfg)[key]
 
     def o(self, key):
+        """A field of the optimiser config."""
         return dict(self.optim_cfg)[key]
 
 

@@ -267,6 +267,9 @@ class FrameBatches:
         self.random_background, self.background = bool(random_background), np.asarray(background, np.float32)
 
     def get_batch(self, step: int) -> dict:
+        """Training batch of a step: batch_size (frame, camera) pairs drawn from the training frames and
+        cameras by a generator seeded with (seed, step), each with its own random background when
+        `random_background` (`frame_batch` keys, stacked)."""
         rng = np.random.default_rng([self.seed, int(step)])
         fpos = rng.choice(self.sp.train_frames, self.batch_size)
         vpos = rng.choice(self.sp.train_views, self.batch_size)

@@ -175,6 +175,7 @@ class Context:
 
     @property
     def n_gaussians(self) -> int:
+        """Number of Gaussians G (texels of the UV map inside the layout)."""
         return int(self.texel.shape[0])
 
 
@@ -482,10 +483,12 @@ class EigenModel(NamedTuple):
 
     @property
     def n_components(self) -> int:
+        """Number of components M per attribute."""
         return int(self.basis["position"].shape[0])
 
     @property
     def n_gaussians(self) -> int:
+        """Number of Gaussians G."""
         return int(self.sh.shape[0])
 
 

@@ -171,6 +171,8 @@ class FrameBatches:
         self.random_background, self.background = bool(random_background), np.asarray(background, np.float32)
 
     def get_batch(self, step: int) -> dict:
+        """Training batch of a step: frames_per_step training frames, each seen by views_per_step
+        training cameras, drawn by a generator seeded with (seed, step) (`frame_batch` keys, stacked)."""
         rng = np.random.default_rng([self.seed, int(step)])
         fpos = rng.choice(self.sp.train_frames, self.frames_per_step, replace=len(self.sp.train_frames) < self.frames_per_step)
         rows = []

@@ -186,14 +186,17 @@ class LocalEigenModel(NamedTuple):
 
     @property
     def n_components(self) -> int:
+        """Components per region and attribute."""
         return int(self.pca["position"].pcas[0].components.shape[0])
 
     @property
     def n_regions(self) -> int:
+        """Number of face regions."""
         return len(self.pca["position"].pcas)
 
     @property
     def n_gaussians(self) -> int:
+        """Number of Gaussians G."""
         return int(self.sh.shape[0])
 
 

@@ -176,10 +176,12 @@ class Context:
     backend: str = "auto"
 
     def replace(self, **changes) -> "Context":
+        """A copy with some fields changed."""
         return dataclasses.replace(self, **changes)
 
     @property
     def resolution(self) -> int:
+        """Side D of the occupancy grid (D^3 cells)."""
         return int(self.model_cfg.occupancy.resolution)
 
     @property

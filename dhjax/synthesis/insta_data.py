@@ -75,6 +75,7 @@ class Video(NamedTuple):
         return int(self.images.shape[2]), int(self.images.shape[1])
 
     def take(self, idx) -> "Video":
+        """The frames at indices `idx`, as a Video."""
         idx = np.asarray(idx)
         return Video(*(np.asarray(a)[idx] for a in self))
 
@@ -308,6 +309,10 @@ class RayBatches:
         return np.sort(rng.choice(n, self.buffer, replace=False))
 
     def get_batch(self, step: int) -> dict:
+        """Training rays of a step: G frames from the frame buffer of the step, R random pixels each,
+        drawn by a generator seeded with (seed, step): origins and dirs [G, R, 3], colour, pixel,
+        mouth and face masks, mesh depth, the frames' `insta.Frames` fields, and a random background
+        per ray when `random_background`."""
         v = self.video
         W, H = v.size
         rng = np.random.default_rng([self.seed, 2, int(step)])

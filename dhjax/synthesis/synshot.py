@@ -142,6 +142,7 @@ class NetConfig:
 
     @classmethod
     def from_config(cls, mc) -> "NetConfig":
+        """The network settings of a model config (`parts` only when sampling per part)."""
         parts = tuple(mc.parts) if mc.sampling else ("all",)
         return cls(channels=tuple(int(c) for c in mc.channels), latent_dim=int(mc.latent_dim),
                    num_codes=int(mc.num_codes), beta=float(mc.beta), use_vq=bool(mc.use_vq),
@@ -173,6 +174,7 @@ class PartGrid:
 
     @property
     def count(self) -> int:
+        """Number of Gaussians of the part."""
         return int(self.index.shape[0])
 
 
@@ -198,6 +200,7 @@ class Assets:
 
     @property
     def n_gaussians(self) -> int:
+        """Number of Gaussians over all parts."""
         return sum(p.count for p in self.parts)
 
 
@@ -282,6 +285,8 @@ class SynShotNet(nn.Module):
     cfg: NetConfig
 
     def setup(self):
+        """Flax hook: the identity and expression encoders, their VQ layers and code transformers
+        (when configured), the decoders and the per-part colour and Gaussian regressors."""
         c = self.cfg
         self.enc_id = conv.Encoder(c.channels, c.latent_dim)
         self.enc_expr = conv.Encoder(c.channels, c.latent_dim)

@@ -236,6 +236,7 @@ class EarlyStopper(NamedTuple):
     steps: int = 0
 
     def update(self, loss: float) -> tuple["EarlyStopper", bool]:
+        """(the stopper after one more loss, whether to stop now)."""
         ema = loss if np.isnan(self.ema) else self.decay * self.ema + (1 - self.decay) * loss
         steps = self.steps + 1
         if ema < self.best * (1 - self.min_delta):

@@ -164,6 +164,7 @@ class CodePrior(nn.Module):
 
     @property
     def length(self) -> int:
+        """Length L of a code sequence: the identity and expression grids' cells, 2 h w."""
         return 2 * int(self.grid[0]) * int(self.grid[1])
 
     @nn.compact
@@ -257,6 +258,7 @@ class CodeData:
         self.batch_size, self.seed = int(batch_size), int(seed)
 
     def get_batch(self, step: int) -> dict:
+        """{"codes": [batch_size, L] int32} of a step (rows drawn with replacement)."""
         rng = np.random.default_rng([self.seed, int(step)])
         return {"codes": self.sequences[rng.integers(0, len(self.sequences), self.batch_size)]}
 

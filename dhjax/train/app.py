@@ -188,6 +188,7 @@ class Run:
             print(*args, **kwargs)
 
     def path(self, *parts: str) -> Path:
+        """A path inside the run's workdir."""
         return self.workdir.joinpath(*parts)
 
     def elapsed(self) -> float:

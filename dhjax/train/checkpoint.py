@@ -134,6 +134,7 @@ class Checkpointer:
         self.manager.wait_until_finished()
 
     def steps(self) -> list[int]:
+        """The steps of the checkpoints on disk, ascending (re-read from disk)."""
         self.manager.reload()
         return sorted(self.manager.all_steps())
 
@@ -182,6 +183,7 @@ class Checkpointer:
         return None
 
     def close(self) -> None:
+        """Closes the checkpoint manager."""
         self.manager.close()
 
 

@@ -360,11 +360,13 @@ class MetricWriter:
         self._tb.flush()
 
     def flush(self) -> None:
+        """Flushes TensorBoard and metrics.jsonl (no-op when disabled)."""
         if self.enabled:
             self._tb.flush()
             self._jsonl.flush()
 
     def close(self) -> None:
+        """Closes TensorBoard and metrics.jsonl (no-op when disabled)."""
         if self.enabled:
             self._tb.close()
             self._jsonl.close()
@@ -381,6 +383,7 @@ class Progress:
         self.enabled = enabled
 
     def line(self, step: int, scalars: Mapping[str, float] | None = None) -> str:
+        """The progress line at `step`, with `scalars` appended."""
         done = max(step - self.start, 0)
         elapsed = max(time.time() - self.t0, 1e-9)
         rate = done / elapsed
@@ -393,6 +396,7 @@ class Progress:
         return text
 
     def update(self, step: int, scalars: Mapping[str, float] | None = None) -> None:
+        """Prints the progress line (when enabled)."""
         if self.enabled:
             print(self.line(step, scalars), file=self.stream, flush=True)
 
@@ -410,6 +414,7 @@ class Ticker:
         self.t0 = self.last = clock()
 
     def tick(self, n: int = 1) -> None:
+        """Counts n more items done; logs when `every_s` has passed since the last line, or at the end."""
         self.done += int(n)
         now = self.clock()
         if self.log is None or (now - self.last < self.every_s and self.done < self.total):

@@ -66,11 +66,13 @@ class MicaNet(nn.Module):
     n_shape: int = N_SHAPE
 
     def setup(self):
+        """Flax hook: the IResNet encoder and the mapping network."""
         self.encoder = iresnet.IResNet(layers=tuple(int(n) for n in self.layers), width=int(self.width),
                                        embedding=int(self.embedding), bn_eps=float(self.bn_eps))
         self.mapping = MappingNetwork(self.hidden_dim, self.n_hidden, self.n_shape)
 
     def embed(self, crops, train: bool = False):
+        """The unit-norm identity embedding [B, E] of crops [B, 112, 112, 3] (as `__call__`)."""
         feats = self.encoder(iresnet.preprocess(crops), train)
         norm = jnp.sqrt(jnp.sum(feats * feats, axis=-1, keepdims=True))
         return feats / jnp.maximum(norm, 1e-12)
@@ -98,14 +100,18 @@ class LandmarkMicaNet(nn.Module):
     n_shape: int = N_SHAPE
 
     def setup(self):
+        """Flax hook: the heatmap landmark network and the mapping network."""
         self.heatmap = mlm.HeatmapNet(width=int(self.width))
         self.mapping = MappingNetwork(self.hidden_dim, self.n_hidden, self.n_shape)
 
     def shape_and_landmarks(self, crops):
+        """(z [B, n_shape], landmarks [B, 68, 2] in crop pixels) of crops [B, 96, 96, 3]; z reads the
+        landmarks' descriptor through a stop-gradient."""
         pts = self.heatmap(crops)
         return self.mapping(mlm.descriptor(jax.lax.stop_gradient(pts))), pts
 
     def landmarks(self, crops):
+        """The 68 landmarks [B, 68, 2] (crop pixels) of crops [B, 96, 96, 3]."""
         return self.heatmap(crops)
 
     def __call__(self, crops, train: bool = False):
