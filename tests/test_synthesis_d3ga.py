@@ -233,3 +233,71 @@ def test_one_step_on_four_devices_equals_one(tmp_path):
         g = np.abs(one["grads" + k[len("params"):]])
         ok = g > 1e-3 * scale
         np.testing.assert_allclose(four[k][ok], one[k][ok], rtol=1e-5, atol=1e-7, err_msg=k)
+
+
+def _simplex_projection_by_faces(y):
+    """Independent oracle: the nearest point of the simplex to y [K] (float64), found by trying
+    every face (support S): on its affine hull x_S = y_S - (sum y_S - 1) / |S|, kept if x_S >= 0."""
+    K = len(y)
+    best, best_d = None, np.inf
+    for mask in range(1, 2 ** K):
+        S = [k for k in range(K) if mask >> k & 1]
+        x = np.zeros(K)
+        x[S] = y[S] - (y[S].sum() - 1.0) / len(S)
+        if (x[S] >= 0).all() and np.sum((x - y) ** 2) < best_d:
+            best, best_d = x, np.sum((x - y) ** 2)
+    return best
+
+
+@pytest.mark.parametrize("K", (3, 4))
+def test_simplex_projection_against_a_face_by_face_search(K):
+    rng = np.random.default_rng(K)
+    y = np.concatenate([rng.normal(0.3, 0.6, (300, K)), rng.dirichlet(np.ones(K), 50)]).astype(np.float32)
+    x = np.asarray(d3ga.simplex_projection(jnp.asarray(y)))
+    oracle = np.stack([_simplex_projection_by_faces(r.astype(np.float64)) for r in y])
+    np.testing.assert_allclose(x, oracle, atol=2e-6)
+    assert (x >= 0).all() and np.allclose(x.sum(-1), 1.0, atol=1e-6)
+    np.testing.assert_allclose(x[300:], y[300:], atol=1e-6)          # inside: unchanged
+    assert (oracle[:300] == 0).any(1).mean() > 0.3                    # many rows were outside
+    # Jacobian on the support S of the projection: I - 1 1^T / |S| there, 0 elsewhere.
+    jac = np.asarray(jax.vmap(jax.jacobian(d3ga.simplex_projection))(jnp.asarray(y[:40])))
+    for r in range(40):
+        S = oracle[r] > 1e-4
+        expect = np.where(S[:, None] & S[None, :], np.eye(K) - 1.0 / S.sum(), 0.0)
+        np.testing.assert_allclose(jac[r], expect, atol=1e-5)
+
+
+def test_simplex_bary_domain_keeps_gaussians_in_their_tetrahedra():
+    p = _part(G=200)
+    rng = np.random.default_rng(5)
+    rest, tets = jnp.asarray(p["rest_nodes"], jnp.float32), jnp.asarray(p["tets"], jnp.int32)
+    J = jnp.broadcast_to(jnp.eye(3), (len(p["tets"]), 3, 3))
+    cell = jnp.asarray(p["gauss_tet"], jnp.int32)
+    q = jnp.asarray(rng.normal(size=(200, 4)), jnp.float32)
+    ls = jnp.full((200, 3), np.log(0.02), jnp.float32)
+    inside = np.asarray(p["gauss_bary"], np.float32)
+    outside = inside + rng.normal(0.0, 0.4, inside.shape).astype(np.float32)
+    outside /= outside.sum(-1, keepdims=True)
+    assert (outside < 0).any(1).mean() > 0.3
+    for bary in (inside, outside):
+        m_aff, c_aff = d3ga.embedded_gaussians(rest, tets, J, cell, jnp.asarray(bary), ls, q)
+        m_sim, c_sim = d3ga.embedded_gaussians(rest, tets, J, cell, jnp.asarray(bary), ls, q, bary_domain="simplex")
+        np.testing.assert_array_equal(c_sim, c_aff)                   # only means depend on b
+        corners = np.asarray(p["rest_nodes"], np.float64)[np.asarray(p["tets"])[np.asarray(cell)]]
+        proj = np.stack([_simplex_projection_by_faces(r.astype(np.float64)) for r in bary])
+        np.testing.assert_allclose(m_sim, np.einsum("gk,gkc->gc", proj, corners), atol=1e-5)
+        # The simplex mean's barycentrics in its own tetrahedron are >= 0 (it is inside).
+        T = corners[:, 1:] - corners[:, :1]
+        local = np.linalg.solve(np.transpose(T, (0, 2, 1)), (np.asarray(m_sim, np.float64) - corners[:, 0])[..., None])[..., 0]
+        assert (local > -1e-4).all() and (local.sum(-1) < 1 + 1e-4).all()
+    moved = np.linalg.norm(np.asarray(m_sim) - np.asarray(m_aff), axis=-1)  # the outside case
+    assert (moved > 1e-3).mean() > 0.3
+    inside_aff = d3ga.embedded_gaussians(rest, tets, J, cell, jnp.asarray(inside), ls, q)[0]
+    inside_sim = d3ga.embedded_gaussians(rest, tets, J, cell, jnp.asarray(inside), ls, q, bary_domain="simplex")[0]
+    np.testing.assert_allclose(inside_sim, inside_aff, atol=1e-6)      # inside: the thesis's model
+    with pytest.raises(ValueError, match="bary_domain must be one of"):
+        d3ga.embedded_gaussians(rest, tets, J, cell, jnp.asarray(inside), ls, q, bary_domain="convex")
+    mc = d3ga.default_model_config()
+    mc.bary_domain = "clamped"
+    with pytest.raises(ValueError, match=r"model.bary_domain must be one of \('affine', 'simplex'\), got 'clamped'"):
+        _context(model_cfg=mc)

@@ -91,7 +91,7 @@ def test_bad_settings_fail_before_the_capture_loads(trained, monkeypatch):
         raise AssertionError("the capture was loaded before the check")
 
     monkeypatch.setattr(d3ga_run, "open_capture", no_capture)
-    for field, value in (("model.geometry", "tetz"), ("parts.layers", "dual")):
+    for field, value in (("model.geometry", "tetz"), ("model.bary_domain", "convex"), ("parts.layers", "dual")):
         bad = cfg.copy_and_resolve_references()
         section, key = field.split(".")
         bad[section][key] = value

@@ -18,7 +18,10 @@ ReLU):
   As in the thesis, b is not constrained to its tetrahedron: it is normalised to sum 1 but may
   go negative, and a Gaussian then follows the tetrahedron's affine map outside it. After the
   tiny variant's 1500 steps 17% (body), 26% (face), 33% (upper) and 28% (lower garment) of the
-  Gaussians had a negative coordinate, the lowest -0.34, 1-8% below -0.1.
+  Gaussians had a negative coordinate, the lowest -0.34, 1-8% below -0.1. `model.bary_domain =
+  "simplex"` (beyond the thesis, an ablation) keeps every Gaussian in its cell: the normalised b
+  is replaced by its Euclidean projection onto the simplex {b >= 0, sum b = 1}
+  (`simplex_projection`), which leaves b inside the cell unchanged.
 * Gamma(phi, SH(view direction, 4 bands), h_i, e_f) -> colour and opacity, with h_i an
   auto-decoded per-Gaussian feature and e_f a per-frame embedding (the mean embedding at test
   time).
@@ -39,9 +42,9 @@ switches to the rest-stable form). The colour and layers come from ONE splatting
 channels. Adam 5e-4 with a multistep decay of 0.33, batch 1. The perceptual term is not used
 (no VGG weights ship; LPIPS is reported when weights are given).
 
-Ablations (config `model.geometry`, `loss.garment_weight`, `parts.layers`): Gaussians on the
-surface triangles of each part with triangle deformation gradients instead of tetrahedra;
-no garment loss; one layer (`d3ga_data.build_parts`): one cage and one set of MLPs for body and
+Ablations (config `model.geometry`, `loss.garment_weight`, `parts.layers`, `model.bary_domain`):
+Gaussians on the surface triangles of each part with triangle deformation gradients instead of
+tetrahedra; no garment loss; barycentrics kept in the simplex (beyond the thesis); one layer (`d3ga_data.build_parts`): one cage and one set of MLPs for body and
 garments, each Gaussian labelled with the layer of the surface it was sampled on
 (`Part.gauss_layer`), so the garment loss still supervises its layer render.
 
@@ -71,6 +74,7 @@ HEAD_JOINT = 15
 LAYER_COLOURS = {1: (1.0, 0.0, 0.0), 2: (0.0, 1.0, 0.0), 3: (0.0, 0.0, 1.0)}
 SH_DEGREE = 3                                # "4 bands" of the view encoding
 _HI = jax.lax.Precision.HIGHEST
+BARY_DOMAINS = ("affine", "simplex")         # model.bary_domain: the thesis's free b | b kept in its cell
 
 
 def default_model_config() -> ml_collections.ConfigDict:
@@ -78,10 +82,12 @@ def default_model_config() -> ml_collections.ConfigDict:
     (face code), posenc (frequencies of the node positional encoding), geometry ("tets" |
     "triangles"), offset_scale (the node offsets' bound, metres: offset_scale tanh(Psi) per axis),
     bary_scale / scale_scale / quat_scale (the bounds of Pi's corrections of b, log s and q, each
-    scale tanh(Pi)), init_opacity."""
+    scale tanh(Pi)), init_opacity, bary_domain ("affine": b normalised to sum 1, free to leave its
+    cell, as in the thesis; "simplex": then projected onto the simplex, so it stays inside)."""
     return ml_collections.ConfigDict(dict(
         hidden=128, depth=3, feature_dim=16, frame_dim=16, face_dim=32, posenc=4, geometry="tets",
-        offset_scale=0.02, bary_scale=0.1, scale_scale=0.5, quat_scale=0.2, init_opacity=0.9))
+        offset_scale=0.02, bary_scale=0.1, scale_scale=0.5, quat_scale=0.2, init_opacity=0.9,
+        bary_domain="affine"))
 
 
 def default_loss_config() -> ml_collections.ConfigDict:
@@ -197,6 +203,8 @@ def make_context(parts: Sequence[Mapping], rest_joints, parents, *, n_frames: in
     oc = default_optim_config() if optim_cfg is None else optim_cfg
     if mc.geometry not in ("tets", "triangles"):
         raise ValueError(f"model.geometry must be 'tets' or 'triangles', got {mc.geometry!r}")
+    if mc.bary_domain not in BARY_DOMAINS:
+        raise ValueError(f"model.bary_domain must be one of {BARY_DOMAINS}, got {mc.bary_domain!r}")
     built = []
     for p in parts:
         missing = [k for k in ("name", "layer", "driver") if k not in p]
@@ -361,22 +369,43 @@ def part_gaussians(ctx: Context, i: int, pp, cond, rel, translation) -> dict:
     bary = pp["bary"] + float(ctx.m("bary_scale")) * jnp.tanh(corr[:, :K])
     log_s = pp["log_scale"] + float(ctx.m("scale_scale")) * jnp.tanh(corr[:, K:K + 3])
     q = pp["quat"] + float(ctx.m("quat_scale")) * jnp.tanh(corr[:, K + 3:])
-    means, cov = embedded_gaussians(posed, part.cells, J, part.gauss_cell, bary, log_s, q)
+    means, cov = embedded_gaussians(posed, part.cells, J, part.gauss_cell, bary, log_s, q,
+                                    bary_domain=ctx.m("bary_domain"))
     return {"means": means, "covariances": cov, "J": J, "feature": pp["feature"]}
 
 
-def embedded_gaussians(posed_nodes, cells, J, gauss_cell, bary, log_scale, quat):
+def simplex_projection(y):
+    """Euclidean projection of each row of y [..., K] onto the probability simplex
+    {x : x >= 0, sum x = 1}: x = max(y - tau, 0) with the threshold tau from the sorted row (the
+    rule of Held, Wolfe and Crowder 1974; Duchi et al. 2008). Rows already in the simplex are
+    returned unchanged. Differentiable almost everywhere (piecewise affine in y)."""
+    y = jnp.asarray(y)
+    K = y.shape[-1]
+    u = -jnp.sort(-y, axis=-1)                                   # descending
+    css = jnp.cumsum(u, -1)
+    j = jnp.arange(1, K + 1, dtype=y.dtype)
+    rho = jnp.sum(u - (css - 1.0) / j > 0, -1, keepdims=True)   # >= 1: the first term is always 1
+    tau = (jnp.take_along_axis(css, rho - 1, -1) - 1.0) / rho.astype(y.dtype)
+    return jnp.maximum(y - tau, 0.0)
+
+
+def embedded_gaussians(posed_nodes, cells, J, gauss_cell, bary, log_scale, quat, *, bary_domain: str = "affine"):
     """Gaussians embedded in cells of a deformed cage (D3GA Eqs. 5-8).
 
     Args:
       posed_nodes: [N, 3] deformed nodes (metres); cells: [M, K] node ids; J: [M, 3, 3] the cells'
         deformation gradients; gauss_cell: [G] fixed cell per Gaussian; bary: [G, K] barycentrics
         (normalised to sum 1 here); log_scale: [G, 3]; quat: [G, 4] (w, x, y, z, any norm) of the
-        canonical covariance R S S^T R^T.
+        canonical covariance R S S^T R^T; bary_domain: "affine" (the thesis: b may leave its cell)
+        or "simplex" (the normalised b projected onto the simplex: the mean stays in its cell).
     Returns:
       means [G, 3] = sum_k b_k v_k and covariances [G, 3, 3] = J R S S^T R^T J^T.
     """
+    if bary_domain not in BARY_DOMAINS:
+        raise ValueError(f"bary_domain must be one of {BARY_DOMAINS}, got {bary_domain!r}")
     bary = bary / jnp.sum(bary, -1, keepdims=True)
+    if bary_domain == "simplex":
+        bary = simplex_projection(bary)
     corners = posed_nodes[cells[gauss_cell]]                                               # [G, K, 3]
     means = jnp.einsum("gk,gkc->gc", bary, corners, precision=_HI)
     R = _quat_rot(quat)

@@ -170,10 +170,14 @@ def _fmt(title, rows: dict, keys=("psnr", "ssim", "l1", "lpips", "layers_l1")) -
 
 def check_config(cfg) -> None:
     """Raises ValueError naming the field when the model's choices cannot work (model.geometry,
-    parts.layers), and FileNotFoundError / ValueError naming eval.lpips_path's file when its LPIPS
-    weights cannot be loaded: checked before the capture is loaded and the cages built (minutes)."""
+    model.bary_domain, parts.layers), and FileNotFoundError / ValueError naming eval.lpips_path's
+    file when its LPIPS weights cannot be loaded: checked before the capture is loaded and the
+    cages built (minutes)."""
     if cfg.model.geometry not in ("tets", "triangles"):
         raise ValueError(f"config field model.geometry must be 'tets' or 'triangles', got {cfg.model.geometry!r}")
+    if cfg.model.bary_domain not in d3ga.BARY_DOMAINS:
+        raise ValueError(f"config field model.bary_domain must be one of {d3ga.BARY_DOMAINS}, "
+                         f"got {cfg.model.bary_domain!r}")
     if cfg.parts.layers not in ("full", "single"):
         raise ValueError(f"config field parts.layers must be 'full' or 'single', got {cfg.parts.layers!r}")
     lpips.load_configured(cfg.eval.lpips_path)
@@ -270,6 +274,10 @@ def drive(workdir, out, *, motion: str = "walk", n_frames: int = 48, camera: int
         raise ValueError(f"the number of frames to drive must be an integer >= 1, got {n_frames!r}")
     app.quiet_library_logs()
     cfg = app.read_config(workdir, "d3ga")
+    # A run trained before a model option existed used the option's default (the behaviour of before).
+    for key, value in d3ga.default_model_config().items():
+        if key not in cfg.model:
+            cfg.model[key] = value
     ckpts = Path(workdir) / "checkpoints"
     if not ckpts.is_dir() or not any(c.name.isdigit() for c in ckpts.iterdir()):
         raise FileNotFoundError(f"run '{workdir}' has no checkpoint; train it first with python -m experiments.d3ga")
