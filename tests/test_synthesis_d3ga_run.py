@@ -63,6 +63,10 @@ def test_rerun_resumes_and_drive(trained):
     again = d3ga_run.run(cfg, str(tmp / "run"))       # finished: no step runs, same evaluation
     assert again["novel_view"]["psnr"] == pytest.approx(metrics["novel_view"]["psnr"], abs=1e-4)
     assert metrics["train_seconds"] > 0 and again["train_seconds"] == metrics["train_seconds"]  # the run's, kept
+    # A run trained before model.bary_domain existed (its config.json lacks it) still drives.
+    saved = json.loads((tmp / "run" / "config.json").read_text())
+    del saved["model"]["bary_domain"]
+    (tmp / "run" / "config.json").write_text(json.dumps(saved))
     path = d3ga_run.drive(str(tmp / "run"), str(tmp / "drive"), motion="arms", n_frames=3, camera=0,
                           log=lambda *a: None)
     assert path.is_file()
