@@ -288,7 +288,8 @@ def test_simplex_bary_domain_keeps_gaussians_in_their_tetrahedra():
         np.testing.assert_allclose(m_sim, np.einsum("gk,gkc->gc", proj, corners), atol=1e-5)
         # The simplex mean's barycentrics in its own tetrahedron are >= 0 (it is inside).
         T = corners[:, 1:] - corners[:, :1]
-        local = np.linalg.solve(np.transpose(T, (0, 2, 1)), (np.asarray(m_sim, np.float64) - corners[:, 0])[..., None])[..., 0]
+        rel = (np.asarray(m_sim, np.float64) - corners[:, 0])[..., None]
+        local = np.linalg.solve(np.transpose(T, (0, 2, 1)), rel)[..., 0]
         assert (local > -1e-4).all() and (local.sum(-1) < 1 + 1e-4).all()
     moved = np.linalg.norm(np.asarray(m_sim) - np.asarray(m_aff), axis=-1)  # the outside case
     assert (moved > 1e-3).mean() > 0.3

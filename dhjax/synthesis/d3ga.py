@@ -44,9 +44,10 @@ channels. Adam 5e-4 with a multistep decay of 0.33, batch 1. The perceptual term
 
 Ablations (config `model.geometry`, `loss.garment_weight`, `parts.layers`, `model.bary_domain`):
 Gaussians on the surface triangles of each part with triangle deformation gradients instead of
-tetrahedra; no garment loss; barycentrics kept in the simplex (beyond the thesis); one layer (`d3ga_data.build_parts`): one cage and one set of MLPs for body and
-garments, each Gaussian labelled with the layer of the surface it was sampled on
-(`Part.gauss_layer`), so the garment loss still supervises its layer render.
+tetrahedra; no garment loss; one layer (`d3ga_data.build_parts`): one cage and one set of MLPs
+for body and garments, each Gaussian labelled with the layer of the surface it was sampled on
+(`Part.gauss_layer`), so the garment loss still supervises its layer render; barycentrics kept
+in the simplex (beyond the thesis).
 
 Units: metres; images in [0, 1].
 """
@@ -378,7 +379,7 @@ def simplex_projection(y):
     """Euclidean projection of each row of y [..., K] onto the probability simplex
     {x : x >= 0, sum x = 1}: x = max(y - tau, 0) with the threshold tau from the sorted row (the
     rule of Held, Wolfe and Crowder 1974; Duchi et al. 2008). Rows already in the simplex are
-    returned unchanged. Differentiable almost everywhere (piecewise affine in y)."""
+    returned unchanged (up to rounding). Differentiable almost everywhere (piecewise affine in y)."""
     y = jnp.asarray(y)
     K = y.shape[-1]
     u = -jnp.sort(-y, axis=-1)                                   # descending
