@@ -86,6 +86,7 @@ from dhjax.render import splat as splat_render
 
 CONDITIONING = ("local", "global")
 DEFORMATION = ("mesh", "none")
+DEPTH_REGIONS = ("face", "face_mouth")
 
 
 def default_model_config() -> ml_collections.ConfigDict:
@@ -135,8 +136,11 @@ def default_model_config() -> ml_collections.ConfigDict:
 
 
 def default_loss_config() -> ml_collections.ConfigDict:
-    """huber_rho (0.1), mouth_weight (40), depth_weight (1.25), eqs. 6-8."""
-    return ml_collections.ConfigDict(dict(huber_rho=0.1, mouth_weight=40.0, depth_weight=1.25))
+    """huber_rho (0.1), mouth_weight (40), depth_weight (1.25), eqs. 6-8; depth_region: the pixels
+    of the depth term, 'face' (the thesis's face region: facial skin without the eyes and the
+    mouth interior) or 'face_mouth' (also the mouth region's pixels: lips and mouth interior, an
+    ablation beyond the thesis, README)."""
+    return ml_collections.ConfigDict(dict(huber_rho=0.1, mouth_weight=40.0, depth_weight=1.25, depth_region="face"))
 
 
 def default_optim_config() -> ml_collections.ConfigDict:
@@ -222,6 +226,9 @@ def make_context(canon_verts, faces, mouth_faces, *, n_frames: int, model_cfg, l
         per frame and training step; backend: "auto" | "reference" | "cpu" | "cuda".
     """
     mc = model_cfg
+    loss_cfg = loss_cfg if loss_cfg is not None else default_loss_config()
+    if loss_cfg.depth_region not in DEPTH_REGIONS:
+        raise ValueError(f"loss.depth_region must be one of {DEPTH_REGIONS}, got {loss_cfg.depth_region!r}")
     if mc.conditioning not in CONDITIONING:
         raise ValueError(f"model.conditioning must be one of {CONDITIONING}, got {mc.conditioning!r}")
     if mc.deformation not in DEFORMATION:
@@ -240,7 +247,7 @@ def make_context(canon_verts, faces, mouth_faces, *, n_frames: int, model_cfg, l
     return Context(canon_verts=canon, faces=faces, neighbours=deformation.face_neighbours(faces),
                    mouth_faces=mouth, box_min=lo.astype(np.float32), box_max=hi.astype(np.float32),
                    cell_face=cell_face, n_frames=int(n_frames), model_cfg=mc,
-                   loss_cfg=loss_cfg if loss_cfg is not None else default_loss_config(),
+                   loss_cfg=loss_cfg,
                    optim_cfg=optim_cfg if optim_cfg is not None else default_optim_config(),
                    hash_cfg=hash_config(mc), capacity=int(capacity), backend=backend)
 
@@ -538,7 +545,8 @@ def loss_terms(out: RenderOut, batch, ctx: Context) -> tuple[jax.Array, dict]:
     """Eqs. 6-8 as a mean over the rays that fitted into the capacity.
 
     batch: color [G, R, 3] target, mouth [G, R] and face [G, R] region flags, mesh_t [G, R]
-    the tracked mesh's ray distance (m; 0 where the mesh is not hit).
+    the tracked mesh's ray distance (m; 0 where the mesh is not hit). The depth term covers the
+    face pixels, and the mouth pixels too with loss.depth_region = 'face_mouth'.
     """
     lc = ctx.loss_cfg
     valid = out.complete.astype(jnp.float32)
@@ -546,7 +554,10 @@ def loss_terms(out: RenderOut, batch, ctx: Context) -> tuple[jax.Array, dict]:
     err_sq = jnp.sum((out.color - batch["color"]) ** 2, -1)
     w = jnp.where(batch["mouth"] > 0.5, float(lc.mouth_weight), 1.0)
     color = jnp.sum(valid * w * huber(err_sq, float(lc.huber_rho))) / n
-    face = valid * (batch["face"] > 0.5) * (batch["mesh_t"] > 0)
+    region = batch["face"] > 0.5
+    if lc.depth_region == "face_mouth":
+        region = region | (batch["mouth"] > 0.5)
+    face = valid * region * (batch["mesh_t"] > 0)
     depth = jnp.sum(face * jnp.abs(out.depth - batch["mesh_t"])) / n
     loss = color + float(lc.depth_weight) * depth
     mse = jnp.sum(valid[..., None] * (out.color - batch["color"]) ** 2) / (3.0 * n)
