@@ -244,6 +244,39 @@ def test_a_tiny_scene_overfits():
     assert float(jnp.mean(state["occ"]["bits"].astype(jnp.float32))) < 0.9     # the grid pruned empty space
 
 
+def test_depth_term_covers_the_face_and_with_face_mouth_the_mouth_pixels():
+    """Eq. 7's region: rays of four kinds (face, mouth, both flags off, face but no mesh hit),
+    each with its own depth error; the depth term is their masked mean over the complete rays."""
+    z = jnp.zeros((1, 4), jnp.float32)
+    depth = jnp.asarray([[1.0, 1.0, 1.0, 1.0]])
+    mesh_t = jnp.asarray([[1.5, 0.75, 1.125, 0.0]])                 # errors 0.5, 0.25, 0.125, (no hit)
+    out = insta.RenderOut(color=jnp.zeros((1, 4, 3)), depth=depth, opacity=z,
+                          complete=jnp.ones((1, 4), bool), n_samples=jnp.zeros((1,), jnp.int32))
+    batch = {"color": jnp.zeros((1, 4, 3)), "mesh_t": mesh_t, "face": jnp.asarray([[1.0, 0.0, 0.0, 1.0]]),
+             "mouth": jnp.asarray([[0.0, 1.0, 0.0, 0.0]])}
+    ctx = _context()
+    for region, expected in (("face", 0.5 / 4), ("face_mouth", (0.5 + 0.25) / 4)):
+        lc = insta.default_loss_config()
+        lc.depth_region = region
+        _, terms = insta.loss_terms(out, batch, ctx.replace(loss_cfg=lc))
+        np.testing.assert_allclose(float(terms["depth"]), expected, rtol=1e-6)
+        np.testing.assert_allclose(float(terms["loss"]), 1.25 * expected, rtol=1e-6)
+    assert insta.default_loss_config().depth_region == "face"          # the thesis's region is the default
+
+
+@pytest.mark.parametrize("section, field, value", [("model", "conditioning", "mouth"),
+                                                   ("model", "deformation", "latent"),
+                                                   ("loss", "depth_region", "mouth")])
+def test_make_context_names_an_option_that_does_not_exist(section, field, value):
+    _, video, canon = _video_and_canon()
+    mouth, _ = insta_data.region_faces(sc.tiny_assets().model)
+    cfgs = {"model": _small_model_cfg(), "loss": insta.default_loss_config()}
+    cfgs[section][field] = value
+    with pytest.raises(ValueError, match=f"{section}.{field} must be one of .*, got '{value}'"):
+        insta.make_context(canon, np.asarray(sc.tiny_assets().model.faces), mouth, n_frames=2,
+                           model_cfg=cfgs["model"], loss_cfg=cfgs["loss"])
+
+
 # ----------------------------------------------------------------------------------------------
 # Data.
 
@@ -798,6 +831,10 @@ def test_run_writes_its_outputs_resumes_and_reenacts(tmp_path, monkeypatch):
                             str(tmp_path / "re"), max_frames=2)
     assert out.is_file() and out.stat().st_size > 0
     src = insta_run.cache_lib.cached_video(c.data.synthetic, name="insta_video", cache_dir=c.data.cache_dir)
+    # A run trained before loss.depth_region existed (its config.json lacks the field) still reenacts.
+    saved = json.loads((work / "config.json").read_text())
+    del saved["loss"]["depth_region"]
+    (work / "config.json").write_text(json.dumps(saved))
     one = insta_run.reenact(str(work), str(src), str(tmp_path / "re1"), max_frames=1)     # nothing trains: one frame
     assert one.is_file()
     for kw, match in ((dict(fps=float("nan")), "--fps must be a frame rate > 0, got nan"),

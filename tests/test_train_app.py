@@ -186,6 +186,26 @@ def test_a_start_that_wrote_nothing_else_is_replaced_and_another_experiment_is_n
         app.start(work, plain)
 
 
+def test_read_config_fills_the_fields_an_older_run_lacks_and_keeps_the_rest(tmp_path):
+    from dhjax.train import config as config_lib
+
+    (tmp_path / "config.json").write_text(json.dumps(
+        {"experiment": "toy", "width": 4, "model": {"depth": 2, "kind": "a"}, "data": 7}))
+    defaults = {"width": 3, "model": ml_collections.ConfigDict(dict(depth=5, kind="b", mode="new",
+                                                                   opt=dict(x=1))),
+                "loss": {"w": 0.5}, "data": {"root": ""}}
+    cfg = app.read_config(tmp_path, "toy", defaults=defaults)
+    assert cfg.width == 4 and cfg.model.depth == 2 and cfg.model.kind == "a"       # the run's own values
+    assert cfg.model.mode == "new" and cfg.model.opt.x == 1 and cfg.loss.w == 0.5   # what it lacked
+    assert cfg.data == 7                               # a value where the defaults have a section stays
+    assert app.read_config(tmp_path, "toy").to_dict() == json.loads((tmp_path / "config.json").read_text())
+    old = app.read_config(tmp_path, "toy")
+    assert config_lib.fill_missing(old, defaults) == ["loss", "model.mode", "model.opt"]
+    assert config_lib.fill_missing(old, defaults) == []
+    defaults["model"].opt.x = 2                          # the filled sections are copies of the defaults
+    assert old.model.opt.x == 1
+
+
 def test_merge_final_metrics_keeps_earlier_entries(tmp_path):
     assert app.read_final_metrics(tmp_path) == {}
     app.merge_final_metrics(tmp_path, {"loss": 1.0, "eval/psnr": 20.0})

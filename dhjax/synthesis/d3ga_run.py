@@ -273,11 +273,8 @@ def drive(workdir, out, *, motion: str = "walk", n_frames: int = 48, camera: int
     if isinstance(n_frames, bool) or int(n_frames) != n_frames or int(n_frames) < 1:
         raise ValueError(f"the number of frames to drive must be an integer >= 1, got {n_frames!r}")
     app.quiet_library_logs()
-    cfg = app.read_config(workdir, "d3ga")
     # A run trained before a model option existed used the option's default (the behaviour of before).
-    for key, value in d3ga.default_model_config().items():
-        if key not in cfg.model:
-            cfg.model[key] = value
+    cfg = app.read_config(workdir, "d3ga", defaults={"model": d3ga.default_model_config()})
     ckpts = Path(workdir) / "checkpoints"
     if not ckpts.is_dir() or not any(c.name.isdigit() for c in ckpts.iterdir()):
         raise FileNotFoundError(f"run '{workdir}' has no checkpoint; train it first with python -m experiments.d3ga")

@@ -1152,7 +1152,10 @@ def reenact(workdir: str, source: str, out: str, *, item: int = -1, max_frames: 
     keeps its own identity shape). Writes <out>/reenact.mp4 (source | avatar) and returns its
     path."""
     app.quiet_library_logs()
-    cfg = app.read_config(workdir, experiment=EXPERIMENT)
+    # A run trained before an option existed used the option's default (the behaviour of before).
+    cfg = app.read_config(workdir, experiment=EXPERIMENT, defaults={
+        "model": insta.default_model_config(), "loss": insta.default_loss_config(),
+        "optim": insta.default_optim_config()})
     dio.check_fps(fps, "--fps")
     if int(max_frames) < 0:
         raise ValueError(f"--max_frames must be >= 0 (0: every frame), got {max_frames}")

@@ -430,9 +430,14 @@ def markdown_table(rows: Sequence[Mapping[str, Any]], keys: Sequence[str] | None
     return "\n".join(lines) + "\n"
 
 
-def read_config(workdir: str | os.PathLike, experiment: str | None = None) -> ml_collections.ConfigDict:
+def read_config(workdir: str | os.PathLike, experiment: str | None = None,
+                defaults: ml_collections.ConfigDict | Mapping | None = None) -> ml_collections.ConfigDict:
     """The resolved config of a run (<workdir>/config.json).
 
+    defaults: a config (e.g. {"model": <the method's default_model_config()>}) whose fields fill
+    those the run's config.json lacks, at any depth (`config.fill_missing`): a run trained before
+    an option was added to dhjax ran with the option's default, so reading it back with the
+    default keeps its behaviour. Fields the run has are kept as they are.
     Raises FileNotFoundError (naming the file) when there is none, ValueError when it is not JSON
     or, with `experiment` given, when it belongs to another experiment (config field
     `experiment`).
@@ -450,6 +455,8 @@ def read_config(workdir: str | os.PathLike, experiment: str | None = None) -> ml
             raise ValueError(f"{path} is not the config of a {experiment!r} run: it names no experiment (a folder "
                              f"of e.g. experiments.make_synthetic); train it with python -m experiments.{experiment}")
         raise ValueError(f"{path} belongs to experiment {cfg.get('experiment')!r}, not {experiment!r}")
+    if defaults is not None:
+        config_lib.fill_missing(cfg, defaults)
     return cfg
 
 

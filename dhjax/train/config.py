@@ -186,6 +186,25 @@ def check_train_config(cfg: ml_collections.ConfigDict) -> None:
         check_integer(cfg, "seed", 0)
 
 
+def fill_missing(cfg: ml_collections.ConfigDict, defaults: ml_collections.ConfigDict | Mapping,
+                 prefix: str = "") -> list[str]:
+    """Adds to `cfg`, in place, every field of `defaults` that it lacks, at any depth (a section
+    both have is filled field by field); fields `cfg` has are never changed, whatever their value.
+    Returns the dotted names of the fields added, sorted.
+
+    For reading back a run's config.json: an option added to dhjax after the run was trained
+    took its default there, so filling it with the default keeps the run's behaviour."""
+    sections = (Mapping, ml_collections.ConfigDict)
+    added = []
+    for key, value in defaults.items():
+        if key not in cfg:
+            cfg[key] = copy.deepcopy(value)
+            added.append(prefix + key)
+        elif isinstance(value, sections) and isinstance(cfg[key], sections):
+            added += fill_missing(cfg[key], value, f"{prefix}{key}.")
+    return sorted(added)
+
+
 def config_dict(cfg: ml_collections.ConfigDict | Mapping) -> dict:
     """The config as plain JSON values (what config.json holds), for comparisons."""
     if isinstance(cfg, ml_collections.ConfigDict):
