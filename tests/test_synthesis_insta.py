@@ -817,6 +817,8 @@ def test_run_writes_its_outputs_resumes_and_reenacts(tmp_path, monkeypatch):
         assert (work / name).is_file(), name
     rows = json.loads((work / "heldout_metrics.json").read_text())
     assert len(rows["frames"]) == 2 and np.isfinite(rows["mean"]["psnr"]) and np.isfinite(rows["mean"]["baseline_psnr"])
+    assert {"depth_error_mm", "mouth_depth_error_mm", "side_depth_error_mm"} <= set(rows["frames"][0])
+    assert {"baseline_depth_error_mm", "baseline_mouth_depth_error_mm"} <= set(rows["mean"])
     assert np.isfinite(m["psnr"]) and m["n_frames"] == 2.0
     assert list((work / "tb").iterdir())
     online = json.loads((work / "online.json").read_text())

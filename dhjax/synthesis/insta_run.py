@@ -3,26 +3,27 @@ sequence's tracking (`reenact`), each writing into a run folder (`dhjax.train.ap
 
 Run folder: checkpoints/ (resumable), TensorBoard events (scalars; the image eval/heldout:
 ground truth | render | depth of the first held-out frame, at every evaluation step and at the
-end; the config as HParams) and metrics.jsonl, config.json, final_metrics.json
-(training metrics and the held-out means), heldout_metrics.json (per frame and mean: L2, PSNR,
-SSIM, L1, LPIPS when eval.lpips_path is given, mouth-region PSNR, depth errors; the same for
-the textured-mesh baseline), heldout.png (ground truth | INSTA | baseline | depth, a few
-held-out frames), heldout.mp4 (GT | render | depth over every held-out frame), orbit.mp4 (the
-first held-out frame from -90 to +90 degrees of yaw), canonical_mesh.obj (marching cubes of the
-canonical density), online.json / online.png (held-out PSNR against seconds, online modes),
-training_curve.json / .png (offline runs: the held-out ray batch's PSNR at every evaluation
-against seconds since the first step, compile, evaluations and checkpoints included; `plateau`
-reads when it levels off; a run stopped by SIGTERM or Ctrl-C writes it too, for the steps it
-ran, and the session resuming from where it stopped continues it: training_curve_stop.json;
-the scheduled online mode's online.json the same way, with online_stop.json),
-tracking/
-(live online mode: every tracked frame, so that a killed run resumes its tracking too).
+end; the config as HParams) and metrics.jsonl, config.json, final_metrics.json (training metrics
+and the held-out means), heldout_metrics.json (per frame and mean: L2, PSNR, SSIM, L1, LPIPS
+when eval.lpips_path is given, mouth-region PSNR, depth errors of the face and mouth regions and
+of a side view; the same for the textured-mesh baseline), heldout.png (ground truth | INSTA |
+baseline | depth, a few held-out frames), heldout.mp4 (GT | render | depth over every held-out
+frame), orbit.mp4 (the first held-out frame from -90 to +90 degrees of yaw), canonical_mesh.obj
+(marching cubes of the canonical density), online.json / online.png (held-out PSNR against
+seconds, online modes), training_curve.json / .png (offline runs: the held-out ray batch's PSNR
+at every evaluation against seconds since the first step, compile, evaluations and checkpoints
+included; `plateau` reads when it levels off; a run stopped by SIGTERM or Ctrl-C writes it too,
+for the steps it ran, and the session resuming from where it stopped continues it:
+training_curve_stop.json; the scheduled online mode's online.json the same way, with
+online_stop.json), tracking/ (live online mode: every tracked frame, so that a killed run
+resumes its tracking too).
 
 The baseline is the tracked mesh with a texture baked from the training frames
 (`dhjax.render.texture.extract_texture`, which holds the light of the video), rendered unlit:
 the "tracked textured mesh" of the issue, built the same way for true and tracked parameters.
 On synthetic videos the depth errors compare INSTA's depth with the generator's true depth,
-in the video's camera (face pixels) and in a camera turned by eval.side_yaw_deg around the
+in the video's camera (face pixels; mouth pixels: lips and mouth interior, where the mouth's
+colour may come from density far behind the surface) and in a camera turned by eval.side_yaw_deg around the
 head; on tracked videos both views are the generator's cameras moved into the tracked world by
 the rigid alignment of the tracked head to the true one (`camera_in_video_world`).
 """
@@ -569,12 +570,13 @@ def side_depth_errors(renderer, params, bits, video, i, assets, truth, yaw_deg: 
     return _depth_errors(out, mesh_depth(video, i, assets.model, K, R, t), true_z)
 
 
-def face_depth_errors(renderer, params, bits, video, i, assets, truth, out) -> tuple[float, float]:
-    """(INSTA, tracked mesh) mean |z - z_true| (mm) over the face pixels of held-out frame i that
-    INSTA renders opaque (> 0.5), against the frame's true depth (video.true_depth; for a dataset
-    from disk, its depth maps). With a generator's truth the view is the generator's camera moved
-    into the video's world (`camera_in_video_world`; the same camera, and `out` reused, with true
-    tracking); `out` is INSTA's render in the video's camera."""
+def front_depth_errors(renderer, params, bits, video, i, assets, truth, out) -> dict[str, tuple[float, float]]:
+    """{"face": (INSTA, tracked mesh), "mouth": (INSTA, tracked mesh)}: mean |z - z_true| (mm)
+    over the face pixels (and the mouth pixels) of held-out frame i that INSTA renders opaque
+    (> 0.5), against the frame's true depth (video.true_depth; for a dataset from disk, its depth
+    maps). With a generator's truth the view is the generator's camera moved into the video's
+    world (`camera_in_video_world`; the same camera, and `out` reused, with true tracking); `out`
+    is INSTA's render in the video's camera."""
     K, R, t = video.K[i], video.R[i], video.t[i]
     if truth is not None:
         _, _, (Kt, Rt, tt) = truth
@@ -583,7 +585,9 @@ def face_depth_errors(renderer, params, bits, video, i, assets, truth, out) -> t
             W, H = video.size
             K, R, t = Ka, Ra, ta
             out = renderer.render(params, bits, _frame(video, i), K, R, t, W, H)
-    return _depth_errors(out, mesh_depth(video, i, assets.model, K, R, t), video.true_depth[i], video.face[i])
+    mesh_z = mesh_depth(video, i, assets.model, K, R, t)
+    return {name: _depth_errors(out, mesh_z, video.true_depth[i], region)
+            for name, region in (("face", video.face[i]), ("mouth", video.mouth[i]))}
 
 
 def _depth_image(z, lo=None, hi=None):
@@ -1076,13 +1080,15 @@ def evaluate_heldout(cfg, ctx, state, train, test, assets, renderer, run_, log) 
         m = image_metrics(out["color"], gt, lpips_fn)
         m["psnr_mouth"] = region_psnr(out["color"], gt, test.mouth[i])
         tr = truth[int(test.frame[i])] if truth else None
-        m["depth_error_mm"], mesh_front = face_depth_errors(renderer, params, bits, test, i, assets, tr, out)
+        front = front_depth_errors(renderer, params, bits, test, i, assets, tr, out)
+        m["depth_error_mm"], m["mouth_depth_error_mm"] = front["face"][0], front["mouth"][0]
         m["side_depth_error_mm"], mesh_side = side_depth_errors(renderer, params, bits, test, i, assets, tr,
                                                                 float(cfg.eval.side_yaw_deg))
         base = baseline_render(tex, test, i, assets.model, tuple(cfg.model.background))
         bm = image_metrics(base, gt, lpips_fn)
         bm["psnr_mouth"] = region_psnr(base, gt, test.mouth[i])
-        bm["depth_error_mm"], bm["side_depth_error_mm"] = mesh_front, mesh_side
+        bm["depth_error_mm"], bm["mouth_depth_error_mm"] = front["face"][1], front["mouth"][1]
+        bm["side_depth_error_mm"] = mesh_side
         rows.append(m)
         base_rows.append(bm)
         renders.append((gt, out["color"], base, _depth_image(out["depth"])))
@@ -1093,9 +1099,10 @@ def evaluate_heldout(cfg, ctx, state, train, test, assets, renderer, run_, log) 
     mean["render_seconds_per_frame"] = float(np.median(render_seconds))
     mean["n_frames"] = float(n)
     log(f"held-out ({n} frames, {time.time() - t0:.0f}s): PSNR {mean['psnr']:.2f} dB, SSIM {mean['ssim']:.3f}, "
-        f"L1 {mean['l1']:.4f}, mouth PSNR {mean['psnr_mouth']:.2f}, depth error face / side view "
-        f"{mean['depth_error_mm']:.1f} / {mean['side_depth_error_mm']:.1f} mm (the tracked mesh's "
-        f"{mean['baseline_depth_error_mm']:.1f} / {mean['baseline_side_depth_error_mm']:.1f}); "
+        f"L1 {mean['l1']:.4f}, mouth PSNR {mean['psnr_mouth']:.2f}, depth error face / mouth / side view "
+        f"{mean['depth_error_mm']:.1f} / {mean['mouth_depth_error_mm']:.1f} / {mean['side_depth_error_mm']:.1f} mm "
+        f"(the tracked mesh's {mean['baseline_depth_error_mm']:.1f} / {mean['baseline_mouth_depth_error_mm']:.1f} / "
+        f"{mean['baseline_side_depth_error_mm']:.1f}); "
         f"baseline (textured mesh) PSNR {mean['baseline_psnr']:.2f} dB; "
         f"{mean['render_seconds_per_frame']:.2f} s per {W}x{H} frame")
     if not run_.lead:
