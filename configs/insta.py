@@ -94,6 +94,7 @@ def get_config(arg=None):
         mesh_resolution=128,             # marching-cubes grid of the canonical density
         mesh_threshold=10.0,             # density level of the OBJ surface (1/m)
         side_yaw_deg=60.0,               # side view of the depth-error figure
+        train_frames=4,                  # training frames whose metrics (train_*) show the gap to the held-out ones
         lpips_path=""))                  # LPIPS weights (dhjax.nn.lpips npz): adds LPIPS to the metrics
     c.train = ml_collections.ConfigDict(dict(steps=32_000, log_every=100, checkpoint_every=2000,
                                              keep_checkpoints=3, eval_every=4000, on_nonfinite="skip",

@@ -643,6 +643,7 @@ def test_depth_evaluation_camera_undoes_the_trackers_rigid_head_pose():
 
 @pytest.mark.parametrize("field, value", [("eval.max_test_frames", -1), ("batch.rays_per_frame", 0),
                                           ("eval.orbit_frames", -2), ("eval.video_fps", 0.0),
+                                          ("eval.train_frames", -1),
                                           ("model.step_divisor", 0.0), ("model.occupancy.resolution", 0),
                                           ("model.occupancy.every", 0), ("data.holdout", -1),
                                           ("online.timeout_s", -1.0), ("optim.lr", float("nan"))])
@@ -819,6 +820,7 @@ def test_run_writes_its_outputs_resumes_and_reenacts(tmp_path, monkeypatch):
     assert len(rows["frames"]) == 2 and np.isfinite(rows["mean"]["psnr"]) and np.isfinite(rows["mean"]["baseline_psnr"])
     assert {"depth_error_mm", "mouth_depth_error_mm", "side_depth_error_mm"} <= set(rows["frames"][0])
     assert {"baseline_depth_error_mm", "baseline_mouth_depth_error_mm"} <= set(rows["mean"])
+    assert np.isfinite(rows["mean"]["train_psnr"]) and np.isfinite(m["train_psnr"])   # the training frames' fit
     assert np.isfinite(m["psnr"]) and m["n_frames"] == 2.0
     assert list((work / "tb").iterdir())
     online = json.loads((work / "online.json").read_text())

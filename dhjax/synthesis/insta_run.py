@@ -6,17 +6,17 @@ ground truth | render | depth of the first held-out frame, at every evaluation s
 end; the config as HParams) and metrics.jsonl, config.json, final_metrics.json (training metrics
 and the held-out means), heldout_metrics.json (per frame and mean: L2, PSNR, SSIM, L1, LPIPS
 when eval.lpips_path is given, mouth-region PSNR, depth errors of the face and mouth regions and
-of a side view; the same for the textured-mesh baseline), heldout.png (ground truth | INSTA |
-baseline | depth, a few held-out frames), heldout.mp4 (GT | render | depth over every held-out
-frame), orbit.mp4 (the first held-out frame from -90 to +90 degrees of yaw), canonical_mesh.obj
-(marching cubes of the canonical density), online.json / online.png (held-out PSNR against
-seconds, online modes), training_curve.json / .png (offline runs: the held-out ray batch's PSNR
-at every evaluation against seconds since the first step, compile, evaluations and checkpoints
-included; `plateau` reads when it levels off; a run stopped by SIGTERM or Ctrl-C writes it too,
-for the steps it ran, and the session resuming from where it stopped continues it:
-training_curve_stop.json; the scheduled online mode's online.json the same way, with
-online_stop.json), tracking/ (live online mode: every tracked frame, so that a killed run
-resumes its tracking too).
+of a side view; the same for the textured-mesh baseline; the image metrics of eval.train_frames
+training frames as train_*), heldout.png (ground truth | INSTA | baseline | depth, a few
+held-out frames), heldout.mp4 (GT | render | depth over every held-out frame), orbit.mp4 (the
+first held-out frame from -90 to +90 degrees of yaw), canonical_mesh.obj (marching cubes of the
+canonical density), online.json / online.png (held-out PSNR against seconds, online modes),
+training_curve.json / .png (offline runs: the held-out ray batch's PSNR at every evaluation
+against seconds since the first step, compile, evaluations and checkpoints included; `plateau`
+reads when it levels off; a run stopped by SIGTERM or Ctrl-C writes it too, for the steps it
+ran, and the session resuming from where it stopped continues it: training_curve_stop.json; the
+scheduled online mode's online.json the same way, with online_stop.json), tracking/ (live online
+mode: every tracked frame, so that a killed run resumes its tracking too).
 
 The baseline is the tracked mesh with a texture baked from the training frames
 (`dhjax.render.texture.extract_texture`, which holds the light of the video), rendered unlit:
@@ -738,6 +738,7 @@ def check_config(cfg) -> None:
         config_lib.check_integer(cfg, field, 1)
     config_lib.check_integer(cfg, "eval.max_test_frames", 0, " (0: every held-out frame)")
     config_lib.check_integer(cfg, "eval.orbit_frames", 0, " (0: no orbit)")
+    config_lib.check_integer(cfg, "eval.train_frames", 0, " (0: no training-frame metrics)")
     config_lib.check_integer(cfg, "eval.mesh_resolution", 0, " (0: no mesh)")
     for field, value, what in (("eval.video_fps", cfg.eval.video_fps, "> 0"),
                                ("model.step_divisor", cfg.model.step_divisor, "> 0 (thesis: 1024)"),
@@ -1058,6 +1059,22 @@ def _write_online(run_, pts: list[dict], title: str, xlabel: str, *, name: str =
     return pts
 
 
+def training_frame_metrics(cfg, params, bits, train, renderer, lpips_fn) -> list[dict]:
+    """`image_metrics` and the mouth PSNR of eval.train_frames training frames spread evenly over
+    the training video (its first and last among them), rendered like the held-out frames: with
+    the held-out means, the gap between fitting the training expressions and generalising to new
+    ones (the mouth's, foremost)."""
+    n = min(int(cfg.eval.train_frames), train.images.shape[0])
+    W, H = train.size
+    rows = []
+    for i in np.unique(np.linspace(0, train.images.shape[0] - 1, n).round().astype(int)):
+        out = renderer.render(params, bits, _frame(train, i), train.K[i], train.R[i], train.t[i], W, H)
+        m = image_metrics(out["color"], train.images[i], lpips_fn)
+        m["psnr_mouth"] = region_psnr(out["color"], train.images[i], train.mouth[i])
+        rows.append(m)
+    return rows
+
+
 def evaluate_heldout(cfg, ctx, state, train, test, assets, renderer, run_, log) -> dict:
     """Held-out metrics and pictures (module docstring); returns the means."""
     W, H = test.size
@@ -1096,6 +1113,8 @@ def evaluate_heldout(cfg, ctx, state, train, test, assets, renderer, run_, log) 
     keys = sorted(rows[0])
     mean = {k: _mean(rows, k) for k in keys}
     mean.update({f"baseline_{k}": _mean(base_rows, k) for k in sorted(base_rows[0])})
+    train_rows = training_frame_metrics(cfg, params, bits, train, renderer, lpips_fn)
+    mean.update({f"train_{k}": _mean(train_rows, k) for k in sorted(train_rows[0])} if train_rows else {})
     mean["render_seconds_per_frame"] = float(np.median(render_seconds))
     mean["n_frames"] = float(n)
     log(f"held-out ({n} frames, {time.time() - t0:.0f}s): PSNR {mean['psnr']:.2f} dB, SSIM {mean['ssim']:.3f}, "
@@ -1104,6 +1123,8 @@ def evaluate_heldout(cfg, ctx, state, train, test, assets, renderer, run_, log) 
         f"(the tracked mesh's {mean['baseline_depth_error_mm']:.1f} / {mean['baseline_mouth_depth_error_mm']:.1f} / "
         f"{mean['baseline_side_depth_error_mm']:.1f}); "
         f"baseline (textured mesh) PSNR {mean['baseline_psnr']:.2f} dB; "
+        + (f"{len(train_rows)} training frames: PSNR {mean['train_psnr']:.2f}, mouth PSNR "
+           f"{mean['train_psnr_mouth']:.2f} dB; " if train_rows else "") +
         f"{mean['render_seconds_per_frame']:.2f} s per {W}x{H} frame")
     if not run_.lead:
         return mean
