@@ -20,10 +20,10 @@ mode: every tracked frame, so that a killed run resumes its tracking too).
 
 The baseline is the tracked mesh with a texture baked from the training frames
 (`dhjax.render.texture.extract_texture`, which holds the light of the video), rendered unlit:
-the "tracked textured mesh" of the issue, built the same way for true and tracked parameters.
-On synthetic videos the depth errors compare INSTA's depth with the generator's true depth,
-in the video's camera (face pixels; mouth pixels: lips and mouth interior, where the mouth's
-colour may come from density far behind the surface) and in a camera turned by eval.side_yaw_deg around the
+the "tracked textured mesh" of the issue, built the same way for true and tracked parameters. On
+synthetic videos the depth errors compare INSTA's depth with the generator's true depth, in the
+video's camera (face pixels; mouth pixels: lips and mouth interior, where the mouth's colour may
+come from density far behind the surface) and in a camera turned by eval.side_yaw_deg around the
 head; on tracked videos both views are the generator's cameras moved into the tracked world by
 the rigid alignment of the tracked head to the true one (`camera_in_video_world`).
 """
