@@ -598,3 +598,54 @@ def test_cuda_composite_matches_reference(cuda_kernel):
     stack = jnp.stack([sigma, 2.0 * sigma])
     f = lambda backend: jax.vmap(lambda x: rm.composite(x, rgb, s, bg, backend=backend).color)
     _close(f("cuda")(stack), f("reference")(stack), rtol=1e-4, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------
+# Distortion (mip-NeRF 360) of the composite weights.
+
+
+def _np_distortion(w, s, scale):
+    """Per-ray double sum over the stored samples, float64, straight from the definition."""
+    w, t, delta = (np.asarray(a, np.float64) for a in (w, s.t, s.delta))
+    start, count = np.asarray(s.ray_start), np.asarray(s.ray_count)
+    G, R = start.shape
+    out = np.zeros((G, R))
+    for g in range(G):
+        for r in range(R):
+            idx = np.arange(start[g, r], start[g, r] + count[g, r])
+            wi, ti, di = w[g, idx], t[g, idx] / scale, delta[g, idx] / scale
+            out[g, r] = np.sum(wi[:, None] * wi[None] * np.abs(ti[:, None] - ti[None])) + np.sum(wi ** 2 * di) / 3
+    return out
+
+
+def test_distortion_equals_the_double_sum_and_its_gradient():
+    s, sigma, rgb, bg = _scene(seed=15, R=48, capacity=None, sigma_scale=1.0)
+    w = rm.composite(sigma, rgb, s, bg, backend="reference").weights
+    want = _np_distortion(w, s, 0.3)
+    assert np.mean(want > 1e-3) > 0.3                                   # rays with spread weight
+    _close(rm.distortion(w, s, scale=0.3), want, rtol=1e-4, atol=1e-7)
+    _close(jax.jit(lambda a: rm.distortion(a, s, scale=0.3))(w), want, rtol=1e-4, atol=1e-7)
+
+    def brute(a):                                   # the double sum in JAX, per group over all slots
+        same = (s.ray[:, :, None] == s.ray[:, None, :]) & (s.ray[:, :, None] >= 0)
+        t, d = s.t / 0.3, s.delta / 0.3
+        pair = jnp.sum(jnp.where(same, a[:, :, None] * a[:, None] * jnp.abs(t[:, :, None] - t[:, None]), 0), (1, 2))
+        return jnp.sum(pair) + jnp.sum(jnp.where(s.ray >= 0, a * a * d, 0)) / 3
+
+    g = jax.grad(lambda a: jnp.sum(rm.distortion(a, s, scale=0.3)))(w)
+    _close(g, jax.grad(brute)(w), rtol=1e-4, atol=1e-6)
+
+
+def test_distortion_of_a_truncated_list_and_of_concentrated_weight():
+    s, sigma, rgb, bg = _scene(seed=16, R=32, capacity=256, sigma_scale=1.0)
+    assert not bool(jnp.all(s.complete))                                # some rays lost samples
+    w = rm.composite(sigma, rgb, s, bg, backend="reference").weights
+    _close(rm.distortion(w, s), _np_distortion(w, s, 1.0), rtol=1e-4, atol=1e-7)
+    # all weight on one sample: only the w^2 delta / 3 term remains
+    one = jnp.zeros_like(w).at[0, int(s.ray_start[0, 0])].set(1.0)
+    got = np.asarray(rm.distortion(one, s))
+    assert got[0, 0] == pytest.approx(float(s.delta[0, 0]) / 3, rel=1e-6) and np.all(np.delete(got[0], 0) == 0)
+    with pytest.raises(ValueError, match="scale must be > 0"):
+        rm.distortion(w, s, scale=0.0)
+    with pytest.raises(ValueError, match="weights must be"):
+        rm.distortion(w[:, :-1], s)

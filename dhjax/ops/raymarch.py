@@ -473,6 +473,47 @@ def _composite_kernel_bwd(s_max, platform, res, g):
 _composite_kernel.defvjp(_composite_kernel_fwd, _composite_kernel_bwd)
 
 
+def distortion(weights, samples: Samples, *, scale: float = 1.0) -> jax.Array:
+    """Mip-NeRF 360's distortion loss of each ray [G, R] over its stored samples (pure JAX).
+
+    L = sum_{i,j} w_i w_j |t_i - t_j| + 1/3 sum_i w_i^2 delta_i over the ray's samples, with t (the
+    middle of each step, as mip-NeRF 360's interval midpoints) and delta divided by `scale` (e.g.
+    the box extent, so that the loss weight does not depend on the scene's size); small when a
+    ray's weight sits in one short interval, large when it is spread along the ray.
+
+    Args:
+      weights: [G, C] float32 per-sample weights (`composite`'s).
+      samples: the Samples they belong to (t, delta, ray_start, ray_count).
+      scale: static length that t and delta are divided by (> 0).
+    Returns:
+      [G, R] float32. Differentiable w.r.t. weights (t and delta are constants). The pairwise
+      sum is 2 sum_i w_i sum_{j<i} w_j (t_i - t_j) (t increases along a ray) by segmented
+      prefix sums of w and w t over the compacted list, O(C), with t taken relative to the
+      ray's first sample.
+    """
+    weights = jnp.asarray(weights)
+    if weights.ndim != 2 or tuple(samples.t.shape) != weights.shape:
+        raise ValueError(f"weights must be [G, C] like samples.t {tuple(samples.t.shape)}, got {weights.shape}")
+    if not float(scale) > 0:
+        raise ValueError(f"scale must be > 0, got {scale}")
+    G, C = weights.shape
+    R = samples.ray_start.shape[1]
+    if R == 0 or C == 0:
+        return jnp.zeros((G, R), jnp.float32)
+    seg, valid, first = _layout(samples.ray_start, samples.ray_count, C)
+    t = jax.lax.stop_gradient(jnp.asarray(samples.t, jnp.float32)) / float(scale)
+    delta = jax.lax.stop_gradient(jnp.asarray(samples.delta, jnp.float32)) / float(scale)
+    start = jnp.take_along_axis(samples.ray_start, jnp.clip(seg, 0, R - 1), axis=1)
+    t = jnp.where(valid, t - jnp.take_along_axis(t, jnp.clip(start, 0, C - 1), axis=1), 0.0)
+    w = jnp.where(valid, weights.astype(jnp.float32), 0.0)
+    reset = first | ~valid
+    w_before = _seg_scan(w, reset) - w                 # sum_{j<i} w_j within the ray
+    wt_before = _seg_scan(w * t, reset) - w * t        # sum_{j<i} w_j t_j
+    per = 2.0 * w * (t * w_before - wt_before) + w * w * delta / 3.0
+    ids = jnp.where(valid, jnp.arange(G, dtype=jnp.int32)[:, None] * R + seg, G * R).reshape(-1)
+    return jax.ops.segment_sum(per.reshape(-1), ids, num_segments=G * R).reshape(G, R)
+
+
 def composite(sigma, rgb, samples: Samples, background, *, min_transmittance=1e-4, backend="auto") -> Composite:
     """Front-to-back volume compositing of the samples of `march` (formulas: module docstring).
 

@@ -139,8 +139,11 @@ def default_loss_config() -> ml_collections.ConfigDict:
     """huber_rho (0.1), mouth_weight (40), depth_weight (1.25), eqs. 6-8; depth_region: the pixels
     of the depth term, 'face' (the thesis's face region: facial skin without the eyes and the
     mouth interior) or 'face_mouth' (also the mouth region's pixels: lips and mouth interior, an
-    ablation beyond the thesis, README)."""
-    return ml_collections.ConfigDict(dict(huber_rho=0.1, mouth_weight=40.0, depth_weight=1.25, depth_region="face"))
+    ablation beyond the thesis, README); distortion_weight: weight of mip-NeRF 360's distortion
+    loss on every ray's weights, distances in units of the canonical box's largest extent (0, the
+    thesis: none; beyond the thesis, an ablation in the README)."""
+    return ml_collections.ConfigDict(dict(huber_rho=0.1, mouth_weight=40.0, depth_weight=1.25, depth_region="face",
+                                          distortion_weight=0.0))
 
 
 def default_optim_config() -> ml_collections.ConfigDict:
@@ -229,6 +232,8 @@ def make_context(canon_verts, faces, mouth_faces, *, n_frames: int, model_cfg, l
     loss_cfg = loss_cfg if loss_cfg is not None else default_loss_config()
     if loss_cfg.depth_region not in DEPTH_REGIONS:
         raise ValueError(f"loss.depth_region must be one of {DEPTH_REGIONS}, got {loss_cfg.depth_region!r}")
+    if not float(loss_cfg.distortion_weight) >= 0:
+        raise ValueError(f"loss.distortion_weight must be >= 0 (0: none), got {loss_cfg.distortion_weight!r}")
     if mc.conditioning not in CONDITIONING:
         raise ValueError(f"model.conditioning must be one of {CONDITIONING}, got {mc.conditioning!r}")
     if mc.deformation not in DEFORMATION:
@@ -466,6 +471,7 @@ class RenderOut(NamedTuple):
     opacity: jax.Array      # [G, R]
     complete: jax.Array     # [G, R] bool: every sample of the ray fitted into the capacity
     n_samples: jax.Array    # [G] samples the rays needed
+    distortion: jax.Array | None = None   # [G, R] `raymarch.distortion` (with loss.distortion_weight > 0)
 
 
 def march_frames(bits, ctx: Context, frames: Frames, origins, dirs, capacity=None) -> raymarch.Samples:
@@ -521,7 +527,10 @@ def shade(params, ctx: Context, frames: Frames, origins, dirs, samples: raymarch
     out = field(params, ctx, x, dc, cond)
     sigma = jnp.where(samples.ray >= 0, out.sigma, 0.0)
     comp = raymarch.composite(sigma, out.rgb, samples, background, backend=ctx.backend)
-    return RenderOut(comp.color, comp.depth, comp.opacity, samples.complete, samples.n_samples)
+    dist = None
+    if float(ctx.loss_cfg.distortion_weight) > 0:
+        dist = raymarch.distortion(comp.weights, samples, scale=float(np.max(ctx.box_max - ctx.box_min)))
+    return RenderOut(comp.color, comp.depth, comp.opacity, samples.complete, samples.n_samples, dist)
 
 
 def render_rays(params, bits, ctx: Context, frames: Frames, origins, dirs, background, capacity=None) -> RenderOut:
@@ -546,7 +555,8 @@ def loss_terms(out: RenderOut, batch, ctx: Context) -> tuple[jax.Array, dict]:
 
     batch: color [G, R, 3] target, mouth [G, R] and face [G, R] region flags, mesh_t [G, R]
     the tracked mesh's ray distance (m; 0 where the mesh is not hit). The depth term covers the
-    face pixels, and the mouth pixels too with loss.depth_region = 'face_mouth'.
+    face pixels, and the mouth pixels too with loss.depth_region = 'face_mouth'. With
+    loss.distortion_weight > 0 the mean of out.distortion over the complete rays is added.
     """
     lc = ctx.loss_cfg
     valid = out.complete.astype(jnp.float32)
@@ -560,8 +570,12 @@ def loss_terms(out: RenderOut, batch, ctx: Context) -> tuple[jax.Array, dict]:
     face = valid * region * (batch["mesh_t"] > 0)
     depth = jnp.sum(face * jnp.abs(out.depth - batch["mesh_t"])) / n
     loss = color + float(lc.depth_weight) * depth
+    extra = {}
+    if float(lc.distortion_weight) > 0:
+        extra["distortion"] = jnp.sum(valid * out.distortion) / n
+        loss = loss + float(lc.distortion_weight) * extra["distortion"]
     mse = jnp.sum(valid[..., None] * (out.color - batch["color"]) ** 2) / (3.0 * n)
-    return loss, {"loss": loss, "color": color, "depth": depth, "mse": mse,
+    return loss, {"loss": loss, "color": color, "depth": depth, **extra, "mse": mse,
                   "psnr": -10.0 * jnp.log10(jnp.maximum(mse, 1e-10)),
                   "truncated_rays": 1.0 - jnp.mean(valid),
                   "samples_per_ray": jnp.mean(out.n_samples) / out.color.shape[1]}
