@@ -297,7 +297,7 @@ def test_distortion_term_is_the_weighted_mean_of_the_rays_distortion():
                                                    ("model", "deformation", "latent"),
                                                    ("loss", "depth_region", "mouth"),
                                                    ("loss", "distortion_weight", -0.5)])
-def test_make_context_names_an_option_that_does_not_exist(section, field, value):
+def test_make_context_names_an_option_value_it_cannot_use(section, field, value):
     _, video, canon = _video_and_canon()
     mouth, _ = insta_data.region_faces(sc.tiny_assets().model)
     cfgs = {"model": _small_model_cfg(), "loss": insta.default_loss_config()}
