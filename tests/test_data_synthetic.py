@@ -459,6 +459,29 @@ def test_generators_use_the_configured_identity_sampler():
     np.testing.assert_array_equal(vi.identity(2)["shape"], gi.identity(2)["shape"])
 
 
+def test_a_config_written_before_the_sampler_existed_gets_the_old_identities():
+    """An old run's config.json (SynShot prior, INSTA, GEM) has no identity_sampler: read back,
+    it must regenerate the identities it was trained on, the independent draw, not the new default."""
+    import json
+
+    import ml_collections
+
+    cfg = common.tiny_config()
+    old = cfg.to_dict()
+    del old["identity_sampler"]
+    old = ml_collections.ConfigDict(json.loads(json.dumps(old)))     # as read from a config.json
+    assert "identity_sampler" not in old
+    assert synthetic.config_identity_sampler(old) == "independent" == synthetic.LEGACY_IDENTITY_SAMPLER
+    assert synthetic.config_identity_sampler(cfg) == "correlated"
+    synthetic.check_config(old)                                      # make_synthetic's check accepts it
+    assets = common.tiny_assets()
+    want = synthetic.sample_identity(assets, cfg.seed, 2, sampler="independent")["shape"]
+    for gen in (synthetic.MultiviewGenerator(old, assets), synthetic.VideoGenerator(old, assets)):
+        assert gen.identity_sampler == "independent"
+        np.testing.assert_array_equal(gen.identity(2)["shape"], want)
+    assert not np.array_equal(common.multiview().identity(2)["shape"], want)
+
+
 def test_bad_identity_sampler_is_refused_with_the_options():
     assets = common.tiny_assets()
     with pytest.raises(ValueError, match=r"identity_sampler must be one of \('correlated', 'independent'\), "

@@ -77,7 +77,8 @@ def default_config() -> ml_collections.ConfigDict:
 
     seed; uv_size (UV maps S x S); shape_std, expression_std (coefficient std); jaw_open_max
     (rad); beard_prob; identity_sampler ("correlated": size, sex-linked shape traits and the
-    beard share a latent factor; "independent": the earlier i.i.d. draw; see `sample_identity`);
+    beard share a latent factor; "independent": the earlier i.i.d. draw, and what a config
+    without the field, written before it existed, gets; see `sample_identity`);
     multiview: n_identities, first_identity, n_expressions, width, height,
     radius (m), fov_y_deg, n_frontal, n_upper, global_std (rad), translation_std (m), and
     optionally fixed_light (bool, default False: one light per identity, not per expression) and
@@ -124,7 +125,7 @@ def check_config(c) -> None:
     p = c.beard_prob
     if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= float(p) <= 1.0:
         raise ValueError(f"config field beard_prob must be a probability in [0, 1], got {p!r}")
-    check_identity_sampler(c.identity_sampler)
+    check_identity_sampler(config_identity_sampler(c))
 
 
 def tiny_config() -> ml_collections.ConfigDict:
@@ -347,6 +348,17 @@ def _shell_faces(faces, thickness, eps=1e-5):
 
 IDENTITY_SAMPLERS = ("correlated", "independent")
 DEFAULT_IDENTITY_SAMPLER = "correlated"
+# What a generator config without the field means: it was written before the option existed
+# (commit d4fdecc), when every identity was drawn independently. A run's config.json read back
+# (an old SynShot prior, INSTA or GEM run) must regenerate the identities it was trained on.
+LEGACY_IDENTITY_SAMPLER = "independent"
+
+
+def config_identity_sampler(config) -> str:
+    """The identity sampler a generator config asks for: its `identity_sampler` field, or
+    LEGACY_IDENTITY_SAMPLER ("independent") when it has none (a config written before the field
+    existed; `default_config()` always sets it)."""
+    return config.get("identity_sampler", LEGACY_IDENTITY_SAMPLER)
 
 # The semantic shape components of the default head, in the order of
 # `dhjax.models.head_default._semantic_shape_fields` (component k of the shape vector; a positive
@@ -838,9 +850,7 @@ class _Generator:
             raise ValueError(f"assets have UV size {self.assets.uv.size}, config.uv_size is "
                              f"{self.config.uv_size}")
         self.seed = int(self.config.seed)
-        # Configs written before the option existed lack the field: they get the default.
-        self.identity_sampler = check_identity_sampler(
-            self.config.get("identity_sampler", DEFAULT_IDENTITY_SAMPLER), self.assets.model)
+        self.identity_sampler = check_identity_sampler(config_identity_sampler(self.config), self.assets.model)
         self._identities = _LRU(8)
         self._frames = _LRU(16)
 
