@@ -454,6 +454,85 @@ def test_sweep_commands_and_tables(tmp_path):
             assert r[k] == value
 
 
+def test_sweep_over_seeds_runs_each_seed_and_tabulates_mean_spread_and_paired_differences(tmp_path):
+    """run_seeds with a runner that fakes the experiments: each seed's sweep in seed_<s>/ with
+    seed=s on every variant, then seeds.csv/.md with exact means, sample stds and paired
+    differences to the first variant; a variant that failed on one seed counts the others."""
+    from dhjax.train import sweep
+
+    spec = os.path.join(ROOT, "configs", "register_flame.py:tiny")
+    ran = []
+    # metric m of variant i on seed s: 10 i + s^2 (so the std and differences are known exactly);
+    # variant 2 fails on seed 1.
+    def fake_runner(cmd):
+        work = cmd[-1].partition("=")[2]
+        seed = int([c for c in cmd if c.startswith("--config.seed=")][0].partition("=")[2])
+        index = int(os.path.basename(work)[:2])
+        assert os.path.basename(os.path.dirname(work)) == f"seed_{seed}"
+        ran.append((seed, index))
+        if (seed, index) == (1, 2):
+            return types.SimpleNamespace(returncode=3)
+        os.makedirs(work)
+        flags = [c[len("--config."):] for c in cmd if c.startswith("--config.")]
+        config_lib.save_config(config_lib.apply_overrides(config_lib.load_config(spec), sweep.parse_sets(flags)), work)
+        with open(os.path.join(work, "final_metrics.json"), "w") as f:
+            json.dump({"m": 10.0 * index + seed ** 2, "other/x": float(index == 1), "other/y": 1.0}, f)
+        return types.SimpleNamespace(returncode=0)
+
+    lines = []
+    rows = sweep.run_seeds(spec, str(tmp_path), "0,1,3", {"registration.steps": 20}, log=lines.append,
+                           runner=fake_runner)
+    assert ran == [(s, i) for s in (0, 1, 3) for i in range(4)]     # one whole seed after another
+    assert [r["seeds"] for r in rows] == ["3/3", "3/3", "2/3", "3/3"]
+    seq = [0.0, 1.0, 9.0]
+    mean, std = sum(seq) / 3, float(np.std(seq, ddof=1))
+    assert rows[0]["m"] == pytest.approx(mean) and rows[0]["m:std"] == pytest.approx(std)
+    assert rows[0]["m:min"] == 0.0 and rows[0]["m:max"] == 9.0 and rows[0]["m:n"] == 3 and "m:diff" not in rows[0]
+    assert rows[1]["m"] == pytest.approx(10 + mean) and rows[1]["m:diff"] == pytest.approx(10.0)
+    assert (rows[1]["m:above"], rows[1]["m:below"], rows[1]["m:paired"]) == (3, 0, 3)
+    assert rows[2]["m:n"] == 2 and rows[2]["m"] == pytest.approx(20 + 4.5)      # seeds 0 and 3 only: 0 and 9
+    assert rows[2]["m:std"] == pytest.approx(float(np.std([0.0, 9.0], ddof=1))) and rows[2]["m:paired"] == 2
+    assert (rows[1]["other/x:above"], rows[3]["other/x:below"], rows[3]["other/y:diff"]) == (3, 0, 0.0)
+    assert rows[3]["other/y:above"] == rows[3]["other/y:below"] == 0                # ties are neither
+    csv_rows = list(csv.DictReader(open(tmp_path / "seeds.csv")))
+    assert [float(r["m"]) for r in csv_rows] == pytest.approx([r["m"] for r in rows])
+    md = (tmp_path / "seeds.md").read_text()
+    assert "Seeds 0, 1, 3 (with results: 0, 1, 3)" in md
+    assert f"| {mean:.4g} ± {std:.2g} |" in md and f"| {10 + mean:.4g} ± {std:.2g} (+10; up 3/3) |" in md
+    assert (tmp_path / "seed_1" / "results.md").read_text().count("failed (3)") == 1
+    # --metrics: exact names and prefixes; a name no variant has is said, not an error.
+    sweep.write_seed_tables(str(tmp_path), (0, 1, 3), metrics=["other/", "nope"])
+    md = (tmp_path / "seeds.md").read_text()
+    header = md.splitlines()[4]
+    assert "other/x" in header and "other/y" in header and "| m |" not in header
+    assert "No finished variant has the metric(s) nope." in md
+    # Called again: every seed keeps its finished variants and reruns only the failed one.
+    ran.clear()
+    sweep.run_seeds(spec, str(tmp_path), "0,1,3", {"registration.steps": 20}, log=lines.append, runner=fake_runner)
+    assert ran == [(1, 2)]
+    for bad, message in [("0,x", "comma-separated integers"), ("1,1", "no seed twice"), ("", "at least one")]:
+        with pytest.raises(ValueError, match=message):
+            sweep.run_seeds(spec, str(tmp_path / "b"), bad, runner=fake_runner)
+    with pytest.raises(ValueError, match="--seeds alone"):
+        sweep.run_seeds(spec, str(tmp_path / "b"), "0", {"seed": 4}, runner=fake_runner)
+    with pytest.raises(ValueError, match="no top-level 'seed' field"):
+        sweep.run_seeds(os.path.join(ROOT, "configs", "track.py"), str(tmp_path / "b"), "0", runner=fake_runner)
+    assert not (tmp_path / "b").exists()
+
+
+def test_sweep_command_line_over_seeds(tmp_path):
+    dry = run("experiments.sweep", "--config=configs/register_flame.py:tiny", f"--workdir={tmp_path}",
+              "--dry_run", "--seeds=2,5")
+    cmds = [line for line in dry.splitlines() if "experiments.register_flame" in line]
+    assert len(cmds) == 8 and sum("--config.seed=2 " in c for c in cmds) == 4
+    assert all(f"--workdir={tmp_path}/seed_5/" in c for c in cmds[4:])
+    assert not any(tmp_path.iterdir())
+    proc = subprocess.run([sys.executable, "-m", "experiments.sweep", "--config=configs/register_flame.py:tiny",
+                           f"--workdir={tmp_path}", "--dry_run", "--metrics=m"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300, env=dict(os.environ, PYTHONPATH=ROOT))
+    assert proc.returncode == 2 and "error: --metrics selects the columns of seeds.md" in proc.stderr
+
+
 def test_sweep_refuses_bad_values_and_mismatched_folders_before_anything_runs(tmp_path):
     """--set values are Python literals; a value that does not fit its field, a bad train.*
     value, a workdir that is a file and variant folders holding runs with another config (the

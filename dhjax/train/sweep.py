@@ -17,6 +17,12 @@ other one runs again (the experiment resumes from its own checkpoints). A SIGTER
 is passed on to the running variant; the sweep then writes its table and stops with status
 `app.EXIT_INTERRUPTED`.
 
+Seeds: `run_seeds` (experiments.sweep --seeds=0,1,2) runs the whole sweep once per seed into
+<workdir>/seed_<s>/ (the override seed=s on every variant) and writes <workdir>/seeds.csv and
+seeds.md: per variant and metric the mean and sample standard deviation over the seeds, and the
+mean paired difference to the sweep's first variant with on how many seeds it is above it
+(`seed_summary`), so a difference can be read against the spread between seeds.
+
 TensorBoard's HParams dashboard (`tensorboard --logdir <workdir>`, HPARAMS tab) compares the
 variants: the sweep writes the experiment summary at <workdir> (the overridden fields with the
 values the variants give them, and the metrics final/<name> for every number in the variants'
@@ -322,7 +328,8 @@ def check_variant_workdirs(variants: list[Variant]) -> None:
 
 
 def run(spec: str, workdir: str, common: dict | None = None, *, dry_run: bool = False,
-        log: Callable = print, check_for: Callable[[str], Callable | None] | None = None) -> list[dict]:
+        log: Callable = print, check_for: Callable[[str], Callable | None] | None = None,
+        runner: Callable = run_forwarding_sigterm) -> list[dict]:
     """The whole sweep: `commands` (with the experiment's config check, `check_for`), then (unless
     dry_run, which only logs the command lines and returns []) a check of the workdir and of the
     runs already in the variants' folders (`check_variant_workdirs`), `run_variants`, then logs
@@ -340,9 +347,199 @@ def run(spec: str, workdir: str, common: dict | None = None, *, dry_run: bool = 
         return []
     app.check_workdir(workdir)
     check_variant_workdirs(variants)
-    rows = run_variants(variants, workdir, log=log)
+    rows = run_variants(variants, workdir, log=log, runner=runner)
     path = os.path.join(workdir, "results.md")
     log(f"wrote {path}")
     with open(path) as f:
         log(f.read())
     return rows
+
+
+# ----------------------------------------------------------------------------------------------
+# Seeds: the same sweep once per seed, and one table of the spread over the seeds.
+
+SEED_FIELD = "seed"          # the top-level config field a seeded sweep overrides
+
+
+def seed_dir(workdir: str, seed: int) -> str:
+    """<workdir>/seed_<seed>: the folder of one seed's sweep (a whole sweep: variant folders, results)."""
+    return os.path.join(workdir, f"seed_{int(seed)}")
+
+
+def parse_seeds(text) -> tuple[int, ...]:
+    """"0,1,2" (or a list of such items) -> (0, 1, 2); ValueError for a non-integer, a repeated
+    seed or none at all."""
+    items = [t.strip() for t in (text.split(",") if isinstance(text, str) else [str(t) for t in text])]
+    try:
+        seeds = tuple(int(t) for t in items if t)
+    except ValueError:
+        raise ValueError(f"--seeds takes comma-separated integers, got {text!r}") from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ValueError(f"--seeds needs at least one seed and no seed twice, got {text!r}")
+    return seeds
+
+
+def run_seeds(spec: str, workdir: str, seeds, common: dict | None = None, *, metrics=None,
+              dry_run: bool = False, log: Callable = print,
+              check_for: Callable[[str], Callable | None] | None = None,
+              runner: Callable = run_forwarding_sigterm) -> list[dict]:
+    """The sweep of `spec` once per seed: `run` into `seed_dir(workdir, s)` with the common
+    override seed=s on top of `common`, seeds one after another (a whole first table before the
+    second seed starts), then `write_seed_tables`. The config needs a top-level `seed` field, and
+    `common` must not set it (ValueError before anything runs). Calling it again resumes: each
+    seed's sweep keeps its finished variants. A SIGTERM stops it as it stops `run`; the seed
+    table is then written for the seeds finished so far. Returns the seed table's rows
+    (`seed_summary`); [] for a dry run, which only logs the command lines."""
+    seeds = parse_seeds(seeds)
+    if SEED_FIELD in (common or {}):
+        raise ValueError(f"--set={SEED_FIELD}=... and --seeds both set the seed: use --seeds alone")
+    cfg = config_lib.load_config(spec)
+    if SEED_FIELD not in cfg:
+        raise ValueError(f"{spec}: the config has no top-level '{SEED_FIELD}' field, so --seeds cannot vary it")
+    # Every seed's commands, config checks and variant folders before the first variant runs.
+    planned = [commands(spec, seed_dir(workdir, s), {**(common or {}), SEED_FIELD: s}, check_for) for s in seeds]
+    if not dry_run:
+        app.check_workdir(workdir)
+        for variants in planned:
+            check_variant_workdirs(variants)
+    try:
+        for i, s in enumerate(seeds):
+            log(f"== seed {s} ({i + 1}/{len(seeds)}) -> {seed_dir(workdir, s)}")
+            run(spec, seed_dir(workdir, s), {**(common or {}), SEED_FIELD: s}, dry_run=dry_run, log=log,
+                check_for=check_for, runner=runner)
+    finally:
+        if not dry_run:
+            path = write_seed_tables(workdir, seeds, metrics=metrics)
+            log(f"wrote {path}")
+    if dry_run:
+        return []
+    missing = missing_metrics(read_seed_rows(workdir, seeds), metrics)
+    if missing:
+        log(f"note: no finished variant has the metric(s) {', '.join(missing)}; the variants' "
+            f"results.csv list the metrics there are")
+    with open(os.path.join(workdir, "seeds.md")) as f:
+        log(f.read())
+    return seed_summary(read_seed_rows(workdir, seeds), metrics=metrics)
+
+
+def read_seed_rows(workdir: str, seeds) -> dict[int, list[dict]]:
+    """{seed: the rows of seed_dir(workdir, seed)/results.csv} for the seeds whose sweep wrote
+    one, numbers as floats (csv holds text)."""
+    out = {}
+    for s in seeds:
+        path = os.path.join(seed_dir(workdir, s), "results.csv")
+        if not os.path.isfile(path):
+            continue
+        with open(path, newline="") as f:
+            out[int(s)] = [{k: _number(v) for k, v in r.items()} for r in csv.DictReader(f)]
+    return out
+
+
+def _number(text):
+    try:
+        return float(text)
+    except (TypeError, ValueError):
+        return text
+
+
+def _metric_names(rows: list[dict], metrics) -> list[str]:
+    """The metric columns of results rows (numeric values of "ok" rows, not the overrides), or
+    the `metrics` asked for, in their order (each an exact name or a prefix ending in '/' or '*')."""
+    found = sorted({k for r in rows if r.get("status") == "ok" for k, v in r.items()
+                    if k not in ("variant", "status") and isinstance(v, float)})
+    if metrics is None:
+        return found
+    out = []
+    for m in metrics:
+        if m.endswith(("*", "/")):
+            out += [k for k in found if k.startswith(m.rstrip("*")) and k not in out]
+        elif m not in out:
+            out.append(m)
+    return out
+
+
+def seed_summary(per_seed: dict[int, list[dict]], metrics=None) -> list[dict]:
+    """One row per variant (in sweep order) over the seeds' results rows: per metric the mean,
+    the sample standard deviation (n >= 2), min, max and n of the seeds where the variant
+    finished ("ok") with that metric, and for every variant after the first (the sweep's first
+    entry, its reference) the paired difference to the first on the seeds both have: its mean,
+    and on how many of those seeds it is above / below. Keys: variant, seeds ("ok seeds/seeds"),
+    and per metric <m>, <m>:std, <m>:min, <m>:max, <m>:n, <m>:diff, <m>:above, <m>:below,
+    <m>:paired (absent where undefined; a metric asked for that no variant has gives no keys,
+    `missing_metrics` names those)."""
+    all_rows = [r for rows in per_seed.values() for r in rows]
+    names = _metric_names(all_rows, metrics)
+    order = list(dict.fromkeys(r["variant"] for rows in per_seed.values() for r in rows))
+    by = {(s, r["variant"]): r for s, rows in per_seed.items() for r in rows}
+    first = order[0] if order else None
+    out = []
+    for v in order:
+        row = {"variant": v}
+        ok = [s for s in per_seed if by.get((s, v), {}).get("status") == "ok"]
+        row["seeds"] = f"{len(ok)}/{len(per_seed)}"
+        for m in names:
+            vals = [by[(s, v)][m] for s in ok if isinstance(by[(s, v)].get(m), float)]
+            if not vals:
+                continue
+            n = len(vals)
+            mean = sum(vals) / n
+            row.update({m: mean, f"{m}:min": min(vals), f"{m}:max": max(vals), f"{m}:n": n})
+            if n >= 2:
+                row[f"{m}:std"] = (sum((x - mean) ** 2 for x in vals) / (n - 1)) ** 0.5
+            if v != first:
+                pairs = [(by[(s, v)][m], by[(s, first)][m]) for s in ok
+                         if by.get((s, first), {}).get("status") == "ok" and isinstance(by[(s, v)].get(m), float)
+                         and isinstance(by[(s, first)].get(m), float)]
+                if pairs:
+                    d = [a - b for a, b in pairs]
+                    row.update({f"{m}:diff": sum(d) / len(d), f"{m}:above": sum(x > 0 for x in d),
+                                f"{m}:below": sum(x < 0 for x in d), f"{m}:paired": len(d)})
+        out.append(row)
+    return out
+
+
+def missing_metrics(per_seed: dict[int, list[dict]], metrics) -> list[str]:
+    """The metrics asked for (exact names) that no finished variant of any seed has."""
+    rows = [r for rs in per_seed.values() for r in rs]
+    available = set(_metric_names(rows, None))
+    return [m for m in _metric_names(rows, metrics) if m not in available]
+
+
+def _seed_cell(row: dict, m: str) -> str:
+    if m not in row:
+        return ""
+    text = f"{row[m]:.4g}"
+    if f"{m}:std" in row:
+        text += f" ± {row[f'{m}:std']:.2g}"
+    if f"{m}:diff" in row:
+        text += f" ({row[f'{m}:diff']:+.2g}; up {row[f'{m}:above']}/{row[f'{m}:paired']})"
+    return text
+
+
+def write_seed_tables(workdir: str, seeds, metrics=None) -> str:
+    """Writes <workdir>/seeds.csv (every key of `seed_summary`) and seeds.md (one column per
+    metric: "mean ± std (mean paired difference to the first variant; up k/n: above it on k of
+    the n seeds both finished)"); returns seeds.md's path."""
+    seeds = parse_seeds(seeds)
+    per_seed = read_seed_rows(workdir, seeds)
+    rows = seed_summary(per_seed, metrics=metrics)
+    missing = missing_metrics(per_seed, metrics) if per_seed else []
+    names = [m for m in _metric_names([r for rs in per_seed.values() for r in rs], metrics) if m not in missing]
+    keys = ["variant", "seeds"] + [k for m in names for k in
+                                   (m, *(f"{m}:{x}" for x in ("std", "min", "max", "n", "diff", "above", "below", "paired")))]
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "seeds.csv"), "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        w.writerows(rows)
+    path = os.path.join(workdir, "seeds.md")
+    done = ", ".join(str(s) for s in seeds if s in per_seed) or "none yet"
+    head = (f"Seeds {', '.join(map(str, seeds))} (with results: {done}). Each cell: mean ± sample std over the seeds "
+            f"where the variant finished; after the first variant, (mean paired difference to the first variant; "
+            f"up k/n: above it on k of the n seeds both finished).\n\n")
+    if missing:
+        head += f"No finished variant has the metric(s) {', '.join(missing)}.\n\n"
+    table_rows = [{"variant": r["variant"], "seeds": r["seeds"], **{m: _seed_cell(r, m) for m in names}} for r in rows]
+    with open(path, "w") as f:
+        f.write(head + app.markdown_table(table_rows, ["variant", "seeds", *names]))
+    return path
