@@ -413,13 +413,14 @@ def run_seeds(spec: str, workdir: str, seeds, common: dict | None = None, *, met
             log(f"wrote {path}")
     if dry_run:
         return []
-    missing = missing_metrics(read_seed_rows(workdir, seeds), metrics)
+    per_seed = read_seed_rows(workdir, seeds)
+    missing = missing_metrics(per_seed, metrics)
     if missing:
         log(f"note: no finished variant has the metric(s) {', '.join(missing)}; the variants' "
             f"results.csv list the metrics there are")
     with open(os.path.join(workdir, "seeds.md")) as f:
         log(f.read())
-    return seed_summary(read_seed_rows(workdir, seeds), metrics=metrics)
+    return seed_summary(per_seed, metrics=metrics)
 
 
 def read_seed_rows(workdir: str, seeds) -> dict[int, list[dict]]:
